@@ -1,0 +1,135 @@
+"""`vla-runtime` command line: info, infer (more subcommands join as the runtime grows)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+
+
+def synthetic_observation(config, rng: np.random.Generator, image_side: int = 224):
+    """Random camera frames, state and a LIBERO-style instruction for the model's cameras."""
+    from .runtime.types import Observation
+
+    images = {name: rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
+              for name in config.model.camera_names if name not in config.optional_cameras}
+    state = rng.uniform(-1, 1, config.state_dim).astype(np.float32)
+    return Observation(images, state, "put the black bowl on the plate", time.time())
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .graphs.config import PRESETS
+
+    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    info = {
+        "vla_runtime": __import__("vla_runtime").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": devices,
+        "presets": {
+            name: {"pi05": c.pi05, "cameras": list(c.camera_names), "image_size": c.vision.image_size,
+                   "prefix_len": c.prefix_len, "action_horizon": c.action_horizon, "action_dim": c.action_dim,
+                   "layers": c.prefix_lm.depth}
+            for name, c in PRESETS.items()
+        },
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"vla_runtime {info['vla_runtime']}  python {info['python']}  torch {info['torch']}")
+        print("devices: " + ", ".join(devices))
+        for name, p in info["presets"].items():
+            print(f"  {name:10s} pi05={p['pi05']!s:5s} cameras={len(p['cameras'])} image={p['image_size']} "
+                  f"prefix_len={p['prefix_len']} horizon={p['action_horizon']} layers={p['layers']}")
+    return 0
+
+
+def runtime_config_from_args(args):
+    from .runtime.config import RuntimeConfig
+
+    return RuntimeConfig(preset=args.preset, checkpoint=args.checkpoint, robot=args.robot, tokenizer=args.tokenizer,
+                         device=args.device, precision=args.precision or ("bf16" if args.device != "cpu" else "float32"),
+                         steps=args.steps, seed=args.seed)
+
+
+def cmd_infer(args) -> int:
+    from .runtime.reference import EagerPolicy
+
+    config = runtime_config_from_args(args)
+    policy = EagerPolicy(config)
+    rng = np.random.default_rng(args.seed)
+    chunks = [policy.infer(synthetic_observation(config, rng)) for _ in range(max(1, args.frames))]
+    last = chunks[-1]
+    # The first frame includes one-time start-up work; report the median of the rest when there are any.
+    timed = chunks[1:] or chunks
+    timings = {k: float(np.median([c.timings_ms[k] for c in timed])) for k in last.timings_ms}
+    result = {**last.summary(), "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+              "frames_timed": len(timed), "device": config.device, "precision": config.precision,
+              "actions": np.round(last.actions, 5).tolist()}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    weights = "RANDOM WEIGHTS (no checkpoint given): the actions are meaningless" if last.random_weights \
+        else f"checkpoint {config.checkpoint}"
+    print(f"model {last.model_id} on {config.device} ({config.precision}), {last.steps} denoising steps; {weights}")
+    a = last.actions
+    print(f"action chunk: {a.shape[0]} x {a.shape[1]}  mean {a.mean():+.4f}  std {a.std():.4f}  "
+          f"range [{a.min():+.4f}, {a.max():+.4f}]")
+    print(f"first action: {np.array2string(a[0], precision=4, suppress_small=True)}")
+    print(f"per-stage time (ms, median of {len(timed)} frame(s)):")
+    for stage, value in timings.items():
+        print(f"  {stage:9s} {value:9.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vla-runtime", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="presets, devices, versions")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    infer = sub.add_parser("infer", help="run the policy on synthetic frames and print the action chunk")
+    add_model_args(infer)
+    infer.add_argument("--frames", type=int, default=1, help="frames to run; timings are the median after the first")
+    infer.add_argument("--json", action="store_true", help="print one JSON object")
+    infer.set_defaults(func=cmd_infer)
+    return parser
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="pi05_tiny")
+    p.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
+    p.add_argument("--robot", default=None, help="which assets/<robot>/norm_stats.json to use")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (PaliGemma's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--precision", default=None, choices=["float32", "bf16"], help="default: bf16 on CUDA")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps 1..10")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as err:  # bad input or configuration: say what, exit 2
+        print(f"vla-runtime: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Gemma decoder stacks: the prefix language model (Gemma 2B) and the action expert (Gemma 300M).
+
+Layers are kept as plain parameter holders with small helpers (`qkv`, `finish`) because the pi0 family
+runs two stacks *jointly*: at every depth the prefix tokens go through the prefix layer, the action
+tokens through the expert layer, and both attend in one softmax. Submodule names match the checkpoint
+keys under `...language_model.` and `...gemma_expert.model.`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import GemmaConfig
+from .layers import GemmaMLP, GemmaRMSNorm, apply_rope, gated_residual
+
+
+class GemmaAttentionProjections(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, cfg: GemmaConfig, adaptive: bool):
+        super().__init__()
+        cond_dim = cfg.width if adaptive else None
+        self.input_layernorm = GemmaRMSNorm(cfg.width, cfg.rms_norm_eps, cond_dim)
+        self.self_attn = GemmaAttentionProjections(cfg)
+        self.post_attention_layernorm = GemmaRMSNorm(cfg.width, cfg.rms_norm_eps, cond_dim)
+        self.mlp = GemmaMLP(cfg.width, cfg.mlp_dim)
+
+    def qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cond: torch.Tensor | None):
+        """hidden [B, T, D] -> q [B, H, T, Dh], k/v [B, Hkv, T, Dh] (RoPE applied), residual gate."""
+        normed, gate = self.input_layernorm(hidden, cond)
+        attn = self.self_attn
+        b, t, _ = hidden.shape
+        q = attn.q_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate
+
+    def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor, gate, cond: torch.Tensor | None):
+        """Output projection, (gated) residual, MLP and its (gated) residual."""
+        hidden = gated_residual(hidden, self.self_attn.o_proj(attn_out.to(hidden.dtype)), gate)
+        normed, gate = self.post_attention_layernorm(hidden, cond)
+        return gated_residual(hidden, self.mlp(normed), gate)
+
+
+class GemmaStack(nn.Module):
+    def __init__(self, cfg: GemmaConfig, adaptive: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width) if cfg.vocab_size else None
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, adaptive) for _ in range(cfg.depth))
+        self.norm = GemmaRMSNorm(cfg.width, cfg.rms_norm_eps, cfg.width if adaptive else None)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embedding scaled by sqrt(width), as Gemma (and openpi's embed_prefix) does."""
+        emb = self.embed_tokens(tokens)
+        return emb * math.sqrt(emb.shape[-1])

@@ -1,0 +1,104 @@
+"""Building blocks shared by the stage graphs: Gemma RMSNorm (plain and adaptive), GeGLU MLP, RoPE,
+grouped-query attention with a boolean mask, and the prefix-LM mask rule.
+
+Numerics follow openpi's PyTorch pi0: norms compute in float32 and cast back; RoPE angles in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm, `x * rsqrt(mean(x^2) + eps) * (1 + weight)`.
+
+    With `cond_dim` set it is pi0.5's adaptive RMSNorm: a dense layer maps the time condition to
+    (scale, shift, gate); the output is `normed * (1 + scale) + shift` and the gate scales the residual.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, cond_dim: int | None = None):
+        super().__init__()
+        self.eps = eps
+        if cond_dim is None:
+            self.weight = nn.Parameter(torch.zeros(dim))
+            self.dense = None
+        else:
+            self.dense = nn.Linear(cond_dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        dtype = x.dtype
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        if self.dense is None:
+            return (normed * (1.0 + self.weight.float())).to(dtype), None
+        if cond is None:
+            raise ValueError("adaptive RMSNorm needs a condition")
+        modulation = self.dense(cond)  # [B, 3D]
+        if x.dim() == 3:
+            modulation = modulation[:, None, :]
+        scale, shift, gate = modulation.chunk(3, dim=-1)
+        normed = normed * (1.0 + scale.float()) + shift.float()
+        return normed.to(dtype), gate.to(dtype)
+
+
+def gated_residual(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return residual + update if gate is None else residual + update * gate
+
+
+class GemmaMLP(nn.Module):
+    """GeGLU feed-forward with the tanh approximation of gelu."""
+
+    def __init__(self, width: int, mlp_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
+        self.up_proj = nn.Linear(width, mlp_dim, bias=False)
+        self.down_proj = nn.Linear(mlp_dim, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """Rotary embedding tables for integer positions [B, T] -> cos, sin [B, T, head_dim] in `dtype`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, Dh]; cos/sin [B, T, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with 1/sqrt(Dh) scaling.
+
+    q [B, Hq, T, Dh], k/v [B, Hkv, S, Dh], allowed bool [B, T, S] -> [B, T, Hq * Dh].
+    Every row of `allowed` must allow at least one key (see `prefix_lm_mask`).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        b, hkv, s, d = k.shape
+        k = k[:, :, None].expand(b, hkv, groups, s, d).reshape(b, hkv * groups, s, d)
+        v = v[:, :, None].expand(b, hkv, groups, s, d).reshape(b, hkv * groups, s, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # [B, Hq, T, Dh]
+    return out.transpose(1, 2).flatten(2)
+
+
+def prefix_lm_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:
+    """big_vision / openpi rule: token i attends to valid token j when cumsum(ar)[j] <= cumsum(ar)[i].
+
+    pad_mask bool [B, N], ar_mask int [N] or [B, N] -> allowed bool [B, N, N]. A padding token, which
+    may attend to nothing, is let attend to itself so that no softmax row is empty; no valid token
+    ever attends to it, so valid outputs are unchanged.
+    """
+    cumsum = torch.cumsum(ar_mask.expand_as(pad_mask).to(torch.int32), dim=1)
+    allowed = cumsum[:, None, :] <= cumsum[:, :, None]
+    allowed = allowed & pad_mask[:, None, :] & pad_mask[:, :, None]
+    eye = torch.eye(pad_mask.shape[1], dtype=torch.bool, device=pad_mask.device)
+    return allowed | (eye & ~pad_mask[:, :, None])

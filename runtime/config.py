@@ -1,0 +1,86 @@
+"""Runtime configuration: which model, where, in what precision, and how the robot's data maps onto it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..graphs.config import PRESETS, ModelConfig, get_preset
+
+PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    preset: str = "pi05_tiny"
+    checkpoint: str | None = None  # directory with model.safetensors + config.json; None = random weights
+    robot: str | None = None  # which assets/<robot>/norm_stats.json to use
+    tokenizer: str | None = None  # SentencePiece model; default: the checkpoint's, else the demo tokenizer
+    device: str = "cpu"
+    precision: str = "float32"  # of the Gemma stacks: float32 | bf16
+    vision_precision: str | None = None  # None = same as `precision`; fp16 on GPUs
+    steps: int | None = None  # denoising steps 1..10; None = the preset's default
+    state_dim: int = 8  # length of the robot's state vector (LIBERO: eef pos 3 + axis-angle 3 + gripper 2)
+    robot_action_dim: int = 7  # leading action dims the robot executes (LIBERO: 7)
+    optional_cameras: tuple[str, ...] = ("right_wrist_0_rgb",)  # may be absent: zero image, masked out
+    seed: int = 0  # random weights
+    max_image_side: int = 4096
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        if self.precision not in ("float32", "bf16"):
+            raise ValueError(f"precision: must be float32 or bf16, got {self.precision!r}")
+        if self.vision_precision is not None and self.vision_precision not in PRECISIONS:
+            raise ValueError(f"vision_precision: must be one of {sorted(PRECISIONS)}, got {self.vision_precision!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device: must be cpu or cuda[:N], got {self.device!r}")
+        model = self.model
+        if self.steps is not None and not 1 <= self.steps <= 10:
+            raise ValueError(f"steps: must be in 1..10, got {self.steps}")
+        if not 1 <= self.state_dim <= model.action_dim:
+            raise ValueError(f"state_dim: must be in 1..{model.action_dim} for {self.preset}, got {self.state_dim}")
+        if not 1 <= self.robot_action_dim <= model.action_dim:
+            raise ValueError(f"robot_action_dim: must be in 1..{model.action_dim}, got {self.robot_action_dim}")
+        unknown = set(self.optional_cameras) - set(model.camera_names)
+        if unknown:
+            raise ValueError(f"optional_cameras: {sorted(unknown)} are not cameras of {self.preset} "
+                             f"({', '.join(model.camera_names)})")
+
+    @property
+    def model(self) -> ModelConfig:
+        return get_preset(self.preset)
+
+    @property
+    def denoising_steps(self) -> int:
+        return self.steps or self.model.default_steps
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return PRECISIONS[self.vision_precision or self.precision]
+
+    def replace(self, **changes) -> RuntimeConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> RuntimeConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RuntimeConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"config: unknown keys {sorted(unknown)}")
+        if "optional_cameras" in data:
+            data = {**data, "optional_cameras": tuple(data["optional_cameras"])}
+        return cls(**data)

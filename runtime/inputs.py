@@ -1,0 +1,117 @@
+"""Host-side input preparation: validate an Observation and turn it into fixed-shape arrays.
+
+Everything here is numpy on the CPU, shared by the eager reference and the pipelined executor, so the
+two see identical inputs. The uint8 -> [-1, 1] float conversion happens on the device, inside the
+vision stage (`pixels_to_model_input`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..graphs.config import ModelConfig
+from ..graphs.normalization import NormStats
+from ..graphs.tokenizer import PromptTokenizer
+from .types import Observation
+
+
+@dataclass
+class PreparedInputs:
+    """Fixed-shape model inputs for one observation (batch of one)."""
+
+    pixels: np.ndarray  # uint8 [V, S, S, 3], S = the model's image size
+    image_masks: np.ndarray  # bool [V]
+    tokens: np.ndarray  # int64 [L]
+    token_masks: np.ndarray  # bool [L]
+    state: np.ndarray  # float32 [action_dim], normalised and zero-padded
+
+
+def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: bilinear resize keeping the aspect ratio, black padding
+    centred (openpi's resize_with_pad)."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    ratio = max(w / size, h / size)
+    rh, rw = int(h / ratio), int(w / ratio)
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    resized = F.interpolate(chw, size=(rh, rw), mode="bilinear", align_corners=False)
+    resized = resized.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - rh) // 2, (size - rw) // 2
+    out[top:top + rh, left:left + rw] = resized
+    return out
+
+
+def pixels_to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, V, S, S, 3] -> float32 [B, V, 3, S, S] in [-1, 1]."""
+    return pixels.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
+
+
+class InputPreparer:
+    def __init__(self, model: ModelConfig, tokenizer: PromptTokenizer, norm_stats: NormStats | None,
+                 state_dim: int, optional_cameras: tuple[str, ...] = (), max_image_side: int = 4096):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.norm_stats = norm_stats
+        self.state_dim = state_dim
+        self.optional_cameras = frozenset(optional_cameras)
+        self.max_image_side = max_image_side
+
+    def __call__(self, obs: Observation) -> PreparedInputs:
+        if not isinstance(obs, Observation):
+            raise ValueError(f"observation: expected an Observation, got {type(obs).__name__}")
+        pixels, masks = self._images(obs.images)
+        state = self._state(obs.state)
+        normalized = self.norm_stats.normalize_state(state) if self.norm_stats else state
+        # pi0.5 reads the (normalised) state from the prompt; pi0 from a continuous state token.
+        tokens, token_masks = self.tokenizer(obs.instruction, normalized if self.model.pi05 else None)
+        padded = np.zeros(self.model.action_dim, dtype=np.float32)
+        padded[: self.state_dim] = normalized
+        return PreparedInputs(pixels, masks, tokens, token_masks, padded)
+
+    def _images(self, images) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(images, dict):
+            raise ValueError(f"images: expected a dict of camera name -> image, got {type(images).__name__}")
+        cameras = self.model.camera_names
+        unknown = sorted(set(images) - set(cameras))
+        if unknown:
+            raise ValueError(f"images: unknown camera(s) {unknown}; this model's cameras are {list(cameras)}")
+        missing = sorted(set(cameras) - set(images) - self.optional_cameras)
+        if missing:
+            raise ValueError(f"images: missing camera(s) {missing}")
+        size = self.model.vision.image_size
+        pixels = np.zeros((len(cameras), size, size, 3), dtype=np.uint8)
+        masks = np.zeros(len(cameras), dtype=bool)
+        for i, name in enumerate(cameras):
+            if name not in images:
+                continue  # an absent optional camera: black image, masked out of attention (as openpi)
+            image = images[name]
+            field = f"images[{name!r}]"
+            if not isinstance(image, np.ndarray):
+                raise ValueError(f"{field}: expected a numpy array, got {type(image).__name__}")
+            if image.dtype != np.uint8:
+                raise ValueError(f"{field}: dtype must be uint8, got {image.dtype}")
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"{field}: shape must be [H, W, 3], got {list(image.shape)}")
+            if not (1 <= image.shape[0] <= self.max_image_side and 1 <= image.shape[1] <= self.max_image_side):
+                raise ValueError(f"{field}: size {image.shape[1]}x{image.shape[0]} outside 1..{self.max_image_side}")
+            pixels[i] = resize_with_pad(image, size)
+            masks[i] = True
+        return pixels, masks
+
+    def _state(self, state) -> np.ndarray:
+        try:
+            state = np.asarray(state, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError("state: must be a vector of numbers") from None
+        if state.ndim != 1 or state.shape[0] != self.state_dim:
+            raise ValueError(f"state: expected {self.state_dim} values, got shape {list(state.shape)}")
+        if not np.all(np.isfinite(state)):
+            bad = np.flatnonzero(~np.isfinite(state)).tolist()
+            raise ValueError(f"state: non-finite values (NaN or inf) at indices {bad}")
+        return state

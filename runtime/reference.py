@@ -1,0 +1,64 @@
+"""The eager reference policy: the three stages run one after another, no graphs, no streams.
+
+It defines what the right actions are; the pipelined executor must agree with it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..graphs.pi0 import time_schedule
+from .config import RuntimeConfig
+from .inputs import pixels_to_model_input
+from .loading import PolicyParts, build_parts
+from .policy import Policy
+from .types import ActionChunk, Observation
+
+
+class EagerPolicy(Policy):
+    def __init__(self, config: RuntimeConfig | None = None, parts: PolicyParts | None = None):
+        self.parts = parts or build_parts(config or RuntimeConfig())
+        self.config = self.parts.config
+        self.steps = self.config.denoising_steps
+        times, self.dt = time_schedule(self.steps)
+        self.times = torch.from_numpy(times).to(self.parts.device)
+        self._rng = np.random.default_rng()
+
+    def reset(self) -> None:
+        pass
+
+    def _sync(self) -> float:
+        if self.parts.device.type == "cuda":
+            torch.cuda.synchronize(self.parts.device)
+        return time.perf_counter()
+
+    @torch.inference_mode()
+    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> ActionChunk:
+        parts, model, device = self.parts, self.parts.model, self.parts.device
+        inputs = parts.preparer(obs)
+        noise = parts.check_noise(noise) if noise is not None else self._rng.standard_normal(
+            (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32)
+        t0 = self._sync()
+        pixels = torch.from_numpy(inputs.pixels)[None].to(device)
+        image_masks = torch.from_numpy(inputs.image_masks)[None].to(device)
+        tokens = torch.from_numpy(inputs.tokens)[None].to(device)
+        token_masks = torch.from_numpy(inputs.token_masks)[None].to(device)
+        state = torch.from_numpy(inputs.state)[None].to(device)
+        noise_t = torch.from_numpy(noise)[None].to(device)
+        t1 = self._sync()
+        image_tokens = model.encode_images(pixels_to_model_input(pixels))
+        t2 = self._sync()
+        kv, prefix_mask = model.fill_prefix(image_tokens, image_masks, tokens, token_masks)
+        t3 = self._sync()
+        actions = model.denoise(kv, prefix_mask, state, noise_t, self.times, self.dt)
+        t4 = self._sync()
+        actions = actions[0].float().cpu().numpy()
+        t5 = time.perf_counter()
+        ms = lambda a, b: (b - a) * 1e3  # noqa: E731
+        timings = {"copy_in": ms(t0, t1), "vision": ms(t1, t2), "prefix": ms(t2, t3), "denoise": ms(t3, t4),
+                   "copy_out": ms(t4, t5), "total": ms(t0, t5)}
+        return ActionChunk(parts.to_robot_actions(actions), obs.timestamp, timings, self.steps, parts.model_id,
+                           parts.random_weights)
