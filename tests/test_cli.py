@@ -1,0 +1,46 @@
+"""The `vla-runtime` command as a user runs it (the installed console script)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# The console script that `pip install .` put beside this interpreter.
+EXE = str(Path(sys.executable).parent / "vla-runtime")
+
+
+def run(*args):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_lists_presets():
+    out = run("info", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert set(info["presets"]) == {"pi0", "pi05", "pi0_tiny", "pi05_tiny"} and "cpu" in info["devices"]
+
+
+@pytest.mark.parametrize("preset", ["pi05_tiny", "pi0_tiny"])
+def test_infer_json(preset):
+    out = run("infer", "--preset", preset, "--steps", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["actions_shape"] == [10, 7] and len(result["actions"]) == 10
+    assert result["steps"] == 3 and result["random_weights"] is True
+    assert {"vision", "prefix", "denoise"} <= set(result["timings_ms"])
+
+
+def test_infer_human_output_says_random_weights():
+    out = run("infer")
+    assert out.returncode == 0 and "RANDOM WEIGHTS" in out.stdout
+
+
+@pytest.mark.parametrize("args, field", [(["--steps", "0"], "steps"), (["--preset", "pi9"], "preset"),
+                                         (["--checkpoint", "/nonexistent"], "checkpoint")])
+def test_bad_arguments_exit_2(args, field):
+    out = run("infer", *args)
+    assert out.returncode == 2 and field in out.stderr
