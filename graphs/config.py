@@ -138,7 +138,7 @@ PRESETS: dict[str, ModelConfig] = {
     "pi05": ModelConfig("pi05", pi05=True, vision=SiglipConfig(), prefix_lm=GEMMA_2B, expert=GEMMA_300M,
                         max_token_len=200),
     "pi0_tiny": ModelConfig("pi0_tiny", pi05=False, vision=TINY_VISION, prefix_lm=TINY_LM, expert=TINY_EXPERT,
-                            action_dim=8, action_horizon=10, max_token_len=24),
+                            action_dim=8, action_horizon=10, max_token_len=48),
     "pi05_tiny": ModelConfig("pi05_tiny", pi05=True, vision=TINY_VISION, prefix_lm=TINY_LM, expert=TINY_EXPERT,
                              action_dim=8, action_horizon=10, max_token_len=96),
 }
