@@ -134,8 +134,6 @@ class PI0Model(nn.Module):
         ew = self.cfg.expert.width
         time_emb = sinusoidal_time_embedding(time, ew)  # [B, D_e] float32
         action_emb = self.action_in_proj(x_t)  # [B, H, D_e]
-        horizon = x_t.shape[1]
-        ar = [1] + [0] * (horizon - 1)
         if self.cfg.pi05:
             cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
             embs = action_emb
@@ -144,8 +142,10 @@ class PI0Model(nn.Module):
             time_emb = time_emb[:, None, :].expand_as(action_emb)
             action_time = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([action_emb, time_emb], 2))))
             embs = torch.cat([self.state_proj(state)[:, None, :], action_time], dim=1)
-            ar = [1] + ar
-        ar_mask = torch.tensor(ar, dtype=torch.int32, device=x_t.device)
+        # Autoregressive mask: the suffix starts a new block (1), and for pi0 the state token is a block of
+        # its own before the actions (1, 1, 0, ...). Built with device ops so CUDA-graph capture copies nothing.
+        positions = torch.arange(embs.shape[1], device=x_t.device)
+        ar_mask = (positions <= (0 if self.cfg.pi05 else 1)).to(torch.int32)
         cond = None if cond is None else cond.to(self.compute_dtype)
         return embs.to(self.compute_dtype), ar_mask, cond
 

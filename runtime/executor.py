@@ -1,0 +1,356 @@
+"""The multi-stream pipelined executor.
+
+    submit(obs) -> Future[ActionChunk]        returns at once; newest observation wins when full
+
+A dispatcher thread takes the newest pending frame, stages its inputs in pinned host memory and issues,
+without waiting on the device:
+
+    h2d stream      pixels | tokens | state+noise       (each waits until its slot's previous user is done)
+    vision stream   vision graph [slot]
+    prefix stream   prefix graph [slot]              -> KV cache [slot]
+    denoise stream  k-step denoise graph [slot]      -> actions [slot]
+    d2h stream      actions -> pinned host
+
+Frame N uses slot N % 2, so frame N+1 enters vision while frame N is in prefix and frame N-1 in
+denoise; events order everything. Up to MAX_IN_FLIGHT frames are on the device. A completion thread
+waits for each frame's last event, reads the device timings and resolves its future.
+
+On a machine without CUDA the same threads, slots and buffers run the stages eagerly, in order, so every
+behaviour (ordering, slot reuse, dropping, futures, errors) is exercised by the CPU tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .buffers import HOST_RING, MAX_IN_FLIGHT, PIPELINE_SLOTS, ShapeProfile, StaticBuffers
+from .config import RuntimeConfig
+from .inputs import PreparedInputs
+from .loading import PolicyParts, build_parts
+from .policy import Policy
+from .stages import STAGES, StageRunner
+from .timing import LatencyStats, TraceRecorder
+from .types import ActionChunk, Observation
+
+log = logging.getLogger(__name__)
+
+# Event names recorded for every frame, in stream order.
+EVENT_NAMES = ("h2d_start", "pixels_ready", "tokens_ready", "h2d_end", "vision_start", "vision_end",
+               "prefix_start", "prefix_end", "denoise_start", "denoise_end", "d2h_start", "d2h_end")
+# Stage name -> (start event, end event), the per-stage device time reported for every frame.
+STAGE_SPANS = {"copy_in": ("h2d_start", "pixels_ready"), "vision": ("vision_start", "vision_end"),
+               "prefix": ("prefix_start", "prefix_end"), "denoise": ("denoise_start", "denoise_end"),
+               "copy_out": ("d2h_start", "d2h_end")}
+
+
+class FrameDropped(RuntimeError):
+    """The frame was replaced by a newer observation before it reached the device."""
+
+
+class ExecutorClosed(RuntimeError):
+    pass
+
+
+@dataclass
+class Frame:
+    index: int
+    obs_timestamp: float
+    inputs: PreparedInputs
+    noise: np.ndarray
+    profile: ShapeProfile
+    future: Future
+    submitted: float  # perf_counter at submit
+    dispatched: float = 0.0
+    slot: int = 0
+    ring: int = 0
+    host_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # CPU path: stage -> (start, end)
+
+
+class PipelinedExecutor(Policy):
+    def __init__(self, config: RuntimeConfig | None = None, parts: PolicyParts | None = None,
+                 use_graphs: bool | None = None, profiles: list[ShapeProfile] | None = None):
+        self.parts = parts or build_parts(config or RuntimeConfig())
+        self.config = self.parts.config
+        self.device = self.parts.device
+        self.cuda = self.device.type == "cuda"
+        self.use_graphs = self.cuda if use_graphs is None else use_graphs
+        if self.use_graphs and not self.cuda:
+            raise ValueError("use_graphs: CUDA graphs need a CUDA device")
+        self.stats = LatencyStats()
+        self.trace = TraceRecorder()
+        self.counters = {"submitted": 0, "completed": 0, "dropped": 0, "failed": 0, "captures": 0}
+        self._runners: dict[ShapeProfile, StageRunner] = {}
+        if self.cuda:
+            self._streams = {name: torch.cuda.Stream(self.device) for name in ("h2d", *STAGES, "d2h")}
+            self._pools = {stage: torch.cuda.graph_pool_handle() for stage in STAGES}
+            self._events = [{n: torch.cuda.Event(enable_timing=True) for n in EVENT_NAMES} for _ in range(HOST_RING)]
+            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin.record()
+        self._origin_host = time.perf_counter()
+        # The last frame that used each pipeline slot: its events gate the slot's reuse.
+        self._slot_owner: list[Frame | None] = [None] * PIPELINE_SLOTS
+        self._next_index = 0  # frames submitted
+        self._issued = 0  # frames sent to the device (dispatcher thread only)
+        self._pending: Frame | None = None
+        self._in_flight = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._completions: queue.Queue = queue.Queue()
+        for profile in profiles or [self.default_profile()]:
+            self._runner(profile)  # capture ahead of time
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
+        self._completer = threading.Thread(target=self._complete_loop, name="vla-complete", daemon=True)
+        self._dispatcher.start()
+        self._completer.start()
+
+    # ------------------------------------------------------------------ public interface
+    def default_profile(self, steps: int | None = None) -> ShapeProfile:
+        cfg = self.config.model
+        return ShapeProfile(cfg.num_views, cfg.max_token_len, steps or self.config.denoising_steps)
+
+    def submit(self, obs: Observation, noise: np.ndarray | None = None, steps: int | None = None) -> Future:
+        """Queue an observation; the future resolves to its ActionChunk, or to FrameDropped when a newer
+        observation replaced it before it reached the device. Bad input raises ValueError here."""
+        inputs = self.parts.preparer(obs)
+        noise = self.parts.check_noise(noise) if noise is not None else np.random.default_rng().standard_normal(
+            (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32)
+        profile = self.default_profile(steps)
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise ExecutorClosed("executor is closed")
+            frame = Frame(self._next_index, obs.timestamp, inputs, noise, profile, future, time.perf_counter())
+            self._next_index += 1
+            self.counters["submitted"] += 1
+            dropped, self._pending = self._pending, frame
+            self._cond.notify_all()
+        if dropped is not None:
+            self._drop(dropped, f"frame {dropped.index} replaced by newer frame {frame.index}")
+        return future
+
+    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> ActionChunk:
+        return self.submit(obs, noise).result()
+
+    def reset(self) -> None:
+        """Drop the pending frame and wait until the device is idle."""
+        with self._cond:
+            dropped, self._pending = self._pending, None
+        if dropped is not None:
+            self._drop(dropped, "executor reset")
+        self.wait_idle()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending is None and self._in_flight == 0, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            dropped, self._pending = self._pending, None
+            self._cond.notify_all()
+        if dropped is not None:
+            self._drop(dropped, "executor closed")
+        self._dispatcher.join()
+        self._completions.put(None)
+        self._completer.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def report(self) -> dict:
+        with self._cond:
+            counters = dict(self.counters)
+        return {"counters": counters, "latency_ms": self.stats.summary(), "graphs": self.use_graphs,
+                "profiles": [vars(p) for p in self._runners]}
+
+    # ------------------------------------------------------------------ graphs and buffers per profile
+    def _runner(self, profile: ShapeProfile) -> StageRunner:
+        runner = self._runners.get(profile)
+        if runner is None:
+            buffers = StaticBuffers(self.config.model, profile, self.device, self.parts.model.compute_dtype)
+            runner = StageRunner(self.parts.model, buffers, self.device)
+            if self.use_graphs:
+                self.counters["captures"] += runner.capture(self._streams, self._pools)
+            self._runners[profile] = runner
+        return runner
+
+    # ------------------------------------------------------------------ dispatcher thread
+    def _drop(self, frame: Frame, why: str) -> None:
+        with self._cond:
+            self.counters["dropped"] += 1
+        frame.future.set_exception(FrameDropped(why))
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            with self._cond:
+                # Take the newest pending frame only once there is room on the device, so that anything
+                # submitted while we wait replaces it (newest wins).
+                self._cond.wait_for(lambda: self._closed or (self._pending is not None
+                                                             and self._in_flight < MAX_IN_FLIGHT))
+                if self._closed:
+                    return
+                frame, self._pending = self._pending, None
+                if frame.profile not in self._runners and self._in_flight:
+                    # A new profile is captured with the device idle (capture synchronises the device).
+                    self._pending = frame
+                    self._cond.wait_for(lambda: self._in_flight == 0 or self._closed)
+                    continue
+                self._in_flight += 1
+            try:
+                self._issue(frame)
+            except Exception as err:  # noqa: BLE001 - reported through the frame's future, the loop goes on
+                log.exception("frame %d failed", frame.index)
+                with self._cond:
+                    self.counters["failed"] += 1
+                    self._in_flight -= 1
+                    self._cond.notify_all()
+                frame.future.set_exception(err)
+                continue
+            self._completions.put(frame)
+
+    @torch.inference_mode()
+    def _issue(self, frame: Frame) -> None:
+        runner = self._runner(frame.profile)
+        buffers = runner.buffers
+        frame.dispatched = time.perf_counter()
+        # Slots and ring entries go by issue order (dropped frames never reach the device).
+        frame.slot = self._issued % PIPELINE_SLOTS
+        frame.ring = self._issued % HOST_RING
+        self._issued += 1
+        host = buffers.host_ring[frame.ring]
+        device_slot = buffers.device_slots[frame.slot]
+        staged = {"pixels": frame.inputs.pixels, "image_masks": frame.inputs.image_masks,
+                  "tokens": frame.inputs.tokens, "token_masks": frame.inputs.token_masks,
+                  "state": frame.inputs.state, "noise": frame.noise}
+        for name, array in staged.items():
+            host.inputs[name].numpy()[0] = array  # the ring entry's previous frame has completed
+        if self.cuda:
+            self._issue_cuda(frame, runner, host, device_slot)
+        else:
+            self._run_cpu(frame, runner, host, device_slot)
+        self._slot_owner[frame.slot] = frame
+
+    def _issue_cuda(self, frame: Frame, runner: StageRunner, host, device_slot) -> None:
+        ev = self._events[frame.ring]
+        s = self._streams
+        prev = self._slot_owner[frame.slot]
+        prev_ev = self._events[prev.ring] if prev is not None else None
+
+        def after(stream, event_name):  # order `stream` after the slot's previous user reached event_name
+            if prev_ev is not None:
+                stream.wait_event(prev_ev[event_name])
+
+        def copy(names):
+            for name in names:
+                device_slot.input(name).copy_(host.inputs[name], non_blocking=True)
+
+        with torch.cuda.stream(s["h2d"]):
+            ev["h2d_start"].record()
+            after(s["h2d"], "vision_end")
+            copy(("pixels", "image_masks"))
+            ev["pixels_ready"].record()
+            after(s["h2d"], "prefix_end")
+            copy(("tokens", "token_masks"))
+            ev["tokens_ready"].record()
+            after(s["h2d"], "denoise_end")
+            copy(("state", "noise"))
+            ev["h2d_end"].record()
+        with torch.cuda.stream(s["vision"]):
+            s["vision"].wait_event(ev["pixels_ready"])
+            after(s["vision"], "prefix_end")  # the previous user's prefix has read image_tokens[slot]
+            ev["vision_start"].record()
+            runner.run("vision", frame.slot)
+            ev["vision_end"].record()
+        with torch.cuda.stream(s["prefix"]):
+            s["prefix"].wait_event(ev["vision_end"])
+            s["prefix"].wait_event(ev["tokens_ready"])
+            after(s["prefix"], "denoise_end")  # the previous user's denoise has read kv_cache[slot]
+            ev["prefix_start"].record()
+            runner.run("prefix", frame.slot)
+            ev["prefix_end"].record()
+        with torch.cuda.stream(s["denoise"]):
+            s["denoise"].wait_event(ev["prefix_end"])
+            s["denoise"].wait_event(ev["h2d_end"])
+            after(s["denoise"], "d2h_end")  # the previous user's actions[slot] have been copied out
+            ev["denoise_start"].record()
+            runner.run("denoise", frame.slot)
+            ev["denoise_end"].record()
+        with torch.cuda.stream(s["d2h"]):
+            s["d2h"].wait_event(ev["denoise_end"])
+            ev["d2h_start"].record()
+            host.actions.copy_(device_slot.actions, non_blocking=True)
+            ev["d2h_end"].record()
+
+    def _run_cpu(self, frame: Frame, runner: StageRunner, host, device_slot) -> None:
+        def timed(stage, fn):
+            start = time.perf_counter()
+            fn()
+            frame.host_ms[stage] = (start, time.perf_counter())
+
+        def copy_in():
+            for name, tensor in host.inputs.items():
+                device_slot.input(name).copy_(tensor)
+
+        timed("copy_in", copy_in)
+        for stage in STAGES:
+            timed(stage, lambda stage=stage: runner.run(stage, frame.slot))
+        timed("copy_out", lambda: host.actions.copy_(device_slot.actions))
+
+    # ------------------------------------------------------------------ completion thread
+    def _complete_loop(self) -> None:
+        while True:
+            frame = self._completions.get()
+            if frame is None:
+                return
+            try:
+                chunk = self._finish(frame)
+            except Exception as err:  # noqa: BLE001
+                log.exception("frame %d failed on completion", frame.index)
+                with self._cond:
+                    self.counters["failed"] += 1
+                frame.future.set_exception(err)
+            else:
+                with self._cond:
+                    self.counters["completed"] += 1
+                frame.future.set_result(chunk)
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
+                    self._cond.notify_all()
+
+    def _finish(self, frame: Frame) -> ActionChunk:
+        runner = self._runners[frame.profile]
+        host = runner.buffers.host_ring[frame.ring]
+        if self.cuda:
+            ev = self._events[frame.ring]
+            ev["d2h_end"].synchronize()
+            timings = {stage: ev[a].elapsed_time(ev[b]) for stage, (a, b) in STAGE_SPANS.items()}
+            timings["device_total"] = ev["h2d_start"].elapsed_time(ev["d2h_end"])
+            for stage, (a, b) in STAGE_SPANS.items():
+                self.trace.add(stage, f"{stage} f{frame.index}", self._origin.elapsed_time(ev[a]),
+                               self._origin.elapsed_time(ev[b]), frame.index)
+        else:
+            timings = {stage: (b - a) * 1e3 for stage, (a, b) in frame.host_ms.items()}
+            for stage, (a, b) in frame.host_ms.items():
+                self.trace.add(stage, f"{stage} f{frame.index}", (a - self._origin_host) * 1e3,
+                               (b - self._origin_host) * 1e3, frame.index)
+        actions = self.parts.to_robot_actions(host.actions[0].numpy().copy())
+        done = time.perf_counter()
+        timings["queue_wait"] = (frame.dispatched - frame.submitted) * 1e3
+        timings["total"] = (done - frame.submitted) * 1e3
+        self.stats.add_all(timings)
+        return ActionChunk(actions, frame.obs_timestamp, timings, frame.profile.steps, self.parts.model_id,
+                           self.parts.random_weights)

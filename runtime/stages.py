@@ -1,0 +1,74 @@
+"""The three stages of one shape profile, run against that profile's static buffers.
+
+Each stage reads and writes only tensors of one `DeviceSlot`, so it can be captured in a CUDA graph per
+slot and replayed on its own stream. Without CUDA the same functions run eagerly, in order.
+
+Memory pools: one private graph pool per *stage*. A stage's graphs (both slots, every profile) replay
+on one stream, one at a time, so they may share temporaries; graphs of different stages replay
+concurrently on different streams, so they must never share a pool. Outputs are copied into the static
+buffers, which live outside every pool.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..graphs.pi0 import PI0Model, time_schedule
+from .buffers import PIPELINE_SLOTS, DeviceSlot, ShapeProfile, StaticBuffers
+from .inputs import pixels_to_model_input
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vision", "prefix", "denoise")
+
+
+class StageRunner:
+    def __init__(self, model: PI0Model, buffers: StaticBuffers, device: torch.device):
+        self.model = model
+        self.buffers = buffers
+        self.profile: ShapeProfile = buffers.profile
+        times, self.dt = time_schedule(self.profile.steps)
+        self.times = torch.from_numpy(times).to(device)  # [steps], precomputed on the device
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+
+    # Eager stage bodies: write the slot's outputs in place.
+    def _vision(self, d: DeviceSlot) -> None:
+        d.image_tokens.copy_(self.model.encode_images(pixels_to_model_input(d.pixels)))
+
+    def _prefix(self, d: DeviceSlot) -> None:
+        _, pad = self.model.fill_prefix(d.image_tokens, d.image_masks, d.tokens, d.token_masks, kv_cache=d.kv_cache)
+        d.prefix_mask.copy_(pad)
+
+    def _denoise(self, d: DeviceSlot) -> None:
+        d.actions.copy_(self.model.denoise(d.kv_cache, d.prefix_mask, d.state, d.noise, self.times, self.dt))
+
+    def run(self, stage: str, slot: int) -> None:
+        """Replay the captured graph when there is one (on the current stream), else run eagerly."""
+        graph = self.graphs.get((stage, slot))
+        if graph is not None:
+            graph.replay()
+        else:
+            getattr(self, "_" + stage)(self.buffers.device_slots[slot])
+
+    @torch.inference_mode()
+    def capture(self, streams: dict[str, torch.cuda.Stream], pools: dict[str, tuple]) -> int:
+        """Capture every stage for both slots. Returns the number of graphs captured."""
+        count = 0
+        for stage in STAGES:
+            body = getattr(self, "_" + stage)
+            stream = streams[stage]
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside capture: cuBLAS handles, lazy kernel loading
+                    body(self.buffers.device_slots[0])
+            stream.synchronize()
+            for slot in range(PIPELINE_SLOTS):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pools[stage], stream=stream, capture_error_mode="thread_local"):
+                    body(self.buffers.device_slots[slot])
+                self.graphs[(stage, slot)] = graph
+                count += 1
+        torch.cuda.synchronize()
+        log.info("captured %d graphs for %s", count, self.profile)
+        return count
