@@ -36,9 +36,9 @@ class GemmaDecoderLayer(nn.Module):
         self.post_attention_layernorm = GemmaRMSNorm(cfg.width, cfg.rms_norm_eps, cond_dim)
         self.mlp = GemmaMLP(cfg.width, cfg.mlp_dim)
 
-    def qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cond: torch.Tensor | None):
+    def qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, modulation: torch.Tensor | None):
         """hidden [B, T, D] -> q [B, H, T, Dh], k/v [B, Hkv, T, Dh] (RoPE applied), residual gate."""
-        normed, gate = self.input_layernorm(hidden, cond)
+        normed, gate = self.input_layernorm(hidden, modulation)
         attn = self.self_attn
         b, t, _ = hidden.shape
         q = attn.q_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
@@ -46,10 +46,10 @@ class GemmaDecoderLayer(nn.Module):
         v = attn.v_proj(normed).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate
 
-    def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor, gate, cond: torch.Tensor | None):
+    def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor, gate, modulation: torch.Tensor | None):
         """Output projection, (gated) residual, MLP and its (gated) residual."""
         hidden = gated_residual(hidden, self.self_attn.o_proj(attn_out.to(hidden.dtype)), gate)
-        normed, gate = self.post_attention_layernorm(hidden, cond)
+        normed, gate = self.post_attention_layernorm(hidden, modulation)
         return gated_residual(hidden, self.mlp(normed), gate)
 
 
@@ -60,6 +60,13 @@ class GemmaStack(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width) if cfg.vocab_size else None
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, adaptive) for _ in range(cfg.depth))
         self.norm = GemmaRMSNorm(cfg.width, cfg.rms_norm_eps, cfg.width if adaptive else None)
+
+    def modulations(self, cond: torch.Tensor) -> torch.Tensor:
+        """pi0.5: every adaptive norm's modulation for one time condition [B, C] -> [2*depth + 1, B, 3D]
+        (per layer: input norm, post-attention norm; last: the final norm)."""
+        mods = [m for layer in self.layers
+                for m in (layer.input_layernorm.modulation(cond), layer.post_attention_layernorm.modulation(cond))]
+        return torch.stack(mods + [self.norm.modulation(cond)])
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embedding scaled by sqrt(width), as Gemma (and openpi's embed_prefix) does."""

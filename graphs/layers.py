@@ -14,8 +14,10 @@ from torch import nn
 class GemmaRMSNorm(nn.Module):
     """Gemma's RMSNorm, `x * rsqrt(mean(x^2) + eps) * (1 + weight)`.
 
-    With `cond_dim` set it is pi0.5's adaptive RMSNorm: a dense layer maps the time condition to
-    (scale, shift, gate); the output is `normed * (1 + scale) + shift` and the gate scales the residual.
+    With `cond_dim` set it is pi0.5's adaptive RMSNorm: a dense layer maps the time condition to a
+    modulation (scale, shift, gate); the output is `normed * (1 + scale) + shift` and the gate scales the
+    residual. The modulation depends on the denoising time alone, so callers compute it once per step
+    (`modulation(cond)`) and pass it in.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, cond_dim: int | None = None):
@@ -27,15 +29,18 @@ class GemmaRMSNorm(nn.Module):
         else:
             self.dense = nn.Linear(cond_dim, 3 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond [B, C] -> [B, 3D] (scale, shift, gate)."""
+        return self.dense(cond)
+
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor | None = None):
         dtype = x.dtype
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
         if self.dense is None:
             return (normed * (1.0 + self.weight.float())).to(dtype), None
-        if cond is None:
-            raise ValueError("adaptive RMSNorm needs a condition")
-        modulation = self.dense(cond)  # [B, 3D]
+        if modulation is None:
+            raise ValueError("adaptive RMSNorm needs its modulation")
         if x.dim() == 3:
             modulation = modulation[:, None, :]
         scale, shift, gate = modulation.chunk(3, dim=-1)
@@ -75,19 +80,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax attention with 1/sqrt(Dh) scaling.
+def attention_bias(allowed: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """bool [B, T, S] -> additive bias [B, 1, G*T, S] for `grouped_attention`; built once per frame."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    return bias.repeat(1, groups, 1)[:, None]
 
-    q [B, Hq, T, Dh], k/v [B, Hkv, S, Dh], allowed bool [B, T, S] -> [B, T, Hq * Dh].
-    Every row of `allowed` must allow at least one key (see `prefix_lm_mask`).
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with 1/sqrt(Dh) scaling, for grouped queries (Gemma: 8 query heads, 1 KV head).
+
+    q [B, Hq, T, Dh], k/v [B, Hkv, S, Dh], bias [B, 1, G*T, S] -> [B, T, Hq * Dh].
+    The G query heads that share a KV head are stacked along the query axis, so keys and values are read
+    as they are, never copied G times. Every bias row must allow at least one key (see `prefix_lm_mask`).
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        b, hkv, s, d = k.shape
-        k = k[:, :, None].expand(b, hkv, groups, s, d).reshape(b, hkv * groups, s, d)
-        v = v[:, :, None].expand(b, hkv, groups, s, d).reshape(b, hkv * groups, s, d)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # [B, Hq, T, Dh]
-    return out.transpose(1, 2).flatten(2)
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    folded = q.reshape(b, hkv, (hq // hkv) * t, d)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias)  # [B, Hkv, G*T, Dh]
+    return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
 
 
 def prefix_lm_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .gemma import GemmaStack
-from .layers import grouped_attention, prefix_lm_mask, rope_cos_sin
+from .layers import attention_bias, grouped_attention, prefix_lm_mask, rope_cos_sin
 from .siglip import SiglipVisionTower
 
 MAX_DENOISING_STEPS = 10
@@ -109,9 +109,10 @@ class PI0Model(nn.Module):
         -> kv_cache [depth, 2, B, Hkv, P, Dh] (written in place when given), prefix_mask bool [B, P].
         """
         hidden, pad = self.prefix_inputs(image_tokens, image_masks, tokens, token_masks)
+        lm = self.cfg.prefix_lm
         allowed = prefix_lm_mask(pad, torch.zeros(pad.shape[1], dtype=torch.int32, device=pad.device))
-        cos, sin = rope_cos_sin(torch.cumsum(pad, 1) - 1, self.cfg.prefix_lm.head_dim,
-                                self.cfg.prefix_lm.rope_theta, hidden.dtype)
+        bias = attention_bias(allowed, lm.num_heads // lm.num_kv_heads, hidden.dtype)
+        cos, sin = rope_cos_sin(torch.cumsum(pad, 1) - 1, lm.head_dim, lm.rope_theta, hidden.dtype)
         layers = self.prefix_lm.layers
         keys_values = []
         for i, layer in enumerate(layers):
@@ -123,79 +124,104 @@ class PI0Model(nn.Module):
                 keys_values.append(torch.stack([k, v]))
             if i == len(layers) - 1:
                 break  # the last layer's output is never read: only its keys and values are
-            hidden = layer.finish(hidden, grouped_attention(q, k, v, allowed), gate, None)
+            hidden = layer.finish(hidden, grouped_attention(q, k, v, bias), gate, None)
         if kv_cache is None:
             kv_cache = torch.stack(keys_values)
         return kv_cache, pad
 
     # ---------------------------------------------------------------- stage 3: denoise
-    def suffix_inputs(self, state, x_t, time):
-        """Suffix embeddings [B, S, D_e], its autoregressive mask [S], and the adaRMS condition (pi0.5)."""
-        ew = self.cfg.expert.width
-        time_emb = sinusoidal_time_embedding(time, ew)  # [B, D_e] float32
+    def time_conditioning(self, time: torch.Tensor) -> torch.Tensor:
+        """Everything a denoising step needs from its time alone, time [B] ->
+        pi0.5: the adaptive norms' modulations [2*depth + 1, B, 3*D_e] (compute dtype);
+        pi0:   the sine-cosine time embedding [1, B, D_e] (float32), fused with the actions per step."""
+        time_emb = sinusoidal_time_embedding(time, self.cfg.expert.width)  # [B, D_e] float32
+        if not self.cfg.pi05:
+            return time_emb[None]
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
+        return self.expert.modulations(cond.to(self.compute_dtype))
+
+    def suffix_embeddings(self, state, x_t, time_cond):
+        """Suffix tokens [B, S, D_e]: pi0.5 the projected noisy actions; pi0 a state token followed by the
+        action-time MLP of (actions, time embedding)."""
         action_emb = self.action_in_proj(x_t)  # [B, H, D_e]
         if self.cfg.pi05:
-            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
-            embs = action_emb
-        else:
-            cond = None
-            time_emb = time_emb[:, None, :].expand_as(action_emb)
-            action_time = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([action_emb, time_emb], 2))))
-            embs = torch.cat([self.state_proj(state)[:, None, :], action_time], dim=1)
-        # Autoregressive mask: the suffix starts a new block (1), and for pi0 the state token is a block of
-        # its own before the actions (1, 1, 0, ...). Built with device ops so CUDA-graph capture copies nothing.
-        positions = torch.arange(embs.shape[1], device=x_t.device)
-        ar_mask = (positions <= (0 if self.cfg.pi05 else 1)).to(torch.int32)
-        cond = None if cond is None else cond.to(self.compute_dtype)
-        return embs.to(self.compute_dtype), ar_mask, cond
+            return action_emb.to(self.compute_dtype)
+        time_emb = time_cond[0][:, None, :].expand_as(action_emb)
+        action_time = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([action_emb, time_emb], 2))))
+        return torch.cat([self.state_proj(state)[:, None, :], action_time], dim=1).to(self.compute_dtype)
 
-    def velocity(self, kv_cache, prefix_mask, state, x_t, time) -> torch.Tensor:
-        """One flow-matching velocity v(x_t, t) attending to the cached prefix. x_t [B, H, A] -> [B, H, A] f32."""
-        hidden, ar, cond = self.suffix_inputs(state, x_t, time)
-        b, s = hidden.shape[:2]
-        suffix_pad = torch.ones(b, s, dtype=torch.bool, device=hidden.device)
+    def suffix_ar_mask(self, device) -> torch.Tensor:
+        """The suffix starts a new attention block (1); pi0's state token is a block of its own before the
+        actions (1, 1, 0, ...). Built with device ops so CUDA-graph capture copies nothing from the host."""
+        positions = torch.arange(self.cfg.suffix_len, device=device)
+        return (positions <= (0 if self.cfg.pi05 else 1)).to(torch.int32)
+
+    def suffix_attention(self, prefix_mask):
+        """Per-frame constants of the denoising loop: attention bias over [prefix | suffix] and RoPE tables."""
+        b, s, e = prefix_mask.shape[0], self.cfg.suffix_len, self.cfg.expert
+        suffix_pad = torch.ones(b, s, dtype=torch.bool, device=prefix_mask.device)
         allowed = torch.cat([prefix_mask[:, None, :].expand(b, s, prefix_mask.shape[1]),
-                             prefix_lm_mask(suffix_pad, ar)], dim=2)  # [B, S, P + S]
-        positions = prefix_mask.sum(1, keepdim=True) + torch.arange(s, device=hidden.device)[None]
-        cos, sin = rope_cos_sin(positions, self.cfg.expert.head_dim, self.cfg.expert.rope_theta, hidden.dtype)
+                             prefix_lm_mask(suffix_pad, self.suffix_ar_mask(prefix_mask.device))], dim=2)
+        bias = attention_bias(allowed, e.num_heads // e.num_kv_heads, self.compute_dtype)  # [B, 1, G*S, P+S]
+        positions = prefix_mask.sum(1, keepdim=True) + torch.arange(s, device=prefix_mask.device)[None]
+        cos, sin = rope_cos_sin(positions, e.head_dim, e.rope_theta, self.compute_dtype)
+        return bias, cos, sin
+
+    def velocity(self, kv_cache, bias, cos, sin, state, x_t, time_cond) -> torch.Tensor:
+        """One flow-matching velocity v(x_t, t), attending to the cached prefix. x_t [B, H, A] -> [B, H, A] f32."""
+        hidden = self.suffix_embeddings(state, x_t, time_cond)
+        mods = time_cond if self.cfg.pi05 else None
         for i, layer in enumerate(self.expert.layers):
-            q, k, v, gate = layer.qkv(hidden, cos, sin, cond)
+            mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
+            q, k, v, gate = layer.qkv(hidden, cos, sin, mod_in)
             k = torch.cat([kv_cache[i, 0], k], dim=2)
             v = torch.cat([kv_cache[i, 1], v], dim=2)
-            hidden = layer.finish(hidden, grouped_attention(q, k, v, allowed), gate, cond)
-        return self._velocity_head(hidden, cond, x_t.shape[1])
+            hidden = layer.finish(hidden, grouped_attention(q, k, v, bias), gate, mod_post)
+        return self._velocity_head(hidden, mods, x_t.shape[1])
 
-    def _velocity_head(self, suffix_hidden, cond, horizon):
-        out, _ = self.expert.norm(suffix_hidden, cond)
+    def _velocity_head(self, suffix_hidden, mods, horizon):
+        out, _ = self.expert.norm(suffix_hidden, mods[-1] if mods is not None else None)
         return self.action_out_proj(out[:, -horizon:].float())
 
-    def denoise(self, kv_cache, prefix_mask, state, noise, times: torch.Tensor, dt: float) -> torch.Tensor:
-        """k Euler steps from x_1 = noise to x_0 over the precomputed `times` [k] (on the device)."""
+    def step_conditioning(self, times: torch.Tensor, batch: int) -> list[torch.Tensor]:
+        """time_conditioning for every step of a schedule; depends on weights and times only."""
+        return [self.time_conditioning(times[i].expand(batch)) for i in range(times.shape[0])]
+
+    def denoise(self, kv_cache, prefix_mask, state, noise, times: torch.Tensor, dt: float,
+                step_conds: list[torch.Tensor] | None = None, velocity_fn=None) -> torch.Tensor:
+        """k Euler steps from x_1 = noise to x_0 over the precomputed `times` [k] (on the device).
+        `step_conds` (from `step_conditioning`) may be computed once per schedule and reused."""
+        velocity_fn = velocity_fn or self.velocity
+        step_conds = step_conds if step_conds is not None else self.step_conditioning(times, noise.shape[0])
+        bias, cos, sin = self.suffix_attention(prefix_mask)
         x_t = noise
-        b = noise.shape[0]
-        for step in range(times.shape[0]):
-            v_t = self.velocity(kv_cache, prefix_mask, state, x_t, times[step].expand(b))
-            x_t = x_t + dt * v_t
+        for cond in step_conds:
+            x_t = x_t + dt * velocity_fn(kv_cache, bias, cos, sin, state, x_t, cond)
         return x_t
 
     # ---------------------------------------------------------------- the uncached reference
     def velocity_uncached(self, image_tokens, image_masks, tokens, token_masks, state, x_t, time):
         """v(x_t, t) with prefix and suffix in one attention pass (joint mask), no KV cache."""
         prefix, prefix_pad = self.prefix_inputs(image_tokens, image_masks, tokens, token_masks)
-        suffix, suffix_ar, cond = self.suffix_inputs(state, x_t, time)
+        time_cond = self.time_conditioning(time)
+        suffix = self.suffix_embeddings(state, x_t, time_cond)
+        mods = time_cond if self.cfg.pi05 else None
         b, p, s = prefix.shape[0], prefix.shape[1], suffix.shape[1]
         pad = torch.cat([prefix_pad, torch.ones(b, s, dtype=torch.bool, device=prefix.device)], dim=1)
-        ar = torch.cat([torch.zeros(p, dtype=torch.int32, device=prefix.device), suffix_ar])
-        allowed = prefix_lm_mask(pad, ar)
-        cos, sin = rope_cos_sin(torch.cumsum(pad, 1) - 1, self.cfg.prefix_lm.head_dim,
-                                self.cfg.prefix_lm.rope_theta, prefix.dtype)
-        for prefix_layer, expert_layer in zip(self.prefix_lm.layers, self.expert.layers, strict=True):
+        ar = torch.cat([torch.zeros(p, dtype=torch.int32, device=prefix.device), self.suffix_ar_mask(prefix.device)])
+        lm = self.cfg.prefix_lm
+        bias = attention_bias(prefix_lm_mask(pad, ar), lm.num_heads // lm.num_kv_heads, prefix.dtype)
+        cos, sin = rope_cos_sin(torch.cumsum(pad, 1) - 1, lm.head_dim, lm.rope_theta, prefix.dtype)
+        for i, (prefix_layer, expert_layer) in enumerate(zip(self.prefix_lm.layers, self.expert.layers, strict=True)):
+            mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
             qp, kp, vp, gp = prefix_layer.qkv(prefix, cos[:, :p], sin[:, :p], None)
-            qs, ks, vs, gs = expert_layer.qkv(suffix, cos[:, p:], sin[:, p:], cond)
-            out = grouped_attention(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), allowed)
+            qs, ks, vs, gs = expert_layer.qkv(suffix, cos[:, p:], sin[:, p:], mod_in)
+            # Queries of both stacks in one softmax: fold each stack's head groups the same way.
+            q = torch.cat([qp, qs], 2)
+            out = grouped_attention(q, torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), bias)
             prefix = prefix_layer.finish(prefix, out[:, :p], gp, None)
-            suffix = expert_layer.finish(suffix, out[:, p:], gs, cond)
-        return self._velocity_head(suffix, cond, x_t.shape[1])
+            suffix = expert_layer.finish(suffix, out[:, p:], gs, mod_post)
+        return self._velocity_head(suffix, mods, x_t.shape[1])
 
     def sample_actions_uncached(self, pixels, image_masks, tokens, token_masks, state, noise, steps: int):
         times, dt = time_schedule(steps)

@@ -28,6 +28,7 @@ class RuntimeConfig:
     robot_action_dim: int = 7  # leading action dims the robot executes (LIBERO: 7)
     optional_cameras: tuple[str, ...] = ("right_wrist_0_rgb",)  # may be absent: zero image, masked out
     seed: int = 0  # random weights
+    compile_stages: bool | None = None  # torch.compile each stage before graph capture; None = on CUDA only
     max_image_side: int = 4096
 
     def __post_init__(self):
@@ -58,6 +59,10 @@ class RuntimeConfig:
     @property
     def denoising_steps(self) -> int:
         return self.steps or self.model.default_steps
+
+    @property
+    def use_compile(self) -> bool:
+        return self.device.startswith("cuda") if self.compile_stages is None else self.compile_stages
 
     @property
     def compute_dtype(self) -> torch.dtype:

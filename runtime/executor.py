@@ -88,6 +88,7 @@ class PipelinedExecutor(Policy):
         self.trace = TraceRecorder()
         self.counters = {"submitted": 0, "completed": 0, "dropped": 0, "failed": 0, "captures": 0}
         self._runners: dict[ShapeProfile, StageRunner] = {}
+        self._compiled: dict = {}
         if self.cuda:
             self._streams = {name: torch.cuda.Stream(self.device) for name in ("h2d", *STAGES, "d2h")}
             self._pools = {stage: torch.cuda.graph_pool_handle() for stage in STAGES}
@@ -181,7 +182,7 @@ class PipelinedExecutor(Policy):
         runner = self._runners.get(profile)
         if runner is None:
             buffers = StaticBuffers(self.config.model, profile, self.device, self.parts.model.compute_dtype)
-            runner = StageRunner(self.parts.model, buffers, self.device)
+            runner = StageRunner(self.parts.model, buffers, self.device, self.config.use_compile, self._compiled)
             if self.use_graphs:
                 self.counters["captures"] += runner.capture(self._streams, self._pools)
             self._runners[profile] = runner

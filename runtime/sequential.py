@@ -29,7 +29,7 @@ class GraphPolicy(Policy):
         cfg = self.config.model
         profile = ShapeProfile(cfg.num_views, cfg.max_token_len, self.config.denoising_steps)
         self.runner = StageRunner(self.parts.model, StaticBuffers(cfg, profile, device, self.parts.model.compute_dtype),
-                                  device)
+                                  device, self.config.use_compile)
         self.stream = torch.cuda.Stream(device)
         self.runner.capture({stage: self.stream for stage in STAGES}, {stage: torch.cuda.graph_pool_handle()
                                                                        for stage in STAGES})

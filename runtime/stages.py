@@ -25,24 +25,40 @@ STAGES = ("vision", "prefix", "denoise")
 
 
 class StageRunner:
-    def __init__(self, model: PI0Model, buffers: StaticBuffers, device: torch.device):
+    def __init__(self, model: PI0Model, buffers: StaticBuffers, device: torch.device, compile_stages: bool = False,
+                 compiled: dict | None = None):
         self.model = model
         self.buffers = buffers
         self.profile: ShapeProfile = buffers.profile
         times, self.dt = time_schedule(self.profile.steps)
         self.times = torch.from_numpy(times).to(device)  # [steps], precomputed on the device
+        with torch.inference_mode():  # the time conditioning of every step depends on the schedule alone
+            self.step_conds = model.step_conditioning(self.times, self.profile.batch)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        # Inductor fuses each stage's elementwise chains (norms, RoPE, GeGLU, gated residuals) into a few
+        # kernels; the CUDA graph then removes the launch gaps. The compiled functions are shared by
+        # every profile (`compiled`), so a new profile recompiles only for new shapes.
+        fns = {"encode": model.encode_images, "fill": model.fill_prefix, "velocity": model.velocity}
+        if compile_stages:
+            if compiled is None:
+                compiled = {}
+            for name, fn in fns.items():
+                if name not in compiled:
+                    compiled[name] = torch.compile(fn, dynamic=False)
+            fns = compiled
+        self.fns = fns
 
     # Eager stage bodies: write the slot's outputs in place.
     def _vision(self, d: DeviceSlot) -> None:
-        d.image_tokens.copy_(self.model.encode_images(pixels_to_model_input(d.pixels)))
+        d.image_tokens.copy_(self.fns["encode"](pixels_to_model_input(d.pixels)))
 
     def _prefix(self, d: DeviceSlot) -> None:
-        _, pad = self.model.fill_prefix(d.image_tokens, d.image_masks, d.tokens, d.token_masks, kv_cache=d.kv_cache)
+        _, pad = self.fns["fill"](d.image_tokens, d.image_masks, d.tokens, d.token_masks, kv_cache=d.kv_cache)
         d.prefix_mask.copy_(pad)
 
     def _denoise(self, d: DeviceSlot) -> None:
-        d.actions.copy_(self.model.denoise(d.kv_cache, d.prefix_mask, d.state, d.noise, self.times, self.dt))
+        d.actions.copy_(self.model.denoise(d.kv_cache, d.prefix_mask, d.state, d.noise, self.times, self.dt,
+                                           self.step_conds, self.fns["velocity"]))
 
     def run(self, stage: str, slot: int) -> None:
         """Replay the captured graph when there is one (on the current stream), else run eagerly."""

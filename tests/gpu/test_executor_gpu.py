@@ -31,8 +31,11 @@ def test_pipelined_equals_reference_over_100_frames_with_drops(pi05):
     rng = np.random.default_rng()
     cfg = executor.config.model
     frames = [(random_observation(rng, "pi05", side=224),
-               rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)) for _ in range(120)]
-    futures = [executor.submit(obs, noise) for obs, noise in frames]
+               rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)) for _ in range(130)]
+    futures = []
+    for burst in range(0, len(frames), 5):  # bursts of 5: three go on the device, one is replaced (dropped)
+        futures += [executor.submit(obs, noise) for obs, noise in frames[burst:burst + 5]]
+        executor.wait_idle(60)
     worst, delivered, dropped = 0.0, 0, 0
     for (obs, noise), future in zip(frames, futures):
         try:
@@ -44,7 +47,7 @@ def test_pipelined_equals_reference_over_100_frames_with_drops(pi05):
         expected = reference.infer(obs, noise).actions
         worst = max(worst, float(np.abs(chunk.actions - expected).max() / np.abs(expected).max()))
     print(f"delivered {delivered}, dropped {dropped}, worst relative difference {worst:.2e}")
-    assert delivered + dropped == 120 and dropped >= 1 and delivered >= 2
+    assert delivered + dropped == 130 and dropped >= 10 and delivered >= 100
     assert worst <= BF16_REL_TOL
 
 
@@ -71,9 +74,10 @@ def test_streams_overlap_across_frames(pi05):
     executor, _ = pi05
     rng = np.random.default_rng()
     executor.trace = type(executor.trace)()
-    for _ in range(30):
-        executor.submit(random_observation(rng, "pi05", side=224))
-    executor.wait_idle(120)
+    for _ in range(10):
+        for _ in range(3):
+            executor.submit(random_observation(rng, "pi05", side=224))
+        executor.wait_idle(120)
     spans = {}
     for lane, _, start, end, frame in executor.trace.events():
         spans[(lane, frame)] = (start, end)
