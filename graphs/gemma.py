@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from .config import GemmaConfig
-from .layers import GemmaMLP, GemmaRMSNorm, apply_rope, gated_residual
+import torch.nn.functional as F
+
+from .layers import GemmaMLP, GemmaRMSNorm, apply_rope, fuse_linears, gated_residual
 
 
 class GemmaAttentionProjections(nn.Module):
@@ -25,6 +27,16 @@ class GemmaAttentionProjections(nn.Module):
         self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.qkv_weight, _ = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def project(self, x: torch.Tensor):
+        if self.qkv_weight is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.num_kv_heads * self.head_dim
+        return F.linear(x, self.qkv_weight).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -41,9 +53,10 @@ class GemmaDecoderLayer(nn.Module):
         normed, gate = self.input_layernorm(hidden, modulation)
         attn = self.self_attn
         b, t, _ = hidden.shape
-        q = attn.q_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(normed).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(normed).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k, v = attn.project(normed)
+        q = q.reshape(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate
 
     def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor, gate, modulation: torch.Tensor | None):
@@ -67,6 +80,11 @@ class GemmaStack(nn.Module):
         mods = [m for layer in self.layers
                 for m in (layer.input_layernorm.modulation(cond), layer.post_attention_layernorm.modulation(cond))]
         return torch.stack(mods + [self.norm.modulation(cond)])
+
+    def fuse(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embedding scaled by sqrt(width), as Gemma (and openpi's embed_prefix) does."""

@@ -82,6 +82,10 @@ class PI0Model(nn.Module):
         self.prefix_lm.to(compute_dtype)
         self.expert.to(compute_dtype)
         self.vision_dtype, self.compute_dtype = vision_dtype, compute_dtype
+        # Projections that read the same input become one GEMM (parameters become views of it).
+        self.vision.fuse()
+        self.prefix_lm.fuse()
+        self.expert.fuse()
         return self
 
     # ---------------------------------------------------------------- stage 1: vision

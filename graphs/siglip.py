@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SiglipConfig
+from .layers import fuse_linears
 
 
 class SiglipEmbeddings(nn.Module):
@@ -31,11 +32,19 @@ class SiglipAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.qkv_weight = self.qkv_bias = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
-        heads = lambda y: y.view(n, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        heads = lambda y: y.reshape(n, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
         return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -74,6 +83,10 @@ class SiglipVisionTower(nn.Module):
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = SiglipEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def fuse(self) -> None:
+        for layer in self.encoder.layers:
+            layer.self_attn.fuse()
 
     def forward(self, pixels: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
         """pixels [N, 3, H, W] -> [N, T, width] in `compute_dtype`."""

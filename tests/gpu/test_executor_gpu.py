@@ -3,6 +3,8 @@ allocation in steady state; the streams overlap across frames."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,11 @@ from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
 
-# bf16 tolerance, relative to the largest action magnitude. Graph replay runs the very kernels the eager
-# reference launches, so results are expected to be identical; the bound only leaves room for a library
-# that picks a different GEMM algorithm under capture (bf16 has 8 mantissa bits: ~4e-3 per rounding).
+# bf16 tolerance, relative to the largest action magnitude. The executor runs Inductor-fused kernels that
+# keep some intermediates in float32 where the eager reference rounds to bf16 after every op, so the two
+# differ by bf16 rounding (2^-8 ~ 4e-3 relative per rounding) carried through 10 Euler steps; measured
+# worst case 5.5e-3 over 53 frames on an H100 (2026-11-22). A wrong slot, stale KV cache or wrong time step
+# gives differences of order 1.
 BF16_REL_TOL = 2e-2
 
 
@@ -34,7 +38,9 @@ def test_pipelined_equals_reference_over_100_frames_with_drops(pi05):
                rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)) for _ in range(130)]
     futures = []
     for burst in range(0, len(frames), 5):  # bursts of 5: three go on the device, one is replaced (dropped)
-        futures += [executor.submit(obs, noise) for obs, noise in frames[burst:burst + 5]]
+        for obs, noise in frames[burst:burst + 5]:
+            futures.append(executor.submit(obs, noise))
+            time.sleep(0.003)  # let the dispatcher take it while there is room
         executor.wait_idle(60)
     worst, delivered, dropped = 0.0, 0, 0
     for (obs, noise), future in zip(frames, futures):

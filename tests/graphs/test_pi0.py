@@ -80,3 +80,22 @@ def test_pi0_state_token_matters_and_pi05_ignores_continuous_state():
             a = model.sample_actions(pixels, image_masks, tokens, token_masks, state, noise, steps=2)
             b = model.sample_actions(pixels, image_masks, tokens, token_masks, state + 1.0, noise, steps=2)
         assert bool((a - b).abs().max() > 1e-4) == should_change, preset
+
+
+@pytest.mark.parametrize("preset", ["pi0_tiny", "pi05_tiny"])
+def test_fused_projections_match_separate_ones(preset):
+    """set_precision fuses q/k/v and gate/up into single GEMMs whose slices are the original parameters."""
+    cfg = get_preset(preset)
+    model = build_model(cfg, seed=int(np.random.default_rng().integers(1000)))
+    inputs = random_inputs(cfg, 2, torch.Generator().manual_seed(11))
+    names = sorted(model.state_dict())
+    with torch.inference_mode():
+        separate = model.sample_actions(*inputs, steps=3)
+        model.set_precision(torch.float32)
+        fused = model.sample_actions(*inputs, steps=3)
+    assert model.prefix_lm.layers[0].self_attn.qkv_weight is not None
+    assert model.expert.layers[0].mlp.gate_up_weight is not None
+    assert sorted(model.state_dict()) == names  # checkpoint names unchanged
+    q = model.prefix_lm.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == model.prefix_lm.layers[0].self_attn.qkv_weight.data_ptr()  # a view, not a copy
+    torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
