@@ -18,8 +18,11 @@ def synthetic_observation(config, rng: np.random.Generator, image_side: int = 22
     """Random camera frames, state and a LIBERO-style instruction for the model's cameras."""
     from .runtime.types import Observation
 
-    images = {name: rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
-              for name in config.model.camera_names if name not in config.optional_cameras}
+    images = {
+        name: rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
+        for name in config.model.camera_names
+        if name not in config.optional_cameras
+    }
     state = rng.uniform(-1, 1, config.state_dim).astype(np.float32)
     return Observation(images, state, "put the black bowl on the plate", time.time())
 
@@ -29,7 +32,9 @@ def cmd_info(args) -> int:
 
     from .graphs.config import PRESETS
 
-    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    devices = ["cpu"] + [
+        f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())
+    ]
     info = {
         "vla_runtime": __import__("vla_runtime").__version__,
         "python": platform.python_version(),
@@ -37,9 +42,15 @@ def cmd_info(args) -> int:
         "cuda_available": torch.cuda.is_available(),
         "devices": devices,
         "presets": {
-            name: {"pi05": c.pi05, "cameras": list(c.camera_names), "image_size": c.vision.image_size,
-                   "prefix_len": c.prefix_len, "action_horizon": c.action_horizon, "action_dim": c.action_dim,
-                   "layers": c.prefix_lm.depth}
+            name: {
+                "pi05": c.pi05,
+                "cameras": list(c.camera_names),
+                "image_size": c.vision.image_size,
+                "prefix_len": c.prefix_len,
+                "action_horizon": c.action_horizon,
+                "action_dim": c.action_dim,
+                "layers": c.prefix_lm.depth,
+            }
             for name, c in PRESETS.items()
         },
     }
@@ -49,17 +60,26 @@ def cmd_info(args) -> int:
         print(f"vla_runtime {info['vla_runtime']}  python {info['python']}  torch {info['torch']}")
         print("devices: " + ", ".join(devices))
         for name, p in info["presets"].items():
-            print(f"  {name:10s} pi05={p['pi05']!s:5s} cameras={len(p['cameras'])} image={p['image_size']} "
-                  f"prefix_len={p['prefix_len']} horizon={p['action_horizon']} layers={p['layers']}")
+            print(
+                f"  {name:10s} pi05={p['pi05']!s:5s} cameras={len(p['cameras'])} image={p['image_size']} "
+                f"prefix_len={p['prefix_len']} horizon={p['action_horizon']} layers={p['layers']}"
+            )
     return 0
 
 
 def runtime_config_from_args(args):
     from .runtime.config import RuntimeConfig
 
-    return RuntimeConfig(preset=args.preset, checkpoint=args.checkpoint, robot=args.robot, tokenizer=args.tokenizer,
-                         device=args.device, precision=args.precision or ("bf16" if args.device != "cpu" else "float32"),
-                         steps=args.steps, seed=args.seed)
+    return RuntimeConfig(
+        preset=args.preset,
+        checkpoint=args.checkpoint,
+        robot=args.robot,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        precision=args.precision or ("bf16" if args.device != "cpu" else "float32"),
+        steps=args.steps,
+        seed=args.seed,
+    )
 
 
 def cmd_infer(args) -> int:
@@ -73,18 +93,31 @@ def cmd_infer(args) -> int:
     # The first frame includes one-time start-up work; report the median of the rest when there are any.
     timed = chunks[1:] or chunks
     timings = {k: float(np.median([c.timings_ms[k] for c in timed])) for k in last.timings_ms}
-    result = {**last.summary(), "timings_ms": {k: round(v, 3) for k, v in timings.items()},
-              "frames_timed": len(timed), "device": config.device, "precision": config.precision,
-              "actions": np.round(last.actions, 5).tolist()}
+    result = {
+        **last.summary(),
+        "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+        "frames_timed": len(timed),
+        "device": config.device,
+        "precision": config.precision,
+        "actions": np.round(last.actions, 5).tolist(),
+    }
     if args.json:
         print(json.dumps(result))
         return 0
-    weights = "RANDOM WEIGHTS (no checkpoint given): the actions are meaningless" if last.random_weights \
+    weights = (
+        "RANDOM WEIGHTS (no checkpoint given): the actions are meaningless"
+        if last.random_weights
         else f"checkpoint {config.checkpoint}"
-    print(f"model {last.model_id} on {config.device} ({config.precision}), {last.steps} denoising steps; {weights}")
+    )
+    print(
+        f"model {last.model_id} on {config.device} ({config.precision}), "
+        f"{last.steps} denoising steps; {weights}"
+    )
     a = last.actions
-    print(f"action chunk: {a.shape[0]} x {a.shape[1]}  mean {a.mean():+.4f}  std {a.std():.4f}  "
-          f"range [{a.min():+.4f}, {a.max():+.4f}]")
+    print(
+        f"action chunk: {a.shape[0]} x {a.shape[1]}  mean {a.mean():+.4f}  std {a.std():.4f}  "
+        f"range [{a.min():+.4f}, {a.max():+.4f}]"
+    )
     print(f"first action: {np.array2string(a[0], precision=4, suppress_small=True)}")
     print(f"per-stage time (ms, median of {len(timed)} frame(s)):")
     for stage, value in timings.items():
@@ -103,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="run the policy on synthetic frames and print the action chunk")
     add_model_args(infer)
-    infer.add_argument("--frames", type=int, default=1, help="frames to run; timings are the median after the first")
+    infer.add_argument(
+        "--frames", type=int, default=1, help="frames to run; timings are the median after the first"
+    )
     infer.add_argument("--json", action="store_true", help="print one JSON object")
     infer.set_defaults(func=cmd_infer)
     return parser
@@ -122,8 +157,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except ValueError as err:  # bad input or configuration: say what, exit 2

@@ -1,6 +1,6 @@
 """Per-kernel device time of each stage (compiled, not captured, so the profiler sees every kernel).
 
-    python3 benchmarks/profile_stages.py [--preset pi05] [--out DIR]
+python3 benchmarks/profile_stages.py [--preset pi05] [--out DIR]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
-
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
@@ -28,8 +27,14 @@ def main():
     parts = build_parts(RuntimeConfig(preset=args.preset, device="cuda", precision="bf16"))
     cfg = parts.config.model
     device = torch.device("cuda")
-    runner = StageRunner(parts.model, StaticBuffers(cfg, ShapeProfile(cfg.num_views, cfg.max_token_len, 10), device,
-                                                    parts.model.compute_dtype), device, compile_stages=True)
+    runner = StageRunner(
+        parts.model,
+        StaticBuffers(
+            cfg, ShapeProfile(cfg.num_views, cfg.max_token_len, 10), device, parts.model.compute_dtype
+        ),
+        device,
+        compile_stages=True,
+    )
     slot = runner.buffers.device_slots[0]
     slot.pixels.random_(0, 255)
     slot.image_masks.fill_(True)
@@ -54,9 +59,13 @@ def main():
             for e in rows:
                 ms = e.device_time_total / 5 / 1e3
                 print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{e.count // 5:<5d} {e.key[:90]}")
-            summary[stage] = {"kernel_ms": total, "kernels": kernels,
-                              "top": [{"name": e.key, "ms": e.device_time_total / 5 / 1e3, "calls": e.count // 5}
-                                      for e in rows]}
+            summary[stage] = {
+                "kernel_ms": total,
+                "kernels": kernels,
+                "top": [
+                    {"name": e.key, "ms": e.device_time_total / 5 / 1e3, "calls": e.count // 5} for e in rows
+                ],
+            }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"profile-{args.preset}.json").write_text(json.dumps(summary, indent=2))
     np.set_printoptions()

@@ -28,7 +28,9 @@ class SiglipConfig:
     def __post_init__(self):
         _require_positive(self, "image_size", "patch_size", "width", "depth", "mlp_dim", "num_heads")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
         if self.width % self.num_heads:
             raise ValueError(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
 
@@ -54,7 +56,9 @@ class GemmaConfig:
     def __post_init__(self):
         _require_positive(self, "width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
 
@@ -123,24 +127,50 @@ def _require_positive(obj, *names: str) -> None:
 PALIGEMMA_VOCAB = 257_152
 
 GEMMA_2B = GemmaConfig(
-    width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256, vocab_size=PALIGEMMA_VOCAB
+    width=2048,
+    depth=18,
+    mlp_dim=16_384,
+    num_heads=8,
+    num_kv_heads=1,
+    head_dim=256,
+    vocab_size=PALIGEMMA_VOCAB,
 )
 GEMMA_300M = GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
 
 TINY_VISION = SiglipConfig(image_size=56, patch_size=14, width=32, depth=2, mlp_dim=64, num_heads=2)
 # The tiny vocabulary holds the demo tokenizer's ids (graphs/assets) and test tokenizers of up to 1024 pieces.
-TINY_LM = GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=16, vocab_size=1024)
+TINY_LM = GemmaConfig(
+    width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=16, vocab_size=1024
+)
 TINY_EXPERT = GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=1, head_dim=16)
 
 PRESETS: dict[str, ModelConfig] = {
-    "pi0": ModelConfig("pi0", pi05=False, vision=SiglipConfig(), prefix_lm=GEMMA_2B, expert=GEMMA_300M,
-                       max_token_len=48),
-    "pi05": ModelConfig("pi05", pi05=True, vision=SiglipConfig(), prefix_lm=GEMMA_2B, expert=GEMMA_300M,
-                        max_token_len=200),
-    "pi0_tiny": ModelConfig("pi0_tiny", pi05=False, vision=TINY_VISION, prefix_lm=TINY_LM, expert=TINY_EXPERT,
-                            action_dim=8, action_horizon=10, max_token_len=48),
-    "pi05_tiny": ModelConfig("pi05_tiny", pi05=True, vision=TINY_VISION, prefix_lm=TINY_LM, expert=TINY_EXPERT,
-                             action_dim=8, action_horizon=10, max_token_len=96),
+    "pi0": ModelConfig(
+        "pi0", pi05=False, vision=SiglipConfig(), prefix_lm=GEMMA_2B, expert=GEMMA_300M, max_token_len=48
+    ),
+    "pi05": ModelConfig(
+        "pi05", pi05=True, vision=SiglipConfig(), prefix_lm=GEMMA_2B, expert=GEMMA_300M, max_token_len=200
+    ),
+    "pi0_tiny": ModelConfig(
+        "pi0_tiny",
+        pi05=False,
+        vision=TINY_VISION,
+        prefix_lm=TINY_LM,
+        expert=TINY_EXPERT,
+        action_dim=8,
+        action_horizon=10,
+        max_token_len=48,
+    ),
+    "pi05_tiny": ModelConfig(
+        "pi05_tiny",
+        pi05=True,
+        vision=TINY_VISION,
+        prefix_lm=TINY_LM,
+        expert=TINY_EXPERT,
+        action_dim=8,
+        action_horizon=10,
+        max_token_len=96,
+    ),
 }
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import GemmaConfig
-import torch.nn.functional as F
-
 from .layers import GemmaMLP, GemmaRMSNorm, apply_rope, fuse_linears, gated_residual
 
 
@@ -48,7 +47,9 @@ class GemmaDecoderLayer(nn.Module):
         self.post_attention_layernorm = GemmaRMSNorm(cfg.width, cfg.rms_norm_eps, cond_dim)
         self.mlp = GemmaMLP(cfg.width, cfg.mlp_dim)
 
-    def qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, modulation: torch.Tensor | None):
+    def qkv(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, modulation: torch.Tensor | None
+    ):
         """hidden [B, T, D] -> q [B, H, T, Dh], k/v [B, Hkv, T, Dh] (RoPE applied), residual gate."""
         normed, gate = self.input_layernorm(hidden, modulation)
         attn = self.self_attn
@@ -77,8 +78,11 @@ class GemmaStack(nn.Module):
     def modulations(self, cond: torch.Tensor) -> torch.Tensor:
         """pi0.5: every adaptive norm's modulation for one time condition [B, C] -> [2*depth + 1, B, 3D]
         (per layer: input norm, post-attention norm; last: the final norm)."""
-        mods = [m for layer in self.layers
-                for m in (layer.input_layernorm.modulation(cond), layer.post_attention_layernorm.modulation(cond))]
+        mods = [
+            m
+            for layer in self.layers
+            for m in (layer.input_layernorm.modulation(cond), layer.post_attention_layernorm.modulation(cond))
+        ]
         return torch.stack(mods + [self.norm.modulation(cond)])
 
     def fuse(self) -> None:

@@ -62,9 +62,9 @@ def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None
     row = 0
     for lin in linears:
         n = lin.weight.shape[0]
-        lin.weight.data = weight[row:row + n]
+        lin.weight.data = weight[row : row + n]
         if has_bias:
-            lin.bias.data = bias[row:row + n]
+            lin.bias.data = bias[row : row + n]
         row += n
     return weight, bias
 
@@ -92,7 +92,9 @@ class GemmaMLP(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """Rotary embedding tables for integer positions [B, T] -> cos, sin [B, T, head_dim] in `dtype`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
     angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -125,7 +127,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     folded = q.reshape(b, hkv, (hq // hkv) * t, d)
-    scores = torch.matmul(folded, k.transpose(-1, -2)) * (d ** -0.5) + bias  # [B, Hkv, G*T, S]
+    scores = torch.matmul(folded, k.transpose(-1, -2)) * (d**-0.5) + bias  # [B, Hkv, G*T, S]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v)  # [B, Hkv, G*T, Dh]
     return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)

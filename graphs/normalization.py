@@ -26,7 +26,7 @@ class FieldStats:
     @classmethod
     def from_json(cls, name: str, d: dict) -> FieldStats:
         try:
-            arrays = {k: np.asarray(d[k], dtype=np.float32) for k in ("mean", "std") }
+            arrays = {k: np.asarray(d[k], dtype=np.float32) for k in ("mean", "std")}
         except KeyError as err:
             raise ValueError(f"norm_stats.{name}: missing {err.args[0]!r}") from None
         for k in ("q01", "q99"):
@@ -90,6 +90,8 @@ def find_norm_stats(checkpoint: str | Path, robot: str | None) -> Path | None:
         return path
     found = sorted(assets.glob("*/norm_stats.json")) if assets.is_dir() else []
     if len(found) > 1:
-        raise ValueError(f"robot: {assets} holds stats for several robots "
-                         f"({', '.join(p.parent.name for p in found)}); name one")
+        raise ValueError(
+            f"robot: {assets} holds stats for several robots "
+            f"({', '.join(p.parent.name for p in found)}); name one"
+        )
     return found[0] if found else None

@@ -106,7 +106,9 @@ class PI0Model(nn.Module):
         pad = torch.cat([image_masks.repeat_interleave(per_view, dim=1), token_masks], dim=1)
         return embs, pad
 
-    def fill_prefix(self, image_tokens, image_masks, tokens, token_masks, kv_cache: torch.Tensor | None = None):
+    def fill_prefix(
+        self, image_tokens, image_masks, tokens, token_masks, kv_cache: torch.Tensor | None = None
+    ):
         """Run the prefix LM over image and prompt tokens and write every layer's keys and values.
 
         image_tokens [B, V*T, D], image_masks bool [B, V], tokens long [B, L], token_masks bool [B, L]
@@ -151,7 +153,9 @@ class PI0Model(nn.Module):
         if self.cfg.pi05:
             return action_emb.to(self.compute_dtype)
         time_emb = time_cond[0][:, None, :].expand_as(action_emb)
-        action_time = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([action_emb, time_emb], 2))))
+        action_time = self.action_time_mlp_out(
+            F.silu(self.action_time_mlp_in(torch.cat([action_emb, time_emb], 2)))
+        )
         return torch.cat([self.state_proj(state)[:, None, :], action_time], dim=1).to(self.compute_dtype)
 
     def suffix_ar_mask(self, device) -> torch.Tensor:
@@ -161,18 +165,23 @@ class PI0Model(nn.Module):
         return (positions <= (0 if self.cfg.pi05 else 1)).to(torch.int32)
 
     def suffix_attention(self, prefix_mask):
-        """Per-frame constants of the denoising loop: attention bias over [prefix | suffix] and RoPE tables."""
+        """Per-frame constants of the denoising loop: attention bias over [prefix | suffix], RoPE tables."""
         b, s, e = prefix_mask.shape[0], self.cfg.suffix_len, self.cfg.expert
         suffix_pad = torch.ones(b, s, dtype=torch.bool, device=prefix_mask.device)
-        allowed = torch.cat([prefix_mask[:, None, :].expand(b, s, prefix_mask.shape[1]),
-                             prefix_lm_mask(suffix_pad, self.suffix_ar_mask(prefix_mask.device))], dim=2)
+        allowed = torch.cat(
+            [
+                prefix_mask[:, None, :].expand(b, s, prefix_mask.shape[1]),
+                prefix_lm_mask(suffix_pad, self.suffix_ar_mask(prefix_mask.device)),
+            ],
+            dim=2,
+        )
         bias = attention_bias(allowed, e.num_heads // e.num_kv_heads, self.compute_dtype)  # [B, 1, G*S, P+S]
         positions = prefix_mask.sum(1, keepdim=True) + torch.arange(s, device=prefix_mask.device)[None]
         cos, sin = rope_cos_sin(positions, e.head_dim, e.rope_theta, self.compute_dtype)
         return bias, cos, sin
 
     def velocity(self, kv_cache, bias, cos, sin, state, x_t, time_cond) -> torch.Tensor:
-        """One flow-matching velocity v(x_t, t), attending to the cached prefix. x_t [B, H, A] -> [B, H, A] f32."""
+        """One flow-matching velocity v(x_t, t) over the cached prefix. x_t [B, H, A] -> [B, H, A] f32."""
         hidden = self.suffix_embeddings(state, x_t, time_cond)
         mods = time_cond if self.cfg.pi05 else None
         for i, layer in enumerate(self.expert.layers):
@@ -191,8 +200,17 @@ class PI0Model(nn.Module):
         """time_conditioning for every step of a schedule; depends on weights and times only."""
         return [self.time_conditioning(times[i].expand(batch)) for i in range(times.shape[0])]
 
-    def denoise(self, kv_cache, prefix_mask, state, noise, times: torch.Tensor, dt: float,
-                step_conds: list[torch.Tensor] | None = None, velocity_fn=None) -> torch.Tensor:
+    def denoise(
+        self,
+        kv_cache,
+        prefix_mask,
+        state,
+        noise,
+        times: torch.Tensor,
+        dt: float,
+        step_conds: list[torch.Tensor] | None = None,
+        velocity_fn=None,
+    ) -> torch.Tensor:
         """k Euler steps from x_1 = noise to x_0 over the precomputed `times` [k] (on the device).
         `step_conds` (from `step_conditioning`) may be computed once per schedule and reused."""
         velocity_fn = velocity_fn or self.velocity
@@ -212,11 +230,15 @@ class PI0Model(nn.Module):
         mods = time_cond if self.cfg.pi05 else None
         b, p, s = prefix.shape[0], prefix.shape[1], suffix.shape[1]
         pad = torch.cat([prefix_pad, torch.ones(b, s, dtype=torch.bool, device=prefix.device)], dim=1)
-        ar = torch.cat([torch.zeros(p, dtype=torch.int32, device=prefix.device), self.suffix_ar_mask(prefix.device)])
+        ar = torch.cat(
+            [torch.zeros(p, dtype=torch.int32, device=prefix.device), self.suffix_ar_mask(prefix.device)]
+        )
         lm = self.cfg.prefix_lm
         bias = attention_bias(prefix_lm_mask(pad, ar), lm.num_heads // lm.num_kv_heads, prefix.dtype)
         cos, sin = rope_cos_sin(torch.cumsum(pad, 1) - 1, lm.head_dim, lm.rope_theta, prefix.dtype)
-        for i, (prefix_layer, expert_layer) in enumerate(zip(self.prefix_lm.layers, self.expert.layers, strict=True)):
+        for i, (prefix_layer, expert_layer) in enumerate(
+            zip(self.prefix_lm.layers, self.expert.layers, strict=True)
+        ):
             mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
             qp, kp, vp, gp = prefix_layer.qkv(prefix, cos[:, :p], sin[:, :p], None)
             qs, ks, vs, gs = expert_layer.qkv(suffix, cos[:, p:], sin[:, p:], mod_in)
@@ -233,7 +255,9 @@ class PI0Model(nn.Module):
         x_t = noise
         for t in times:
             time = torch.full((noise.shape[0],), float(t), dtype=torch.float32, device=noise.device)
-            x_t = x_t + dt * self.velocity_uncached(image_tokens, image_masks, tokens, token_masks, state, x_t, time)
+            x_t = x_t + dt * self.velocity_uncached(
+                image_tokens, image_masks, tokens, token_masks, state, x_t, time
+            )
         return x_t
 
     def sample_actions(self, pixels, image_masks, tokens, token_masks, state, noise, steps: int):

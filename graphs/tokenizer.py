@@ -62,8 +62,10 @@ class PromptTokenizer:
         """-> tokens int64 [max_len] (padded with 0), mask bool [max_len]."""
         ids = self.token_ids(instruction, state)
         if len(ids) > self.max_len:
-            raise ValueError(f"instruction: the prompt is {len(ids)} tokens, over the model's "
-                             f"max_token_len of {self.max_len}")
+            raise ValueError(
+                f"instruction: the prompt is {len(ids)} tokens, over the model's "
+                f"max_token_len of {self.max_len}"
+            )
         tokens = np.zeros(self.max_len, dtype=np.int64)
         tokens[: len(ids)] = ids
         mask = np.zeros(self.max_len, dtype=bool)

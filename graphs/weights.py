@@ -35,10 +35,12 @@ OPENPI_TO_MODULE = (
     ("paligemma_with_expert.gemma_expert.model.", "expert."),
 )
 # Present in openpi checkpoints (the language-model heads) but never used to produce actions.
-UNUSED_OPENPI_KEYS = frozenset({
-    "paligemma_with_expert.paligemma.lm_head.weight",
-    "paligemma_with_expert.gemma_expert.lm_head.weight",
-})
+UNUSED_OPENPI_KEYS = frozenset(
+    {
+        "paligemma_with_expert.paligemma.lm_head.weight",
+        "paligemma_with_expert.gemma_expert.lm_head.weight",
+    }
+)
 
 
 class CheckpointError(ValueError):
@@ -48,20 +50,20 @@ class CheckpointError(ValueError):
 def openpi_key_to_module(key: str) -> str:
     for theirs, ours in OPENPI_TO_MODULE:
         if key.startswith(theirs):
-            return ours + key[len(theirs):]
+            return ours + key[len(theirs) :]
     return key
 
 
 def module_key_to_openpi(key: str) -> str:
     for theirs, ours in OPENPI_TO_MODULE:
         if key.startswith(ours):
-            return theirs + key[len(ours):]
+            return theirs + key[len(ours) :]
     return key
 
 
 @torch.no_grad()
 def random_init(model: PI0Model, seed: int) -> PI0Model:
-    """Seeded random weights (normal, unit-gain; norm scales near 1) so demos and benchmarks are repeatable."""
+    """Seeded random weights (normal, unit gain; norm scales near 1): repeatable demos and benchmarks."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):  # multiplies by its weight directly
@@ -79,8 +81,9 @@ def random_init(model: PI0Model, seed: int) -> PI0Model:
     return model
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
-                seed: int = 0) -> PI0Model:
+def build_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu", checkpoint: str | Path | None = None, seed: int = 0
+) -> PI0Model:
     """A float32 model on `device`, from a checkpoint directory or seeded random weights."""
     with torch.device(device):
         model = PI0Model(cfg)
@@ -104,13 +107,19 @@ def read_checkpoint_config(directory: Path) -> dict:
 def check_config_matches(cfg: ModelConfig, ckpt_cfg: dict, directory: Path) -> None:
     """Fields that config.json states (openpi or lerobot spelling) must agree with the preset."""
     expected = {
-        "pi05": cfg.pi05, "action_dim": cfg.action_dim, "max_action_dim": cfg.action_dim,
-        "action_horizon": cfg.action_horizon, "chunk_size": cfg.action_horizon,
+        "pi05": cfg.pi05,
+        "action_dim": cfg.action_dim,
+        "max_action_dim": cfg.action_dim,
+        "action_horizon": cfg.action_horizon,
+        "chunk_size": cfg.action_horizon,
     }
     if ckpt_cfg.get("type") in ("pi0", "pi05"):  # lerobot names the variant in "type"
         ckpt_cfg = {**ckpt_cfg, "pi05": ckpt_cfg["type"] == "pi05"}
-    wrong = [f"{k}: checkpoint says {ckpt_cfg[k]!r}, preset {cfg.name} has {v!r}"
-             for k, v in expected.items() if k in ckpt_cfg and ckpt_cfg[k] != v]
+    wrong = [
+        f"{k}: checkpoint says {ckpt_cfg[k]!r}, preset {cfg.name} has {v!r}"
+        for k, v in expected.items()
+        if k in ckpt_cfg and ckpt_cfg[k] != v
+    ]
     if wrong:
         raise CheckpointError(f"checkpoint {directory} does not fit preset {cfg.name}: " + "; ".join(wrong))
 
@@ -129,7 +138,7 @@ def load_checkpoint(model: PI0Model, directory: str | Path) -> None:
         lerobot = bool(names) and all(n.startswith(LEROBOT_PREFIX) for n in names)
         unexpected, misshaped, loaded, seen = [], [], set(), set()
         for name in tqdm(names, desc=f"loading {directory.name}", unit="tensor", leave=False):
-            openpi_name = name[len(LEROBOT_PREFIX):] if lerobot else name
+            openpi_name = name[len(LEROBOT_PREFIX) :] if lerobot else name
             if openpi_name in UNUSED_OPENPI_KEYS:
                 continue
             target = params.get(openpi_key_to_module(openpi_name))
@@ -153,8 +162,12 @@ def load_checkpoint(model: PI0Model, directory: str | Path) -> None:
     if misshaped:
         problems.append(f"mis-shaped tensors ({len(misshaped)}): " + "; ".join(sorted(misshaped)))
     if problems:
-        raise CheckpointError(f"checkpoint {directory} does not fit preset {model.cfg.name}: " + " | ".join(problems))
-    log.info("loaded %d tensors from %s (%s layout)", len(loaded), weights, "lerobot" if lerobot else "openpi")
+        raise CheckpointError(
+            f"checkpoint {directory} does not fit preset {model.cfg.name}: " + " | ".join(problems)
+        )
+    log.info(
+        "loaded %d tensors from %s (%s layout)", len(loaded), weights, "lerobot" if lerobot else "openpi"
+    )
 
 
 def save_checkpoint(model: PI0Model, directory: str | Path, layout: str = "openpi") -> Path:
@@ -164,14 +177,24 @@ def save_checkpoint(model: PI0Model, directory: str | Path, layout: str = "openp
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     prefix = LEROBOT_PREFIX if layout == "lerobot" else ""
-    tensors = {prefix + module_key_to_openpi(k): v.detach().contiguous().cpu() for k, v in model.named_parameters()}
+    tensors = {
+        prefix + module_key_to_openpi(k): v.detach().contiguous().cpu() for k, v in model.named_parameters()
+    }
     save_file(tensors, str(directory / WEIGHTS_FILE))
     cfg = model.cfg
     if layout == "openpi":
-        meta = {"pi05": cfg.pi05, "action_dim": cfg.action_dim, "action_horizon": cfg.action_horizon,
-                "max_token_len": cfg.max_token_len}
+        meta = {
+            "pi05": cfg.pi05,
+            "action_dim": cfg.action_dim,
+            "action_horizon": cfg.action_horizon,
+            "max_token_len": cfg.max_token_len,
+        }
     else:
-        meta = {"type": "pi05" if cfg.pi05 else "pi0", "max_action_dim": cfg.action_dim,
-                "chunk_size": cfg.action_horizon, "tokenizer_max_length": cfg.max_token_len}
+        meta = {
+            "type": "pi05" if cfg.pi05 else "pi0",
+            "max_action_dim": cfg.action_dim,
+            "chunk_size": cfg.action_horizon,
+            "tokenizer_max_length": cfg.max_token_len,
+        }
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return directory

@@ -59,13 +59,16 @@ class DeviceSlot:
             setattr(self, name, torch.zeros(shape, dtype=dt, device=device))
         prefix_len = p.views * cfg.vision.tokens_per_image + p.prompt_len
         lm = cfg.prefix_lm
-        self.image_tokens = torch.zeros(p.batch, p.views * cfg.vision.tokens_per_image, lm.width,
-                                        dtype=dtype, device=device)  # [B, V*T, D]
-        self.kv_cache = torch.zeros(lm.depth, 2, p.batch, lm.num_kv_heads, prefix_len, lm.head_dim,
-                                    dtype=dtype, device=device)  # [layers, k/v, B, Hkv, P, Dh]
+        self.image_tokens = torch.zeros(
+            p.batch, p.views * cfg.vision.tokens_per_image, lm.width, dtype=dtype, device=device
+        )  # [B, V*T, D]
+        self.kv_cache = torch.zeros(
+            lm.depth, 2, p.batch, lm.num_kv_heads, prefix_len, lm.head_dim, dtype=dtype, device=device
+        )  # [layers, k/v, B, Hkv, P, Dh]
         self.prefix_mask = torch.zeros(p.batch, prefix_len, dtype=torch.bool, device=device)  # [B, P]
-        self.actions = torch.zeros(p.batch, cfg.action_horizon, cfg.action_dim, dtype=torch.float32,
-                                   device=device)  # [B, H, A]
+        self.actions = torch.zeros(
+            p.batch, cfg.action_horizon, cfg.action_dim, dtype=torch.float32, device=device
+        )  # [B, H, A]
 
     def input(self, name: str) -> torch.Tensor:
         return getattr(self, name)
@@ -75,10 +78,13 @@ class HostSlot:
     """Pinned (page-locked, when a GPU is used) host copies of one frame's inputs and outputs."""
 
     def __init__(self, cfg: ModelConfig, p: ShapeProfile, pin: bool):
-        self.inputs = {name: torch.zeros(shape, dtype=dt, pin_memory=pin)
-                       for name, (shape, dt) in _input_shapes(cfg, p).items()}
-        self.actions = torch.zeros(p.batch, cfg.action_horizon, cfg.action_dim, dtype=torch.float32,
-                                   pin_memory=pin)
+        self.inputs = {
+            name: torch.zeros(shape, dtype=dt, pin_memory=pin)
+            for name, (shape, dt) in _input_shapes(cfg, p).items()
+        }
+        self.actions = torch.zeros(
+            p.batch, cfg.action_horizon, cfg.action_dim, dtype=torch.float32, pin_memory=pin
+        )
 
 
 class StaticBuffers:

@@ -37,20 +37,28 @@ class RuntimeConfig:
         if self.precision not in ("float32", "bf16"):
             raise ValueError(f"precision: must be float32 or bf16, got {self.precision!r}")
         if self.vision_precision is not None and self.vision_precision not in PRECISIONS:
-            raise ValueError(f"vision_precision: must be one of {sorted(PRECISIONS)}, got {self.vision_precision!r}")
+            raise ValueError(
+                f"vision_precision: must be one of {sorted(PRECISIONS)}, got {self.vision_precision!r}"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: must be cpu or cuda[:N], got {self.device!r}")
         model = self.model
         if self.steps is not None and not 1 <= self.steps <= 10:
             raise ValueError(f"steps: must be in 1..10, got {self.steps}")
         if not 1 <= self.state_dim <= model.action_dim:
-            raise ValueError(f"state_dim: must be in 1..{model.action_dim} for {self.preset}, got {self.state_dim}")
+            raise ValueError(
+                f"state_dim: must be in 1..{model.action_dim} for {self.preset}, got {self.state_dim}"
+            )
         if not 1 <= self.robot_action_dim <= model.action_dim:
-            raise ValueError(f"robot_action_dim: must be in 1..{model.action_dim}, got {self.robot_action_dim}")
+            raise ValueError(
+                f"robot_action_dim: must be in 1..{model.action_dim}, got {self.robot_action_dim}"
+            )
         unknown = set(self.optional_cameras) - set(model.camera_names)
         if unknown:
-            raise ValueError(f"optional_cameras: {sorted(unknown)} are not cameras of {self.preset} "
-                             f"({', '.join(model.camera_names)})")
+            raise ValueError(
+                f"optional_cameras: {sorted(unknown)} are not cameras of {self.preset} "
+                f"({', '.join(model.camera_names)})"
+            )
 
     @property
     def model(self) -> ModelConfig:

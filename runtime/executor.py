@@ -43,12 +43,28 @@ from .types import ActionChunk, Observation
 log = logging.getLogger(__name__)
 
 # Event names recorded for every frame, in stream order.
-EVENT_NAMES = ("h2d_start", "pixels_ready", "tokens_ready", "h2d_end", "vision_start", "vision_end",
-               "prefix_start", "prefix_end", "denoise_start", "denoise_end", "d2h_start", "d2h_end")
+EVENT_NAMES = (
+    "h2d_start",
+    "pixels_ready",
+    "tokens_ready",
+    "h2d_end",
+    "vision_start",
+    "vision_end",
+    "prefix_start",
+    "prefix_end",
+    "denoise_start",
+    "denoise_end",
+    "d2h_start",
+    "d2h_end",
+)
 # Stage name -> (start event, end event), the per-stage device time reported for every frame.
-STAGE_SPANS = {"copy_in": ("h2d_start", "pixels_ready"), "vision": ("vision_start", "vision_end"),
-               "prefix": ("prefix_start", "prefix_end"), "denoise": ("denoise_start", "denoise_end"),
-               "copy_out": ("d2h_start", "d2h_end")}
+STAGE_SPANS = {
+    "copy_in": ("h2d_start", "pixels_ready"),
+    "vision": ("vision_start", "vision_end"),
+    "prefix": ("prefix_start", "prefix_end"),
+    "denoise": ("denoise_start", "denoise_end"),
+    "copy_out": ("d2h_start", "d2h_end"),
+}
 
 
 class FrameDropped(RuntimeError):
@@ -75,8 +91,13 @@ class Frame:
 
 
 class PipelinedExecutor(Policy):
-    def __init__(self, config: RuntimeConfig | None = None, parts: PolicyParts | None = None,
-                 use_graphs: bool | None = None, profiles: list[ShapeProfile] | None = None):
+    def __init__(
+        self,
+        config: RuntimeConfig | None = None,
+        parts: PolicyParts | None = None,
+        use_graphs: bool | None = None,
+        profiles: list[ShapeProfile] | None = None,
+    ):
         self.parts = parts or build_parts(config or RuntimeConfig())
         self.config = self.parts.config
         self.device = self.parts.device
@@ -96,10 +117,14 @@ class PipelinedExecutor(Policy):
             # the denoise stream first in line, the prefix fills whatever the denoise leaves idle.
             high, low = -100, 0  # lower is more urgent; out-of-range values clamp to the device's range
             priority = {"h2d": high, "d2h": high, "denoise": high, "vision": low, "prefix": low}
-            self._streams = {name: torch.cuda.Stream(self.device, priority=priority[name])
-                             for name in ("h2d", *STAGES, "d2h")}
+            self._streams = {
+                name: torch.cuda.Stream(self.device, priority=priority[name])
+                for name in ("h2d", *STAGES, "d2h")
+            }
             self._pools = {stage: torch.cuda.graph_pool_handle() for stage in STAGES}
-            self._events = [{n: torch.cuda.Event(enable_timing=True) for n in EVENT_NAMES} for _ in range(HOST_RING)]
+            self._events = [
+                {n: torch.cuda.Event(enable_timing=True) for n in EVENT_NAMES} for _ in range(HOST_RING)
+            ]
             self._origin = torch.cuda.Event(enable_timing=True)
             self._origin.record()
         self._origin_host = time.perf_counter()
@@ -128,14 +153,21 @@ class PipelinedExecutor(Policy):
         """Queue an observation; the future resolves to its ActionChunk, or to FrameDropped when a newer
         observation replaced it before it reached the device. Bad input raises ValueError here."""
         inputs = self.parts.preparer(obs)
-        noise = self.parts.check_noise(noise) if noise is not None else np.random.default_rng().standard_normal(
-            (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32)
+        noise = (
+            self.parts.check_noise(noise)
+            if noise is not None
+            else np.random.default_rng().standard_normal(
+                (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32
+            )
+        )
         profile = self.default_profile(steps)
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise ExecutorClosed("executor is closed")
-            frame = Frame(self._next_index, obs.timestamp, inputs, noise, profile, future, time.perf_counter())
+            frame = Frame(
+                self._next_index, obs.timestamp, inputs, noise, profile, future, time.perf_counter()
+            )
             self._next_index += 1
             self.counters["submitted"] += 1
             dropped, self._pending = self._pending, frame
@@ -181,15 +213,21 @@ class PipelinedExecutor(Policy):
     def report(self) -> dict:
         with self._cond:
             counters = dict(self.counters)
-        return {"counters": counters, "latency_ms": self.stats.summary(), "graphs": self.use_graphs,
-                "profiles": [vars(p) for p in self._runners]}
+        return {
+            "counters": counters,
+            "latency_ms": self.stats.summary(),
+            "graphs": self.use_graphs,
+            "profiles": [vars(p) for p in self._runners],
+        }
 
     # ------------------------------------------------------------------ graphs and buffers per profile
     def _runner(self, profile: ShapeProfile) -> StageRunner:
         runner = self._runners.get(profile)
         if runner is None:
             buffers = StaticBuffers(self.config.model, profile, self.device, self.parts.model.compute_dtype)
-            runner = StageRunner(self.parts.model, buffers, self.device, self.config.use_compile, self._compiled)
+            runner = StageRunner(
+                self.parts.model, buffers, self.device, self.config.use_compile, self._compiled
+            )
             if self.use_graphs:
                 self.counters["captures"] += runner.capture(self._streams, self._pools)
             self._runners[profile] = runner
@@ -206,8 +244,9 @@ class PipelinedExecutor(Policy):
             with self._cond:
                 # Take the newest pending frame only once there is room on the device, so that anything
                 # submitted while we wait replaces it (newest wins).
-                self._cond.wait_for(lambda: self._closed or (self._pending is not None
-                                                             and self._in_flight < MAX_IN_FLIGHT))
+                self._cond.wait_for(
+                    lambda: self._closed or (self._pending is not None and self._in_flight < MAX_IN_FLIGHT)
+                )
                 if self._closed:
                     return
                 frame, self._pending = self._pending, None
@@ -240,9 +279,14 @@ class PipelinedExecutor(Policy):
         self._issued += 1
         host = buffers.host_ring[frame.ring]
         device_slot = buffers.device_slots[frame.slot]
-        staged = {"pixels": frame.inputs.pixels, "image_masks": frame.inputs.image_masks,
-                  "tokens": frame.inputs.tokens, "token_masks": frame.inputs.token_masks,
-                  "state": frame.inputs.state, "noise": frame.noise}
+        staged = {
+            "pixels": frame.inputs.pixels,
+            "image_masks": frame.inputs.image_masks,
+            "tokens": frame.inputs.tokens,
+            "token_masks": frame.inputs.token_masks,
+            "state": frame.inputs.state,
+            "noise": frame.noise,
+        }
         for name, array in staged.items():
             host.inputs[name].numpy()[0] = array  # the ring entry's previous frame has completed
         if self.cuda:
@@ -348,17 +392,33 @@ class PipelinedExecutor(Policy):
             timings = {stage: ev[a].elapsed_time(ev[b]) for stage, (a, b) in STAGE_SPANS.items()}
             timings["device_total"] = ev["h2d_start"].elapsed_time(ev["d2h_end"])
             for stage, (a, b) in STAGE_SPANS.items():
-                self.trace.add(stage, f"{stage} f{frame.index}", self._origin.elapsed_time(ev[a]),
-                               self._origin.elapsed_time(ev[b]), frame.index)
+                self.trace.add(
+                    stage,
+                    f"{stage} f{frame.index}",
+                    self._origin.elapsed_time(ev[a]),
+                    self._origin.elapsed_time(ev[b]),
+                    frame.index,
+                )
         else:
             timings = {stage: (b - a) * 1e3 for stage, (a, b) in frame.host_ms.items()}
             for stage, (a, b) in frame.host_ms.items():
-                self.trace.add(stage, f"{stage} f{frame.index}", (a - self._origin_host) * 1e3,
-                               (b - self._origin_host) * 1e3, frame.index)
+                self.trace.add(
+                    stage,
+                    f"{stage} f{frame.index}",
+                    (a - self._origin_host) * 1e3,
+                    (b - self._origin_host) * 1e3,
+                    frame.index,
+                )
         actions = self.parts.to_robot_actions(host.actions[0].numpy().copy())
         done = time.perf_counter()
         timings["queue_wait"] = (frame.dispatched - frame.submitted) * 1e3
         timings["total"] = (done - frame.submitted) * 1e3
         self.stats.add_all(timings)
-        return ActionChunk(actions, frame.obs_timestamp, timings, frame.profile.steps, self.parts.model_id,
-                           self.parts.random_weights)
+        return ActionChunk(
+            actions,
+            frame.obs_timestamp,
+            timings,
+            frame.profile.steps,
+            self.parts.model_id,
+            self.parts.random_weights,
+        )

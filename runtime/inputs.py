@@ -43,7 +43,7 @@ def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
     resized = resized.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
     out = np.zeros((size, size, 3), dtype=np.uint8)
     top, left = (size - rh) // 2, (size - rw) // 2
-    out[top:top + rh, left:left + rw] = resized
+    out[top : top + rh, left : left + rw] = resized
     return out
 
 
@@ -53,8 +53,15 @@ def pixels_to_model_input(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class InputPreparer:
-    def __init__(self, model: ModelConfig, tokenizer: PromptTokenizer, norm_stats: NormStats | None,
-                 state_dim: int, optional_cameras: tuple[str, ...] = (), max_image_side: int = 4096):
+    def __init__(
+        self,
+        model: ModelConfig,
+        tokenizer: PromptTokenizer,
+        norm_stats: NormStats | None,
+        state_dim: int,
+        optional_cameras: tuple[str, ...] = (),
+        max_image_side: int = 4096,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.norm_stats = norm_stats
@@ -98,8 +105,12 @@ class InputPreparer:
                 raise ValueError(f"{field}: dtype must be uint8, got {image.dtype}")
             if image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"{field}: shape must be [H, W, 3], got {list(image.shape)}")
-            if not (1 <= image.shape[0] <= self.max_image_side and 1 <= image.shape[1] <= self.max_image_side):
-                raise ValueError(f"{field}: size {image.shape[1]}x{image.shape[0]} outside 1..{self.max_image_side}")
+            if not (
+                1 <= image.shape[0] <= self.max_image_side and 1 <= image.shape[1] <= self.max_image_side
+            ):
+                raise ValueError(
+                    f"{field}: size {image.shape[1]}x{image.shape[0]} outside 1..{self.max_image_side}"
+                )
             pixels[i] = resize_with_pad(image, size)
             masks[i] = True
         return pixels, masks

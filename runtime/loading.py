@@ -58,8 +58,10 @@ def resolve_tokenizer(config: RuntimeConfig) -> Path:
             candidate = Path(config.checkpoint) / name
             if candidate.is_file():
                 return candidate
-        raise ValueError(f"tokenizer: none found in {config.checkpoint} (looked for {', '.join(TOKENIZER_NAMES)}); "
-                         "pass the PaliGemma SentencePiece model with --tokenizer")
+        raise ValueError(
+            f"tokenizer: none found in {config.checkpoint} (looked for {', '.join(TOKENIZER_NAMES)}); "
+            "pass the PaliGemma SentencePiece model with --tokenizer"
+        )
     return demo_tokenizer_path()
 
 
@@ -71,17 +73,24 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
     model.set_precision(config.compute_dtype, config.vision_dtype)
     tokenizer = PromptTokenizer(resolve_tokenizer(config), cfg.max_token_len)
     if tokenizer.vocab_size > cfg.prefix_lm.vocab_size:
-        raise ValueError(f"tokenizer: {tokenizer.vocab_size} pieces do not fit the model's vocabulary of "
-                         f"{cfg.prefix_lm.vocab_size}")
+        raise ValueError(
+            f"tokenizer: {tokenizer.vocab_size} pieces do not fit the model's vocabulary of "
+            f"{cfg.prefix_lm.vocab_size}"
+        )
     norm_stats = None
     if config.checkpoint:
         stats_path = find_norm_stats(config.checkpoint, config.robot)
         if stats_path is not None:
             norm_stats = NormStats.load(stats_path, use_quantiles=cfg.pi05)
         else:
-            log.warning("no norm_stats.json in %s: state and actions pass through unnormalised", config.checkpoint)
-    preparer = InputPreparer(cfg, tokenizer, norm_stats, config.state_dim, config.optional_cameras,
-                             config.max_image_side)
+            log.warning(
+                "no norm_stats.json in %s: state and actions pass through unnormalised", config.checkpoint
+            )
+    preparer = InputPreparer(
+        cfg, tokenizer, norm_stats, config.state_dim, config.optional_cameras, config.max_image_side
+    )
     random_weights = config.checkpoint is None
-    model_id = f"{cfg.name}:" + (f"random-seed{config.seed}" if random_weights else Path(config.checkpoint).name)
+    model_id = f"{cfg.name}:" + (
+        f"random-seed{config.seed}" if random_weights else Path(config.checkpoint).name
+    )
     return PolicyParts(config, model, preparer, norm_stats, model_id, random_weights)

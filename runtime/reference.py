@@ -39,8 +39,13 @@ class EagerPolicy(Policy):
     def infer(self, obs: Observation, noise: np.ndarray | None = None) -> ActionChunk:
         parts, model, device = self.parts, self.parts.model, self.parts.device
         inputs = parts.preparer(obs)
-        noise = parts.check_noise(noise) if noise is not None else self._rng.standard_normal(
-            (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32)
+        noise = (
+            parts.check_noise(noise)
+            if noise is not None
+            else self._rng.standard_normal(
+                (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32
+            )
+        )
         t0 = self._sync()
         pixels = torch.from_numpy(inputs.pixels)[None].to(device)
         image_masks = torch.from_numpy(inputs.image_masks)[None].to(device)
@@ -58,7 +63,19 @@ class EagerPolicy(Policy):
         actions = actions[0].float().cpu().numpy()
         t5 = time.perf_counter()
         ms = lambda a, b: (b - a) * 1e3  # noqa: E731
-        timings = {"copy_in": ms(t0, t1), "vision": ms(t1, t2), "prefix": ms(t2, t3), "denoise": ms(t3, t4),
-                   "copy_out": ms(t4, t5), "total": ms(t0, t5)}
-        return ActionChunk(parts.to_robot_actions(actions), obs.timestamp, timings, self.steps, parts.model_id,
-                           parts.random_weights)
+        timings = {
+            "copy_in": ms(t0, t1),
+            "vision": ms(t1, t2),
+            "prefix": ms(t2, t3),
+            "denoise": ms(t3, t4),
+            "copy_out": ms(t4, t5),
+            "total": ms(t0, t5),
+        }
+        return ActionChunk(
+            parts.to_robot_actions(actions),
+            obs.timestamp,
+            timings,
+            self.steps,
+            parts.model_id,
+            parts.random_weights,
+        )

@@ -28,11 +28,17 @@ class GraphPolicy(Policy):
             raise ValueError("device: GraphPolicy needs CUDA (use EagerPolicy on the CPU)")
         cfg = self.config.model
         profile = ShapeProfile(cfg.num_views, cfg.max_token_len, self.config.denoising_steps)
-        self.runner = StageRunner(self.parts.model, StaticBuffers(cfg, profile, device, self.parts.model.compute_dtype),
-                                  device, self.config.use_compile)
+        self.runner = StageRunner(
+            self.parts.model,
+            StaticBuffers(cfg, profile, device, self.parts.model.compute_dtype),
+            device,
+            self.config.use_compile,
+        )
         self.stream = torch.cuda.Stream(device)
-        self.runner.capture({stage: self.stream for stage in STAGES}, {stage: torch.cuda.graph_pool_handle()
-                                                                       for stage in STAGES})
+        self.runner.capture(
+            {stage: self.stream for stage in STAGES},
+            {stage: torch.cuda.graph_pool_handle() for stage in STAGES},
+        )
         self.events = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
         self._rng = np.random.default_rng()
 
@@ -44,11 +50,20 @@ class GraphPolicy(Policy):
         start = time.perf_counter()
         inputs = self.parts.preparer(obs)
         cfg = self.config.model
-        noise = self.parts.check_noise(noise) if noise is not None else self._rng.standard_normal(
-            (cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+        noise = (
+            self.parts.check_noise(noise)
+            if noise is not None
+            else self._rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+        )
         host, slot = self.runner.buffers.host_ring[0], self.runner.buffers.device_slots[0]
-        staged = {"pixels": inputs.pixels, "image_masks": inputs.image_masks, "tokens": inputs.tokens,
-                  "token_masks": inputs.token_masks, "state": inputs.state, "noise": noise}
+        staged = {
+            "pixels": inputs.pixels,
+            "image_masks": inputs.image_masks,
+            "tokens": inputs.tokens,
+            "token_masks": inputs.token_masks,
+            "state": inputs.state,
+            "noise": noise,
+        }
         ev = self.events
         with torch.cuda.stream(self.stream):
             ev[0].record()
@@ -61,9 +76,19 @@ class GraphPolicy(Policy):
                 ev[2 + i].record()
             host.actions.copy_(slot.actions, non_blocking=True)
         self.stream.synchronize()
-        timings = {"copy_in": ev[0].elapsed_time(ev[1]), "vision": ev[1].elapsed_time(ev[2]),
-                   "prefix": ev[2].elapsed_time(ev[3]), "denoise": ev[3].elapsed_time(ev[4])}
+        timings = {
+            "copy_in": ev[0].elapsed_time(ev[1]),
+            "vision": ev[1].elapsed_time(ev[2]),
+            "prefix": ev[2].elapsed_time(ev[3]),
+            "denoise": ev[3].elapsed_time(ev[4]),
+        }
         actions = self.parts.to_robot_actions(host.actions[0].numpy().copy())
         timings["total"] = (time.perf_counter() - start) * 1e3
-        return ActionChunk(actions, obs.timestamp, timings, self.runner.profile.steps, self.parts.model_id,
-                           self.parts.random_weights)
+        return ActionChunk(
+            actions,
+            obs.timestamp,
+            timings,
+            self.runner.profile.steps,
+            self.parts.model_id,
+            self.parts.random_weights,
+        )

@@ -25,8 +25,14 @@ STAGES = ("vision", "prefix", "denoise")
 
 
 class StageRunner:
-    def __init__(self, model: PI0Model, buffers: StaticBuffers, device: torch.device, compile_stages: bool = False,
-                 compiled: dict | None = None):
+    def __init__(
+        self,
+        model: PI0Model,
+        buffers: StaticBuffers,
+        device: torch.device,
+        compile_stages: bool = False,
+        compiled: dict | None = None,
+    ):
         self.model = model
         self.buffers = buffers
         self.profile: ShapeProfile = buffers.profile
@@ -57,8 +63,18 @@ class StageRunner:
         d.prefix_mask.copy_(pad)
 
     def _denoise(self, d: DeviceSlot) -> None:
-        d.actions.copy_(self.model.denoise(d.kv_cache, d.prefix_mask, d.state, d.noise, self.times, self.dt,
-                                           self.step_conds, self.fns["velocity"]))
+        d.actions.copy_(
+            self.model.denoise(
+                d.kv_cache,
+                d.prefix_mask,
+                d.state,
+                d.noise,
+                self.times,
+                self.dt,
+                self.step_conds,
+                self.fns["velocity"],
+            )
+        )
 
     def run(self, stage: str, slot: int) -> None:
         """Replay the captured graph when there is one (on the current stream), else run eagerly."""
@@ -81,7 +97,9 @@ class StageRunner:
             stream.synchronize()
             for slot in range(PIPELINE_SLOTS):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pools[stage], stream=stream, capture_error_mode="thread_local"):
+                with torch.cuda.graph(
+                    graph, pool=pools[stage], stream=stream, capture_error_mode="thread_local"
+                ):
                     body(self.buffers.device_slots[slot])
                 self.graphs[(stage, slot)] = graph
                 count += 1

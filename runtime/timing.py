@@ -34,7 +34,10 @@ class LatencyStats:
 
     def summary(self) -> dict[str, dict[str, float]]:
         with self._lock:
-            return {k: {**percentiles(v), "mean": float(np.mean(v)), "n": len(v)} for k, v in self._samples.items()}
+            return {
+                k: {**percentiles(v), "mean": float(np.mean(v)), "n": len(v)}
+                for k, v in self._samples.items()
+            }
 
     def clear(self) -> None:
         with self._lock:
@@ -43,7 +46,9 @@ class LatencyStats:
     def table(self) -> str:
         rows = [f"{'stage':12s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'mean ms':>9s} {'n':>6s}"]
         for k, s in sorted(self.summary().items()):
-            rows.append(f"{k:12s} {s['p50']:9.3f} {s['p90']:9.3f} {s['p99']:9.3f} {s['mean']:9.3f} {s['n']:6d}")
+            rows.append(
+                f"{k:12s} {s['p50']:9.3f} {s['p90']:9.3f} {s['p99']:9.3f} {s['mean']:9.3f} {s['n']:6d}"
+            )
         return "\n".join(rows)
 
 
@@ -67,10 +72,22 @@ class TraceRecorder:
         out = []
         for lane, name, start, end, frame in self.events():
             tid = lanes.setdefault(lane, len(lanes) + 1)
-            out.append({"name": name, "cat": lane, "ph": "X", "pid": 1, "tid": tid, "ts": start * 1e3,
-                        "dur": max(end - start, 0.0) * 1e3, "args": {"frame": frame}})
-        meta = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": lane}}
-                for lane, tid in lanes.items()]
+            out.append(
+                {
+                    "name": name,
+                    "cat": lane,
+                    "ph": "X",
+                    "pid": 1,
+                    "tid": tid,
+                    "ts": start * 1e3,
+                    "dur": max(end - start, 0.0) * 1e3,
+                    "args": {"frame": frame},
+                }
+            )
+        meta = [
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": lane}}
+            for lane, tid in lanes.items()
+        ]
         return {"traceEvents": meta + out, "displayTimeUnit": "ms"}
 
     def save(self, path: str | Path) -> Path:

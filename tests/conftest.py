@@ -8,12 +8,30 @@ import time
 import numpy as np
 import pytest
 import sentencepiece
-
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.runtime.types import Observation
 
-WORDS = ["pick", "up", "the", "black", "bowl", "put", "it", "on", "plate", "open", "drawer", "close", "stove",
-         "turn", "ketchup", "basket", "Task", "State", "Action"]
+WORDS = [
+    "pick",
+    "up",
+    "the",
+    "black",
+    "bowl",
+    "put",
+    "it",
+    "on",
+    "plate",
+    "open",
+    "drawer",
+    "close",
+    "stove",
+    "turn",
+    "ketchup",
+    "basket",
+    "Task",
+    "State",
+    "Action",
+]
 
 
 @pytest.fixture(scope="session")
@@ -27,15 +45,28 @@ def spm_path(tmp_path_factory) -> str:
         lines.append(f"Task: {words}, State: {state};\nAction: ")
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=300, character_coverage=1.0,
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity", num_threads=1, minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=300,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+    )
     path = tmp_path_factory.mktemp("spm") / "test_tokenizer.model"
     path.write_bytes(model.getvalue())
     return str(path)
 
 
-def random_observation(rng: np.random.Generator, preset: str = "pi05_tiny", state_dim: int = 8,
-                       skip: tuple[str, ...] = (), side: int | None = None) -> Observation:
+def random_observation(
+    rng: np.random.Generator,
+    preset: str = "pi05_tiny",
+    state_dim: int = 8,
+    skip: tuple[str, ...] = (),
+    side: int | None = None,
+) -> Observation:
     cfg = get_preset(preset)
     images = {}
     for name in cfg.camera_names:

@@ -39,8 +39,14 @@ def test_infer_human_output_says_random_weights():
     assert out.returncode == 0 and "RANDOM WEIGHTS" in out.stdout
 
 
-@pytest.mark.parametrize("args, field", [(["--steps", "0"], "steps"), (["--preset", "pi9"], "preset"),
-                                         (["--checkpoint", "/nonexistent"], "checkpoint")])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--steps", "0"], "steps"),
+        (["--preset", "pi9"], "preset"),
+        (["--checkpoint", "/nonexistent"], "checkpoint"),
+    ],
+)
 def test_bad_arguments_exit_2(args, field):
     out = run("infer", *args)
     assert out.returncode == 2 and field in out.stderr

@@ -23,23 +23,48 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.bench)
 
 
-def record(name: str, mode: str, latencies_ms, stages_ms: dict, steps: int = 10, precision: str = "bf16",
-           throughput_hz: float | None = None, preset: str = "pi05", views: int = 3, prompt_len: int = 200,
-           **extra) -> dict:
+def record(
+    name: str,
+    mode: str,
+    latencies_ms,
+    stages_ms: dict,
+    steps: int = 10,
+    precision: str = "bf16",
+    throughput_hz: float | None = None,
+    preset: str = "pi05",
+    views: int = 3,
+    prompt_len: int = 200,
+    **extra,
+) -> dict:
     arr = np.asarray(latencies_ms, dtype=np.float64)
-    row = {"name": name, "preset": preset, "mode": mode, "precision": precision, "views": views,
-           "prompt_len": prompt_len, "steps": steps, "batch": 1,
-           "latency_ms": {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
-                          "mean": float(arr.mean()), "n": int(arr.size)},
-           "stages_ms": {k: float(v) for k, v in stages_ms.items()}, "throughput_hz": throughput_hz, **extra}
+    row = {
+        "name": name,
+        "preset": preset,
+        "mode": mode,
+        "precision": precision,
+        "views": views,
+        "prompt_len": prompt_len,
+        "steps": steps,
+        "batch": 1,
+        "latency_ms": {
+            "p50": float(np.percentile(arr, 50)),
+            "p99": float(np.percentile(arr, 99)),
+            "mean": float(arr.mean()),
+            "n": int(arr.size),
+        },
+        "stages_ms": {k: float(v) for k, v in stages_ms.items()},
+        "throughput_hz": throughput_hz,
+        **extra,
+    }
     RESULTS.append(row)
     return row
 
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("VLA_COMMIT", "unknown")
 
@@ -53,8 +78,14 @@ def pytest_sessionfinish(session, exitstatus):
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = device.lower().replace("nvidia ", "").replace(" ", "-")
     path = out_dir / f"{date}-{slug}.json"
-    doc = {"device": device, "date": date, "commit": commit(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "results": RESULTS}
+    doc = {
+        "device": device,
+        "date": date,
+        "commit": commit(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "results": RESULTS,
+    }
     path.write_text(json.dumps(doc, indent=2))
     print(f"\nbenchmark results written to {path}")
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import FrameDropped, PipelinedExecutor
 from vla_runtime.runtime.reference import EagerPolicy
@@ -25,8 +24,7 @@ STAGES = ("vision", "prefix", "denoise")
 
 @pytest.fixture(scope="module")
 def policies(cuda):
-    executor = PipelinedExecutor(RuntimeConfig(preset="pi05", device="cuda", precision="bf16"),
-                                 profiles=None)
+    executor = PipelinedExecutor(RuntimeConfig(preset="pi05", device="cuda", precision="bf16"), profiles=None)
     parts = executor.parts
     yield {"pipelined": executor, "eager": EagerPolicy(parts=parts), "graphs": GraphPolicy(parts=parts)}
     executor.close()
@@ -56,7 +54,9 @@ def run_rounds(benchmark, policy, frames, rounds, warmup):
 def test_latency(benchmark, policies, frames, mode, rounds):
     latencies, stages = run_rounds(benchmark, policies[mode], frames, rounds, warmup=5)
     row = record(f"pi05-{mode}", mode, latencies, stages)
-    print(f"{mode}: p50 {row['latency_ms']['p50']:.2f} ms p99 {row['latency_ms']['p99']:.2f} ms stages {stages}")
+    print(
+        f"{mode}: p50 {row['latency_ms']['p50']:.2f} ms p99 {row['latency_ms']['p99']:.2f} ms stages {stages}"
+    )
     if mode == "pipelined":
         assert row["latency_ms"]["p99"] <= DEADLINE_MS
 
@@ -94,11 +94,20 @@ def test_pipelined_throughput(benchmark, policies, frames):
     hz = completed / elapsed
     latencies = [c.timings_ms["device_total"] for c in done]
     stages = {s: float(np.median([c.timings_ms[s] for c in done])) for s in STAGES}
-    record("pi05-pipelined-throughput", "pipelined", latencies, stages, throughput_hz=hz,
-           dropped=executor.counters["dropped"] - before["dropped"], sequential_graphs_hz=sequential_hz)
+    record(
+        "pi05-pipelined-throughput",
+        "pipelined",
+        latencies,
+        stages,
+        throughput_hz=hz,
+        dropped=executor.counters["dropped"] - before["dropped"],
+        sequential_graphs_hz=sequential_hz,
+    )
     record("pi05-graphs-throughput", "graphs", [1e3 / sequential_hz], {}, throughput_hz=sequential_hz)
-    print(f"pipelined {hz:.1f} chunks/s vs sequential graphs {sequential_hz:.1f} chunks/s "
-          f"({hz / sequential_hz:.2f}x)")
+    print(
+        f"pipelined {hz:.1f} chunks/s vs sequential graphs {sequential_hz:.1f} chunks/s "
+        f"({hz / sequential_hz:.2f}x)"
+    )
     # A short trace of the streams under load, for docs/performance.md.
     executor.trace = type(executor.trace)()
     flood(0.15)
@@ -119,4 +128,10 @@ def test_steps_sweep(benchmark, policies, frames, steps):
     benchmark.pedantic(one, rounds=105, iterations=1)
     chunks = chunks[5:]
     stages = {s: float(np.median([c.timings_ms[s] for c in chunks])) for s in STAGES}
-    record(f"pi05-pipelined-steps{steps}", "pipelined", [c.timings_ms["total"] for c in chunks], stages, steps=steps)
+    record(
+        f"pi05-pipelined-steps{steps}",
+        "pipelined",
+        [c.timings_ms["total"] for c in chunks],
+        stages,
+        steps=steps,
+    )

@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import FrameDropped, PipelinedExecutor
 from vla_runtime.runtime.reference import EagerPolicy
@@ -34,16 +33,21 @@ def test_pipelined_equals_reference_over_100_frames_with_drops(pi05):
     executor, reference = pi05
     rng = np.random.default_rng()
     cfg = executor.config.model
-    frames = [(random_observation(rng, "pi05", side=224),
-               rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)) for _ in range(130)]
+    frames = [
+        (
+            random_observation(rng, "pi05", side=224),
+            rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32),
+        )
+        for _ in range(130)
+    ]
     futures = []
     for burst in range(0, len(frames), 5):  # bursts of 5: three go on the device, one is replaced (dropped)
-        for obs, noise in frames[burst:burst + 5]:
+        for obs, noise in frames[burst : burst + 5]:
             futures.append(executor.submit(obs, noise))
             time.sleep(0.003)  # let the dispatcher take it while there is room
         executor.wait_idle(60)
     worst, delivered, dropped = 0.0, 0, 0
-    for (obs, noise), future in zip(frames, futures):
+    for (obs, noise), future in zip(frames, futures, strict=True):
         try:
             chunk = future.result(timeout=120)
         except FrameDropped:
@@ -91,6 +95,10 @@ def test_streams_overlap_across_frames(pi05):
     for (lane, frame), (start, end) in spans.items():
         if lane != "vision":
             continue
-        overlaps += any(other_lane in ("prefix", "denoise") and other_frame != frame and s < end and start < e
-                        for (other_lane, other_frame), (s, e) in spans.items())
-    assert overlaps >= 5, f"vision of a frame ran beside prefix/denoise of another frame only {overlaps} times"
+        overlaps += any(
+            other_lane in ("prefix", "denoise") and other_frame != frame and s < end and start < e
+            for (other_lane, other_frame), (s, e) in spans.items()
+        )
+    assert overlaps >= 5, (
+        f"vision of a frame ran beside prefix/denoise of another frame only {overlaps} times"
+    )

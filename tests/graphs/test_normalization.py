@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-
 from vla_runtime.graphs.normalization import NormStats, find_norm_stats
 
 
@@ -12,8 +11,12 @@ def write_stats(path, rng, dim=8):
     stats = {}
     for field in ("state", "actions"):
         q01 = rng.uniform(-2, 0, dim)
-        stats[field] = {"mean": rng.normal(size=dim).tolist(), "std": rng.uniform(0.1, 2, dim).tolist(),
-                        "q01": q01.tolist(), "q99": (q01 + rng.uniform(0.5, 3, dim)).tolist()}
+        stats[field] = {
+            "mean": rng.normal(size=dim).tolist(),
+            "std": rng.uniform(0.1, 2, dim).tolist(),
+            "q01": q01.tolist(),
+            "q99": (q01 + rng.uniform(0.5, 3, dim)).tolist(),
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"norm_stats": stats}))
     return stats

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.pi0 import time_schedule
 from vla_runtime.graphs.weights import build_model
@@ -40,7 +39,9 @@ def test_split_equals_uncached_joint_forward(preset, steps):
     torch.testing.assert_close(split, joint, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
     # The check can fail: a different prompt must change the actions.
     with torch.inference_mode():
-        other = model.sample_actions(inputs[0], inputs[1], torch.roll(inputs[2], 1, 1), *inputs[3:], steps=steps)
+        other = model.sample_actions(
+            inputs[0], inputs[1], torch.roll(inputs[2], 1, 1), *inputs[3:], steps=steps
+        )
     assert (other - split).abs().max() > 1e-4
 
 
@@ -49,13 +50,17 @@ def test_padding_and_masked_camera_do_not_leak(preset):
     """Padded prompt tokens and a masked camera's pixels must not influence the actions."""
     cfg = get_preset(preset)
     model = build_model(cfg, seed=1)
-    pixels, image_masks, tokens, token_masks, state, noise = random_inputs(cfg, 2, torch.Generator().manual_seed(3))
+    pixels, image_masks, tokens, token_masks, state, noise = random_inputs(
+        cfg, 2, torch.Generator().manual_seed(3)
+    )
     changed_pixels, changed_tokens = pixels.clone(), tokens.clone()
     changed_pixels[0, -1] = torch.rand_like(pixels[0, -1])  # the masked camera of sample 0
     changed_tokens[~token_masks] = 7  # only padding positions
     with torch.inference_mode():
         a = model.sample_actions(pixels, image_masks, tokens, token_masks, state, noise, steps=2)
-        b = model.sample_actions(changed_pixels, image_masks, changed_tokens, token_masks, state, noise, steps=2)
+        b = model.sample_actions(
+            changed_pixels, image_masks, changed_tokens, token_masks, state, noise, steps=2
+        )
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import sentencepiece
-
 from vla_runtime.graphs.tokenizer import PromptTokenizer, demo_tokenizer_path, discretize_state, pi05_prompt
 
 
@@ -45,7 +44,9 @@ def test_bad_instructions(spm_path):
     for bad in ("", "   ", None):
         with pytest.raises(ValueError, match="instruction"):
             tok(bad)
-    with pytest.raises(ValueError, match="instruction: the prompt is .* over the model's max_token_len of 12"):
+    with pytest.raises(
+        ValueError, match="instruction: the prompt is .* over the model's max_token_len of 12"
+    ):
         tok("pick up the black bowl and put it on the plate next to the stove", np.zeros(8, np.float32))
     with pytest.raises(ValueError, match="tokenizer"):
         PromptTokenizer("/nonexistent/tokenizer.model", 10)

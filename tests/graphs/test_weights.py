@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.weights import CheckpointError, build_model, module_key_to_openpi, save_checkpoint
 from vla_runtime.runtime.config import RuntimeConfig
@@ -30,7 +29,10 @@ def test_openpi_names_are_used(saved):
     _, openpi_dir, lerobot_dir = saved
     names = set(load_file(openpi_dir / "model.safetensors"))
     assert "paligemma_with_expert.paligemma.model.language_model.layers.0.self_attn.q_proj.weight" in names
-    assert "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias" in names
+    assert (
+        "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias"
+        in names
+    )
     assert "paligemma_with_expert.gemma_expert.model.layers.1.input_layernorm.dense.weight" in names
     assert "paligemma_with_expert.paligemma.model.multi_modal_projector.linear.weight" in names
     assert "time_mlp_in.weight" in names
@@ -78,16 +80,27 @@ def test_broken_checkpoint_names_every_bad_tensor(saved, tmp_path):
     with pytest.raises(CheckpointError) as err:
         build_model(model.cfg, checkpoint=broken)
     message = str(err.value)
-    for expected in (q, "action_out_proj.bias", "some_extra.weight", fc1, "missing tensors (2)",
-                     "unexpected tensors (1)", "mis-shaped tensors (1)", "[5, 5]"):
+    for expected in (
+        q,
+        "action_out_proj.bias",
+        "some_extra.weight",
+        fc1,
+        "missing tensors (2)",
+        "unexpected tensors (1)",
+        "mis-shaped tensors (1)",
+        "[5, 5]",
+    ):
         assert expected in message
     assert "pi05_tiny" in message
 
 
 def test_unused_language_heads_are_accepted(saved, tmp_path):
     model, openpi_dir, _ = saved
-    ok = _rewrite(openpi_dir, tmp_path / "with_heads",
-                  lambda t: t.update({"paligemma_with_expert.paligemma.lm_head.weight": torch.zeros(2, 2)}))
+    ok = _rewrite(
+        openpi_dir,
+        tmp_path / "with_heads",
+        lambda t: t.update({"paligemma_with_expert.paligemma.lm_head.weight": torch.zeros(2, 2)}),
+    )
     build_model(model.cfg, checkpoint=ok)
 
 

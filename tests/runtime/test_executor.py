@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-
 from vla_runtime.runtime.buffers import HOST_RING, PIPELINE_SLOTS, ShapeProfile
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import FrameDropped, PipelinedExecutor
@@ -40,7 +39,7 @@ def test_matches_reference_over_changing_frames_with_drops(pair, rng):
     before = dict(executor.counters)
     futures = [executor.submit(obs, noise) for obs, noise in frames]
     delivered = dropped = 0
-    for (obs, noise), future in zip(frames, futures):
+    for (obs, noise), future in zip(frames, futures, strict=True):
         try:
             chunk = future.result(timeout=60)
         except FrameDropped:
@@ -74,7 +73,9 @@ def test_sequential_frames_alternate_slots_and_reuse_buffers(pair, rng):
     finally:
         runner.run = original
     assert seen_slots[:6] in ([0, 1] * 3, [1, 0] * 3)
-    assert [slot.kv_cache.data_ptr() for slot in runner.buffers.device_slots] == kv_ptrs  # nothing reallocated
+    assert [
+        slot.kv_cache.data_ptr() for slot in runner.buffers.device_slots
+    ] == kv_ptrs  # nothing reallocated
     assert PIPELINE_SLOTS == 2 and HOST_RING > PIPELINE_SLOTS
 
 
@@ -90,7 +91,9 @@ def test_results_arrive_in_submission_order_with_timings(pair, rng):
     chunks = [f.result() for f in futures]
     assert order == list(range(5))
     for chunk in chunks:
-        assert {"copy_in", "vision", "prefix", "denoise", "copy_out", "queue_wait", "total"} <= set(chunk.timings_ms)
+        assert {"copy_in", "vision", "prefix", "denoise", "copy_out", "queue_wait", "total"} <= set(
+            chunk.timings_ms
+        )
         assert all(v >= 0 for v in chunk.timings_ms.values())
     report = executor.report()
     assert report["latency_ms"]["denoise"]["n"] >= 5 and report["counters"]["submitted"] >= 5
@@ -121,7 +124,6 @@ def test_other_step_counts_get_their_own_profile(pair, rng):
 
 def _schedule(steps):
     import torch
-
     from vla_runtime.graphs.pi0 import time_schedule
 
     times, dt = time_schedule(steps)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.reference import EagerPolicy
 from vla_runtime.runtime.types import Observation
@@ -48,7 +47,9 @@ def test_missing_optional_camera_is_masked(policy, rng):
 
 def test_resize_keeps_aspect_with_black_padding(policy):
     wide = np.full((50, 200, 3), 255, dtype=np.uint8)
-    obs = Observation({"base_0_rgb": wide, "left_wrist_0_rgb": wide}, np.zeros(8, np.float32), "open the drawer")
+    obs = Observation(
+        {"base_0_rgb": wide, "left_wrist_0_rgb": wide}, np.zeros(8, np.float32), "open the drawer"
+    )
     pixels = policy.parts.preparer(obs).pixels[0]
     size = policy.config.model.vision.image_size
     assert pixels.shape == (size, size, 3)
@@ -90,8 +91,13 @@ def test_every_bad_input_names_its_field_and_policy_keeps_serving(policy, rng):
 
 
 def test_bad_config_is_refused():
-    for kwargs, field in ((dict(preset="nope"), "preset"), (dict(steps=0), "steps"), (dict(device="tpu"), "device"),
-                          (dict(state_dim=99), "state_dim"), (dict(optional_cameras=("x",)), "optional_cameras"),
-                          (dict(precision="int4"), "precision")):
+    for kwargs, field in (
+        (dict(preset="nope"), "preset"),
+        (dict(steps=0), "steps"),
+        (dict(device="tpu"), "device"),
+        (dict(state_dim=99), "state_dim"),
+        (dict(optional_cameras=("x",)), "optional_cameras"),
+        (dict(precision="int4"), "precision"),
+    ):
         with pytest.raises(ValueError, match=field):
             RuntimeConfig(**kwargs)

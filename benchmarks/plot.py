@@ -1,0 +1,98 @@
+"""Plots for docs/performance.md from a results JSON and its trace.
+
+python benchmarks/plot.py benchmarks/results/2026-11-22-h100-80gb-hbm3.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAGES = ("vision", "prefix", "denoise")
+COLORS = {
+    "vision": "#4c72b0",
+    "prefix": "#dd8452",
+    "denoise": "#55a868",
+    "copy_in": "#8c8c8c",
+    "copy_out": "#8c8c8c",
+}
+
+
+def latency_by_stage(doc: dict, out: Path) -> None:
+    rows = [r for r in doc["results"] if r["name"] in ("pi05-eager", "pi05-graphs", "pi05-pipelined")]
+    sweep = sorted(
+        (r for r in doc["results"] if r["name"].startswith("pi05-pipelined-steps")), key=lambda r: r["steps"]
+    )
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, group, labels in (
+        (ax1, rows, [r["mode"] for r in rows]),
+        (ax2, sweep, [f"{r['steps']}" for r in sweep]),
+    ):
+        bottom = [0.0] * len(group)
+        for stage in STAGES:
+            values = [r["stages_ms"].get(stage, 0.0) for r in group]
+            ax.bar(labels, values, bottom=bottom, label=stage, color=COLORS[stage])
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        for i, r in enumerate(group):
+            ax.text(
+                i,
+                bottom[i],
+                f"p50 {r['latency_ms']['p50']:.1f}\np99 {r['latency_ms']['p99']:.1f}",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_ylabel("ms per chunk")
+    ax1.set_title(
+        f"pi05 bf16, 3 views, 200-token prompt, 10 steps\n{doc['device']} ({doc['date']}, {doc['commit']})"
+    )
+    ax2.set_title("pipelined executor: denoising steps sweep")
+    ax2.set_xlabel("denoising steps")
+    ax2.axhline(50, color="red", lw=1, ls="--", label="50 ms deadline (20 Hz)")
+    ax2.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "latency_by_stage.png", dpi=110)
+
+
+def timeline(trace: dict, out: Path, frames: int = 6) -> None:
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    first = sorted({e["args"]["frame"] for e in spans})[:frames]
+    spans = [e for e in spans if e["args"]["frame"] in first]
+    t0 = min(e["ts"] for e in spans)
+    lanes = ["copy_in", "vision", "prefix", "denoise", "copy_out"]
+    fig, ax = plt.subplots(figsize=(12, 3.2))
+    for e in spans:
+        y = lanes.index(e["cat"])
+        start, dur = (e["ts"] - t0) / 1e3, max(e["dur"] / 1e3, 0.15)
+        ax.barh(y, dur, left=start, color=COLORS[e["cat"]], edgecolor="black", lw=0.4)
+        if dur > 2:
+            ax.text(
+                start + dur / 2,
+                y,
+                f"f{first.index(e['args']['frame'])}",
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (CUDA events)")
+    ax.set_title("pipelined executor under load: one lane per stream, frames f0.. overlap across streams")
+    fig.tight_layout()
+    fig.savefig(out / "stream_timeline.png", dpi=110)
+
+
+if __name__ == "__main__":
+    results = Path(sys.argv[1])
+    out = Path("docs/img")
+    out.mkdir(parents=True, exist_ok=True)
+    latency_by_stage(json.loads(results.read_text()), out)
+    trace = results.with_name(results.stem + "-trace.json")
+    if trace.exists():
+        timeline(json.loads(trace.read_text()), out)
