@@ -125,6 +125,26 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def default_params_file() -> str:
+    from importlib import resources
+
+    return str(resources.files("vla_runtime.launch") / "config" / "policy.yaml")
+
+
+def cmd_node(args, ros_args: list[str]) -> int:
+    """The same node `ros2 launch vla_runtime policy.launch.py` starts, with the same YAML."""
+    from .nodes.policy_node import main as node_main
+
+    argv = ["vla-runtime-node", "--ros-args", "--params-file", args.params_file or default_params_file()]
+    for name in ("preset", "checkpoint", "device", "precision"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += ["-p", f"{name}:={value}"]
+    if args.rate_hz is not None:
+        argv += ["-p", f"rate_hz:={float(args.rate_hz)}"]
+    return node_main(argv + ros_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-runtime", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -141,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.add_argument("--json", action="store_true", help="print one JSON object")
     infer.set_defaults(func=cmd_infer)
+
+    node = sub.add_parser("node", help="run the ROS 2 policy node (arguments after --ros-args go to ROS)")
+    node.add_argument(
+        "--params-file", default=None, help="parameters YAML (default: the packaged policy.yaml)"
+    )
+    node.add_argument("--preset", default=None)
+    node.add_argument("--checkpoint", default=None)
+    node.add_argument("--device", default=None)
+    node.add_argument("--precision", default=None, choices=["float32", "bf16"])
+    node.add_argument("--rate-hz", default=None, type=float)
+    node.set_defaults(func=cmd_node)
     return parser
 
 
@@ -156,13 +187,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ros_args = argv[argv.index("--ros-args") :] if "--ros-args" in argv else []
+    argv = argv[: len(argv) - len(ros_args)]
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
+        return args.func(args, ros_args) if args.func is cmd_node else args.func(args)
     except ValueError as err:  # bad input or configuration: say what, exit 2
         print(f"vla-runtime: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

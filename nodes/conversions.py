@@ -1,0 +1,61 @@
+"""ROS message <-> numpy conversions. Each raises ValueError naming the offending field."""
+
+from __future__ import annotations
+
+import numpy as np
+
+ENCODINGS = ("rgb8", "bgr8")
+
+
+def stamp_to_seconds(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def seconds_to_stamp(seconds: float, stamp_type):
+    sec = int(np.floor(seconds))
+    return stamp_type(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
+
+
+def image_to_rgb(msg, max_side: int = 4096) -> np.ndarray:
+    """sensor_msgs/Image (rgb8 or bgr8, any size) -> uint8 [H, W, 3] RGB."""
+    if msg.encoding not in ENCODINGS:
+        raise ValueError(f"encoding: {msg.encoding!r} is not supported (use {' or '.join(ENCODINGS)})")
+    if not (1 <= msg.height <= max_side and 1 <= msg.width <= max_side):
+        raise ValueError(f"height/width: {msg.width}x{msg.height} outside 1..{max_side}")
+    if msg.step < msg.width * 3:
+        raise ValueError(f"step: {msg.step} is less than width * 3 = {msg.width * 3}")
+    if len(msg.data) != msg.step * msg.height:
+        raise ValueError(f"data: {len(msg.data)} bytes, expected step * height = {msg.step * msg.height}")
+    rows = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(msg.height, msg.step)
+    image = rows[:, : msg.width * 3].reshape(msg.height, msg.width, 3)
+    return np.ascontiguousarray(image[..., ::-1] if msg.encoding == "bgr8" else image)
+
+
+def rgb_to_image(image: np.ndarray, image_type, stamp=None, encoding: str = "rgb8"):
+    """uint8 [H, W, 3] RGB -> sensor_msgs/Image."""
+    data = image[..., ::-1] if encoding == "bgr8" else image
+    msg = image_type(
+        height=image.shape[0],
+        width=image.shape[1],
+        encoding=encoding,
+        is_bigendian=0,
+        step=image.shape[1] * 3,
+        data=np.ascontiguousarray(data).tobytes(),
+    )
+    if stamp is not None:
+        msg.header.stamp = stamp
+    return msg
+
+
+def state_vector(values, expected: int, field: str = "position") -> np.ndarray:
+    state = np.asarray(values, dtype=np.float32)
+    if state.ndim != 1 or state.shape[0] != expected:
+        raise ValueError(
+            f"{field}: {state.shape[0] if state.ndim == 1 else list(state.shape)} values, "
+            f"the policy expects {expected}"
+        )
+    if not np.all(np.isfinite(state)):
+        raise ValueError(
+            f"{field}: non-finite values at indices {np.flatnonzero(~np.isfinite(state)).tolist()}"
+        )
+    return state

@@ -1,0 +1,145 @@
+"""The policy node's parameters: one table of name, default, description and check.
+
+Each is declared with its type, range (where it has one) and description, so `ros2 param describe`
+tells users what it does; every set, at start-up or at run time, goes through `check`, and a bad value
+is refused with the reason while the node keeps running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..graphs.config import PI0_CAMERAS, PRESETS
+
+# LIBERO's Franka: 7 actions (6 end-effector deltas + gripper); names are what the trajectory carries.
+DEFAULT_JOINTS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    description: str
+    check: Callable[[Any], str | None] = lambda v: None  # returns the reason a value is refused
+    range: tuple[float, float] | None = None
+    needs_reconfigure: bool = False  # read at configure: a change takes effect after cleanup + configure
+
+
+def _one_of(*options):
+    return lambda v: None if v in options else f"must be one of {', '.join(map(repr, options))}"
+
+
+def _in_range(lo, hi):
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}]"
+
+
+def _names(v):
+    if not v or any(not n or "/" in n or " " in n for n in v):
+        return "must be a non-empty list of names without '/' or spaces"
+    return None if len(set(v)) == len(v) else "has duplicate names"
+
+
+def _device(v):
+    return None if v == "cpu" or v.startswith("cuda") else "must be cpu or cuda[:N]"
+
+
+PARAMS = (
+    Param("preset", "pi05_tiny", "Model preset.", _one_of(*PRESETS), needs_reconfigure=True),
+    Param(
+        "checkpoint",
+        "",
+        "Checkpoint directory (openpi or lerobot); empty = random weights.",
+        needs_reconfigure=True,
+    ),
+    Param(
+        "tokenizer",
+        "",
+        "SentencePiece model; empty = the checkpoint's, or the demo tokenizer.",
+        needs_reconfigure=True,
+    ),
+    Param(
+        "robot", "", "Which assets/<robot>/norm_stats.json of the checkpoint to use.", needs_reconfigure=True
+    ),
+    Param("device", "cpu", "cpu or cuda[:N].", _device, needs_reconfigure=True),
+    Param("precision", "float32", "float32 or bf16.", _one_of("float32", "bf16"), needs_reconfigure=True),
+    Param("steps", 10, "Denoising steps per chunk.", _in_range(1, 10), (1, 10)),
+    Param(
+        "rate_hz",
+        20.0,
+        "Control rate: chunks are published on this timer.",
+        _in_range(1.0, 200.0),
+        (1.0, 200.0),
+    ),
+    Param(
+        "control_period_s",
+        0.05,
+        "Time between consecutive actions of a chunk (time_from_start step).",
+        _in_range(0.001, 1.0),
+        (0.001, 1.0),
+    ),
+    Param(
+        "max_obs_age_s",
+        0.5,
+        "Observations older than this are refused as stale.",
+        _in_range(0.01, 60.0),
+        (0.01, 60.0),
+    ),
+    Param(
+        "cameras",
+        list(PI0_CAMERAS),
+        "Model camera names; subscribes to camera/<name>/image_raw.",
+        _names,
+        needs_reconfigure=True,
+    ),
+    Param(
+        "optional_cameras",
+        ["right_wrist_0_rgb"],
+        "Cameras that may be absent (masked out).",
+        needs_reconfigure=True,
+    ),
+    Param(
+        "joint_names",
+        list(DEFAULT_JOINTS),
+        "Joint names of the published trajectory, one per action dim.",
+        _names,
+        needs_reconfigure=True,
+    ),
+    Param(
+        "state_dim", 8, "Length of the robot state vector.", _in_range(1, 32), (1, 32), needs_reconfigure=True
+    ),
+    Param(
+        "state_msg_type",
+        "joint_state",
+        "joint_state (sensor_msgs/JointState.position) or float32_multi_array (std_msgs/Float32MultiArray).",
+        _one_of("joint_state", "float32_multi_array"),
+        needs_reconfigure=True,
+    ),
+    Param(
+        "action_queue_depth",
+        2,
+        "Depth of the action_chunk publisher queue.",
+        _in_range(1, 100),
+        (1, 100),
+        needs_reconfigure=True,
+    ),
+    Param(
+        "action_reliable", True, "Reliable (true) or best-effort action_chunk QoS.", needs_reconfigure=True
+    ),
+    Param("diagnostics_rate_hz", 1.0, "Rate of policy_diagnostics.", _in_range(0.1, 50.0), (0.1, 50.0)),
+    Param(
+        "autostart",
+        True,
+        "Configure and activate at start-up (otherwise wait for lifecycle transitions).",
+        needs_reconfigure=True,
+    ),
+    Param(
+        "inject_latency_s",
+        0.0,
+        "Testing aid: every chunk takes this much longer and the executor is busy "
+        "meanwhile, as on a GPU too slow for the rate.",
+        _in_range(0.0, 10.0),
+        (0.0, 10.0),
+    ),
+)
+BY_NAME = {p.name: p for p in PARAMS}

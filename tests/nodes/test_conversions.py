@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from sensor_msgs.msg import Image
+from vla_runtime.nodes.conversions import (
+    image_to_rgb,
+    rgb_to_image,
+    seconds_to_stamp,
+    stamp_to_seconds,
+    state_vector,
+)
+
+
+def test_image_round_trip_rgb_and_bgr(rng):
+    image = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    for encoding in ("rgb8", "bgr8"):
+        np.testing.assert_array_equal(image_to_rgb(rgb_to_image(image, Image, encoding=encoding)), image)
+
+
+def test_row_padding_is_skipped(rng):
+    image = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    padded = np.zeros((3, 16), np.uint8)
+    padded[:, :12] = image.reshape(3, 12)
+    msg = Image(height=3, width=4, encoding="rgb8", step=16, data=padded.tobytes())
+    np.testing.assert_array_equal(image_to_rgb(msg), image)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"encoding": "mono8"}, "encoding"),
+        ({"step": 5}, "step"),
+        ({"data": bytes(5)}, "data"),
+        ({"width": 0}, "height/width"),
+    ],
+)
+def test_bad_images_name_the_field(changes, field):
+    fields = {"height": 2, "width": 2, "encoding": "rgb8", "step": 6, "data": bytes(12), **changes}
+    with pytest.raises(ValueError, match=field):
+        image_to_rgb(Image(**fields))
+
+
+def test_state_and_stamps():
+    assert state_vector([1, 2, 3], 3).dtype == np.float32
+    with pytest.raises(ValueError, match="position: 2 values"):
+        state_vector([1, 2], 3)
+    with pytest.raises(ValueError, match="non-finite"):
+        state_vector([1, float("inf"), 3], 3)
+    assert stamp_to_seconds(seconds_to_stamp(12.25, Time)) == pytest.approx(12.25)
