@@ -3,8 +3,13 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements-installed
+# LIBERO lives in its own environment (numpy<2, robosuite 1.4, mujoco 2.3.7), run as a separate process.
+LIBERO_VENV  := .venv-libero
+LIBERO_STAMP := $(LIBERO_VENV)/.requirements-installed
+export VLA_LIBERO_PYTHON := $(CURDIR)/$(LIBERO_VENV)/bin/python
+export MUJOCO_GL := egl
 
-.PHONY: demo test install venv clean lint
+.PHONY: demo test install libero system-deps venv clean lint
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,18 +19,35 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP)
 
-# Non-editable install, so the package is used exactly as a user gets it.
+# Non-editable install, so the package (and its ament index entries) is used exactly as a user gets it.
 install: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
 
-demo: install
-	$(VENV)/bin/vla-runtime infer --preset pi05_tiny --frames 3
+# Headless rendering for MuJoCo (EGL, Mesa on the CPU). Installed only where missing.
+system-deps:
+	@if ! ldconfig -p | grep -q 'libEGL.so.1' || ! ldconfig -p | grep -q 'libEGL_mesa.so.0'; then \
+		echo "installing libegl1 libegl-mesa0 libgl1"; \
+		apt-get update -qq && apt-get install -y -qq libegl1 libegl-mesa0 libgl1; \
+	fi
 
-test: install
+$(LIBERO_STAMP): sim/requirements-libero.txt
+	$(PYTHON) -m venv $(LIBERO_VENV)
+	$(LIBERO_VENV)/bin/python -m pip install --quiet --upgrade pip==25.3
+	$(LIBERO_VENV)/bin/python -m pip install --quiet -r sim/requirements-libero.txt
+	touch $(LIBERO_STAMP)
+
+# The sim server imports vla_runtime.sim from this package (its protocol needs only numpy and msgpack).
+libero: system-deps $(LIBERO_STAMP)
+	$(LIBERO_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
+
+demo: install libero
+	$(VENV)/bin/vla-runtime demo
+
+test: install libero
 	$(PY) -m pytest -q tests -m "not gpu and not bench"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LIBERO_VENV) build *.egg-info

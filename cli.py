@@ -145,6 +145,117 @@ def cmd_node(args, ros_args: list[str]) -> int:
     return node_main(argv + ros_args)
 
 
+def cmd_eval_libero(args) -> int:
+    """Closed-loop LIBERO episodes: in-process (the runtime talks to the sim server) or through ROS."""
+    from pathlib import Path
+
+    import torch
+
+    from .sim.launcher import SimServerProcess
+    from .sim.report import write_report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = args.preset or ("pi05" if device.startswith("cuda") else "pi05_tiny")
+    precision = args.precision or ("bf16" if device.startswith("cuda") else "float32")
+    tasks = [int(t) for t in args.tasks.split(",")] if args.tasks else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    server = None if args.endpoint else SimServerProcess(log_path=out / "sim_server.log")
+    endpoint = args.endpoint or server.endpoint
+    try:
+        if args.path == "ros":
+            from .nodes.ros_eval import run_ros_episodes
+
+            if tasks is None:
+                tasks = [0]
+            episodes = run_ros_episodes(
+                endpoint,
+                out,
+                args.suite,
+                tasks,
+                args.trials,
+                preset=preset,
+                checkpoint=args.checkpoint,
+                device=device,
+                precision=precision,
+                steps=args.steps or 10,
+                mode=args.mode,
+                max_steps=args.max_steps,
+                replan_steps=args.replan_steps,
+                seed=args.seed,
+                settle_steps=args.settle_steps,
+                video=args.video,
+            )
+            model_id, random_weights = (
+                f"{preset}:" + (Path(args.checkpoint).name if args.checkpoint else "random-seed0"),
+                args.checkpoint is None,
+            )
+        else:
+            from .runtime.config import RuntimeConfig
+            from .runtime.executor import PipelinedExecutor
+            from .sim.client import SimClient
+            from .sim.evaluate import evaluate
+
+            config = RuntimeConfig(
+                preset=preset,
+                checkpoint=args.checkpoint,
+                device=device,
+                precision=precision,
+                steps=args.steps,
+                tokenizer=args.tokenizer,
+                robot=args.robot,
+            )
+            client = SimClient(endpoint)
+            with PipelinedExecutor(config) as policy:
+                episodes = evaluate(
+                    client,
+                    policy,
+                    args.suite,
+                    tasks,
+                    args.trials,
+                    max_steps=args.max_steps,
+                    replan_steps=args.replan_steps,
+                    seed=args.seed,
+                    settle_steps=args.settle_steps,
+                    video_dir=out if args.video else None,
+                )
+                model_id, random_weights = policy.parts.model_id, policy.parts.random_weights
+            client.close()
+    finally:
+        if server is not None:
+            server.stop()
+    meta = {
+        "suite": args.suite,
+        "path": args.path if args.path == "in-process" else f"ros ({args.mode})",
+        "model_id": model_id,
+        "random_weights": random_weights,
+        "device": device,
+        "denoising_steps": args.steps or 10,
+        "replan_steps": args.replan_steps,
+    }
+    summary = write_report(out, episodes, meta)
+    if args.json:
+        print(json.dumps({**meta, **summary, "report": str(out / "report.md")}))
+        return 0
+    if random_weights:
+        print(
+            "RANDOM WEIGHTS (no checkpoint given): the policy cannot solve tasks; "
+            "success comes from LIBERO's own check"
+        )
+    for e in episodes:
+        print(
+            f"{e.suite} task {e.task} init {e.init_state}: {'SUCCESS' if e.success else 'failure'} after "
+            f"{e.steps} steps ({e.path}); '{e.instruction}'"
+        )
+    total = summary["latency_ms"].get("total", {})
+    print(
+        f"success {summary['successes']}/{summary['episodes']}, chunks {summary['chunks']}, "
+        f"p50 {total.get('p50', float('nan')):.1f} ms per chunk, deadline misses {summary['deadline_misses']}"
+    )
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-runtime", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -172,10 +283,61 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--precision", default=None, choices=["float32", "bf16"])
     node.add_argument("--rate-hz", default=None, type=float)
     node.set_defaults(func=cmd_node)
+
+    ev = sub.add_parser(
+        "eval-libero", help="closed-loop LIBERO evaluation (starts the sim server unless --endpoint)"
+    )
+    ev.add_argument("--suite", default="libero_spatial")
+    ev.add_argument("--tasks", default=None, help="comma-separated task indices (default: all; ROS path: 0)")
+    ev.add_argument("--trials", type=int, default=1, help="episodes per task (init states 0..N-1)")
+    ev.add_argument("--max-steps", type=int, default=None, help="default: LIBERO's per-suite limit")
+    ev.add_argument("--replan-steps", type=int, default=5)
+    ev.add_argument("--settle-steps", type=int, default=10, help="still steps after reset (objects settle)")
+    ev.add_argument("--path", choices=["in-process", "ros"], default="in-process")
+    ev.add_argument("--mode", choices=["lockstep", "wall_clock"], default="lockstep", help="ROS path only")
+    ev.add_argument("--endpoint", default=None, help="a running sim server (tcp://127.0.0.1:PORT)")
+    ev.add_argument("--out", default="out/libero")
+    ev.add_argument("--video", action="store_true", help="a GIF of each episode's agent view")
+    ev.add_argument("--json", action="store_true")
+    add_model_args(ev, defaults_by_device=True)
+    ev.set_defaults(func=cmd_eval_libero)
+
+    demo = sub.add_parser("demo", help="one closed-loop libero_spatial episode through the ROS path")
+    add_model_args(demo, defaults_by_device=True)
+    demo.add_argument("--max-steps", type=int, default=40)
+    demo.add_argument("--out", default="out/demo")
+    demo.set_defaults(
+        func=lambda a: cmd_eval_libero(
+            argparse.Namespace(
+                **vars(a),
+                suite="libero_spatial",
+                tasks="0",
+                trials=1,
+                replan_steps=5,
+                settle_steps=10,
+                path="ros",
+                mode="lockstep",
+                endpoint=None,
+                video=True,
+                json=False,
+            )
+        )
+    )
     return parser
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False) -> None:
+    """With defaults_by_device, preset/device/precision default to pi05 bf16 on CUDA, pi05_tiny on the CPU."""
+    if defaults_by_device:
+        p.add_argument("--preset", default=None)
+        p.add_argument("--checkpoint", default=None)
+        p.add_argument("--robot", default=None)
+        p.add_argument("--tokenizer", default=None)
+        p.add_argument("--device", default=None)
+        p.add_argument("--precision", default=None, choices=["float32", "bf16"])
+        p.add_argument("--steps", type=int, default=None)
+        p.add_argument("--seed", type=int, default=7)
+        return
     p.add_argument("--preset", default="pi05_tiny")
     p.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
     p.add_argument("--robot", default=None, help="which assets/<robot>/norm_stats.json to use")

@@ -169,7 +169,7 @@ PRESETS: dict[str, ModelConfig] = {
         expert=TINY_EXPERT,
         action_dim=8,
         action_horizon=10,
-        max_token_len=96,
+        max_token_len=200,
     ),
 }
 

@@ -28,7 +28,7 @@ def image_to_rgb(msg, max_side: int = 4096) -> np.ndarray:
         raise ValueError(f"data: {len(msg.data)} bytes, expected step * height = {msg.step * msg.height}")
     rows = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(msg.height, msg.step)
     image = rows[:, : msg.width * 3].reshape(msg.height, msg.width, 3)
-    return np.ascontiguousarray(image[..., ::-1] if msg.encoding == "bgr8" else image)
+    return np.array(image[..., ::-1] if msg.encoding == "bgr8" else image)  # a writable copy
 
 
 def rgb_to_image(image: np.ndarray, image_type, stamp=None, encoding: str = "rgb8"):

@@ -1,0 +1,63 @@
+"""Client side of the sim protocol (ZeroMQ REQ), with a timeout and reconnect per request."""
+
+from __future__ import annotations
+
+import zmq
+
+from . import protocol
+
+
+class SimError(RuntimeError):
+    """The server answered with an error (the message names the field)."""
+
+
+class SimClient:
+    def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout_s: float = 120.0):
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_s * 1000)
+        self._context = zmq.Context.instance()
+        self._socket = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._socket = self._context.socket(zmq.REQ)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.endpoint)
+
+    def call_raw(self, payload: bytes) -> dict:
+        self._socket.send(payload)
+        if not self._socket.poll(self.timeout_ms):
+            self._connect()  # a REQ socket that missed its reply cannot send again: start over
+            raise TimeoutError(
+                f"sim server at {self.endpoint} did not answer in {self.timeout_ms / 1000:.0f} s"
+            )
+        return protocol.decode(self._socket.recv())
+
+    def call(self, op: str, **fields) -> dict:
+        reply = self.call_raw(protocol.request(op, **fields))
+        if not reply.get("ok"):
+            raise SimError(reply.get("error", "unknown error"))
+        return reply
+
+    def suites(self) -> list[str]:
+        return self.call("list_suites")["suites"]
+
+    def tasks(self, suite: str) -> list[dict]:
+        return self.call("list_tasks", suite=suite)["tasks"]
+
+    def reset(
+        self, suite: str, task: int, init_state: int = 0, seed: int = 7, settle_steps: int = 10
+    ) -> dict:
+        return self.call(
+            "reset", suite=suite, task=task, init_state=init_state, seed=seed, settle_steps=settle_steps
+        )["observation"]
+
+    def step(self, action) -> dict:
+        return self.call("step", action=action)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None

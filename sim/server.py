@@ -1,0 +1,89 @@
+"""The LIBERO sim server: `python -m vla_runtime.sim.server [--endpoint tcp://127.0.0.1:5555]`.
+
+Runs in LIBERO's own virtual environment (see sim/requirements-libero.txt), headless with
+MUJOCO_GL=egl. One request at a time (ZeroMQ REP). A malformed or out-of-range request gets an error
+reply naming the field and the server goes on; a client that vanishes mid-episode leaves nothing
+behind but the episode, which the next reset replaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import zmq
+
+from . import protocol
+
+log = logging.getLogger("vla_runtime.sim.server")
+
+
+def handle(sim, payload: bytes) -> bytes:
+    try:
+        op, fields = protocol.check_request(protocol.decode(payload))
+        if op == "list_suites":
+            return protocol.reply_ok(suites=sim.suites())
+        if op == "list_tasks":
+            return protocol.reply_ok(tasks=sim.tasks(fields["suite"]))
+        if op == "reset":
+            return protocol.reply_ok(
+                observation=sim.reset(
+                    fields["suite"],
+                    fields["task"],
+                    fields.get("init_state", 0),
+                    fields.get("seed", 7),
+                    fields.get("settle_steps", 10),
+                )
+            )
+        if op == "step":
+            observation, reward, done, success = sim.step(fields["action"])
+            return protocol.reply_ok(observation=observation, reward=reward, done=done, success=success)
+        sim.close()
+        return protocol.reply_ok()
+    except ValueError as err:  # ProtocolError included: the request's fault, named
+        return protocol.reply_error(str(err))
+    except Exception as err:  # noqa: BLE001 - the simulator failed; say so and keep serving
+        log.exception("request failed")
+        return protocol.reply_error(f"simulator: {type(err).__name__}: {err}")
+
+
+def serve(endpoint: str, sim=None) -> None:
+    if sim is None:
+        from .libero_env import LiberoSim  # noqa: PLC0415
+
+        sim = LiberoSim()
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.REP)
+    # Messages up to 8x the protocol limit are read and answered with an error naming the size; beyond
+    # that ZeroMQ drops the sender's connection, so no client can make the server hold unbounded memory.
+    socket.setsockopt(zmq.MAXMSGSIZE, 8 * protocol.MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.bind(endpoint)
+    log.info("LIBERO sim server on %s", endpoint)
+    print(f"sim server ready on {endpoint}", flush=True)
+    while True:
+        payload = socket.recv()
+        socket.send(handle(sim, payload))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--endpoint",
+        default=protocol.DEFAULT_ENDPOINT,
+        help="ZeroMQ endpoint to bind (default: localhost only)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    try:
+        serve(args.endpoint)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The real LIBERO sim server (its own environment, its own process) and closed-loop episodes through both
+paths. Needs `make libero` (which `make test` runs first)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.sim import protocol
+from vla_runtime.sim.client import SimClient
+from vla_runtime.sim.evaluate import run_episode
+from vla_runtime.sim.launcher import SimServerProcess
+
+SUITE = "libero_spatial"
+CLI = str(Path(sys.executable).parent / "vla-runtime")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with SimServerProcess(log_path=tmp_path_factory.mktemp("sim") / "server.log") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = SimClient(server.endpoint, timeout_s=120)
+    yield c
+    c.close()
+
+
+def test_lists_and_reset_observation(client):
+    assert SUITE in client.suites()
+    tasks = client.tasks(SUITE)
+    assert len(tasks) == 10 and tasks[0]["init_states"] == 50 and "bowl" in tasks[0]["instruction"]
+    obs = client.reset(SUITE, 0, init_state=0, settle_steps=1)
+    assert obs["agentview"].shape == (224, 224, 3) and obs["agentview"].dtype == np.uint8
+    assert obs["wrist"].shape == (224, 224, 3) and obs["state"].shape == (8,)
+    np.testing.assert_allclose(
+        obs["state"], np.concatenate([obs["eef_pos"], obs["eef_axis_angle"], obs["gripper_qpos"]]), rtol=1e-6
+    )
+    reply = client.step(np.zeros(7, np.float32))
+    assert (
+        reply["observation"]["step"] == 1
+        and reply["success"] in (True, False)
+        and reply["done"] in (True, False)
+    )
+
+
+MALFORMED = [
+    (b"\xc1garbage", "message: not valid msgpack"),
+    (msgpack.packb({"v": 2, "op": "list_suites"}, use_bin_type=True), "v: protocol version 2"),
+    (protocol.encode({"op": "step", "action": np.zeros(6, np.float32)}), "action: must be float [7]"),
+    (protocol.encode({"op": "reset", "suite": SUITE}), "task: missing"),
+    (protocol.encode({"op": "reset", "suite": SUITE, "task": 99}), "task: 99 out of range"),
+    (
+        protocol.encode({"op": "reset", "suite": SUITE, "task": 0, "init_state": 500}),
+        "init_state: 500 out of range",
+    ),
+    (protocol.encode({"op": "list_tasks", "suite": "no_such_suite"}), "suite: unknown suite"),
+    (b"\x00" * (protocol.MAX_MESSAGE_BYTES + 10), "exceeds the limit"),
+]
+
+
+@pytest.mark.parametrize("payload, error", MALFORMED, ids=[m[1] for m in MALFORMED])
+def test_malformed_requests_get_error_replies_and_server_keeps_serving(client, payload, error):
+    reply = client.call_raw(payload)
+    assert reply["ok"] is False and error in reply["error"]
+    assert SUITE in client.suites()  # still serving
+
+
+def test_a_client_vanishing_mid_episode_does_not_take_the_server_down(server, client):
+    client.reset(SUITE, 0, settle_steps=0)
+    ghost = zmq.Context.instance().socket(zmq.REQ)
+    ghost.connect(server.endpoint)
+    ghost.send(protocol.request("step", action=np.zeros(7, np.float32)))
+    ghost.close(linger=0)  # gone before its reply
+    assert client.reset(SUITE, 0, settle_steps=0)["step"] == 0
+    assert client.step(np.zeros(7, np.float32))["ok"]
+
+
+def test_one_episode_in_process_with_per_step_success(client):
+    with PipelinedExecutor(RuntimeConfig(preset="pi05_tiny")) as policy:
+        result = run_episode(client, policy, SUITE, 1, 0, max_steps=20, replan_steps=5, settle_steps=2)
+    assert result.steps == 20 and len(result.success_per_step) == 20  # random weights never succeed early
+    assert result.chunks == 4 and len(result.latency_ms["denoise"]) == 4
+    assert result.success is any(result.success_per_step)
+
+
+def test_demo_runs_an_episode_through_ros_and_writes_the_report(tmp_path):
+    """`vla-runtime demo`: sim server + policy node process + sim bridge node, lockstep."""
+    out = tmp_path / "demo"
+    run = subprocess.run(
+        [CLI, "demo", "--max-steps", "20", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ROS_DOMAIN_ID": "201"},
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "RANDOM WEIGHTS" in run.stdout and "report:" in run.stdout
+    results = json.loads((out / "results.json").read_text())
+    episode = results["episodes"][0]
+    assert episode["path"] == "ros-lockstep" and episode["steps"] >= 20
+    assert len(episode["success_per_step"]) == episode["steps"]
+    assert episode["policy_diagnostics"] and "denoise_p50_ms" in episode["policy_diagnostics"]
+    assert (out / "report.md").read_text().startswith("# LIBERO closed-loop evaluation")
+    assert (out / "latency_histogram.png").stat().st_size > 1000
+    assert list(out.glob("*.gif"))
+
+
+def test_eval_libero_cli_in_process_json(tmp_path, server):
+    run = subprocess.run(
+        [
+            CLI,
+            "eval-libero",
+            "--suite",
+            SUITE,
+            "--tasks",
+            "2",
+            "--max-steps",
+            "20",
+            "--settle-steps",
+            "1",
+            "--endpoint",
+            server.endpoint,
+            "--out",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (
+        summary["episodes"] == 1
+        and summary["random_weights"] is True
+        and "libero_spatial/2" in summary["tasks"]
+    )
+    assert {"vision", "prefix", "denoise", "total"} <= set(summary["latency_ms"])

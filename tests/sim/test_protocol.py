@@ -1,0 +1,104 @@
+"""The sim protocol: every message type round-trips; malformed messages are named errors."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from vla_runtime.sim import protocol
+from vla_runtime.sim.protocol import ProtocolError, check_request, decode, encode
+
+
+def observation(rng):
+    return {
+        "agentview": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "wrist": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "eef_pos": rng.normal(size=3).astype(np.float32),
+        "eef_axis_angle": rng.normal(size=3).astype(np.float32),
+        "gripper_qpos": rng.normal(size=2).astype(np.float32),
+        "state": rng.normal(size=8).astype(np.float32),
+        "instruction": "pick up the bowl",
+        "step": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    "op, fields",
+    [
+        ("list_suites", {}),
+        ("list_tasks", {"suite": "libero_spatial"}),
+        ("reset", {"suite": "libero_spatial", "task": 2, "init_state": 1, "seed": 7, "settle_steps": 0}),
+        ("step", {"action": np.linspace(-1, 1, 7).astype(np.float32)}),
+        ("close", {}),
+    ],
+)
+def test_requests_round_trip(op, fields):
+    got_op, got = check_request(decode(protocol.request(op, **fields)))
+    assert got_op == op and got.keys() == fields.keys()
+    for k, v in fields.items():
+        np.testing.assert_array_equal(got[k], v)
+
+
+def test_replies_round_trip(rng):
+    obs = observation(rng)
+    for reply in (
+        {"suites": ["libero_spatial", "libero_10"]},
+        {"tasks": [{"index": 0, "name": "t", "instruction": "do", "init_states": 50}]},
+        {"observation": obs},
+        {"observation": obs, "reward": 0.0, "done": False, "success": True},
+    ):
+        back = decode(protocol.reply_ok(**reply))
+        assert back["ok"] is True and back["v"] == protocol.VERSION
+        for k, v in reply.items():
+            if k == "observation":
+                for name, value in obs.items():
+                    np.testing.assert_array_equal(back[k][name], value)
+                    if isinstance(value, np.ndarray):
+                        assert back[k][name].dtype == value.dtype and back[k][name].flags.writeable
+            else:
+                assert back[k] == v
+    err = decode(protocol.reply_error("task: 99 out of range"))
+    assert err == {"v": protocol.VERSION, "ok": False, "error": "task: 99 out of range"}
+
+
+def raw(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def nd(dtype, shape, nbytes):
+    return {"__nd__": True, "dtype": dtype, "shape": shape, "data": bytes(nbytes)}
+
+
+MALFORMED = [
+    (raw({"v": 99, "op": "list_suites"}), "v: protocol version 99"),
+    (raw({"op": "list_suites"}), "v: protocol version None"),
+    (raw({"v": 1, "op": "fly"}), "op: 'fly'"),
+    (raw({"v": 1, "op": "reset", "task": 0}), "suite: missing"),
+    (raw({"v": 1, "op": "reset", "suite": "s", "task": "0"}), "task: must be an integer"),
+    (raw({"v": 1, "op": "reset", "suite": "s", "task": True}), "task: must be an integer"),
+    (raw({"v": 1, "op": "list_tasks", "suite": "s", "extra": 1}), "extra: unknown field"),
+    (raw({"v": 1, "op": "step"}), "action: missing"),
+    (raw({"v": 1, "op": "step", "action": [0.0] * 7}), "action: must be ndarray"),
+    (raw({"v": 1, "op": "step", "action": nd("int64", [7], 56)}), "action: must be float"),
+    (raw({"v": 1, "op": "step", "action": nd("float32", [6], 24)}), "action: must be float"),
+    (raw({"v": 1, "op": "step", "action": nd("float32", [7], 20)}), "array data"),
+    (raw({"v": 1, "op": "step", "action": nd("object", [7], 56)}), "array dtype"),
+    (raw({"v": 1, "op": "step", "action": nd("float32", [-7], 28)}), "array shape"),
+    (b"\xc1 not msgpack", "message: not valid msgpack"),
+    (raw([1, 2, 3]), "message: must be a map"),
+    (b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "exceeds the limit"),
+]
+
+
+@pytest.mark.parametrize("payload, error", MALFORMED, ids=[m[1] for m in MALFORMED])
+def test_malformed_messages_name_the_field(payload, error):
+    with pytest.raises(ProtocolError, match=error.replace("(", r"\(")):
+        check_request(decode(payload))
+
+
+def test_non_finite_action_and_no_pickle():
+    bad = np.array([0, 0, 0, 0, 0, 0, np.nan], dtype=np.float32)
+    with pytest.raises(ProtocolError, match="action: contains NaN"):
+        check_request(decode(protocol.request("step", action=bad)))
+    with pytest.raises(TypeError):
+        encode({"x": object()})  # arbitrary objects are never serialised
