@@ -148,3 +148,42 @@ def test_eval_libero_cli_in_process_json(tmp_path, server):
         and "libero_spatial/2" in summary["tasks"]
     )
     assert {"vision", "prefix", "denoise", "total"} <= set(summary["latency_ms"])
+
+
+def test_wall_clock_mode_counts_misses_and_overruns(tmp_path, server):
+    """ROS path at 20 Hz of wall time: the CPU simulator cannot keep the rate (overruns), and ticks whose
+    chunk for the latest observation had not arrived are counted as the policy's deadline misses."""
+    run = subprocess.run(
+        [
+            CLI,
+            "eval-libero",
+            "--path",
+            "ros",
+            "--mode",
+            "wall_clock",
+            "--suite",
+            SUITE,
+            "--tasks",
+            "0",
+            "--max-steps",
+            "20",
+            "--settle-steps",
+            "1",
+            "--endpoint",
+            server.endpoint,
+            "--out",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ROS_DOMAIN_ID": "202"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["path"] == "ros (wall_clock)" and summary["episodes"] == 1
+    episode = json.loads((tmp_path / "results.json").read_text())["episodes"][0]
+    assert episode["steps"] == 20 and len(episode["success_per_step"]) == 20
+    assert episode["policy_diagnostics"]["sim_overruns"] > 0
+    assert summary["deadline_misses"] == episode["deadline_misses"] >= 0 and summary["chunks"] == 20
