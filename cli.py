@@ -7,24 +7,10 @@ import json
 import logging
 import platform
 import sys
-import time
 
 import numpy as np
 
 EXIT_BAD_INPUT = 2
-
-
-def synthetic_observation(config, rng: np.random.Generator, image_side: int = 224):
-    """Random camera frames, state and a LIBERO-style instruction for the model's cameras."""
-    from .runtime.types import Observation
-
-    images = {
-        name: rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
-        for name in config.model.camera_names
-        if name not in config.optional_cameras
-    }
-    state = rng.uniform(-1, 1, config.state_dim).astype(np.float32)
-    return Observation(images, state, "put the black bowl on the plate", time.time())
 
 
 def cmd_info(args) -> int:
@@ -77,6 +63,7 @@ def runtime_config_from_args(args):
         tokenizer=args.tokenizer,
         device=args.device,
         precision=args.precision or ("bf16" if args.device != "cpu" else "float32"),
+        vision_precision=args.vision_precision,
         steps=args.steps,
         seed=args.seed,
     )
@@ -84,6 +71,7 @@ def runtime_config_from_args(args):
 
 def cmd_infer(args) -> int:
     from .runtime.reference import EagerPolicy
+    from .runtime.synthetic import synthetic_observation
 
     config = runtime_config_from_args(args)
     policy = EagerPolicy(config)
@@ -201,6 +189,7 @@ def cmd_eval_libero(args) -> int:
                 checkpoint=args.checkpoint,
                 device=device,
                 precision=precision,
+                vision_precision=args.vision_precision,
                 steps=args.steps,
                 tokenizer=args.tokenizer,
                 robot=args.robot,
@@ -256,6 +245,26 @@ def cmd_eval_libero(args) -> int:
     return 0
 
 
+def cmd_accuracy(args) -> int:
+    from .runtime.accuracy import accuracy_table, format_table
+
+    result = accuracy_table(runtime_config_from_args(args), frames=args.frames)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0 if result["passed"] else 1
+
+
+def cmd_profile(args) -> int:
+    from pathlib import Path
+
+    from .runtime.profiler import format_report, profile_stages
+
+    stages = (args.stage,) if args.stage else ("vision", "prefix", "denoise")
+    report = profile_stages(runtime_config_from_args(args), stages, top=args.top, out_dir=Path(args.out))
+    print(json.dumps(report) if args.json else format_report(report))
+    print(f"traces and JSON in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-runtime", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -280,9 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--preset", default=None)
     node.add_argument("--checkpoint", default=None)
     node.add_argument("--device", default=None)
-    node.add_argument("--precision", default=None, choices=["float32", "bf16"])
+    node.add_argument("--precision", default=None, choices=["float32", "bf16", "fp8"])
     node.add_argument("--rate-hz", default=None, type=float)
     node.set_defaults(func=cmd_node)
+
+    acc = sub.add_parser(
+        "accuracy", help="a precision mode against float32, per layer and stage, with its gates"
+    )
+    add_model_args(acc)
+    acc.add_argument("--frames", type=int, default=4)
+    acc.add_argument("--json", action="store_true")
+    acc.set_defaults(func=cmd_accuracy)
+
+    prof = sub.add_parser("profile", help="device time per layer and per kernel of each stage (CUDA)")
+    add_model_args(prof)
+    prof.add_argument("--stage", choices=["vision", "prefix", "denoise"], default=None)
+    prof.add_argument("--top", type=int, default=15)
+    prof.add_argument("--out", default="out/profile")
+    prof.add_argument("--json", action="store_true")
+    prof.set_defaults(func=cmd_profile)
 
     ev = sub.add_parser(
         "eval-libero", help="closed-loop LIBERO evaluation (starts the sim server unless --endpoint)"
@@ -334,7 +359,8 @@ def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False)
         p.add_argument("--robot", default=None)
         p.add_argument("--tokenizer", default=None)
         p.add_argument("--device", default=None)
-        p.add_argument("--precision", default=None, choices=["float32", "bf16"])
+        p.add_argument("--precision", default=None, choices=["float32", "bf16", "fp8"])
+        p.add_argument("--vision-precision", default=None, choices=["float32", "bf16", "fp16"])
         p.add_argument("--steps", type=int, default=None)
         p.add_argument("--seed", type=int, default=7)
         return
@@ -343,7 +369,18 @@ def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False)
     p.add_argument("--robot", default=None, help="which assets/<robot>/norm_stats.json to use")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (PaliGemma's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--precision", default=None, choices=["float32", "bf16"], help="default: bf16 on CUDA")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["float32", "bf16", "fp8"],
+        help="default: bf16 on CUDA; fp8 = the prefix's GEMMs in FP8 (Hopper/Ada)",
+    )
+    p.add_argument(
+        "--vision-precision",
+        default=None,
+        choices=["float32", "bf16", "fp16"],
+        help="the SigLIP tower's precision (default: as --precision)",
+    )
     p.add_argument("--steps", type=int, default=None, help="denoising steps 1..10")
     p.add_argument("--seed", type=int, default=0)
 

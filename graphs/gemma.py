@@ -27,15 +27,22 @@ class GemmaAttentionProjections(nn.Module):
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
         self.qkv_weight: torch.Tensor | None = None  # set by fuse()
+        self.qkv_fp8 = self.o_fp8 = None  # FP8 GEMMs (graphs/fp8.py), used while fp8_enabled
+        self.fp8_enabled = False
 
     def fuse(self) -> None:
         self.qkv_weight, _ = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x: torch.Tensor):
+        kv = self.num_kv_heads * self.head_dim
+        if self.fp8_enabled:
+            return self.qkv_fp8(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
         if self.qkv_weight is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        kv = self.num_kv_heads * self.head_dim
         return F.linear(x, self.qkv_weight).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_fp8(x) if self.fp8_enabled else self.o_proj(x)
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -62,7 +69,7 @@ class GemmaDecoderLayer(nn.Module):
 
     def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor, gate, modulation: torch.Tensor | None):
         """Output projection, (gated) residual, MLP and its (gated) residual."""
-        hidden = gated_residual(hidden, self.self_attn.o_proj(attn_out.to(hidden.dtype)), gate)
+        hidden = gated_residual(hidden, self.self_attn.output(attn_out.to(hidden.dtype)), gate)
         normed, gate = self.post_attention_layernorm(hidden, modulation)
         return gated_residual(hidden, self.mlp(normed), gate)
 
@@ -89,6 +96,13 @@ class GemmaStack(nn.Module):
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+
+    def set_fp8(self, enabled: bool) -> None:
+        """Route the layers' GEMMs through their FP8 copies (attached by graphs.fp8.quantize_prefix)."""
+        for layer in self.layers:
+            if enabled and layer.self_attn.qkv_fp8 is None:
+                raise ValueError("fp8: quantize the stack first (graphs.fp8.quantize_prefix)")
+            layer.self_attn.fp8_enabled = layer.mlp.fp8_enabled = enabled
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embedding scaled by sqrt(width), as Gemma (and openpi's embed_prefix) does."""

@@ -78,11 +78,16 @@ class GemmaMLP(nn.Module):
         self.up_proj = nn.Linear(width, mlp_dim, bias=False)
         self.down_proj = nn.Linear(mlp_dim, width, bias=False)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+        self.gate_up_fp8 = self.down_fp8 = None  # FP8 GEMMs (graphs/fp8.py), used while fp8_enabled
+        self.fp8_enabled = False
 
     def fuse(self) -> None:
         self.gate_up_weight, _ = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_enabled:
+            gate, up = self.gate_up_fp8(x).chunk(2, dim=-1)
+            return self.down_fp8(F.gelu(gate, approximate="tanh") * up)
         if self.gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:

@@ -74,11 +74,12 @@ class PI0Model(nn.Module):
 
     # ---------------------------------------------------------------- precision
     def set_precision(self, compute_dtype: torch.dtype, vision_dtype: torch.dtype | None = None) -> PI0Model:
-        """Vision (and projector) in `vision_dtype`, both Gemma stacks in `compute_dtype`. The small action
-        and time projections stay float32, and norms compute in float32 whatever their storage."""
+        """The SigLIP tower in `vision_dtype` (fp16 suits it on GPUs), the projector and both Gemma stacks in
+        `compute_dtype`. The small action and time projections stay float32, and norms compute in float32
+        whatever their storage."""
         vision_dtype = vision_dtype or compute_dtype
         self.vision.to(vision_dtype)
-        self.projector.to(vision_dtype)
+        self.projector.to(compute_dtype)
         self.prefix_lm.to(compute_dtype)
         self.expert.to(compute_dtype)
         self.vision_dtype, self.compute_dtype = vision_dtype, compute_dtype
@@ -93,8 +94,9 @@ class PI0Model(nn.Module):
         """pixels [B, V, 3, H, W] float in [-1, 1] -> image tokens [B, V*T, D_lm] in compute dtype."""
         b, v = pixels.shape[:2]
         features = self.vision(pixels.flatten(0, 1), self.vision_dtype)  # [B*V, T, Dv]
-        # The explicit cast is the boundary between the vision precision and the prefix precision.
-        tokens = self.projector(features).to(self.compute_dtype)
+        # The explicit cast is the boundary between the vision precision and the projector's and prefix's:
+        # with it an fp16 tower can never meet a bf16 GEMM ("mat1 and mat2 must have the same dtype").
+        tokens = self.projector(features.to(self.compute_dtype))
         return tokens.view(b, v * tokens.shape[1], tokens.shape[2])
 
     # ---------------------------------------------------------------- stage 2: prefix

@@ -62,7 +62,20 @@ PARAMS = (
         "robot", "", "Which assets/<robot>/norm_stats.json of the checkpoint to use.", needs_reconfigure=True
     ),
     Param("device", "cpu", "cpu or cuda[:N].", _device, needs_reconfigure=True),
-    Param("precision", "float32", "float32 or bf16.", _one_of("float32", "bf16"), needs_reconfigure=True),
+    Param(
+        "precision",
+        "float32",
+        "float32, bf16, or fp8 (the prefix's GEMMs in FP8, the rest bf16).",
+        _one_of("float32", "bf16", "fp8"),
+        needs_reconfigure=True,
+    ),
+    Param(
+        "vision_precision",
+        "",
+        "The vision tower's precision (float32, bf16, fp16); empty = as precision.",
+        _one_of("", "float32", "bf16", "fp16"),
+        needs_reconfigure=True,
+    ),
     Param("steps", 10, "Denoising steps per chunk.", _in_range(1, 10), (1, 10)),
     Param(
         "rate_hz",

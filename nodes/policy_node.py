@@ -116,6 +116,7 @@ class PolicyNode(LifecycleNode):
             robot=self.param("robot") or None,
             device=self.param("device"),
             precision=self.param("precision"),
+            vision_precision=self.param("vision_precision") or None,
             steps=self.param("steps"),
             state_dim=self.param("state_dim"),
             robot_action_dim=len(joints),

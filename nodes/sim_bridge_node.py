@@ -100,7 +100,7 @@ class SimBridgeNode(Node):
         limit = max_steps or MAX_STEPS.get(suite, 300)
         while result.steps < limit:
             stamp = self.publish_observation(sim_obs)
-            if frames is not None:
+            if frames is not None and not frames:
                 frames.append(sim_obs["agentview"])
             got = self.wait_for_chunk(stamp, chunk_timeout_s)
             if got is None:
@@ -116,6 +116,8 @@ class SimBridgeNode(Node):
                 sim_obs = reply["observation"]
                 result.steps += 1
                 result.success_per_step.append(bool(reply["success"]))
+                if frames is not None:
+                    frames.append(sim_obs["agentview"])
                 if reply["success"] or reply["done"] or result.steps >= limit:
                     done = True
                     break

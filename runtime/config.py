@@ -21,7 +21,7 @@ class RuntimeConfig:
     robot: str | None = None  # which assets/<robot>/norm_stats.json to use
     tokenizer: str | None = None  # SentencePiece model; default: the checkpoint's, else the demo tokenizer
     device: str = "cpu"
-    precision: str = "float32"  # of the Gemma stacks: float32 | bf16
+    precision: str = "float32"  # float32 | bf16 | fp8 (the prefix's GEMMs in FP8, the rest bf16; Hopper/Ada)
     vision_precision: str | None = None  # None = same as `precision`; fp16 on GPUs
     steps: int | None = None  # denoising steps 1..10; None = the preset's default
     state_dim: int = 8  # length of the robot's state vector (LIBERO: eef pos 3 + axis-angle 3 + gripper 2)
@@ -29,13 +29,19 @@ class RuntimeConfig:
     optional_cameras: tuple[str, ...] = ("right_wrist_0_rgb",)  # may be absent: zero image, masked out
     seed: int = 0  # random weights
     compile_stages: bool | None = None  # torch.compile each stage before graph capture; None = on CUDA only
+    fp8_calibration: str | None = (
+        None  # activation scales: loaded if the file exists, else calibrated and saved
+    )
+    fp8_calibration_frames: int = 8
     max_image_side: int = 4096
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"preset: unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
-        if self.precision not in ("float32", "bf16"):
-            raise ValueError(f"precision: must be float32 or bf16, got {self.precision!r}")
+        if self.precision not in ("float32", "bf16", "fp8"):
+            raise ValueError(f"precision: must be float32, bf16 or fp8, got {self.precision!r}")
+        if self.precision == "fp8" and not self.device.startswith("cuda"):
+            raise ValueError("precision: fp8 needs a CUDA GPU with FP8 tensor cores (Ada or Hopper)")
         if self.vision_precision is not None and self.vision_precision not in PRECISIONS:
             raise ValueError(
                 f"vision_precision: must be one of {sorted(PRECISIONS)}, got {self.vision_precision!r}"
@@ -74,11 +80,11 @@ class RuntimeConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return PRECISIONS[self.precision]
+        return torch.bfloat16 if self.precision == "fp8" else PRECISIONS[self.precision]
 
     @property
     def vision_dtype(self) -> torch.dtype:
-        return PRECISIONS[self.vision_precision or self.precision]
+        return PRECISIONS[self.vision_precision] if self.vision_precision else self.compute_dtype
 
     def replace(self, **changes) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)

@@ -139,8 +139,11 @@ def write_report(out_dir: Path, episodes: list[EpisodeResult], meta: dict) -> di
     for e in episodes:
         if e.policy_diagnostics:
             stages = {k: v for k, v in e.policy_diagnostics.items() if k.endswith("_ms")}
-            lines += ["", f"Policy node, per stage (its diagnostics at the end of task {e.task}): "
-                      + ", ".join(f"{k} {v}" for k, v in sorted(stages.items()))]
+            lines += [
+                "",
+                f"Policy node, per stage (its diagnostics at the end of task {e.task}): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(stages.items())),
+            ]
     lines += ["", f"![latency histogram]({histogram.name})", ""]
     for e in episodes:
         if e.video:

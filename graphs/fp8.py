@@ -1,0 +1,143 @@
+"""FP8 (e4m3) GEMMs for the Gemma prefix on Hopper, through `torch._scaled_mm`.
+
+Per-tensor scales on both sides: each weight is quantised once, at load (`quantize_prefix`), and kept as
+a buffer; each activation scale is calibrated once on a handful of frames (`calibrate_prefix`: the largest
+magnitude seen, over e4m3's largest finite value 448) and saved with the model. Nothing is computed per
+frame but the cast of the activations. Norms, RoPE, softmax and attention stay in bf16 / float32.
+
+Which GEMMs: the fused q/k/v projection, the output projection, the fused gate/up projection and the
+down projection of every prefix layer, i.e. all the prefix's weight GEMMs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .gemma import GemmaStack
+
+E4M3_MAX = 448.0
+FP8_GEMMS = ("qkv", "o", "gate_up", "down")
+
+
+def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, "FP8 needs a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return False, f"FP8 GEMMs need compute capability 8.9+ (Ada, Hopper); {name} is {major}.{minor}"
+    return True, ""
+
+
+class FP8Linear(nn.Module):
+    """y = x W^T with x and W in float8 e4m3 and per-tensor scales; output in bf16."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        if self.in_features % 16 or self.out_features % 16:
+            raise ValueError(f"fp8: GEMM dims must be multiples of 16, got {tuple(weight.shape)}")
+        w = weight.detach().float()
+        scale = (w.abs().amax() / E4M3_MAX).clamp(min=1e-12)
+        # [K, N] column-major: the transpose of the row-major [N, K] quantised weight, as _scaled_mm wants.
+        self.register_buffer("weight_fp8", (w / scale).to(torch.float8_e4m3fn).t(), persistent=False)
+        self.register_buffer("weight_scale", scale.reshape(()), persistent=False)
+        self.register_buffer("input_scale", torch.ones((), device=weight.device), persistent=False)
+        self.calibrating = False
+        self.observed_amax = torch.zeros((), device=weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.calibrating:
+            # Observe the input, and answer with the (dequantised) weight in high precision, so that what
+            # later layers see while calibrating is not distorted by activation scales not yet fixed.
+            self.observed_amax = torch.maximum(self.observed_amax, flat.detach().abs().amax().float())
+            y = flat.float() @ (self.weight_fp8.float() * self.weight_scale)
+            return y.to(torch.bfloat16).reshape(*x.shape[:-1], self.out_features)
+        x_fp8 = (flat.float() / self.input_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(
+            x_fp8,
+            self.weight_fp8,
+            scale_a=self.input_scale,
+            scale_b=self.weight_scale,
+            out_dtype=torch.bfloat16,
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_prefix(stack: GemmaStack) -> int:
+    """Attach FP8 copies of every prefix layer's GEMM weights (the bf16 weights stay for the reference).
+    Returns the number of quantised GEMMs."""
+    count = 0
+    for layer in stack.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_weight is None or mlp.gate_up_weight is None:
+            raise ValueError("fp8: fuse the projections first (PI0Model.set_precision)")
+        attn.qkv_fp8 = FP8Linear(attn.qkv_weight)
+        attn.o_fp8 = FP8Linear(attn.o_proj.weight)
+        mlp.gate_up_fp8 = FP8Linear(mlp.gate_up_weight)
+        mlp.down_fp8 = FP8Linear(mlp.down_proj.weight)
+        count += 4
+    return count
+
+
+def fp8_modules(stack: GemmaStack) -> dict[str, FP8Linear]:
+    out = {}
+    for i, layer in enumerate(stack.layers):
+        for name, module in (
+            ("qkv", layer.self_attn.qkv_fp8),
+            ("o", layer.self_attn.o_fp8),
+            ("gate_up", layer.mlp.gate_up_fp8),
+            ("down", layer.mlp.down_fp8),
+        ):
+            if module is not None:
+                out[f"layers.{i}.{name}"] = module
+    return out
+
+
+@torch.no_grad()
+def calibrate_prefix(stack: GemmaStack, run_frames, margin: float = 1.0) -> dict[str, float]:
+    """Run `run_frames()` (the prefix over a handful of frames) with every FP8 GEMM observing its input,
+    then fix each input scale to amax * margin / 448."""
+    modules = fp8_modules(stack)
+    for m in modules.values():
+        m.calibrating = True
+        m.observed_amax = torch.zeros((), device=m.weight_scale.device)
+        m.input_scale.fill_(1.0)
+    try:
+        run_frames()
+    finally:
+        for m in modules.values():
+            m.calibrating = False
+    scales = {}
+    for name, m in modules.items():
+        m.input_scale.copy_((m.observed_amax * margin / E4M3_MAX).clamp(min=1e-12))
+        scales[name] = float(m.input_scale)
+    return scales
+
+
+def save_calibration(stack: GemmaStack, path: str | Path) -> Path:
+    tensors = {
+        f"{name}.input_scale": m.input_scale.detach().cpu().reshape(1)
+        for name, m in fp8_modules(stack).items()
+    }
+    save_file(tensors, str(path))
+    return Path(path)
+
+
+def load_calibration(stack: GemmaStack, path: str | Path) -> None:
+    tensors = load_file(str(path))
+    modules = fp8_modules(stack)
+    missing = sorted(f"{n}.input_scale" for n in modules if f"{n}.input_scale" not in tensors)
+    if missing:
+        raise ValueError(
+            f"fp8 calibration {path}: missing scales {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    for name, m in modules.items():
+        m.input_scale.copy_(tensors[f"{name}.input_scale"].reshape(()))

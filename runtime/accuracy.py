@@ -1,0 +1,144 @@
+"""Accuracy gates: a precision mode against the float32 reference, per layer and per stage, on fresh
+random inputs (the same seeded weights on both sides).
+
+Gates (what `vla-runtime accuracy` and tests/gpu check):
+- vision in fp16 or bf16: cosine >= 0.999 for every SigLIP layer's output and for the image tokens;
+- prefix in FP8: cosine >= 0.99 for every layer's keys and values; per-tensor e4m3 has 3 mantissa bits
+  (relative rounding up to 6%), spread over 2048-long dot products errors average out to ~1% per GEMM,
+  so 0.99 leaves room for that and no more; a wrong scale or a saturated layer falls far below;
+- actions: cosine >= 0.99 against float32 and relative L2 error <= 0.15, the same noise on both sides:
+  the actions pass through 18 expert layers and 10 Euler steps reading the cached keys and values, so the
+  prefix's error reaches them amplified; the table reports the bf16 run's figure beside it for scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import RuntimeConfig
+from .inputs import pixels_to_model_input
+from .loading import PolicyParts, build_parts
+from .synthetic import synthetic_observation
+
+VISION_LAYER_COSINE = 0.999
+KV_COSINE = 0.99
+ACTIONS_COSINE = 0.99
+ACTIONS_REL_L2 = 0.15
+
+
+@torch.inference_mode()
+def stage_outputs(parts: PolicyParts, obs, noise: np.ndarray) -> dict[str, torch.Tensor]:
+    """Every layer's output of vision, every layer's keys and values, and the model-space actions."""
+    model, device = parts.model, parts.device
+    inputs = parts.preparer(obs)
+    t = lambda a: torch.from_numpy(a)[None].to(device)  # noqa: E731
+    out: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_hook(lambda m, a, y, i=i: out.__setitem__(f"vision.layer{i:02d}", y.float()))
+        for i, layer in enumerate(model.vision.encoder.layers)
+    ]
+    try:
+        tokens = model.encode_images(pixels_to_model_input(t(inputs.pixels)))
+    finally:
+        for h in hooks:
+            h.remove()
+    out["vision.image_tokens"] = tokens.float()
+    kv, prefix_mask = model.fill_prefix(
+        tokens, t(inputs.image_masks), t(inputs.tokens), t(inputs.token_masks)
+    )
+    valid = prefix_mask[0]
+    for i in range(kv.shape[0]):
+        out[f"prefix.layer{i:02d}.k"] = kv[i, 0][..., valid, :].float()
+        out[f"prefix.layer{i:02d}.v"] = kv[i, 1][..., valid, :].float()
+    from ..graphs.pi0 import time_schedule  # noqa: PLC0415
+
+    times, dt = time_schedule(parts.config.denoising_steps)
+    actions = model.denoise(
+        kv, prefix_mask, t(inputs.state), t(noise), torch.from_numpy(times).to(device), dt
+    )
+    out["actions"] = actions.float()
+    return out
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    a, b = candidate.flatten().double(), reference.flatten().double()
+    return {
+        "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+        "max_abs_err": float((a - b).abs().max()),
+        "rel_l2": float((a - b).norm() / b.norm().clamp(min=1e-30)),
+    }
+
+
+def gate_for(name: str, config: RuntimeConfig) -> tuple[str, float] | None:
+    if name.startswith("vision.") and config.vision_dtype != torch.float32:
+        return "cosine", VISION_LAYER_COSINE
+    if name.startswith("prefix.") and config.precision == "fp8":
+        return "cosine", KV_COSINE
+    if name == "actions" and config.precision == "fp8":
+        return "cosine", ACTIONS_COSINE
+    return None
+
+
+def float32_reference(config: RuntimeConfig) -> PolicyParts:
+    return build_parts(config.replace(precision="float32", vision_precision=None, compile_stages=False))
+
+
+def accuracy_table(
+    config: RuntimeConfig,
+    frames: int = 4,
+    seed: int | None = None,
+    reference: PolicyParts | None = None,
+    candidate: PolicyParts | None = None,
+) -> dict:
+    """Worst case over `frames` fresh random observations and noises of every layer's comparison."""
+    reference = reference or float32_reference(config)
+    candidate = candidate or build_parts(config)
+    rng = np.random.default_rng(seed)
+    worst: dict[str, dict[str, float]] = {}
+    cfg = config.model
+    for _ in range(frames):
+        obs = synthetic_observation(config, rng)
+        noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+        ref, cand = stage_outputs(reference, obs, noise), stage_outputs(candidate, obs, noise)
+        for name in ref:
+            row = compare(ref[name], cand[name])
+            w = worst.setdefault(name, row)
+            worst[name] = {
+                "cosine": min(w["cosine"], row["cosine"]),
+                "max_abs_err": max(w["max_abs_err"], row["max_abs_err"]),
+                "rel_l2": max(w["rel_l2"], row["rel_l2"]),
+            }
+    rows, passed = [], True
+    for name, m in worst.items():
+        gate = gate_for(name, config)
+        ok = True if gate is None else m[gate[0]] >= gate[1]
+        if name == "actions" and config.precision == "fp8":
+            ok = ok and m["rel_l2"] <= ACTIONS_REL_L2
+        passed &= ok
+        rows.append(
+            {"name": name, **m, "gate": None if gate is None else f"{gate[0]} >= {gate[1]}", "ok": ok}
+        )
+    return {
+        "preset": config.preset,
+        "precision": config.precision,
+        "vision_precision": config.vision_precision or config.precision,
+        "frames": frames,
+        "rows": rows,
+        "passed": passed,
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"{result['preset']}: precision {result['precision']}, vision {result['vision_precision']}, worst "
+        f"of {result['frames']} random frames against float32",
+        f"{'tensor':24s} {'cosine':>10s} {'max abs err':>12s} {'rel L2':>9s}  gate",
+    ]
+    for r in result["rows"]:
+        gate = "" if r["gate"] is None else f"{r['gate']} {'ok' if r['ok'] else 'FAILED'}"
+        lines.append(
+            f"{r['name']:24s} {r['cosine']:10.6f} {r['max_abs_err']:12.4e} {r['rel_l2']:9.2e}  {gate}"
+        )
+    lines.append("all gates passed" if result["passed"] else "GATES FAILED")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Precision plumbing on the CPU: the fp16/bf16 boundary, the accuracy table and its gates, FP8 refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from vla_runtime.runtime.accuracy import accuracy_table, compare
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.reference import EagerPolicy
+
+from ..conftest import random_observation
+
+
+def test_fp16_vision_meets_bf16_prefix_without_dtype_errors(rng):
+    policy = EagerPolicy(RuntimeConfig(preset="pi05_tiny", precision="bf16", vision_precision="fp16"))
+    model = policy.parts.model
+    assert model.vision.encoder.layers[0].mlp.fc1.weight.dtype == torch.float16
+    assert model.projector.weight.dtype == torch.bfloat16
+    assert model.prefix_lm.layers[0].mlp.gate_up_weight.dtype == torch.bfloat16
+    assert np.isfinite(policy.infer(random_observation(rng)).actions).all()
+
+
+def test_compare_metrics():
+    ref = torch.tensor([1.0, 2.0, 3.0])
+    assert compare(ref, ref) == {"cosine": pytest.approx(1.0), "max_abs_err": 0.0, "rel_l2": 0.0}
+    off = compare(ref, torch.tensor([1.0, 2.0, 4.0]))
+    assert off["max_abs_err"] == 1.0 and off["rel_l2"] == pytest.approx(1 / 14**0.5) and off["cosine"] < 1
+
+
+def test_accuracy_table_checks_vision_gates_per_layer():
+    result = accuracy_table(
+        RuntimeConfig(preset="pi05_tiny", precision="bf16", vision_precision="fp16"), frames=2
+    )
+    names = [r["name"] for r in result["rows"]]
+    assert (
+        names[:2] == ["vision.layer00", "vision.layer01"]
+        and "prefix.layer01.v" in names
+        and names[-1] == "actions"
+    )
+    gated = [r for r in result["rows"] if r["gate"]]
+    assert {r["name"] for r in gated} == {"vision.layer00", "vision.layer01", "vision.image_tokens"}
+    assert result["passed"] is all(r["ok"] for r in gated)
+
+
+def test_fp8_is_refused_without_a_capable_gpu():
+    with pytest.raises(ValueError, match="precision: fp8 needs a CUDA GPU"):
+        RuntimeConfig(preset="pi05_tiny", precision="fp8")
