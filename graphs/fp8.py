@@ -71,18 +71,21 @@ class FP8Linear(nn.Module):
 
 
 def quantize_prefix(stack: GemmaStack) -> int:
-    """Attach FP8 copies of every prefix layer's GEMM weights (the bf16 weights stay for the reference).
+    """Attach FP8 copies of the prefix's GEMM weights (the bf16 weights stay, for the reference path).
     Returns the number of quantised GEMMs."""
     count = 0
-    for layer in stack.layers:
+    for i, layer in enumerate(stack.layers):
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_weight is None or mlp.gate_up_weight is None:
             raise ValueError("fp8: fuse the projections first (PI0Model.set_precision)")
         attn.qkv_fp8 = FP8Linear(attn.qkv_weight)
+        count += 1
+        if i == len(stack.layers) - 1:
+            break  # the prefix's last layer computes only its keys and values (PI0Model.fill_prefix)
         attn.o_fp8 = FP8Linear(attn.o_proj.weight)
         mlp.gate_up_fp8 = FP8Linear(mlp.gate_up_weight)
         mlp.down_fp8 = FP8Linear(mlp.down_proj.weight)
-        count += 4
+        count += 3
     return count
 
 

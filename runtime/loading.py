@@ -93,4 +93,49 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
     model_id = f"{cfg.name}:" + (
         f"random-seed{config.seed}" if random_weights else Path(config.checkpoint).name
     )
-    return PolicyParts(config, model, preparer, norm_stats, model_id, random_weights)
+    parts = PolicyParts(config, model, preparer, norm_stats, model_id, random_weights)
+    if config.precision == "fp8":
+        prepare_fp8(parts)
+    return parts
+
+
+@torch.inference_mode()
+def prepare_fp8(parts: PolicyParts) -> None:
+    """Quantise the prefix's GEMM weights once, then load or calibrate the activation scales."""
+    from ..graphs.fp8 import (
+        calibrate_prefix,
+        fp8_supported,
+        load_calibration,
+        quantize_prefix,
+        save_calibration,
+    )
+    from .inputs import pixels_to_model_input
+    from .synthetic import synthetic_observation
+
+    ok, why = fp8_supported(parts.device)
+    if not ok:
+        raise ValueError(f"precision: fp8 refused: {why}")
+    model, config = parts.model, parts.config
+    quantize_prefix(model.prefix_lm)
+    model.prefix_lm.set_fp8(True)
+    path = Path(config.fp8_calibration) if config.fp8_calibration else None
+    if path is not None and path.exists():
+        load_calibration(model.prefix_lm, path)
+        log.info("fp8 activation scales loaded from %s", path)
+        return
+    rng = np.random.default_rng(config.seed)
+    frames = [
+        parts.preparer(synthetic_observation(config, rng)) for _ in range(config.fp8_calibration_frames)
+    ]
+
+    def run_frames():
+        for f in frames:
+            t = lambda a: torch.from_numpy(a)[None].to(parts.device)  # noqa: E731
+            tokens = model.encode_images(pixels_to_model_input(t(f.pixels)))
+            model.fill_prefix(tokens, t(f.image_masks), t(f.tokens), t(f.token_masks))
+
+    calibrate_prefix(model.prefix_lm, run_frames)
+    log.info("fp8 activation scales calibrated on %d synthetic frames", len(frames))
+    if path is not None:
+        save_calibration(model.prefix_lm, path)
+        log.info("fp8 activation scales saved to %s", path)

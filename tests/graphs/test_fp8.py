@@ -1,0 +1,58 @@
+"""FP8 prefix GEMMs (torch._scaled_mm also runs on the CPU, so the numerics are checked in CI; the speed
+and the GPU gates are in tests/gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vla_runtime.graphs import fp8
+from vla_runtime.graphs.config import get_preset
+from vla_runtime.graphs.weights import build_model
+
+
+def test_fp8_linear_against_float_matmul():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    w = torch.randn(96, 128, generator=gen).bfloat16()
+    x = torch.randn(5, 7, 128, generator=gen).bfloat16()
+    layer = fp8.FP8Linear(w)
+    layer.input_scale.fill_(float(x.abs().amax()) / fp8.E4M3_MAX)
+    out = layer(x)
+    assert out.shape == (5, 7, 96) and out.dtype == torch.bfloat16
+    y, ref = out.float(), x.float() @ w.float().t()
+    rel = float((y - ref).norm() / ref.norm())
+    assert 1e-3 < rel < 0.06  # e4m3: 3 mantissa bits; quantised for real, within its rounding
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp8.FP8Linear(torch.randn(10, 128))
+
+
+def prefix_run(model, cfg, gen):
+    tokens = torch.randn(1, cfg.image_tokens, cfg.prefix_lm.width, generator=gen).bfloat16()
+    ids = torch.randint(0, 300, (1, cfg.max_token_len), generator=gen)
+    masks = torch.arange(cfg.max_token_len)[None] < 40
+    return lambda: model.fill_prefix(tokens, torch.ones(1, cfg.num_views, dtype=torch.bool), ids, masks)[0]
+
+
+@torch.inference_mode()
+def test_quantized_prefix_within_gate_and_calibration_round_trip(tmp_path):
+    cfg = get_preset("pi05_tiny")
+    model = build_model(cfg, seed=3).set_precision(torch.bfloat16)
+    run = prefix_run(model, cfg, torch.Generator().manual_seed(4))
+    reference = run().float()
+    # the last layer runs only its q/k/v GEMM: its other three are never quantised
+    assert fp8.quantize_prefix(model.prefix_lm) == 4 * cfg.prefix_lm.depth - 3
+    model.prefix_lm.set_fp8(True)
+    scales = fp8.calibrate_prefix(model.prefix_lm, run)
+    assert len(scales) == 4 * cfg.prefix_lm.depth - 3 and all(v > 1e-6 for v in scales.values())
+    quantized = run().float()
+    cos = torch.nn.functional.cosine_similarity(quantized.flatten(), reference.flatten(), dim=0)
+    assert cos >= 0.99 and (quantized - reference).abs().max() > 0  # FP8 really ran, inside the gate
+    path = fp8.save_calibration(model.prefix_lm, tmp_path / "fp8_scales.safetensors")
+    first = next(iter(fp8.fp8_modules(model.prefix_lm).values()))
+    saved = float(first.input_scale)
+    first.input_scale.fill_(123.0)
+    fp8.load_calibration(model.prefix_lm, path)
+    assert float(first.input_scale) == saved
+    fresh = build_model(cfg, seed=3).set_precision(torch.bfloat16)
+    with pytest.raises(ValueError, match="fp8: quantize the stack first"):
+        fresh.prefix_lm.set_fp8(True)
