@@ -30,7 +30,7 @@ class StageRunner:
         model: PI0Model,
         buffers: StaticBuffers,
         device: torch.device,
-        compile_stages: bool = False,
+        compile_stages: tuple[str, ...] | bool = (),
         compiled: dict | None = None,
     ):
         self.model = model
@@ -41,17 +41,20 @@ class StageRunner:
         with torch.inference_mode():  # the time conditioning of every step depends on the schedule alone
             self.step_conds = model.step_conditioning(self.times, self.profile.batch)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
-        # Inductor fuses each stage's elementwise chains (norms, RoPE, GeGLU, gated residuals) into a few
-        # kernels; the CUDA graph then removes the launch gaps. The compiled functions are shared by
-        # every profile (`compiled`), so a new profile recompiles only for new shapes.
+        # Inductor fuses a stage's elementwise chains (norms, RoPE, GeGLU, gated residuals) into a few
+        # kernels; the CUDA graph then removes the launch gaps. `compile_stages` names the stages to
+        # compile (True: all). The compiled functions are shared by every profile (`compiled`), so a new
+        # profile recompiles only for new shapes.
+        if compile_stages is True:
+            compile_stages = STAGES
+        stage_of = {"encode": "vision", "fill": "prefix", "velocity": "denoise"}
         fns = {"encode": model.encode_images, "fill": model.fill_prefix, "velocity": model.velocity}
-        if compile_stages:
-            if compiled is None:
-                compiled = {}
-            for name, fn in fns.items():
+        compiled = {} if compiled is None else compiled
+        for name, fn in list(fns.items()):
+            if stage_of[name] in (compile_stages or ()):
                 if name not in compiled:
                     compiled[name] = torch.compile(fn, dynamic=False)
-            fns = compiled
+                fns[name] = compiled[name]
         self.fns = fns
 
     # Eager stage bodies: write the slot's outputs in place.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vla_runtime.graphs import fp8
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.weights import build_model
