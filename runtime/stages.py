@@ -12,6 +12,7 @@ buffers, which live outside every pool.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 
@@ -24,6 +25,18 @@ log = logging.getLogger(__name__)
 STAGES = ("vision", "prefix", "denoise")
 
 
+class StageEngine(Protocol):
+    """Serves one stage for one pipeline slot: reads that slot's inputs, writes its outputs in place, on
+    the current CUDA stream, without allocating or synchronising (so it can be captured in a graph).
+
+    vision : slot.pixels [B, V, S, S, 3] uint8           -> slot.image_tokens [B, V*T, D]
+    prefix : slot.image_tokens, image_masks, tokens, token_masks -> slot.kv_cache, slot.prefix_mask
+    denoise: slot.kv_cache, prefix_mask, state, noise    -> slot.actions [B, H, A] float32
+    """
+
+    def __call__(self, slot: DeviceSlot) -> None: ...
+
+
 class StageRunner:
     def __init__(
         self,
@@ -32,6 +45,7 @@ class StageRunner:
         device: torch.device,
         compile_stages: tuple[str, ...] | bool = (),
         compiled: dict | None = None,
+        engines: dict[str, StageEngine] | None = None,
     ):
         self.model = model
         self.buffers = buffers
@@ -56,6 +70,14 @@ class StageRunner:
                     compiled[name] = torch.compile(fn, dynamic=False)
                 fns[name] = compiled[name]
         self.fns = fns
+        # The stage-engine seam: whatever serves a stage reads and writes only the slot's tensors. By
+        # default the model's own code (compiled or not); an external engine can take a stage's place.
+        self.engines: dict[str, StageEngine] = {
+            "vision": self._vision,
+            "prefix": self._prefix,
+            "denoise": self._denoise,
+            **(engines or {}),
+        }
 
     # Eager stage bodies: write the slot's outputs in place.
     def _vision(self, d: DeviceSlot) -> None:
@@ -85,14 +107,14 @@ class StageRunner:
         if graph is not None:
             graph.replay()
         else:
-            getattr(self, "_" + stage)(self.buffers.device_slots[slot])
+            self.engines[stage](self.buffers.device_slots[slot])
 
     @torch.inference_mode()
     def capture(self, streams: dict[str, torch.cuda.Stream], pools: dict[str, tuple]) -> int:
         """Capture every stage for both slots. Returns the number of graphs captured."""
         count = 0
         for stage in STAGES:
-            body = getattr(self, "_" + stage)
+            body = self.engines[stage]
             stream = streams[stage]
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up outside capture: cuBLAS handles, lazy kernel loading

@@ -72,7 +72,7 @@ def test_precision_modes(benchmark, cuda):
             "pipelined",
             latencies,
             stages,
-            precision=f"{precision}/vision {vision or precision}",
+            precision=f"{precision}/vision {vision or ('bf16' if precision == 'fp8' else precision)}",
             accuracy={
                 "actions_cosine": actions["cosine"],
                 "actions_rel_l2": actions["rel_l2"],

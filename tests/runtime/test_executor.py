@@ -164,3 +164,21 @@ def test_reset_and_close_resolve_every_future(rng):
     assert executor.counters["dropped"] == 7 and executor.counters["completed"] == 2
     with pytest.raises(RuntimeError, match="closed"):
         executor.submit(random_observation(rng))
+
+
+def test_an_external_stage_engine_serves_a_stage(rng):
+    """The seam: an engine that reads and writes the slot's tensors can replace a stage (here a stand-in
+    that runs the model's own vision code and counts its calls)."""
+    executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny"))
+    runner = executor._runners[executor.default_profile()]
+    calls = []
+    default = runner.engines["vision"]
+    runner.engines["vision"] = lambda slot: (calls.append(slot), default(slot))
+    reference = EagerPolicy(parts=executor.parts)
+    obs = random_observation(rng)
+    noise = rng.standard_normal((10, 8), dtype=np.float32)
+    try:
+        np.testing.assert_array_equal(executor.infer(obs, noise).actions, reference.infer(obs, noise).actions)
+    finally:
+        executor.close()
+    assert len(calls) == 1 and calls[0] in runner.buffers.device_slots
