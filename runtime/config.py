@@ -36,11 +36,9 @@ class RuntimeConfig:
     # torch.compile before graph capture: True/False for every stage, None = the measured default on CUDA
     # (MEASURED_COMPILE_STAGES), nothing on the CPU.
     compile_stages: bool | None = None
-    # SMs that the vision and prefix GEMMs leave free (cuBLAS SM-count target, fixed at graph capture), so
-    # that the latency-bound denoise loop of the previous frame finds SMs while they run. None = all SMs.
-    overlap_sm_carveout: int | None = None
-    # FP8 activation scales: loaded if the file exists, else calibrated and saved there.
-    fp8_calibration: str | None = None
+    fp8_calibration: str | None = (
+        None  # activation scales: loaded if the file exists, else calibrated and saved
+    )
     fp8_calibration_frames: int = 8
     max_image_side: int = 4096
 
