@@ -229,9 +229,7 @@ class PipelinedExecutor(Policy):
                 self.parts.model, buffers, self.device, self.config.use_compile, self._compiled
             )
             if self.use_graphs:
-                self.counters["captures"] += runner.capture(
-                    self._streams, self._pools, self.config.overlap_sm_carveout
-                )
+                self.counters["captures"] += runner.capture(self._streams, self._pools)
             self._runners[profile] = runner
         return runner
 

@@ -110,37 +110,24 @@ class StageRunner:
             self.engines[stage](self.buffers.device_slots[slot])
 
     @torch.inference_mode()
-    def capture(
-        self, streams: dict[str, torch.cuda.Stream], pools: dict[str, tuple], sm_carveout: int | None = None
-    ) -> int:
-        """Capture every stage for both slots. Returns the number of graphs captured. With `sm_carveout`,
-        the vision and prefix GEMMs are captured leaving that many SMs free for the denoise loop."""
+    def capture(self, streams: dict[str, torch.cuda.Stream], pools: dict[str, tuple]) -> int:
+        """Capture every stage for both slots. Returns the number of graphs captured."""
         count = 0
         for stage in STAGES:
-            carve = sm_carveout if stage in ("vision", "prefix") else None
-            previous = torch._C._get_sm_carveout_experimental()
-            torch._C._set_sm_carveout_experimental(carve)
-            try:
-                count += self._capture_stage(stage, streams, pools)
-            finally:
-                torch._C._set_sm_carveout_experimental(previous)
+            body = self.engines[stage]
+            stream = streams[stage]
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside capture: cuBLAS handles, lazy kernel loading
+                    body(self.buffers.device_slots[0])
+            stream.synchronize()
+            for slot in range(PIPELINE_SLOTS):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(
+                    graph, pool=pools[stage], stream=stream, capture_error_mode="thread_local"
+                ):
+                    body(self.buffers.device_slots[slot])
+                self.graphs[(stage, slot)] = graph
+                count += 1
         torch.cuda.synchronize()
         log.info("captured %d graphs for %s", count, self.profile)
-        return count
-
-    def _capture_stage(
-        self, stage: str, streams: dict[str, torch.cuda.Stream], pools: dict[str, tuple]
-    ) -> int:
-        body = self.engines[stage]
-        stream = streams[stage]
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside capture: cuBLAS handles, lazy kernel loading
-                body(self.buffers.device_slots[0])
-        stream.synchronize()
-        for slot in range(PIPELINE_SLOTS):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pools[stage], stream=stream, capture_error_mode="thread_local"):
-                body(self.buffers.device_slots[slot])
-            self.graphs[(stage, slot)] = graph
-        count = PIPELINE_SLOTS
         return count
