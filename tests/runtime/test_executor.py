@@ -141,13 +141,22 @@ def test_trace_has_every_stage_lane(pair, rng):
     assert all(e["dur"] >= 0 for e in spans)
 
 
+def _wait_until(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not predicate():
+        time.sleep(0.01)
+    return predicate()
+
+
 def test_reset_and_close_resolve_every_future(rng):
     executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny"))
     gate = threading.Event()
     runner = executor._runners[executor.default_profile()]
     original = runner.run
     runner.run = lambda stage, slot: (gate.wait(10), original(stage, slot))  # hold the device busy
-    futures = [executor.submit(random_observation(rng)) for _ in range(8)]
+    futures = [executor.submit(random_observation(rng))]
+    assert _wait_until(lambda: executor._pending is None, 10)  # frame 0 is on the (held) device
+    futures += [executor.submit(random_observation(rng)) for _ in range(7)]
     time.sleep(0.2)
     resetter = threading.Thread(target=executor.reset)
     resetter.start()
