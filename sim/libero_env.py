@@ -10,14 +10,6 @@ import numpy as np
 
 IMAGE_SIZE = 224
 DUMMY_ACTION = [0.0] * 6 + [-1.0]  # hold still, gripper open: lets objects settle after a reset
-# Per-suite step limits from openpi's LIBERO example (the longest training demo, plus margin).
-MAX_STEPS = {
-    "libero_spatial": 220,
-    "libero_object": 280,
-    "libero_goal": 300,
-    "libero_10": 520,
-    "libero_90": 400,
-}
 
 
 def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
