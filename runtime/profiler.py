@@ -1,7 +1,7 @@
 """Layer profiler: device time per layer and per kernel of each stage, with a Chrome trace.
 
-The questions a TensorRT layer profiler answers, for our stages. Stages run compiled but not captured
-(so the profiler sees every kernel); each layer's work is wrapped in a named range.
+The questions a TensorRT layer profiler answers, for our stages. Stages run uncompiled and uncaptured
+(so the profiler sees every kernel and every layer); each layer's work is wrapped in a named range.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from .buffers import ShapeProfile, StaticBuffers
@@ -43,9 +44,12 @@ def annotate_layers(model) -> None:
 def profile_stages(
     config: RuntimeConfig, stages=STAGES, top: int = 15, repeats: int = 5, out_dir: Path | None = None
 ) -> dict:
+    """On CUDA: kernel time (self device time of CUDA kernels) per kernel and per layer range.
+    On the CPU: self CPU time of the aten ops instead, for the same questions on the tiny presets."""
     parts = build_parts(config.replace(compile_stages=False))
     annotate_layers(parts.model)
     cfg, device = config.model, parts.device
+    cuda = device.type == "cuda"
     profile_shape = ShapeProfile(cfg.num_views, cfg.max_token_len, config.denoising_steps)
     runner = StageRunner(
         parts.model, StaticBuffers(cfg, profile_shape, device, parts.model.compute_dtype), device
@@ -54,45 +58,45 @@ def profile_stages(
     slot.pixels.random_(0, 255)
     slot.image_masks.fill_(True)
     slot.tokens.random_(0, 300)
-    slot.token_masks[:, :60] = True
+    slot.token_masks[:, : min(60, cfg.max_token_len)] = True
     slot.noise.normal_()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     report = {}
     for stage in stages:
         for _ in range(2):
             runner.run(stage, 0)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        sync()
+        with profile(activities=activities) as prof:
             for _ in range(repeats):
                 runner.run(stage, 0)
-            torch.cuda.synchronize()
+            sync()
         events = prof.key_averages()
-        kernels = [e for e in events if e.self_device_time_total > 0]
-        total_ms = sum(e.self_device_time_total for e in kernels) / repeats / 1e3
+        if cuda:  # kernels only: aten ops and ranges would count the same device time again
+            leaves = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+            self_us, total_us = (lambda e: e.self_device_time_total), (lambda e: e.device_time_total)
+        else:
+            leaves = [e for e in events if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+            self_us, total_us = (lambda e: e.self_cpu_time_total), (lambda e: e.cpu_time_total)
+        total_ms = sum(self_us(e) for e in leaves) / repeats / 1e3
         layers = sorted((e for e in events if e.key.startswith(f"{stage}.layer")), key=lambda e: e.key)
-        top_kernels = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+        ranked = sorted(leaves, key=lambda e: -self_us(e))[:top]
         report[stage] = {
+            "device": "cuda" if cuda else "cpu",
             "total_ms": total_ms,
-            "kernels_per_call": sum(e.count for e in kernels) / repeats,
+            "ops_per_call": sum(e.count for e in leaves) / repeats,
             "layers": [
-                {
-                    "name": e.key,
-                    "ms": e.device_time_total
-                    / repeats
-                    / 1e3
-                    / max(1, e.count // repeats)
-                    * (e.count // repeats),
-                    "calls": e.count // repeats,
-                }
+                {"name": e.key, "ms": total_us(e) / repeats / 1e3, "calls": e.count // repeats}
                 for e in layers
             ],
             "top": [
                 {
                     "name": e.key,
-                    "ms": e.self_device_time_total / repeats / 1e3,
-                    "share": e.self_device_time_total / repeats / 1e3 / total_ms if total_ms else 0.0,
+                    "ms": self_us(e) / repeats / 1e3,
+                    "share": self_us(e) / repeats / 1e3 / total_ms if total_ms else 0.0,
                     "calls": e.count // repeats,
                 }
-                for e in top_kernels
+                for e in ranked
             ],
         }
         if out_dir is not None:
@@ -110,8 +114,9 @@ def profile_stages(
 def format_report(report: dict) -> str:
     lines = []
     for stage, r in report.items():
+        what = "kernel time" if r["device"] == "cuda" else "CPU op time"
         lines.append(
-            f"== {stage}: {r['total_ms']:.3f} ms of kernel time, {r['kernels_per_call']:.0f} kernels"
+            f"== {stage}: {r['total_ms']:.3f} ms of {what}, {r['ops_per_call']:.0f} kernels/ops per call"
         )
         if r["layers"]:
             slowest = sorted(r["layers"], key=lambda x: -x["ms"])[:5]

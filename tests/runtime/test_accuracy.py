@@ -46,3 +46,24 @@ def test_accuracy_table_checks_vision_gates_per_layer():
 def test_fp8_is_refused_without_a_capable_gpu():
     with pytest.raises(ValueError, match="precision: fp8 needs a CUDA GPU"):
         RuntimeConfig(preset="pi05_tiny", precision="fp8")
+
+
+def test_layer_profiler_reports_layers_and_ops(tmp_path):
+    from vla_runtime.runtime.profiler import format_report, profile_stages
+
+    report = profile_stages(
+        RuntimeConfig(preset="pi05_tiny"), stages=("prefix",), top=5, repeats=2, out_dir=tmp_path
+    )
+    prefix = report["prefix"]
+    assert [x["name"] for x in prefix["layers"]] == [
+        "prefix.layer00.attention_in",
+        "prefix.layer00.attention_out_mlp",
+        "prefix.layer01.attention_in",
+    ]
+    assert (
+        prefix["total_ms"] > 0
+        and len(prefix["top"]) == 5
+        and 0 < sum(k["share"] for k in prefix["top"]) <= 1.0
+    )
+    assert (tmp_path / "profile-pi05_tiny-float32-prefix.trace.json").stat().st_size > 1000
+    assert "slowest layers" in format_report(report)
