@@ -20,6 +20,9 @@ from .loading import build_parts
 from .stages import STAGES, StageRunner
 
 
+LAYER_RANGES = ("vision.layer", "prefix.layer", "denoise.layer")
+
+
 def _wrap(obj, method: str, label: str) -> None:
     original = getattr(obj, method)
 
@@ -73,7 +76,13 @@ def profile_stages(
             sync()
         events = prof.key_averages()
         if cuda:  # kernels only: aten ops and ranges would count the same device time again
-            leaves = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+            leaves = [
+                e
+                for e in events
+                if e.device_type == DeviceType.CUDA
+                and e.self_device_time_total > 0
+                and not e.key.startswith(LAYER_RANGES)
+            ]  # the layer ranges also appear on the GPU
             self_us, total_us = (lambda e: e.self_device_time_total), (lambda e: e.device_time_total)
         else:
             leaves = [e for e in events if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
