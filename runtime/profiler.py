@@ -19,7 +19,6 @@ from .config import RuntimeConfig
 from .loading import build_parts
 from .stages import STAGES, StageRunner
 
-
 LAYER_RANGES = ("vision.layer", "prefix.layer", "denoise.layer")
 
 
