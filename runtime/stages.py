@@ -46,6 +46,7 @@ class StageRunner:
         compile_stages: tuple[str, ...] | bool = (),
         compiled: dict | None = None,
         engines: dict[str, StageEngine] | None = None,
+        compile_modes: dict[str, str] | None = None,
     ):
         self.model = model
         self.buffers = buffers
@@ -67,7 +68,8 @@ class StageRunner:
         for name, fn in list(fns.items()):
             if stage_of[name] in (compile_stages or ()):
                 if name not in compiled:
-                    compiled[name] = torch.compile(fn, dynamic=False)
+                    mode = (compile_modes or {}).get(stage_of[name])  # None: Inductor's default
+                    compiled[name] = torch.compile(fn, dynamic=False, mode=mode)
                 fns[name] = compiled[name]
         self.fns = fns
         # The stage-engine seam: whatever serves a stage reads and writes only the slot's tensors. By
@@ -110,10 +112,10 @@ class StageRunner:
             self.engines[stage](self.buffers.device_slots[slot])
 
     @torch.inference_mode()
-    def capture(self, streams: dict[str, torch.cuda.Stream], pools: dict[str, tuple]) -> int:
-        """Capture every stage for both slots. Returns the number of graphs captured."""
+    def capture(self, streams: dict[str, torch.cuda.Stream], pools: dict[str, tuple], stages=STAGES) -> int:
+        """Capture `stages` (default: all) for both slots. Returns the number of graphs captured."""
         count = 0
-        for stage in STAGES:
+        for stage in stages:
             body = self.engines[stage]
             stream = streams[stage]
             with torch.cuda.stream(stream):

@@ -1,0 +1,227 @@
+"""Stage experiments on a CUDA GPU: variants of one stage side by side, in one process.
+
+Each variant is captured in a CUDA graph exactly as the executor captures it, timed with CUDA events
+(median of many replays, warm-up excluded), and its kernels listed from a profile of a few replays (the
+same kernel names and counts the executor runs). Also: the GEMM shapes of the prefix and the action
+expert, bf16 against FP8, each captured 50 times in a graph so launch gaps do not count.
+
+    python3 benchmarks/stage_experiments.py --out $OUT/experiments.json [--variants a,b,...]
+
+Writes JSON (device, date, versions, commit) so a result can be cited; used to choose the defaults
+recorded in runtime/config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.loading import build_parts
+from vla_runtime.runtime.stages import StageRunner
+
+# name -> (stage, compile mode or None for Inductor's default, runner options)
+VARIANTS = {
+    "denoise-default": ("denoise", None, {}),
+    "denoise-max-autotune": ("denoise", "max-autotune-no-cudagraphs", {}),
+    "prefix-fp8-default": ("prefix", None, {}),
+    "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", {}),
+}
+
+
+def fill_slot(slot, prompt_tokens=200):
+    slot.pixels.random_(0, 255)
+    slot.image_masks.fill_(True)
+    slot.tokens.random_(0, 300)
+    slot.token_masks.fill_(False)
+    slot.token_masks[:, :prompt_tokens] = True
+    slot.noise.normal_()
+    slot.state.normal_()
+
+
+def time_graph(run, stream, repeats=100, warmup=10) -> list[float]:
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            run()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return times
+
+
+def kernel_table(run, stream, repeats=5, top=30) -> dict:
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.cuda.stream(stream):
+            for _ in range(repeats):
+                run()
+        torch.cuda.synchronize()
+    kernels = [
+        e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+    ]
+    total_us = sum(e.self_device_time_total for e in kernels) / repeats
+    ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)
+    return {
+        "kernel_ms": total_us / 1e3,
+        "kernels_per_call": sum(e.count for e in kernels) / repeats,
+        "top": [
+            {
+                "name": e.key[:160],
+                "ms": e.self_device_time_total / repeats / 1e3,
+                "calls": e.count / repeats,
+                "us_each": e.self_device_time_total / max(e.count, 1),
+            }
+            for e in ranked[:top]
+        ],
+    }
+
+
+def run_variant(parts, name, stage, mode, options, steps):
+    cfg = parts.config.model
+    buffers = StaticBuffers(
+        cfg, ShapeProfile(cfg.num_views, cfg.max_token_len, steps), parts.device, parts.model.compute_dtype
+    )
+    for slot in buffers.device_slots:
+        fill_slot(slot)
+    runner = StageRunner(
+        parts.model, buffers, parts.device, compile_stages=(stage,), compile_modes={stage: mode}, **options
+    )
+    stream = torch.cuda.Stream()
+    started = time.perf_counter()
+    runner.capture({stage: stream}, {stage: torch.cuda.graph_pool_handle()}, stages=(stage,))
+    setup_s = time.perf_counter() - started
+    replay = lambda: runner.run(stage, 0)  # noqa: E731
+    times = time_graph(replay, stream)
+    row = {
+        "name": name,
+        "stage": stage,
+        "compile_mode": mode or "default",
+        "precision": parts.config.precision,
+        "setup_s": setup_s,
+        "median_ms": float(np.median(times)),
+        "p99_ms": float(np.percentile(times, 99)),
+        "n": len(times),
+        **kernel_table(replay, stream),
+    }
+    return row, runner
+
+
+def gemm_rates(shapes, repeats_in_graph=50) -> list[dict]:
+    """Each shape as a graph of `repeats_in_graph` back-to-back GEMMs: bf16 F.linear and FP8 _scaled_mm."""
+    rows = []
+    one = torch.ones((), device="cuda")
+    for label, m, n, k in shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t()
+        ops = {
+            "bf16": lambda: torch.nn.functional.linear(x, w),  # noqa: B023
+            "fp8": lambda: torch._scaled_mm(x8, w8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),  # noqa: B023
+        }
+        row = {"label": label, "m": m, "n": n, "k": k}
+        for kind, op in ops.items():
+            for _ in range(3):
+                op()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(repeats_in_graph):
+                    op()
+            times = time_graph(graph.replay, torch.cuda.current_stream(), repeats=20, warmup=3)
+            us = float(np.median(times)) * 1e3 / repeats_in_graph
+            row[f"{kind}_us"] = us
+            row[f"{kind}_tflops"] = 2 * m * n * k / (us * 1e-6) / 1e12
+            row[f"{kind}_weight_GBps"] = n * k * (2 if kind == "bf16" else 1) / (us * 1e-6) / 1e9
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="experiments.json")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--gemms", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": os.environ.get("VLA_COMMIT", "unknown"),
+        "workload": "pi05, 3 views, 200-token prompt, random weights",
+        "variants": [],
+    }
+
+    def save():
+        out.write_text(json.dumps(result, indent=2))
+
+    parts = build_parts(RuntimeConfig(preset="pi05", device="cuda", precision="fp8"))
+    if args.gemms:
+        cfg = parts.config.model
+        lm, ex = cfg.prefix_lm, cfg.expert
+        p, s = cfg.prefix_len, cfg.suffix_len
+        shapes = [
+            ("prefix qkv", p, (lm.num_heads + 2 * lm.num_kv_heads) * lm.head_dim, lm.width),
+            ("prefix o", p, lm.width, lm.num_heads * lm.head_dim),
+            ("prefix gate_up", p, 2 * lm.mlp_dim, lm.width),
+            ("prefix down", p, lm.width, lm.mlp_dim),
+            ("expert qkv", s, (ex.num_heads + 2 * ex.num_kv_heads) * ex.head_dim, ex.width),
+            ("expert o", s, ex.width, ex.num_heads * ex.head_dim),
+            ("expert gate_up", s, 2 * ex.mlp_dim, ex.width),
+            ("expert down", s, ex.width, ex.mlp_dim),
+            ("square 8192", 8192, 8192, 8192),
+        ]
+        result["gemms"] = gemm_rates(shapes)
+        save()
+        for r in result["gemms"]:
+            print(
+                f"{r['label']:16s} bf16 {r['bf16_us']:8.2f} us  fp8 {r['fp8_us']:8.2f} us  "
+                f"fp8 {r['fp8_tflops']:7.1f} TFLOP/s",
+                flush=True,
+            )
+    for name in args.variants.split(","):
+        if not name:
+            continue
+        stage, mode, options = VARIANTS[name]
+        torch._dynamo.reset()  # compiled code of an earlier variant must not be reused under another mode
+        try:
+            row, runner = run_variant(parts, name, stage, mode, options, args.steps)
+        except Exception as exc:  # one failed variant must not lose the others' results
+            row = {"name": name, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            runner = None
+        result["variants"].append(row)
+        save()
+        if "error" in row:
+            print(name, "ERROR", row["error"][:500], flush=True)
+            continue
+        print(
+            f"== {name}: {row['median_ms']:.3f} ms median, {row['kernels_per_call']:.0f} kernels, "
+            f"setup {row['setup_s']:.0f} s",
+            flush=True,
+        )
+        for k in row["top"][:20]:
+            print(
+                f"   {k['ms']:7.3f} ms x{k['calls']:<6.0f} {k['us_each']:6.2f} us  {k['name'][:100]}",
+                flush=True,
+            )
+        del runner
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
