@@ -29,13 +29,25 @@ from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.stages import StageRunner
 
-# name -> (stage, compile mode or None for Inductor's default, runner options)
+# name -> (stage, compile mode or None for Inductor's default, model settings). The model is built once
+# with the FP8 prefix and an FP8 copy of the expert; settings choose the attention kernel and whether
+# the expert's FP8 GEMMs are used.
+EAGER_ATTN = {"split_kv": False, "fp8_expert": False}
+SPLIT_KV = {"split_kv": True, "fp8_expert": False}
 VARIANTS = {
-    "denoise-default": ("denoise", None, {}),
-    "denoise-max-autotune": ("denoise", "max-autotune-no-cudagraphs", {}),
-    "prefix-fp8-default": ("prefix", None, {}),
-    "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", {}),
+    "denoise-eager-attention": ("denoise", None, EAGER_ATTN),
+    "denoise-max-autotune": ("denoise", "max-autotune-no-cudagraphs", EAGER_ATTN),
+    "denoise-split-kv": ("denoise", None, SPLIT_KV),
+    "denoise-split-kv-fp8-expert": ("denoise", None, {"split_kv": True, "fp8_expert": True}),
+    "prefix-fp8-eager-attention": ("prefix", None, EAGER_ATTN),
+    "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", EAGER_ATTN),
+    "prefix-fp8-split-kv": ("prefix", None, SPLIT_KV),
 }
+
+
+def apply_settings(model, settings: dict) -> None:
+    model.split_kv_attention = settings["split_kv"]
+    model.expert.set_fp8(settings["fp8_expert"])
 
 
 def fill_slot(slot, prompt_tokens=200):
@@ -90,7 +102,8 @@ def kernel_table(run, stream, repeats=5, top=30) -> dict:
     }
 
 
-def run_variant(parts, name, stage, mode, options, steps):
+def run_variant(parts, name, stage, mode, settings, steps):
+    apply_settings(parts.model, settings)
     cfg = parts.config.model
     buffers = StaticBuffers(
         cfg, ShapeProfile(cfg.num_views, cfg.max_token_len, steps), parts.device, parts.model.compute_dtype
@@ -98,7 +111,7 @@ def run_variant(parts, name, stage, mode, options, steps):
     for slot in buffers.device_slots:
         fill_slot(slot)
     runner = StageRunner(
-        parts.model, buffers, parts.device, compile_stages=(stage,), compile_modes={stage: mode}, **options
+        parts.model, buffers, parts.device, compile_stages=(stage,), compile_modes={stage: mode}
     )
     stream = torch.cuda.Stream()
     started = time.perf_counter()
@@ -111,6 +124,7 @@ def run_variant(parts, name, stage, mode, options, steps):
         "stage": stage,
         "compile_mode": mode or "default",
         "precision": parts.config.precision,
+        "settings": settings,
         "setup_s": setup_s,
         "median_ms": float(np.median(times)),
         "p99_ms": float(np.percentile(times, 99)),
@@ -155,6 +169,9 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--gemms", action="store_true")
+    ap.add_argument(
+        "--accuracy", action="store_true", help="accuracy gates of the split-KV / FP8-expert settings"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     result = {
@@ -170,7 +187,29 @@ def main():
     def save():
         out.write_text(json.dumps(result, indent=2))
 
-    parts = build_parts(RuntimeConfig(preset="pi05", device="cuda", precision="fp8"))
+    config = RuntimeConfig(preset="pi05", device="cuda", precision="fp8", fp8_expert=True)
+    parts = build_parts(config)
+    if args.accuracy:
+        from vla_runtime.runtime.accuracy import accuracy_table, float32_reference
+
+        reference = float32_reference(config)
+        result["accuracy"] = {}
+        for label, settings in (
+            ("fp8 prefix, split-KV", SPLIT_KV),
+            ("fp8 prefix + expert, split-KV", {"split_kv": True, "fp8_expert": True}),
+        ):
+            apply_settings(parts.model, settings)
+            table = accuracy_table(config, frames=2, seed=1, reference=reference, candidate=parts)
+            summary = {
+                "passed": table["passed"],
+                "actions": next(r for r in table["rows"] if r["name"] == "actions"),
+                "kv_min_cosine": min(r["cosine"] for r in table["rows"] if r["name"].startswith("prefix.")),
+            }
+            result["accuracy"][label] = summary
+            print(label, json.dumps(summary), flush=True)
+        del reference
+        torch.cuda.empty_cache()
+        save()
     if args.gemms:
         cfg = parts.config.model
         lm, ex = cfg.prefix_lm, cfg.expert

@@ -6,7 +6,9 @@ magnitude seen, over e4m3's largest finite value 448) and saved with the model. 
 frame but the cast of the activations. Norms, RoPE, softmax and attention stay in bf16 / float32.
 
 Which GEMMs: the fused q/k/v projection, the output projection, the fused gate/up projection and the
-down projection of every prefix layer, i.e. all the prefix's weight GEMMs.
+down projection of every prefix layer, i.e. all the prefix's weight GEMMs; optionally
+(`RuntimeConfig.fp8_expert`) the same four GEMMs of every action-expert layer, whose 50-row GEMMs are
+bound by reading their weights, which FP8 halves.
 """
 
 from __future__ import annotations
@@ -71,7 +73,12 @@ class FP8Linear(nn.Module):
 
 
 def quantize_prefix(stack: GemmaStack) -> int:
-    """Attach FP8 copies of the prefix's GEMM weights (the bf16 weights stay, for the reference path).
+    """The prefix LM: its last layer computes only its keys and values (PI0Model.fill_prefix)."""
+    return quantize_stack(stack, last_layer_kv_only=True)
+
+
+def quantize_stack(stack: GemmaStack, last_layer_kv_only: bool = False) -> int:
+    """Attach FP8 copies of a Gemma stack's GEMM weights (the bf16 weights stay, for the reference path).
     Returns the number of quantised GEMMs."""
     count = 0
     for i, layer in enumerate(stack.layers):
@@ -80,8 +87,8 @@ def quantize_prefix(stack: GemmaStack) -> int:
             raise ValueError("fp8: fuse the projections first (PI0Model.set_precision)")
         attn.qkv_fp8 = FP8Linear(attn.qkv_weight)
         count += 1
-        if i == len(stack.layers) - 1:
-            break  # the prefix's last layer computes only its keys and values (PI0Model.fill_prefix)
+        if last_layer_kv_only and i == len(stack.layers) - 1:
+            break
         attn.o_fp8 = FP8Linear(attn.o_proj.weight)
         mlp.gate_up_fp8 = FP8Linear(mlp.gate_up_weight)
         mlp.down_fp8 = FP8Linear(mlp.down_proj.weight)
@@ -89,7 +96,8 @@ def quantize_prefix(stack: GemmaStack) -> int:
     return count
 
 
-def fp8_modules(stack: GemmaStack) -> dict[str, FP8Linear]:
+def fp8_modules(stack: GemmaStack, prefix: str = "") -> dict[str, FP8Linear]:
+    """Every FP8 GEMM of a stack by name (`prefix` + layers.<i>.<gemm>): the calibration file's keys."""
     out = {}
     for i, layer in enumerate(stack.layers):
         for name, module in (
@@ -99,15 +107,23 @@ def fp8_modules(stack: GemmaStack) -> dict[str, FP8Linear]:
             ("down", layer.mlp.down_fp8),
         ):
             if module is not None:
-                out[f"layers.{i}.{name}"] = module
+                out[f"{prefix}layers.{i}.{name}"] = module
     return out
 
 
-@torch.no_grad()
+def _modules(stack_or_modules) -> dict[str, FP8Linear]:
+    return fp8_modules(stack_or_modules) if isinstance(stack_or_modules, GemmaStack) else stack_or_modules
+
+
 def calibrate_prefix(stack: GemmaStack, run_frames, margin: float = 1.0) -> dict[str, float]:
-    """Run `run_frames()` (the prefix over a handful of frames) with every FP8 GEMM observing its input,
-    then fix each input scale to amax * margin / 448."""
-    modules = fp8_modules(stack)
+    return calibrate(fp8_modules(stack), run_frames, margin)
+
+
+@torch.no_grad()
+def calibrate(modules: dict[str, FP8Linear], run_frames, margin: float = 1.0) -> dict[str, float]:
+    """Run `run_frames()` (the stages over a handful of frames) with every FP8 GEMM observing its input,
+    then fix each input scale to amax * margin / 448. For the action expert the amax is taken over every
+    denoising step: one scale per GEMM serves the whole loop."""
     for m in modules.values():
         m.calibrating = True
         m.observed_amax = torch.zeros((), device=m.weight_scale.device)
@@ -124,18 +140,18 @@ def calibrate_prefix(stack: GemmaStack, run_frames, margin: float = 1.0) -> dict
     return scales
 
 
-def save_calibration(stack: GemmaStack, path: str | Path) -> Path:
+def save_calibration(stack_or_modules, path: str | Path) -> Path:
     tensors = {
         f"{name}.input_scale": m.input_scale.detach().cpu().reshape(1)
-        for name, m in fp8_modules(stack).items()
+        for name, m in _modules(stack_or_modules).items()
     }
     save_file(tensors, str(path))
     return Path(path)
 
 
-def load_calibration(stack: GemmaStack, path: str | Path) -> None:
+def load_calibration(stack_or_modules, path: str | Path) -> None:
     tensors = load_file(str(path))
-    modules = fp8_modules(stack)
+    modules = _modules(stack_or_modules)
     missing = sorted(f"{n}.input_scale" for n in modules if f"{n}.input_scale" not in tensors)
     if missing:
         raise ValueError(

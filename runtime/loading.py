@@ -65,12 +65,26 @@ def resolve_tokenizer(config: RuntimeConfig) -> Path:
     return demo_tokenizer_path()
 
 
+def use_split_kv_attention(config: RuntimeConfig) -> bool:
+    from ..graphs import split_kv_attention
+
+    if config.attention == "eager":
+        return False
+    ok = split_kv_attention.available(config.device)
+    if config.attention == "triton":
+        if not ok:
+            raise ValueError("attention: triton requested but Triton or CUDA is not available")
+        return True
+    return ok and config.compute_dtype in (torch.bfloat16, torch.float16)
+
+
 def build_parts(config: RuntimeConfig) -> PolicyParts:
     cfg = config.model
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {config.device} requested but CUDA is not available")
     model = build_model(cfg, config.device, config.checkpoint, seed=config.seed)
     model.set_precision(config.compute_dtype, config.vision_dtype)
+    model.split_kv_attention = use_split_kv_attention(config)
     tokenizer = PromptTokenizer(resolve_tokenizer(config), cfg.max_token_len)
     if tokenizer.vocab_size > cfg.prefix_lm.vocab_size:
         raise ValueError(
@@ -103,12 +117,15 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
 def prepare_fp8(parts: PolicyParts) -> None:
     """Quantise the prefix's GEMM weights once, then load or calibrate the activation scales."""
     from ..graphs.fp8 import (
-        calibrate_prefix,
+        calibrate,
+        fp8_modules,
         fp8_supported,
         load_calibration,
         quantize_prefix,
+        quantize_stack,
         save_calibration,
     )
+    from ..graphs.pi0 import time_schedule
     from .inputs import pixels_to_model_input
     from .synthetic import synthetic_observation
 
@@ -118,9 +135,14 @@ def prepare_fp8(parts: PolicyParts) -> None:
     model, config = parts.model, parts.config
     quantize_prefix(model.prefix_lm)
     model.prefix_lm.set_fp8(True)
+    modules = fp8_modules(model.prefix_lm)
+    if config.fp8_expert:
+        quantize_stack(model.expert)
+        model.expert.set_fp8(True)
+        modules.update(fp8_modules(model.expert, prefix="expert."))
     path = Path(config.fp8_calibration) if config.fp8_calibration else None
     if path is not None and path.exists():
-        load_calibration(model.prefix_lm, path)
+        load_calibration(modules, path)
         log.info("fp8 activation scales loaded from %s", path)
         return
     rng = np.random.default_rng(config.seed)
@@ -128,14 +150,24 @@ def prepare_fp8(parts: PolicyParts) -> None:
         parts.preparer(synthetic_observation(config, rng)) for _ in range(config.fp8_calibration_frames)
     ]
 
+    times, dt = time_schedule(config.denoising_steps)
+    times = torch.from_numpy(times).to(parts.device)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    cfg = config.model
+
     def run_frames():
         for f in frames:
             t = lambda a: torch.from_numpy(a)[None].to(parts.device)  # noqa: E731
             tokens = model.encode_images(pixels_to_model_input(t(f.pixels)))
-            model.fill_prefix(tokens, t(f.image_masks), t(f.tokens), t(f.token_masks))
+            kv, mask = model.fill_prefix(tokens, t(f.image_masks), t(f.tokens), t(f.token_masks))
+            if config.fp8_expert:
+                noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=generator)
+                noise = noise.to(parts.device)
+                model.denoise(kv, mask, t(f.state), noise, times, dt)
 
-    calibrate_prefix(model.prefix_lm, run_frames)
+    calibrate(modules, run_frames)
     log.info("fp8 activation scales calibrated on %d synthetic frames", len(frames))
     if path is not None:
-        save_calibration(model.prefix_lm, path)
+        save_calibration(modules, path)
         log.info("fp8 activation scales saved to %s", path)
