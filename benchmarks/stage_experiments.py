@@ -39,6 +39,7 @@ VARIANTS = {
     "denoise-max-autotune": ("denoise", "max-autotune-no-cudagraphs", EAGER_ATTN),
     "denoise-split-kv": ("denoise", None, SPLIT_KV),
     "denoise-split-kv-fp8-expert": ("denoise", None, {"split_kv": True, "fp8_expert": True}),
+    "denoise-fp8-expert": ("denoise", None, {"split_kv": False, "fp8_expert": True}),
     "prefix-fp8-eager-attention": ("prefix", None, EAGER_ATTN),
     "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", EAGER_ATTN),
     "prefix-fp8-split-kv": ("prefix", None, SPLIT_KV),

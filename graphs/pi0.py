@@ -185,10 +185,18 @@ class PI0Model(nn.Module):
             ],
             dim=2,
         )
-        bias = attention_bias(allowed, e.num_heads // e.num_kv_heads, self.compute_dtype)  # [B, 1, G*S, P+S]
+        # Key padding: the denoise attention's GEMMs run on P + S keys; a count that is not a multiple of 8
+        # (pi05: 968 + 50) sends cuBLAS to 2-element-aligned kernels about twice as slow. Pad keys are
+        # zeros that no query may attend to.
+        pad = self.key_padding(prefix_mask.shape[1])
+        allowed = torch.cat([allowed, allowed.new_zeros(b, s, pad)], dim=2)
+        bias = attention_bias(allowed, e.num_heads // e.num_kv_heads, self.compute_dtype)  # [B,1,G*S,P+S+pad]
         positions = prefix_mask.sum(1, keepdim=True) + torch.arange(s, device=prefix_mask.device)[None]
         cos, sin = rope_cos_sin(positions, e.head_dim, e.rope_theta, self.compute_dtype)
         return bias, cos, sin
+
+    def key_padding(self, prefix_len: int) -> int:
+        return -(prefix_len + self.cfg.suffix_len) % 8
 
     def velocity(self, kv_cache, bias, cos, sin, state, x_t, time_cond) -> torch.Tensor:
         """One flow-matching velocity v(x_t, t) over the cached prefix. x_t [B, H, A] -> [B, H, A] f32."""
@@ -200,9 +208,10 @@ class PI0Model(nn.Module):
             if self.split_kv_attention:  # reads the cache in place: no concatenation
                 attn = split_kv_attention(q, kv_cache[i, 0], kv_cache[i, 1], k, v, bias)
             else:
-                attn = grouped_attention(
-                    q, torch.cat([kv_cache[i, 0], k], dim=2), torch.cat([kv_cache[i, 1], v], dim=2), bias
-                )
+                pad = k.new_zeros(*k.shape[:2], self.key_padding(kv_cache.shape[-2]), k.shape[-1])
+                keys = torch.cat([kv_cache[i, 0], k, pad], dim=2)
+                values = torch.cat([kv_cache[i, 1], v, pad], dim=2)
+                attn = grouped_attention(q, keys, values, bias)
             hidden = layer.finish(hidden, attn, gate, mod_post)
         return self._velocity_head(hidden, mods, x_t.shape[1])
 

@@ -29,7 +29,6 @@ except ImportError:  # CPU-only installs: the eager attention serves
 
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner step
-COMBINE_ROWS = 16
 
 
 def available(device: torch.device | str) -> bool:
@@ -37,15 +36,34 @@ def available(device: torch.device | str) -> bool:
 
 
 if triton is not None:
-    # Strides and lengths are never specialised to constants: both branches of the source choice below
-    # must see the same types whatever the shapes (Triton turns an argument equal to 1 into a constant).
-    @triton.jit(do_not_specialize=["len1", "len2", "sk1_n", "sv1_n", "sk2_n", "sv2_n", "splits1"])
+
+    @triton.jit
+    def _attend(q, k_ptr, v_ptr, bias_ptr, row_ok, lo, hi, m_i, l_i, acc, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        """Online softmax over keys [lo, hi) of one source (rows [n, HEAD_DIM] contiguous)."""
+        d = tl.arange(0, HEAD_DIM)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            key_ok = n < hi
+            k = tl.load(k_ptr + n[None, :] * HEAD_DIM + d[:, None], mask=key_ok[None, :], other=0.0)
+            s = tl.dot(q, k) * qk_scale  # log2 domain: exp2 below
+            bias = tl.load(bias_ptr + n[None, :], mask=row_ok[:, None] & key_ok[None, :], other=float("-inf"))
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + n[:, None] * HEAD_DIM + d[None, :], mask=key_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
     def _partial_attention(
         Q, K1, V1, K2, V2, Bias, PartO, PartM, PartL, Out, so_b, so_t,
-        rows, seq_q, groups, len1, len2, splits1, keys_per_split, qk_scale,
-        sq_b, sq_h, sq_t, sk1_b, sk1_h, sk1_n, sv1_b, sv1_h, sv1_n,
-        sk2_b, sk2_h, sk2_n, sv2_b, sv2_h, sv2_n, sbias_b, sbias_m,
-        num_kv_heads,
+        rows, seq_q, groups, len1, len2, keys_per_split, qk_scale,
+        sq_b, sq_h, sq_t, sk1_b, sk1_h, sk2_b, sk2_h, sbias_b, sbias_m, num_kv_heads,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     ):  # fmt: skip
         pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -56,42 +74,21 @@ if triton is not None:
         head = kvh * groups + r // seq_q
         q_ptr = Q + b * sq_b + head[:, None] * sq_h + (r % seq_q)[:, None] * sq_t + d[None, :]
         q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
-        # Which source this program reads: the first `splits1` slices cover K1/V1, the rest K2/V2.
-        if split < splits1:
-            k_base = K1 + b * sk1_b + kvh * sk1_h
-            v_base = V1 + b * sv1_b + kvh * sv1_h
-            sk_n, sv_n = sk1_n, sv1_n
-            start = split * keys_per_split
-            end = tl.minimum(start + keys_per_split, len1)
-            bias_col0 = len1 * 0  # same type as in the other branch
-        else:
-            k_base = K2 + b * sk2_b + kvh * sk2_h
-            v_base = V2 + b * sv2_b + kvh * sv2_h
-            sk_n, sv_n = sk2_n, sv2_n
-            start = (split - splits1) * keys_per_split
-            end = tl.minimum(start + keys_per_split, len2)
-            bias_col0 = len1
-        bias_base = Bias + b * sbias_b + r[:, None] * sbias_m + bias_col0
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            key_ok = n < end
-            k = tl.load(k_base + n[None, :] * sk_n + d[:, None], mask=key_ok[None, :], other=0.0)
-            s = tl.dot(q, k) * qk_scale  # log2 domain: exp2 below
-            bias = tl.load(
-                bias_base + n[None, :], mask=row_ok[:, None] & key_ok[None, :], other=float("-inf")
-            )
-            s = s + bias.to(tl.float32) * 1.4426950408889634
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=key_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        # This program's slice [lo, hi) of the keys [K1 | K2]; each part may be empty.
+        lo = split * keys_per_split
+        hi = lo + keys_per_split
+        bias_row = Bias + b * sbias_b + r[:, None] * sbias_m
+        m_i, l_i, acc = _attend(
+            q, K1 + b * sk1_b + kvh * sk1_h, V1 + b * sk1_b + kvh * sk1_h, bias_row, row_ok,
+            tl.minimum(lo, len1), tl.minimum(hi, len1), m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
+        m_i, l_i, acc = _attend(
+            q, K2 + b * sk2_b + kvh * sk2_h, V2 + b * sk2_b + kvh * sk2_h, bias_row + len1, row_ok,
+            tl.maximum(lo - len1, 0), tl.minimum(hi - len1, len2), m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
         if SINGLE_SPLIT:  # nothing to merge: normalise and write the output directly
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             out_ptr = Out + b * so_b + (r % seq_q)[:, None] * so_t + head[:, None] * HEAD_DIM + d[None, :]
@@ -105,30 +102,23 @@ if triton is not None:
     @triton.jit
     def _merge_splits(
         PartO, PartM, PartL, Out, rows, seq_q, groups, splits, so_b, so_t, num_kv_heads,
-        HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
     ):  # fmt: skip
-        pid, bh = tl.program_id(0), tl.program_id(1)
+        """One program per row: every split's partial result in one [SPLITS, HEAD_DIM] load."""
+        r, bh = tl.program_id(0), tl.program_id(1)
         b, kvh = bh // num_kv_heads, bh % num_kv_heads
-        r = pid * ROWS + tl.arange(0, ROWS)
+        sp = tl.arange(0, SPLITS)
         d = tl.arange(0, HEAD_DIM)
-        row_ok = r < rows
-        m = tl.full([ROWS], float("-inf"), tl.float32)
-        for s in range(0, splits):
-            m = tl.maximum(m, tl.load(PartM + (bh * splits + s) * rows + r, mask=row_ok, other=float("-inf")))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l_sum = tl.zeros([ROWS], tl.float32)
-        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        for s in range(0, splits):
-            part = (bh * splits + s) * rows + r
-            w = tl.math.exp2(tl.load(PartM + part, mask=row_ok, other=float("-inf")) - m_safe)
-            l_sum += w * tl.load(PartL + part, mask=row_ok, other=0.0)
-            acc += w[:, None] * tl.load(
-                PartO + part[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0
-            )
-        out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+        split_ok = sp < splits
+        part = (bh * splits + sp) * rows + r
+        m = tl.load(PartM + part, mask=split_ok, other=float("-inf"))
+        m_max = tl.max(m, 0)
+        w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+        l_sum = tl.sum(w * tl.load(PartL + part, mask=split_ok, other=0.0), 0)
+        o = tl.load(PartO + part[:, None] * HEAD_DIM + d[None, :], mask=split_ok[:, None], other=0.0)
+        out = tl.sum(w[:, None] * o, 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
         head = kvh * groups + r // seq_q
-        out_ptr = Out + b * so_b + (r % seq_q)[:, None] * so_t + head[:, None] * HEAD_DIM + d[None, :]
-        tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(Out + b * so_b + (r % seq_q) * so_t + head * HEAD_DIM + d, out.to(Out.dtype.element_ty))
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -155,14 +145,19 @@ def split_kv_attention(
     groups, rows = hq // hkv, (hq // hkv) * t
     if d & (d - 1) or d < 16:
         raise ValueError(f"split_kv_attention: head_dim must be a power of two >= 16, got {d}")
-    q, k1, v1, k2, v2, bias = map(_last_dim_contiguous, (q, k1, v1, k2, v2, bias))
+    q, bias = _last_dim_contiguous(q), _last_dim_contiguous(bias)
+    k1, v1, k2, v2 = (
+        x if x.stride(-2) == d and x.stride(-1) == 1 else x.contiguous() for x in (k1, v1, k2, v2)
+    )
+    if v1.stride()[:2] != k1.stride()[:2] or v2.stride()[:2] != k2.stride()[:2]:
+        v1, v2 = v1.contiguous(), v2.contiguous()
+        k1, k2 = k1.contiguous(), k2.contiguous()
     m_blocks = triton.cdiv(rows, BLOCK_M)
     # Slice the keys so that roughly one wave of programs covers every SM.
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     wanted = max(1, sms // (m_blocks * b * hkv))
     keys_per_split = max(BLOCK_N, triton.cdiv(triton.cdiv(len1 + len2, wanted), BLOCK_N) * BLOCK_N)
-    splits1, splits2 = triton.cdiv(len1, keys_per_split), triton.cdiv(len2, keys_per_split)
-    splits = splits1 + splits2
+    splits = triton.cdiv(len1 + len2, keys_per_split)
     out = torch.empty(b, t, hq * d, dtype=q.dtype, device=q.device)
     single = splits == 1
     part_rows = 1 if single else b * hkv * splits * rows
@@ -171,18 +166,16 @@ def split_kv_attention(
     part_l = torch.empty_like(part_m)
     _partial_attention[(m_blocks, splits, b * hkv)](
         q, k1, v1, k2, v2, bias, part_o, part_m, part_l, out, out.stride(0), out.stride(1),
-        rows, t, groups, len1, len2, splits1, keys_per_split, 1.4426950408889634 / math.sqrt(d),
-        q.stride(0), q.stride(1), q.stride(2),
-        k1.stride(0), k1.stride(1), k1.stride(2), v1.stride(0), v1.stride(1), v1.stride(2),
-        k2.stride(0), k2.stride(1), k2.stride(2), v2.stride(0), v2.stride(1), v2.stride(2),
+        rows, t, groups, len1, len2, keys_per_split, 1.4426950408889634 / math.sqrt(d),
+        q.stride(0), q.stride(1), q.stride(2), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
         bias.stride(0), bias.stride(2), hkv,
         HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE_SPLIT=single, num_warps=8, num_stages=2,
     )  # fmt: skip
     if single:
         return out
-    _merge_splits[(triton.cdiv(rows, COMBINE_ROWS), b * hkv)](
+    _merge_splits[(rows, b * hkv)](
         part_o, part_m, part_l, out, rows, t, groups, splits, out.stride(0), out.stride(1), hkv,
-        HEAD_DIM=d, ROWS=COMBINE_ROWS, num_warps=4,
+        HEAD_DIM=d, SPLITS=triton.next_power_of_2(splits), num_warps=4,
     )  # fmt: skip
     return out
 
