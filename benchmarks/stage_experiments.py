@@ -43,7 +43,20 @@ VARIANTS = {
     "prefix-fp8-eager-attention": ("prefix", None, EAGER_ATTN),
     "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", EAGER_ATTN),
     "prefix-fp8-split-kv": ("prefix", None, SPLIT_KV),
+    "prefix-fp8-kv-returned": ("prefix", None, {**EAGER_ATTN, "kv_returned": True}),
 }
+
+
+def prefix_kv_returned(runner):
+    """The prefix stage with the KV cache returned by the compiled function and copied once, instead of
+    written layer by layer into the slot inside it."""
+
+    def run(d):
+        kv, pad = runner.fns["fill"](d.image_tokens, d.image_masks, d.tokens, d.token_masks)
+        d.kv_cache.copy_(kv)
+        d.prefix_mask.copy_(pad)
+
+    return run
 
 
 def apply_settings(model, settings: dict) -> None:
@@ -114,6 +127,8 @@ def run_variant(parts, name, stage, mode, settings, steps):
     runner = StageRunner(
         parts.model, buffers, parts.device, compile_stages=(stage,), compile_modes={stage: mode}
     )
+    if settings.get("kv_returned"):
+        runner.engines["prefix"] = prefix_kv_returned(runner)
     stream = torch.cuda.Stream()
     started = time.perf_counter()
     runner.capture({stage: stream}, {stage: torch.cuda.graph_pool_handle()}, stages=(stage,))

@@ -137,9 +137,14 @@ def split_kv_attention(
     """softmax(q [k1 | k2]^T / sqrt(Dh) + bias) [v1 | v2], grouped queries, no concatenation.
 
     q [B, Hq, T, Dh]; k1/v1 [B, Hkv, S1, Dh] (the prefix cache); k2/v2 [B, Hkv, S2, Dh] (S2 may be 0);
-    bias [B, 1, G*T, S1+S2] additive (0 / -inf), rows in `grouped_attention`'s folded order.
+    bias [B, 1, G*T, >= S1+S2] additive (0 / -inf), rows in `grouped_attention`'s folded order.
     Returns [B, T, Hq * Dh] in q's dtype.
     """
+    return launch(q, k1, v1, k2, v2, bias)
+
+
+def launch(q, k1, v1, k2, v2, bias, block_m=BLOCK_M, block_n=BLOCK_N, num_warps=8, num_stages=2):
+    """`split_kv_attention` with its tile sizes open (benchmarks/attention_experiments.py sweeps them)."""
     b, hq, t, d = q.shape
     hkv, len1, len2 = k1.shape[1], k1.shape[2], k2.shape[2]
     groups, rows = hq // hkv, (hq // hkv) * t
@@ -152,11 +157,11 @@ def split_kv_attention(
     if v1.stride()[:2] != k1.stride()[:2] or v2.stride()[:2] != k2.stride()[:2]:
         v1, v2 = v1.contiguous(), v2.contiguous()
         k1, k2 = k1.contiguous(), k2.contiguous()
-    m_blocks = triton.cdiv(rows, BLOCK_M)
+    m_blocks = triton.cdiv(rows, block_m)
     # Slice the keys so that roughly one wave of programs covers every SM.
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     wanted = max(1, sms // (m_blocks * b * hkv))
-    keys_per_split = max(BLOCK_N, triton.cdiv(triton.cdiv(len1 + len2, wanted), BLOCK_N) * BLOCK_N)
+    keys_per_split = max(block_n, triton.cdiv(triton.cdiv(len1 + len2, wanted), block_n) * block_n)
     splits = triton.cdiv(len1 + len2, keys_per_split)
     out = torch.empty(b, t, hq * d, dtype=q.dtype, device=q.device)
     single = splits == 1
@@ -169,7 +174,8 @@ def split_kv_attention(
         rows, t, groups, len1, len2, keys_per_split, 1.4426950408889634 / math.sqrt(d),
         q.stride(0), q.stride(1), q.stride(2), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
         bias.stride(0), bias.stride(2), hkv,
-        HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE_SPLIT=single, num_warps=8, num_stages=2,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_SPLIT=single, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     if single:
         return out
