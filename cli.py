@@ -64,6 +64,7 @@ def runtime_config_from_args(args):
         device=args.device,
         precision=args.precision or ("bf16" if args.device != "cpu" else "float32"),
         vision_precision=args.vision_precision,
+        fp8_expert=args.fp8_expert,
         steps=args.steps,
         seed=args.seed,
     )
@@ -190,6 +191,7 @@ def cmd_eval_libero(args) -> int:
                 device=device,
                 precision=precision,
                 vision_precision=args.vision_precision,
+                fp8_expert=args.fp8_expert,
                 steps=args.steps,
                 tokenizer=args.tokenizer,
                 robot=args.robot,
@@ -361,6 +363,7 @@ def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False)
         p.add_argument("--device", default=None)
         p.add_argument("--precision", default=None, choices=["float32", "bf16", "fp8"])
         p.add_argument("--vision-precision", default=None, choices=["float32", "bf16", "fp16"])
+        p.add_argument("--fp8-expert", action="store_true", help="with fp8: the action expert's GEMMs too")
         p.add_argument("--steps", type=int, default=None)
         p.add_argument("--seed", type=int, default=7)
         return
@@ -381,6 +384,7 @@ def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False)
         choices=["float32", "bf16", "fp16"],
         help="the SigLIP tower's precision (default: as --precision)",
     )
+    p.add_argument("--fp8-expert", action="store_true", help="with fp8: the action expert's GEMMs too")
     p.add_argument("--steps", type=int, default=None, help="denoising steps 1..10")
     p.add_argument("--seed", type=int, default=0)
 

@@ -26,7 +26,6 @@ from .config import ModelConfig
 from .gemma import GemmaStack
 from .layers import attention_bias, grouped_attention, prefix_lm_mask, rope_cos_sin
 from .siglip import SiglipVisionTower
-from .split_kv_attention import split_kv_attention
 
 MAX_DENOISING_STEPS = 10
 
@@ -72,9 +71,6 @@ class PI0Model(nn.Module):
             self.action_time_mlp_out = nn.Linear(ew, ew)
         self.vision_dtype = torch.float32
         self.compute_dtype = torch.float32
-        # True: prefix and denoise attention through the Triton split-KV kernel (CUDA only), which reads
-        # the KV cache in place; False: `grouped_attention`, two GEMMs around a float32 softmax.
-        self.split_kv_attention = False
 
     # ---------------------------------------------------------------- precision
     def set_precision(self, compute_dtype: torch.dtype, vision_dtype: torch.dtype | None = None) -> PI0Model:
@@ -136,11 +132,7 @@ class PI0Model(nn.Module):
                 keys_values.append(torch.stack([k, v]))
             if i == len(layers) - 1:
                 break  # the last layer's output is never read: only its keys and values are
-            if self.split_kv_attention:
-                attn = split_kv_attention(q, k, v, k[:, :, :0], v[:, :, :0], bias)
-            else:
-                attn = grouped_attention(q, k, v, bias)
-            hidden = layer.finish(hidden, attn, gate, None)
+            hidden = layer.finish(hidden, grouped_attention(q, k, v, bias), gate, None)
         if kv_cache is None:
             kv_cache = torch.stack(keys_values)
         return kv_cache, pad
@@ -205,14 +197,10 @@ class PI0Model(nn.Module):
         for i, layer in enumerate(self.expert.layers):
             mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
             q, k, v, gate = layer.qkv(hidden, cos, sin, mod_in)
-            if self.split_kv_attention:  # reads the cache in place: no concatenation
-                attn = split_kv_attention(q, kv_cache[i, 0], kv_cache[i, 1], k, v, bias)
-            else:
-                pad = k.new_zeros(*k.shape[:2], self.key_padding(kv_cache.shape[-2]), k.shape[-1])
-                keys = torch.cat([kv_cache[i, 0], k, pad], dim=2)
-                values = torch.cat([kv_cache[i, 1], v, pad], dim=2)
-                attn = grouped_attention(q, keys, values, bias)
-            hidden = layer.finish(hidden, attn, gate, mod_post)
+            pad = k.new_zeros(*k.shape[:2], self.key_padding(kv_cache.shape[-2]), k.shape[-1])
+            keys = torch.cat([kv_cache[i, 0], k, pad], dim=2)
+            values = torch.cat([kv_cache[i, 1], v, pad], dim=2)
+            hidden = layer.finish(hidden, grouped_attention(q, keys, values, bias), gate, mod_post)
         return self._velocity_head(hidden, mods, x_t.shape[1])
 
     def _velocity_head(self, suffix_hidden, mods, horizon):

@@ -41,9 +41,6 @@ class RuntimeConfig:
     )
     fp8_calibration_frames: int = 8
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
-    # auto: the Triton split-KV attention kernel on CUDA in bf16/fp16 (graphs/split_kv_attention.py),
-    # else the eager attention; eager | triton force one.
-    attention: str = "auto"
     max_image_side: int = 4096
 
     def __post_init__(self):
@@ -59,10 +56,6 @@ class RuntimeConfig:
             raise ValueError(
                 f"vision_precision: must be one of {sorted(PRECISIONS)}, got {self.vision_precision!r}"
             )
-        if self.attention not in ("auto", "eager", "triton"):
-            raise ValueError(f"attention: must be auto, eager or triton, got {self.attention!r}")
-        if self.attention == "triton" and not self.device.startswith("cuda"):
-            raise ValueError("attention: the triton kernel needs a CUDA device")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: must be cpu or cuda[:N], got {self.device!r}")
         model = self.model

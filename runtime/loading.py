@@ -65,26 +65,12 @@ def resolve_tokenizer(config: RuntimeConfig) -> Path:
     return demo_tokenizer_path()
 
 
-def use_split_kv_attention(config: RuntimeConfig) -> bool:
-    from ..graphs import split_kv_attention
-
-    if config.attention == "eager":
-        return False
-    ok = split_kv_attention.available(config.device)
-    if config.attention == "triton":
-        if not ok:
-            raise ValueError("attention: triton requested but Triton or CUDA is not available")
-        return True
-    return ok and config.compute_dtype in (torch.bfloat16, torch.float16)
-
-
 def build_parts(config: RuntimeConfig) -> PolicyParts:
     cfg = config.model
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {config.device} requested but CUDA is not available")
     model = build_model(cfg, config.device, config.checkpoint, seed=config.seed)
     model.set_precision(config.compute_dtype, config.vision_dtype)
-    model.split_kv_attention = use_split_kv_attention(config)
     tokenizer = PromptTokenizer(resolve_tokenizer(config), cfg.max_token_len)
     if tokenizer.vocab_size > cfg.prefix_lm.vocab_size:
         raise ValueError(

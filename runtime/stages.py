@@ -86,7 +86,10 @@ class StageRunner:
         d.image_tokens.copy_(self.fns["encode"](pixels_to_model_input(d.pixels)))
 
     def _prefix(self, d: DeviceSlot) -> None:
-        _, pad = self.fns["fill"](d.image_tokens, d.image_masks, d.tokens, d.token_masks, kv_cache=d.kv_cache)
+        # The compiled function returns the cache and it is copied once: written into the slot layer by
+        # layer inside it, Inductor adds a slow strided copy per layer (4.69 vs 4.89 ms, FP8 prefix, H100).
+        kv, pad = self.fns["fill"](d.image_tokens, d.image_masks, d.tokens, d.token_masks)
+        d.kv_cache.copy_(kv)
         d.prefix_mask.copy_(pad)
 
     def _denoise(self, d: DeviceSlot) -> None:

@@ -1,5 +1,5 @@
-"""FP8 prefix GEMMs (torch._scaled_mm also runs on the CPU, so the numerics are checked in CI; the speed
-and the GPU gates are in tests/gpu)."""
+"""FP8 prefix and action-expert GEMMs (torch._scaled_mm also runs on the CPU, so the numerics are
+checked in CI; the speed and the GPU gates are in tests/gpu)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from vla_runtime.graphs import fp8
 from vla_runtime.graphs.config import get_preset
+from vla_runtime.graphs.pi0 import time_schedule
 from vla_runtime.graphs.weights import build_model
 
 
@@ -55,3 +56,34 @@ def test_quantized_prefix_within_gate_and_calibration_round_trip(tmp_path):
     fresh = build_model(cfg, seed=3).set_precision(torch.bfloat16)
     with pytest.raises(ValueError, match="fp8: quantize the stack first"):
         fresh.prefix_lm.set_fp8(True)
+
+
+@torch.inference_mode()
+def test_quantized_expert_over_the_denoising_loop(tmp_path):
+    """Every expert GEMM in FP8, one activation scale per GEMM for all steps, inside the 0.99 gate."""
+    cfg = get_preset("pi05_tiny")
+    model = build_model(cfg, seed=5).set_precision(torch.bfloat16)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    kv, mask = prefix_run(model, cfg, gen)(), torch.ones(1, cfg.prefix_len, dtype=torch.bool)
+    times, dt = time_schedule(cfg.default_steps)
+    noise, state = (
+        torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=gen),
+        torch.zeros(1, cfg.action_dim),
+    )
+    run = lambda: model.denoise(kv, mask, state, noise, torch.from_numpy(times), dt)  # noqa: E731
+    reference = run()
+    assert fp8.quantize_stack(model.expert) == 4 * cfg.expert.depth  # no layer skips its MLP here
+    model.expert.set_fp8(True)
+    modules = fp8.fp8_modules(model.expert, prefix="expert.")
+    scales = fp8.calibrate(modules, run)
+    assert sorted(scales) == sorted(modules) and all(k.startswith("expert.layers.") for k in scales)
+    quantized = run()
+    cos = torch.nn.functional.cosine_similarity(quantized.flatten(), reference.flatten(), dim=0)
+    assert cos >= 0.99 and (quantized - reference).abs().max() > 0
+    path = fp8.save_calibration(modules, tmp_path / "scales.safetensors")
+    first = next(iter(modules.values()))
+    saved, _ = float(first.input_scale), first.input_scale.fill_(7.0)
+    fp8.load_calibration(modules, path)
+    assert float(first.input_scale) == saved
+    with pytest.raises(ValueError, match="missing scales"):
+        fp8.load_calibration({**modules, "expert.layers.99.qkv": first}, path)

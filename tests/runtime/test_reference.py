@@ -98,6 +98,7 @@ def test_bad_config_is_refused():
         (dict(state_dim=99), "state_dim"),
         (dict(optional_cameras=("x",)), "optional_cameras"),
         (dict(precision="int4"), "precision"),
+        (dict(precision="bf16", fp8_expert=True), "fp8_expert"),
     ):
         with pytest.raises(ValueError, match=field):
             RuntimeConfig(**kwargs)
