@@ -16,11 +16,15 @@ from vla_runtime.runtime.reference import EagerPolicy
 from ..conftest import random_observation
 
 
-@pytest.mark.parametrize("precision, vision", [("bf16", "fp16"), ("fp8", "fp16"), ("bf16", None)])
-def test_accuracy_gates(cuda, precision, vision):
-    result = accuracy_table(
-        RuntimeConfig(preset="pi05", device="cuda", precision=precision, vision_precision=vision), frames=3
+@pytest.mark.parametrize(
+    "precision, vision, fp8_expert",
+    [("bf16", "fp16", False), ("fp8", "fp16", False), ("fp8", "fp16", True), ("bf16", None, False)],
+)
+def test_accuracy_gates(cuda, precision, vision, fp8_expert):
+    config = RuntimeConfig(
+        preset="pi05", device="cuda", precision=precision, vision_precision=vision, fp8_expert=fp8_expert
     )
+    result = accuracy_table(config, frames=3)
     print("\n" + format_table(result))
     if precision == "fp8":  # FP8 really ran: its keys and values differ from float32 more than bf16's do
         kv = [r["rel_l2"] for r in result["rows"] if r["name"].startswith("prefix.")]
@@ -32,11 +36,12 @@ def test_accuracy_gates(cuda, precision, vision):
 
 def test_fp8_executor_matches_fp8_reference(cuda):
     executor = PipelinedExecutor(
-        RuntimeConfig(preset="pi05", device="cuda", precision="fp8", vision_precision="fp16")
+        RuntimeConfig(preset="pi05", device="cuda", precision="fp8", vision_precision="fp16", fp8_expert=True)
     )
     reference = EagerPolicy(parts=executor.parts)
-    layer = executor.parts.model.prefix_lm.layers[0]
-    assert layer.self_attn.fp8_enabled and layer.mlp.fp8_enabled and layer.mlp.gate_up_fp8 is not None
+    for stack in (executor.parts.model.prefix_lm, executor.parts.model.expert):
+        layer = stack.layers[0]
+        assert layer.self_attn.fp8_enabled and layer.mlp.fp8_enabled and layer.mlp.gate_up_fp8 is not None
     rng = np.random.default_rng()
     worst = 0.0
     try:
