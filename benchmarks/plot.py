@@ -60,6 +60,41 @@ def latency_by_stage(doc: dict, out: Path) -> None:
     fig.savefig(out / "latency_by_stage.png", dpi=110)
 
 
+def precision_modes(doc: dict, out: Path) -> None:
+    """Stage times per precision mode, with each mode's actions error against float32."""
+    rows = [r for r in doc["results"] if r.get("accuracy")]
+    if not rows:
+        return
+    floor = next((r for r in doc["results"] if r["name"] == "pi05-prefix-fp8-floor"), None)
+    labels = [r["precision"].replace("/", "\n") for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    bottom = [0.0] * len(rows)
+    for stage in STAGES:
+        values = [r["stages_ms"][stage] for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=stage, color=COLORS[stage])
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for i, r in enumerate(rows):
+        acc = r["accuracy"]
+        ax.text(
+            i,
+            bottom[i],
+            f"p50 {r['latency_ms']['p50']:.1f} ms\nactions rel L2 {acc['actions_rel_l2']:.3f}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    if floor:
+        ax.axhline(11, color="red", lw=1, ls="--", label="issue 6 target: p50 11 ms")
+    ax.set_ylabel("ms per chunk (stages: CUDA events)")
+    ax.set_ylim(0, max(bottom) * 1.25)
+    ax.set_title(
+        f"pi05 precision modes, pipelined executor\n{doc['device']} ({doc['date']}, {doc['commit']})"
+    )
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "precision_modes.png", dpi=110)
+
+
 def timeline(trace: dict, out: Path, frames: int = 6) -> None:
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     first = sorted({e["args"]["frame"] for e in spans})[:frames]
@@ -92,7 +127,9 @@ if __name__ == "__main__":
     results = Path(sys.argv[1])
     out = Path("docs/img")
     out.mkdir(parents=True, exist_ok=True)
-    latency_by_stage(json.loads(results.read_text()), out)
+    doc = json.loads(results.read_text())
+    latency_by_stage(doc, out)
+    precision_modes(doc, out)
     trace = results.with_name(results.stem + "-trace.json")
     if trace.exists():
         timeline(json.loads(trace.read_text()), out)

@@ -61,12 +61,15 @@ def record(
 
 
 def commit() -> str:
+    """VLA_COMMIT when set (a copied working tree may carry stale git metadata), else git's HEAD."""
+    if os.environ.get("VLA_COMMIT"):
+        return os.environ["VLA_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("VLA_COMMIT", "unknown")
+        return "unknown"
 
 
 def pytest_sessionfinish(session, exitstatus):
