@@ -112,9 +112,10 @@ class PipelinedExecutor(Policy):
         self._compiled: dict = {}
         if self.cuda:
             # Priorities: the denoise loop is hundreds of small kernels that only need a few SMs each, the
-            # prefix is a few large GEMMs that take them all. Run alongside at equal priority, the prefix's
-            # blocks kept the denoise kernels waiting (denoise went from 11.6 to 20.8 ms on an H100); with
-            # the denoise stream first in line, the prefix fills whatever the denoise leaves idle.
+            # prefix is a few large GEMMs that take them all; the denoise stream is put first in line so
+            # that the prefix would fill what the denoise leaves idle. Measured on an H100, it did not
+            # help: overlapped, the denoise loop still slows down (docs/performance.md, "Why pipelining
+            # gains little"); kept because it costs nothing and is the right order where it is honoured.
             high, low = -100, 0  # lower is more urgent; out-of-range values clamp to the device's range
             priority = {"h2d": high, "d2h": high, "denoise": high, "vision": low, "prefix": low}
             self._streams = {
