@@ -76,6 +76,12 @@ PARAMS = (
         _one_of("", "float32", "bf16", "fp16"),
         needs_reconfigure=True,
     ),
+    Param(
+        "fp8_expert",
+        False,
+        "With precision fp8: the action expert's GEMMs in FP8 too (faster, inside the accuracy gates).",
+        needs_reconfigure=True,
+    ),
     Param("steps", 10, "Denoising steps per chunk.", _in_range(1, 10), (1, 10)),
     Param(
         "rate_hz",

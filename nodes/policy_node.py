@@ -117,6 +117,7 @@ class PolicyNode(LifecycleNode):
             device=self.param("device"),
             precision=self.param("precision"),
             vision_precision=self.param("vision_precision") or None,
+            fp8_expert=self.param("fp8_expert"),
             steps=self.param("steps"),
             state_dim=self.param("state_dim"),
             robot_action_dim=len(joints),
