@@ -40,16 +40,11 @@ VARIANTS = {
     "prefix-fp8-kv-in-place": ("prefix", None, {**BF16_EXPERT, "kv_in_place": True}),
     "prefix-fp8": ("prefix", None, BF16_EXPERT),
     "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", BF16_EXPERT),
-    "prefix-fp8-sdpa": ("prefix", None, {**BF16_EXPERT, "prefix_attention": "sdpa"}),
-    "prefix-bf16-sdpa": ("prefix", None, {**BF16_EXPERT, "prefix_attention": "sdpa", "prefix_fp8": False}),
-    "prefix-bf16": ("prefix", None, {**BF16_EXPERT, "prefix_fp8": False}),
 }
 
 
 def apply_settings(model, settings: dict) -> None:
     model.expert.set_fp8(settings["fp8_expert"])
-    model.prefix_lm.set_fp8(settings.get("prefix_fp8", True))
-    model.prefix_attention = settings.get("prefix_attention", "eager")
 
 
 def prefix_kv_in_place(runner):

@@ -71,9 +71,6 @@ class PI0Model(nn.Module):
             self.action_time_mlp_out = nn.Linear(ew, ew)
         self.vision_dtype = torch.float32
         self.compute_dtype = torch.float32
-        # How the prefix attends: "eager" (`grouped_attention`: two GEMMs around a float32 softmax) or
-        # "sdpa" (PyTorch's fused scaled_dot_product_attention with the boolean mask; it picks the kernel).
-        self.prefix_attention = "eager"
 
     # ---------------------------------------------------------------- precision
     def set_precision(self, compute_dtype: torch.dtype, vision_dtype: torch.dtype | None = None) -> PI0Model:
@@ -122,8 +119,7 @@ class PI0Model(nn.Module):
         hidden, pad = self.prefix_inputs(image_tokens, image_masks, tokens, token_masks)
         lm = self.cfg.prefix_lm
         allowed = prefix_lm_mask(pad, torch.zeros(pad.shape[1], dtype=torch.int32, device=pad.device))
-        sdpa = self.prefix_attention == "sdpa"
-        bias = None if sdpa else attention_bias(allowed, lm.num_heads // lm.num_kv_heads, hidden.dtype)
+        bias = attention_bias(allowed, lm.num_heads // lm.num_kv_heads, hidden.dtype)
         cos, sin = rope_cos_sin(torch.cumsum(pad, 1) - 1, lm.head_dim, lm.rope_theta, hidden.dtype)
         layers = self.prefix_lm.layers
         keys_values = []
@@ -136,12 +132,7 @@ class PI0Model(nn.Module):
                 keys_values.append(torch.stack([k, v]))
             if i == len(layers) - 1:
                 break  # the last layer's output is never read: only its keys and values are
-            if sdpa:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
-                attn = out.transpose(1, 2).flatten(2)
-            else:
-                attn = grouped_attention(q, k, v, bias)
-            hidden = layer.finish(hidden, attn, gate, None)
+            hidden = layer.finish(hidden, grouped_attention(q, k, v, bias), gate, None)
         if kv_cache is None:
             kv_cache = torch.stack(keys_values)
         return kv_cache, pad
