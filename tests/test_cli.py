@@ -45,6 +45,7 @@ def test_infer_human_output_says_random_weights():
         (["--steps", "0"], "steps"),
         (["--preset", "pi9"], "preset"),
         (["--checkpoint", "/nonexistent"], "checkpoint"),
+        (["--fp8-expert"], "fp8_expert: needs precision fp8"),
     ],
 )
 def test_bad_arguments_exit_2(args, field):
