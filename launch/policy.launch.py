@@ -29,7 +29,12 @@ def generate_launch_description():
             "checkpoint", default_value="", description="Checkpoint directory; empty = random"
         ),
         DeclareLaunchArgument("device", default_value="cpu", description="cpu | cuda | cuda:N"),
-        DeclareLaunchArgument("precision", default_value="float32", description="float32 | bf16"),
+        DeclareLaunchArgument(
+            "precision", default_value="float32", description="float32 | bf16 | fp8 (prefix GEMMs in FP8)"
+        ),
+        DeclareLaunchArgument(
+            "fp8_expert", default_value="false", description="With fp8: the action expert's GEMMs in FP8 too"
+        ),
         DeclareLaunchArgument("rate_hz", default_value="20.0", description="Control rate in Hz"),
     ]
     policy_node = Node(
@@ -46,6 +51,7 @@ def generate_launch_description():
                 "checkpoint": LaunchConfiguration("checkpoint"),
                 "device": LaunchConfiguration("device"),
                 "precision": LaunchConfiguration("precision"),
+                "fp8_expert": ParameterValue(LaunchConfiguration("fp8_expert"), value_type=bool),
                 "rate_hz": ParameterValue(LaunchConfiguration("rate_hz"), value_type=float),
             },
         ],

@@ -243,7 +243,15 @@ def test_launch_file_structure():
         for c in ast.walk(tree)
         if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "DeclareLaunchArgument"
     }
-    assert {"preset", "checkpoint", "namespace", "rate_hz", "params_file"} <= declared
+    assert {
+        "preset",
+        "checkpoint",
+        "namespace",
+        "rate_hz",
+        "params_file",
+        "precision",
+        "fp8_expert",
+    } <= declared
     node_call = next(
         c for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "Node"
     )
