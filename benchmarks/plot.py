@@ -24,6 +24,18 @@ COLORS = {
 }
 
 
+def stacked_stages(ax, labels: list[str], rows: list[dict], notes: list[str]) -> float:
+    """One bar per row, its stage times stacked, `notes` above each. Returns the tallest bar."""
+    bottom = [0.0] * len(rows)
+    for stage in STAGES:
+        values = [r["stages_ms"].get(stage, 0.0) for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=stage, color=COLORS[stage])
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for i, note in enumerate(notes):
+        ax.text(i, bottom[i], note, ha="center", va="bottom", fontsize=8)
+    return max(bottom)
+
+
 def latency_by_stage(doc: dict, out: Path) -> None:
     rows = [r for r in doc["results"] if r["name"] in ("pi05-eager", "pi05-graphs", "pi05-pipelined")]
     sweep = sorted(
@@ -34,20 +46,8 @@ def latency_by_stage(doc: dict, out: Path) -> None:
         (ax1, rows, [r["mode"] for r in rows]),
         (ax2, sweep, [f"{r['steps']}" for r in sweep]),
     ):
-        bottom = [0.0] * len(group)
-        for stage in STAGES:
-            values = [r["stages_ms"].get(stage, 0.0) for r in group]
-            ax.bar(labels, values, bottom=bottom, label=stage, color=COLORS[stage])
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        for i, r in enumerate(group):
-            ax.text(
-                i,
-                bottom[i],
-                f"p50 {r['latency_ms']['p50']:.1f}\np99 {r['latency_ms']['p99']:.1f}",
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
+        notes = [f"p50 {r['latency_ms']['p50']:.1f}\np99 {r['latency_ms']['p99']:.1f}" for r in group]
+        stacked_stages(ax, labels, group, notes)
         ax.set_ylabel("ms per chunk")
     ax1.set_title(
         f"pi05 bf16, 3 views, 200-token prompt, 10 steps\n{doc['device']} ({doc['date']}, {doc['commit']})"
@@ -68,25 +68,15 @@ def precision_modes(doc: dict, out: Path) -> None:
     floor = next((r for r in doc["results"] if r["name"] == "pi05-prefix-fp8-floor"), None)
     labels = [r["precision"].replace("/", "\n") for r in rows]
     fig, ax = plt.subplots(figsize=(11, 4.8))
-    bottom = [0.0] * len(rows)
-    for stage in STAGES:
-        values = [r["stages_ms"][stage] for r in rows]
-        ax.bar(labels, values, bottom=bottom, label=stage, color=COLORS[stage])
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    for i, r in enumerate(rows):
-        acc = r["accuracy"]
-        ax.text(
-            i,
-            bottom[i],
-            f"p50 {r['latency_ms']['p50']:.1f} ms\nactions rel L2 {acc['actions_rel_l2']:.3f}",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
+    notes = [
+        f"p50 {r['latency_ms']['p50']:.1f} ms\nactions rel L2 {r['accuracy']['actions_rel_l2']:.3f}"
+        for r in rows
+    ]
+    tallest = stacked_stages(ax, labels, rows, notes)
     if floor:
         ax.axhline(11, color="red", lw=1, ls="--", label="issue 6 target: p50 11 ms")
     ax.set_ylabel("ms per chunk (stages: CUDA events)")
-    ax.set_ylim(0, max(bottom) * 1.25)
+    ax.set_ylim(0, tallest * 1.25)
     ax.set_title(
         f"pi05 precision modes, pipelined executor\n{doc['device']} ({doc['date']}, {doc['commit']})"
     )
