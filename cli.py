@@ -258,10 +258,11 @@ def cmd_accuracy(args) -> int:
 def cmd_profile(args) -> int:
     from pathlib import Path
 
-    from .runtime.profiler import format_report, profile_stages
+    from .runtime.profiler import format_report, profile_captured, profile_stages
 
     stages = (args.stage,) if args.stage else ("vision", "prefix", "denoise")
-    report = profile_stages(runtime_config_from_args(args), stages, top=args.top, out_dir=Path(args.out))
+    run = profile_captured if args.captured else profile_stages
+    report = run(runtime_config_from_args(args), stages, top=args.top, out_dir=Path(args.out))
     print(json.dumps(report) if args.json else format_report(report))
     print(f"traces and JSON in {args.out}")
     return 0
@@ -307,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(prof)
     prof.add_argument("--stage", choices=["vision", "prefix", "denoise"], default=None)
     prof.add_argument("--top", type=int, default=15)
+    prof.add_argument(
+        "--captured",
+        action="store_true",
+        help="the stages as served: compiled and captured in CUDA graphs, per kernel (CUDA only)",
+    )
     prof.add_argument("--out", default="out/profile")
     prof.add_argument("--json", action="store_true")
     prof.set_defaults(func=cmd_profile)

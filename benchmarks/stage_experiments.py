@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
+from vla_runtime.runtime.profiler import fill_random_inputs, kernel_table
 from vla_runtime.runtime.stages import StageRunner
 
 # name -> (stage, compile mode or None for Inductor's default, model settings). The model is built once
@@ -60,16 +60,6 @@ def prefix_kv_in_place(runner):
     return run
 
 
-def fill_slot(slot, prompt_tokens=200):
-    slot.pixels.random_(0, 255)
-    slot.image_masks.fill_(True)
-    slot.tokens.random_(0, 300)
-    slot.token_masks.fill_(False)
-    slot.token_masks[:, :prompt_tokens] = True
-    slot.noise.normal_()
-    slot.state.normal_()
-
-
 def time_graph(run, stream, repeats=100, warmup=10) -> list[float]:
     with torch.cuda.stream(stream):
         for _ in range(warmup):
@@ -85,31 +75,14 @@ def time_graph(run, stream, repeats=100, warmup=10) -> list[float]:
     return times
 
 
-def kernel_table(run, stream, repeats=5, top=30) -> dict:
+def kernels_of_replays(run, stream, repeats=5, top=30) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         with torch.cuda.stream(stream):
             for _ in range(repeats):
                 run()
         torch.cuda.synchronize()
-    kernels = [
-        e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
-    ]
-    total_us = sum(e.self_device_time_total for e in kernels) / repeats
-    ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)
-    return {
-        "kernel_ms": total_us / 1e3,
-        "kernels_per_call": sum(e.count for e in kernels) / repeats,
-        "top": [
-            {
-                "name": e.key[:160],
-                "ms": e.self_device_time_total / repeats / 1e3,
-                "calls": e.count / repeats,
-                "us_each": e.self_device_time_total / max(e.count, 1),
-            }
-            for e in ranked[:top]
-        ],
-    }
+    return kernel_table(prof.key_averages(), repeats, top)
 
 
 def run_variant(parts, name, stage, mode, settings, steps):
@@ -119,7 +92,7 @@ def run_variant(parts, name, stage, mode, settings, steps):
         cfg, ShapeProfile(cfg.num_views, cfg.max_token_len, steps), parts.device, parts.model.compute_dtype
     )
     for slot in buffers.device_slots:
-        fill_slot(slot)
+        fill_random_inputs(slot, prompt_tokens=200)
     runner = StageRunner(
         parts.model, buffers, parts.device, compile_stages=(stage,), compile_modes={stage: mode}
     )
@@ -141,7 +114,7 @@ def run_variant(parts, name, stage, mode, settings, steps):
         "median_ms": float(np.median(times)),
         "p99_ms": float(np.percentile(times, 99)),
         "n": len(times),
-        **kernel_table(replay, stream),
+        **kernels_of_replays(replay, stream),
     }
     return row, runner
 
@@ -256,13 +229,14 @@ def main():
             print(name, "ERROR", row["error"][:500], flush=True)
             continue
         print(
-            f"== {name}: {row['median_ms']:.3f} ms median, {row['kernels_per_call']:.0f} kernels, "
+            f"== {name}: {row['median_ms']:.3f} ms median, {row['ops_per_call']:.0f} kernels, "
             f"setup {row['setup_s']:.0f} s",
             flush=True,
         )
         for k in row["top"][:20]:
             print(
-                f"   {k['ms']:7.3f} ms x{k['calls']:<6.0f} {k['us_each']:6.2f} us  {k['name'][:100]}",
+                f"   {k['ms']:7.3f} ms x{k['calls']:<6.0f} {1e3 * k['ms'] / max(k['calls'], 1):6.2f} us  "
+                f"{k['name'][:100]}",
                 flush=True,
             )
         del runner

@@ -51,3 +51,8 @@ def test_infer_human_output_says_random_weights():
 def test_bad_arguments_exit_2(args, field):
     out = run("infer", *args)
     assert out.returncode == 2 and field in out.stderr
+
+
+def test_profile_captured_needs_cuda():
+    out = run("profile", "--captured", "--stage", "prefix")
+    assert out.returncode == 2 and "needs CUDA" in out.stderr
