@@ -12,10 +12,16 @@ def test_profiles_of_the_fp8_prefix(cuda, tmp_path):
     layered = profile_stages(config, ("prefix",), out_dir=tmp_path)["prefix"]
     captured = profile_captured(config, ("prefix",), out_dir=tmp_path)["prefix"]
     print("\n" + format_report({"prefix (uncompiled)": layered, "prefix (captured)": captured}))
-    assert len(layered["layers"]) == 2 * config.model.prefix_lm.depth  # attention_in / attention_out_mlp
+    depth = config.model.prefix_lm.depth
+    names = {x["name"] for x in layered["layers"]}
+    # every layer's attention_in range; attention_out_mlp for all but the last (it computes its K/V only)
+    assert {f"prefix.layer{i:02d}.attention_in" for i in range(depth)} <= names, sorted(names)
+    assert len(names) == 2 * depth - 1, sorted(names)
     assert captured["compiled"] and captured["layers"] == []
     # Kernel time fits inside the graph's wall time, and the graph is mostly kernels.
-    assert 0.7 * captured["graph_ms"] <= captured["total_ms"] <= 1.05 * captured["graph_ms"]
-    assert any("qqtst" in k["name"] or "gemm" in k["name"].lower() for k in captured["top"][:3])
-    assert captured["graph_ms"] < layered["total_ms"]  # compiled and captured beats the eager stage
+    ratio = captured["total_ms"] / captured["graph_ms"]
+    assert 0.7 <= ratio <= 1.05, (captured["total_ms"], captured["graph_ms"])
+    top3 = [k["name"] for k in captured["top"][:3]]
+    assert any("qqtst" in n or "gemm" in n.lower() for n in top3), top3  # FP8 GEMMs lead
+    assert captured["graph_ms"] < layered["total_ms"], (captured["graph_ms"], layered["total_ms"])
     assert (tmp_path / "captured-pi05-fp8-prefix.trace.json").stat().st_size > 1000
