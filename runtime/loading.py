@@ -101,7 +101,8 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
 
 @torch.inference_mode()
 def prepare_fp8(parts: PolicyParts) -> None:
-    """Quantise the prefix's GEMM weights once, then load or calibrate the activation scales."""
+    """Quantise the prefix's GEMM weights once (and the action expert's, with `fp8_expert`), then load
+    or calibrate the activation scales: the expert's over every denoising step of the calibration frames."""
     from ..graphs.fp8 import (
         calibrate,
         fp8_modules,
@@ -135,12 +136,9 @@ def prepare_fp8(parts: PolicyParts) -> None:
     frames = [
         parts.preparer(synthetic_observation(config, rng)) for _ in range(config.fp8_calibration_frames)
     ]
-
     times, dt = time_schedule(config.denoising_steps)
     times = torch.from_numpy(times).to(parts.device)
-
-    generator = torch.Generator().manual_seed(config.seed)
-    cfg = config.model
+    generator, cfg = torch.Generator().manual_seed(config.seed), config.model
 
     def run_frames():
         for f in frames:
