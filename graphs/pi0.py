@@ -102,25 +102,40 @@ class PI0Model(nn.Module):
     # ---------------------------------------------------------------- stage 2: prefix
     def prefix_inputs(self, image_tokens, image_masks, tokens, token_masks):
         """Prefix embeddings [B, P, D] and validity mask [B, P]."""
-        per_view = self.cfg.vision.tokens_per_image
         lang = self.prefix_lm.embed(tokens).to(self.compute_dtype)
         embs = torch.cat([image_tokens, lang], dim=1)
-        pad = torch.cat([image_masks.repeat_interleave(per_view, dim=1), token_masks], dim=1)
-        return embs, pad
+        return embs, self.prefix_validity(image_masks, token_masks)
+
+    def prefix_validity(self, image_masks, token_masks) -> torch.Tensor:
+        """Validity of every prefix token [B, P]: each view's tokens follow its image mask."""
+        per_view = self.cfg.vision.tokens_per_image
+        return torch.cat([image_masks.repeat_interleave(per_view, dim=1), token_masks], dim=1)
+
+    def prefix_rope(self, validity) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of the prefix tokens (positions count valid tokens only), cos/sin [B, P, Dh]."""
+        lm = self.cfg.prefix_lm
+        return rope_cos_sin(torch.cumsum(validity, 1) - 1, lm.head_dim, lm.rope_theta, self.compute_dtype)
 
     def fill_prefix(
-        self, image_tokens, image_masks, tokens, token_masks, kv_cache: torch.Tensor | None = None
+        self,
+        image_tokens,
+        image_masks,
+        tokens,
+        token_masks,
+        kv_cache: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Run the prefix LM over image and prompt tokens and write every layer's keys and values.
 
         image_tokens [B, V*T, D], image_masks bool [B, V], tokens long [B, L], token_masks bool [B, L]
         -> kv_cache [depth, 2, B, Hkv, P, Dh] (written in place when given), prefix_mask bool [B, P].
+        `rope`: the tables from `prefix_rope`, when the caller computed them (see StageRunner).
         """
         hidden, pad = self.prefix_inputs(image_tokens, image_masks, tokens, token_masks)
         lm = self.cfg.prefix_lm
         allowed = prefix_lm_mask(pad, torch.zeros(pad.shape[1], dtype=torch.int32, device=pad.device))
         bias = attention_bias(allowed, lm.num_heads // lm.num_kv_heads, hidden.dtype)
-        cos, sin = rope_cos_sin(torch.cumsum(pad, 1) - 1, lm.head_dim, lm.rope_theta, hidden.dtype)
+        cos, sin = rope if rope is not None else self.prefix_rope(pad)
         layers = self.prefix_lm.layers
         keys_values = []
         for i, layer in enumerate(layers):

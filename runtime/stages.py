@@ -86,9 +86,12 @@ class StageRunner:
         d.image_tokens.copy_(self.fns["encode"](pixels_to_model_input(d.pixels)))
 
     def _prefix(self, d: DeviceSlot) -> None:
+        # The RoPE tables are computed here, outside the compiled function: inside it, Inductor inlines
+        # their cos/sin into every layer's RoPE kernel and recomputes them 18 times.
+        rope = self.model.prefix_rope(self.model.prefix_validity(d.image_masks, d.token_masks))
         # The compiled function returns the cache and it is copied once: written into the slot layer by
         # layer inside it, Inductor adds a slow strided copy per layer (4.69 vs 4.89 ms, FP8 prefix, H100).
-        kv, pad = self.fns["fill"](d.image_tokens, d.image_masks, d.tokens, d.token_masks)
+        kv, pad = self.fns["fill"](d.image_tokens, d.image_masks, d.tokens, d.token_masks, rope=rope)
         d.kv_cache.copy_(kv)
         d.prefix_mask.copy_(pad)
 
