@@ -12,7 +12,7 @@ import yaml
 from ..graphs.config import PRESETS, ModelConfig, get_preset
 
 # Stages that run faster compiled, measured on an H100 (benchmarks/results/2026-11-22-h100-80gb-hbm3.json,
-# graphs with and without torch.compile): prefix 6.97 vs 11.49 ms, denoise 10.07 vs 30.26 ms; vision was not
+# graphs with and without torch.compile): prefix 6.84 vs 11.49 ms, denoise 10.15 vs 30.21 ms; vision was not
 # faster compiled (2.72 vs 2.62 ms, an earlier run) and takes longest to compile, so it is captured
 # uncompiled. Inductor's max-autotune mode made the denoise loop slower (14.9 vs 11.5 ms, same run,
 # ...-stage-experiments-1-max-autotune.json), so every stage uses the default mode.
