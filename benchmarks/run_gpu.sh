@@ -4,7 +4,10 @@
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 VLA_BENCH_DIR="$OUT" VLA_COMMIT=${VLA_COMMIT:-unknown}
+# The commit recorded in the results: pass VLA_COMMIT where the tree is a copy whose git metadata may be
+# stale (it wins over git's HEAD); otherwise git's HEAD.
+export PYTHONUNBUFFERED=1 VLA_BENCH_DIR="$OUT"
+export VLA_COMMIT=${VLA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | grep -v -i warning
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv
 python3 -m pytest -q -p no:cacheprovider tests/gpu -m gpu -s "$@" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
