@@ -14,15 +14,18 @@ recorded in runtime/config.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import time
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
+from vla_runtime.graphs import pi0 as pi0_module
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
@@ -37,8 +40,14 @@ VARIANTS = {
     "denoise": ("denoise", None, BF16_EXPERT),
     "denoise-max-autotune": ("denoise", "max-autotune-no-cudagraphs", BF16_EXPERT),
     "denoise-fp8-expert": ("denoise", None, {"fp8_expert": True}),
+    "denoise-fp8-expert-concatenated-keys": (
+        "denoise",
+        None,
+        {"fp8_expert": True, "concatenated_keys": True},
+    ),
     "prefix-fp8-kv-in-place": ("prefix", None, {**BF16_EXPERT, "kv_in_place": True}),
     "prefix-fp8": ("prefix", None, BF16_EXPERT),
+    "prefix-fp8-repeated-bias": ("prefix", None, {**BF16_EXPERT, "repeated_bias": True}),
     "prefix-fp8-rope-inside": ("prefix", None, {**BF16_EXPERT, "rope_inside": True}),
     "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", BF16_EXPERT),
 }
@@ -70,6 +79,48 @@ def prefix_kv_in_place(runner):
         d.prefix_mask.copy_(pad)
 
     return run
+
+
+def velocity_concatenated_keys(model):
+    """The denoising step as it was before the attention workspace: each layer concatenates the prefix
+    cache, the suffix keys and the padding into new tensors, and the float32 action head is a GEMM."""
+    from vla_runtime.graphs.layers import grouped_attention
+
+    def velocity(workspace, prefix_len, bias, cos, sin, state, x_t, time_cond):
+        kv_cache = workspace[..., :prefix_len, :]
+        hidden = model.suffix_embeddings(state, x_t, time_cond)
+        for i, layer in enumerate(model.expert.layers):
+            q, k, v, gate = layer.qkv(hidden, cos, sin, time_cond[2 * i])
+            pad = k.new_zeros(*k.shape[:2], model.key_padding(prefix_len), k.shape[-1])
+            keys = torch.cat([kv_cache[i, 0], k, pad], dim=2)
+            values = torch.cat([kv_cache[i, 1], v, pad], dim=2)
+            hidden = layer.finish(
+                hidden, grouped_attention(q, keys, values, bias), gate, time_cond[2 * i + 1]
+            )
+        out, _ = model.expert.norm(hidden, time_cond[-1])
+        return model.action_out_proj(out[:, -x_t.shape[1] :].float())
+
+    return velocity
+
+
+def repeated_bias_attention():
+    """Attention as it was before the bias was broadcast over the grouped heads: the bias repeated G
+    times along the query axis, [B, 1, G*T, S]. Returns the replacements for graphs.pi0's names."""
+    import torch.nn.functional as F  # noqa: N812
+
+    def attention_bias(allowed, dtype):
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return bias.masked_fill(~allowed, float("-inf"))[:, None]  # repeated in the attention below
+
+    def grouped_attention(q, k, v, bias):
+        b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        bias = bias.repeat(1, 1, hq // hkv, 1)  # inside the compiled function: once per layer, as before
+        scores = torch.matmul(q.reshape(b, hkv, hq // hkv * t, d), k.transpose(-1, -2)) * d**-0.5 + bias
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v).reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+
+    return {"attention_bias": attention_bias, "grouped_attention": grouped_attention}
 
 
 def time_graph(run, stream, repeats=100, warmup=10) -> list[float]:
@@ -112,9 +163,17 @@ def run_variant(parts, name, stage, mode, settings, steps):
         runner.engines["prefix"] = prefix_kv_in_place(runner)
     if settings.get("rope_inside"):
         runner.engines["prefix"] = prefix_rope_inside(runner)
+    if settings.get("concatenated_keys"):
+        runner.fns["velocity"] = torch.compile(velocity_concatenated_keys(parts.model), dynamic=False)
     stream = torch.cuda.Stream()
     started = time.perf_counter()
-    runner.capture({stage: stream}, {stage: torch.cuda.graph_pool_handle()}, stages=(stage,))
+    patched = (  # the stage is compiled during capture's warm-up, so the patch must hold through it
+        unittest.mock.patch.multiple(pi0_module, **repeated_bias_attention())
+        if settings.get("repeated_bias")
+        else contextlib.nullcontext()
+    )
+    with patched:
+        runner.capture({stage: stream}, {stage: torch.cuda.graph_pool_handle()}, stages=(stage,))
     setup_s = time.perf_counter() - started
     replay = lambda: runner.run(stage, 0)  # noqa: E731
     times = time_graph(replay, stream)

@@ -112,18 +112,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def attention_bias(allowed: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """bool [B, T, S] -> additive bias [B, 1, G*T, S] for `grouped_attention`; built once per frame."""
+@torch.library.custom_op("vla_runtime::write_rows", mutates_args=("dst",))
+def write_rows(dst: torch.Tensor, src: torch.Tensor, start: int) -> None:
+    """`dst[..., start : start + n, :] = src` in place, n = src.shape[-2].
+
+    An opaque operator that declares its mutation, because written as a slice assignment inside a
+    compiled function, Inductor clones the whole mutated input (the denoise loop's attention workspace,
+    every layer's keys and values) and copies it back, on every call."""
+    dst.narrow(-2, start, src.shape[-2]).copy_(src)
+
+
+@write_rows.register_fake
+def _write_rows_fake(dst: torch.Tensor, src: torch.Tensor, start: int) -> None:
+    return None
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [B, T, S] -> additive bias [B, 1, T, S] for `grouped_attention`; built once per frame."""
     bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
-    return bias.repeat(1, groups, 1)[:, None]
+    return bias[:, None]
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Softmax attention with 1/sqrt(Dh) scaling, for grouped queries (Gemma: 8 query heads, 1 KV head).
 
-    q [B, Hq, T, Dh], k/v [B, Hkv, S, Dh], bias [B, 1, G*T, S] -> [B, T, Hq * Dh].
+    q [B, Hq, T, Dh], k/v [B, Hkv, S, Dh], bias [B, 1, T, S] -> [B, T, Hq * Dh].
     The G query heads that share a KV head are stacked along the query axis, so keys and values are read
-    as they are, never copied G times. Every bias row must allow at least one key (see `prefix_lm_mask`).
+    as they are, never copied G times; the bias is broadcast over the G heads, not repeated (repeated, the
+    prefix's softmax read a 15 MB bias per layer instead of 1.9 MB). Every bias row must allow at least
+    one key (see `prefix_lm_mask`).
 
     Written as two GEMMs around a float32 softmax (openpi's eager attention), not a fused attention
     kernel: with one KV head and a 50-token suffix, a flash kernel gets a handful of thread blocks and
@@ -131,9 +148,11 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
-    folded = q.reshape(b, hkv, (hq // hkv) * t, d)
-    scores = torch.matmul(folded, k.transpose(-1, -2)) * (d**-0.5) + bias  # [B, Hkv, G*T, S]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    groups = hq // hkv
+    folded = q.reshape(b, hkv, groups * t, d)
+    scores = torch.matmul(folded, k.transpose(-1, -2))  # [B, Hkv, G*T, S]
+    scores = scores.view(b, hkv, groups, t, -1) * (d**-0.5) + bias[:, :, None]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(b, hkv, groups * t, -1)
     out = torch.matmul(probs, v)  # [B, Hkv, G*T, Dh]
     return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
 

@@ -104,3 +104,31 @@ def test_fused_projections_match_separate_ones(preset):
     q = model.prefix_lm.layers[0].self_attn.q_proj.weight
     assert q.data_ptr() == model.prefix_lm.layers[0].self_attn.qkv_weight.data_ptr()  # a view, not a copy
     torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_denoise_writes_suffix_keys_into_the_workspace():
+    """The denoising step writes its suffix keys and values into the attention workspace in place
+    (`write_rows`); compiled (functionalised by AOTAutograd), it must give the eager result and leave the
+    cached prefix and the key padding untouched."""
+    cfg = get_preset("pi05_tiny")
+    seed = int(np.random.default_rng().integers(2**31))
+    model = build_model(cfg, seed=seed)
+    pixels, image_masks, tokens, token_masks, state, noise = random_inputs(
+        cfg, batch=1, gen=torch.Generator().manual_seed(seed)
+    )
+    times, dt = time_schedule(3)
+    times = torch.from_numpy(times)
+    compiled = torch.compile(model.velocity, backend="aot_eager", dynamic=False)
+    with torch.inference_mode():
+        kv, mask = model.fill_prefix(model.encode_images(pixels), image_masks, tokens, token_masks)
+        eager = model.denoise(kv, mask, state, noise, times, dt)
+        actions = model.denoise(kv, mask, state, noise, times, dt, velocity_fn=compiled)
+        workspace, p, s = model.attention_workspace(kv), kv.shape[-2], cfg.suffix_len
+        bias, cos, sin = model.suffix_attention(mask)
+        conds = model.step_conditioning(times, 1)
+        compiled(workspace, p, bias, cos, sin, state, noise, conds[0])
+    torch.testing.assert_close(actions, eager, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    assert workspace.shape[-2] % 8 == 0 and workspace.shape[-2] == p + s + model.key_padding(p)
+    torch.testing.assert_close(workspace[..., :p, :], kv, atol=0, rtol=0)
+    assert workspace[..., p : p + s, :].abs().amin(dim=-1).gt(0).any()  # the suffix rows were written
+    assert workspace[..., p + s :, :].eq(0).all()
