@@ -87,13 +87,13 @@ def velocity_concatenated_keys(model):
     from vla_runtime.graphs.layers import grouped_attention
 
     def velocity(workspace, prefix_len, bias, cos, sin, state, x_t, time_cond):
-        kv_cache = workspace[..., :prefix_len, :]
+        kv_cache = [layer_kv[..., :prefix_len, :] for layer_kv in workspace]
         hidden = model.suffix_embeddings(state, x_t, time_cond)
         for i, layer in enumerate(model.expert.layers):
             q, k, v, gate = layer.qkv(hidden, cos, sin, time_cond[2 * i])
             pad = k.new_zeros(*k.shape[:2], model.key_padding(prefix_len), k.shape[-1])
-            keys = torch.cat([kv_cache[i, 0], k, pad], dim=2)
-            values = torch.cat([kv_cache[i, 1], v, pad], dim=2)
+            keys = torch.cat([kv_cache[i][0], k, pad], dim=2)
+            values = torch.cat([kv_cache[i][1], v, pad], dim=2)
             hidden = layer.finish(
                 hidden, grouped_attention(q, keys, values, bias), gate, time_cond[2 * i + 1]
             )
@@ -227,6 +227,7 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--gemms", action="store_true")
+    ap.add_argument("--expert-rows", type=lambda v: [int(x) for x in v.split(",")], default=[])
     ap.add_argument("--accuracy", action="store_true", help="accuracy gates with and without the FP8 expert")
     args = ap.parse_args()
     out = Path(args.out)
@@ -272,10 +273,21 @@ def main():
             ("prefix o", p, lm.width, lm.num_heads * lm.head_dim),
             ("prefix gate_up", p, 2 * lm.mlp_dim, lm.width),
             ("prefix down", p, lm.width, lm.mlp_dim),
-            ("expert qkv", s, (ex.num_heads + 2 * ex.num_kv_heads) * ex.head_dim, ex.width),
-            ("expert o", s, ex.width, ex.num_heads * ex.head_dim),
-            ("expert gate_up", s, 2 * ex.mlp_dim, ex.width),
-            ("expert down", s, ex.width, ex.mlp_dim),
+            *[
+                shape
+                for rows in sorted({s, *args.expert_rows})  # does padding the 50 rows help cuBLAS?
+                for shape in (
+                    (
+                        f"expert qkv m{rows}",
+                        rows,
+                        (ex.num_heads + 2 * ex.num_kv_heads) * ex.head_dim,
+                        ex.width,
+                    ),
+                    (f"expert o m{rows}", rows, ex.width, ex.num_heads * ex.head_dim),
+                    (f"expert gate_up m{rows}", rows, 2 * ex.mlp_dim, ex.width),
+                    (f"expert down m{rows}", rows, ex.width, ex.mlp_dim),
+                )
+            ],
             ("square 8192", 8192, 8192, 8192),
         ]
         result["gemms"] = gemm_rates(shapes)

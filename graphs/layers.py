@@ -112,21 +112,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-@torch.library.custom_op("vla_runtime::write_rows", mutates_args=("dst",))
-def write_rows(dst: torch.Tensor, src: torch.Tensor, start: int) -> None:
-    """`dst[..., start : start + n, :] = src` in place, n = src.shape[-2].
-
-    An opaque operator that declares its mutation, because written as a slice assignment inside a
-    compiled function, Inductor clones the whole mutated input (the denoise loop's attention workspace,
-    every layer's keys and values) and copies it back, on every call."""
-    dst.narrow(-2, start, src.shape[-2]).copy_(src)
-
-
-@write_rows.register_fake
-def _write_rows_fake(dst: torch.Tensor, src: torch.Tensor, start: int) -> None:
-    return None
-
-
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool [B, T, S] -> additive bias [B, 1, T, S] for `grouped_attention`; built once per frame."""
     bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))

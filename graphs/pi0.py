@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .gemma import GemmaStack
-from .layers import attention_bias, grouped_attention, prefix_lm_mask, rope_cos_sin, write_rows
+from .layers import attention_bias, grouped_attention, prefix_lm_mask, rope_cos_sin
 from .siglip import SiglipVisionTower
 
 MAX_DENOISING_STEPS = 10
@@ -204,14 +204,17 @@ class PI0Model(nn.Module):
     def key_padding(self, prefix_len: int) -> int:
         return -(prefix_len + self.cfg.suffix_len) % 8
 
-    def attention_workspace(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """The prefix cache followed by room for the suffix's keys and values and the key padding,
-        [depth, 2, B, Hkv, P + S + pad, Dh], built once per frame. Each denoising step writes its suffix
-        keys and values into the room in place, so attention reads one contiguous key range: concatenating
-        cache and suffix instead copied the whole cache (about 1 MB) per layer and step, 2.5 ms of the
-        10-step loop on an H100. The padding stays zero and is masked."""
+    def attention_workspace(self, kv_cache: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the prefix cache followed by room for the suffix's keys and values and the key
+        padding: `depth` tensors [2, B, Hkv, P + S + pad, Dh], built once per frame. Each denoising step
+        writes its suffix keys and values into the room in place, so attention reads one contiguous key
+        range instead of a concatenation made per layer and step. The padding stays zero and is masked.
+
+        Separate tensors, not views of one: Inductor writes a slice assignment into a compiled function's
+        input in place, fused into the kernel that computes the values, only when no other view of the
+        same storage is written; with one shared tensor it clones the whole workspace on every call."""
         room = self.cfg.suffix_len + self.key_padding(kv_cache.shape[-2])
-        return F.pad(kv_cache, (0, 0, 0, room))
+        return [F.pad(layer_cache, (0, 0, 0, room)) for layer_cache in kv_cache]
 
     def velocity(self, workspace, prefix_len: int, bias, cos, sin, state, x_t, time_cond) -> torch.Tensor:
         """One flow-matching velocity v(x_t, t) over the cached prefix. x_t [B, H, A] -> [B, H, A] f32.
@@ -219,12 +222,15 @@ class PI0Model(nn.Module):
         it after the `prefix_len` cached ones."""
         hidden = self.suffix_embeddings(state, x_t, time_cond)
         mods = time_cond if self.cfg.pi05 else None
+        suffix = slice(prefix_len, prefix_len + self.cfg.suffix_len)
         for i, layer in enumerate(self.expert.layers):
             mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
             q, k, v, gate = layer.qkv(hidden, cos, sin, mod_in)
-            write_rows(workspace[i], torch.stack([k, v]), prefix_len)
-            keys, values = workspace[i, 0], workspace[i, 1]
-            hidden = layer.finish(hidden, grouped_attention(q, keys, values, bias), gate, mod_post)
+            layer_kv = workspace[i]
+            layer_kv[:, :, :, suffix] = torch.stack([k, v])
+            hidden = layer.finish(
+                hidden, grouped_attention(q, layer_kv[0], layer_kv[1], bias), gate, mod_post
+            )
         return self._velocity_head(hidden, mods, x_t.shape[1])
 
     def _velocity_head(self, suffix_hidden, mods, horizon):

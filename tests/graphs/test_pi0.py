@@ -107,9 +107,9 @@ def test_fused_projections_match_separate_ones(preset):
 
 
 def test_compiled_denoise_writes_suffix_keys_into_the_workspace():
-    """The denoising step writes its suffix keys and values into the attention workspace in place
-    (`write_rows`); compiled (functionalised by AOTAutograd), it must give the eager result and leave the
-    cached prefix and the key padding untouched."""
+    """The denoising step writes its suffix keys and values into the attention workspace in place;
+    compiled (functionalised by AOTAutograd), it must give the eager result, leave the cached prefix and
+    the key padding untouched, and write exactly the layers' suffix keys and values."""
     cfg = get_preset("pi05_tiny")
     seed = int(np.random.default_rng().integers(2**31))
     model = build_model(cfg, seed=seed)
@@ -125,10 +125,16 @@ def test_compiled_denoise_writes_suffix_keys_into_the_workspace():
         actions = model.denoise(kv, mask, state, noise, times, dt, velocity_fn=compiled)
         workspace, p, s = model.attention_workspace(kv), kv.shape[-2], cfg.suffix_len
         bias, cos, sin = model.suffix_attention(mask)
-        conds = model.step_conditioning(times, 1)
-        compiled(workspace, p, bias, cos, sin, state, noise, conds[0])
+        cond = model.step_conditioning(times, 1)[0]
+        compiled(workspace, p, bias, cos, sin, state, noise, cond)
+        # The first layer's suffix keys and values, computed directly.
+        _, k, v, _ = model.expert.layers[0].qkv(
+            model.suffix_embeddings(state, noise, cond), cos, sin, cond[0]
+        )
     torch.testing.assert_close(actions, eager, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
-    assert workspace.shape[-2] % 8 == 0 and workspace.shape[-2] == p + s + model.key_padding(p)
-    torch.testing.assert_close(workspace[..., :p, :], kv, atol=0, rtol=0)
-    assert workspace[..., p : p + s, :].abs().amin(dim=-1).gt(0).any()  # the suffix rows were written
-    assert workspace[..., p + s :, :].eq(0).all()
+    assert len(workspace) == cfg.expert.depth
+    for layer_kv, layer_cache in zip(workspace, kv, strict=True):
+        assert layer_kv.shape[-2] % 8 == 0 and layer_kv.shape[-2] == p + s + model.key_padding(p)
+        torch.testing.assert_close(layer_kv[..., :p, :], layer_cache, atol=0, rtol=0)
+        assert layer_kv[..., p + s :, :].eq(0).all()
+    torch.testing.assert_close(workspace[0][:, :, :, p : p + s], torch.stack([k, v]), atol=1e-6, rtol=1e-6)
