@@ -45,6 +45,8 @@ VARIANTS = {
         None,
         {"fp8_expert": True, "concatenated_keys": True},
     ),
+    "vision": ("vision", None, {**BF16_EXPERT, "compiled": False}),
+    "vision-compiled": ("vision", None, BF16_EXPERT),
     "prefix-fp8-kv-in-place": ("prefix", None, {**BF16_EXPERT, "kv_in_place": True}),
     "prefix-fp8": ("prefix", None, BF16_EXPERT),
     "prefix-fp8-repeated-bias": ("prefix", None, {**BF16_EXPERT, "repeated_bias": True}),
@@ -157,7 +159,11 @@ def run_variant(parts, name, stage, mode, settings, steps):
     for slot in buffers.device_slots:
         fill_random_inputs(slot, prompt_tokens=200)
     runner = StageRunner(
-        parts.model, buffers, parts.device, compile_stages=(stage,), compile_modes={stage: mode}
+        parts.model,
+        buffers,
+        parts.device,
+        compile_stages=(stage,) if settings.get("compiled", True) else (),
+        compile_modes={stage: mode},
     )
     if settings.get("kv_in_place"):
         runner.engines["prefix"] = prefix_kv_in_place(runner)
@@ -221,12 +227,45 @@ def gemm_rates(shapes, repeats_in_graph=50) -> list[dict]:
     return rows
 
 
+def vision_gemm_rates(cfg, repeats_in_graph=50) -> list[dict]:
+    """SigLIP's four GEMMs at 3 views (768 rows) as the tower runs them (fp16, with bias) and variants:
+    bf16, no bias epilogue, and the MLP width padded from 4304 to a multiple of 128."""
+    rows = cfg.num_views * cfg.vision.tokens_per_image
+    width, mlp = cfg.vision.width, cfg.vision.mlp_dim
+    padded = -(-mlp // 128) * 128
+    shapes = [("qkv", 3 * width, width), ("out", width, width), ("fc1", mlp, width), ("fc2", width, mlp)]
+    shapes += [("fc1 padded", padded, width), ("fc2 padded", width, padded)]
+    results = []
+    for label, n, k in shapes:
+        row = {"label": label, "m": rows, "n": n, "k": k}
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(rows, k, device="cuda", dtype=dtype)
+            w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+            b = torch.randn(n, device="cuda", dtype=dtype)
+            for bias in (True, False):
+                op = lambda: torch.nn.functional.linear(x, w, b if bias else None)  # noqa: B023, E731
+                for _ in range(3):
+                    op()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(repeats_in_graph):
+                        op()
+                times = time_graph(graph.replay, torch.cuda.current_stream(), repeats=20, warmup=3)
+                us = float(np.median(times)) * 1e3 / repeats_in_graph
+                key = f"{str(dtype).split('.')[-1]}{'_bias' if bias else ''}"
+                row[f"{key}_us"] = us
+                row[f"{key}_tflops"] = 2 * rows * n * k / (us * 1e-6) / 1e12
+        results.append(row)
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="experiments.json")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--gemms", action="store_true")
+    ap.add_argument("--vision-gemms", action="store_true")
     ap.add_argument("--expert-rows", type=lambda v: [int(x) for x in v.split(",")], default=[])
     ap.add_argument("--accuracy", action="store_true", help="accuracy gates with and without the FP8 expert")
     args = ap.parse_args()
@@ -298,6 +337,12 @@ def main():
                 f"fp8 {r['fp8_tflops']:7.1f} TFLOP/s",
                 flush=True,
             )
+    if args.vision_gemms:
+        result["vision_gemms"] = vision_gemm_rates(parts.config.model)
+        save()
+        for r in result["vision_gemms"]:
+            cells = "  ".join(f"{k[:-3]} {v:6.2f}" for k, v in r.items() if k.endswith("_us"))
+            print(f"vision {r['label']:11s} {r['n']:5d}x{r['k']:<5d} us: {cells}", flush=True)
     for name in args.variants.split(","):
         if not name:
             continue
