@@ -57,15 +57,16 @@ class GemmaDecoderLayer(nn.Module):
     def qkv(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, modulation: torch.Tensor | None
     ):
-        """hidden [B, T, D] -> q [B, H, T, Dh], k/v [B, Hkv, T, Dh] (RoPE applied), residual gate."""
+        """hidden [B, T, D] -> q [B, T, H, Dh] (token-major, see `grouped_attention`), k/v [B, Hkv, T, Dh]
+        (the cache's layout), RoPE applied to q and k; and the residual gate."""
         normed, gate = self.input_layernorm(hidden, modulation)
         attn = self.self_attn
         b, t, _ = hidden.shape
         q, k, v = attn.project(normed)
-        q = q.reshape(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = k.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        q = q.reshape(b, t, attn.num_heads, attn.head_dim)
+        k = k.reshape(b, t, attn.num_kv_heads, attn.head_dim)
         v = v.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin).transpose(1, 2), v, gate
 
     def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor, gate, modulation: torch.Tensor | None):
         """Output projection, (gated) residual, MLP and its (gated) residual."""

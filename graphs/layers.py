@@ -106,10 +106,10 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, Dh]; cos/sin [B, T, Dh]."""
+    """x [B, T, H, Dh]; cos/sin [B, T, Dh]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -121,25 +121,26 @@ def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Softmax attention with 1/sqrt(Dh) scaling, for grouped queries (Gemma: 8 query heads, 1 KV head).
 
-    q [B, Hq, T, Dh], k/v [B, Hkv, S, Dh], bias [B, 1, T, S] -> [B, T, Hq * Dh].
-    The G query heads that share a KV head are stacked along the query axis, so keys and values are read
-    as they are, never copied G times; the bias is broadcast over the G heads, not repeated (repeated, the
-    prefix's softmax read a 15 MB bias per layer instead of 1.9 MB). Every bias row must allow at least
-    one key (see `prefix_lm_mask`).
+    q [B, T, Hq, Dh], k/v [B, Hkv, S, Dh], bias [B, 1, T, S] -> [B, T, Hq * Dh].
+    The G query heads that share a KV head are stacked along the query axis, token-major (row t*G + g),
+    so keys and values are read as they are, never copied G times, and with one KV head the output
+    comes out of its GEMM already as [T, Hq * Dh], the output projection's input, with no transpose. The
+    bias is broadcast over the G heads, not repeated (repeated, the prefix's softmax read a 15 MB bias
+    per layer instead of 1.9 MB). Every bias row must allow at least one key (see `prefix_lm_mask`).
 
     Written as two GEMMs around a float32 softmax (openpi's eager attention), not a fused attention
     kernel: with one KV head and a 50-token suffix, a flash kernel gets a handful of thread blocks and
     ran at ~90 us per call on an H100, while these GEMMs fill the GPU and Inductor fuses bias + softmax.
     """
-    b, hq, t, d = q.shape
+    b, t, hq, d = q.shape
     hkv = k.shape[1]
     groups = hq // hkv
-    folded = q.reshape(b, hkv, groups * t, d)
-    scores = torch.matmul(folded, k.transpose(-1, -2))  # [B, Hkv, G*T, S]
-    scores = scores.view(b, hkv, groups, t, -1) * (d**-0.5) + bias[:, :, None]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(b, hkv, groups * t, -1)
-    out = torch.matmul(probs, v)  # [B, Hkv, G*T, Dh]
-    return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+    folded = q.reshape(b, t, hkv, groups, d).transpose(1, 2).reshape(b, hkv, t * groups, d)
+    scores = torch.matmul(folded, k.transpose(-1, -2))  # [B, Hkv, T*G, S]
+    scores = scores.view(b, hkv, t, groups, -1) * (d**-0.5) + bias[:, :, :, None]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(b, hkv, t * groups, -1)
+    out = torch.matmul(probs, v)  # [B, Hkv, T*G, Dh]
+    return out.view(b, hkv, t, groups * d).transpose(1, 2).reshape(b, t, hq * d)
 
 
 def prefix_lm_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:

@@ -289,7 +289,7 @@ class PI0Model(nn.Module):
             qp, kp, vp, gp = prefix_layer.qkv(prefix, cos[:, :p], sin[:, :p], None)
             qs, ks, vs, gs = expert_layer.qkv(suffix, cos[:, p:], sin[:, p:], mod_in)
             # Queries of both stacks in one softmax: fold each stack's head groups the same way.
-            q = torch.cat([qp, qs], 2)
+            q = torch.cat([qp, qs], 1)
             out = grouped_attention(q, torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), bias)
             prefix = prefix_layer.finish(prefix, out[:, :p], gp, None)
             suffix = expert_layer.finish(suffix, out[:, p:], gs, mod_post)
