@@ -125,8 +125,8 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     The G query heads that share a KV head are stacked along the query axis, token-major (row t*G + g),
     so keys and values are read as they are, never copied G times, and with one KV head the output
     comes out of its GEMM already as [T, Hq * Dh], the output projection's input, with no transpose. The
-    bias is broadcast over the G heads, not repeated (repeated, the prefix's softmax read a 15 MB bias
-    per layer instead of 1.9 MB). Every bias row must allow at least one key (see `prefix_lm_mask`).
+    bias is broadcast over the G heads (repeating it measured the same). Every bias row must allow at
+    least one key (see `prefix_lm_mask`).
 
     Written as two GEMMs around a float32 softmax (openpi's eager attention), not a fused attention
     kernel: with one KV head and a 50-token suffix, a flash kernel gets a handful of thread blocks and
