@@ -47,7 +47,8 @@ def latency_by_stage(doc: dict, out: Path) -> None:
         (ax2, sweep, [f"{r['steps']}" for r in sweep]),
     ):
         notes = [f"p50 {r['latency_ms']['p50']:.1f}\np99 {r['latency_ms']['p99']:.1f}" for r in group]
-        stacked_stages(ax, labels, group, notes)
+        tallest = stacked_stages(ax, labels, group, notes)
+        ax.set_ylim(top=max(tallest * 1.15, 55))  # room for the notes above the bars and the deadline
         ax.set_ylabel("ms per chunk")
     ax1.set_title(
         f"pi05 bf16, 3 views, 200-token prompt, 10 steps\n{doc['device']} ({doc['date']}, {doc['commit']})"
