@@ -198,6 +198,19 @@ def run_variant(parts, name, stage, mode, settings, steps):
     return row, runner
 
 
+def op_time_us(op, repeats_in_graph: int) -> float:
+    """One op's time: `repeats_in_graph` back-to-back calls captured in a CUDA graph, so launch gaps do not
+    count; median of 20 replays."""
+    for _ in range(3):  # warm-up outside capture: cuBLAS handles, heuristics
+        op()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats_in_graph):
+            op()
+    times = time_graph(graph.replay, torch.cuda.current_stream(), repeats=20, warmup=3)
+    return float(np.median(times)) * 1e3 / repeats_in_graph
+
+
 def gemm_rates(shapes, repeats_in_graph=50) -> list[dict]:
     """Each shape as a graph of `repeats_in_graph` back-to-back GEMMs: bf16 F.linear and FP8 _scaled_mm."""
     rows = []
@@ -212,14 +225,7 @@ def gemm_rates(shapes, repeats_in_graph=50) -> list[dict]:
         }
         row = {"label": label, "m": m, "n": n, "k": k}
         for kind, op in ops.items():
-            for _ in range(3):
-                op()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(repeats_in_graph):
-                    op()
-            times = time_graph(graph.replay, torch.cuda.current_stream(), repeats=20, warmup=3)
-            us = float(np.median(times)) * 1e3 / repeats_in_graph
+            us = op_time_us(op, repeats_in_graph)
             row[f"{kind}_us"] = us
             row[f"{kind}_tflops"] = 2 * m * n * k / (us * 1e-6) / 1e12
             row[f"{kind}_weight_GBps"] = n * k * (2 if kind == "bf16" else 1) / (us * 1e-6) / 1e9
@@ -244,14 +250,7 @@ def vision_gemm_rates(cfg, repeats_in_graph=50) -> list[dict]:
             b = torch.randn(n, device="cuda", dtype=dtype)
             for bias in (True, False):
                 op = lambda: torch.nn.functional.linear(x, w, b if bias else None)  # noqa: B023, E731
-                for _ in range(3):
-                    op()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(repeats_in_graph):
-                        op()
-                times = time_graph(graph.replay, torch.cuda.current_stream(), repeats=20, warmup=3)
-                us = float(np.median(times)) * 1e3 / repeats_in_graph
+                us = op_time_us(op, repeats_in_graph)
                 key = f"{str(dtype).split('.')[-1]}{'_bias' if bias else ''}"
                 row[f"{key}_us"] = us
                 row[f"{key}_tflops"] = 2 * rows * n * k / (us * 1e-6) / 1e12
