@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
+from vla_runtime.graphs import fp8_geglu
 from vla_runtime.graphs import pi0 as pi0_module
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
@@ -40,6 +41,7 @@ VARIANTS = {
     "denoise": ("denoise", None, BF16_EXPERT),
     "denoise-max-autotune": ("denoise", "max-autotune-no-cudagraphs", BF16_EXPERT),
     "denoise-fp8-expert": ("denoise", None, {"fp8_expert": True}),
+    "denoise-fp8-expert-two-kernel-geglu": ("denoise", None, {"fp8_expert": True, "fused_geglu": False}),
     "denoise-fp8-expert-concatenated-keys": (
         "denoise",
         None,
@@ -49,6 +51,7 @@ VARIANTS = {
     "vision-compiled": ("vision", None, BF16_EXPERT),
     "prefix-fp8-kv-in-place": ("prefix", None, {**BF16_EXPERT, "kv_in_place": True}),
     "prefix-fp8": ("prefix", None, BF16_EXPERT),
+    "prefix-fp8-two-kernel-geglu": ("prefix", None, {**BF16_EXPERT, "fused_geglu": False}),
     "prefix-fp8-repeated-bias": ("prefix", None, {**BF16_EXPERT, "repeated_bias": True}),
     "prefix-fp8-rope-inside": ("prefix", None, {**BF16_EXPERT, "rope_inside": True}),
     "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", BF16_EXPERT),
@@ -57,6 +60,12 @@ VARIANTS = {
 
 def apply_settings(model, settings: dict) -> None:
     model.expert.set_fp8(settings["fp8_expert"])
+    # The fused FP8 gate/up + GeGLU kernel wherever the model would use it, unless the variant says not.
+    fused = settings.get("fused_geglu", True) and fp8_geglu.available("cuda")[0]
+    for stack in (model.prefix_lm, model.expert):
+        for layer in stack.layers:
+            if layer.mlp.gate_up_fp8 is not None:
+                layer.mlp.fused_geglu = fused
 
 
 def prefix_rope_inside(runner):

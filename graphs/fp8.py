@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import fp8_geglu
 from .gemma import GemmaStack
 
 E4M3_MAX = 448.0
@@ -61,7 +62,15 @@ class FP8Linear(nn.Module):
             self.observed_amax = torch.maximum(self.observed_amax, flat.detach().abs().amax().float())
             y = flat.float() @ (self.weight_fp8.float() * self.weight_scale)
             return y.to(torch.bfloat16).reshape(*x.shape[:-1], self.out_features)
-        x_fp8 = (flat.float() / self.input_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return self.matmul(self.quantize(flat), x.shape[:-1])
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [rows, K] float8 e4m3 with this GEMM's calibrated input scale."""
+        flat = x.reshape(-1, self.in_features)
+        return (flat.float() / self.input_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+    def matmul(self, x_fp8: torch.Tensor, leading_shape) -> torch.Tensor:
+        """An already quantised input [rows, K] -> [*leading_shape, N] in bf16."""
         y = torch._scaled_mm(
             x_fp8,
             self.weight_fp8,
@@ -69,7 +78,7 @@ class FP8Linear(nn.Module):
             scale_b=self.weight_scale,
             out_dtype=torch.bfloat16,
         )
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*leading_shape, self.out_features)
 
 
 def quantize_prefix(stack: GemmaStack) -> int:
@@ -92,6 +101,8 @@ def quantize_stack(stack: GemmaStack, last_layer_kv_only: bool = False) -> int:
         attn.o_fp8 = FP8Linear(attn.o_proj.weight)
         mlp.gate_up_fp8 = FP8Linear(mlp.gate_up_weight)
         mlp.down_fp8 = FP8Linear(mlp.down_proj.weight)
+        # One Triton kernel for gate/up + GeGLU + the cast, where it can run (graphs/fp8_geglu.py).
+        mlp.fused_geglu = fp8_geglu.available(mlp.gate_up_weight.device)[0]
         count += 3
     return count
 

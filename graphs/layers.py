@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8_geglu import fp8_geglu
+
 
 class GemmaRMSNorm(nn.Module):
     """Gemma's RMSNorm, `x * rsqrt(mean(x^2) + eps) * (1 + weight)`.
@@ -80,14 +82,25 @@ class GemmaMLP(nn.Module):
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
         self.gate_up_fp8 = self.down_fp8 = None  # FP8 GEMMs (graphs/fp8.py), used while fp8_enabled
         self.fp8_enabled = False
+        self.fused_geglu = False  # with FP8: gate/up, GeGLU and the cast in one kernel (graphs/fp8_geglu.py)
 
     def fuse(self) -> None:
         self.gate_up_weight, _ = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_enabled:
-            gate, up = self.gate_up_fp8(x).chunk(2, dim=-1)
-            return self.down_fp8(F.gelu(gate, approximate="tanh") * up)
+            gate_up, down = self.gate_up_fp8, self.down_fp8
+            if self.fused_geglu and not (gate_up.calibrating or down.calibrating):
+                hidden = fp8_geglu(
+                    gate_up.quantize(x),
+                    gate_up.weight_fp8.t(),  # the quantised [2N, K] row-major weight
+                    gate_up.input_scale,
+                    gate_up.weight_scale,
+                    down.input_scale,
+                )
+                return down.matmul(hidden, x.shape[:-1])
+            gate, up = gate_up(x).chunk(2, dim=-1)
+            return down(F.gelu(gate, approximate="tanh") * up)
         if self.gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vla_runtime.graphs import fp8
+from vla_runtime.graphs import fp8, fp8_geglu
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.pi0 import time_schedule
 from vla_runtime.graphs.weights import build_model
@@ -87,3 +87,16 @@ def test_quantized_expert_over_the_denoising_loop(tmp_path):
     assert float(first.input_scale) == saved
     with pytest.raises(ValueError, match="missing scales"):
         fp8.load_calibration({**modules, "expert.layers.99.qkv": first}, path)
+
+
+def test_fused_geglu_kernel_needs_cuda_and_the_mlp_keeps_its_two_kernel_path_elsewhere():
+    ok, why = fp8_geglu.available("cpu")
+    assert not ok and "CUDA" in why
+    x = torch.zeros(4, 256).to(torch.float8_e4m3fn)
+    w = torch.zeros(64, 256).to(torch.float8_e4m3fn)
+    one = torch.ones(())
+    with pytest.raises(RuntimeError, match="fp8_geglu: .*CUDA"):
+        fp8_geglu.fp8_geglu(x, w, one, one, one)
+    model = build_model(get_preset("pi05_tiny"), seed=5).set_precision(torch.bfloat16)
+    fp8.quantize_stack(model.expert)
+    assert not any(layer.mlp.fused_geglu for layer in model.expert.layers)
