@@ -39,8 +39,9 @@ if triton is not None:
     def _configs():
         # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); on an H100 the first won at 968 rows, the last at 50.
         # Configurations that do not fit a GPU's shared memory are skipped by the autotuner.
-        shapes = [(128, 128, 128, 8, 3), (128, 64, 128, 8, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4)]
-        shapes += [(64, 64, 256, 4, 3), (64, 32, 256, 4, 3), (64, 32, 128, 4, 5)]
+        shapes = [(128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 5), (256, 64, 128, 8, 3)]
+        shapes += [(128, 64, 128, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4)]
+        shapes += [(64, 64, 256, 4, 3), (64, 32, 256, 4, 4), (64, 16, 256, 4, 4), (64, 32, 128, 4, 5)]
         return [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes
