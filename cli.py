@@ -56,15 +56,29 @@ def cmd_info(args) -> int:
 def runtime_config_from_args(args):
     from .runtime.config import RuntimeConfig
 
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if args.defaults_by_device and torch.cuda.is_available() else "cpu"
+    preset = args.preset
+    if preset is None and args.checkpoint is None and args.defaults_by_device:
+        preset = "pi05" if device.startswith("cuda") else "pi05_tiny"
     return RuntimeConfig(
-        preset=args.preset,
+        preset=preset,
         checkpoint=args.checkpoint,
+        action_horizon=args.action_horizon,
+        n_action_steps=args.n_action_steps,
+        max_token_len=args.max_token_len,
+        state_in_prompt=None if args.state_in_prompt is None else args.state_in_prompt == "true",
+        allow_unnormalized=args.allow_unnormalized,
         robot=args.robot,
         tokenizer=args.tokenizer,
-        device=args.device,
-        precision=args.precision or ("bf16" if args.device != "cpu" else "float32"),
+        device=device,
+        precision=args.precision or ("bf16" if device != "cpu" else "float32"),
         vision_precision=args.vision_precision,
         fp8_expert=args.fp8_expert,
+        fp8_calibration=args.fp8_calibration,
         steps=args.steps,
         seed=args.seed,
     )
@@ -360,29 +374,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False) -> None:
-    """With defaults_by_device, preset/device/precision default to pi05 bf16 on CUDA, pi05_tiny on the CPU."""
-    if defaults_by_device:
-        p.add_argument("--preset", default=None)
-        p.add_argument("--checkpoint", default=None)
-        p.add_argument("--robot", default=None)
-        p.add_argument("--tokenizer", default=None)
-        p.add_argument("--device", default=None)
-        p.add_argument("--precision", default=None, choices=["float32", "bf16", "fp8"])
-        p.add_argument("--vision-precision", default=None, choices=["float32", "bf16", "fp16"])
-        p.add_argument("--fp8-expert", action="store_true", help="with fp8: the action expert's GEMMs too")
-        p.add_argument("--steps", type=int, default=None)
-        p.add_argument("--seed", type=int, default=7)
-        return
-    p.add_argument("--preset", default="pi05_tiny")
-    p.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
+    """The model and precision options. With defaults_by_device (demo, eval-libero) the device defaults to
+    CUDA where there is one, and the random-weight preset to pi05 there (pi05_tiny on the CPU)."""
+    from .graphs.config import PRESETS
+
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="model for random weights (default: pi05_tiny; with --checkpoint, the checkpoint's model)",
+    )
+    p.add_argument("--checkpoint", default=None, help="openpi or lerobot checkpoint directory")
     p.add_argument("--robot", default=None, help="which assets/<robot>/norm_stats.json to use")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (PaliGemma's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument(
+        "--allow-unnormalized",
+        action="store_true",
+        help="serve a checkpoint without normalisation statistics (actions in normalised units)",
+    )
+    p.add_argument("--action-horizon", type=int, default=None, help="default: the checkpoint's (preset's)")
+    p.add_argument("--n-action-steps", type=int, default=None, help="actions of a chunk offered to the robot")
+    p.add_argument("--max-token-len", type=int, default=None, help="padded prompt length in tokens")
+    p.add_argument(
+        "--state-in-prompt",
+        choices=["true", "false"],
+        default=None,
+        help="pi0.5: the discretised state in the prompt (default: the checkpoint's; true for pi05)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda[:N] (default: " + ("cuda when available)" if defaults_by_device else "cpu)"),
+    )
     p.add_argument(
         "--precision",
         default=None,
         choices=["float32", "bf16", "fp8"],
-        help="default: bf16 on CUDA; fp8 = the prefix's GEMMs in FP8 (Hopper/Ada)",
+        help="default: bf16 on CUDA, float32 on the CPU; fp8 = the prefix's GEMMs in FP8 (Hopper/Ada)",
     )
     p.add_argument(
         "--vision-precision",
@@ -391,8 +419,16 @@ def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False)
         help="the SigLIP tower's precision (default: as --precision)",
     )
     p.add_argument("--fp8-expert", action="store_true", help="with fp8: the action expert's GEMMs too")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps 1..10")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fp8-calibration",
+        default=None,
+        help="FP8 activation scales from `vla-runtime calibrate` (default: synthetic frames at start-up)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="denoising steps 1..10 (default: the model's)")
+    p.add_argument(
+        "--seed", type=int, default=7 if defaults_by_device else 0, help="random weights and noise"
+    )
+    p.set_defaults(defaults_by_device=defaults_by_device)
 
 
 def main(argv: list[str] | None = None) -> int:

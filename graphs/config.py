@@ -77,9 +77,21 @@ class ModelConfig:
     max_token_len: int = 200  # padded prompt length
     camera_names: tuple[str, ...] = PI0_CAMERAS
     default_steps: int = 10
+    # pi0.5 only: the discretised state is written into the prompt (openpi's `discrete_state_input`, True
+    # by default; openpi's pi05_libero was trained without). None = the family's default. pi0 reads the
+    # state from a continuous state token instead, never from the prompt.
+    state_in_prompt: bool | None = None
+    n_action_steps: int | None = None  # actions a chunk offers the robot; None = the whole horizon
 
     def __post_init__(self):
         _require_positive(self, "action_dim", "action_horizon", "max_token_len", "default_steps")
+        if self.state_in_prompt and not self.pi05:
+            raise ValueError("state_in_prompt: pi0 reads the state from a state token, not the prompt")
+        if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.action_horizon:
+            raise ValueError(
+                f"n_action_steps: must be in 1..action_horizon ({self.action_horizon}), "
+                f"got {self.n_action_steps}"
+            )
         if not self.camera_names:
             raise ValueError("camera_names must name at least one camera")
         if len(set(self.camera_names)) != len(self.camera_names):
@@ -95,6 +107,23 @@ class ModelConfig:
             raise ValueError("prefix_lm.vocab_size must be positive")
         if not 1 <= self.default_steps <= 10:
             raise ValueError(f"default_steps must be in 1..10, got {self.default_steps}")
+
+    @property
+    def prompt_has_state(self) -> bool:
+        return self.pi05 if self.state_in_prompt is None else self.state_in_prompt
+
+    @property
+    def prompt_format(self) -> str:
+        """pi0 (`<instruction>\\n`), pi05_state (`Task: ..., State: ...;\\nAction: `) or pi05_no_state
+        (pi0.5 trained without the state: the pi0 text, as openpi's tokenizer writes it without a state)."""
+        if not self.pi05:
+            return "pi0"
+        return "pi05_state" if self.prompt_has_state else "pi05_no_state"
+
+    @property
+    def chunk_length(self) -> int:
+        """Actions a chunk offers the robot (the first `n_action_steps` of the horizon)."""
+        return self.n_action_steps or self.action_horizon
 
     @property
     def num_views(self) -> int:
@@ -137,6 +166,8 @@ GEMMA_2B = GemmaConfig(
 )
 GEMMA_300M = GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
 
+SO400M_14 = SiglipConfig()
+
 TINY_VISION = SiglipConfig(image_size=56, patch_size=14, width=32, depth=2, mlp_dim=64, num_heads=2)
 # The tiny vocabulary holds the demo tokenizer's ids (graphs/assets) and test tokenizers of up to 1024 pieces.
 TINY_LM = GemmaConfig(
@@ -144,12 +175,30 @@ TINY_LM = GemmaConfig(
 )
 TINY_EXPERT = GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=1, head_dim=16)
 
+# Variant names -> shapes, as checkpoints name them (openpi's `paligemma_variant` / `action_expert_variant`,
+# lerobot's the same). The `vla_tiny*` variants are this project's own, for the CPU tests.
+LM_VARIANTS: dict[str, GemmaConfig] = {
+    "gemma_2b": GEMMA_2B,
+    "gemma_300m": GEMMA_300M,
+    "vla_tiny_lm": TINY_LM,
+    "vla_tiny_expert": TINY_EXPERT,
+}
+VISION_VARIANTS: dict[str, SiglipConfig] = {"so400m/14": SO400M_14, "vla_tiny_vision": TINY_VISION}
+# The vision tower PaliGemma pairs with each language model (a checkpoint names only the LM).
+VISION_OF_LM = {"gemma_2b": "so400m/14", "vla_tiny_lm": "vla_tiny_vision"}
+
+
+def variant_name(table: dict, config) -> str | None:
+    """The table's name for a shape, or None when it is not a named variant."""
+    return next((name for name, c in table.items() if c == config), None)
+
+
 PRESETS: dict[str, ModelConfig] = {
     "pi0": ModelConfig(
-        "pi0", pi05=False, vision=SiglipConfig(), prefix_lm=GEMMA_2B, expert=GEMMA_300M, max_token_len=48
+        "pi0", pi05=False, vision=SO400M_14, prefix_lm=GEMMA_2B, expert=GEMMA_300M, max_token_len=48
     ),
     "pi05": ModelConfig(
-        "pi05", pi05=True, vision=SiglipConfig(), prefix_lm=GEMMA_2B, expert=GEMMA_300M, max_token_len=200
+        "pi05", pi05=True, vision=SO400M_14, prefix_lm=GEMMA_2B, expert=GEMMA_300M, max_token_len=200
     ),
     "pi0_tiny": ModelConfig(
         "pi0_tiny",

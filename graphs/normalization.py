@@ -1,8 +1,15 @@
-"""Normalisation statistics (`assets/<robot>/norm_stats.json`), applied as openpi's transforms do.
+"""Normalisation statistics, applied exactly as the framework that trained the checkpoint applies them.
 
-z-score:  (x - mean) / (std + 1e-6)                 and back  x * (std + 1e-6) + mean
-quantile: (x - q01) / (q99 - q01 + 1e-6) * 2 - 1    and back  (x + 1) / 2 * (q99 - q01 + 1e-6) + q01
-openpi uses quantiles for pi0.5 and z-scores for pi0. Values past the stats' width pass through.
+openpi (`assets/<robot>/norm_stats.json`; quantiles for pi0.5, z-scores for pi0), eps added always:
+    z-score:  (x - mean) / (std + 1e-6)                 and back  x * (std + 1e-6) + mean
+    quantile: (x - q01) / (q99 - q01 + 1e-6) * 2 - 1    and back  (x + 1) / 2 * (q99 - q01 + 1e-6) + q01
+lerobot (the normaliser step of `policy_preprocessor.json`, its statistics in the safetensors file the
+step names, keys `<feature>.<stat>`; the mode per feature type in the step's `norm_map`), eps = 1e-8:
+    MEAN_STD:  (x - mean) / (std + eps)                 and back  x * std + mean
+    QUANTILES: 2 (x - q01) / d - 1, d = q99 - q01       and back  (x + 1) d / 2 + q01
+    MIN_MAX:   2 (x - min) / d - 1, d = max - min       and back  (x + 1) d / 2 + min
+    (d is replaced by eps only where it is exactly 0); IDENTITY passes through.
+Values past the statistics' width pass through.
 """
 
 from __future__ import annotations
@@ -13,85 +20,175 @@ from pathlib import Path
 
 import numpy as np
 
-EPS = 1e-6
+OPENPI_EPS = 1e-6
+LEROBOT_EPS = 1e-8
+MODES = ("mean_std", "quantiles", "min_max", "identity")
+LEROBOT_MODES = {
+    "MEAN_STD": "mean_std",
+    "QUANTILES": "quantiles",
+    "MIN_MAX": "min_max",
+    "IDENTITY": "identity",
+}
+LEROBOT_PREPROCESSOR = "policy_preprocessor.json"
+LEROBOT_POSTPROCESSOR = "policy_postprocessor.json"
+LEROBOT_STATE_KEY, LEROBOT_ACTION_KEY = "observation.state", "action"
 
 
 @dataclass(frozen=True)
 class FieldStats:
-    mean: np.ndarray
-    std: np.ndarray
-    q01: np.ndarray | None = None
-    q99: np.ndarray | None = None
+    """One field's statistics and how to apply them (`convention`: openpi or lerobot eps handling)."""
 
-    @classmethod
-    def from_json(cls, name: str, d: dict) -> FieldStats:
-        try:
-            arrays = {k: np.asarray(d[k], dtype=np.float32) for k in ("mean", "std")}
-        except KeyError as err:
-            raise ValueError(f"norm_stats.{name}: missing {err.args[0]!r}") from None
-        for k in ("q01", "q99"):
-            arrays[k] = np.asarray(d[k], dtype=np.float32) if d.get(k) is not None else None
-        return cls(**arrays)
+    mode: str
+    convention: str
+    stats: dict[str, np.ndarray]
 
+    def __post_init__(self):
+        needed = {"mean_std": ("mean", "std"), "quantiles": ("q01", "q99"), "min_max": ("min", "max")}
+        missing = [k for k in needed.get(self.mode, ()) if self.stats.get(k) is None]
+        if missing:
+            raise ValueError(f"{self.mode} normalisation needs {', '.join(missing)}")
 
-def _fit(stat: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split x into the part the stats cover and the rest."""
-    n = min(stat.shape[-1], x.shape[-1])
-    return x[..., :n], x[..., n:]
+    def _center_width(self, n: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(offset, width, centred on [-1, 1]) for the first n values."""
+        s = {k: v[:n] for k, v in self.stats.items() if v is not None}
+        if self.mode == "mean_std":
+            return s["mean"], s["std"], False
+        lo, hi = (s["q01"], s["q99"]) if self.mode == "quantiles" else (s["min"], s["max"])
+        return lo, hi - lo, True
+
+    def apply(self, x: np.ndarray, inverse: bool) -> np.ndarray:
+        if self.mode == "identity":
+            return x
+        key = "mean" if self.mode == "mean_std" else ("q01" if self.mode == "quantiles" else "min")
+        n = min(self.stats[key].shape[-1], x.shape[-1])
+        head, rest = x[..., :n], x[..., n:]
+        offset, width, centred = self._center_width(n)
+        if self.convention == "openpi":
+            width = width + OPENPI_EPS
+        elif centred:
+            width = np.where(width == 0, LEROBOT_EPS, width)
+        elif not inverse:  # lerobot MEAN_STD: eps in the forward direction only
+            width = width + LEROBOT_EPS
+        if centred:
+            out = (head + 1.0) / 2.0 * width + offset if inverse else (head - offset) / width * 2.0 - 1.0
+        else:
+            out = head * width + offset if inverse else (head - offset) / width
+        return np.concatenate([out, rest], axis=-1).astype(np.float32)
 
 
 @dataclass(frozen=True)
 class NormStats:
     state: FieldStats | None
     actions: FieldStats | None
-    use_quantiles: bool
-
-    @classmethod
-    def load(cls, path: str | Path, use_quantiles: bool) -> NormStats:
-        data = json.loads(Path(path).read_text())
-        stats = data.get("norm_stats", data)
-        fields = {k: FieldStats.from_json(k, stats[k]) if k in stats else None for k in ("state", "actions")}
-        if use_quantiles:
-            for k, f in fields.items():
-                if f is not None and (f.q01 is None or f.q99 is None):
-                    raise ValueError(f"norm_stats.{k}: quantile normalisation needs q01 and q99")
-        return cls(use_quantiles=use_quantiles, **fields)
-
-    def _apply(self, field: FieldStats | None, x: np.ndarray, inverse: bool) -> np.ndarray:
-        if field is None:
-            return x
-        x = np.asarray(x, dtype=np.float32)
-        if self.use_quantiles:
-            lo, rest = _fit(field.q01, x)
-            n = lo.shape[-1]
-            q01, width = field.q01[:n], field.q99[:n] - field.q01[:n] + EPS
-            out = (lo + 1.0) / 2.0 * width + q01 if inverse else (lo - q01) / width * 2.0 - 1.0
-        else:
-            lo, rest = _fit(field.mean, x)
-            n = lo.shape[-1]
-            mean, std = field.mean[:n], field.std[:n] + EPS
-            out = lo * std + mean if inverse else (lo - mean) / std
-        return np.concatenate([out, rest], axis=-1).astype(np.float32)
+    source: str  # the file(s) they came from
 
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
-        return self._apply(self.state, state, inverse=False)
+        x = np.asarray(state, dtype=np.float32)
+        return self.state.apply(x, inverse=False) if self.state else x
 
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
-        return self._apply(self.actions, actions, inverse=True)
+        x = np.asarray(actions, dtype=np.float32)
+        return self.actions.apply(x, inverse=True) if self.actions else x
+
+    @classmethod
+    def load_openpi(cls, path: str | Path, use_quantiles: bool) -> NormStats:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"norm_stats: cannot read {path}: {err}") from None
+        stats = data.get("norm_stats", data) if isinstance(data, dict) else None
+        if not isinstance(stats, dict):
+            raise ValueError(f"norm_stats: {path} must hold an object with state and actions")
+        mode = "quantiles" if use_quantiles else "mean_std"
+
+        def field(name: str) -> FieldStats | None:
+            if name not in stats:
+                return None
+            try:
+                arrays = {k: np.asarray(v, dtype=np.float32) for k, v in stats[name].items() if v is not None}
+                return FieldStats(mode, "openpi", arrays)
+            except (AttributeError, TypeError, ValueError) as err:
+                raise ValueError(f"norm_stats.{name} ({path}): {err}") from None
+
+        return cls(field("state"), field("actions"), str(path))
+
+    @classmethod
+    def load_lerobot(cls, directory: str | Path) -> NormStats | None:
+        """The statistics of lerobot's normaliser (pre-processor: state and actions) and un-normaliser
+        (post-processor: actions) steps; None when the pipeline holds none (lerobot's base checkpoints)."""
+        directory = Path(directory)
+        state, actions, sources = None, None, []
+        for pipeline, registry in (
+            (LEROBOT_PREPROCESSOR, "normalizer_processor"),
+            (LEROBOT_POSTPROCESSOR, "unnormalizer_processor"),
+        ):
+            found = _lerobot_step(directory / pipeline, registry)
+            if found is None:
+                continue
+            norm_map, tensors, path = found
+            sources.append(path.name)
+            for key, type_name, target in (
+                (LEROBOT_STATE_KEY, "STATE", "state"),
+                (LEROBOT_ACTION_KEY, "ACTION", "actions"),
+            ):
+                stats = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == key}
+                if not stats:
+                    continue
+                mode = LEROBOT_MODES.get(str(norm_map.get(type_name, "IDENTITY")).upper())
+                if mode is None:
+                    raise ValueError(
+                        f"norm_stats: {path.name}: unsupported norm_map {type_name}: {norm_map[type_name]!r}"
+                    )
+                fs = FieldStats(mode, "lerobot", stats)
+                if target == "state" and state is None:
+                    state = fs
+                elif target == "actions":
+                    actions = fs  # the post-processor's, when there is one, is what lerobot applies
+        if state is None and actions is None:
+            return None
+        return cls(state, actions, ", ".join(sources))
+
+
+def _lerobot_step(pipeline_json: Path, registry: str):
+    """(norm_map, tensors, path) of the pipeline's step named `registry`, or None."""
+    if not pipeline_json.exists():
+        return None
+    try:
+        data = json.loads(pipeline_json.read_text())
+    except ValueError as err:
+        raise ValueError(f"norm_stats: {pipeline_json} is not valid JSON: {err}") from None
+    for step in data.get("steps", []):
+        if step.get("registry_name") != registry or not step.get("state_file"):
+            continue
+        from safetensors.numpy import load_file
+
+        path = pipeline_json.parent / step["state_file"]
+        try:
+            tensors = {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
+        except Exception as err:  # noqa: BLE001 - a missing or corrupt file, named
+            raise ValueError(f"norm_stats: cannot read {path}: {err}") from None
+        return (step.get("config") or {}).get("norm_map", {}), tensors, path
+    return None
 
 
 def find_norm_stats(checkpoint: str | Path, robot: str | None) -> Path | None:
-    """`<checkpoint>/assets/<robot>/norm_stats.json`; with no robot named, the only one there."""
+    """openpi's `<checkpoint>/assets/<robot>/norm_stats.json`; with no robot named, the only one there."""
     assets = Path(checkpoint) / "assets"
     if robot is not None:
         path = assets / robot / "norm_stats.json"
         if not path.exists():
             raise ValueError(f"robot: no norm_stats.json for {robot!r} under {assets}")
         return path
-    found = sorted(assets.glob("*/norm_stats.json")) if assets.is_dir() else []
+    found = sorted(assets.rglob("norm_stats.json")) if assets.is_dir() else []
     if len(found) > 1:
-        raise ValueError(
-            f"robot: {assets} holds stats for several robots "
-            f"({', '.join(p.parent.name for p in found)}); name one"
-        )
+        names = ", ".join(str(p.parent.relative_to(assets)) for p in found)
+        raise ValueError(f"robot: {assets} holds stats for several robots ({names}); name one with --robot")
     return found[0] if found else None
+
+
+def load_checkpoint_norm_stats(checkpoint: str | Path, robot: str | None, pi05: bool) -> NormStats | None:
+    """openpi's norm_stats.json where there is one, else lerobot's normaliser statistics, else None."""
+    path = find_norm_stats(checkpoint, robot)
+    if path is not None:
+        return NormStats.load_openpi(path, use_quantiles=pi05)
+    return NormStats.load_lerobot(checkpoint)

@@ -7,6 +7,7 @@ tensor and raises one error naming all missing, unexpected and mis-shaped keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -17,48 +18,28 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from .config import ModelConfig
+from .checkpoint import (
+    CONFIG_FILE,
+    EMBED_KEY,
+    LEROBOT_PREFIX,
+    LM_HEAD_KEY,
+    WEIGHTS_FILE,
+    CheckpointError,
+    CheckpointInfo,
+    check_tensors,
+    inspect_checkpoint,
+    module_key_to_openpi,
+    source_name,
+)
+from .config import LM_VARIANTS, VISION_OF_LM, VISION_VARIANTS, ModelConfig
 from .layers import GemmaRMSNorm
 from .pi0 import PI0Model
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-LEROBOT_PREFIX = "model."
-
-# openpi checkpoint name prefix -> our module prefix. Names below the prefix are the same on both sides.
-OPENPI_TO_MODULE = (
-    ("paligemma_with_expert.paligemma.model.vision_tower.vision_model.", "vision."),
-    ("paligemma_with_expert.paligemma.model.multi_modal_projector.linear.", "projector."),
-    ("paligemma_with_expert.paligemma.model.language_model.", "prefix_lm."),
-    ("paligemma_with_expert.gemma_expert.model.", "expert."),
-)
-# Present in openpi checkpoints (the language-model heads) but never used to produce actions.
-UNUSED_OPENPI_KEYS = frozenset(
-    {
-        "paligemma_with_expert.paligemma.lm_head.weight",
-        "paligemma_with_expert.gemma_expert.lm_head.weight",
-    }
-)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the preset; the message names every offending tensor."""
-
-
-def openpi_key_to_module(key: str) -> str:
-    for theirs, ours in OPENPI_TO_MODULE:
-        if key.startswith(theirs):
-            return ours + key[len(theirs) :]
-    return key
-
-
-def module_key_to_openpi(key: str) -> str:
-    for theirs, ours in OPENPI_TO_MODULE:
-        if key.startswith(ours):
-            return theirs + key[len(ours) :]
-    return key
+# The ModelConfig fields that decide the parameters' names and shapes (the horizon, prompt length and
+# cameras decide none: the same weights serve any of them).
+WEIGHT_SHAPING_FIELDS = ("pi05", "vision", "prefix_lm", "expert", "action_dim")
 
 
 @torch.no_grad()
@@ -84,117 +65,138 @@ def random_init(model: PI0Model, seed: int) -> PI0Model:
 def build_model(
     cfg: ModelConfig, device: str | torch.device = "cpu", checkpoint: str | Path | None = None, seed: int = 0
 ) -> PI0Model:
-    """A float32 model on `device`, from a checkpoint directory or seeded random weights."""
+    """A float32 model on `device`, from a checkpoint directory or seeded random weights. The checkpoint
+    must have been trained as `cfg` (RuntimeConfig derives `cfg` from it)."""
     with torch.device(device):
         model = PI0Model(cfg)
     model.eval().requires_grad_(False)
     if checkpoint is None:
         return random_init(model, seed)
-    load_checkpoint(model, checkpoint)
+    info = inspect_checkpoint(checkpoint)
+    wrong = [
+        f"{name}: checkpoint {getattr(info.model, name)!r}, asked {getattr(cfg, name)!r}"
+        for name in WEIGHT_SHAPING_FIELDS
+        if getattr(info.model, name) != getattr(cfg, name)
+    ]
+    if wrong:
+        raise CheckpointError(f"checkpoint {checkpoint} was not trained as {cfg.name}: " + "; ".join(wrong))
+    load_checkpoint(model, info)
     return model
 
 
-def read_checkpoint_config(directory: Path) -> dict:
-    path = directory / CONFIG_FILE
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint: {path} is not valid JSON: {err}") from None
-
-
-def check_config_matches(cfg: ModelConfig, ckpt_cfg: dict, directory: Path) -> None:
-    """Fields that config.json states (openpi or lerobot spelling) must agree with the preset."""
-    expected = {
-        "pi05": cfg.pi05,
-        "action_dim": cfg.action_dim,
-        "max_action_dim": cfg.action_dim,
-        "action_horizon": cfg.action_horizon,
-        "chunk_size": cfg.action_horizon,
-    }
-    if ckpt_cfg.get("type") in ("pi0", "pi05"):  # lerobot names the variant in "type"
-        ckpt_cfg = {**ckpt_cfg, "pi05": ckpt_cfg["type"] == "pi05"}
-    wrong = [
-        f"{k}: checkpoint says {ckpt_cfg[k]!r}, preset {cfg.name} has {v!r}"
-        for k, v in expected.items()
-        if k in ckpt_cfg and ckpt_cfg[k] != v
-    ]
-    if wrong:
-        raise CheckpointError(f"checkpoint {directory} does not fit preset {cfg.name}: " + "; ".join(wrong))
-
-
 @torch.no_grad()
-def load_checkpoint(model: PI0Model, directory: str | Path) -> None:
-    directory = Path(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.exists():
-        raise CheckpointError(f"checkpoint: no {WEIGHTS_FILE} in {directory}")
-    check_config_matches(model.cfg, read_checkpoint_config(directory), directory)
-    params = dict(model.named_parameters())
-    device = str(next(model.parameters()).device)
-    with safe_open(str(weights), framework="pt", device=device) as f:
-        names = list(f.keys())
-        lerobot = bool(names) and all(n.startswith(LEROBOT_PREFIX) for n in names)
-        unexpected, misshaped, loaded, seen = [], [], set(), set()
-        for name in tqdm(names, desc=f"loading {directory.name}", unit="tensor", leave=False):
-            openpi_name = name[len(LEROBOT_PREFIX) :] if lerobot else name
-            if openpi_name in UNUSED_OPENPI_KEYS:
-                continue
-            target = params.get(openpi_key_to_module(openpi_name))
-            if target is None:
-                unexpected.append(name)
-                continue
-            seen.add(openpi_key_to_module(openpi_name))
-            shape = tuple(f.get_slice(name).get_shape())
-            if shape != tuple(target.shape):
-                misshaped.append(f"{name}: checkpoint {list(shape)}, model {list(target.shape)}")
-                continue
-            target.copy_(f.get_tensor(name).to(target.dtype))
-            loaded.add(openpi_key_to_module(openpi_name))
-    prefix = LEROBOT_PREFIX if lerobot else ""
-    missing = [prefix + module_key_to_openpi(k) for k in params if k not in seen]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): " + ", ".join(sorted(missing)))
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(sorted(unexpected)))
-    if misshaped:
-        problems.append(f"mis-shaped tensors ({len(misshaped)}): " + "; ".join(sorted(misshaped)))
+def load_checkpoint(model: PI0Model, info: CheckpointInfo) -> None:
+    problems = check_tensors(info)
     if problems:
         raise CheckpointError(
-            f"checkpoint {directory} does not fit preset {model.cfg.name}: " + " | ".join(problems)
+            f"checkpoint {info.directory} does not fit {model.cfg.name}:\n" + "\n".join(problems)
         )
-    log.info(
-        "loaded %d tensors from %s (%s layout)", len(loaded), weights, "lerobot" if lerobot else "openpi"
-    )
+    if info.unused:
+        log.info(
+            "checkpoint %s: %d tensors not used by the policy, ignored: %s",
+            info.directory,
+            len(info.unused),
+            ", ".join(info.unused),
+        )
+    if info.embedding_from_lm_head:
+        log.info("checkpoint %s: token embedding read from the tied lm_head", info.directory)
+    params = dict(model.named_parameters())
+    device = str(next(model.parameters()).device)
+    with safe_open(str(info.weights_path), framework="pt", device=device) as f:
+        for name, target in tqdm(
+            params.items(), desc=f"loading {info.directory.name}", unit="tensor", leave=False
+        ):
+            stored = info.stored_name(source_name(info, module_key_to_openpi(name)))
+            target.copy_(f.get_tensor(stored).to(target.dtype))
+    log.info("loaded %d tensors from %s (%s layout)", len(params), info.weights_path, info.layout)
 
 
-def save_checkpoint(model: PI0Model, directory: str | Path, layout: str = "openpi") -> Path:
-    """Write `model.safetensors` + `config.json` in openpi's (or lerobot's) naming."""
+def save_checkpoint(
+    model: PI0Model,
+    directory: str | Path,
+    layout: str = "openpi",
+    embedding: str = "embed_tokens",
+    config_overrides: dict | None = None,
+) -> Path:
+    """Write `model.safetensors` + `config.json` as openpi's converter (layout "openpi") or lerobot
+    (layout "lerobot": names under `model.`, lerobot's config.json) would. `embedding` stores the tied token
+    embedding as "embed_tokens", "lm_head" (only) or "both". For tests and for exporting random weights."""
     if layout not in ("openpi", "lerobot"):
         raise ValueError(f"layout: must be 'openpi' or 'lerobot', got {layout!r}")
+    if embedding not in ("embed_tokens", "lm_head", "both"):
+        raise ValueError(f"embedding: must be embed_tokens, lm_head or both, got {embedding!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     prefix = LEROBOT_PREFIX if layout == "lerobot" else ""
-    tensors = {
-        prefix + module_key_to_openpi(k): v.detach().contiguous().cpu() for k, v in model.named_parameters()
-    }
-    save_file(tensors, str(directory / WEIGHTS_FILE))
-    cfg = model.cfg
-    if layout == "openpi":
-        meta = {
-            "pi05": cfg.pi05,
-            "action_dim": cfg.action_dim,
-            "action_horizon": cfg.action_horizon,
-            "max_token_len": cfg.max_token_len,
-        }
-    else:
-        meta = {
-            "type": "pi05" if cfg.pi05 else "pi0",
-            "max_action_dim": cfg.action_dim,
-            "chunk_size": cfg.action_horizon,
-            "tokenizer_max_length": cfg.max_token_len,
-        }
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    tensors = {module_key_to_openpi(k): v.detach().contiguous().cpu() for k, v in model.named_parameters()}
+    if embedding in ("lm_head", "both"):
+        tensors[LM_HEAD_KEY] = tensors[EMBED_KEY].clone()
+    if embedding == "lm_head":
+        del tensors[EMBED_KEY]
+    save_file({prefix + k: v for k, v in tensors.items()}, str(directory / WEIGHTS_FILE))
+    meta = (openpi_config_json if layout == "openpi" else lerobot_config_json)(model.cfg)
+    (directory / CONFIG_FILE).write_text(json.dumps({**meta, **(config_overrides or {})}, indent=2))
     return directory
+
+
+def _variants(cfg: ModelConfig) -> dict:
+    """Variant names, and explicit shapes (`model_shape`) for what no variant names."""
+    out, shapes = {}, {}
+    for key, field in (("paligemma_variant", "prefix_lm"), ("action_expert_variant", "expert")):
+        stack = getattr(cfg, field)
+        name = next(
+            (n for n, v in LM_VARIANTS.items() if dataclasses.replace(stack, vocab_size=v.vocab_size) == v),
+            None,
+        )
+        if name is None:
+            name, shapes[field] = "custom", dataclasses.asdict(stack)
+        out[key] = name
+    paired = VISION_OF_LM.get(out["paligemma_variant"])
+    if paired is None or VISION_VARIANTS[paired] != cfg.vision:
+        shapes["vision"] = dataclasses.asdict(cfg.vision)
+    if shapes:
+        out["model_shape"] = shapes
+    return out
+
+
+def openpi_config_json(cfg: ModelConfig) -> dict:
+    """The keys openpi's converter writes (it records neither the family nor the prompt length: the family
+    shows in the tensors, the prompt length is the family's default)."""
+    return {
+        "action_dim": cfg.action_dim,
+        "action_horizon": cfg.action_horizon,
+        **_variants(cfg),
+        "precision": "float32",
+    }
+
+
+def lerobot_config_json(cfg: ModelConfig) -> dict:
+    """lerobot's PI0Config / PI05Config as saved by `save_pretrained` (the fields the runtime reads)."""
+    return {
+        "type": "pi05" if cfg.pi05 else "pi0",
+        **_variants(cfg),
+        "chunk_size": cfg.action_horizon,
+        "n_action_steps": cfg.chunk_length,
+        "max_state_dim": cfg.action_dim,
+        "max_action_dim": cfg.action_dim,
+        "tokenizer_max_length": cfg.max_token_len,
+        "num_inference_steps": cfg.default_steps,
+        "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
+        "empty_cameras": 0,
+        "input_features": {
+            **{
+                f"observation.images.{c}": {
+                    "type": "VISUAL",
+                    "shape": [3, cfg.vision.image_size, cfg.vision.image_size],
+                }
+                for c in cfg.camera_names
+            },
+            "observation.state": {"type": "STATE", "shape": [cfg.action_dim]},
+        },
+        "output_features": {"action": {"type": "ACTION", "shape": [cfg.action_dim]}},
+        "normalization_mapping": {
+            "VISUAL": "IDENTITY",
+            "STATE": "QUANTILES" if cfg.pi05 else "MEAN_STD",
+            "ACTION": "QUANTILES" if cfg.pi05 else "MEAN_STD",
+        },
+    }

@@ -1,18 +1,35 @@
-"""Start the vla_runtime policy node: `ros2 launch vla_runtime policy.launch.py [preset:=pi05] ...`.
+"""Start the vla_runtime policy node: `ros2 launch vla_runtime policy.launch.py [checkpoint:=DIR] ...`.
 
 Written to the launch / launch_ros API of ROS 2 Jazzy. The parameters file (default: this package's
-config/policy.yaml) is applied first; the launch arguments below override it.
+config/policy.yaml) is applied first; every node parameter is also a launch argument, and only the
+arguments given on the command line override the file (an argument left out keeps the file's value).
+The arguments are generated from the node's one parameter table (vla_runtime.nodes.params).
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
+from vla_runtime.nodes.params import PARAMS, launch_overrides
 
 from launch import LaunchDescription
+
+
+def policy_node(context):
+    given = {p.name: LaunchConfiguration(p.name).perform(context) for p in PARAMS}
+    return [
+        Node(
+            package="vla_runtime",
+            executable="policy_node",
+            name="policy_node",
+            namespace=LaunchConfiguration("namespace"),
+            output="screen",
+            emulate_tty=True,
+            parameters=[LaunchConfiguration("params_file"), launch_overrides(given)],
+        )
+    ]
 
 
 def generate_launch_description():
@@ -22,38 +39,8 @@ def generate_launch_description():
             "namespace", default_value="", description="Namespace of the node and its topics"
         ),
         DeclareLaunchArgument("params_file", default_value=default_params, description="Parameters YAML"),
-        DeclareLaunchArgument(
-            "preset", default_value="pi05_tiny", description="pi0 | pi05 | pi0_tiny | pi05_tiny"
-        ),
-        DeclareLaunchArgument(
-            "checkpoint", default_value="", description="Checkpoint directory; empty = random"
-        ),
-        DeclareLaunchArgument("device", default_value="cpu", description="cpu | cuda | cuda:N"),
-        DeclareLaunchArgument(
-            "precision", default_value="float32", description="float32 | bf16 | fp8 (prefix GEMMs in FP8)"
-        ),
-        DeclareLaunchArgument(
-            "fp8_expert", default_value="false", description="With fp8: the action expert's GEMMs in FP8 too"
-        ),
-        DeclareLaunchArgument("rate_hz", default_value="20.0", description="Control rate in Hz"),
+    ] + [
+        DeclareLaunchArgument(p.name, default_value="", description=f"{p.description} (default: the file's)")
+        for p in PARAMS
     ]
-    policy_node = Node(
-        package="vla_runtime",
-        executable="policy_node",
-        name="policy_node",
-        namespace=LaunchConfiguration("namespace"),
-        output="screen",
-        emulate_tty=True,
-        parameters=[
-            LaunchConfiguration("params_file"),
-            {
-                "preset": LaunchConfiguration("preset"),
-                "checkpoint": LaunchConfiguration("checkpoint"),
-                "device": LaunchConfiguration("device"),
-                "precision": LaunchConfiguration("precision"),
-                "fp8_expert": ParameterValue(LaunchConfiguration("fp8_expert"), value_type=bool),
-                "rate_hz": ParameterValue(LaunchConfiguration("rate_hz"), value_type=float),
-            },
-        ],
-    )
-    return LaunchDescription([*arguments, policy_node])
+    return LaunchDescription([*arguments, OpaqueFunction(function=policy_node)])

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import yaml
+
 from ..graphs.config import PI0_CAMERAS, PRESETS
 
 # LIBERO's Franka: 7 actions (6 end-effector deltas + gripper); names are what the trajectory carries.
@@ -45,11 +47,54 @@ def _device(v):
 
 
 PARAMS = (
-    Param("preset", "pi05_tiny", "Model preset.", _one_of(*PRESETS), needs_reconfigure=True),
+    Param(
+        "preset",
+        "",
+        "Model preset for random weights; empty = the checkpoint's model, or pi05_tiny without one.",
+        _one_of("", *PRESETS),
+        needs_reconfigure=True,
+    ),
     Param(
         "checkpoint",
         "",
         "Checkpoint directory (openpi or lerobot); empty = random weights.",
+        needs_reconfigure=True,
+    ),
+    Param(
+        "action_horizon",
+        0,
+        "Actions the model generates per chunk; 0 = the checkpoint's (or preset's).",
+        _in_range(0, 1000),
+        (0, 1000),
+        needs_reconfigure=True,
+    ),
+    Param(
+        "n_action_steps",
+        0,
+        "Actions of each chunk offered to the robot; 0 = the checkpoint's (else the whole horizon).",
+        _in_range(0, 1000),
+        (0, 1000),
+        needs_reconfigure=True,
+    ),
+    Param(
+        "max_token_len",
+        0,
+        "Padded prompt length in tokens; 0 = the checkpoint's (or preset's).",
+        _in_range(0, 4096),
+        (0, 4096),
+        needs_reconfigure=True,
+    ),
+    Param(
+        "state_in_prompt",
+        "auto",
+        "pi0.5: write the discretised state into the prompt (true/false); auto = the checkpoint's.",
+        _one_of("auto", "true", "false"),
+        needs_reconfigure=True,
+    ),
+    Param(
+        "allow_unnormalized",
+        False,
+        "Serve a trained checkpoint without normalisation statistics (actions in normalised units).",
         needs_reconfigure=True,
     ),
     Param(
@@ -80,6 +125,26 @@ PARAMS = (
         "fp8_expert",
         False,
         "With precision fp8: the action expert's GEMMs in FP8 too (faster, inside the accuracy gates).",
+        needs_reconfigure=True,
+    ),
+    Param(
+        "fp8_calibration",
+        "",
+        "FP8 activation scales (vla-runtime calibrate); empty = calibrate on synthetic frames at start-up.",
+        needs_reconfigure=True,
+    ),
+    Param(
+        "fp8_calibration_margin",
+        1.25,
+        "Headroom over the largest activation seen, when calibrating at start-up.",
+        _in_range(1.0, 4.0),
+        (1.0, 4.0),
+        needs_reconfigure=True,
+    ),
+    Param(
+        "record_observations",
+        "",
+        "Record every observation served to this MCAP file (for vla-runtime calibrate); empty = off.",
         needs_reconfigure=True,
     ),
     Param("steps", 10, "Denoising steps per chunk.", _in_range(1, 10), (1, 10)),
@@ -162,3 +227,25 @@ PARAMS = (
     ),
 )
 BY_NAME = {p.name: p for p in PARAMS}
+STATE_IN_PROMPT = {"auto": None, "true": True, "false": False}  # the state_in_prompt parameter's values
+
+
+def launch_overrides(given: dict[str, str]) -> dict[str, Any]:
+    """Launch arguments (strings; "" = not given) -> typed parameter overrides, each checked. A bad value
+    stops the launch with the parameter's name and reason instead of starting a node that refuses it."""
+    overrides = {}
+    for name, text in given.items():
+        if text == "":
+            continue
+        param = BY_NAME[name]
+        value = yaml.safe_load(text) if not isinstance(param.default, str) else text
+        if isinstance(param.default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        expected = type(param.default)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{name}:={text}: expected {expected.__name__}")
+        reason = param.check(value)
+        if reason:
+            raise ValueError(f"{name}:={text}: {reason}")
+        overrides[name] = value
+    return overrides

@@ -39,7 +39,7 @@ from ..runtime.executor import FrameDropped, PipelinedExecutor
 from ..runtime.scheduler import DeadlineScheduler, ScheduledActions
 from ..runtime.types import ActionChunk, Observation
 from .conversions import image_to_rgb, seconds_to_stamp, stamp_to_seconds, state_vector
-from .params import BY_NAME, PARAMS
+from .params import BY_NAME, PARAMS, STATE_IN_PROMPT
 
 LOG_THROTTLE_S = 2.0
 
@@ -110,8 +110,15 @@ class PolicyNode(LifecycleNode):
         cameras = list(self.param("cameras"))
         joints = list(self.param("joint_names"))
         config = RuntimeConfig(
-            preset=self.param("preset"),
+            preset=self.param("preset") or None,
             checkpoint=self.param("checkpoint") or None,
+            action_horizon=self.param("action_horizon") or None,
+            n_action_steps=self.param("n_action_steps") or None,
+            max_token_len=self.param("max_token_len") or None,
+            state_in_prompt=STATE_IN_PROMPT[self.param("state_in_prompt")],
+            allow_unnormalized=self.param("allow_unnormalized"),
+            fp8_calibration=self.param("fp8_calibration") or None,
+            fp8_calibration_margin=self.param("fp8_calibration_margin"),
             tokenizer=self.param("tokenizer") or None,
             robot=self.param("robot") or None,
             device=self.param("device"),
@@ -127,12 +134,12 @@ class PolicyNode(LifecycleNode):
         unknown = [c for c in cameras if c not in model_cameras]
         if unknown:
             raise ValueError(
-                f"cameras: {unknown} are not cameras of {config.preset} ({', '.join(model_cameras)})"
+                f"cameras: {unknown} are not cameras of {config.model_name} ({', '.join(model_cameras)})"
             )
-        missing = [c for c in model_cameras if c not in cameras and c not in config.optional_cameras]
+        missing = [c for c in model_cameras if c not in cameras and c not in config.optional_camera_names]
         if missing:
             raise ValueError(f"cameras: the model needs {missing}")
-        self.get_logger().info(f"loading {config.preset} on {config.device} ({config.precision})")
+        self.get_logger().info(f"loading {config.model_name} on {config.device} ({config.precision})")
         self.policy = PipelinedExecutor(config)
         if self.policy.parts.random_weights:
             self.get_logger().warning("no checkpoint: RANDOM WEIGHTS, the actions are meaningless")
@@ -259,7 +266,7 @@ class PolicyNode(LifecycleNode):
     def newest_observation(self) -> Observation | None:
         """The newest complete observation, stamped with its oldest part's time; None if incomplete."""
         with self._lock:
-            needed = [c for c in self.cameras if c not in self.policy.config.optional_cameras]
+            needed = [c for c in self.cameras if c not in self.policy.config.optional_camera_names]
             if self._state is None or self._instruction is None or any(c not in self._images for c in needed):
                 return None
             images = {name: rgb for name, (rgb, _) in self._images.items()}

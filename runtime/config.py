@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 import yaml
 
+from ..graphs.checkpoint import CheckpointInfo, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
 
 # Stages that run faster compiled, measured on an H100 (benchmarks/results/2026-11-22-h100-80gb-hbm3.json,
@@ -20,11 +22,27 @@ MEASURED_COMPILE_STAGES = ("prefix", "denoise")
 
 PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+DEFAULT_PRESET = "pi05_tiny"  # random weights, when neither a preset nor a checkpoint is given
+# Cameras that may be absent unless the configuration says otherwise (openpi's LIBERO and DROID setups
+# leave the right wrist slot empty); lerobot's `empty_camera_<i>` slots are always absent.
+DEFAULT_OPTIONAL_CAMERAS = ("right_wrist_0_rgb",)
+# Model settings a RuntimeConfig may give; with a checkpoint, one that contradicts what the checkpoint
+# states is refused (n_action_steps is the robot's choice of how much of a chunk to execute, so it may
+# differ from a lerobot checkpoint's).
+MODEL_OVERRIDES = ("action_horizon", "n_action_steps", "max_token_len", "state_in_prompt")
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    preset: str = "pi05_tiny"
+    # Random weights: a preset names the model (default pi05_tiny). With a checkpoint, the checkpoint names
+    # it, and a preset given as well must be the same architecture.
+    preset: str | None = None
     checkpoint: str | None = None  # directory with model.safetensors + config.json; None = random weights
+    action_horizon: int | None = None  # None = the checkpoint's, else the preset's
+    n_action_steps: int | None = None  # actions of a chunk offered to the robot; None = the checkpoint's
+    max_token_len: int | None = None  # padded prompt length
+    state_in_prompt: bool | None = None  # pi0.5: the discretised state in the prompt; None = the checkpoint's
+    allow_unnormalized: bool = False  # serve a trained checkpoint that has no normalisation statistics
     robot: str | None = None  # which assets/<robot>/norm_stats.json to use
     tokenizer: str | None = None  # SentencePiece model; default: the checkpoint's, else the demo tokenizer
     device: str = "cpu"
@@ -33,21 +51,24 @@ class RuntimeConfig:
     steps: int | None = None  # denoising steps 1..10; None = the preset's default
     state_dim: int = 8  # length of the robot's state vector (LIBERO: eef pos 3 + axis-angle 3 + gripper 2)
     robot_action_dim: int = 7  # leading action dims the robot executes (LIBERO: 7)
-    optional_cameras: tuple[str, ...] = ("right_wrist_0_rgb",)  # may be absent: zero image, masked out
+    optional_cameras: tuple[str, ...] | None = None  # may be absent (zero image, masked); None = the default
     seed: int = 0  # random weights
     # torch.compile before graph capture: True/False for every stage, None = the measured default on CUDA
     # (MEASURED_COMPILE_STAGES), nothing on the CPU.
     compile_stages: bool | None = None
-    fp8_calibration: str | None = (
-        None  # activation scales: loaded if the file exists, else calibrated and saved
-    )
-    fp8_calibration_frames: int = 8
+    fp8_calibration: str | None = None  # activation scales: loaded if the file exists, else calibrated, saved
+    fp8_calibration_frames: int = 8  # synthetic frames, when no calibration file is given
+    fp8_calibration_margin: float = 1.25  # headroom over the largest activation seen
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
     max_image_side: int = 4096
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"preset: unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        if not 1.0 <= self.fp8_calibration_margin <= 4.0:
+            raise ValueError(f"fp8_calibration_margin: must be in [1, 4], got {self.fp8_calibration_margin}")
+        if self.fp8_calibration_frames < 1:
+            raise ValueError(f"fp8_calibration_frames: must be at least 1, got {self.fp8_calibration_frames}")
         if self.precision not in ("float32", "bf16", "fp8"):
             raise ValueError(f"precision: must be float32, bf16 or fp8, got {self.precision!r}")
         if self.precision == "fp8" and not self.device.startswith("cuda"):
@@ -65,22 +86,56 @@ class RuntimeConfig:
             raise ValueError(f"steps: must be in 1..10, got {self.steps}")
         if not 1 <= self.state_dim <= model.action_dim:
             raise ValueError(
-                f"state_dim: must be in 1..{model.action_dim} for {self.preset}, got {self.state_dim}"
+                f"state_dim: must be in 1..{model.action_dim} for {model.name}, got {self.state_dim}"
             )
         if not 1 <= self.robot_action_dim <= model.action_dim:
             raise ValueError(
                 f"robot_action_dim: must be in 1..{model.action_dim}, got {self.robot_action_dim}"
             )
-        unknown = set(self.optional_cameras) - set(model.camera_names)
+        unknown = set(self.optional_cameras or ()) - set(model.camera_names)
         if unknown:
             raise ValueError(
-                f"optional_cameras: {sorted(unknown)} are not cameras of {self.preset} "
+                f"optional_cameras: {sorted(unknown)} are not cameras of {model.name} "
                 f"({', '.join(model.camera_names)})"
             )
 
-    @property
+    @cached_property
+    def checkpoint_info(self) -> CheckpointInfo | None:
+        return inspect_checkpoint(self.checkpoint) if self.checkpoint else None
+
+    @cached_property
     def model(self) -> ModelConfig:
-        return get_preset(self.preset)
+        """The model served: the checkpoint's (config.json and tensor header), else the preset's, with the
+        explicit settings applied."""
+        info = self.checkpoint_info
+        if info is None:
+            base = get_preset(self.preset or DEFAULT_PRESET)
+        else:
+            base = info.model
+            if self.preset is not None:
+                check_preset_fits(get_preset(self.preset), info)
+            for name in MODEL_OVERRIDES:
+                value = getattr(self, name)
+                if name in info.stated and value is not None and value != info.stated[name]:
+                    raise ValueError(
+                        f"{name}: {value!r} was asked, but checkpoint {info.directory.name} says "
+                        f"{info.stated[name]!r} ({info.sources.get(name, 'its config')})"
+                    )
+        overrides = {name: getattr(self, name) for name in MODEL_OVERRIDES if getattr(self, name) is not None}
+        return base.replace(**overrides)
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def optional_camera_names(self) -> tuple[str, ...]:
+        """Cameras that may be absent: the configured ones (default: the right wrist where the model has
+        one) and every `empty_camera_<i>` slot of a lerobot checkpoint."""
+        cameras = self.model.camera_names
+        chosen = self.optional_cameras if self.optional_cameras is not None else DEFAULT_OPTIONAL_CAMERAS
+        empty = tuple(c for c in cameras if c.startswith("empty_camera_"))
+        return tuple(c for c in cameras if c in chosen) + tuple(c for c in empty if c not in chosen)
 
     @property
     def denoising_steps(self) -> int:
@@ -115,6 +170,24 @@ class RuntimeConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"config: unknown keys {sorted(unknown)}")
-        if "optional_cameras" in data:
+        if data.get("optional_cameras") is not None:
             data = {**data, "optional_cameras": tuple(data["optional_cameras"])}
         return cls(**data)
+
+
+# The fields of a preset that say which architecture it is (the horizon and prompt length are training
+# choices that a fine-tune may change).
+ARCHITECTURE_FIELDS = ("pi05", "vision", "prefix_lm", "expert", "action_dim")
+
+
+def check_preset_fits(preset: ModelConfig, info: CheckpointInfo) -> None:
+    wrong = [
+        f"{name}: preset {getattr(preset, name)!r}, checkpoint {getattr(info.model, name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(preset, name) != getattr(info.model, name)
+    ]
+    if wrong:
+        raise ValueError(
+            f"preset: {preset.name} is not the architecture of checkpoint {info.directory.name} "
+            f"(leave --preset out to take the checkpoint's): " + "; ".join(wrong)
+        )

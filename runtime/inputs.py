@@ -75,8 +75,11 @@ class InputPreparer:
         pixels, masks = self._images(obs.images)
         state = self._state(obs.state)
         normalized = self.norm_stats.normalize_state(state) if self.norm_stats else state
-        # pi0.5 reads the (normalised) state from the prompt; pi0 from a continuous state token.
-        tokens, token_masks = self.tokenizer(obs.instruction, normalized if self.model.pi05 else None)
+        # pi0.5 reads the (normalised) state from the prompt, unless trained without it (openpi's
+        # pi05_libero); pi0 reads it from a continuous state token.
+        tokens, token_masks = self.tokenizer(
+            obs.instruction, normalized if self.model.prompt_has_state else None
+        )
         padded = np.zeros(self.model.action_dim, dtype=np.float32)
         padded[: self.state_dim] = normalized
         return PreparedInputs(pixels, masks, tokens, token_masks, padded)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..graphs.normalization import NormStats, find_norm_stats
+from ..graphs.checkpoint import weights_fingerprint
+from ..graphs.normalization import LEROBOT_PREPROCESSOR, NormStats, load_checkpoint_norm_stats
 from ..graphs.pi0 import PI0Model
 from ..graphs.tokenizer import PromptTokenizer, demo_tokenizer_path
 from ..graphs.weights import build_model
@@ -45,8 +46,9 @@ class PolicyParts:
         return noise
 
     def to_robot_actions(self, model_actions: np.ndarray) -> np.ndarray:
-        """[horizon, action_dim] model space -> [horizon, robot_action_dim] robot units."""
-        actions = self.norm_stats.unnormalize_actions(model_actions) if self.norm_stats else model_actions
+        """[horizon, action_dim] model space -> [n_action_steps, robot_action_dim] robot units."""
+        actions = model_actions[: self.config.model.chunk_length]
+        actions = self.norm_stats.unnormalize_actions(actions) if self.norm_stats else actions
         return np.ascontiguousarray(actions[:, : self.config.robot_action_dim], dtype=np.float32)
 
 
@@ -65,10 +67,31 @@ def resolve_tokenizer(config: RuntimeConfig) -> Path:
     return demo_tokenizer_path()
 
 
+def resolve_norm_stats(config: RuntimeConfig) -> NormStats | None:
+    """A trained checkpoint's statistics; one without any is refused unless `allow_unnormalized`, so that
+    actions in normalised units never reach a robot by accident."""
+    if not config.checkpoint:
+        return None
+    stats = load_checkpoint_norm_stats(config.checkpoint, config.robot, config.model.pi05)
+    if stats is None:
+        if not config.allow_unnormalized:
+            raise ValueError(
+                f"norm_stats: checkpoint {config.checkpoint} has no normalisation statistics (looked for "
+                f"assets/<robot>/norm_stats.json and lerobot's {LEROBOT_PREPROCESSOR} normaliser); its "
+                "actions would reach the robot in normalised units. Copy the statistics of its training data "
+                "next to it, or pass --allow-unnormalized (ROS: allow_unnormalized:=true)"
+            )
+        log.warning("no normalisation statistics in %s: state and actions pass through", config.checkpoint)
+    else:
+        log.info("normalisation statistics from %s", stats.source)
+    return stats
+
+
 def build_parts(config: RuntimeConfig) -> PolicyParts:
     cfg = config.model
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {config.device} requested but CUDA is not available")
+    norm_stats = resolve_norm_stats(config)  # before the weights: a refusal should cost nothing
     model = build_model(cfg, config.device, config.checkpoint, seed=config.seed)
     model.set_precision(config.compute_dtype, config.vision_dtype)
     tokenizer = PromptTokenizer(resolve_tokenizer(config), cfg.max_token_len)
@@ -77,22 +100,17 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
             f"tokenizer: {tokenizer.vocab_size} pieces do not fit the model's vocabulary of "
             f"{cfg.prefix_lm.vocab_size}"
         )
-    norm_stats = None
-    if config.checkpoint:
-        stats_path = find_norm_stats(config.checkpoint, config.robot)
-        if stats_path is not None:
-            norm_stats = NormStats.load(stats_path, use_quantiles=cfg.pi05)
-        else:
-            log.warning(
-                "no norm_stats.json in %s: state and actions pass through unnormalised", config.checkpoint
-            )
     preparer = InputPreparer(
-        cfg, tokenizer, norm_stats, config.state_dim, config.optional_cameras, config.max_image_side
+        cfg, tokenizer, norm_stats, config.state_dim, config.optional_camera_names, config.max_image_side
     )
     random_weights = config.checkpoint is None
-    model_id = f"{cfg.name}:" + (
-        f"random-seed{config.seed}" if random_weights else Path(config.checkpoint).name
+    # Names the weights: the seed, or a fingerprint of the checkpoint's file (calibrations are keyed by it).
+    weights = (
+        f"random-seed{config.seed}"
+        if random_weights
+        else weights_fingerprint(config.checkpoint_info.weights_path)
     )
+    model_id = f"{cfg.name}:{weights}"
     parts = PolicyParts(config, model, preparer, norm_stats, model_id, random_weights)
     if config.precision == "fp8":
         prepare_fp8(parts)

@@ -24,7 +24,7 @@ def synthetic_observation(
     images = {
         name: rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
         for name in config.model.camera_names
-        if name not in config.optional_cameras
+        if name not in config.optional_camera_names
     }
     state = rng.uniform(-1, 1, config.state_dim).astype(np.float32)
     return Observation(images, state, INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))], time.time())

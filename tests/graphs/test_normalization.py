@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from vla_runtime.graphs.normalization import NormStats, find_norm_stats
+from safetensors.numpy import save_file
+from vla_runtime.graphs.normalization import NormStats, find_norm_stats, load_checkpoint_norm_stats
 
 
 def write_stats(path, rng, dim=8):
@@ -25,7 +26,7 @@ def write_stats(path, rng, dim=8):
 @pytest.mark.parametrize("quantile", [False, True])
 def test_formulas_match_openpi(tmp_path, rng, quantile):
     raw = write_stats(tmp_path / "assets" / "libero" / "norm_stats.json", rng)
-    stats = NormStats.load(find_norm_stats(tmp_path, None), use_quantiles=quantile)
+    stats = NormStats.load_openpi(find_norm_stats(tmp_path, None), use_quantiles=quantile)
     x = rng.normal(size=8).astype(np.float32)
     s = {k: np.asarray(v, np.float32) for k, v in raw["state"].items()}
     a = {k: np.asarray(v, np.float32) for k, v in raw["actions"].items()}
@@ -45,8 +46,8 @@ def test_formulas_match_openpi(tmp_path, rng, quantile):
 def test_missing_quantiles_refused(tmp_path):
     path = tmp_path / "norm_stats.json"
     path.write_text(json.dumps({"norm_stats": {"state": {"mean": [0.0], "std": [1.0]}}}))
-    with pytest.raises(ValueError, match="norm_stats.state: quantile"):
-        NormStats.load(path, use_quantiles=True)
+    with pytest.raises(ValueError, match=r"norm_stats.state .*quantiles normalisation needs q01, q99"):
+        NormStats.load_openpi(path, use_quantiles=True)
 
 
 def test_robot_choice(tmp_path, rng):
@@ -57,3 +58,84 @@ def test_robot_choice(tmp_path, rng):
     assert find_norm_stats(tmp_path, "b").parent.name == "b"
     with pytest.raises(ValueError, match="robot: no norm_stats.json for 'c'"):
         find_norm_stats(tmp_path, "c")
+
+
+def write_lerobot_stats(directory, rng, norm_map, dim=8, postprocessor=True):
+    """lerobot's pipeline files: the normaliser step names its statistics file (keys <feature>.<stat>)."""
+    stats = {}
+    for feature in ("observation.state", "action"):
+        lo = rng.uniform(-2, 0, dim).astype(np.float32)
+        stats.update(
+            {
+                f"{feature}.mean": rng.normal(size=dim).astype(np.float32),
+                f"{feature}.std": rng.uniform(0.1, 2, dim).astype(np.float32),
+                f"{feature}.min": lo,
+                f"{feature}.max": lo + rng.uniform(0.5, 3, dim).astype(np.float32),
+                f"{feature}.q01": lo + 0.1,
+                f"{feature}.q99": lo + 0.2 + rng.uniform(0.5, 3, dim).astype(np.float32),
+            }
+        )
+    stats["action.max"][0] = stats["action.min"][0]  # a constant dim: lerobot puts eps only where d == 0
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def pipeline(name, registry, index, tensors):
+        state_file = f"{name}_step_{index}_{registry}.safetensors"
+        save_file(tensors, str(directory / state_file))
+        steps = [{"registry_name": "rename_observations_processor", "config": {}}] * index + [
+            {
+                "registry_name": registry,
+                "config": {"eps": 1e-8, "norm_map": norm_map},
+                "state_file": state_file,
+            }
+        ]
+        (directory / f"{name}.json").write_text(json.dumps({"name": name, "steps": steps}))
+
+    pipeline("policy_preprocessor", "normalizer_processor", 3, stats)
+    if postprocessor:
+        pipeline(
+            "policy_postprocessor",
+            "unnormalizer_processor",
+            0,
+            {k: v for k, v in stats.items() if k.startswith("action.")},
+        )
+    return stats
+
+
+@pytest.mark.parametrize("mode", ["MEAN_STD", "QUANTILES", "MIN_MAX"])
+def test_lerobot_statistics_and_formulas(tmp_path, rng, mode):
+    raw = write_lerobot_stats(tmp_path, rng, {"VISUAL": "IDENTITY", "STATE": mode, "ACTION": mode})
+    stats = load_checkpoint_norm_stats(tmp_path, None, pi05=True)
+    assert "policy_preprocessor_step_3_normalizer_processor" in stats.source
+    x = rng.normal(size=8).astype(np.float32)
+    s = {k.split(".")[-1]: v for k, v in raw.items() if k.startswith("observation.state.")}
+    a = {k.split(".")[-1]: v for k, v in raw.items() if k.startswith("action.")}
+    if mode == "MEAN_STD":
+        expected = (x - s["mean"]) / (s["std"] + 1e-8)
+        expected_back = x * a["std"] + a["mean"]
+    else:
+        lo, hi = ("q01", "q99") if mode == "QUANTILES" else ("min", "max")
+        expected = 2 * (x - s[lo]) / (s[hi] - s[lo]) - 1
+        d = a[hi] - a[lo]
+        d = np.where(d == 0, 1e-8, d)
+        expected_back = (x + 1) * d / 2 + a[lo]
+    np.testing.assert_allclose(stats.normalize_state(x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.unnormalize_actions(x), expected_back, rtol=1e-5, atol=1e-6)
+
+
+def test_lerobot_base_checkpoint_without_statistics(tmp_path):
+    """lerobot's base checkpoints ship pipeline files whose normaliser has no statistics file."""
+    steps = [
+        {
+            "registry_name": "normalizer_processor",
+            "config": {"norm_map": {"STATE": "QUANTILES"}, "features": {}},
+        }
+    ]
+    (tmp_path / "policy_preprocessor.json").write_text(json.dumps({"steps": steps}))
+    assert load_checkpoint_norm_stats(tmp_path, None, pi05=True) is None
+
+
+def test_openpi_asset_id_with_a_slash(tmp_path, rng):
+    """openpi's LIBERO stats live under assets/physical-intelligence/libero/."""
+    write_stats(tmp_path / "assets" / "physical-intelligence" / "libero" / "norm_stats.json", rng)
+    assert find_norm_stats(tmp_path, None).parent.name == "libero"
+    assert find_norm_stats(tmp_path, "physical-intelligence/libero").is_file()

@@ -1,4 +1,6 @@
-"""Checkpoints in openpi and lerobot layout: round trips, and broken ones refused with every key named."""
+"""Checkpoints: the model comes from config.json and the tensor header; openpi and lerobot layouts and
+dialects, the tied embedding stored only as lm_head, pi05_libero's horizon-10 state-free prompt. Each
+loads and gives the actions of the model it was saved from; wrong combinations are refused by name."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from vla_runtime.graphs.checkpoint import EMBED_KEY, LM_HEAD_KEY, group_names, inspect_checkpoint
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.weights import CheckpointError, build_model, module_key_to_openpi, save_checkpoint
 from vla_runtime.runtime.config import RuntimeConfig
@@ -15,101 +18,233 @@ from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
 
+# (directory name, preset, layout, embedding storage, config.json overrides, overrides of the random twin)
+LAYOUTS = {
+    "openpi": ("pi05_tiny_openpi", "pi05_tiny", "openpi", "embed_tokens", {}, {}),
+    "lerobot": ("pi05_tiny_lerobot", "pi05_tiny", "lerobot", "embed_tokens", {}, {}),
+    "lm_head_only": ("pi0_tiny_lm_head", "pi0_tiny", "openpi", "lm_head", {}, {}),
+    "lerobot_lm_head_only": ("pi0_tiny_lerobot", "pi0_tiny", "lerobot", "lm_head", {}, {}),
+    # openpi's pi05_libero: horizon 10 (here 6), trained without the state in the prompt; its converted
+    # config.json does not say so: the directory name is matched against openpi's training configs.
+    "pi05_libero": (
+        "pi05_libero_tiny",
+        "pi05_tiny",
+        "openpi",
+        "both",
+        {"action_horizon": 6},
+        {"action_horizon": 6, "state_in_prompt": False},
+    ),
+}
+
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A pi05_tiny model with random weights written in both layouts."""
-    cfg = get_preset("pi05_tiny")
-    model = build_model(cfg, seed=int(np.random.default_rng().integers(1000)))
-    root = tmp_path_factory.mktemp("ckpt")
-    return model, save_checkpoint(model, root / "openpi"), save_checkpoint(model, root / "lerobot", "lerobot")
+def checkpoints(tmp_path_factory):
+    """Each layout written from a model with fresh random weights: {name: (directory, twin config)}."""
+    root, out = tmp_path_factory.mktemp("ckpt"), {}
+    for name, (dirname, preset, layout, embedding, ckpt_over, twin_over) in LAYOUTS.items():
+        seed = int(np.random.default_rng().integers(1 << 20))
+        twin = RuntimeConfig(preset=preset, seed=seed, **twin_over)
+        model = build_model(twin.model, seed=seed)
+        directory = save_checkpoint(model, root / dirname, layout, embedding, ckpt_over)
+        out[name] = (directory, twin)
+    return out
 
 
-def test_openpi_names_are_used(saved):
-    _, openpi_dir, lerobot_dir = saved
-    names = set(load_file(openpi_dir / "model.safetensors"))
-    assert "paligemma_with_expert.paligemma.model.language_model.layers.0.self_attn.q_proj.weight" in names
-    assert (
-        "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias"
-        in names
+def test_openpi_and_lerobot_names(checkpoints):
+    names = set(load_file(checkpoints["openpi"][0] / "model.safetensors"))
+    assert EMBED_KEY in names and LM_HEAD_KEY not in names
+    assert all(n.startswith(("paligemma_with_expert.", "action_", "time_mlp_")) for n in names)
+    lerobot = set(load_file(checkpoints["lerobot"][0] / "model.safetensors"))
+    assert lerobot == {"model." + n for n in names}
+    only_head = set(load_file(checkpoints["lm_head_only"][0] / "model.safetensors"))
+    assert LM_HEAD_KEY in only_head and EMBED_KEY not in only_head
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_each_layout_loads_and_matches_the_model_it_was_saved_from(checkpoints, spm_path, rng, name):
+    directory, twin = checkpoints[name]
+    # No preset: the model comes from the checkpoint alone.
+    config = RuntimeConfig(checkpoint=str(directory), tokenizer=spm_path, allow_unnormalized=True)
+    got, want = config.model, twin.model
+    assert got.replace(name=want.name, state_in_prompt=None, n_action_steps=None) == want.replace(
+        state_in_prompt=None
     )
-    assert "paligemma_with_expert.gemma_expert.model.layers.1.input_layernorm.dense.weight" in names
-    assert "paligemma_with_expert.paligemma.model.multi_modal_projector.linear.weight" in names
-    assert "time_mlp_in.weight" in names
-    assert {"model." + n for n in names} == set(load_file(lerobot_dir / "model.safetensors"))
+    assert (got.prompt_format, got.chunk_length) == (want.prompt_format, want.chunk_length)
+    loaded = EagerPolicy(config)
+    reference = EagerPolicy(twin.replace(tokenizer=spm_path))
+    for _ in range(2):
+        obs = random_observation(rng)
+        noise = rng.standard_normal((twin.model.action_horizon, twin.model.action_dim), dtype=np.float32)
+        a, b = loaded.infer(obs, noise=noise), reference.infer(obs, noise=noise)
+        assert a.actions.shape == (twin.model.action_horizon, 7)
+        np.testing.assert_array_equal(a.actions, b.actions)
+    assert not loaded.parts.random_weights and loaded.parts.model_id.startswith(directory.name + ":")
 
 
-@pytest.mark.parametrize("layout", ["openpi", "lerobot"])
-def test_round_trip_gives_identical_actions(saved, layout, spm_path, rng):
-    model, openpi_dir, lerobot_dir = saved
-    directory = openpi_dir if layout == "openpi" else lerobot_dir
-    loaded = build_model(model.cfg, checkpoint=directory)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
-    config = RuntimeConfig(preset="pi05_tiny", checkpoint=str(directory), tokenizer=spm_path)
-    from_ckpt = EagerPolicy(config)
-    in_memory = EagerPolicy(config.replace(checkpoint=None))
-    in_memory.parts.model.load_state_dict(model.state_dict())
-    obs = random_observation(rng)
-    noise = rng.standard_normal((model.cfg.action_horizon, model.cfg.action_dim), dtype=np.float32)
-    np.testing.assert_array_equal(from_ckpt.infer(obs, noise).actions, in_memory.infer(obs, noise).actions)
-    assert from_ckpt.infer(obs, noise).random_weights is False
+def test_what_inspect_detects(checkpoints):
+    libero = inspect_checkpoint(checkpoints["pi05_libero"][0])
+    assert (libero.layout, libero.dialect, libero.model.action_horizon) == ("openpi", "openpi", 6)
+    assert (
+        libero.model.prompt_format == "pi05_no_state" and "pi05_libero" in libero.sources["state_in_prompt"]
+    )
+    assert libero.unused == (LM_HEAD_KEY,) and not libero.embedding_from_lm_head
+    lerobot = inspect_checkpoint(checkpoints["lerobot_lm_head_only"][0])
+    assert (lerobot.layout, lerobot.dialect, lerobot.model.pi05) == ("lerobot", "lerobot", False)
+    assert lerobot.embedding_from_lm_head and lerobot.model.prompt_format == "pi0"
+    assert lerobot.sources["action_horizon"] == "config.json chunk_size"
+    pi05 = inspect_checkpoint(checkpoints["lerobot"][0])
+    assert (
+        pi05.model.prompt_format == "pi05_state"
+        and pi05.model.camera_names == get_preset("pi05_tiny").camera_names
+    )
 
 
-def _rewrite(src_dir, dst_dir, edit):
-    tensors = load_file(src_dir / "model.safetensors")
-    edit(tensors)
-    dst_dir.mkdir()
-    save_file(tensors, str(dst_dir / "model.safetensors"))
-    (dst_dir / "config.json").write_text((src_dir / "config.json").read_text())
-    return dst_dir
+def test_family_from_the_tensors_when_config_json_is_silent(checkpoints):
+    """openpi's converter writes no family: pi0's state projection / pi0.5's time MLP tell."""
+    cfg = json.loads((checkpoints["lm_head_only"][0] / "config.json").read_text())
+    assert "pi05" not in cfg and "type" not in cfg
+    info = inspect_checkpoint(checkpoints["lm_head_only"][0])
+    assert info.model.pi05 is False and info.sources["pi05"].startswith("tensors")
 
 
-def test_broken_checkpoint_names_every_bad_tensor(saved, tmp_path):
-    model, openpi_dir, _ = saved
-    q = "paligemma_with_expert.paligemma.model.language_model.layers.1.self_attn.q_proj.weight"
+def _copy(src, dst, edit_tensors=None, edit_config=None):
+    tensors = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_config:
+        edit_config(cfg)
+    dst.mkdir(parents=True)
+    save_file(tensors, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_broken_checkpoint_names_every_bad_tensor_grouped(checkpoints, tmp_path):
+    src = checkpoints["openpi"][0]
+    q = "paligemma_with_expert.paligemma.model.language_model.layers.{}.self_attn.q_proj.weight"
     fc1 = "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
 
     def edit(t):
-        del t[q]
-        del t["action_out_proj.bias"]
+        del t[q.format(0)], t[q.format(1)], t["action_out_proj.bias"]
         t["some_extra.weight"] = torch.zeros(3)
         t[fc1] = torch.zeros(5, 5)
 
-    broken = _rewrite(openpi_dir, tmp_path / "broken", edit)
+    broken = _copy(src, tmp_path / "broken", edit)
     with pytest.raises(CheckpointError) as err:
-        build_model(model.cfg, checkpoint=broken)
+        EagerPolicy(RuntimeConfig(checkpoint=str(broken), allow_unnormalized=True))
     message = str(err.value)
     for expected in (
-        q,
+        q.format("{0-1}"),  # both layers on one line
         "action_out_proj.bias",
         "some_extra.weight",
-        fc1,
-        "missing tensors (2)",
-        "unexpected tensors (1)",
-        "mis-shaped tensors (1)",
-        "[5, 5]",
+        f"{fc1}: checkpoint [5, 5]",
+        "missing tensors (3):",
+        "unexpected tensors (1):",
+        "mis-shaped tensors (1):",
     ):
-        assert expected in message
-    assert "pi05_tiny" in message
+        assert expected in message, message
+    assert message.count("\n") < 12  # grouped and readable, not one line per key
 
 
-def test_unused_language_heads_are_accepted(saved, tmp_path):
-    model, openpi_dir, _ = saved
-    ok = _rewrite(
-        openpi_dir,
-        tmp_path / "with_heads",
-        lambda t: t.update({"paligemma_with_expert.paligemma.lm_head.weight": torch.zeros(2, 2)}),
-    )
-    build_model(model.cfg, checkpoint=ok)
+def test_expert_lm_head_is_reported_unused_and_ignored(checkpoints, tmp_path):
+    src = checkpoints["openpi"][0]
+    head = "paligemma_with_expert.gemma_expert.lm_head.weight"
+    ok = _copy(src, tmp_path / "with_head", lambda t: t.update({head: torch.zeros(2, 2)}))
+    assert inspect_checkpoint(ok).unused == (head,)
+    build_model(inspect_checkpoint(ok).model, checkpoint=ok)
 
 
-def test_checkpoint_for_another_preset_is_refused(saved, tmp_path):
-    _, openpi_dir, _ = saved
-    with pytest.raises(CheckpointError, match="pi05"):
-        build_model(get_preset("pi0_tiny"), checkpoint=openpi_dir)  # config.json says pi05
+def test_wrong_combinations_are_refused_naming_both_values(checkpoints, tmp_path):
+    libero = str(checkpoints["pi05_libero"][0])
+    with pytest.raises(ValueError, match=r"preset: pi0_tiny .*pi05: preset False, checkpoint True"):
+        RuntimeConfig(preset="pi0_tiny", checkpoint=libero)
+    # a preset of the same architecture is fine: the checkpoint's horizon wins
+    assert RuntimeConfig(preset="pi05_tiny", checkpoint=libero).model.action_horizon == 6
+    with pytest.raises(
+        ValueError, match=r"action_horizon: 50 was asked, but .* says 6 \(config.json action_horizon\)"
+    ):
+        RuntimeConfig(checkpoint=libero, action_horizon=50)
+    with pytest.raises(ValueError, match=r"state_in_prompt: True was asked, but .* says False"):
+        RuntimeConfig(checkpoint=libero, state_in_prompt=True)
+    with pytest.raises(ValueError, match="state_in_prompt: pi0 reads the state from a state token"):
+        RuntimeConfig(checkpoint=str(checkpoints["lm_head_only"][0]), state_in_prompt=True)
+    with pytest.raises(ValueError, match=r"n_action_steps: must be in 1..action_horizon \(6\)"):
+        RuntimeConfig(checkpoint=libero, n_action_steps=7)
+    src = checkpoints["lerobot"][0]
+    lying = _copy(src, tmp_path / "lying", edit_config=lambda c: c.update(type="pi0"))
+    with pytest.raises(CheckpointError, match="config.json type says pi0, its tensors are pi05's"):
+        inspect_checkpoint(lying)
+    odd = _copy(src, tmp_path / "odd", edit_config=lambda c: c.update(paligemma_variant="gemma_9b"))
+    with pytest.raises(
+        CheckpointError, match=r"prefix_lm variant 'gemma_9b' is not one of .*model_shape.prefix_lm"
+    ):
+        inspect_checkpoint(odd)
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        build_model(get_preset("pi05_tiny"), checkpoint=tmp_path)
+        inspect_checkpoint(tmp_path)
+
+
+def test_explicit_shapes_for_a_variant_not_in_the_table(tmp_path, spm_path, rng):
+    """A checkpoint may state its shapes where no variant names them; they round-trip exactly."""
+    base = get_preset("pi05_tiny")
+    custom = base.replace(
+        expert=base.expert.__class__(width=48, depth=2, mlp_dim=96, num_heads=2, num_kv_heads=1, head_dim=16)
+    )
+    model = build_model(custom, seed=3)
+    directory = save_checkpoint(model, tmp_path / "custom", "lerobot")
+    cfg = json.loads((directory / "config.json").read_text())
+    assert cfg["action_expert_variant"] == "custom" and cfg["model_shape"]["expert"]["width"] == 48
+    info = inspect_checkpoint(directory)
+    assert info.model.expert == custom.expert
+    noise = rng.standard_normal((10, 8), dtype=np.float32)
+    obs = random_observation(rng)
+    a = EagerPolicy(
+        RuntimeConfig(checkpoint=str(directory), tokenizer=spm_path, allow_unnormalized=True)
+    ).infer(obs, noise)
+    assert a.actions.shape == (10, 7) and np.all(np.isfinite(a.actions))
+
+
+def test_trained_checkpoint_without_statistics_is_refused(checkpoints, spm_path):
+    directory = str(checkpoints["openpi"][0])
+    with pytest.raises(
+        ValueError, match=r"norm_stats: .* has no normalisation statistics .*--allow-unnormalized"
+    ):
+        EagerPolicy(RuntimeConfig(checkpoint=directory, tokenizer=spm_path))
+
+
+def test_statistics_are_applied(checkpoints, tmp_path, spm_path, rng):
+    """openpi quantile statistics: the normalised state enters the prompt; actions return in robot units."""
+    from ..graphs.test_normalization import write_stats
+
+    src, twin = checkpoints["openpi"]
+    directory = _copy(src, tmp_path / "with_stats")
+    raw = write_stats(directory / "assets" / "libero" / "norm_stats.json", rng, dim=8)
+    policy = EagerPolicy(RuntimeConfig(checkpoint=str(directory), tokenizer=spm_path))
+    reference = EagerPolicy(twin.replace(tokenizer=spm_path))
+    obs = random_observation(rng)
+    a = {k: np.asarray(v, np.float32) for k, v in raw["actions"].items()}
+    s = {k: np.asarray(v, np.float32) for k, v in raw["state"].items()}
+    normalized_obs = random_observation(rng)
+    normalized_obs.state = (obs.state - s["q01"]) / (s["q99"] - s["q01"] + 1e-6) * 2 - 1
+    normalized_obs.images, normalized_obs.instruction = obs.images, obs.instruction
+    noise = rng.standard_normal((10, 8), dtype=np.float32)
+    got = policy.infer(obs, noise).actions
+    model_space = reference.infer(normalized_obs, noise).actions
+    expected = (model_space + 1) / 2 * (a["q99"][:7] - a["q01"][:7] + 1e-6) + a["q01"][:7]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_n_action_steps_trims_what_the_robot_is_offered(checkpoints, spm_path, rng):
+    directory = str(checkpoints["pi05_libero"][0])
+    policy = EagerPolicy(
+        RuntimeConfig(checkpoint=directory, tokenizer=spm_path, allow_unnormalized=True, n_action_steps=4)
+    )
+    assert policy.infer(random_observation(rng)).actions.shape == (4, 7)
+
+
+def test_group_names_collapses_layers():
+    names = [f"x.layers.{i}.w" for i in (0, 1, 2, 5)] + ["y.bias"]
+    assert group_names(names) == ["y.bias", "x.layers.{0-2,5}.w"]
 
 
 def test_key_mapping_round_trips():
@@ -117,4 +252,3 @@ def test_key_mapping_round_trips():
     for name in model.state_dict():
         openpi = module_key_to_openpi(name)
         assert openpi.startswith(("paligemma_with_expert.", "action_", "state_proj")), openpi
-    assert json.loads(json.dumps({"ok": True}))
