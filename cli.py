@@ -80,6 +80,7 @@ def runtime_config_from_args(args):
         fp8_expert=args.fp8_expert,
         fp8_calibration=args.fp8_calibration,
         steps=args.steps,
+        state_dim=args.state_dim,
         seed=args.seed,
     )
 
@@ -152,36 +153,27 @@ def cmd_eval_libero(args) -> int:
     """Closed-loop LIBERO episodes: in-process (the runtime talks to the sim server) or through ROS."""
     from pathlib import Path
 
-    import torch
-
     from .sim.launcher import SimServerProcess
     from .sim.report import write_report
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    preset = args.preset or ("pi05" if device.startswith("cuda") else "pi05_tiny")
-    precision = args.precision or ("bf16" if device.startswith("cuda") else "float32")
+    config = runtime_config_from_args(args)
     tasks = [int(t) for t in args.tasks.split(",")] if args.tasks else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     server = None if args.endpoint else SimServerProcess(log_path=out / "sim_server.log")
     endpoint = args.endpoint or server.endpoint
+    recorder = None
     try:
         if args.path == "ros":
-            from .nodes.ros_eval import run_ros_episodes
+            from .nodes.ros_eval import node_params, run_ros_episodes
 
-            if tasks is None:
-                tasks = [0]
             episodes = run_ros_episodes(
                 endpoint,
                 out,
                 args.suite,
-                tasks,
+                tasks or [0],
                 args.trials,
-                preset=preset,
-                checkpoint=args.checkpoint,
-                device=device,
-                precision=precision,
-                steps=args.steps or 10,
+                node_params=node_params(config, args.record),
                 mode=args.mode,
                 max_steps=args.max_steps,
                 replan_steps=args.replan_steps,
@@ -189,28 +181,20 @@ def cmd_eval_libero(args) -> int:
                 settle_steps=args.settle_steps,
                 video=args.video,
             )
-            model_id, random_weights = (
-                f"{preset}:" + (Path(args.checkpoint).name if args.checkpoint else "random-seed0"),
-                args.checkpoint is None,
+            model_id = f"{config.model_name}:" + (
+                Path(args.checkpoint).name if args.checkpoint else f"random-seed{args.seed}"
             )
+            random_weights = args.checkpoint is None
         else:
-            from .runtime.config import RuntimeConfig
             from .runtime.executor import PipelinedExecutor
             from .sim.client import SimClient
             from .sim.evaluate import evaluate
 
-            config = RuntimeConfig(
-                preset=preset,
-                checkpoint=args.checkpoint,
-                device=device,
-                precision=precision,
-                vision_precision=args.vision_precision,
-                fp8_expert=args.fp8_expert,
-                steps=args.steps,
-                tokenizer=args.tokenizer,
-                robot=args.robot,
-            )
             client = SimClient(endpoint)
+            if args.record:
+                from .runtime.recording import ObservationRecorder
+
+                recorder = ObservationRecorder(args.record)
             with PipelinedExecutor(config) as policy:
                 episodes = evaluate(
                     client,
@@ -223,19 +207,23 @@ def cmd_eval_libero(args) -> int:
                     seed=args.seed,
                     settle_steps=args.settle_steps,
                     video_dir=out if args.video else None,
+                    recorder=recorder,
                 )
                 model_id, random_weights = policy.parts.model_id, policy.parts.random_weights
             client.close()
     finally:
+        if recorder is not None:
+            recorder.close()
         if server is not None:
             server.stop()
+    device = config.device
     meta = {
         "suite": args.suite,
         "path": args.path if args.path == "in-process" else f"ros ({args.mode})",
         "model_id": model_id,
         "random_weights": random_weights,
         "device": device,
-        "denoising_steps": args.steps or 10,
+        "denoising_steps": config.denoising_steps,
         "replan_steps": args.replan_steps,
     }
     summary = write_report(out, episodes, meta)
@@ -258,13 +246,152 @@ def cmd_eval_libero(args) -> int:
         f"p50 {total.get('p50', float('nan')):.1f} ms per chunk, deadline misses {summary['deadline_misses']}"
     )
     print(f"report: {out / 'report.md'}")
+    if args.record:
+        print(f"observations recorded to {args.record} (vla-runtime calibrate --observations {args.record})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """What a checkpoint holds, from config.json and the tensor header (no weights are loaded)."""
+    from pathlib import Path
+
+    from .graphs.checkpoint import check_tensors, inspect_checkpoint
+    from .graphs.normalization import load_checkpoint_norm_stats
+    from .runtime.loading import TOKENIZER_NAMES
+
+    info = inspect_checkpoint(args.checkpoint)
+    report = info.summary()
+    report["problems"] = check_tensors(info)
+    try:
+        stats = load_checkpoint_norm_stats(info.directory, args.robot, info.model.pi05)
+        report["norm_stats"] = (
+            {
+                "source": stats.source,
+                "state": stats.state.mode if stats.state else None,
+                "actions": stats.actions.mode if stats.actions else None,
+            }
+            if stats
+            else None
+        )
+    except ValueError as err:
+        report["norm_stats"] = {"error": str(err)}
+    report["norm_stats_robots"] = (
+        sorted(
+            str(p.parent.relative_to(info.directory / "assets"))
+            for p in (info.directory / "assets").rglob("norm_stats.json")
+        )
+        if (info.directory / "assets").is_dir()
+        else []
+    )
+    tokenizer = next(
+        (str(info.directory / n) for n in TOKENIZER_NAMES if (info.directory / n).is_file()), None
+    )
+    report["tokenizer"] = tokenizer
+    report["loadable"] = not report["problems"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if report["loadable"] else EXIT_BAD_INPUT
+    m = info.model
+    print(f"checkpoint {info.directory}")
+    print(
+        f"  layout        {info.layout} tensor names, {report['tensors']} tensors; "
+        f"config.json: {info.dialect} dialect"
+    )
+    print(
+        f"  model         {report['family']}: vision {_shape_name(report['vision'])}, prefix "
+        f"{_shape_name(report['prefix_lm'])}, expert {_shape_name(report['expert'])}, "
+        f"action_dim {m.action_dim}"
+    )
+    print(
+        f"  horizon       {m.action_horizon} actions ({info.sources.get('action_horizon')}); "
+        f"offered to the robot: {m.chunk_length}"
+    )
+    print(
+        f"  prompt        {m.prompt_format}, padded to {m.max_token_len} tokens "
+        f"(state in prompt: {info.sources.get('state_in_prompt', 'family default')})"
+    )
+    print(f"  cameras       {', '.join(m.camera_names)} at {m.vision.image_size}x{m.vision.image_size}")
+    print(f"  steps         {m.default_steps} denoising steps by default")
+    ns = report["norm_stats"]
+    print(
+        "  norm stats    "
+        + (
+            "NONE: refused unless --allow-unnormalized"
+            if ns is None
+            else ns.get("error") or f"{ns['source']} (state {ns['state']}, actions {ns['actions']})"
+        )
+    )
+    print(f"  tokenizer     {tokenizer or 'none in the directory: pass --tokenizer'}")
+    if info.embedding_from_lm_head:
+        print("  embedding     read from the tied lm_head (no embed_tokens stored)")
+    if info.unused:
+        print(f"  unused        {', '.join(info.unused)} (ignored)")
+    if report["problems"]:
+        print(
+            "  DOES NOT LOAD:\n"
+            + "\n".join("    " + line for p in report["problems"] for line in p.splitlines())
+        )
+        return EXIT_BAD_INPUT
+    print(f"  serve it      vla-runtime infer --checkpoint {Path(args.checkpoint)} --device cuda")
+    return 0
+
+
+def _shape_name(shape) -> str:
+    return shape if isinstance(shape, str) else f"custom {shape}"
+
+
+def cmd_calibrate(args) -> int:
+    """FP8 activation scales from recorded observations, saved with what they were made for."""
+    import torch
+
+    from .runtime.calibration import attach_fp8, calibrate_scales, save_scales
+    from .runtime.loading import build_parts
+    from .runtime.recording import read_observations
+
+    # Calibration observes activations in high precision (bf16 on a GPU, float32 on the CPU); which GEMMs
+    # get FP8 scales is --fp8-expert's choice.
+    config = runtime_config_from_args(argparse.Namespace(**{**vars(args), "fp8_expert": False}))
+    high = "bf16" if config.device.startswith("cuda") and torch.cuda.is_available() else "float32"
+    config = config.replace(
+        precision=high, fp8_expert=False, fp8_calibration=None, fp8_calibration_margin=args.margin
+    )
+    observations = read_observations(
+        args.observations, config.model.camera_names, config.state_dim, args.max_frames
+    )
+    parts = build_parts(config)
+    modules = attach_fp8(parts, args.fp8_expert)
+    meta = calibrate_scales(
+        parts, modules, observations, str(args.observations), args.fp8_expert, args.margin, config.seed
+    )
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"max-frames: must be at least 1, got {args.max_frames}")
+    path = save_scales(modules, args.out, meta)
+    if args.json:
+        print(json.dumps({"scales": str(path), **meta}))
+        return 0
+    print(f"FP8 scales for {len(modules)} GEMMs of {meta['model_id']} written to {path}")
+    print(
+        f"  from {meta['frames']} observations of {args.observations} (margin {meta['margin']}); "
+        f"{meta['holdout_frames']} held out: clamped fraction {meta['clamped_fraction_holdout']}"
+    )
+    print(
+        f"  serve with: --precision fp8{' --fp8-expert' if args.fp8_expert else ''} --fp8-calibration {path}"
+    )
     return 0
 
 
 def cmd_accuracy(args) -> int:
     from .runtime.accuracy import accuracy_table, format_table
 
-    result = accuracy_table(runtime_config_from_args(args), frames=args.frames)
+    observations = None
+    config = runtime_config_from_args(args)
+    if args.observations:
+        from .runtime.recording import read_observations
+
+        observations = read_observations(
+            args.observations, config.model.camera_names, config.state_dim, args.frames
+        )
+    result = accuracy_table(config, frames=args.frames, observations=observations)
     print(json.dumps(result) if args.json else format_table(result))
     return 0 if result["passed"] else 1
 
@@ -314,9 +441,33 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy", help="a precision mode against float32, per layer and stage, with its gates"
     )
     add_model_args(acc)
-    acc.add_argument("--frames", type=int, default=4)
+    acc.add_argument(
+        "--frames", type=int, default=4, help="frames to compare (random, or the first recorded)"
+    )
+    acc.add_argument(
+        "--observations", default=None, help="recorded observations (MCAP) instead of random ones"
+    )
     acc.add_argument("--json", action="store_true")
     acc.set_defaults(func=cmd_accuracy)
+
+    insp = sub.add_parser(
+        "inspect", help="what a checkpoint holds (model, layout, prompt, statistics), no weights loaded"
+    )
+    insp.add_argument("checkpoint", help="checkpoint directory")
+    insp.add_argument("--robot", default=None, help="which assets/<robot>/norm_stats.json to report")
+    insp.add_argument("--json", action="store_true")
+    insp.set_defaults(func=cmd_inspect)
+
+    cal = sub.add_parser("calibrate", help="FP8 activation scales from recorded observations (MCAP)")
+    cal.add_argument(
+        "--observations", required=True, help="MCAP recording (ros2 bag, node or eval-libero --record)"
+    )
+    cal.add_argument("--out", required=True, help="scales file to write (.safetensors)")
+    cal.add_argument("--margin", type=float, default=1.25, help="headroom over the largest activation seen")
+    cal.add_argument("--max-frames", type=int, default=None, help="use at most this many observations")
+    cal.add_argument("--json", action="store_true")
+    add_model_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
 
     prof = sub.add_parser("profile", help="device time per layer and per kernel of each stage (CUDA)")
     add_model_args(prof)
@@ -346,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="out/libero")
     ev.add_argument("--video", action="store_true", help="a GIF of each episode's agent view")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument(
+        "--record", default=None, help="record every observation sent to the policy to this MCAP file"
+    )
     add_model_args(ev, defaults_by_device=True)
     ev.set_defaults(func=cmd_eval_libero)
 
@@ -353,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(demo, defaults_by_device=True)
     demo.add_argument("--max-steps", type=int, default=40)
     demo.add_argument("--out", default="out/demo")
+    demo.add_argument(
+        "--record", default=None, help="the policy node records the observations it serves to this MCAP file"
+    )
     demo.set_defaults(
         func=lambda a: cmd_eval_libero(
             argparse.Namespace(
@@ -425,6 +582,7 @@ def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False)
         help="FP8 activation scales from `vla-runtime calibrate` (default: synthetic frames at start-up)",
     )
     p.add_argument("--steps", type=int, default=None, help="denoising steps 1..10 (default: the model's)")
+    p.add_argument("--state-dim", type=int, default=8, help="length of the robot's state vector (LIBERO: 8)")
     p.add_argument(
         "--seed", type=int, default=7 if defaults_by_device else 0, help="random weights and noise"
     )

@@ -51,17 +51,29 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_fp8", (w / scale).to(torch.float8_e4m3fn).t(), persistent=False)
         self.register_buffer("weight_scale", scale.reshape(()), persistent=False)
         self.register_buffer("input_scale", torch.ones((), device=weight.device), persistent=False)
-        self.calibrating = False
+        self.calibrating = False  # observe the inputs' largest magnitude
+        self.counting_clamped = False  # count the inputs the fixed scale would clamp
         self.observed_amax = torch.zeros((), device=weight.device)
+        self.clamped = self.counted = 0
+
+    @property
+    def observing(self) -> bool:
+        """Inputs are observed (and the GEMM runs in high precision) rather than served in FP8."""
+        return self.calibrating or self.counting_clamped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.calibrating:
+        if self.observing:
             # Observe the input, and answer with the (dequantised) weight in high precision, so that what
             # later layers see while calibrating is not distorted by activation scales not yet fixed.
-            self.observed_amax = torch.maximum(self.observed_amax, flat.detach().abs().amax().float())
+            magnitude = flat.detach().abs().float()
+            if self.calibrating:
+                self.observed_amax = torch.maximum(self.observed_amax, magnitude.amax())
+            else:
+                self.clamped += int((magnitude > self.input_scale * E4M3_MAX).sum())
+                self.counted += magnitude.numel()
             y = flat.float() @ (self.weight_fp8.float() * self.weight_scale)
-            return y.to(torch.bfloat16).reshape(*x.shape[:-1], self.out_features)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # the stack's compute dtype
         return self.matmul(self.quantize(flat), x.shape[:-1])
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +143,21 @@ def calibrate_prefix(stack: GemmaStack, run_frames, margin: float = 1.0) -> dict
 
 
 @torch.no_grad()
+def clamped_fraction(modules: dict[str, FP8Linear], run_frames) -> float:
+    """Run `run_frames()` with the scales fixed and count the GEMM inputs they would clamp (|x| over
+    scale * 448), over all FP8 GEMMs: how much headroom the scales leave on frames they were not made from."""
+    for m in modules.values():
+        m.counting_clamped, m.clamped, m.counted = True, 0, 0
+    try:
+        run_frames()
+    finally:
+        for m in modules.values():
+            m.counting_clamped = False
+    counted = sum(m.counted for m in modules.values())
+    return sum(m.clamped for m in modules.values()) / counted if counted else 0.0
+
+
+@torch.no_grad()
 def calibrate(modules: dict[str, FP8Linear], run_frames, margin: float = 1.0) -> dict[str, float]:
     """Run `run_frames()` (the stages over a handful of frames) with every FP8 GEMM observing its input,
     then fix each input scale to amax * margin / 448. For the action expert the amax is taken over every
@@ -151,17 +178,20 @@ def calibrate(modules: dict[str, FP8Linear], run_frames, margin: float = 1.0) ->
     return scales
 
 
-def save_calibration(stack_or_modules, path: str | Path) -> Path:
+def save_calibration(stack_or_modules, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     tensors = {
         f"{name}.input_scale": m.input_scale.detach().cpu().reshape(1)
         for name, m in _modules(stack_or_modules).items()
     }
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata=metadata)
     return Path(path)
 
 
 def load_calibration(stack_or_modules, path: str | Path) -> None:
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - not a safetensors file
+        raise ValueError(f"fp8_calibration: cannot read {path}: {err}") from None
     modules = _modules(stack_or_modules)
     missing = sorted(f"{n}.input_scale" for n in modules if f"{n}.input_scale" not in tensors)
     if missing:

@@ -90,7 +90,7 @@ class GemmaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_enabled:
             gate_up, down = self.gate_up_fp8, self.down_fp8
-            if self.fused_geglu and not (gate_up.calibrating or down.calibrating):
+            if self.fused_geglu and not (gate_up.observing or down.observing):
                 hidden = fp8_geglu(
                     gate_up.quantize(x),
                     gate_up.weight_fp8.t(),  # the quantised [2N, K] row-major weight

@@ -117,6 +117,7 @@ def save_checkpoint(
     layout: str = "openpi",
     embedding: str = "embed_tokens",
     config_overrides: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write `model.safetensors` + `config.json` as openpi's converter (layout "openpi") or lerobot
     (layout "lerobot": names under `model.`, lerobot's config.json) would. `embedding` stores the tied token
@@ -128,13 +129,18 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     prefix = LEROBOT_PREFIX if layout == "lerobot" else ""
-    tensors = {module_key_to_openpi(k): v.detach().contiguous().cpu() for k, v in model.named_parameters()}
+    tensors = {
+        module_key_to_openpi(k): v.detach().to(dtype or v.dtype).contiguous().cpu()
+        for k, v in model.named_parameters()
+    }
     if embedding in ("lm_head", "both"):
         tensors[LM_HEAD_KEY] = tensors[EMBED_KEY].clone()
     if embedding == "lm_head":
         del tensors[EMBED_KEY]
     save_file({prefix + k: v for k, v in tensors.items()}, str(directory / WEIGHTS_FILE))
     meta = (openpi_config_json if layout == "openpi" else lerobot_config_json)(model.cfg)
+    if dtype is not None and layout == "openpi":
+        meta["precision"] = str(dtype).removeprefix("torch.")
     (directory / CONFIG_FILE).write_text(json.dumps({**meta, **(config_overrides or {})}, indent=2))
     return directory
 

@@ -62,6 +62,7 @@ class PolicyNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._parameters_changed)
         self.policy: PipelinedExecutor | None = None
         self.scheduler: DeadlineScheduler | None = None
+        self.recorder = None  # ObservationRecorder while record_observations names a file
         self._lock = threading.Lock()
         self._images: dict[str, tuple[np.ndarray, float]] = {}
         self._state: tuple[np.ndarray, float] | None = None
@@ -145,6 +146,10 @@ class PolicyNode(LifecycleNode):
             self.get_logger().warning("no checkpoint: RANDOM WEIGHTS, the actions are meaningless")
         self.scheduler = DeadlineScheduler(self.param("control_period_s"))
         self.cameras, self.joint_names = cameras, joints
+        if self.param("record_observations"):
+            from ..runtime.recording import ObservationRecorder
+
+            self.recorder = ObservationRecorder(self.param("record_observations"), self.get_namespace())
         for name in cameras:
             topic = f"camera/{name}/image_raw"
             self._subscriptions_made.append(
@@ -208,6 +213,9 @@ class PolicyNode(LifecycleNode):
         if self.policy is not None:
             self.policy.close()
             self.policy = None
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
 
     def _start_timers(self) -> None:
         self._stop_timers()
@@ -307,6 +315,8 @@ class PolicyNode(LifecycleNode):
         self._last_submitted = obs.timestamp
         with self._lock:
             self.counters["submitted"] += 1
+        if self.recorder is not None:
+            self.recorder.write(obs)  # what was served, for `vla-runtime calibrate`
         future.add_done_callback(self._on_chunk)
 
     def _on_chunk(self, future) -> None:

@@ -24,7 +24,7 @@ class PolicyNodeProcess:
     def __init__(self, log_path: Path, ros_params: dict):
         args = [sys.executable, "-m", "vla_runtime", "node", "--ros-args"]
         for k, v in ros_params.items():
-            args += ["-p", f"{k}:={v}"]
+            args += ["-p", f"{k}:={str(v).lower() if isinstance(v, bool) else v}"]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             args, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -40,6 +40,31 @@ class PolicyNodeProcess:
         self.log.close()
 
 
+def node_params(config, record: str | None = None) -> dict:
+    """The policy node's parameters for a RuntimeConfig (only what differs from the node's defaults)."""
+    params = {
+        "device": config.device,
+        "precision": config.precision,
+        "steps": config.denoising_steps,
+        "allow_unnormalized": config.allow_unnormalized,
+        "fp8_expert": config.fp8_expert,
+    }
+    optional = {
+        "preset": config.preset,
+        "checkpoint": config.checkpoint,
+        "robot": config.robot,
+        "tokenizer": config.tokenizer,
+        "vision_precision": config.vision_precision,
+        "fp8_calibration": config.fp8_calibration,
+        "action_horizon": config.action_horizon,
+        "n_action_steps": config.n_action_steps,
+        "max_token_len": config.max_token_len,
+        "state_in_prompt": None if config.state_in_prompt is None else str(config.state_in_prompt).lower(),
+        "record_observations": str(Path(record).resolve()) if record else None,
+    }
+    return {**params, **{k: v for k, v in optional.items() if v is not None}}
+
+
 def run_ros_episodes(
     endpoint: str,
     out_dir: Path,
@@ -47,11 +72,7 @@ def run_ros_episodes(
     tasks: list[int],
     trials: int,
     *,
-    preset: str,
-    checkpoint: str | None,
-    device: str,
-    precision: str,
-    steps: int,
+    node_params: dict,
     mode: str,
     max_steps: int | None,
     replan_steps: int,
@@ -67,15 +88,10 @@ def run_ros_episodes(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {
-        "preset": preset,
-        "device": device,
-        "precision": precision,
-        "steps": steps,
+        **node_params,
         # lockstep: the observation waits for the sim, so allow for a slow CPU simulator
         "max_obs_age_s": 30.0 if mode == "lockstep" else 0.5,
     }
-    if checkpoint:
-        params["checkpoint"] = checkpoint
     node_proc = PolicyNodeProcess(out_dir / "policy_node.log", params)
     rclpy.init()
     bridge = SimBridgeNode(endpoint)

@@ -92,15 +92,21 @@ def accuracy_table(
     seed: int | None = None,
     reference: PolicyParts | None = None,
     candidate: PolicyParts | None = None,
+    observations: list | None = None,
 ) -> dict:
-    """Worst case over `frames` fresh random observations and noises of every layer's comparison."""
+    """Worst case over `frames` fresh random observations (or the given recorded ones) and noises of every
+    layer's comparison."""
     reference = reference or float32_reference(config)
     candidate = candidate or build_parts(config)
     rng = np.random.default_rng(seed)
     worst: dict[str, dict[str, float]] = {}
     cfg = config.model
-    for _ in range(frames):
-        obs = synthetic_observation(config, rng)
+    if frames < 1:
+        raise ValueError(f"frames: must be at least 1, got {frames}")
+    observed = (
+        observations[:frames] if observations else [synthetic_observation(config, rng) for _ in range(frames)]
+    )
+    for obs in observed:
         noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
         ref, cand = stage_outputs(reference, obs, noise), stage_outputs(candidate, obs, noise)
         for name in ref:
@@ -122,10 +128,11 @@ def accuracy_table(
             {"name": name, **m, "gate": None if gate is None else f"{gate[0]} >= {gate[1]}", "ok": ok}
         )
     return {
-        "preset": config.preset,
+        "model": config.model_name,
         "precision": config.precision,
         "vision_precision": config.vision_precision or config.precision,
-        "frames": frames,
+        "frames": len(observed),
+        "observations": "recorded" if observations else "random",
         "rows": rows,
         "passed": passed,
     }
@@ -133,8 +140,8 @@ def accuracy_table(
 
 def format_table(result: dict) -> str:
     lines = [
-        f"{result['preset']}: precision {result['precision']}, vision {result['vision_precision']}, worst "
-        f"of {result['frames']} random frames against float32",
+        f"{result['model']}: precision {result['precision']}, vision {result['vision_precision']}, worst "
+        f"of {result['frames']} {result['observations']} frames against float32",
         f"{'tensor':24s} {'cosine':>10s} {'max abs err':>12s} {'rel L2':>9s}  gate",
     ]
     for r in result["rows"]:

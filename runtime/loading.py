@@ -117,59 +117,34 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
     return parts
 
 
-@torch.inference_mode()
 def prepare_fp8(parts: PolicyParts) -> None:
-    """Quantise the prefix's GEMM weights once (and the action expert's, with `fp8_expert`), then load
-    or calibrate the activation scales: the expert's over every denoising step of the calibration frames."""
-    from ..graphs.fp8 import (
-        calibrate,
-        fp8_modules,
-        fp8_supported,
-        load_calibration,
-        quantize_prefix,
-        quantize_stack,
-        save_calibration,
-    )
-    from ..graphs.pi0 import time_schedule
-    from .inputs import pixels_to_model_input
-    from .synthetic import synthetic_observation
+    """Quantise the prefix's GEMM weights once (and the action expert's, with `fp8_expert`), then load the
+    activation scales from `fp8_calibration` (refused if made for another model), or calibrate them on
+    synthetic frames (saved to `fp8_calibration` when it names a file that does not exist yet)."""
+    from ..graphs.fp8 import fp8_supported
+    from .calibration import attach_fp8, calibrate_scales, load_scales, save_scales, synthetic_observations
 
     ok, why = fp8_supported(parts.device)
     if not ok:
         raise ValueError(f"precision: fp8 refused: {why}")
-    model, config = parts.model, parts.config
-    quantize_prefix(model.prefix_lm)
-    model.prefix_lm.set_fp8(True)
-    modules = fp8_modules(model.prefix_lm)
-    if config.fp8_expert:
-        quantize_stack(model.expert)
-        model.expert.set_fp8(True)
-        modules.update(fp8_modules(model.expert, prefix="expert."))
+    config = parts.config
+    modules = attach_fp8(parts, config.fp8_expert)
     path = Path(config.fp8_calibration) if config.fp8_calibration else None
     if path is not None and path.exists():
-        load_calibration(modules, path)
-        log.info("fp8 activation scales loaded from %s", path)
+        meta = load_scales(parts, modules, path, config.fp8_expert)
+        log.info(
+            "fp8 activation scales from %s (%s frames of %s)", path, meta.get("frames"), meta.get("source")
+        )
         return
-    rng = np.random.default_rng(config.seed)
-    frames = [
-        parts.preparer(synthetic_observation(config, rng)) for _ in range(config.fp8_calibration_frames)
-    ]
-    times, dt = time_schedule(config.denoising_steps)
-    times = torch.from_numpy(times).to(parts.device)
-    generator, cfg = torch.Generator().manual_seed(config.seed), config.model
-
-    def run_frames():
-        for f in frames:
-            t = lambda a: torch.from_numpy(a)[None].to(parts.device)  # noqa: E731
-            tokens = model.encode_images(pixels_to_model_input(t(f.pixels)))
-            kv, mask = model.fill_prefix(tokens, t(f.image_masks), t(f.tokens), t(f.token_masks))
-            if config.fp8_expert:
-                noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=generator)
-                noise = noise.to(parts.device)
-                model.denoise(kv, mask, t(f.state), noise, times, dt)
-
-    calibrate(modules, run_frames)
-    log.info("fp8 activation scales calibrated on %d synthetic frames", len(frames))
+    frames = synthetic_observations(parts, config.fp8_calibration_frames, config.seed)
+    meta = calibrate_scales(
+        parts, modules, frames, "synthetic", config.fp8_expert, config.fp8_calibration_margin, config.seed
+    )
+    log.warning(
+        "fp8 activation scales calibrated on %d synthetic frames; for a trained checkpoint, calibrate on "
+        "recorded observations (vla-runtime calibrate)",
+        len(frames),
+    )
     if path is not None:
-        save_calibration(modules, path)
+        save_scales(modules, path, meta)
         log.info("fp8 activation scales saved to %s", path)

@@ -39,6 +39,7 @@ def run_episode(
     seed: int = 7,
     settle_steps: int = 10,
     video_dir: Path | None = None,
+    recorder=None,
 ) -> EpisodeResult:
     sim_obs = client.reset(suite, task, init_state, seed, settle_steps)
     result = EpisodeResult(suite, task, init_state, sim_obs["instruction"], "in-process")
@@ -48,7 +49,10 @@ def run_episode(
     policy.reset()
     while result.steps < limit:
         if not plan:
-            chunk = policy.infer(to_observation(sim_obs, time.time()))
+            obs = to_observation(sim_obs, time.time())
+            if recorder is not None:
+                recorder.write(obs)  # runtime.recording.ObservationRecorder: for `vla-runtime calibrate`
+            chunk = policy.infer(obs)
             result.add_timings(chunk.timings_ms)
             result.deadline_misses += int(chunk.timings_ms.get("total", 0.0) > DEADLINE_MS)
             plan.extend(chunk.actions[:replan_steps])
@@ -79,6 +83,7 @@ def evaluate(
     seed: int,
     settle_steps: int,
     video_dir: Path | None,
+    recorder=None,
 ) -> list[EpisodeResult]:
     if tasks is None:
         tasks = [t["index"] for t in client.tasks(suite)]
@@ -98,6 +103,7 @@ def evaluate(
                         seed=seed,
                         settle_steps=settle_steps,
                         video_dir=video_dir,
+                        recorder=recorder,
                     )
                 )
                 bar.set_postfix(success=sum(e.success for e in episodes))

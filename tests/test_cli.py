@@ -56,3 +56,25 @@ def test_bad_arguments_exit_2(args, field):
 def test_profile_captured_needs_cuda():
     out = run("profile", "--captured", "--stage", "prefix")
     assert out.returncode == 2 and "needs CUDA" in out.stderr
+
+
+def test_inspect_reads_a_checkpoint_without_loading_it(tmp_path):
+    from vla_runtime.graphs.config import get_preset
+    from vla_runtime.graphs.weights import build_model, save_checkpoint
+
+    model = build_model(get_preset("pi05_tiny").replace(action_horizon=6), seed=1)
+    directory = save_checkpoint(
+        model, tmp_path / "pi05_libero_tiny", "openpi", "lm_head", {"action_horizon": 6}
+    )
+    out = run("inspect", str(directory), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["family"] == "pi05" and report["action_horizon"] == 6 and report["layout"] == "openpi"
+    assert report["prompt_format"] == "pi05_no_state" and report["embedding_from_lm_head"] is True
+    assert report["norm_stats"] is None and report["loadable"] is True and report["problems"] == []
+    human = run("inspect", str(directory))
+    assert human.returncode == 0 and "pi05_no_state" in human.stdout and "NONE: refused" in human.stdout
+    (directory / "config.json").write_text('{"type": "pi0"}')  # lerobot dialect, wrong family
+    bad = run("inspect", str(directory))
+    assert bad.returncode == 2 and "config.json type says pi0, its tensors are pi05's" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -56,3 +56,31 @@ def test_demo_tokenizer_ships_with_the_package():
     tok = PromptTokenizer(demo_tokenizer_path(), max_len=96)
     tokens, mask = tok("put the black bowl on the plate", np.zeros(8, np.float32))
     assert mask.sum() > 10
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, prompt",
+    [
+        # (what the checkpoint was trained on, the literal text openpi's tokenizer builds for it)
+        ("pi0_tiny", {}, "put the bowl on the plate"),  # + a separate "\n" piece
+        ("pi05_tiny", {}, "Task: put the bowl on the plate, State: 0 128 255 192 0 0 0 0;\nAction: "),
+        ("pi05_tiny", {"state_in_prompt": False}, "put the bowl on the plate"),  # openpi pi05_libero
+    ],
+)
+def test_exact_token_ids_of_each_prompt_format(spm_path, preset, overrides, prompt):
+    """The token ids the policy feeds, against ids built by hand from the literal prompt text."""
+    from vla_runtime.runtime.config import RuntimeConfig
+    from vla_runtime.runtime.loading import build_parts
+    from vla_runtime.runtime.types import Observation
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=spm_path)
+    parts = build_parts(RuntimeConfig(preset=preset, tokenizer=spm_path, **overrides))
+    state = np.array([-1.0, 0.0, 1.0, 0.5, -1, -1, -1, -1], dtype=np.float32)  # bins 0 128 255 192 0 ...
+    images = {"base_0_rgb": np.zeros((8, 8, 3), np.uint8), "left_wrist_0_rgb": np.zeros((8, 8, 3), np.uint8)}
+    prepared = parts.preparer(Observation(images, state, "put_the bowl on the plate\n"))
+    expected = [sp.bos_id()] + sp.encode(prompt)
+    if not prompt.startswith("Task:"):
+        expected += sp.encode("\n")
+    n = int(prepared.token_masks.sum())
+    assert prepared.tokens[:n].tolist() == expected
+    assert not prepared.tokens[n:].any()

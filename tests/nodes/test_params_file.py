@@ -3,10 +3,12 @@ one that the parameter's own check accepts (so `ros2 launch` with the defaults c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
-from vla_runtime.nodes.params import PARAMS
+from vla_runtime.nodes.params import PARAMS, launch_overrides
 
 POLICY_YAML = Path(__file__).resolve().parents[2] / "launch" / "config" / "policy.yaml"
 
@@ -22,3 +24,26 @@ def test_policy_yaml_matches_the_declared_parameters():
         assert param.check(value) is None, (name, value, param.check(value))
     # the precision options users look for are in the file, not only in the code
     assert {"precision", "vision_precision", "fp8_expert"} <= set(values)
+
+
+def test_launch_arguments_override_the_file_only_when_given():
+    """`ros2 launch ... checkpoint:=/x fp8_calibration:=/s` overrides those two; the rest keep the YAML."""
+    given = {p.name: "" for p in PARAMS}
+    given.update(
+        checkpoint="/ckpt/pi05_libero", fp8_expert="true", rate_hz="30", steps="5", state_in_prompt="false"
+    )
+    assert launch_overrides(given) == {
+        "checkpoint": "/ckpt/pi05_libero",
+        "fp8_expert": True,
+        "rate_hz": 30.0,
+        "steps": 5,
+        "state_in_prompt": "false",
+    }
+    assert launch_overrides({p.name: "" for p in PARAMS}) == {}
+    for name, text, reason in (
+        ("steps", "50", "steps:=50: must be in [1, 10]"),
+        ("precision", "fp4", "precision:=fp4: must be one of"),
+        ("fp8_expert", "maybe", "fp8_expert:=maybe: expected bool"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            launch_overrides({name: text})

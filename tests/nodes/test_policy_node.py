@@ -225,7 +225,8 @@ def test_installed_into_the_ament_index():
 
 
 def test_launch_file_structure():
-    """Checked without importing launch_ros (not installable here): the real API's names and arguments."""
+    """Checked without importing launch_ros (not installable here): the real API's names, an argument per
+    node parameter generated from the one parameter table, the YAML first and only given arguments after."""
     from ament_index_python.packages import get_package_share_directory
 
     path = Path(get_package_share_directory("vla_runtime")) / "launch" / "policy.launch.py"
@@ -234,27 +235,28 @@ def test_launch_file_structure():
     assert {
         ("launch", "LaunchDescription"),
         ("launch.actions", "DeclareLaunchArgument"),
+        ("launch.actions", "OpaqueFunction"),
         ("launch.substitutions", "LaunchConfiguration"),
         ("launch_ros.actions", "Node"),
+        ("vla_runtime.nodes.params", "PARAMS"),
+        ("vla_runtime.nodes.params", "launch_overrides"),
     } <= imports
     assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in tree.body)
-    declared = {
-        c.args[0].value
+    declare = [
+        c
         for c in ast.walk(tree)
         if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "DeclareLaunchArgument"
-    }
-    assert {
-        "preset",
-        "checkpoint",
-        "namespace",
-        "rate_hz",
-        "params_file",
-        "precision",
-        "fp8_expert",
-    } <= declared
+    ]
+    literal = {c.args[0].value for c in declare if isinstance(c.args[0], ast.Constant)}
+    assert {"namespace", "params_file"} <= literal
+    generated = [c for c in declare if isinstance(c.args[0], ast.Attribute) and c.args[0].attr == "name"]
+    assert generated, "one DeclareLaunchArgument per PARAMS entry"
     node_call = next(
         c for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "Node"
     )
     kwargs = {k.arg: k.value for k in node_call.keywords}
     assert kwargs["package"].value == "vla_runtime" and kwargs["executable"].value == "policy_node"
     assert {"namespace", "parameters", "name"} <= set(kwargs)
+    parameters = kwargs["parameters"].elts
+    assert ast.unparse(parameters[0]) == "LaunchConfiguration('params_file')"
+    assert ast.unparse(parameters[1]) == "launch_overrides(given)"

@@ -13,8 +13,10 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from vla_runtime.graphs.config import get_preset
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.recording import read_observations
 from vla_runtime.sim import protocol
 from vla_runtime.sim.client import SimClient
 from vla_runtime.sim.evaluate import run_episode
@@ -99,7 +101,7 @@ def test_demo_runs_an_episode_through_ros_and_writes_the_report(tmp_path):
     """`vla-runtime demo`: sim server + policy node process + sim bridge node, lockstep."""
     out = tmp_path / "demo"
     run = subprocess.run(
-        [CLI, "demo", "--max-steps", "20", "--out", str(out)],
+        [CLI, "demo", "--max-steps", "20", "--out", str(out), "--record", str(tmp_path / "node.mcap")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -115,6 +117,10 @@ def test_demo_runs_an_episode_through_ros_and_writes_the_report(tmp_path):
     assert (out / "report.md").read_text().startswith("# LIBERO closed-loop evaluation")
     assert (out / "latency_histogram.png").stat().st_size > 1000
     assert list(out.glob("*.gif"))
+    # the policy node recorded what it served: LIBERO's two cameras, the state and the instruction
+    served = read_observations(tmp_path / "node.mcap", get_preset("pi05_tiny").camera_names, 8)
+    assert len(served) >= 4 and set(served[0].images) == {"base_0_rgb", "left_wrist_0_rgb"}
+    assert served[0].images["base_0_rgb"].shape == (224, 224, 3)
 
 
 def test_eval_libero_cli_in_process_json(tmp_path, server):
@@ -135,6 +141,8 @@ def test_eval_libero_cli_in_process_json(tmp_path, server):
             "--out",
             str(tmp_path),
             "--json",
+            "--record",
+            str(tmp_path / "episode.mcap"),
         ],
         capture_output=True,
         text=True,
@@ -148,6 +156,28 @@ def test_eval_libero_cli_in_process_json(tmp_path, server):
         and "libero_spatial/2" in summary["tasks"]
     )
     assert {"vision", "prefix", "denoise", "total"} <= set(summary["latency_ms"])
+    # FP8 scales from the recorded episode (20 steps, a chunk every 5: 4 observations), and the accuracy
+    # gates on the same recording
+    recorded = read_observations(tmp_path / "episode.mcap", get_preset("pi05_tiny").camera_names, 8)
+    assert len(recorded) == 4 and recorded[0].instruction
+    scales = tmp_path / "scales.safetensors"
+    cal = subprocess.run(
+        [CLI, "calibrate", "--observations", str(tmp_path / "episode.mcap"), "--out", str(scales), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert cal.returncode == 0, cal.stderr[-3000:]
+    meta = json.loads(cal.stdout)
+    assert meta["frames"] == "3" and meta["holdout_frames"] == "1" and meta["source"].endswith("episode.mcap")
+    acc = subprocess.run(
+        [CLI, "accuracy", "--precision", "bf16", "--observations", str(tmp_path / "episode.mcap"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    table = json.loads(acc.stdout)
+    assert table["observations"] == "recorded" and table["frames"] == 4, acc.stderr[-2000:]
 
 
 def test_wall_clock_mode_counts_misses_and_overruns(tmp_path, server):
