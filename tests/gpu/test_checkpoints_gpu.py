@@ -17,12 +17,15 @@ import pytest
 import torch
 from vla_runtime.graphs.checkpoint import inspect_checkpoint
 from vla_runtime.graphs.config import get_preset
+from vla_runtime.graphs.tokenizer import demo_tokenizer_path
 from vla_runtime.graphs.weights import build_model, save_checkpoint
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
 
+# Random weights come with no PaliGemma tokenizer: the demo tokenizer stands in (its ids fit the vocabulary).
+TOKENIZER = str(demo_tokenizer_path())
 # (directory, preset, the horizon its training config uses): openpi's pi05_libero (10, no state in the
 # prompt) and pi0_libero (50).
 CHECKPOINTS = {"pi05": ("pi05_libero_pytorch", "pi05", 10), "pi0": ("pi0_libero_pytorch", "pi0", 50)}
@@ -77,7 +80,11 @@ def test_full_size_model_from_config_json_alone(written, family):
 def test_served_actions_equal_the_saved_model(written, family):
     directory, twin = written[family]
     config = RuntimeConfig(
-        checkpoint=str(directory), device="cuda", precision="bf16", allow_unnormalized=True
+        checkpoint=str(directory),
+        device="cuda",
+        precision="bf16",
+        allow_unnormalized=True,
+        tokenizer=TOKENIZER,
     )
     rng = np.random.default_rng()
     loaded = EagerPolicy(config)
@@ -103,7 +110,15 @@ def test_fp8_calibrated_on_a_recorded_libero_episode(written, tmp_path):
         pytest.fail("set VLA_RECORDING to an MCAP recording of a LIBERO episode (eval-libero --record)")
     directory, _ = written["pi05"]
     scales = tmp_path / "pi05_libero_fp8.safetensors"
-    common = ["--checkpoint", str(directory), "--device", "cuda", "--allow-unnormalized"]
+    common = [
+        "--checkpoint",
+        str(directory),
+        "--device",
+        "cuda",
+        "--allow-unnormalized",
+        "--tokenizer",
+        TOKENIZER,
+    ]
     assert (
         main(["calibrate", "--observations", recording, "--out", str(scales), "--fp8-expert", *common]) == 0
     )
@@ -116,6 +131,7 @@ def test_fp8_calibrated_on_a_recorded_libero_episode(written, tmp_path):
         vision_precision="fp16",
         fp8_calibration=str(scales),
         allow_unnormalized=True,
+        tokenizer=TOKENIZER,
     )
     recorded = read_observations(recording, config.model.camera_names, config.state_dim)
     tables = {}
