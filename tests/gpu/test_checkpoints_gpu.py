@@ -20,6 +20,7 @@ from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.tokenizer import demo_tokenizer_path
 from vla_runtime.graphs.weights import build_model, save_checkpoint
 from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
@@ -88,7 +89,13 @@ def test_served_actions_equal_the_saved_model(written, family):
     )
     rng = np.random.default_rng()
     loaded = EagerPolicy(config)
-    reference = EagerPolicy(twin)
+    # The saved model is the twin rounded to bf16 (the file's dtype): the layers served in float32 (action
+    # and time projections) must see those rounded weights too.
+    parts = build_parts(twin)
+    with torch.no_grad():
+        for p in parts.model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(p.dtype))
+    reference = EagerPolicy(parts=parts)
     cfg = config.model
     for _ in range(2):
         obs = random_observation(rng, CHECKPOINTS[family][1], side=224)
