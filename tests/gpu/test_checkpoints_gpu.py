@@ -27,9 +27,12 @@ from ..conftest import random_observation
 
 # Random weights come with no PaliGemma tokenizer: the demo tokenizer stands in (its ids fit the vocabulary).
 TOKENIZER = str(demo_tokenizer_path())
-# (directory, preset, the horizon its training config uses): openpi's pi05_libero (10, no state in the
-# prompt) and pi0_libero (50).
-CHECKPOINTS = {"pi05": ("pi05_libero_pytorch", "pi05", 10), "pi0": ("pi0_libero_pytorch", "pi0", 50)}
+# (directory, preset, the horizon its training config uses, its prompt has the state): openpi's pi05_libero
+# (10, trained without the state in the prompt) and pi0_libero (50; pi0 has a state token instead).
+CHECKPOINTS = {
+    "pi05": ("pi05_libero_pytorch", "pi05", 10, False),
+    "pi0": ("pi0_libero_pytorch", "pi0", 50, None),
+}
 RESULTS = Path(os.environ.get("VLA_BENCH_DIR", "benchmarks/results"))
 
 
