@@ -44,10 +44,15 @@ def free():
 @pytest.fixture(scope="module")
 def written(cuda, tmp_path_factory):
     root, out = tmp_path_factory.mktemp("full"), {}
-    for family, (dirname, preset, horizon) in CHECKPOINTS.items():
+    for family, (dirname, preset, horizon, state_in_prompt) in CHECKPOINTS.items():
         seed = int(np.random.default_rng().integers(2**31))
         twin = RuntimeConfig(
-            preset=preset, action_horizon=horizon, device="cuda", precision="bf16", seed=seed
+            preset=preset,
+            action_horizon=horizon,
+            state_in_prompt=state_in_prompt,
+            device="cuda",
+            precision="bf16",
+            seed=seed,
         )
         model = build_model(twin.model, "cuda", seed=seed)
         start = time.perf_counter()
