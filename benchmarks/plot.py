@@ -86,6 +86,23 @@ def precision_modes(doc: dict, out: Path) -> None:
     fig.savefig(out / "precision_modes.png", dpi=110)
 
 
+def horizons(doc: dict, out: Path) -> None:
+    """pi05 at horizon 50 and 10 (openpi's pi05_libero), bf16 and every FP8 option, from one run."""
+    rows = [r for r in doc["results"] if r.get("action_horizon")]
+    if not rows:
+        return
+    labels = [f"h{r['action_horizon']}\n{r['precision']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    notes = [f"submit->chunk\np50 {r['latency_ms']['p50']:.1f} ms" for r in rows]
+    tallest = stacked_stages(ax, labels, rows, notes)
+    ax.set_ylabel("ms per chunk (stages: CUDA events)")
+    ax.set_ylim(0, tallest * 1.3)
+    ax.set_title(f"pi05 action horizon 50 vs 10, pipelined\n{doc['device']} ({doc['date']}, {doc['commit']})")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "horizons.png", dpi=110)
+
+
 def timeline(trace: dict, out: Path, frames: int = 6) -> None:
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     first = sorted({e["args"]["frame"] for e in spans})[:frames]
@@ -121,6 +138,7 @@ if __name__ == "__main__":
     doc = json.loads(results.read_text())
     latency_by_stage(doc, out)
     precision_modes(doc, out)
+    horizons(doc, out)
     trace = results.with_name(results.stem + "-trace.json")
     if trace.exists():
         timeline(json.loads(trace.read_text()), out)
