@@ -196,6 +196,46 @@ def test_slow_policy_counts_misses_and_publishes_the_tail(tmp_path):
         r.close()
 
 
+def test_a_checkpoint_sets_the_horizon_and_n_action_steps_what_the_robot_gets(tmp_path):
+    """A pi05_libero-style checkpoint (horizon 6 here, state-free prompt) served by the node; n_action_steps
+    of 4 is what each chunk offers the robot. A checkpoint without statistics needs allow_unnormalized."""
+    import shutil
+
+    from vla_runtime.graphs.config import get_preset
+    from vla_runtime.graphs.tokenizer import demo_tokenizer_path
+    from vla_runtime.graphs.weights import build_model, save_checkpoint
+
+    model = build_model(get_preset("pi05_tiny").replace(action_horizon=6), seed=2)
+    ckpt = save_checkpoint(
+        model, tmp_path / "pi05_libero_tiny", "lerobot", config_overrides={"n_action_steps": 4}
+    )
+    shutil.copy(demo_tokenizer_path(), ckpt / "tokenizer.model")
+    refused = PolicyNodeProcess(tmp_path, f"checkpoint:={ckpt}", namespace="/no_stats")
+    try:
+        assert refused.wait_for_log("has no normalisation statistics", 60), refused.text()
+    finally:
+        refused.stop()
+    r = Robot(namespace="/horizon")
+    # Actions 0.5 s apart: the first is past when the chunk lands, the other n_action_steps - 1 = 3 are not
+    # (with the horizon's 6 it would be 5).
+    proc = PolicyNodeProcess(
+        tmp_path,
+        f"checkpoint:={ckpt}",
+        "allow_unnormalized:=true",
+        "control_period_s:=0.5",
+        namespace="/horizon",
+    )
+    try:
+        assert proc.wait_for_log("serving at", 120), proc.text()
+        r.publishing.set()
+        assert r.wait_for(lambda: len(r.chunks) > 10, 30), proc.text()[-2000:]
+        counts = {len(m.points) for _, m in r.chunks}
+        assert max(counts) == 3 and min(counts) >= 1, counts
+    finally:
+        proc.stop()
+        r.close()
+
+
 def test_unknown_camera_is_refused_at_configure(tmp_path):
     proc = PolicyNodeProcess(
         tmp_path,
