@@ -332,7 +332,9 @@ def cmd_inspect(args) -> int:
             + "\n".join("    " + line for p in report["problems"] for line in p.splitlines())
         )
         return EXIT_BAD_INPUT
-    print(f"  serve it      vla-runtime infer --checkpoint {Path(args.checkpoint)} --device cuda")
+    flags = "" if ns else " --allow-unnormalized"
+    flags += "" if tokenizer else " --tokenizer PALIGEMMA_TOKENIZER"
+    print(f"  serve it      vla-runtime infer --checkpoint {Path(args.checkpoint)} --device cuda{flags}")
     return 0
 
 
@@ -348,6 +350,8 @@ def cmd_calibrate(args) -> int:
     from .runtime.loading import build_parts
     from .runtime.recording import read_observations
 
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"max-frames: must be at least 1, got {args.max_frames}")
     # Calibration observes activations in high precision (bf16 on a GPU, float32 on the CPU); which GEMMs
     # get FP8 scales is --fp8-expert's choice.
     config = runtime_config_from_args(argparse.Namespace(**{**vars(args), "fp8_expert": False}))
@@ -363,8 +367,6 @@ def cmd_calibrate(args) -> int:
     meta = calibrate_scales(
         parts, modules, observations, str(args.observations), args.fp8_expert, args.margin, config.seed
     )
-    if args.max_frames is not None and args.max_frames < 1:
-        raise ValueError(f"max-frames: must be at least 1, got {args.max_frames}")
     path = save_scales(modules, args.out, meta)
     if args.json:
         print(json.dumps({"scales": str(path), **meta}))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from .config import (
     variant_name,
 )
 
+log = logging.getLogger(__name__)
+
+MAX_STEPS = 10  # the denoising steps the runtime serves (graphs/pi0.py MAX_DENOISING_STEPS)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LEROBOT_PREFIX = "model."
@@ -63,6 +67,20 @@ KNOWN_OPENPI_CONFIGS = {
         "state_in_prompt": False
     },  # Pi0Config(pi05=True, action_horizon=10, discrete_state_input=False)
 }
+
+
+# The ModelConfig fields that are the architecture: they decide every parameter's name and shape. The
+# horizon, prompt length and cameras decide none (the same weights serve any of them), and a fine-tune may
+# change them.
+ARCHITECTURE_FIELDS = ("pi05", "vision", "prefix_lm", "expert", "action_dim")
+
+
+def architecture_differences(asked: ModelConfig, checkpoint: ModelConfig) -> list[str]:
+    return [
+        f"{name}: asked {getattr(asked, name)!r}, checkpoint {getattr(checkpoint, name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(asked, name) != getattr(checkpoint, name)
+    ]
 
 
 class CheckpointError(ValueError):
@@ -100,7 +118,7 @@ class CheckpointInfo:
             "expert": variant_name(LM_VARIANTS, m.expert) or dataclasses.asdict(m.expert),
             "action_dim": m.action_dim,
             "action_horizon": m.action_horizon,
-            "n_action_steps": m.chunk_length,
+            "actions_offered": m.chunk_length,
             "max_token_len": m.max_token_len,
             "prompt_format": m.prompt_format,
             "default_steps": m.default_steps,
@@ -232,7 +250,6 @@ def derive_model(
             f"checkpoint {directory}: {sources['pi05']} says {'pi05' if pi05 else 'pi0'}, "
             f"its tensors are {'pi05' if from_tensors else 'pi0'}'s"
         )
-    stated["family"] = "pi05" if pi05 else "pi0"
 
     explicit = cfg.get("model_shape") or {}
     if not isinstance(explicit, dict):
@@ -278,6 +295,14 @@ def derive_model(
     )
     n_action_steps = pick("n_action_steps", ("n_action_steps",), None)
     steps = pick("default_steps", ("num_inference_steps",), 10)
+    if isinstance(steps, int) and steps > MAX_STEPS:
+        log.warning(
+            "checkpoint: num_inference_steps %d is over the runtime's %d; serving %d",
+            steps,
+            MAX_STEPS,
+            MAX_STEPS,
+        )
+        steps, sources["default_steps"] = MAX_STEPS, f"config.json num_inference_steps, capped at {MAX_STEPS}"
 
     state_in_prompt = None
     if pi05:
@@ -291,9 +316,10 @@ def derive_model(
         else:
             for name, facts in KNOWN_OPENPI_CONFIGS.items():
                 if directory.name.startswith(name):
+                    # A guess from the name, not a statement: an explicit setting overrides it.
                     state_in_prompt = facts["state_in_prompt"]
-                    sources["state_in_prompt"] = f"openpi training config {name} (directory name)"
-        if state_in_prompt is not None:
+                    sources["state_in_prompt"] = f"guessed from the directory name (openpi's {name} config)"
+        if state_in_prompt is not None and "guessed" not in sources.get("state_in_prompt", ""):
             stated["state_in_prompt"] = state_in_prompt
 
     cameras = PI0_CAMERAS
@@ -303,7 +329,12 @@ def derive_model(
         if named:
             cameras = named
             sources["cameras"] = "config.json input_features"
-    empty = int(cfg.get("empty_cameras") or 0)
+    try:
+        empty = int(cfg.get("empty_cameras") or 0)
+    except (TypeError, ValueError):
+        raise CheckpointError(
+            f"checkpoint: config.json empty_cameras {cfg['empty_cameras']!r} is not a number"
+        ) from None
     cameras = cameras + tuple(f"empty_camera_{i}" for i in range(empty))
 
     try:

@@ -41,6 +41,7 @@ class FieldStats:
     mode: str
     convention: str
     stats: dict[str, np.ndarray]
+    eps: float = LEROBOT_EPS  # lerobot's normaliser step's own eps (openpi's is fixed)
 
     def __post_init__(self):
         needed = {"mean_std": ("mean", "std"), "quantiles": ("q01", "q99"), "min_max": ("min", "max")}
@@ -66,9 +67,9 @@ class FieldStats:
         if self.convention == "openpi":
             width = width + OPENPI_EPS
         elif centred:
-            width = np.where(width == 0, LEROBOT_EPS, width)
+            width = np.where(width == 0, self.eps, width)
         elif not inverse:  # lerobot MEAN_STD: eps in the forward direction only
-            width = width + LEROBOT_EPS
+            width = width + self.eps
         if centred:
             out = (head + 1.0) / 2.0 * width + offset if inverse else (head - offset) / width * 2.0 - 1.0
         else:
@@ -125,7 +126,7 @@ class NormStats:
             found = _lerobot_step(directory / pipeline, registry)
             if found is None:
                 continue
-            norm_map, tensors, path = found
+            norm_map, eps, tensors, path = found
             sources.append(path.name)
             for key, type_name, target in (
                 (LEROBOT_STATE_KEY, "STATE", "state"),
@@ -139,7 +140,10 @@ class NormStats:
                     raise ValueError(
                         f"norm_stats: {path.name}: unsupported norm_map {type_name}: {norm_map[type_name]!r}"
                     )
-                fs = FieldStats(mode, "lerobot", stats)
+                try:
+                    fs = FieldStats(mode, "lerobot", stats, eps)
+                except ValueError as err:
+                    raise ValueError(f"norm_stats: {path.name}: {key}: {err}") from None
                 if target == "state" and state is None:
                     state = fs
                 elif target == "actions":
@@ -157,8 +161,11 @@ def _lerobot_step(pipeline_json: Path, registry: str):
         data = json.loads(pipeline_json.read_text())
     except ValueError as err:
         raise ValueError(f"norm_stats: {pipeline_json} is not valid JSON: {err}") from None
-    for step in data.get("steps", []):
-        if step.get("registry_name") != registry or not step.get("state_file"):
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(steps, list):
+        raise ValueError(f"norm_stats: {pipeline_json} has no list of steps")
+    for step in steps:
+        if not isinstance(step, dict) or step.get("registry_name") != registry or not step.get("state_file"):
             continue
         from safetensors.numpy import load_file
 
@@ -167,7 +174,8 @@ def _lerobot_step(pipeline_json: Path, registry: str):
             tensors = {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
         except Exception as err:  # noqa: BLE001 - a missing or corrupt file, named
             raise ValueError(f"norm_stats: cannot read {path}: {err}") from None
-        return (step.get("config") or {}).get("norm_map", {}), tensors, path
+        config = step.get("config") or {}
+        return config.get("norm_map", {}), float(config.get("eps", LEROBOT_EPS)), tensors, path
     return None
 
 

@@ -1,8 +1,9 @@
 """Weights: seeded random initialisation, and openpi / lerobot checkpoint loading and saving.
 
 A checkpoint directory holds `model.safetensors` and `config.json` (openpi's converted PyTorch
-checkpoints; lerobot's carry the same tensor names under a `model.` prefix). Loading checks every
-tensor and raises one error naming all missing, unexpected and mis-shaped keys.
+checkpoints; lerobot's carry the same tensor names under a `model.` prefix). What it holds is read by
+graphs/checkpoint.py (`inspect_checkpoint`, `check_tensors`: one error naming every missing, unexpected and
+mis-shaped tensor); this module creates the model and copies the tensors in.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     CheckpointInfo,
+    architecture_differences,
     check_tensors,
     inspect_checkpoint,
     module_key_to_openpi,
@@ -36,10 +38,6 @@ from .layers import GemmaRMSNorm
 from .pi0 import PI0Model
 
 log = logging.getLogger(__name__)
-
-# The ModelConfig fields that decide the parameters' names and shapes (the horizon, prompt length and
-# cameras decide none: the same weights serve any of them).
-WEIGHT_SHAPING_FIELDS = ("pi05", "vision", "prefix_lm", "expert", "action_dim")
 
 
 @torch.no_grad()
@@ -73,11 +71,7 @@ def build_model(
     if checkpoint is None:
         return random_init(model, seed)
     info = inspect_checkpoint(checkpoint)
-    wrong = [
-        f"{name}: checkpoint {getattr(info.model, name)!r}, asked {getattr(cfg, name)!r}"
-        for name in WEIGHT_SHAPING_FIELDS
-        if getattr(info.model, name) != getattr(cfg, name)
-    ]
+    wrong = architecture_differences(cfg, info.model)
     if wrong:
         raise CheckpointError(f"checkpoint {checkpoint} was not trained as {cfg.name}: " + "; ".join(wrong))
     load_checkpoint(model, info)

@@ -14,6 +14,9 @@ import yaml
 
 from ..graphs.config import PI0_CAMERAS, PRESETS
 
+# The state_in_prompt parameter's values (words, not true/false: ROS would read those as booleans).
+STATE_IN_PROMPT = {"auto": None, "with_state": True, "without_state": False}
+
 # LIBERO's Franka: 7 actions (6 end-effector deltas + gripper); names are what the trajectory carries.
 DEFAULT_JOINTS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 
@@ -87,8 +90,8 @@ PARAMS = (
     Param(
         "state_in_prompt",
         "auto",
-        "pi0.5: write the discretised state into the prompt (true/false); auto = the checkpoint's.",
-        _one_of("auto", "true", "false"),
+        "pi0.5: with_state (the discretised state in the prompt) or without_state; auto = the checkpoint's.",
+        _one_of(*STATE_IN_PROMPT),
         needs_reconfigure=True,
     ),
     Param(
@@ -147,7 +150,21 @@ PARAMS = (
         "Record every observation served to this MCAP file (for vla-runtime calibrate); empty = off.",
         needs_reconfigure=True,
     ),
-    Param("steps", 10, "Denoising steps per chunk.", _in_range(1, 10), (1, 10)),
+    Param(
+        "steps",
+        0,
+        "Denoising steps per chunk, 1..10; 0 = the checkpoint's (or 10).",
+        _in_range(0, 10),
+        (0, 10),
+    ),
+    Param(
+        "seed",
+        0,
+        "Seed of random weights (no checkpoint).",
+        _in_range(0, 2**31 - 1),
+        (0, 2**31 - 1),
+        needs_reconfigure=True,
+    ),
     Param(
         "rate_hz",
         20.0,
@@ -227,7 +244,6 @@ PARAMS = (
     ),
 )
 BY_NAME = {p.name: p for p in PARAMS}
-STATE_IN_PROMPT = {"auto": None, "true": True, "false": False}  # the state_in_prompt parameter's values
 
 
 def launch_overrides(given: dict[str, str]) -> dict[str, Any]:

@@ -126,7 +126,8 @@ class PolicyNode(LifecycleNode):
             precision=self.param("precision"),
             vision_precision=self.param("vision_precision") or None,
             fp8_expert=self.param("fp8_expert"),
-            steps=self.param("steps"),
+            steps=self.param("steps") or None,
+            seed=self.param("seed"),
             state_dim=self.param("state_dim"),
             robot_action_dim=len(joints),
             optional_cameras=tuple(c for c in self.param("optional_cameras") if c in cameras),
@@ -305,7 +306,7 @@ class PolicyNode(LifecycleNode):
 
     def _submit(self, obs: Observation) -> None:
         try:
-            future = self.policy.submit(obs, steps=self.param("steps"))
+            future = self.policy.submit(obs, steps=self.param("steps") or None)
         except ValueError as err:  # e.g. an instruction too long for the prompt, a wrong image shape
             with self._lock:
                 self.counters["refused"] += 1

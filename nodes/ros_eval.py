@@ -42,12 +42,17 @@ class PolicyNodeProcess:
 
 def node_params(config, record: str | None = None) -> dict:
     """The policy node's parameters for a RuntimeConfig (only what differs from the node's defaults)."""
+    from .params import STATE_IN_PROMPT
+
     params = {
         "device": config.device,
         "precision": config.precision,
         "steps": config.denoising_steps,
+        "seed": config.seed,
+        "state_dim": config.state_dim,
         "allow_unnormalized": config.allow_unnormalized,
         "fp8_expert": config.fp8_expert,
+        "fp8_calibration_margin": config.fp8_calibration_margin,
     }
     optional = {
         "preset": config.preset,
@@ -59,7 +64,7 @@ def node_params(config, record: str | None = None) -> dict:
         "action_horizon": config.action_horizon,
         "n_action_steps": config.n_action_steps,
         "max_token_len": config.max_token_len,
-        "state_in_prompt": None if config.state_in_prompt is None else str(config.state_in_prompt).lower(),
+        "state_in_prompt": {v: k for k, v in STATE_IN_PROMPT.items()}[config.state_in_prompt],
         "record_observations": str(Path(record).resolve()) if record else None,
     }
     return {**params, **{k: v for k, v in optional.items() if v is not None}}

@@ -2,7 +2,8 @@
 with what they were made for, and refused when loaded for anything else.
 
 A scales file (safetensors) holds one `input_scale` per FP8 GEMM and, as metadata, the weights it was
-made for (the model id: the checkpoint's fingerprint or the random seed), the model's shape, whether the
+made for (the checkpoint file's fingerprint, so a renamed or copied checkpoint keeps its scales; or the
+random seed), the model's shape, whether the
 expert is included, the denoising steps, the margin, the frames used and held out, and the fraction of
 held-out GEMM inputs the scales clamp. The last frames of the recording (a quarter, at least one when
 there are two or more) are held out: scales made on the rest are checked on them.
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_FORMAT = "vla_runtime.fp8_calibration/1"
 HOLDOUT_FRACTION = 0.25
 # What a scales file must match to be loaded; the rest of its metadata is informative.
-IDENTITY_KEYS = ("format", "model_id", "model_shape", "fp8_expert")
+IDENTITY_KEYS = ("format", "weights", "model_shape", "fp8_expert")
 
 
 def model_shape_digest(cfg: ModelConfig) -> str:
@@ -72,7 +73,7 @@ def attach_fp8(parts: PolicyParts, fp8_expert: bool) -> dict[str, FP8Linear]:
 def identity(parts: PolicyParts, fp8_expert: bool) -> dict[str, str]:
     return {
         "format": CALIBRATION_FORMAT,
-        "model_id": parts.model_id,
+        "weights": parts.weights_id,
         "model_shape": model_shape_digest(parts.config.model),
         "fp8_expert": str(bool(fp8_expert)).lower(),
     }
@@ -120,7 +121,7 @@ def calibrate_scales(
     clamped = clamped_fraction(modules, frames_runner(parts, check, fp8_expert, seed + 1)) if check else None
     return {
         **identity(parts, fp8_expert),
-        "model": parts.config.model.name,
+        "model_id": parts.model_id,
         "steps": str(parts.config.denoising_steps),
         "margin": f"{margin:g}",
         "frames": str(len(fit)),

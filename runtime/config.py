@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..graphs.checkpoint import CheckpointInfo, inspect_checkpoint
+from ..graphs.checkpoint import CheckpointInfo, architecture_differences, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
 
 # Stages that run faster compiled, measured on an H100 (benchmarks/results/2026-11-22-h100-80gb-hbm3.json,
@@ -65,6 +65,14 @@ class RuntimeConfig:
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"preset: unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        for name in ("action_horizon", "n_action_steps", "max_token_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.fp8_calibration and self.precision != "fp8":
+            raise ValueError(f"fp8_calibration: scales are for precision fp8, not {self.precision}")
+        if self.robot and not self.checkpoint:
+            raise ValueError("robot: names a checkpoint's statistics; no checkpoint given")
         if not 1.0 <= self.fp8_calibration_margin <= 4.0:
             raise ValueError(f"fp8_calibration_margin: must be in [1, 4], got {self.fp8_calibration_margin}")
         if self.fp8_calibration_frames < 1:
@@ -175,17 +183,8 @@ class RuntimeConfig:
         return cls(**data)
 
 
-# The fields of a preset that say which architecture it is (the horizon and prompt length are training
-# choices that a fine-tune may change).
-ARCHITECTURE_FIELDS = ("pi05", "vision", "prefix_lm", "expert", "action_dim")
-
-
 def check_preset_fits(preset: ModelConfig, info: CheckpointInfo) -> None:
-    wrong = [
-        f"{name}: preset {getattr(preset, name)!r}, checkpoint {getattr(info.model, name)!r}"
-        for name in ARCHITECTURE_FIELDS
-        if getattr(preset, name) != getattr(info.model, name)
-    ]
+    wrong = [w.replace("asked", "preset", 1) for w in architecture_differences(preset, info.model)]
     if wrong:
         raise ValueError(
             f"preset: {preset.name} is not the architecture of checkpoint {info.directory.name} "

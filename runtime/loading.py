@@ -29,8 +29,9 @@ class PolicyParts:
     model: PI0Model
     preparer: InputPreparer
     norm_stats: NormStats | None
-    model_id: str
+    model_id: str  # the model's name and `weights_id`, for people
     random_weights: bool
+    weights_id: str  # the random seed, or the checkpoint file's fingerprint (not its directory's name)
 
     @property
     def device(self) -> torch.device:
@@ -110,8 +111,7 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
         if random_weights
         else weights_fingerprint(config.checkpoint_info.weights_path)
     )
-    model_id = f"{cfg.name}:{weights}"
-    parts = PolicyParts(config, model, preparer, norm_stats, model_id, random_weights)
+    parts = PolicyParts(config, model, preparer, norm_stats, f"{cfg.name}:{weights}", random_weights, weights)
     if config.precision == "fp8":
         prepare_fp8(parts)
     return parts

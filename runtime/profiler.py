@@ -144,8 +144,8 @@ def profile_captured(
             "compiled": stage in config.use_compile,
             "layers": [],
         }
-        save_trace(prof, out_dir, f"captured-{config.preset}-{config.precision}-{stage}")
-    return save_report(report, out_dir, f"captured-{config.preset}-{config.precision}")
+        save_trace(prof, out_dir, f"captured-{config.model_name}-{config.precision}-{stage}")
+    return save_report(report, out_dir, f"captured-{config.model_name}-{config.precision}")
 
 
 @torch.inference_mode()
@@ -183,8 +183,8 @@ def profile_stages(
         report[stage]["layers"] = [
             {"name": e.key, "ms": layer_ms(e) / repeats / 1e3, "calls": e.count // repeats} for e in layers
         ]
-        save_trace(prof, out_dir, f"profile-{config.preset}-{config.precision}-{stage}")
-    return save_report(report, out_dir, f"profile-{config.preset}-{config.precision}")
+        save_trace(prof, out_dir, f"profile-{config.model_name}-{config.precision}-{stage}")
+    return save_report(report, out_dir, f"profile-{config.model_name}-{config.precision}")
 
 
 def format_report(report: dict) -> str:

@@ -46,6 +46,8 @@ def test_infer_human_output_says_random_weights():
         (["--preset", "pi9"], "preset"),
         (["--checkpoint", "/nonexistent"], "checkpoint"),
         (["--fp8-expert"], "fp8_expert: needs precision fp8"),
+        (["--action-horizon", "0"], "action_horizon: must be a positive integer"),
+        (["--state-in-prompt", "maybe"], "state-in-prompt"),
     ],
 )
 def test_bad_arguments_exit_2(args, field):

@@ -91,13 +91,10 @@ def write_lerobot_stats(directory, rng, norm_map, dim=8, postprocessor=True):
         (directory / f"{name}.json").write_text(json.dumps({"name": name, "steps": steps}))
 
     pipeline("policy_preprocessor", "normalizer_processor", 3, stats)
-    if postprocessor:
-        pipeline(
-            "policy_postprocessor",
-            "unnormalizer_processor",
-            0,
-            {k: v for k, v in stats.items() if k.startswith("action.")},
-        )
+    if postprocessor:  # its own action statistics: the ones lerobot applies to the outputs
+        post = {k: v + 0.5 for k, v in stats.items() if k.startswith("action.")}
+        pipeline("policy_postprocessor", "unnormalizer_processor", 0, post)
+        stats.update(post)
     return stats
 
 
@@ -132,6 +129,9 @@ def test_lerobot_base_checkpoint_without_statistics(tmp_path):
     ]
     (tmp_path / "policy_preprocessor.json").write_text(json.dumps({"steps": steps}))
     assert load_checkpoint_norm_stats(tmp_path, None, pi05=True) is None
+    (tmp_path / "policy_preprocessor.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="norm_stats: .*policy_preprocessor.json has no list of steps"):
+        load_checkpoint_norm_stats(tmp_path, None, pi05=True)
 
 
 def test_openpi_asset_id_with_a_slash(tmp_path, rng):

@@ -165,8 +165,13 @@ def test_wrong_combinations_are_refused_naming_both_values(checkpoints, tmp_path
         ValueError, match=r"action_horizon: 50 was asked, but .* says 6 \(config.json action_horizon\)"
     ):
         RuntimeConfig(checkpoint=libero, action_horizon=50)
-    with pytest.raises(ValueError, match=r"state_in_prompt: True was asked, but .* says False"):
-        RuntimeConfig(checkpoint=libero, state_in_prompt=True)
+    # lerobot's pi0.5 states that its prompt has the state; openpi's directory-name guess is only a guess,
+    # so a fine-tune named pi05_libero_* that was trained with the state can say so
+    with pytest.raises(
+        ValueError, match=r"state_in_prompt: False was asked, but .* says True \(lerobot pi05\)"
+    ):
+        RuntimeConfig(checkpoint=str(checkpoints["lerobot"][0]), state_in_prompt=False)
+    assert RuntimeConfig(checkpoint=libero, state_in_prompt=True).model.prompt_format == "pi05_state"
     with pytest.raises(ValueError, match="state_in_prompt: pi0 reads the state from a state token"):
         RuntimeConfig(checkpoint=str(checkpoints["lm_head_only"][0]), state_in_prompt=True)
     with pytest.raises(ValueError, match=r"n_action_steps: must be in 1..action_horizon \(6\)"):

@@ -30,20 +30,25 @@ def test_launch_arguments_override_the_file_only_when_given():
     """`ros2 launch ... checkpoint:=/x fp8_calibration:=/s` overrides those two; the rest keep the YAML."""
     given = {p.name: "" for p in PARAMS}
     given.update(
-        checkpoint="/ckpt/pi05_libero", fp8_expert="true", rate_hz="30", steps="5", state_in_prompt="false"
+        checkpoint="/ckpt/pi05_libero",
+        fp8_expert="true",
+        rate_hz="30",
+        steps="5",
+        state_in_prompt="without_state",
     )
     assert launch_overrides(given) == {
         "checkpoint": "/ckpt/pi05_libero",
         "fp8_expert": True,
         "rate_hz": 30.0,
         "steps": 5,
-        "state_in_prompt": "false",
+        "state_in_prompt": "without_state",
     }
     assert launch_overrides({p.name: "" for p in PARAMS}) == {}
     for name, text, reason in (
-        ("steps", "50", "steps:=50: must be in [1, 10]"),
+        ("steps", "50", "steps:=50: must be in [0, 10]"),
         ("precision", "fp4", "precision:=fp4: must be one of"),
         ("fp8_expert", "maybe", "fp8_expert:=maybe: expected bool"),
+        ("state_in_prompt", "false", "state_in_prompt:=false: must be one of"),
     ):
         with pytest.raises(ValueError, match=re.escape(reason)):
             launch_overrides({name: text})

@@ -40,7 +40,8 @@ def test_calibrate_from_a_recording_writes_scales_with_metadata(tmp_path, record
     out = tmp_path / "scales.safetensors"
     assert calibrate(recording, out, "--fp8-expert", "--margin", "1") == 0
     meta = read_metadata(out)
-    assert meta["model_id"] == "pi05_tiny:random-seed5" and meta["fp8_expert"] == "true"
+    assert meta["weights"] == "random-seed5" and meta["model_id"] == "pi05_tiny:random-seed5"
+    assert meta["fp8_expert"] == "true"
     assert (meta["frames"], meta["holdout_frames"], meta["margin"]) == ("3", "1", "1")
     assert meta["source"] == str(recording) and meta["steps"] == "10"
     assert 0.0 <= float(meta["clamped_fraction_holdout"]) < 0.5
@@ -62,7 +63,7 @@ def test_scales_for_other_weights_shape_or_gemms_are_refused(tmp_path, recording
     same = build_parts(RuntimeConfig(seed=5))
     load_scales(same, attach_fp8(same, False), out, False)  # made for it: loads
     for config, expert, named in (
-        (RuntimeConfig(seed=6), False, "model_id"),
+        (RuntimeConfig(seed=6), False, "weights"),
         (RuntimeConfig(seed=5, action_horizon=6), False, "model_shape"),
         (RuntimeConfig(seed=5), True, "fp8_expert"),
     ):
