@@ -82,7 +82,13 @@ def gate_for(name: str, config: RuntimeConfig) -> tuple[str, float] | None:
 
 def float32_reference(config: RuntimeConfig) -> PolicyParts:
     return build_parts(
-        config.replace(precision="float32", vision_precision=None, compile_stages=False, fp8_expert=False)
+        config.replace(
+            precision="float32",
+            vision_precision=None,
+            compile_stages=False,
+            fp8_expert=False,
+            fp8_calibration=None,
+        )
     )
 
 

@@ -72,6 +72,11 @@ def test_scales_for_other_weights_shape_or_gemms_are_refused(tmp_path, recording
             load_scales(parts, attach_fp8(parts, expert), out, expert)
 
 
+def test_scales_are_only_for_fp8(tmp_path):
+    with pytest.raises(ValueError, match="fp8_calibration: scales are for precision fp8, not bf16"):
+        RuntimeConfig(precision="bf16", fp8_calibration=str(tmp_path / "s.safetensors"))
+
+
 def test_bad_calibrate_arguments_exit_2(tmp_path, recording, capsys):
     assert calibrate(tmp_path / "missing.mcap", tmp_path / "s.safetensors") == 2
     assert "observations: no file" in capsys.readouterr().err
