@@ -59,3 +59,17 @@ def state_vector(values, expected: int, field: str = "position") -> np.ndarray:
             f"{field}: non-finite values at indices {np.flatnonzero(~np.isfinite(state)).tolist()}"
         )
     return state
+
+
+def state_from_joint_state(names, positions, wanted: list[str], expected: int) -> np.ndarray:
+    """sensor_msgs/JointState -> the state vector: by joint name in the order `wanted` when it is given,
+    else `position` as it comes (messages without names, or a robot whose driver orders them already)."""
+    if not wanted:
+        return state_vector(positions, expected, "position")
+    names = list(names)
+    if len(names) != len(positions):
+        raise ValueError(f"name: {len(names)} names for {len(positions)} positions")
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise ValueError(f"name: joints {missing} are not in the message ({', '.join(names)})")
+    return state_vector([positions[names.index(n)] for n in wanted], expected, "position")

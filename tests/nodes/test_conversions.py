@@ -49,3 +49,16 @@ def test_state_and_stamps():
     with pytest.raises(ValueError, match="non-finite"):
         state_vector([1, float("inf"), 3], 3)
     assert stamp_to_seconds(seconds_to_stamp(12.25, Time)) == pytest.approx(12.25)
+
+
+def test_joint_state_by_name_in_the_configured_order():
+    from vla_runtime.nodes.conversions import state_from_joint_state
+
+    names = ["finger", "shoulder", "elbow"]
+    state = state_from_joint_state(names, [0.5, 1.0, 2.0], ["shoulder", "elbow", "finger"], 3)
+    assert state.tolist() == [1.0, 2.0, 0.5]
+    assert state_from_joint_state([], [1.0, 2.0], [], 2).tolist() == [1.0, 2.0]  # no order: as it comes
+    with pytest.raises(ValueError, match=r"name: joints \['wrist'\] are not in the message"):
+        state_from_joint_state(names, [0.5, 1.0, 2.0], ["shoulder", "wrist"], 2)
+    with pytest.raises(ValueError, match="name: 2 names for 3 positions"):
+        state_from_joint_state(names[:2], [0.5, 1.0, 2.0], ["shoulder"], 1)

@@ -1,10 +1,10 @@
-"""DeadlineScheduler on a fake clock."""
+"""ChunkScheduler on a fake clock: publication on arrival, the deadline watch, the one definition of miss."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from vla_runtime.runtime.scheduler import DeadlineScheduler
+from vla_runtime.runtime.scheduler import ChunkScheduler
 from vla_runtime.runtime.types import ActionChunk
 
 
@@ -12,40 +12,64 @@ def chunk(t: float, n: int = 10) -> ActionChunk:
     return ActionChunk(np.arange(n, dtype=np.float32)[:, None] + t, timestamp=t)
 
 
-def test_fresh_chunk_is_aligned_to_its_observation_time():
-    s = DeadlineScheduler(0.05)
-    s.offer(chunk(10.0))
-    out = s.tick(10.12)  # 120 ms after the observation: actions 0..2 are due at 0, 50, 100 ms -> passed
-    assert out.fresh and out.first_index == 3 and len(out.actions) == 7
-    assert out.actions[0, 0] == pytest.approx(13.0)
+def test_a_chunk_is_published_on_arrival_aligned_to_its_observation():
+    s = ChunkScheduler(0.05)
+    s.observed(10.0)
+    out = s.offer(chunk(10.0), now=10.12)  # 120 ms after the observation: the periods of 0 and 1 have ended
+    assert out.fresh and out.first_index == 2 and len(out.actions) == 8
+    assert out.actions[0, 0] == pytest.approx(12.0) and out.age_s == pytest.approx(0.12)
+    assert s.counters["misses"] == 1  # answered, but 70 ms after its deadline
+    on_time = s.offer(chunk(10.2), now=10.219)
+    assert on_time.first_index == 0 and s.counters["misses"] == 1  # action 0 holds until 10.25
+    figures = s.figures()
+    assert figures["fresh"] == 2 and figures["age_p50_ms"] == pytest.approx((120 + 19) / 2)
 
 
-def test_missed_deadline_publishes_the_tail_and_counts_a_miss():
-    s = DeadlineScheduler(0.05)
-    s.offer(chunk(0.0))
-    assert s.tick(0.01).first_index == 1
-    tail = s.tick(0.26)
-    assert not tail.fresh and tail.first_index == 6 and s.counters["misses"] == 1
-    assert s.tick(0.449).first_index == 9 and s.counters["misses"] == 2
-    assert s.tick(0.51) is None and s.counters["exhausted"] == 1  # nothing left: nothing published
+def test_a_missed_deadline_publishes_the_tail_once_and_counts_the_miss():
+    s = ChunkScheduler(0.05, deadline_s=0.05)
+    s.observed(0.0)
+    assert s.offer(chunk(0.0), now=0.01).first_index == 0
+    s.observed(0.2)
+    assert s.check(0.25) is None  # its deadline is 0.25: not passed yet
+    tail = s.check(0.26)
+    assert not tail.fresh and tail.first_index == 5 and s.counters["misses"] == 1
+    assert s.check(0.30) is None  # the miss was counted once; no new deadline passed
+    s.observed(0.3)
+    s.observed(0.35)  # two observations in flight, both late: two misses at one check
+    assert s.check(0.449).first_index == 8 and s.counters["misses"] == 3 and s.counters["tails"] == 2
+    s.observed(0.5)
+    assert s.check(0.56) is None and s.counters["exhausted"] == 1  # nothing left: nothing published
 
 
-def test_newest_observation_wins_and_late_chunks_are_ignored():
-    s = DeadlineScheduler(0.05)
-    s.offer(chunk(1.0))
-    s.offer(chunk(1.05))
-    assert s.counters["superseded"] == 1
-    s.offer(chunk(0.9))  # an older observation finishing late
-    assert s.counters["late_chunks"] == 1
-    out = s.tick(1.06)
-    assert out.chunk.timestamp == 1.05 and out.fresh
+def test_the_chunk_answers_every_older_pending_observation():
+    s = ChunkScheduler(0.05)
+    for stamp in (1.0, 1.01, 1.02):  # the first two were dropped by the executor (newest wins)
+        s.observed(stamp)
+    assert s.offer(chunk(1.02), now=1.04).fresh
+    assert s.check(2.0) is None and s.counters["misses"] == 0
 
 
-def test_exact_boundaries_and_reset():
-    s = DeadlineScheduler(0.1)
-    s.offer(chunk(0.0, n=3))
-    assert s.tick(0.1).first_index == 1  # an action due exactly now is still sent
-    s.reset()
-    assert s.tick(0.15) is None
-    with pytest.raises(ValueError, match="period_s"):
-        DeadlineScheduler(0.0)
+def test_newest_observation_wins_and_late_chunks_are_discarded():
+    s = ChunkScheduler(0.05)
+    assert s.offer(chunk(1.05), now=1.06) is not None
+    assert s.offer(chunk(0.9), now=1.07) is None and s.counters["late_chunks"] == 1
+    assert s.offer(chunk(1.05), now=1.08) is None and s.counters["late_chunks"] == 2
+
+
+def test_a_chunk_that_expired_while_computed_is_counted_not_published():
+    s = ChunkScheduler(0.1)
+    assert s.offer(chunk(0.0, n=3), now=0.1).first_index == 1  # action 1 starts exactly now
+    assert s.offer(chunk(0.01, n=3), now=0.109).first_index == 0  # action 0 holds until 0.11
+    assert s.offer(chunk(0.05, n=3), now=0.36) is None and s.counters["exhausted"] == 1
+
+
+def test_reset_forgets_the_chunk_and_the_pending_deadlines():
+    s = ChunkScheduler(0.05)
+    s.offer(chunk(5.0), now=5.01)
+    s.observed(5.1)
+    s.reset()  # e.g. the clock jumped back to 0
+    assert s.check(5.3) is None and s.counters["misses"] == 0
+    assert s.offer(chunk(0.5), now=0.51).fresh  # older than the forgotten chunk, accepted after the reset
+    for bad in ({"period_s": 0.0}, {"period_s": 0.05, "deadline_s": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(k for k, v in bad.items() if v <= 0))):
+            ChunkScheduler(**bad)
