@@ -29,6 +29,7 @@ class Param:
     check: Callable[[Any], str | None] = lambda v: None  # returns the reason a value is refused
     range: tuple[float, float] | None = None
     needs_reconfigure: bool = False  # read at configure: a change takes effect after cleanup + configure
+    builtin: bool = False  # declared by rclpy itself (use_sim_time): in the YAML and launch, not declared
 
 
 def _one_of(*options):
@@ -43,6 +44,10 @@ def _names(v):
     if not v or any(not n or "/" in n or " " in n for n in v):
         return "must be a non-empty list of names without '/' or spaces"
     return None if len(set(v)) == len(v) else "has duplicate names"
+
+
+def _names_or_empty(v):
+    return None if not v else _names(v)
 
 
 def _device(v):
@@ -168,9 +173,17 @@ PARAMS = (
     Param(
         "rate_hz",
         20.0,
-        "Control rate: chunks are published on this timer.",
+        "Rate of the deadline watch: a timer that publishes the current chunk's tail when an observation's "
+        "deadline passed with no fresh chunk. Fresh chunks are published the moment they are ready.",
         _in_range(1.0, 200.0),
         (1.0, 200.0),
+    ),
+    Param(
+        "deadline_s",
+        0.05,
+        "An observation's deadline: a fresh chunk must be published within this time after it was taken.",
+        _in_range(0.001, 10.0),
+        (0.001, 10.0),
     ),
     Param(
         "control_period_s",
@@ -182,9 +195,30 @@ PARAMS = (
     Param(
         "max_obs_age_s",
         0.5,
-        "Observations older than this are refused as stale.",
+        "Observations older than this are not served (stale); an optional camera silent this long is "
+        "left out (masked).",
         _in_range(0.01, 60.0),
         (0.01, 60.0),
+    ),
+    Param(
+        "sync_tolerance_s",
+        0.025,
+        "Cameras and state are one observation when their stamps lie within this of each other.",
+        _in_range(0.0, 1.0),
+        (0.0, 1.0),
+    ),
+    Param(
+        "max_future_s",
+        0.1,
+        "Inputs stamped further ahead of this node's clock are refused (clocks not synchronised).",
+        _in_range(0.0, 10.0),
+        (0.0, 10.0),
+    ),
+    Param(
+        "use_sim_time",
+        False,
+        "Run on the /clock topic (a simulator's time) instead of the system clock.",
+        builtin=True,
     ),
     Param(
         "cameras",
@@ -204,6 +238,13 @@ PARAMS = (
         list(DEFAULT_JOINTS),
         "Joint names of the published trajectory, one per action dim.",
         _names,
+        needs_reconfigure=True,
+    ),
+    Param(
+        "state_joint_names",
+        [],
+        "JointState: the joints of the state vector, in order, found by name; empty = position as it comes.",
+        _names_or_empty,
         needs_reconfigure=True,
     ),
     Param(
@@ -227,7 +268,7 @@ PARAMS = (
     Param(
         "action_reliable", True, "Reliable (true) or best-effort action_chunk QoS.", needs_reconfigure=True
     ),
-    Param("diagnostics_rate_hz", 1.0, "Rate of policy_diagnostics.", _in_range(0.1, 50.0), (0.1, 50.0)),
+    Param("diagnostics_rate_hz", 1.0, "Rate of /diagnostics.", _in_range(0.1, 50.0), (0.1, 50.0)),
     Param(
         "autostart",
         True,

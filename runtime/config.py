@@ -51,6 +51,7 @@ class RuntimeConfig:
     steps: int | None = None  # denoising steps 1..10; None = the preset's default
     state_dim: int = 8  # length of the robot's state vector (LIBERO: eef pos 3 + axis-angle 3 + gripper 2)
     robot_action_dim: int = 7  # leading action dims the robot executes (LIBERO: 7)
+    action_names: tuple[str, ...] | None = None  # a name per robot action dim (joints); None = a0, a1, ...
     optional_cameras: tuple[str, ...] | None = None  # may be absent (zero image, masked); None = the default
     seed: int = 0  # random weights
     # torch.compile before graph capture: True/False for every stage, None = the measured default on CUDA
@@ -75,6 +76,10 @@ class RuntimeConfig:
             raise ValueError("robot: names a checkpoint's statistics; no checkpoint given")
         if not 1.0 <= self.fp8_calibration_margin <= 4.0:
             raise ValueError(f"fp8_calibration_margin: must be in [1, 4], got {self.fp8_calibration_margin}")
+        if self.action_names is not None and len(self.action_names) != self.robot_action_dim:
+            raise ValueError(
+                f"action_names: {len(self.action_names)} names for robot_action_dim {self.robot_action_dim}"
+            )
         if self.fp8_calibration_frames < 1:
             raise ValueError(f"fp8_calibration_frames: must be at least 1, got {self.fp8_calibration_frames}")
         if self.precision not in ("float32", "bf16", "fp8"):
@@ -178,8 +183,9 @@ class RuntimeConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"config: unknown keys {sorted(unknown)}")
-        if data.get("optional_cameras") is not None:
-            data = {**data, "optional_cameras": tuple(data["optional_cameras"])}
+        for name in ("optional_cameras", "action_names"):
+            if data.get(name) is not None:
+                data = {**data, name: tuple(data[name])}
         return cls(**data)
 
 

@@ -35,7 +35,7 @@ from .buffers import HOST_RING, MAX_IN_FLIGHT, PIPELINE_SLOTS, ShapeProfile, Sta
 from .config import RuntimeConfig
 from .inputs import PreparedInputs
 from .loading import PolicyParts, build_parts
-from .policy import Policy
+from .policy import FrameDropped, Policy
 from .stages import STAGES, StageRunner
 from .timing import LatencyStats, TraceRecorder
 from .types import ActionChunk, Observation
@@ -65,10 +65,6 @@ STAGE_SPANS = {
     "denoise": ("denoise_start", "denoise_end"),
     "copy_out": ("d2h_start", "d2h_end"),
 }
-
-
-class FrameDropped(RuntimeError):
-    """The frame was replaced by a newer observation before it reached the device."""
 
 
 class ExecutorClosed(RuntimeError):
@@ -205,11 +201,9 @@ class PipelinedExecutor(Policy):
         self._completions.put(None)
         self._completer.join()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def health(self) -> dict:
+        report = self.report()
+        return {"ready": not self._closed, **report}
 
     def report(self) -> dict:
         with self._cond:

@@ -19,15 +19,18 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["AMENT_PREFIX_PATH"] = sys.prefix
 
 import rclpy  # noqa: E402
+from builtin_interfaces.msg import Time  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
+from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
-from vla_runtime.nodes.conversions import rgb_to_image, stamp_to_seconds  # noqa: E402
+from vla_runtime.nodes.conversions import rgb_to_image, seconds_to_stamp, stamp_to_seconds  # noqa: E402
 
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb")
+JOINTS = [f"joint_{i}" for i in range(8)]
 
 
 class PolicyNodeProcess:
@@ -59,7 +62,7 @@ class PolicyNodeProcess:
             time.sleep(0.1)
         return False
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(2)  # SIGINT: rclpy shuts down cleanly
             try:
@@ -67,20 +70,32 @@ class PolicyNodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+        return self.proc.returncode
 
 
 class Robot:
     """Publishes inputs at `rate_hz` from a thread; records everything the policy node sends."""
 
-    def __init__(self, rate_hz: float = 20.0, image_side: int = 96, state_dim: int = 8, namespace: str = ""):
+    def __init__(
+        self,
+        rate_hz: float = 20.0,
+        image_side: int = 96,
+        state_dim: int = 8,
+        namespace: str = "",
+        cameras: tuple[str, ...] = CAMERAS,
+    ):
         if not rclpy.ok():
             rclpy.init()
         self.node = rclpy.create_node(f"fake_robot_{time.monotonic_ns()}", namespace=namespace or None)
+        self.namespace = namespace
         self.rate_hz, self.image_side, self.state_dim = rate_hz, image_side, state_dim
         self.cams = {
             c: self.node.create_publisher(Image, f"camera/{c}/image_raw", qos_profile_sensor_data)
-            for c in CAMERAS
+            for c in cameras
         }
+        self.silent_cameras: set[str] = set()  # cameras that stopped publishing
+        self.joint_names = JOINTS[:state_dim]  # JointState.name; the positions are 0, 1, 2, ... by name
+        self.clock_pub = self.node.create_publisher(Clock, "/clock", 10)
         self.state_pub = self.node.create_publisher(JointState, "joint_states", 10)
         self.instruction_pub = self.node.create_publisher(String, "instruction", 10)
         self.chunks: list[tuple[float, JointTrajectory]] = []
@@ -89,7 +104,7 @@ class Robot:
         self.node.create_subscription(
             JointTrajectory, "action_chunk", lambda m: self.chunks.append((self.now(), m)), reliable
         )
-        self.node.create_subscription(DiagnosticArray, "policy_diagnostics", self._on_diag, 10)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self._spin = threading.Thread(target=self.executor.spin, daemon=True)
@@ -105,6 +120,8 @@ class Robot:
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
+            if not status.name.startswith(f"{self.namespace}/policy_node:"):
+                continue  # another test's node
             self.diagnostics.append(
                 {
                     "level": int.from_bytes(status.level, "little")
@@ -121,12 +138,21 @@ class Robot:
                 self.publish_once()
             time.sleep(1.0 / self.rate_hz)
 
-    def publish_once(self) -> None:
-        stamp = self.node.get_clock().now().to_msg()
-        for pub in self.cams.values():
+    def publish_clock(self, seconds: float) -> None:
+        self.clock_pub.publish(Clock(clock=seconds_to_stamp(seconds, Time)))
+
+    def publish_once(self, stamp_s: float | None = None) -> float:
+        """One observation, stamped now (or at `stamp_s`); returns its stamp in seconds."""
+        stamp = self.node.get_clock().now().to_msg() if stamp_s is None else seconds_to_stamp(stamp_s, Time)
+        for name, pub in self.cams.items():
+            if name in self.silent_cameras:
+                continue
             image = self._rng.integers(0, 256, (self.image_side, self.image_side, 3), dtype=np.uint8)
             pub.publish(rgb_to_image(image, Image, stamp))
-        state = JointState(position=self._rng.uniform(-1, 1, self.state_dim).tolist())
+        # by name, in reverse order: a node reading by index would see the state reversed
+        state = JointState(
+            name=self.joint_names[::-1], position=[float(JOINTS.index(n)) for n in self.joint_names[::-1]]
+        )
         state.header.stamp = stamp
         self.state_pub.publish(state)
         self.instruction_pub.publish(String(data="put the black bowl on the plate"))
@@ -135,6 +161,27 @@ class Robot:
             {"image": self.cams["base_0_rgb"], "state": self.state_pub, "instruction": self.instruction_pub}[
                 kind
             ].publish(msg)
+        return stamp_to_seconds(stamp)
+
+    def chunk_for(self, stamp: float, timeout: float = 30.0):
+        """(arrival time, message) of the first chunk answering the observation stamped `stamp`."""
+        found = []
+
+        def arrived():
+            found[:] = [(t, m) for t, m in list(self.chunks) if abs(header_seconds(m) - stamp) < 1e-6]
+            return bool(found)
+
+        return found[0] if self.wait_for(arrived, timeout) else None
+
+    def first_chunk(self, stamp_s: float | None = None, timeout: float = 60.0):
+        """Publish one observation again and again until it is answered: the first messages after the node
+        subscribes can be lost while discovery completes (sensor-data QoS is best effort)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            got = self.chunk_for(self.publish_once(stamp_s), timeout=0.5)
+            if got is not None:
+                return got
+        return None
 
     def wait_for(self, predicate, timeout: float) -> bool:
         end = time.monotonic() + timeout
