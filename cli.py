@@ -150,79 +150,28 @@ def cmd_node(args, ros_args: list[str]) -> int:
 
 
 def cmd_eval_libero(args) -> int:
-    """Closed-loop LIBERO episodes: in-process (the runtime talks to the sim server) or through ROS."""
+    """Closed-loop LIBERO episodes: in-process (the runtime talks to the sim server) or through ROS; the
+    same episode loop, latency and miss definitions either way."""
     from pathlib import Path
 
     from .sim.launcher import SimServerProcess
-    from .sim.report import write_report
+    from .sim.report import headline, write_report
 
     config = runtime_config_from_args(args)
     tasks = [int(t) for t in args.tasks.split(",")] if args.tasks else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     server = None if args.endpoint else SimServerProcess(log_path=out / "sim_server.log")
-    endpoint = args.endpoint or server.endpoint
-    recorder = None
     try:
-        if args.path == "ros":
-            from .nodes.ros_eval import node_params, run_ros_episodes
-
-            episodes = run_ros_episodes(
-                endpoint,
-                out,
-                args.suite,
-                tasks or [0],
-                args.trials,
-                node_params=node_params(config, args.record),
-                mode=args.mode,
-                max_steps=args.max_steps,
-                replan_steps=args.replan_steps,
-                seed=args.seed,
-                settle_steps=args.settle_steps,
-                video=args.video,
-            )
-            model_id = f"{config.model_name}:" + (
-                Path(args.checkpoint).name if args.checkpoint else f"random-seed{args.seed}"
-            )
-            random_weights = args.checkpoint is None
-        else:
-            from .runtime.executor import PipelinedExecutor
-            from .sim.client import SimClient
-            from .sim.evaluate import evaluate
-
-            client = SimClient(endpoint)
-            if args.record:
-                from .runtime.recording import ObservationRecorder
-
-                recorder = ObservationRecorder(args.record)
-            with PipelinedExecutor(config) as policy:
-                episodes = evaluate(
-                    client,
-                    policy,
-                    args.suite,
-                    tasks,
-                    args.trials,
-                    max_steps=args.max_steps,
-                    replan_steps=args.replan_steps,
-                    seed=args.seed,
-                    settle_steps=args.settle_steps,
-                    video_dir=out if args.video else None,
-                    recorder=recorder,
-                )
-                model_id, random_weights = policy.parts.model_id, policy.parts.random_weights
-            client.close()
+        episodes, identity = run_libero(args, config, args.endpoint or server.endpoint, tasks, out)
     finally:
-        if recorder is not None:
-            recorder.close()
         if server is not None:
             server.stop()
-    device = config.device
     meta = {
         "suite": args.suite,
-        "path": args.path if args.path == "in-process" else f"ros ({args.mode})",
-        "model_id": model_id,
-        "random_weights": random_weights,
-        "device": device,
+        "path": f"{args.path} {args.mode.replace('_', '-')}",
+        **identity,
+        "device": config.device,
         "denoising_steps": config.denoising_steps,
         "replan_steps": args.replan_steps,
     }
@@ -230,7 +179,7 @@ def cmd_eval_libero(args) -> int:
     if args.json:
         print(json.dumps({**meta, **summary, "report": str(out / "report.md")}))
         return 0
-    if random_weights:
+    if identity["random_weights"]:
         print(
             "RANDOM WEIGHTS (no checkpoint given): the policy cannot solve tasks; "
             "success comes from LIBERO's own check"
@@ -240,14 +189,111 @@ def cmd_eval_libero(args) -> int:
             f"{e.suite} task {e.task} init {e.init_state}: {'SUCCESS' if e.success else 'failure'} after "
             f"{e.steps} steps ({e.path}); '{e.instruction}'"
         )
-    total = summary["latency_ms"].get("total", {})
-    print(
-        f"success {summary['successes']}/{summary['episodes']}, chunks {summary['chunks']}, "
-        f"p50 {total.get('p50', float('nan')):.1f} ms per chunk, deadline misses {summary['deadline_misses']}"
-    )
+    print(f"success {summary['successes']}/{summary['episodes']}, {summary['chunks']} chunks")
+    for line in headline(summary, meta["path"]):
+        print(line)
     print(f"report: {out / 'report.md'}")
     if args.record:
         print(f"observations recorded to {args.record} (vla-runtime calibrate --observations {args.record})")
+    return 0
+
+
+def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
+    """The episodes over the chosen path, and the served model's identity (model_id, random_weights)."""
+    from .sim.client import SimClient
+    from .sim.evaluate import evaluate
+
+    lockstep = args.mode == "lockstep"
+    client = SimClient(endpoint)
+    run = dict(
+        max_steps=args.max_steps,
+        replan_steps=args.replan_steps,
+        seed=args.seed,
+        settle_steps=args.settle_steps,
+        video_dir=out if args.video else None,
+    )
+    try:
+        if args.path == "ros":
+            from .nodes.ros_eval import RosPolicy, node_params
+
+            with RosPolicy(node_params(config, args.record), lockstep, out / "policy_node.log") as link:
+                episodes = evaluate(client, link, args.suite, tasks or [0], args.trials, **run)
+                served = link.diagnostics()
+            identity = {
+                "model_id": served.get("model_id", "?"),
+                "random_weights": served.get("random_weights", str(args.checkpoint is None)) == "True",
+            }
+            return episodes, identity
+        from .runtime.executor import PipelinedExecutor
+        from .sim.episode import InProcessLink
+
+        recorder = None
+        if args.record:
+            from .runtime.recording import ObservationRecorder
+
+            recorder = ObservationRecorder(args.record)
+        try:
+            with PipelinedExecutor(config) as policy:
+                link = InProcessLink(policy, lockstep, recorder)
+                episodes = evaluate(client, link, args.suite, tasks, args.trials, **run)
+                metadata = policy.metadata
+        finally:
+            if recorder is not None:
+                recorder.close()
+        return episodes, {"model_id": metadata.model_id, "random_weights": metadata.random_weights}
+    finally:
+        client.close()
+
+
+def cmd_demo(args) -> int:
+    """One libero_spatial episode through the ROS path (policy node + sim bridge, lockstep on sim time),
+    then the same episode in-process; the two reports side by side, by the same definitions."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    common = dict(
+        suite="libero_spatial",
+        tasks="0",
+        trials=1,
+        replan_steps=5,
+        settle_steps=10,
+        mode="lockstep",
+        endpoint=None,
+        json=False,
+    )
+    print("== through ROS: the policy node in its own process, the sim bridge publishing /clock ==")
+    ros = argparse.Namespace(**{**vars(args), **common, "path": "ros", "video": True, "out": str(out)})
+    status = cmd_eval_libero(ros)
+    if status:
+        return status
+    print("\n== in-process: the same episode loop calling the policy directly ==")
+    local = argparse.Namespace(
+        **{
+            **vars(args),
+            **common,
+            "path": "in-process",
+            "video": False,
+            "record": None,
+            "out": str(out / "in-process"),
+        }
+    )
+    status = cmd_eval_libero(local)
+    if status:
+        return status
+    rows = []
+    for name, folder in (("ROS", out), ("in-process", out / "in-process")):
+        summary = json.loads((folder / "results.json").read_text())["summary"]
+        age, engine = summary["chunk_age_ms"], summary["engine_total_ms"]
+        rows.append(
+            f"{name:11s} {age['p50']:8.1f} {age['p99']:8.1f} {engine['p50']:10.1f} "
+            f"{summary['deadline_misses']:4d} / {summary['chunks']:<4d}"
+        )
+    print("\n== the two paths, by one definition (docs/robot.md) ==")
+    print(f"{'path':11s} {'age p50':>8s} {'age p99':>8s} {'engine p50':>10s} {'misses / chunks'}")
+    print("\n".join(rows))
+    print(
+        "age = chunk at the robot - observation taken (ms, wall clock); engine = its own submit -> chunk time"
+    )
     return 0
 
 
@@ -494,7 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--replan-steps", type=int, default=5)
     ev.add_argument("--settle-steps", type=int, default=10, help="still steps after reset (objects settle)")
     ev.add_argument("--path", choices=["in-process", "ros"], default="in-process")
-    ev.add_argument("--mode", choices=["lockstep", "wall_clock"], default="lockstep", help="ROS path only")
+    ev.add_argument(
+        "--mode",
+        choices=["lockstep", "wall_clock"],
+        default="lockstep",
+        help="lockstep: the simulator waits for each chunk (sim time); wall_clock: it steps in real time",
+    )
     ev.add_argument("--endpoint", default=None, help="a running sim server (tcp://127.0.0.1:PORT)")
     ev.add_argument("--out", default="out/libero")
     ev.add_argument("--video", action="store_true", help="a GIF of each episode's agent view")
@@ -505,30 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ev, defaults_by_device=True)
     ev.set_defaults(func=cmd_eval_libero)
 
-    demo = sub.add_parser("demo", help="one closed-loop libero_spatial episode through the ROS path")
+    demo = sub.add_parser(
+        "demo", help="one closed-loop libero_spatial episode through ROS, then in-process; both reports"
+    )
     add_model_args(demo, defaults_by_device=True)
     demo.add_argument("--max-steps", type=int, default=40)
     demo.add_argument("--out", default="out/demo")
     demo.add_argument(
         "--record", default=None, help="the policy node records the observations it serves to this MCAP file"
     )
-    demo.set_defaults(
-        func=lambda a: cmd_eval_libero(
-            argparse.Namespace(
-                **vars(a),
-                suite="libero_spatial",
-                tasks="0",
-                trials=1,
-                replan_steps=5,
-                settle_steps=10,
-                path="ros",
-                mode="lockstep",
-                endpoint=None,
-                video=True,
-                json=False,
-            )
-        )
-    )
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

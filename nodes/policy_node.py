@@ -553,6 +553,9 @@ class PolicyNode(LifecycleNode):
         health = self.policy.health() if self.policy is not None else {"latency_ms": {}}
         values.update(figures)
         values["waiting_for"] = waiting_for
+        if self.policy is not None:
+            metadata = self.policy.metadata
+            values["model_id"], values["random_weights"] = metadata.model_id, metadata.random_weights
         for stage in ("vision", "prefix", "denoise", "total"):
             s = health["latency_ms"].get(stage)
             if s:

@@ -1,5 +1,5 @@
-"""Closed-loop LIBERO through ROS: the policy node in its own process, the sim bridge node here, the sim
-server in LIBERO's environment; all on a ROS domain of their own, discovery on this machine only."""
+"""Closed-loop LIBERO through ROS: the policy node in its own process, the sim bridge here, the sim server
+in LIBERO's environment; all on a ROS domain of their own, discovery on this machine only."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-
-from ..sim.report import EpisodeResult, save_gif
 
 
 def isolate_ros_domain() -> None:
@@ -70,69 +67,52 @@ def node_params(config, record: str | None = None) -> dict:
     return {**params, **{k: v for k, v in optional.items() if v is not None}}
 
 
-def run_ros_episodes(
-    endpoint: str,
-    out_dir: Path,
-    suite: str,
-    tasks: list[int],
-    trials: int,
-    *,
-    node_params: dict,
-    mode: str,
-    max_steps: int | None,
-    replan_steps: int,
-    seed: int,
-    settle_steps: int,
-    video: bool,
-) -> list[EpisodeResult]:
-    isolate_ros_domain()
-    import rclpy  # noqa: PLC0415 - ROS is needed only on this path
-    from rclpy.executors import SingleThreadedExecutor  # noqa: PLC0415
+STARTUP_TIMEOUT_S = 600.0  # loading, compiling and capturing pi05 on a GPU takes about a minute
 
-    from .sim_bridge_node import SimBridgeNode  # noqa: PLC0415
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    params = {
-        **node_params,
-        # lockstep: the observation waits for the sim, so allow for a slow CPU simulator
-        "max_obs_age_s": 30.0 if mode == "lockstep" else 0.5,
-    }
-    node_proc = PolicyNodeProcess(out_dir / "policy_node.log", params)
-    rclpy.init()
-    bridge = SimBridgeNode(endpoint)
-    executor = SingleThreadedExecutor()
-    executor.add_node(bridge)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    episodes = []
-    try:
-        for task in tasks:
-            for trial in range(trials):
-                frames: list = []
-                if mode == "lockstep":
-                    result = bridge.run_lockstep(
-                        suite,
-                        task,
-                        trial,
-                        max_steps=max_steps,
-                        replan_steps=replan_steps,
-                        seed=seed,
-                        settle_steps=settle_steps,
-                        frames=frames,
-                    )
-                else:
-                    result = bridge.run_wall_clock(
-                        suite, task, trial, max_steps=max_steps, seed=seed, settle_steps=settle_steps
-                    )
-                if video and frames:
-                    name = f"{suite}_task{task}_init{trial}_{'success' if result.success else 'failure'}.gif"
-                    result.video = str(save_gif(frames, out_dir / name))
-                episodes.append(result)
-                time.sleep(0.2)
-    finally:
-        executor.shutdown()
-        bridge.client.close()
-        bridge.destroy_node()
+class RosPolicy:
+    """`with RosPolicy(params, lockstep, log) as link:` the policy node process and the sim bridge link,
+    spun on a thread of their own; both stopped on exit."""
+
+    def __init__(self, params: dict, lockstep: bool, log_path: Path):
+        from .sim_bridge_node import STATE_NAMES
+
+        isolate_ros_domain()
+        state_dim = int(params.get("state_dim", 8))
+        self.params = {
+            **params,
+            # lockstep: the node runs on the simulation clock the bridge publishes; the clock and the
+            # observation travel on different topics, so the node may see the observation first
+            "use_sim_time": lockstep,
+            **({"max_future_s": 10.0} if lockstep else {}),
+            "state_joint_names": "[" + ",".join(f"'{n}'" for n in STATE_NAMES[:state_dim]) + "]",
+        }
+        self.lockstep, self.log_path = lockstep, log_path
+
+    def __enter__(self):
+        import rclpy  # noqa: PLC0415 - ROS is needed only on this path
+        from rclpy.executors import SingleThreadedExecutor  # noqa: PLC0415
+
+        from .sim_bridge_node import SimBridgeLink  # noqa: PLC0415
+
+        self.node_proc = PolicyNodeProcess(self.log_path, self.params)
+        rclpy.init()
+        self.link = SimBridgeLink(self.lockstep)
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.link.node)
+        threading.Thread(target=self.executor.spin, daemon=True).start()
+        try:
+            self.link.wait_until_serving(STARTUP_TIMEOUT_S, alive=lambda: self.node_proc.proc.poll() is None)
+        except RuntimeError as err:
+            self.__exit__()
+            tail = self.log_path.read_text()[-2000:]
+            raise RuntimeError(f"{err}; its log ({self.log_path}) ends:\n{tail}") from None
+        return self.link
+
+    def __exit__(self, *exc):
+        import rclpy  # noqa: PLC0415
+
+        self.executor.shutdown()
+        self.link.close()
         rclpy.shutdown()
-        node_proc.stop()
-    return episodes
+        self.node_proc.stop()

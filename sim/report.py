@@ -12,7 +12,14 @@ import numpy as np
 
 from ..runtime.timing import percentiles
 
-DEADLINE_MS = 50.0  # one control period at 20 Hz
+DEADLINE_MS = 50.0  # one control period at 20 Hz (runtime.scheduler.DEFAULT_DEADLINE_S)
+
+# What the figures mean, said once and printed with them (docs/robot.md has the timeline picture).
+LATENCY_MEANING = (
+    "age of a chunk = its arrival at the robot - the time its observation was taken (wall clock)"
+)
+MISS_MEANING = f"miss = no chunk for an observation (or a newer one) within {DEADLINE_MS:.0f} ms of it"
+LOCKSTEP_NOTE = "lockstep: the simulator waited for every chunk, so misses did not disturb the episode"
 
 
 @dataclass
@@ -21,25 +28,48 @@ class EpisodeResult:
     task: int
     init_state: int
     instruction: str
-    path: str  # "in-process" or "ros"
+    path: str  # "in-process lockstep", "ros lockstep", "ros wall-clock", ...
     steps: int = 0
     success: bool = False
     success_per_step: list[bool] = field(default_factory=list)  # LIBERO's check after every step
     chunks: int = 0
     deadline_misses: int = 0
-    latency_ms: dict[str, list[float]] = field(default_factory=dict)  # stage -> one value per chunk
+    exhausted: int = 0  # misses with no action of the current chunk left (wall clock)
+    late_actions: int = 0  # lockstep: leading actions of a chunk already cut when it arrived (expected 0)
+    sim_overruns: int = 0  # wall clock: steps the simulator took longer than a control period
+    reoffers: int = 0  # observations sent again after a second without an answer (lost on the way)
+    executed_indices: list[int] = field(default_factory=list)  # lockstep: which action of each chunk ran
+    chunk_age_ms: list[float] = field(default_factory=list)  # one per chunk: the latency the robot sees
+    engine_ms: dict[str, list[float]] = field(default_factory=dict)  # stage -> one per chunk (in-process)
     video: str | None = None
-    policy_diagnostics: dict | None = None  # ROS path: the policy node's last diagnostics (per-stage latency)
+    policy_diagnostics: dict | None = None  # ROS path: the policy node's diagnostics at the end
 
-    def add_timings(self, timings: dict[str, float]) -> None:
+    def add_chunk(self, age_ms: float, engine_ms: dict[str, float]) -> None:
         self.chunks += 1
-        for stage, ms in timings.items():
-            self.latency_ms.setdefault(stage, []).append(float(ms))
+        self.chunk_age_ms.append(float(age_ms))
+        for stage, ms in engine_ms.items():
+            self.engine_ms.setdefault(stage, []).append(float(ms))
 
     def summary(self) -> dict:
         d = asdict(self)
-        d["latency_ms"] = {k: percentiles(v) for k, v in self.latency_ms.items()}
+        d["chunk_age_ms"] = percentiles(self.chunk_age_ms)
+        d["engine_ms"] = {k: percentiles(v) for k, v in self.engine_ms.items()}
+        del d["executed_indices"]
         return d
+
+
+def engine_total_ms(episodes: list[EpisodeResult]) -> dict:
+    """The engine's own submit -> chunk time: per chunk in-process, from the node's diagnostics over ROS."""
+    values = [v for e in episodes for v in e.engine_ms.get("total", [])]
+    if values:
+        return percentiles(values, (50, 99))
+    diags = [e.policy_diagnostics for e in episodes if e.policy_diagnostics]
+    if diags and "engine_total_p50_ms" in diags[-1]:
+        return {
+            "p50": float(diags[-1]["engine_total_p50_ms"]),
+            "p99": float(diags[-1]["engine_total_p99_ms"]),
+        }
+    return {"p50": float("nan"), "p99": float("nan")}
 
 
 def summarize(episodes: list[EpisodeResult]) -> dict:
@@ -53,20 +83,34 @@ def summarize(episodes: list[EpisodeResult]) -> dict:
         t["steps"].append(e.steps)
     for t in tasks.values():
         t["success_rate"] = t["successes"] / t["episodes"]
-    totals = [v for e in episodes for v in e.latency_ms.get("total", [])]
     return {
         "episodes": len(episodes),
         "successes": sum(e.success for e in episodes),
         "success_rate": (sum(e.success for e in episodes) / len(episodes)) if episodes else 0.0,
-        "deadline_misses": sum(e.deadline_misses for e in episodes),
         "chunks": sum(e.chunks for e in episodes),
-        "latency_ms": {
-            stage: percentiles([v for e in episodes for v in e.latency_ms.get(stage, [])])
-            for stage in sorted({s for e in episodes for s in e.latency_ms})
-        },
-        "total_latency_samples": len(totals),
+        "deadline_misses": sum(e.deadline_misses for e in episodes),
+        "exhausted": sum(e.exhausted for e in episodes),
+        "late_actions": sum(e.late_actions for e in episodes),
+        "sim_overruns": sum(e.sim_overruns for e in episodes),
+        "reoffers": sum(e.reoffers for e in episodes),
+        "chunk_age_ms": percentiles([v for e in episodes for v in e.chunk_age_ms]),
+        "engine_total_ms": engine_total_ms(episodes),
+        "definitions": {"latency": LATENCY_MEANING, "miss": MISS_MEANING},
         "tasks": tasks,
     }
+
+
+def headline(summary: dict, path: str) -> list[str]:
+    """The one latency figure and the one miss count, with what they mean (screen and report)."""
+    age, engine = summary["chunk_age_ms"], summary["engine_total_ms"]
+    lines = [
+        f"latency: p50 {age['p50']:.1f} ms, p99 {age['p99']:.1f} ms "
+        f"(the engine itself: p50 {engine['p50']:.1f} ms) -- {LATENCY_MEANING}",
+        f"deadline misses: {summary['deadline_misses']} of {summary['chunks']} chunks -- {MISS_MEANING}",
+    ]
+    if "lockstep" in path:
+        lines.append(LOCKSTEP_NOTE)
+    return lines
 
 
 def save_gif(frames: list[np.ndarray], path: Path, fps: int = 10) -> Path:
@@ -77,20 +121,30 @@ def save_gif(frames: list[np.ndarray], path: Path, fps: int = 10) -> Path:
     return path
 
 
-def latency_histogram(episodes: list[EpisodeResult], path: Path) -> Path:
+def latency_histogram(episodes: list[EpisodeResult], path: Path, bin_ms: float = 2.0) -> Path:
+    """Chunk age and engine time per chunk, on one set of bins, against the deadline."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
+    ages = [v for e in episodes for v in e.chunk_age_ms]
+    engine = [v for e in episodes for v in e.engine_ms.get("total", [])]
+    top = max([DEADLINE_MS, *ages, *engine]) + bin_ms
+    bins = np.arange(0.0, top + bin_ms, bin_ms)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for stage in ("vision", "prefix", "denoise", "total"):
-        values = [v for e in episodes for v in e.latency_ms.get(stage, [])]
-        if values:
-            ax.hist(values, bins=30, alpha=0.6, label=f"{stage} (p50 {np.median(values):.1f} ms)")
-    ax.axvline(DEADLINE_MS, color="red", ls="--", lw=1, label="50 ms deadline")
-    ax.set_xlabel("ms per chunk")
+    if ages:
+        ax.hist(ages, bins=bins, alpha=0.7, label=f"chunk age at the robot (p50 {np.median(ages):.1f} ms)")
+    if engine:
+        ax.hist(
+            engine, bins=bins, alpha=0.6, label=f"engine, submit -> chunk (p50 {np.median(engine):.1f} ms)"
+        )
+    ax.axvline(DEADLINE_MS, color="red", ls="--", lw=1, label=f"{DEADLINE_MS:.0f} ms deadline")
+    ax.set_title(f"Latency per chunk ({len(ages)} chunks, {bin_ms:g} ms bins)")
+    ax.set_xlabel("ms from observation")
     ax.set_ylabel("chunks")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -122,8 +176,7 @@ def write_report(out_dir: Path, episodes: list[EpisodeResult], meta: dict) -> di
         f"replan every {meta.get('replan_steps')} actions",
         f"- success (LIBERO's own check): {summary['successes']}/{summary['episodes']} "
         f"({100 * summary['success_rate']:.0f}%)",
-        f"- deadline misses (chunks over {DEADLINE_MS:.0f} ms): {summary['deadline_misses']} of "
-        f"{summary['chunks']} chunks",
+        *[f"- {line}" for line in headline(summary, meta.get("path", ""))],
         "",
         "| task | instruction | episodes | success | steps |",
         "| --- | --- | ---: | ---: | --- |",
@@ -133,17 +186,26 @@ def write_report(out_dir: Path, episodes: list[EpisodeResult], meta: dict) -> di
             f"| {name} | {t['instruction']} | {t['episodes']} | {100 * t['success_rate']:.0f}% | "
             f"{', '.join(map(str, t['steps']))} |"
         )
-    lines += ["", "| stage | p50 ms | p90 ms | p99 ms |", "| --- | ---: | ---: | ---: |"]
-    for stage, p in summary["latency_ms"].items():
-        lines.append(f"| {stage} | {p['p50']:.2f} | {p['p90']:.2f} | {p['p99']:.2f} |")
+    age = summary["chunk_age_ms"]
+    lines += [
+        "",
+        "| figure | p50 ms | p90 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: |",
+        f"| chunk age at the robot | {age['p50']:.2f} | {age['p90']:.2f} | {age['p99']:.2f} |",
+    ]
+    stages = sorted({s for e in episodes for s in e.engine_ms})
+    for stage in stages:
+        p = percentiles([v for e in episodes for v in e.engine_ms.get(stage, [])])
+        lines.append(f"| engine: {stage} | {p['p50']:.2f} | {p['p90']:.2f} | {p['p99']:.2f} |")
     for e in episodes:
         if e.policy_diagnostics:
-            stages = {k: v for k, v in e.policy_diagnostics.items() if k.endswith("_ms")}
+            engine = {k: v for k, v in e.policy_diagnostics.items() if k.startswith("engine_")}
             lines += [
                 "",
-                f"Policy node, per stage (its diagnostics at the end of task {e.task}): "
-                + ", ".join(f"{k} {v}" for k, v in sorted(stages.items())),
+                f"Policy node's diagnostics at the end of task {e.task} (the engine's own time): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(engine.items())),
             ]
+            break
     lines += ["", f"![latency histogram]({histogram.name})", ""]
     for e in episodes:
         if e.video:

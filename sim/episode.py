@@ -1,0 +1,285 @@
+"""One closed-loop LIBERO episode, whichever way the policy is reached.
+
+A `PolicyLink` carries observations to the policy and chunks back: `InProcessLink` calls the policy
+interface in this process; the ROS sim bridge (nodes/sim_bridge_node.py) publishes the policy node's
+topics. The episode loop below is the same for both.
+
+Modes:
+- lockstep (evaluation): the simulator waits for the policy. Each observation is stamped with the
+  simulation clock (the ROS link publishes it on /clock, and the node runs on it), so a chunk is aligned
+  to its observation exactly; actions [0:replan_steps] of it are executed, then the next observation
+  goes out (openpi's LIBERO example).
+- wall_clock: the simulator steps at its own pace, at most one step per control period of real time,
+  while the policy computes concurrently; every step offers the newest observation, and executes the
+  action due now of the newest chunk (by its stamp); when none is fresh, the current chunk's tail runs.
+
+Latency and misses have one definition (runtime.scheduler): the age of a chunk is the wall-clock time
+from its observation to its arrival here; a miss is an observation whose deadline passed before a chunk
+for it (or a newer one) arrived. In lockstep the simulator waits, so a miss costs the episode nothing,
+but it is what a robot would have suffered.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.policy import FrameDropped, Policy
+from ..runtime.scheduler import DEFAULT_DEADLINE_S, ChunkScheduler
+from ..runtime.types import ActionChunk, Observation
+from .mapping import to_libero_action, to_observation
+from .report import EpisodeResult, save_gif
+
+# LIBERO's per-suite step limits (openpi's LIBERO example: the longest training demo plus margin).
+MAX_STEPS = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+CONTROL_PERIOD_S = 0.05  # LIBERO's control rate: 20 Hz
+SIM_CLOCK_START_S = 1000.0  # the simulation clock starts here and only moves forward
+REOFFER_S = 1.0  # an observation not answered within this is offered again
+
+
+def stamp_key(seconds: float) -> int:
+    """Stamps compared in microseconds: a stamp that went through a ROS message (sec, nanosec) comes back
+    as a float that may differ in its last bits."""
+    return round(seconds * 1e6)
+
+
+@dataclass(frozen=True)
+class ReceivedChunk:
+    stamp: float  # the observation it answers, on the episode clock
+    first_index: int  # which action of the policy's chunk actions[0] is (the node cuts passed ones)
+    actions: np.ndarray  # [n, dof]
+    age_ms: float  # wall clock: observation offered -> chunk arrived here
+    engine_ms: dict[str, float] = field(default_factory=dict)  # the engine's own timings, where known
+
+    def action_at(self, index: int) -> np.ndarray | None:
+        """The policy's action `index` (0 = the one due at the observation's time), if this chunk has it."""
+        row = index - self.first_index
+        return self.actions[row] if 0 <= row < len(self.actions) else None
+
+
+class PolicyLink(abc.ABC):
+    """How the episode reaches the policy. The clock: in lockstep a simulation clock advanced by the loop,
+    else the wall clock (ROS system time)."""
+
+    path = ""  # "in-process" | "ros"
+
+    def __init__(self, lockstep: bool):
+        self.lockstep = lockstep
+        self._sim_time = SIM_CLOCK_START_S
+        self._offered: dict[float, float] = {}  # observation stamp -> perf_counter when offered
+        self._chunks: list[ReceivedChunk] = []
+        self._cond = threading.Condition()
+
+    def now(self) -> float:
+        return self._sim_time if self.lockstep else time.time()
+
+    def advance(self, seconds: float) -> None:
+        """Lockstep: the simulation clock moves by one step."""
+        self._sim_time += seconds
+
+    def offer(self, obs: Observation) -> None:
+        """Send an observation (stamped on this link's clock); returns at once."""
+        with self._cond:
+            # a re-offered observation keeps its first time: the age includes what was lost
+            self._offered.setdefault(stamp_key(obs.timestamp), time.perf_counter())
+            if len(self._offered) > 1000:
+                self._offered.pop(next(iter(self._offered)))
+        self._send(obs)
+
+    @abc.abstractmethod
+    def _send(self, obs: Observation) -> None: ...
+
+    def _received(self, stamp: float, first_index: int, actions: np.ndarray, engine_ms=None) -> None:
+        """A chunk arrived (any thread)."""
+        with self._cond:
+            offered = self._offered.get(stamp_key(stamp))
+            if offered is None:
+                return  # not an observation of this episode
+            age_ms = (time.perf_counter() - offered) * 1e3
+            self._chunks.append(ReceivedChunk(stamp, first_index, actions, age_ms, engine_ms or {}))
+            del self._chunks[:-50]
+            self._cond.notify_all()
+
+    def chunk_for(self, stamp: float, timeout_s: float) -> ReceivedChunk | None:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for chunk in self._chunks:
+                    if stamp_key(chunk.stamp) == stamp_key(stamp):
+                        return chunk
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def received(self) -> list[ReceivedChunk]:
+        """The chunks of this episode not yet taken (the last 50)."""
+        with self._cond:
+            return list(self._chunks)
+
+    def take_new(self) -> list[ReceivedChunk]:
+        """Chunks that arrived since the last call, oldest first."""
+        with self._cond:
+            new, self._chunks = self._chunks, []
+            return new
+
+    def start_episode(self) -> None:
+        with self._cond:
+            self._chunks.clear()
+            self._offered.clear()
+
+    def diagnostics(self) -> dict:
+        """The policy's own figures (engine latency), for the report."""
+        return {}
+
+
+class InProcessLink(PolicyLink):
+    path = "in-process"
+
+    def __init__(self, policy: Policy, lockstep: bool = True, recorder=None):
+        super().__init__(lockstep)
+        self.policy, self.recorder = policy, recorder
+
+    def _send(self, obs: Observation) -> None:
+        if self.recorder is not None:
+            self.recorder.write(obs)  # runtime.recording.ObservationRecorder: for `vla-runtime calibrate`
+        self.policy.submit(obs).add_done_callback(self._done)
+
+    def _done(self, future) -> None:
+        if isinstance(future.exception(), FrameDropped):
+            return  # a newer observation replaced it (wall-clock mode); counted by the policy
+        chunk = future.result()
+        engine = {k: v for k, v in chunk.timings_ms.items() if k in ("vision", "prefix", "denoise", "total")}
+        self._received(chunk.timestamp, 0, chunk.actions, engine)
+
+    def start_episode(self) -> None:
+        self.policy.reset()
+        super().start_episode()
+
+
+def run_episode(
+    client,
+    link: PolicyLink,
+    suite: str,
+    task: int,
+    init_state: int = 0,
+    *,
+    max_steps: int | None = None,
+    replan_steps: int = 5,
+    seed: int = 7,
+    settle_steps: int = 10,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+    chunk_timeout_s: float = 120.0,
+    video_dir: Path | None = None,
+    progress=None,
+) -> EpisodeResult:
+    """One episode of `suite` task `task` from init state `init_state`; `progress(result)` after each step."""
+    sim_obs = client.reset(suite, task, init_state, seed, settle_steps)
+    mode = "lockstep" if link.lockstep else "wall-clock"
+    result = EpisodeResult(suite, task, init_state, sim_obs["instruction"], f"{link.path} {mode}")
+    limit = max_steps or MAX_STEPS.get(suite, 300)
+    deadlines = ChunkScheduler(CONTROL_PERIOD_S, deadline_s)  # the one definition of a miss
+    frames = [sim_obs["agentview"]]
+    link.start_episode()
+
+    def step(action: np.ndarray) -> bool:
+        nonlocal sim_obs
+        reply = client.step(to_libero_action(action))
+        sim_obs = reply["observation"]
+        result.steps += 1
+        result.success_per_step.append(bool(reply["success"]))
+        frames.append(sim_obs["agentview"])
+        if progress is not None:
+            progress(result)
+        return bool(reply["success"] or reply["done"]) or result.steps >= limit
+
+    def account(chunk: ReceivedChunk, now: float) -> None:
+        result.add_chunk(chunk.age_ms, chunk.engine_ms)
+        deadlines.offer(ActionChunk(chunk.actions, chunk.stamp), now)
+
+    done = False
+    if link.lockstep:
+        while not done:
+            stamp = link.now()
+            obs = to_observation(sim_obs, stamp)
+            link.offer(obs)
+            deadlines.observed(stamp)
+            chunk = wait_for_chunk(link, obs, chunk_timeout_s, result)
+            # On the wall clock: in lockstep the simulation clock stands still while the policy computes.
+            account(chunk, stamp + chunk.age_ms * 1e-3)
+            result.late_actions += max(0, chunk.first_index)  # never, when the node runs on sim time
+            for index in range(replan_steps):
+                action = chunk.action_at(index)
+                if action is None:
+                    continue
+                result.executed_indices.append(index)
+                link.advance(CONTROL_PERIOD_S)
+                if done := step(action):
+                    break
+    else:
+        obs = to_observation(sim_obs, link.now())
+        link.offer(obs)
+        current = wait_for_chunk(link, obs, chunk_timeout_s, result)
+        account(current, link.now())
+        next_tick = time.monotonic()
+        while not done:
+            stamp = link.now()
+            link.offer(to_observation(sim_obs, stamp))
+            deadlines.observed(stamp)
+            for chunk in link.take_new():
+                if chunk.stamp > current.stamp:
+                    current = chunk
+                account(chunk, link.now())
+            deadlines.check(link.now())
+            index = int(np.floor((link.now() - current.stamp) / CONTROL_PERIOD_S + 1e-9))
+            action = current.action_at(index)
+            if action is None:  # the chunk is exhausted: hold its last action
+                action = current.actions[-1]
+            done = step(action)
+            next_tick += CONTROL_PERIOD_S
+            wait = next_tick - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            else:
+                result.sim_overruns += 1  # the simulator cannot keep the real-time rate
+                next_tick = time.monotonic()
+    figures = deadlines.figures()
+    result.deadline_misses = figures["misses"]
+    result.exhausted = figures["exhausted"]
+    result.success = any(result.success_per_step)
+    result.policy_diagnostics = link.diagnostics()
+    if video_dir is not None:
+        video_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{suite}_task{task}_init{init_state}_{'success' if result.success else 'failure'}.gif"
+        result.video = str(save_gif(frames, video_dir / name))
+    return result
+
+
+def wait_for_chunk(
+    link: PolicyLink, obs: Observation, timeout_s: float, result: EpisodeResult
+) -> ReceivedChunk:
+    """The chunk for `obs`, offered again every second until answered: a node just started may not have
+    its subscriptions yet, and camera images travel best effort (a lost one loses the observation).
+    Counted in `result.reoffers`; the chunk's age still counts from the first offer."""
+    end = time.monotonic() + timeout_s
+    while True:
+        chunk = link.chunk_for(obs.timestamp, min(REOFFER_S, timeout_s))
+        if chunk is not None:
+            return chunk
+        if time.monotonic() >= end:
+            raise TimeoutError(
+                f"no chunk for the observation at {obs.timestamp:.3f} within {timeout_s:.0f} s"
+            )
+        result.reoffers += 1
+        link.offer(obs)
