@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on the CUDA machine for issue 12: the policy node itself (ROS 2 Jazzy wheels for cp312, carried
+# in .whl/ros) against a 30 Hz peer, next to the engine in-process, for pi05 (FP8) on the GPU and the tiny
+# preset on the CPU. Carry .whl. The machine has no package index: everything installs from the wheels.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 VLA_COMMIT=${VLA_COMMIT:-unknown}
+# A virtual environment on top of the machine's torch: its site-packages runs the ROS wheels' .pth hook.
+python3 -m venv --system-site-packages --without-pip /tmp/v || exit 1
+python3 -m pip --python /tmp/v/bin/python install -q --no-index --no-deps --no-compile .whl/ros/*.whl .whl/*.whl \
+    || exit 1
+python3 -m pip --python /tmp/v/bin/python install -q --no-deps --no-build-isolation . 2>&1 | grep -v -i warning
+export AMENT_PREFIX_PATH=/tmp/v ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=42
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv
+nproc
+PY=/tmp/v/bin/python
+$PY -c "import rclpy, vla_runtime; print('rclpy', rclpy.__file__)" || exit 1
+$PY benchmarks/node_latency.py --preset pi05 --device cuda --precision fp8 --fp8-expert --seconds 20 \
+    --out "$OUT/node-latency-pi05-fp8.json" 2>&1 | grep -v "^\[INFO\]" | tail -5
+$PY benchmarks/node_latency.py --preset pi05_tiny --device cpu --steps 10 --seconds 20 \
+    --out "$OUT/node-latency-tiny-cpu.json" 2>&1 | tail -5
+if [ "${1:-}" = "tests" ]; then
+    cd /tmp && $PY -m pytest -q -p no:cacheprovider "$OLDPWD/tests/nodes" 2>&1 | tail -15
+fi
