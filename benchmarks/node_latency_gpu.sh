@@ -6,15 +6,15 @@ set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 VLA_COMMIT=${VLA_COMMIT:-unknown}
-# A virtual environment on top of the machine's torch: its site-packages runs the ROS wheels' .pth hook.
-python3 -m venv --system-site-packages --without-pip /tmp/v || exit 1
-python3 -m pip --python /tmp/v/bin/python install -q --no-index --no-deps --no-compile .whl/ros/*.whl .whl/*.whl \
-    || exit 1
-python3 -m pip --python /tmp/v/bin/python install -q --no-deps --no-build-isolation . 2>&1 | grep -v -i warning
-export AMENT_PREFIX_PATH=/tmp/v ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=42
+# Into /tmp/site; a sitecustomize there makes it a site directory, so the ROS wheels' .pth start-up hook
+# runs (in the node's process too: PYTHONPATH is inherited).
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/ros/*.whl .whl/*.whl || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | grep -v -i warning
+echo "import site; site.addsitedir('/tmp/site')" > /tmp/site/sitecustomize.py
+export PYTHONPATH=/tmp/site AMENT_PREFIX_PATH=/tmp/site ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=42
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv
 nproc
-PY=/tmp/v/bin/python
+PY=python3
 $PY -c "import rclpy, vla_runtime; print('rclpy', rclpy.__file__)" || exit 1
 $PY benchmarks/node_latency.py --preset pi05 --device cuda --precision fp8 --fp8-expert --seconds 20 \
     --out "$OUT/node-latency-pi05-fp8.json" 2>&1 | grep -v "^\[INFO\]" | tail -5
