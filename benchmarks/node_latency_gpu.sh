@@ -6,16 +6,19 @@ set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 VLA_COMMIT=${VLA_COMMIT:-unknown}
-# Into /tmp/site; a sitecustomize there makes it a site directory, so the ROS wheels' .pth start-up hook
-# runs (in the node's process too: PYTHONPATH is inherited).
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/ros/*.whl .whl/*.whl || exit 1
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | grep -v -i warning
-echo "import site; site.addsitedir('/tmp/site')" > /tmp/site/sitecustomize.py
-export PYTHONPATH=/tmp/site AMENT_PREFIX_PATH=/tmp/site ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=42
+# A virtual environment for the ROS wheels (their .pth start-up hook needs a real site-packages), which
+# also sees the machine's own packages (torch, numpy) through a .pth of their directories.
+python3 -m venv --without-pip /tmp/v || exit 1
+SITE=$(echo /tmp/v/lib/python3*/site-packages)
+python3 -c "import site; print('\n'.join(site.getsitepackages() + [site.getusersitepackages()]))" > "$SITE/machine.pth"
+python3 -m pip --python /tmp/v/bin/python install -q --no-index --no-deps --no-compile .whl/ros/*.whl .whl/*.whl \
+    || exit 1
+python3 -m pip --python /tmp/v/bin/python install -q --no-deps --no-build-isolation . 2>&1 | grep -v -i warning
+export AMENT_PREFIX_PATH=/tmp/v ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=42
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv
 nproc
-PY=python3
-$PY -c "import rclpy, vla_runtime; print('rclpy', rclpy.__file__)" || exit 1
+PY=/tmp/v/bin/python
+$PY -c "import rclpy, torch, numpy, vla_runtime; print('rclpy', rclpy.__file__, 'torch', torch.__version__)" || exit 1
 $PY benchmarks/node_latency.py --preset pi05 --device cuda --precision fp8 --fp8-expert --seconds 20 \
     --out "$OUT/node-latency-pi05-fp8.json" 2>&1 | grep -v "^\[INFO\]" | tail -5
 $PY benchmarks/node_latency.py --preset pi05_tiny --device cpu --steps 10 --seconds 20 \
