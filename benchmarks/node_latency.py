@@ -146,16 +146,24 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
     executor.add_node(peer)
     threading.Thread(target=executor.spin, daemon=True).start()
 
+    # The messages are built ahead, as a camera driver has its buffer ready; each is stamped when sent.
+    prebuilt = [
+        ({c: rgb_to_image(images[c], Image) for c in CAMERAS}, JointState(position=state.tolist()))
+        for images, state in data
+    ]
+    publish_ms = []
+
     def publish(k: int) -> float:
-        images, state = data[k % len(data)]
-        now = time.time()
-        stamp = seconds_to_stamp(now, Time)
+        image_msgs, state_msg = prebuilt[k % len(prebuilt)]
+        start = time.perf_counter()
+        stamp = seconds_to_stamp(time.time(), Time)
         for camera, pub in cams.items():
-            pub.publish(rgb_to_image(images[camera], Image, stamp))
-        msg = JointState(position=state.tolist())
-        msg.header.stamp = stamp
-        state_pub.publish(msg)
+            image_msgs[camera].header.stamp = stamp
+            pub.publish(image_msgs[camera])
+        state_msg.header.stamp = stamp
+        state_pub.publish(state_msg)
         instruction_pub.publish(String(data=INSTRUCTION))
+        publish_ms.append((time.perf_counter() - start) * 1e3)
         return round(stamp_to_seconds(stamp), 6)
 
     try:
@@ -193,6 +201,13 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
         },
         "node_counts": {
             k: delta(k) for k in ("observations", "fresh", "misses", "tails", "dropped", "refused")
+        },
+        # where the difference goes: the peer sending (stamp -> last publish returned), the node's own time
+        # (last input message in -> submitted, which includes preparing the images; chunk -> published)
+        "peer_publish_ms": percentiles(publish_ms[-len(published) :]),
+        "node_spans_ms": {
+            span: {q: float(after[f"{span}_{q}_ms"]) for q in ("p50", "p99")}
+            for span in ("node_in", "node_out")
         },
         "model_id": after.get("model_id"),
     }

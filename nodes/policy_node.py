@@ -48,6 +48,7 @@ from ..runtime.config import RuntimeConfig
 from ..runtime.executor import PipelinedExecutor
 from ..runtime.policy import FrameDropped, Policy
 from ..runtime.scheduler import ChunkScheduler, ScheduledActions
+from ..runtime.timing import LatencyStats
 from ..runtime.types import ActionChunk
 from .assembler import AssemblySettings, InputRefused, ObservationAssembler
 from .conversions import (
@@ -91,6 +92,7 @@ class PolicyNode(LifecycleNode):
         self._last_now: float | None = None
         self._active = False  # between activate and deactivate
         self._loader: threading.Thread | None = None
+        self.spans = LatencyStats()  # the node's own time: message in -> submitted, chunk -> published
         self._last_logged: dict[str, float] = {}  # refusal cause -> when it was last logged (monotonic)
         self._subscriptions_made: list = []
         self._deadline_timer = None
@@ -414,6 +416,7 @@ class PolicyNode(LifecycleNode):
     def _store(self, where: str, camera: str | None, convert) -> None:
         """Convert a message (an image of `camera`, or the state when None) and hand it to the assembler;
         then serve the observation it may complete."""
+        arrived = time.perf_counter()
         try:
             value, stamp = convert()
         except ValueError as err:
@@ -435,7 +438,7 @@ class PolicyNode(LifecycleNode):
         if refused is not None:
             self._log_refusal(f"{where}: {refused}")
             return
-        self._serve(now)
+        self._serve(now, arrived)
 
     def _on_image(self, name: str, topic: str, msg: Image) -> None:
         self._store(topic, name, lambda: (image_to_rgb(msg), stamp_to_seconds(msg.header.stamp)))
@@ -468,8 +471,9 @@ class PolicyNode(LifecycleNode):
         self._serve(self.now())  # the first instruction may complete an observation
 
     # ------------------------------------------------------------------ serving
-    def _serve(self, now: float) -> None:
-        """Submit the newest complete observation, if there is one not served before."""
+    def _serve(self, now: float, arrived: float | None = None) -> None:
+        """Submit the newest complete observation, if there is one not served before. `arrived`: when the
+        message that completed it reached this node (perf_counter), for the node's own time in."""
         if self.phase != "serving":
             return
         with self._lock:
@@ -482,6 +486,8 @@ class PolicyNode(LifecycleNode):
         except ValueError as err:  # e.g. an instruction too long for the prompt
             return self._refuse("refused", "observation", err)
         self.scheduler.observed(obs.timestamp)
+        if arrived is not None:
+            self.spans.add("node_in", (time.perf_counter() - arrived) * 1e3)
         if self.recorder is not None:
             self.recorder.write(obs)  # what was served, for `vla-runtime calibrate`
         future.add_done_callback(lambda f: self._on_chunk(f, epoch))
@@ -500,6 +506,7 @@ class PolicyNode(LifecycleNode):
         if delay > 0:
             time.sleep(delay)  # testing aid: holds the completion thread, as a slow GPU would
         chunk: ActionChunk = future.result()
+        ready = time.perf_counter()
         now = self.now()
         with self._lock:
             if epoch != self._epoch or self.scheduler is None:
@@ -508,6 +515,7 @@ class PolicyNode(LifecycleNode):
             scheduled = self.scheduler.offer(chunk, now)
         if scheduled is not None and self.phase == "serving":
             self.chunk_pub.publish(self._trajectory(scheduled))
+            self.spans.add("node_out", (time.perf_counter() - ready) * 1e3)
 
     def _watch_deadlines(self) -> None:
         now = self.now()
@@ -532,14 +540,10 @@ class PolicyNode(LifecycleNode):
         msg.header.stamp = seconds_to_stamp(scheduled.chunk.timestamp, Time)
         msg.joint_names = list(self.joint_names)
         period = self.scheduler.period_s
-        for offset, action in enumerate(scheduled.actions):
-            t = (scheduled.first_index + offset) * period
-            sec = int(t)
+        for offset, positions in enumerate(scheduled.actions.tolist()):
+            sec, nanosec = divmod(round((scheduled.first_index + offset) * period * 1e9), 1_000_000_000)
             msg.points.append(
-                JointTrajectoryPoint(
-                    positions=[float(a) for a in action],
-                    time_from_start=Duration(sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000),
-                )
+                JointTrajectoryPoint(positions=positions, time_from_start=Duration(sec=sec, nanosec=nanosec))
             )
         return msg
 
@@ -561,6 +565,8 @@ class PolicyNode(LifecycleNode):
             if s:
                 values[f"engine_{stage}_p50_ms"] = round(s["p50"], 3)
                 values[f"engine_{stage}_p99_ms"] = round(s["p99"], 3)
+        for span, s in self.spans.summary().items():
+            values[f"{span}_p50_ms"], values[f"{span}_p99_ms"] = round(s["p50"], 3), round(s["p99"], 3)
         for key in ("age_p50_ms", "age_p99_ms"):
             if key in values:
                 values[key] = round(values[key], 3)

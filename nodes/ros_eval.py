@@ -96,9 +96,10 @@ class RosPolicy:
         from .sim_bridge_node import SimBridgeLink  # noqa: PLC0415
 
         self.node_proc = PolicyNodeProcess(self.log_path, self.params)
-        rclpy.init()
-        self.link = SimBridgeLink(self.lockstep)
-        self.executor = SingleThreadedExecutor()
+        self.context = rclpy.Context()  # its own: the caller may use rclpy too
+        rclpy.init(context=self.context)
+        self.link = SimBridgeLink(self.lockstep, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.link.node)
         threading.Thread(target=self.executor.spin, daemon=True).start()
         try:
@@ -114,5 +115,5 @@ class RosPolicy:
 
         self.executor.shutdown()
         self.link.close()
-        rclpy.shutdown()
+        rclpy.shutdown(context=self.context)
         self.node_proc.stop()

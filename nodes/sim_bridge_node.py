@@ -32,9 +32,9 @@ STATE_NAMES = [f"state_{i}" for i in range(8)]  # LIBERO's 8 state values, by na
 class SimBridgeLink(PolicyLink):
     path = "ros"
 
-    def __init__(self, lockstep: bool, node_name: str = "sim_bridge", namespace: str = ""):
+    def __init__(self, lockstep: bool, node_name: str = "sim_bridge", namespace: str = "", context=None):
         super().__init__(lockstep)
-        self.node = Node(node_name, namespace=namespace or None)
+        self.node = Node(node_name, namespace=namespace or None, context=context)
         self.image_pubs: dict[str, object] = {}
         self.state_pub = self.node.create_publisher(JointState, "joint_states", 10)
         self.instruction_pub = self.node.create_publisher(String, "instruction", 10)
