@@ -96,6 +96,7 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image, JointState
     from std_msgs.msg import String
     from trajectory_msgs.msg import JointTrajectory
@@ -125,8 +126,11 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
     arrivals: dict[float, float] = {}
     diagnostics: dict = {}
 
-    def on_chunk(msg):
-        now = peer.get_clock().now().nanoseconds * 1e-9
+    def on_chunk(raw: bytes):
+        # raw: the arrival time is taken before Python builds the message (a robot's C++ controller would
+        # not pay for that); the stamp is read afterwards
+        now = time.time()
+        msg = deserialize_message(raw, JointTrajectory)
         arrivals.setdefault(round(stamp_to_seconds(msg.header.stamp), 6), now)
 
     def on_diag(msg):
@@ -140,6 +144,7 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
         "action_chunk",
         on_chunk,
         QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE),
+        raw=True,
     )
     peer.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
     executor = SingleThreadedExecutor()
