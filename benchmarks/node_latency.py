@@ -219,12 +219,14 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
 
 
 def commit() -> str:
+    if os.environ.get("VLA_COMMIT", "unknown") != "unknown":
+        return os.environ["VLA_COMMIT"]  # a copy of the tree elsewhere may carry a stale .git
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("VLA_COMMIT", "unknown")
+        return "unknown"
 
 
 def main(argv=None) -> int:
