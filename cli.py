@@ -158,6 +158,8 @@ def cmd_eval_libero(args) -> int:
     from .sim.report import headline, write_report
 
     config = runtime_config_from_args(args)
+    if args.replan_steps < 1:
+        raise ValueError(f"--replan-steps: must be at least 1, got {args.replan_steps}")
     tasks = [int(t) for t in args.tasks.split(",")] if args.tasks else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

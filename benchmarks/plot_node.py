@@ -25,14 +25,20 @@ def timeline(out: Path) -> None:
     period = 50
     for k in range(0, 9):  # action periods of the first chunk, aligned to its observation
         ax.axvspan(k * period, (k + 1) * period, ymin=0.05, ymax=0.2, color="#55a868" if k % 2 else "#8fd19e")
-    ax.text(196, 0.27, "chunk 1: action k holds for\n[t0 + k*50, t0 + (k+1)*50) ms", fontsize=7.5, va="center")
+    ax.text(
+        196, 0.27, "chunk 1: action k holds for\n[t0 + k*50, t0 + (k+1)*50) ms", fontsize=7.5, va="center"
+    )
     events = [
         (0, 0.97, "t0: observation 1 taken (its stamp)"),
         (4, 0.86, "in, submitted"),
         (21, 0.75, "chunk 1 ready: published at once,\nage 21 ms, actions 0.. (none cut)"),
         (50, 0.55, "deadline 1\n(t0 + 50 ms)"),
         (100, 0.97, "t1: observation 2"),
-        (150, 0.55, "deadline 2 passes, no chunk:\nMISS; the watch publishes the\ntail of chunk 1 (actions 3..)"),
+        (
+            150,
+            0.55,
+            "deadline 2 passes, no chunk:\nMISS; the watch publishes the\ntail of chunk 1 (actions 3..)",
+        ),
         (185, 0.75, "chunk 2 ready (late): published,\nage 85 ms, actions 1.. (0 has ended)"),
     ]
     for x, y, label in events:
@@ -46,7 +52,9 @@ def timeline(out: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_yticks([])
     ax.set_xlabel("ms on the node's clock (ROS time; the simulation clock under use_sim_time)")
-    ax.set_title("One definition: age = publication - observation stamp; miss = no fresh chunk by the deadline")
+    ax.set_title(
+        "One definition: age = publication - observation stamp; miss = no fresh chunk by the deadline"
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -2,8 +2,8 @@
 
 Pure Python (no rclpy), with the time passed in, so it is tested on a fake clock.
 
-Matching: every source keeps its last few stamped messages. The observation's stamp (its reference) is
-the oldest among the newest stamps of the sources it needs; each source contributes its message closest
+Matching: every source keeps its stamped messages of the last `max_obs_age_s`. The observation's stamp
+(its reference) is the oldest among the newest stamps of the sources it needs; each source contributes its message closest
 to the reference, which must lie within `sync_tolerance_s`. Sources stamped together (one driver, a
 simulator) match exactly; free-running 30 Hz cameras have an image within 17 ms of any instant, hence
 the default tolerance of 25 ms.
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..runtime.types import Observation
 
-HISTORY = 8  # messages kept per source: covers a source at 4x another's rate
+HISTORY_MAX = 2000  # messages kept per source at most (a 1 kHz joint state over 2 s)
 
 
 class InputRefused(ValueError):
@@ -70,10 +70,14 @@ class ObservationAssembler:
                 f"header.stamp: {stamp - now:.3f} s ahead of this node's clock "
                 f"(more than max_future_s {self.settings.max_future_s}); a clock not synchronised?",
             )
-        history = self._history.setdefault(source, deque(maxlen=HISTORY))
-        if history and stamp < history[-1][0]:
+        history = self._history.setdefault(source, deque(maxlen=HISTORY_MAX))
+        if history and stamp < history[-1][0] - self.settings.max_obs_age_s:
             history.clear()  # a source that went back in time (restarted): its old messages are void
+        elif history and stamp < history[-1][0]:
+            return  # arrived out of order (best effort): a newer message of this source is already here
         history.append((stamp, value))
+        while history[0][0] < stamp - self.settings.max_obs_age_s:
+            history.popleft()
 
     def take(self, now: float) -> Observation | None:
         """The newest complete observation not taken before, or None (`waiting_for` says why)."""

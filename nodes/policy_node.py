@@ -47,7 +47,7 @@ from std_msgs.msg import Float32MultiArray, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from ..runtime.config import RuntimeConfig
-from ..runtime.executor import PipelinedExecutor
+from ..runtime.executor import ExecutorClosed, PipelinedExecutor
 from ..runtime.policy import FrameDropped, Policy
 from ..runtime.scheduler import ChunkScheduler, ScheduledActions
 from ..runtime.timing import LatencyStats
@@ -199,6 +199,9 @@ class PolicyNode(LifecycleNode):
         if policy.metadata.random_weights:
             self.get_logger().warning("no checkpoint: RANDOM WEIGHTS, the actions are meaningless")
         with self._lock:
+            if self.phase != "loading":  # released meanwhile (process exit)
+                policy.close()
+                return
             self.policy = policy
             self.phase = "serving" if self._active else "inactive"
         self.get_logger().info(f"ready: {policy.metadata.model_id}")
@@ -259,6 +262,7 @@ class PolicyNode(LifecycleNode):
             )
         )
         self.joint_names = config.action_names
+        self._state_joint_names, self._state_dim = state_joints, config.state_dim
         if self.param("record_observations"):
             from ..runtime.recording import ObservationRecorder
 
@@ -289,6 +293,9 @@ class PolicyNode(LifecycleNode):
         self._subscriptions_made.append(self.create_subscription(msg_type, topic, callback, qos))
 
     def on_activate(self, state) -> TransitionCallbackReturn:
+        if self.phase.startswith("failed"):
+            self.get_logger().error(f"activate refused: {self.phase} (cleanup, fix, configure)")
+            return TransitionCallbackReturn.FAILURE
         result = super().on_activate(state)
         self._start_deadline_timer()
         with self._lock:
@@ -318,6 +325,9 @@ class PolicyNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
+        if self.phase == "loading":
+            self.get_logger().error("cleanup refused while loading; try again once the node is ready")
+            return TransitionCallbackReturn.FAILURE
         self._release()
         self.phase = "unconfigured"
         return super().on_cleanup(state)
@@ -329,24 +339,34 @@ class PolicyNode(LifecycleNode):
             self.finished.set_result(0)
         return super().on_shutdown(state)
 
-    def _release(self) -> None:
+    def _release(self, wait_for_loading: bool = True) -> None:
+        """Stop serving, then release: the policy first (its completion thread may still publish), the
+        publisher and subscriptions after. A load in progress cannot be interrupted: it is waited for, or
+        (at process exit) left to its daemon thread."""
         self._stop_deadline_timer()
-        if self._loader is not None:
-            self._loader.join()  # a load in progress finishes (it cannot be interrupted), then is released
-            self._loader = None
+        if self._loader is not None and wait_for_loading:
+            self._loader.join()
+        self._loader = None
+        with self._lock:
+            self._active = False
+            self._epoch += 1  # chunks still in flight are discarded
+            policy, self.policy = self.policy, None
+            if not self.phase.startswith("failed"):
+                self.phase = "releasing"
+        if policy is not None:
+            policy.close()
         for sub in self._subscriptions_made:
             self.destroy_subscription(sub)
         self._subscriptions_made.clear()
-        if hasattr(self, "chunk_pub"):
-            self.destroy_lifecycle_publisher(self.chunk_pub)
-            del self.chunk_pub
-        if self.policy is not None:
-            self.policy.close()
-            self.policy = None
+        with self._publish_lock:
+            if hasattr(self, "chunk_pub"):
+                self.destroy_lifecycle_publisher(self.chunk_pub)
+                del self.chunk_pub
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
-        self.scheduler = self.assembler = None
+        with self._lock:
+            self.scheduler = self.assembler = None
 
     def _start_deadline_timer(self) -> None:
         self._stop_deadline_timer()
@@ -383,8 +403,8 @@ class PolicyNode(LifecycleNode):
     def now(self) -> float:
         """The node's clock (ROS time: /clock under use_sim_time), in seconds. Going back by more than
         CLOCK_JUMP_S (a bag restarted, a simulator reset) resets what is buffered and scheduled."""
-        now = self.get_clock().now().nanoseconds * 1e-9
-        with self._lock:
+        with self._lock:  # read and compared under one lock: threads reading it see it in order
+            now = self.get_clock().now().nanoseconds * 1e-9
             jumped = self._last_now is not None and now < self._last_now - CLOCK_JUMP_S
             self._last_now = now
         if jumped:
@@ -449,12 +469,12 @@ class PolicyNode(LifecycleNode):
         self._store(topic, name, lambda: (image_to_rgb(msg), stamp_to_seconds(msg.header.stamp)))
 
     def _on_joint_state(self, msg: JointState) -> None:
-        names = list(self.param("state_joint_names"))
+        names, dim = self._state_joint_names, self._state_dim  # as configured
         self._store(
             "joint_states",
             None,
             lambda: (
-                state_from_joint_state(msg.name, msg.position, names, self.param("state_dim")),
+                state_from_joint_state(msg.name, msg.position, names, dim),
                 stamp_to_seconds(msg.header.stamp),
             ),
         )
@@ -479,18 +499,23 @@ class PolicyNode(LifecycleNode):
     def _serve(self, now: float, arrived: float | None = None) -> None:
         """Submit the newest complete observation, if there is one not served before. `arrived`: when the
         message that completed it reached this node (perf_counter), for the node's own time in."""
-        if self.phase != "serving":
-            return
         with self._lock:
-            obs = self.assembler.take(now) if self.assembler is not None else None
-            epoch = self._epoch
+            if self.phase != "serving" or self.assembler is None or self.policy is None:
+                return
+            obs = self.assembler.take(now)
+            epoch, policy = self._epoch, self.policy
         if obs is None:
             return
         try:
-            future = self.policy.submit(obs, steps=self.param("steps") or None)
+            future = policy.submit(obs, steps=self.param("steps") or None)
         except ValueError as err:  # e.g. an instruction too long for the prompt
             return self._refuse("refused", "observation", err)
-        self.scheduler.observed(obs.timestamp)
+        except ExecutorClosed:
+            return  # released meanwhile
+        with self._lock:
+            if epoch != self._epoch or self.scheduler is None:
+                return  # reset meanwhile (a clock jump): its chunk will be discarded
+            self.scheduler.observed(obs.timestamp)
         if arrived is not None:
             self.spans.add("node_in", (time.perf_counter() - arrived) * 1e3)
         if self.recorder is not None:
@@ -546,6 +571,8 @@ class PolicyNode(LifecycleNode):
         publication at a time, since the completion thread and the deadline watch both publish."""
         period = self.scheduler.period_s
         with self._publish_lock:
+            if not hasattr(self, "chunk_pub"):
+                return  # released meanwhile
             if self._points_period != period:
                 self._points, self._points_period = [], period
             first, rows = scheduled.first_index, scheduled.actions.astype(np.float64)
@@ -646,7 +673,7 @@ def main(args: list[str] | None = None) -> int:
         return 0
     finally:
         if node is not None:
-            node._release()
+            node._release(wait_for_loading=False)
             node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()

@@ -97,7 +97,11 @@ class RosPolicy:
 
         self.node_proc = PolicyNodeProcess(self.log_path, self.params)
         self.context = rclpy.Context()  # its own: the caller may use rclpy too
-        rclpy.init(context=self.context)
+        try:
+            rclpy.init(context=self.context)
+        except BaseException:
+            self.node_proc.stop()
+            raise
         self.link = SimBridgeLink(self.lockstep, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.link.node)
@@ -108,6 +112,9 @@ class RosPolicy:
             self.__exit__()
             tail = self.log_path.read_text()[-2000:]
             raise RuntimeError(f"{err}; its log ({self.log_path}) ends:\n{tail}") from None
+        except BaseException:  # Ctrl-C while waiting: leave no node process behind
+            self.__exit__()
+            raise
         return self.link
 
     def __exit__(self, *exc):

@@ -31,6 +31,7 @@ STATE_NAMES = [f"state_{i}" for i in range(8)]  # LIBERO's 8 state values, by na
 
 class SimBridgeLink(PolicyLink):
     path = "ros"
+    lossy = True  # camera images travel best effort
 
     def __init__(self, lockstep: bool, node_name: str = "sim_bridge", namespace: str = "", context=None):
         super().__init__(lockstep)

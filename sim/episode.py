@@ -73,12 +73,14 @@ class PolicyLink(abc.ABC):
     else the wall clock (ROS system time)."""
 
     path = ""  # "in-process" | "ros"
+    lossy = False  # observations can be lost on the way (ROS best-effort images): offered again
 
     def __init__(self, lockstep: bool):
         self.lockstep = lockstep
         self._sim_time = SIM_CLOCK_START_S
         self._offered: dict[float, float] = {}  # observation stamp -> perf_counter when offered
         self._chunks: list[ReceivedChunk] = []
+        self._error: BaseException | None = None  # the policy failed: raised to the episode loop
         self._cond = threading.Condition()
 
     def now(self) -> float:
@@ -115,6 +117,9 @@ class PolicyLink(abc.ABC):
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise RuntimeError(f"the policy failed: {error}") from error
                 for chunk in self._chunks:
                     if stamp_key(chunk.stamp) == stamp_key(stamp):
                         return chunk
@@ -157,8 +162,14 @@ class InProcessLink(PolicyLink):
         self.policy.submit(obs).add_done_callback(self._done)
 
     def _done(self, future) -> None:
-        if isinstance(future.exception(), FrameDropped):
+        error = future.exception()
+        if isinstance(error, FrameDropped):
             return  # a newer observation replaced it (wall-clock mode); counted by the policy
+        if error is not None:
+            with self._cond:
+                self._error = error
+                self._cond.notify_all()
+            return
         chunk = future.result()
         engine = {k: v for k, v in chunk.timings_ms.items() if k in ("vision", "prefix", "denoise", "total")}
         self._received(chunk.timestamp, 0, chunk.actions, engine)
@@ -185,6 +196,8 @@ def run_episode(
     progress=None,
 ) -> EpisodeResult:
     """One episode of `suite` task `task` from init state `init_state`; `progress(result)` after each step."""
+    if replan_steps < 1:
+        raise ValueError(f"replan_steps: must be at least 1, got {replan_steps}")
     sim_obs = client.reset(suite, task, init_state, seed, settle_steps)
     mode = "lockstep" if link.lockstep else "wall-clock"
     result = EpisodeResult(suite, task, init_state, sim_obs["instruction"], f"{link.path} {mode}")
@@ -204,9 +217,10 @@ def run_episode(
             progress(result)
         return bool(reply["success"] or reply["done"]) or result.steps >= limit
 
-    def account(chunk: ReceivedChunk, now: float) -> None:
+    def account(chunk: ReceivedChunk) -> None:
+        """Judged at its arrival (stamp + age, both modes), not at whenever the loop looks."""
         result.add_chunk(chunk.age_ms, chunk.engine_ms)
-        deadlines.offer(ActionChunk(chunk.actions, chunk.stamp), now)
+        deadlines.offer(ActionChunk(chunk.actions, chunk.stamp), chunk.stamp + chunk.age_ms * 1e-3)
 
     done = False
     if link.lockstep:
@@ -216,31 +230,33 @@ def run_episode(
             link.offer(obs)
             deadlines.observed(stamp)
             chunk = wait_for_chunk(link, obs, chunk_timeout_s, result)
-            # On the wall clock: in lockstep the simulation clock stands still while the policy computes.
-            account(chunk, stamp + chunk.age_ms * 1e-3)
+            account(chunk)  # age on the wall clock: the simulation clock stands still meanwhile
             result.late_actions += max(0, chunk.first_index)  # never, when the node runs on sim time
-            for index in range(replan_steps):
-                action = chunk.action_at(index)
-                if action is None:
-                    continue
+            executable = [i for i in range(replan_steps) if chunk.action_at(i) is not None]
+            if not executable:
+                raise RuntimeError(
+                    f"a chunk starting at action {chunk.first_index} of {len(chunk.actions)} has none of "
+                    f"actions [0:{replan_steps}] (is the policy node on the simulation clock?)"
+                )
+            for index in executable:
                 result.executed_indices.append(index)
                 link.advance(CONTROL_PERIOD_S)
-                if done := step(action):
+                if done := step(chunk.action_at(index)):
                     break
     else:
         obs = to_observation(sim_obs, link.now())
         link.offer(obs)
         current = wait_for_chunk(link, obs, chunk_timeout_s, result)
-        account(current, link.now())
+        account(current)
         next_tick = time.monotonic()
         while not done:
             stamp = link.now()
             link.offer(to_observation(sim_obs, stamp))
             deadlines.observed(stamp)
-            for chunk in link.take_new():
+            for chunk in sorted(link.take_new(), key=lambda c: c.stamp + c.age_ms):
                 if chunk.stamp > current.stamp:
                     current = chunk
-                account(chunk, link.now())
+                account(chunk)
             deadlines.check(link.now())
             index = int(np.floor((link.now() - current.stamp) / CONTROL_PERIOD_S + 1e-9))
             action = current.action_at(index)
@@ -274,7 +290,7 @@ def wait_for_chunk(
     Counted in `result.reoffers`; the chunk's age still counts from the first offer."""
     end = time.monotonic() + timeout_s
     while True:
-        chunk = link.chunk_for(obs.timestamp, min(REOFFER_S, timeout_s))
+        chunk = link.chunk_for(obs.timestamp, min(REOFFER_S, timeout_s) if link.lossy else timeout_s)
         if chunk is not None:
             return chunk
         if time.monotonic() >= end:

@@ -89,5 +89,20 @@ def test_a_source_going_back_in_time_and_reset():
     a.reset()  # the clock jumped back: everything buffered is from the old timeline
     publish(a, 2.0, 2.0)
     assert a.take(2.0).timestamp == 2.0
-    a.add_image("wrist", image(9), 1.95, now=2.0)  # its stamps went back: its 2.0 image is not reused
+    a.add_image("wrist", image(9), 1.95, now=2.0)  # out of order: dropped, the 2.0 image stays newest
     assert a.take(2.0) is None and a.waiting_for == "nothing new"
+    a.add_image("wrist", image(9), 0.5, now=2.0)  # far back: the source restarted, its history is void
+    assert a.take(2.0) is None and a.waiting_for == "stale"
+
+
+def test_a_fast_state_is_matched_to_late_images():
+    """Joint states at 500 Hz, camera images arriving 80 ms after they were taken: the state history
+    reaches back far enough (it is kept by time, not by count)."""
+    a = ObservationAssembler(SETTINGS)
+    a.set_instruction("x")
+    for k in range(100):  # 0.2 s of state
+        a.add_state(np.full(3, k, np.float32), 1.0 + k * 0.002, now=1.0 + k * 0.002)
+    a.add_image("base", image(1), 1.118, now=1.198)
+    a.add_image("wrist", image(2), 1.118, now=1.198)
+    obs = a.take(1.198)
+    assert obs is not None and obs.timestamp == pytest.approx(1.118) and obs.state[0] == 59

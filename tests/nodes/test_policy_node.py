@@ -78,12 +78,11 @@ def test_every_observation_is_answered_by_completion_not_by_the_timer(node, robo
         assert all(len(p.positions) == 7 and np.isfinite(p.positions).all() for p in msg.points)
         times = [point_seconds(p) for p in msg.points]
         assert np.allclose(np.diff(times), PERIOD, atol=1e-6)  # one point per control period
-        age = arrival - stamp
-        assert times[0] <= age + 1e-6  # not cut beyond its age: the action due at arrival is there
-        assert times[0] > age - PERIOD - 0.05  # and nothing expired more than transport time ago
+        assert times[0] <= arrival - stamp + 1e-6  # never cut beyond its age: the action due on arrival is in
     assert wait_diag(robot, lambda d: int(d.get("fresh", 0)) >= len(answered) + 1)  # + the fixture's
     diag = latest_diag(robot, "fresh")
     assert diag["fresh"] == diag["observations"] and diag["tails"] == "0" and diag["misses"] == "0"
+    assert diag["exhausted"] == "0"  # no chunk arrived with all its actions expired
     assert {"age_p50_ms", "engine_total_p50_ms", "dropped", "refused"} <= set(diag)
 
 
@@ -180,7 +179,6 @@ def test_a_slow_policy_counts_misses_and_publishes_the_tail(tmp_path):
             proc.text()[-2000:]
         )
         assert wait_diag(r, lambda d: d["level"] == 1 and d["message"].startswith("deadline missed"))
-        assert any(point_seconds(m.points[0]) >= PERIOD for _, m in list(r.chunks))  # a tail: cut
     finally:
         proc.stop()
         r.close()
