@@ -5,8 +5,8 @@ Pure Python (no rclpy), with the time passed in, so it is tested on a fake clock
 Matching: every source keeps its stamped messages of the last `max_obs_age_s`. The observation's stamp
 (its reference) is the oldest among the newest stamps of the sources it needs; each source contributes
 its message closest to the reference, which must lie within `sync_tolerance_s`. Sources stamped
-together (one driver, a simulator) match exactly; free-running 30 Hz cameras have an image within 17 ms of any instant, hence
-the default tolerance of 25 ms.
+together (one driver, a simulator) match exactly; free-running 30 Hz cameras have an image within
+17 ms of any instant, hence the default tolerance of 25 ms.
 
 - Required cameras and the state must be present, matched and no older than `max_obs_age_s`.
 - An optional camera takes part while it is alive; once its newest image is older than `max_obs_age_s`
