@@ -78,7 +78,8 @@ class PolicyLink(abc.ABC):
     def __init__(self, lockstep: bool):
         self.lockstep = lockstep
         self._sim_time = SIM_CLOCK_START_S
-        self._offered: dict[float, float] = {}  # observation stamp -> perf_counter when offered
+        self._offered: dict[int, float] = {}  # observation stamp key -> perf_counter when first offered
+        self._answered: set[int] = set()  # stamp keys already answered: a repeat is a tail, not a chunk
         self._chunks: list[ReceivedChunk] = []
         self._error: BaseException | None = None  # the policy failed: raised to the episode loop
         self._cond = threading.Condition()
@@ -105,9 +106,11 @@ class PolicyLink(abc.ABC):
     def _received(self, stamp: float, first_index: int, actions: np.ndarray, engine_ms=None) -> None:
         """A chunk arrived (any thread)."""
         with self._cond:
-            offered = self._offered.get(stamp_key(stamp))
-            if offered is None:
-                return  # not an observation of this episode
+            key = stamp_key(stamp)
+            offered = self._offered.get(key)
+            if offered is None or key in self._answered:
+                return  # not an observation of this episode, or a tail of a chunk already here
+            self._answered.add(key)
             age_ms = (time.perf_counter() - offered) * 1e3
             self._chunks.append(ReceivedChunk(stamp, first_index, actions, age_ms, engine_ms or {}))
             del self._chunks[:-50]
@@ -143,6 +146,7 @@ class PolicyLink(abc.ABC):
         with self._cond:
             self._chunks.clear()
             self._offered.clear()
+            self._answered.clear()
 
     def diagnostics(self) -> dict:
         """The policy's own figures (engine latency), for the report."""

@@ -173,11 +173,15 @@ class Robot:
 
         return found[0] if self.wait_for(arrived, timeout) else None
 
-    def first_chunk(self, stamp_s: float | None = None, timeout: float = 60.0):
+    def first_chunk(self, stamp_s: float | None = None, timeout: float = 60.0, clock: bool = False):
         """Publish one observation again and again until it is answered: the first messages after the node
-        subscribes can be lost while discovery completes (sensor-data QoS is best effort)."""
+        subscribes can be lost while discovery completes (sensor-data QoS is best effort). With `clock`,
+        /clock is set to the stamp before each try (a node on sim time must have that time first)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
+            if clock:
+                self.publish_clock(stamp_s)
+                time.sleep(0.1)
             got = self.chunk_for(self.publish_once(stamp_s), timeout=0.5)
             if got is not None:
                 return got
