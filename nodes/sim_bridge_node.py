@@ -45,6 +45,7 @@ class SimBridgeLink(PolicyLink):
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         self.policy_node_name = f"{namespace}/policy_node: policy"
         self._diagnostics: dict = {}
+        self._diagnostics_seen = 0  # messages received, so a caller can wait for one newer than now
         if lockstep:
             self._publish_clock()
 
@@ -83,10 +84,15 @@ class SimBridgeLink(PolicyLink):
             if status.name == self.policy_node_name:
                 with self._cond:
                     self._diagnostics = {kv.key: kv.value for kv in status.values}
+                    self._diagnostics_seen += 1
                     self._cond.notify_all()
 
-    def diagnostics(self) -> dict:
+    def diagnostics(self, fresh_within_s: float = 3.0) -> dict:
+        """The node's figures from a message published after this call, so they cover everything the
+        episode sent (the node publishes them periodically); the last known ones if none comes."""
         with self._cond:
+            seen = self._diagnostics_seen
+            self._cond.wait_for(lambda: self._diagnostics_seen > seen, fresh_within_s)
             return dict(self._diagnostics)
 
     def wait_until_serving(self, timeout_s: float, alive) -> None:
