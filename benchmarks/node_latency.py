@@ -55,12 +55,14 @@ def percentiles(values) -> dict:
     return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "n": int(arr.size)}
 
 
-def engine_baseline(config, data, rate_hz: float, seconds: float, warmup: int) -> dict:
+def engine_baseline(config, data, rate_hz: float, seconds: float, warmup: int, instant: bool) -> dict:
     """The engine in this process at the same rate: submit (with image preparation) -> chunk."""
     from vla_runtime.runtime.executor import PipelinedExecutor
     from vla_runtime.runtime.policy import FrameDropped
     from vla_runtime.runtime.types import Observation
 
+    if instant:
+        from instant_policy_node import InstantPolicy as PipelinedExecutor  # noqa: N813 - the same seat
     ages, lock = [], threading.Lock()
     with PipelinedExecutor(config) as policy:
         for k in range(warmup):
@@ -77,12 +79,13 @@ def engine_baseline(config, data, rate_hz: float, seconds: float, warmup: int) -
             submitted = time.perf_counter()
             future = policy.submit(Observation(images, state, INSTRUCTION, time.time()))
             future.add_done_callback(lambda f, s=submitted: done(f, s))
-        policy.wait_idle(30)
-        report = policy.report()
+        if not instant:
+            policy.wait_idle(30)
+        health = policy.health()
     return {
         "submit_to_chunk_ms": percentiles(ages),
-        "engine_total_ms": {k: report["latency_ms"]["total"][k] for k in ("p50", "p99")},
-        "dropped": report["counters"]["dropped"],
+        "engine_total_ms": {k: health["latency_ms"]["total"][k] for k in ("p50", "p99")},
+        "dropped": health["counters"].get("dropped", 0),
     }
 
 
@@ -111,7 +114,10 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
         "cameras": "[" + ",".join(f"'{c}'" for c in CAMERAS) + "]",
         "optional_cameras": "['right_wrist_0_rgb']",
     }
-    command = [sys.executable, "-m", "vla_runtime", "node", "--ros-args"]
+    if args.instant:
+        command = [sys.executable, str(Path(__file__).with_name("instant_policy_node.py")), "--ros-args"]
+    else:
+        command = [sys.executable, "-m", "vla_runtime", "node", "--ros-args"]
     for k, v in params.items():
         command += ["-p", f"{k}:={v}"]
     log = open(log_path, "w")
@@ -167,7 +173,8 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
             pub.publish(image_msgs[camera])
         state_msg.header.stamp = stamp
         state_pub.publish(state_msg)
-        instruction_pub.publish(String(data=INSTRUCTION))
+        if k % 30 == 0:  # the task instruction: once a second, as a robot would (not with every frame)
+            instruction_pub.publish(String(data=INSTRUCTION))
         publish_ms.append((time.perf_counter() - start) * 1e3)
         return round(stamp_to_seconds(stamp), 6)
 
@@ -241,6 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="frames before the in-process measurement")
     p.add_argument("--node-warmup-s", type=float, default=5.0)
     p.add_argument("--startup-timeout", type=float, default=500.0)
+    p.add_argument("--instant", action="store_true", help="a policy that answers at once: the node's floor")
     p.add_argument("--out", default="node_latency.json")
     args = p.parse_args(argv)
 
@@ -257,7 +265,7 @@ def main(argv=None) -> int:
     )
     data = frames(np.random.default_rng(0), 16)
     out = Path(args.out)
-    baseline = engine_baseline(config, data, args.rate_hz, args.seconds, args.warmup)
+    baseline = engine_baseline(config, data, args.rate_hz, args.seconds, args.warmup, args.instant)
     print("in-process:", json.dumps(baseline))
     node = through_the_node(args, data, args.rate_hz, args.seconds, out.with_suffix(".node.log"))
     print("node:", json.dumps(node))

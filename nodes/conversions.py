@@ -26,7 +26,7 @@ def image_to_rgb(msg, max_side: int = 4096) -> np.ndarray:
         raise ValueError(f"step: {msg.step} is less than width * 3 = {msg.width * 3}")
     if len(msg.data) != msg.step * msg.height:
         raise ValueError(f"data: {len(msg.data)} bytes, expected step * height = {msg.step * msg.height}")
-    rows = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(msg.height, msg.step)
+    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.step)
     image = rows[:, : msg.width * 3].reshape(msg.height, msg.width, 3)
     return np.array(image[..., ::-1] if msg.encoding == "bgr8" else image)  # a writable copy
 
