@@ -5,15 +5,16 @@
 A dispatcher thread takes the newest pending frame, stages its inputs in pinned host memory and issues,
 without waiting on the device:
 
-    h2d stream      pixels | tokens | state+noise       (each waits until its slot's previous user is done)
+    h2d stream      pixels | masks+tokens | state+noise
     vision stream   vision graph [slot]
     prefix stream   prefix graph [slot]              -> KV cache [slot]
     denoise stream  k-step denoise graph [slot]      -> actions [slot]
     d2h stream      actions -> pinned host
 
 Frame N uses slot N % 2, so frame N+1 enters vision while frame N is in prefix and frame N-1 in
-denoise; events order everything. Up to MAX_IN_FLIGHT frames are on the device. A completion thread
-waits for each frame's last event, reads the device timings and resolves its future.
+denoise. Events order everything: each step waits for what runtime/hazards.py derives from its table
+of which step reads and writes which slot tensor. Up to MAX_IN_FLIGHT frames are on the device. A
+completion thread waits for each frame's last event, reads the device timings and resolves its future.
 
 On a machine without CUDA the same threads, slots and buffers run the stages eagerly, in order, so every
 behaviour (ordering, slot reuse, dropping, futures, errors) is exercised by the CPU tests.
@@ -33,6 +34,7 @@ import torch
 
 from .buffers import HOST_RING, MAX_IN_FLIGHT, PIPELINE_SLOTS, ShapeProfile, StaticBuffers
 from .config import RuntimeConfig
+from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
 from .inputs import PreparedInputs
 from .loading import PolicyParts, build_parts
 from .policy import FrameDropped, Policy
@@ -42,29 +44,9 @@ from .types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
 
-# Event names recorded for every frame, in stream order.
-EVENT_NAMES = (
-    "h2d_start",
-    "pixels_ready",
-    "tokens_ready",
-    "h2d_end",
-    "vision_start",
-    "vision_end",
-    "prefix_start",
-    "prefix_end",
-    "denoise_start",
-    "denoise_end",
-    "d2h_start",
-    "d2h_end",
-)
-# Stage name -> (start event, end event), the per-stage device time reported for every frame.
-STAGE_SPANS = {
-    "copy_in": ("h2d_start", "pixels_ready"),
-    "vision": ("vision_start", "vision_end"),
-    "prefix": ("prefix_start", "prefix_end"),
-    "denoise": ("denoise_start", "denoise_end"),
-    "copy_out": ("d2h_start", "d2h_end"),
-}
+# Two events per step of a frame (runtime/hazards.py): its start, recorded once its waits are met, and its
+# end; a step's device time is the span between them.
+EVENT_NAMES = tuple(f"{name}_{edge}" for name in STEP_NAMES for edge in ("start", "end"))
 
 
 class ExecutorClosed(RuntimeError):
@@ -292,69 +274,35 @@ class PipelinedExecutor(Policy):
 
     def _issue_cuda(self, frame: Frame, runner: StageRunner, host, device_slot) -> None:
         ev = self._events[frame.ring]
-        s = self._streams
         prev = self._slot_owner[frame.slot]
         prev_ev = self._events[prev.ring] if prev is not None else None
-
-        def after(stream, event_name):  # order `stream` after the slot's previous user reached event_name
-            if prev_ev is not None:
-                stream.wait_event(prev_ev[event_name])
-
-        def copy(names):
-            for name in names:
-                device_slot.input(name).copy_(host.inputs[name], non_blocking=True)
-
-        with torch.cuda.stream(s["h2d"]):
-            ev["h2d_start"].record()
-            after(s["h2d"], "vision_end")
-            copy(("pixels", "image_masks"))
-            ev["pixels_ready"].record()
-            after(s["h2d"], "prefix_end")
-            copy(("tokens", "token_masks"))
-            ev["tokens_ready"].record()
-            after(s["h2d"], "denoise_end")
-            copy(("state", "noise"))
-            ev["h2d_end"].record()
-        with torch.cuda.stream(s["vision"]):
-            s["vision"].wait_event(ev["pixels_ready"])
-            after(s["vision"], "prefix_end")  # the previous user's prefix has read image_tokens[slot]
-            ev["vision_start"].record()
-            runner.run("vision", frame.slot)
-            ev["vision_end"].record()
-        with torch.cuda.stream(s["prefix"]):
-            s["prefix"].wait_event(ev["vision_end"])
-            s["prefix"].wait_event(ev["tokens_ready"])
-            after(s["prefix"], "denoise_end")  # the previous user's denoise has read kv_cache[slot]
-            ev["prefix_start"].record()
-            runner.run("prefix", frame.slot)
-            ev["prefix_end"].record()
-        with torch.cuda.stream(s["denoise"]):
-            s["denoise"].wait_event(ev["prefix_end"])
-            s["denoise"].wait_event(ev["h2d_end"])
-            after(s["denoise"], "d2h_end")  # the previous user's actions[slot] have been copied out
-            ev["denoise_start"].record()
-            runner.run("denoise", frame.slot)
-            ev["denoise_end"].record()
-        with torch.cuda.stream(s["d2h"]):
-            s["d2h"].wait_event(ev["denoise_end"])
-            ev["d2h_start"].record()
-            host.actions.copy_(device_slot.actions, non_blocking=True)
-            ev["d2h_end"].record()
+        for step in PIPELINE:
+            stream, waits = self._streams[step.stream], WAITS[step.name]
+            with torch.cuda.stream(stream):
+                for name in waits.this_frame:
+                    stream.wait_event(ev[f"{name}_end"])
+                if prev_ev is not None:
+                    for name in waits.previous_user:
+                        stream.wait_event(prev_ev[f"{name}_end"])
+                ev[f"{step.name}_start"].record()
+                self._run_step(step, runner, frame.slot, host, device_slot)
+                ev[f"{step.name}_end"].record()
 
     def _run_cpu(self, frame: Frame, runner: StageRunner, host, device_slot) -> None:
-        def timed(stage, fn):
+        for step in PIPELINE:  # in order, on this thread
             start = time.perf_counter()
-            fn()
-            frame.host_ms[stage] = (start, time.perf_counter())
+            self._run_step(step, runner, frame.slot, host, device_slot)
+            frame.host_ms[step.name] = (start, time.perf_counter())
 
-        def copy_in():
-            for name, tensor in host.inputs.items():
-                device_slot.input(name).copy_(tensor)
-
-        timed("copy_in", copy_in)
-        for stage in STAGES:
-            timed(stage, lambda stage=stage: runner.run(stage, frame.slot))
-        timed("copy_out", lambda: host.actions.copy_(device_slot.actions))
+    def _run_step(self, step: Step, runner: StageRunner, slot: int, host, device_slot) -> None:
+        """A copy in (the h2d stream), a stage, or the copy out (d2h), on the current stream."""
+        if step.stream == "h2d":
+            for name in step.writes:
+                device_slot.input(name).copy_(host.inputs[name], non_blocking=self.cuda)
+        elif step.stream == "d2h":
+            host.actions.copy_(device_slot.actions, non_blocking=self.cuda)
+        else:
+            runner.run(step.name, slot)
 
     # ------------------------------------------------------------------ completion thread
     def _complete_loop(self) -> None:
@@ -383,15 +331,16 @@ class PipelinedExecutor(Policy):
         host = runner.buffers.host_ring[frame.ring]
         if self.cuda:
             ev = self._events[frame.ring]
-            ev["d2h_end"].synchronize()
-            timings = {stage: ev[a].elapsed_time(ev[b]) for stage, (a, b) in STAGE_SPANS.items()}
-            timings["device_total"] = ev["h2d_start"].elapsed_time(ev["d2h_end"])
-            for stage, (a, b) in STAGE_SPANS.items():
+            ev[f"{STEP_NAMES[-1]}_end"].synchronize()
+            spans = {name: (ev[f"{name}_start"], ev[f"{name}_end"]) for name in STEP_NAMES}
+            timings = {name: a.elapsed_time(b) for name, (a, b) in spans.items()}
+            timings["device_total"] = spans[STEP_NAMES[0]][0].elapsed_time(spans[STEP_NAMES[-1]][1])
+            for name, (a, b) in spans.items():
                 self.trace.add(
-                    stage,
-                    f"{stage} f{frame.index}",
-                    self._origin.elapsed_time(ev[a]),
-                    self._origin.elapsed_time(ev[b]),
+                    name,
+                    f"{name} f{frame.index}",
+                    self._origin.elapsed_time(a),
+                    self._origin.elapsed_time(b),
                     frame.index,
                 )
         else:

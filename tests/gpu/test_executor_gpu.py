@@ -102,3 +102,35 @@ def test_streams_overlap_across_frames(pi05):
     assert overlaps >= 5, (
         f"vision of a frame ran beside prefix/denoise of another frame only {overlaps} times"
     )
+
+
+def test_alternating_cameras_and_prompt_lengths_match_the_reference(pi05):
+    """Consecutive frames differ in what the prefix reads besides the images: the optional camera comes
+    and goes (image_masks) and the prompt is short, then long (token_masks). Submitted back to back, so
+    frame i's copies run while frame i-2's prefix, on the same slot, still reads its masks: with the
+    masks copied beside the pixels (the ordering before runtime/hazards.py) frame i-2 read frame i's."""
+    executor, reference = pi05
+    rng = np.random.default_rng()
+    cfg = executor.config.model
+    optional = executor.config.optional_camera_names[0]
+    frames = []
+    for i in range(60):
+        obs = random_observation(rng, "pi05", side=224, skip=(optional,) if i % 2 else ())
+        long_prompt = " ".join(["pick up the red block and place it in the bowl"] * (6 if i % 4 < 2 else 0))
+        obs = type(obs)(obs.images, obs.state, (long_prompt + " " + obs.instruction).strip(), obs.timestamp)
+        frames.append((obs, rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)))
+    futures = []
+    for burst in range(0, len(frames), 3):  # three at once: the pipeline fills (one may be replaced)
+        futures += [executor.submit(obs, noise) for obs, noise in frames[burst : burst + 3]]
+        executor.wait_idle(60)
+    worst, delivered = 0.0, 0
+    for (obs, noise), future in zip(frames, futures, strict=True):
+        try:
+            chunk = future.result(timeout=120)
+        except FrameDropped:
+            continue
+        delivered += 1
+        expected = reference.infer(obs, noise).actions
+        worst = max(worst, float(np.abs(chunk.actions - expected).max() / np.abs(expected).max()))
+    print(f"delivered {delivered} of 60, worst relative difference {worst:.2e}")
+    assert delivered >= 40 and worst <= BF16_REL_TOL
