@@ -62,6 +62,9 @@ class RuntimeConfig:
     fp8_calibration_margin: float = 1.25  # headroom over the largest activation seen
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
     max_image_side: int = 4096
+    # A frame on the device longer than this is declared hung (the watchdog fails its future and health
+    # says so); also the bound on reset/close waiting for the device.
+    device_timeout_s: float = 10.0
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -97,6 +100,8 @@ class RuntimeConfig:
         model = self.model
         if self.steps is not None and not 1 <= self.steps <= 10:
             raise ValueError(f"steps: must be in 1..10, got {self.steps}")
+        if not self.device_timeout_s > 0:
+            raise ValueError(f"device_timeout_s: must be > 0, got {self.device_timeout_s}")
         if not 1 <= self.state_dim <= model.action_dim:
             raise ValueError(
                 f"state_dim: must be in 1..{model.action_dim} for {model.name}, got {self.state_dim}"

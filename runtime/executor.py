@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +38,7 @@ from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
 from .inputs import PreparedInputs
 from .loading import PolicyParts, build_parts
 from .policy import FrameDropped, Policy
-from .stages import STAGES, StageRunner
+from .stages import STAGES, StageEngine, StageRunner
 from .timing import LatencyStats, TraceRecorder
 from .types import ActionChunk, Observation
 
@@ -53,6 +53,10 @@ class ExecutorClosed(RuntimeError):
     pass
 
 
+class DeviceHung(RuntimeError):
+    """A frame stayed on the device past `device_timeout_s`: its future fails, health reports it."""
+
+
 @dataclass
 class Frame:
     index: int
@@ -63,6 +67,7 @@ class Frame:
     future: Future
     submitted: float  # perf_counter at submit
     dispatched: float = 0.0
+    on_device_since: float | None = None  # monotonic time its device work was issued (the watchdog's clock)
     slot: int = 0
     ring: int = 0
     host_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # CPU path: stage -> (start, end)
@@ -75,7 +80,10 @@ class PipelinedExecutor(Policy):
         parts: PolicyParts | None = None,
         use_graphs: bool | None = None,
         profiles: list[ShapeProfile] | None = None,
+        engines: dict[str, StageEngine] | None = None,
     ):
+        """`engines`: stage name -> what serves it instead of the model's own code (captured in the graphs
+        like the default; see stages.StageEngine)."""
         self.parts = parts or build_parts(config or RuntimeConfig())
         self.config = self.parts.config
         self.device = self.parts.device
@@ -85,7 +93,11 @@ class PipelinedExecutor(Policy):
             raise ValueError("use_graphs: CUDA graphs need a CUDA device")
         self.stats = LatencyStats()
         self.trace = TraceRecorder()
-        self.counters = {"submitted": 0, "completed": 0, "dropped": 0, "failed": 0, "captures": 0}
+        self.counters = {"submitted": 0, "completed": 0, "dropped": 0, "failed": 0, "captures": 0, "hung": 0}
+        self._engines = dict(engines or {})
+        unknown = set(self._engines) - set(STAGES)
+        if unknown:
+            raise ValueError(f"engines: {sorted(unknown)} are not stages ({', '.join(STAGES)})")
         self._runners: dict[ShapeProfile, StageRunner] = {}
         self._compiled: dict = {}
         if self.cuda:
@@ -113,15 +125,20 @@ class PipelinedExecutor(Policy):
         self._issued = 0  # frames sent to the device (dispatcher thread only)
         self._pending: Frame | None = None
         self._in_flight = 0
+        self._on_device: dict[int, Frame] = {}  # issued, not completed: what the watchdog watches
+        self._hung: DeviceHung | None = None
         self._closed = False
         self._cond = threading.Condition()
+        self._infer_lock = threading.Lock()  # one synchronous `infer` at a time
         self._completions: queue.Queue = queue.Queue()
         for profile in profiles or [self.default_profile()]:
             self._runner(profile)  # capture ahead of time
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
         self._completer = threading.Thread(target=self._complete_loop, name="vla-complete", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch_loop, name="vla-watchdog", daemon=True)
         self._dispatcher.start()
         self._completer.start()
+        self._watchdog.start()
 
     # ------------------------------------------------------------------ public interface
     def default_profile(self, steps: int | None = None) -> ShapeProfile:
@@ -144,6 +161,9 @@ class PipelinedExecutor(Policy):
         with self._cond:
             if self._closed:
                 raise ExecutorClosed("executor is closed")
+            if self._hung is not None:
+                future.set_exception(self._hung)
+                return future
             frame = Frame(
                 self._next_index, obs.timestamp, inputs, noise, profile, future, time.perf_counter()
             )
@@ -156,21 +176,35 @@ class PipelinedExecutor(Policy):
         return future
 
     def infer(self, obs: Observation, noise: np.ndarray | None = None) -> ActionChunk:
-        return self.submit(obs, noise).result()
+        """One observation, synchronously. Callers on several threads each get their own answer: a
+        frame submitted here is never replaced by another caller's (only `submit` is newest-wins)."""
+        with self._infer_lock:
+            return self.submit(obs, noise).result(timeout=self._idle_timeout())
 
     def reset(self) -> None:
-        """Drop the pending frame and wait until the device is idle."""
+        """Drop the pending frame and wait until the device is idle; DeviceHung if it does not get there
+        within the device timeout."""
         with self._cond:
             dropped, self._pending = self._pending, None
         if dropped is not None:
             self._drop(dropped, "executor reset")
-        self.wait_idle()
+        if not self.wait_idle():
+            raise DeviceHung(f"reset: the device did not finish within {self._idle_timeout():.0f} s")
+
+    def _idle_timeout(self) -> float:
+        """Long enough for every frame that can be in flight, each within the device timeout."""
+        return self.config.device_timeout_s * (MAX_IN_FLIGHT + 1)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until nothing is pending or on the device; False when `timeout` (default: the device timeout
+        for every frame in flight) passes first."""
+        timeout = self._idle_timeout() if timeout is None else timeout
         with self._cond:
             return self._cond.wait_for(lambda: self._pending is None and self._in_flight == 0, timeout)
 
     def close(self) -> None:
+        """Stop taking frames, fail the pending one, let those on the device finish (within the device
+        timeout; a hung device's threads are left behind, as daemons, rather than hanging the caller)."""
         with self._cond:
             if self._closed:
                 return
@@ -179,22 +213,34 @@ class PipelinedExecutor(Policy):
             self._cond.notify_all()
         if dropped is not None:
             self._drop(dropped, "executor closed")
-        self._dispatcher.join()
+        deadline = time.monotonic() + self._idle_timeout()
+        self._dispatcher.join(max(0.0, deadline - time.monotonic()))
         self._completions.put(None)
-        self._completer.join()
+        self._completer.join(max(0.0, deadline - time.monotonic()))
+        self._watchdog.join(max(0.0, deadline - time.monotonic()))
+        if self._completer.is_alive() or self._dispatcher.is_alive():
+            log.error(
+                "close: the device did not finish within %.0f s; its threads are left behind",
+                self._idle_timeout(),
+            )
 
     def health(self) -> dict:
+        """`ready`, `state` (serving / hung / closed), `error` (why not ready), and the report."""
         report = self.report()
-        return {"ready": not self._closed, **report}
+        with self._cond:
+            state = "closed" if self._closed else "hung" if self._hung is not None else "serving"
+            error = str(self._hung) if self._hung is not None else ""
+        return {"ready": state == "serving", "state": state, "error": error, **report}
 
     def report(self) -> dict:
         with self._cond:
             counters = dict(self.counters)
+            profiles = [vars(p) for p in self._runners]
         return {
             "counters": counters,
             "latency_ms": self.stats.summary(),
             "graphs": self.use_graphs,
-            "profiles": [vars(p) for p in self._runners],
+            "profiles": profiles,
         }
 
     # ------------------------------------------------------------------ graphs and buffers per profile
@@ -203,18 +249,24 @@ class PipelinedExecutor(Policy):
         if runner is None:
             buffers = StaticBuffers(self.config.model, profile, self.device, self.parts.model.compute_dtype)
             runner = StageRunner(
-                self.parts.model, buffers, self.device, self.config.use_compile, self._compiled
+                self.parts.model,
+                buffers,
+                self.device,
+                self.config.use_compile,
+                self._compiled,
+                engines=self._engines,
             )
-            if self.use_graphs:
-                self.counters["captures"] += runner.capture(self._streams, self._pools)
-            self._runners[profile] = runner
+            captures = runner.capture(self._streams, self._pools) if self.use_graphs else 0
+            with self._cond:
+                self.counters["captures"] += captures
+                self._runners[profile] = runner
         return runner
 
     # ------------------------------------------------------------------ dispatcher thread
     def _drop(self, frame: Frame, why: str) -> None:
         with self._cond:
             self.counters["dropped"] += 1
-        frame.future.set_exception(FrameDropped(why))
+        _resolve(frame.future, error=FrameDropped(why))
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -233,17 +285,29 @@ class PipelinedExecutor(Policy):
                     self._cond.wait_for(lambda: self._in_flight == 0 or self._closed)
                     continue
                 self._in_flight += 1
+                self._cond.notify_all()  # the pending frame is taken (a waiter may submit the next)
             try:
                 self._issue(frame)
             except Exception as err:  # noqa: BLE001 - reported through the frame's future, the loop goes on
-                log.exception("frame %d failed", frame.index)
+                log.exception("frame %d failed while being issued", frame.index)
+                self._recover_from_failed_issue(frame)
                 with self._cond:
                     self.counters["failed"] += 1
                     self._in_flight -= 1
+                    self._on_device.pop(frame.index, None)
                     self._cond.notify_all()
-                frame.future.set_exception(err)
+                _resolve(frame.future, error=err)
                 continue
             self._completions.put(frame)
+
+    def _recover_from_failed_issue(self, frame: Frame) -> None:
+        """Part of the frame's steps may be on the device, with events the next user of its slot would
+        wait on never recorded: let the device drain (frames before it complete as usual), then nothing
+        on the device uses the slot or the frame's pinned ring entry any more."""
+        if self.cuda:
+            for stream in self._streams.values():
+                stream.synchronize()  # a hang here is reported by the watchdog
+        self._slot_owner[frame.slot] = None
 
     @torch.inference_mode()
     def _issue(self, frame: Frame) -> None:
@@ -266,6 +330,9 @@ class PipelinedExecutor(Policy):
         }
         for name, array in staged.items():
             host.inputs[name].numpy()[0] = array  # the ring entry's previous frame has completed
+        with self._cond:
+            frame.on_device_since = time.monotonic()
+            self._on_device[frame.index] = frame
         if self.cuda:
             self._issue_cuda(frame, runner, host, device_slot)
         else:
@@ -316,15 +383,44 @@ class PipelinedExecutor(Policy):
                 log.exception("frame %d failed on completion", frame.index)
                 with self._cond:
                     self.counters["failed"] += 1
-                frame.future.set_exception(err)
+                _resolve(frame.future, error=err)
             else:
                 with self._cond:
                     self.counters["completed"] += 1
-                frame.future.set_result(chunk)
+                _resolve(frame.future, result=chunk)
             finally:
                 with self._cond:
                     self._in_flight -= 1
+                    self._on_device.pop(frame.index, None)
+                    if not self._on_device:
+                        self._hung = None  # the device came back: serve again
                     self._cond.notify_all()
+
+    # ------------------------------------------------------------------ watchdog thread
+    def _watch_loop(self) -> None:
+        """Fail the futures of frames on the device past `device_timeout_s` (the completion thread is
+        blocked in the device's synchronize), and refuse new frames until the device answers again."""
+        timeout = self.config.device_timeout_s
+        while True:
+            with self._cond:
+                self._cond.wait(timeout / 4)
+                if self._closed and not self._on_device:
+                    return
+                now = time.monotonic()
+                late = [f for f in self._on_device.values() if now - f.on_device_since > timeout]
+                if not late or self._hung is not None:
+                    continue
+                oldest = min(late, key=lambda f: f.index)
+                self._hung = DeviceHung(
+                    f"frame {oldest.index} has been on the device for {now - oldest.on_device_since:.1f} s "
+                    f"(device_timeout_s {timeout:g})"
+                )
+                stuck, pending = list(self._on_device.values()), self._pending
+                self._pending = None
+                self.counters["hung"] += 1
+            log.error("device hung: %s", self._hung)
+            for frame in stuck + ([pending] if pending is not None else []):
+                _resolve(frame.future, error=self._hung)
 
     def _finish(self, frame: Frame) -> ActionChunk:
         runner = self._runners[frame.profile]
@@ -366,3 +462,14 @@ class PipelinedExecutor(Policy):
             self.parts.model_id,
             self.parts.random_weights,
         )
+
+
+def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless the watchdog has already failed it (a hung frame that came back)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
