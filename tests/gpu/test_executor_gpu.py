@@ -13,6 +13,7 @@ from vla_runtime.runtime.executor import FrameDropped, PipelinedExecutor
 from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
+from ..runtime.test_executor import wait_dispatched
 
 # bf16 tolerance, relative to the largest action magnitude. The executor runs Inductor-fused kernels that
 # keep some intermediates in float32 where the eager reference rounds to bf16 after every op, so the two
@@ -41,10 +42,13 @@ def test_pipelined_equals_reference_over_100_frames_with_drops(pi05):
         for _ in range(130)
     ]
     futures = []
-    for burst in range(0, len(frames), 5):  # bursts of 5: three go on the device, one is replaced (dropped)
-        for obs, noise in frames[burst : burst + 5]:
+    for burst in range(0, len(frames), 5):
+        # three go on the device (each taken before the next is submitted), then two back to back: the
+        # fourth waits for room and is replaced by the fifth (dropped)
+        for obs, noise in frames[burst : burst + 3]:
             futures.append(executor.submit(obs, noise))
-            time.sleep(0.003)  # let the dispatcher take it while there is room
+            wait_dispatched(executor)
+        futures += [executor.submit(obs, noise) for obs, noise in frames[burst + 3 : burst + 5]]
         executor.wait_idle(60)
     worst, delivered, dropped = 0.0, 0, 0
     for (obs, noise), future in zip(frames, futures, strict=True):
@@ -134,3 +138,49 @@ def test_alternating_cameras_and_prompt_lengths_match_the_reference(pi05):
         worst = max(worst, float(np.abs(chunk.actions - expected).max() / np.abs(expected).max()))
     print(f"delivered {delivered} of 60, worst relative difference {worst:.2e}")
     assert delivered >= 40 and worst <= BF16_REL_TOL
+
+
+def test_an_engine_given_at_construction_is_captured(cuda):
+    """The seam on CUDA: the engine is in place before capture, so the replayed graphs run it. A vision
+    engine that zeroes the image tokens makes two observations that differ only in images answer alike."""
+    rng = np.random.default_rng()
+    config = RuntimeConfig(preset="pi05_tiny", device="cuda", precision="bf16")
+    obs = random_observation(rng, "pi05_tiny", side=224)
+    other = type(obs)(random_observation(rng, "pi05_tiny", side=224).images, obs.state, obs.instruction, 0.0)
+    with PipelinedExecutor(config, engines={"vision": lambda slot: slot.image_tokens.zero_()}) as blind:
+        assert blind.use_graphs and blind.counters["captures"] > 0
+        noise = rng.standard_normal((blind.config.model.action_horizon, blind.config.model.action_dim))
+        noise = noise.astype(np.float32)
+        np.testing.assert_array_equal(blind.infer(obs, noise).actions, blind.infer(other, noise).actions)
+    with PipelinedExecutor(config) as seeing:
+        assert not np.array_equal(seeing.infer(obs, noise).actions, seeing.infer(other, noise).actions)
+
+
+def test_a_failure_while_issuing_recovers_on_cuda(pi05):
+    """The denoise step raises after vision and prefix are on the device: the frame fails, the device is
+    drained, and the following frames (both slots) still equal the reference."""
+    executor, reference = pi05
+    runner = executor._runners[executor.default_profile()]
+    original, failed = runner.run, []
+
+    def denoise_fails_once(stage, slot):
+        if stage == "denoise" and not failed:
+            failed.append(slot)
+            raise RuntimeError("injected denoise failure")
+        return original(stage, slot)
+
+    runner.run = denoise_fails_once
+    rng = np.random.default_rng()
+    cfg = executor.config.model
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            executor.infer(random_observation(rng, "pi05", side=224))
+        for _ in range(4):
+            obs = random_observation(rng, "pi05", side=224)
+            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+            expected = reference.infer(obs, noise).actions
+            got = executor.infer(obs, noise).actions
+            assert np.abs(got - expected).max() / np.abs(expected).max() <= BF16_REL_TOL
+    finally:
+        runner.run = original
+    assert executor.health()["ready"]
