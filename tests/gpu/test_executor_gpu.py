@@ -3,8 +3,6 @@ allocation in steady state; the streams overlap across frames."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
