@@ -50,5 +50,4 @@ class InstantPolicy(Policy):
 
 
 if __name__ == "__main__":
-    policy_node.PipelinedExecutor = InstantPolicy
-    sys.exit(policy_node.main())
+    sys.exit(policy_node.main(policy_factory=InstantPolicy))

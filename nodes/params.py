@@ -275,14 +275,6 @@ PARAMS = (
         "Configure and activate at start-up (otherwise wait for lifecycle transitions).",
         needs_reconfigure=True,
     ),
-    Param(
-        "inject_latency_s",
-        0.0,
-        "Testing aid: every chunk takes this much longer and the executor is busy "
-        "meanwhile, as on a GPU too slow for the rate.",
-        _in_range(0.0, 10.0),
-        (0.0, 10.0),
-    ),
 )
 BY_NAME = {p.name: p for p in PARAMS}
 

@@ -76,8 +76,11 @@ class StartupError(Exception):
 
 
 class PolicyNode(LifecycleNode):
-    def __init__(self, node_name: str = "policy_node", **kwargs):
+    def __init__(self, node_name: str = "policy_node", policy_factory=PipelinedExecutor, **kwargs):
+        """`policy_factory(RuntimeConfig) -> Policy`: what serves (the executor; tests and benchmarks give
+        a policy of their own through it)."""
         super().__init__(node_name, **kwargs)
+        self._policy_factory = policy_factory
         self._declare_parameters()
         self.add_on_set_parameters_callback(self._check_parameters)
         self.add_post_set_parameters_callback(self._parameters_changed)
@@ -187,7 +190,7 @@ class PolicyNode(LifecycleNode):
     def _load(self, config: RuntimeConfig) -> None:
         self.get_logger().info(f"loading {config.model_name} on {config.device} ({config.precision})")
         try:
-            policy = PipelinedExecutor(config)
+            policy = self._policy_factory(config)
         except Exception as err:  # noqa: BLE001 - reported; the node stays up (or exits under autostart)
             self.phase = f"failed: {err}"
             self.get_logger().error(f"loading failed: {err}")
@@ -530,9 +533,6 @@ class PolicyNode(LifecycleNode):
             if cause == "failed":
                 self.get_logger().error(f"inference failed: {err}", throttle_duration_sec=LOG_THROTTLE_S)
             return
-        delay = self.param("inject_latency_s")
-        if delay > 0:
-            time.sleep(delay)  # testing aid: holds the completion thread, as a slow GPU would
         chunk: ActionChunk = future.result()
         ready = time.perf_counter()
         now = self.now()
@@ -592,6 +592,8 @@ class PolicyNode(LifecycleNode):
         health = self.policy.health() if self.policy is not None else {"latency_ms": {}}
         values.update(figures)
         values["waiting_for"] = waiting_for
+        values["policy_state"] = health.get("state", "")
+        values["policy_error"] = health.get("error", "")
         if self.policy is not None:
             metadata = self.policy.metadata
             values["model_id"], values["random_weights"] = metadata.model_id, metadata.random_weights
@@ -613,6 +615,8 @@ class PolicyNode(LifecycleNode):
             return DiagnosticStatus.ERROR, self.phase
         if self.phase != "serving":
             return DiagnosticStatus.OK, self.phase
+        if values["policy_state"] not in ("serving", ""):
+            return DiagnosticStatus.ERROR, f"policy {values['policy_state']}: {values['policy_error']}"
         previous, self._reported = getattr(self, "_reported", {}), values
         since = {k: values.get(k, 0) - previous.get(k, 0) for k in ("observations", "misses", "stale_inputs")}
         refusals = sum(values[k] - previous.get(k, 0) for k in REFUSAL_CAUSES)
@@ -643,7 +647,7 @@ class PolicyNode(LifecycleNode):
         self.diag_pub.publish(msg)
 
 
-def main(args: list[str] | None = None) -> int:
+def main(args: list[str] | None = None, policy_factory=PipelinedExecutor) -> int:
     """`ros2 run vla_runtime policy_node` / `vla-runtime node`: exit 0 on Ctrl-C or a shutdown transition,
     1 when autostart's configure fails, 2 for bad start-up parameters or arguments."""
     try:
@@ -653,7 +657,7 @@ def main(args: list[str] | None = None) -> int:
         return EXIT_BAD_PARAMETERS
     node = None
     try:
-        node = PolicyNode()
+        node = PolicyNode(policy_factory=policy_factory)
         if node.param("autostart"):
             node.autostart()
         # One thread: rclpy's multi-threaded executor contends for the GIL with the policy's own threads

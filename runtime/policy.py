@@ -77,8 +77,9 @@ class Policy(abc.ABC):
         )
 
     def health(self) -> dict:
-        """{"ready": bool, "counters": {...}, "latency_ms": {stage: {p50, p99, ...}}}"""
-        return {"ready": True, "counters": {}, "latency_ms": {}}
+        """{"ready": bool, "state": "serving" | "hung" | "closed", "error": why not ready,
+        "counters": {...}, "latency_ms": {stage: {p50, p99, ...}}}"""
+        return {"ready": True, "state": "serving", "error": "", "counters": {}, "latency_ms": {}}
 
     def close(self) -> None:  # noqa: B027 - optional: only policies with threads or devices release them
         """Release threads and device memory; the policy serves no more."""

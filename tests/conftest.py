@@ -81,5 +81,8 @@ def random_observation(
 
 @pytest.fixture
 def rng() -> np.random.Generator:
-    # Fresh inputs every run; the seed is printed on failure by pytest's -ra summary via the test id.
-    return np.random.default_rng()
+    """Fresh inputs every run; the seed is printed, so a failure (whose captured output pytest shows)
+    can be replayed with np.random.default_rng(seed)."""
+    seed = np.random.SeedSequence().entropy
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)

@@ -2,7 +2,8 @@
 
 Nothing here asserts a rate or a duration: events are counted (a chunk per observation, the node's
 counters), and where a test needs the timer out of the way it sets the deadline watch to 1 Hz with a
-10 s deadline, so any chunk that arrives was published by the completion path."""
+10 s deadline, so any chunk that arrives was published by the completion path. Control periods of 1 s
+keep a chunk's first action valid for 1 s and the chunk for 10: a loaded machine changes no outcome."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from .harness import JOINTS, PolicyNodeProcess, Robot, header_seconds, point_sec
 
 ACTION_NAMES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]
 ALL_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-PERIOD = 0.05
-QUIET_TIMER = ("rate_hz:=1.0", "deadline_s:=10.0")  # the deadline watch never publishes a tail
+PERIOD = 1.0
+# the deadline watch never publishes a tail; a chunk's actions stay valid for seconds
+QUIET_TIMER = ("rate_hz:=1.0", "deadline_s:=10.0", f"control_period_s:={PERIOD}")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_every_observation_is_answered_by_completion_not_by_the_timer(node, robo
     answered = []
     for _ in range(12):
         stamp = robot.publish_once()
-        got = robot.chunk_for(stamp, timeout=5.0)
+        got = robot.chunk_for(stamp, timeout=30.0)
         if got is not None:
             answered.append((stamp, *got))
     assert len(answered) >= 9, node.text()[-2000:]
@@ -158,9 +160,18 @@ def test_parameters_are_validated_on_set(node, robot):
 
 
 def test_stopped_inputs_are_reported_and_nothing_is_published(node, robot):
-    robot.chunk_for(robot.publish_once())
-    seen = len(robot.chunks)
-    assert wait_diag(robot, lambda d: d["message"] == "stale inputs" and int(d["stale_inputs"]) > 0)
+    assert robot.chunk_for(robot.publish_once()) is not None
+    seen, reports = len(robot.chunks), len(robot.diagnostics)
+    stale_before = int(latest_diag(robot, "stale_inputs")["stale_inputs"])
+
+    def newly_stale():  # a report after the last input, counting stale inputs the earlier ones did not
+        return [
+            d
+            for d in list(robot.diagnostics)[reports:]
+            if d["message"] == "stale inputs" and int(d["stale_inputs"]) > stale_before
+        ]
+
+    assert robot.wait_for(lambda: len(newly_stale()) >= 2, 30)
     assert len(robot.chunks) == seen  # no observation, no chunk (and no tail: no deadline to miss)
 
 
@@ -169,7 +180,11 @@ def test_a_slow_policy_counts_misses_and_publishes_the_tail(tmp_path):
     the current chunk's tail, whose passed actions are cut; diagnostics say so."""
     r = Robot(namespace="/slow")
     proc = PolicyNodeProcess(
-        tmp_path, "preset:=pi05_tiny", "steps:=2", "inject_latency_s:=0.08", namespace="/slow"
+        tmp_path,
+        "preset:=pi05_tiny",
+        "steps:=2",
+        namespace="/slow",
+        script=Path(__file__).with_name("slow_policy_node.py"),
     )
     try:
         assert proc.wait_for_log("serving:", 120), proc.text()
@@ -198,12 +213,12 @@ def test_sim_time_clock_jumps_and_future_stamps(tmp_path):
             assert got is not None, (t, proc.text()[-3000:])
             assert point_seconds(got[1].points[0]) == 0.0 and len(got[1].points) == 10  # exact alignment
         assert proc.wait_for_log("the clock jumped back to 5.000", 10)
+        assert wait_diag(r, lambda d: int(d.get("clock_jumps", 0)) == 1)
+        refused_before = int(latest_diag(r, "future_stamps")["future_stamps"])
         r.publish_once(5.5)  # 0.5 s ahead of the node's clock (max_future_s 0.1)
-        assert proc.wait_for_log("s ahead of this node's clock", 10), proc.text()[-2000:]
-        r.publish_clock(5.6)
-        assert wait_diag(
-            r, lambda d: int(d.get("future_stamps", 0)) > 0 and int(d.get("clock_jumps", 0)) == 1
-        )
+        # at least one of its messages is refused (the images travel best effort); counted, not logged
+        # again (the first tries of first_chunk, before the node had /clock, logged this cause already)
+        assert wait_diag(r, lambda d: int(d.get("future_stamps", 0)) >= refused_before + 1)
         assert not any(abs(header_seconds(m) - 5.5) < 1e-6 for _, m in list(r.chunks))
     finally:
         proc.stop()
@@ -277,6 +292,20 @@ def _state(robot, node_name):
     return label
 
 
+def assert_not_served(r: Robot) -> None:
+    """An observation published while inactive: two diagnostics reports later (the node has had it), its
+    observation count has not moved and no chunk answers it."""
+    since = len(r.diagnostics)  # a report from after the transition
+    assert r.wait_for(lambda: any(d["phase"] == "inactive" for d in list(r.diagnostics)[since:]), 30)
+    before = latest_diag(r)
+    reports = len(r.diagnostics)
+    stamp = r.publish_once()
+    assert r.wait_for(lambda: len(r.diagnostics) >= reports + 2, 30)
+    after = latest_diag(r)
+    assert after["phase"] == "inactive" and after.get("observations") == before.get("observations")
+    assert r.chunk_for(stamp, timeout=0.0) is None
+
+
 def test_lifecycle_transitions(tmp_path):
     r = Robot(namespace="/life")
     name = "/life/policy_node"
@@ -285,11 +314,11 @@ def test_lifecycle_transitions(tmp_path):
         assert r.wait_for(lambda: latest_diag(r) is not None, 30), proc.text()
         assert latest_diag(r)["phase"] == "unconfigured" and _state(r, name) == "unconfigured"
         assert _transition(r, name, Transition.TRANSITION_CONFIGURE) and _state(r, name) == "inactive"
-        assert r.chunk_for(r.publish_once(), timeout=2.0) is None  # configured, not serving
+        assert_not_served(r)  # configured, not serving
         assert _transition(r, name, Transition.TRANSITION_ACTIVATE) and _state(r, name) == "active"
         assert r.first_chunk() is not None
         assert _transition(r, name, Transition.TRANSITION_DEACTIVATE) and _state(r, name) == "inactive"
-        assert r.chunk_for(r.publish_once(), timeout=2.0) is None
+        assert_not_served(r)
         assert _transition(r, name, Transition.TRANSITION_ACTIVATE)
         assert r.chunk_for(r.publish_once()) is not None  # serving again after re-activation
         assert _transition(r, name, Transition.TRANSITION_DEACTIVATE)
@@ -359,13 +388,12 @@ def test_a_checkpoint_sets_the_horizon_and_n_action_steps_what_the_robot_gets(tm
     assert refused.proc.wait(120) == 1 and "has no normalisation statistics" in refused.text()
     refused.stop()
     r = Robot(namespace="/horizon")
-    # Actions 0.5 s apart: the chunk lands within the first action's period, so all n_action_steps = 4 of
+    # Actions 1 s apart: the chunk lands within the first action's period, so all n_action_steps = 4 of
     # it are offered (the horizon's 6 would give 6).
     proc = PolicyNodeProcess(
         tmp_path,
         f"checkpoint:={ckpt}",
         "allow_unnormalized:=true",
-        "control_period_s:=0.5",
         *QUIET_TIMER,
         namespace="/horizon",
     )

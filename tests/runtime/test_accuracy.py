@@ -40,7 +40,18 @@ def test_accuracy_table_checks_vision_gates_per_layer():
     )
     gated = [r for r in result["rows"] if r["gate"]]
     assert {r["name"] for r in gated} == {"vision.layer00", "vision.layer01", "vision.image_tokens"}
-    assert result["passed"] is all(r["ok"] for r in gated)
+    assert result["passed"] is True and all(r["ok"] for r in gated)  # fp16 vision is close to float32
+
+
+def test_accuracy_gates_fail_for_a_different_model():
+    """The same table with other weights as the candidate: the vision gates fail and say where."""
+    from vla_runtime.runtime.loading import build_parts
+
+    config = RuntimeConfig(preset="pi05_tiny", precision="bf16", vision_precision="fp16")
+    other = build_parts(config.replace(seed=1))
+    result = accuracy_table(config, frames=1, candidate=other)
+    failed = {r["name"] for r in result["rows"] if not r["ok"]}
+    assert result["passed"] is False and "vision.layer00" in failed
 
 
 def test_fp8_is_refused_without_a_capable_gpu():

@@ -52,8 +52,8 @@ def test_lists_and_reset_observation(client):
     reply = client.step(np.zeros(7, np.float32))
     assert (
         reply["observation"]["step"] == 1
-        and reply["success"] in (True, False)
-        and reply["done"] in (True, False)
+        and reply["success"] is False  # one zero action does not solve a task
+        and isinstance(reply["done"], bool)
     )
 
 
@@ -96,7 +96,7 @@ def test_one_episode_in_process_with_per_step_success(client):
     assert result.steps == 20 and len(result.success_per_step) == 20  # random weights never succeed early
     assert result.chunks == 4 and len(result.engine_ms["denoise"]) == 4 and len(result.chunk_age_ms) == 4
     assert result.executed_indices == [0, 1, 2, 3, 4] * 4
-    assert result.success is any(result.success_per_step)
+    assert result.success is False and not any(result.success_per_step)  # random weights
 
 
 def test_demo_runs_an_episode_through_ros_and_in_process_and_reports_both(tmp_path):
@@ -169,7 +169,8 @@ def test_eval_libero_cli_in_process_json(tmp_path, server):
         and "libero_spatial/2" in summary["tasks"]
     )
     assert summary["chunks"] == 4 and summary["engine_total_ms"]["p50"] > 0
-    assert summary["chunk_age_ms"]["p50"] >= summary["engine_total_ms"]["p50"] * 0.5
+    # every chunk's age (offer -> received) contains its engine time (submit -> done), so the medians too
+    assert summary["chunk_age_ms"]["p50"] >= summary["engine_total_ms"]["p50"]
     # FP8 scales from the recorded episode (20 steps, a chunk every 5: 4 observations), and the accuracy
     # gates on the same recording
     recorded = read_observations(tmp_path / "episode.mcap", get_preset("pi05_tiny").camera_names, 8)
@@ -229,7 +230,6 @@ def test_wall_clock_mode_counts_misses_and_overruns(tmp_path, server):
     assert summary["path"] == "ros wall-clock" and summary["episodes"] == 1
     episode = json.loads((tmp_path / "results.json").read_text())["episodes"][0]
     assert episode["steps"] == 20 and len(episode["success_per_step"]) == 20
-    assert episode["sim_overruns"] > 0
     # an observation every step (plus the first): each answered, or counted as missed, or superseded
     assert 1 <= summary["chunks"] <= 21 and summary["deadline_misses"] <= 20
     node = episode["policy_diagnostics"]
