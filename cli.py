@@ -1,16 +1,81 @@
-"""`vla-runtime` command line: info, infer (more subcommands join as the runtime grows)."""
+"""`vla-runtime`: serve pi0 / pi0.5 policies. Run a closed-loop LIBERO demo (demo, eval-libero), the ROS 2
+policy node (node), a few frames (infer), or check a checkpoint and a precision mode (inspect, accuracy,
+calibrate, profile). Bad input or configuration exits with code 2 and names the option."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import platform
+import re
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+SIM_CONTACT_TIMEOUT_S = 10.0  # a sim server given by --endpoint must answer its first request within this
+
+
+# ---------------------------------------------------------------------- argument types (checked once, here)
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def task_list(text: str) -> list[int]:
+    try:
+        tasks = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of task indices") from None
+    if any(t < 0 for t in tasks):
+        raise argparse.ArgumentTypeError(f"task indices start at 0, got {text}")
+    return tasks
+
+
+def zmq_endpoint(text: str) -> str:
+    if not re.fullmatch(r"tcp://[^\s:/]+:\d{1,5}|ipc://\S+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)")
+    return text
+
+
+def output_dir(path: str, option: str) -> Path:
+    """Create an output directory before any work, so a bad path costs nothing."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{option}: cannot create {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"{option}: {out} is not writable")
+    return out
+
+
+def say(text: str) -> None:
+    """Progress on stderr (stdout stays the result)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def cmd_info(args) -> int:
@@ -92,7 +157,7 @@ def cmd_infer(args) -> int:
     config = runtime_config_from_args(args)
     policy = EagerPolicy(config)
     rng = np.random.default_rng(args.seed)
-    chunks = [policy.infer(synthetic_observation(config, rng)) for _ in range(max(1, args.frames))]
+    chunks = [policy.infer(synthetic_observation(config, rng)) for _ in range(args.frames)]
     last = chunks[-1]
     # The first frame includes one-time start-up work; report the median of the rest when there are any.
     timed = chunks[1:] or chunks
@@ -152,20 +217,16 @@ def cmd_node(args, ros_args: list[str]) -> int:
 def cmd_eval_libero(args) -> int:
     """Closed-loop LIBERO episodes: in-process (the runtime talks to the sim server) or through ROS; the
     same episode loop, latency and miss definitions either way."""
-    from pathlib import Path
-
     from .sim.launcher import SimServerProcess
     from .sim.report import headline, write_report
 
     config = runtime_config_from_args(args)
-    if args.replan_steps < 1:
-        raise ValueError(f"--replan-steps: must be at least 1, got {args.replan_steps}")
-    tasks = [int(t) for t in args.tasks.split(",")] if args.tasks else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "--out")
+    if args.endpoint is None:
+        say("starting the LIBERO simulation server ...")
     server = None if args.endpoint else SimServerProcess(log_path=out / "sim_server.log")
     try:
-        episodes, identity = run_libero(args, config, args.endpoint or server.endpoint, tasks, out)
+        episodes, identity = run_libero(args, config, args.endpoint or server.endpoint, args.tasks, out)
     finally:
         if server is not None:
             server.stop()
@@ -207,6 +268,7 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
 
     lockstep = args.mode == "lockstep"
     client = SimClient(endpoint)
+    check_sim_request(client, endpoint, args.suite, tasks)  # before the model is built
     run = dict(
         max_steps=args.max_steps,
         replan_steps=args.replan_steps,
@@ -218,6 +280,7 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
         if args.path == "ros":
             from .nodes.ros_eval import RosPolicy, node_params
 
+            say(f"starting the policy node ({config.device}) ...")
             with RosPolicy(node_params(config, args.record), lockstep, out / "policy_node.log") as link:
                 episodes = evaluate(client, link, args.suite, tasks or [0], args.trials, **run)
                 served = link.diagnostics()
@@ -235,7 +298,10 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
 
             recorder = ObservationRecorder(args.record)
         try:
+            start = time.monotonic()
+            say(f"loading {config.model_name} on {config.device} ({config.precision}) and capturing ...")
             with PipelinedExecutor(config) as policy:
+                say(f"ready in {time.monotonic() - start:.0f} s: {policy.metadata.model_id}")
                 link = InProcessLink(policy, lockstep, recorder)
                 episodes = evaluate(client, link, args.suite, tasks, args.trials, **run)
                 metadata = policy.metadata
@@ -247,15 +313,35 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
         client.close()
 
 
+def check_sim_request(client, endpoint: str, suite: str, tasks: list[int] | None) -> None:
+    """The server answers, knows the suite and has the tasks: a mistake is named before minutes of
+    loading, not after."""
+    from .sim.client import SimError
+
+    try:
+        known = client.suites(timeout_s=SIM_CONTACT_TIMEOUT_S)
+    except TimeoutError:
+        raise ValueError(
+            f"--endpoint: no sim server answered at {endpoint} within {SIM_CONTACT_TIMEOUT_S:.0f} s"
+        ) from None
+    if suite not in known:
+        raise ValueError(f"--suite: unknown suite {suite!r}; the server has {', '.join(known)}")
+    try:
+        count = len(client.tasks(suite))
+    except SimError as err:
+        raise ValueError(f"--suite: {err}") from None
+    bad = [t for t in tasks or () if t >= count]
+    if bad:
+        raise ValueError(f"--tasks: {bad} out of range 0..{count - 1} for {suite}")
+
+
 def cmd_demo(args) -> int:
     """One libero_spatial episode through the ROS path (policy node + sim bridge, lockstep on sim time),
     then the same episode in-process; the two reports side by side, by the same definitions."""
-    from pathlib import Path
-
-    out = Path(args.out)
+    out = output_dir(args.out, "--out")
     common = dict(
         suite="libero_spatial",
-        tasks="0",
+        tasks=[0],
         trials=1,
         replan_steps=5,
         settle_steps=10,
@@ -301,8 +387,6 @@ def cmd_demo(args) -> int:
 
 def cmd_inspect(args) -> int:
     """What a checkpoint holds, from config.json and the tensor header (no weights are loaded)."""
-    from pathlib import Path
-
     from .graphs.checkpoint import check_tensors, inspect_checkpoint
     from .graphs.normalization import load_checkpoint_norm_stats
     from .runtime.loading import TOKENIZER_NAMES
@@ -398,8 +482,6 @@ def cmd_calibrate(args) -> int:
     from .runtime.loading import build_parts
     from .runtime.recording import read_observations
 
-    if args.max_frames is not None and args.max_frames < 1:
-        raise ValueError(f"max-frames: must be at least 1, got {args.max_frames}")
     # Calibration observes activations in high precision (bf16 on a GPU, float32 on the CPU); which GEMMs
     # get FP8 scales is --fp8-expert's choice.
     config = runtime_config_from_args(argparse.Namespace(**{**vars(args), "fp8_expert": False}))
@@ -447,31 +529,35 @@ def cmd_accuracy(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from pathlib import Path
-
     from .runtime.profiler import format_report, profile_captured, profile_stages
 
     stages = (args.stage,) if args.stage else ("vision", "prefix", "denoise")
     run = profile_captured if args.captured else profile_stages
-    report = run(runtime_config_from_args(args), stages, top=args.top, out_dir=Path(args.out))
+    out = output_dir(args.out, "--out")
+    report = run(runtime_config_from_args(args), stages, top=args.top, out_dir=out)
     print(json.dumps(report) if args.json else format_report(report))
     print(f"traces and JSON in {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sim.episode import MAX_STEPS
+
     parser = argparse.ArgumentParser(prog="vla-runtime", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="presets, devices, versions")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
     infer = sub.add_parser("infer", help="run the policy on synthetic frames and print the action chunk")
     add_model_args(infer)
     infer.add_argument(
-        "--frames", type=int, default=1, help="frames to run; timings are the median after the first"
+        "--frames",
+        type=int_at_least(1),
+        default=1,
+        help="frames to run; timings are the median after the first (default: 1)",
     )
     infer.add_argument("--json", action="store_true", help="print one JSON object")
     infer.set_defaults(func=cmd_infer)
@@ -480,11 +566,21 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--params-file", default=None, help="parameters YAML (default: the packaged policy.yaml)"
     )
-    node.add_argument("--preset", default=None)
-    node.add_argument("--checkpoint", default=None)
-    node.add_argument("--device", default=None)
-    node.add_argument("--precision", default=None, choices=["float32", "bf16", "fp8"])
-    node.add_argument("--rate-hz", default=None, type=float)
+    add_preset_arg(node, "model for random weights (default: the params file's)")
+    node.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the params file's)")
+    node.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the params file's)")
+    node.add_argument(
+        "--precision",
+        default=None,
+        choices=["float32", "bf16", "fp8"],
+        help="(default: the params file's)",
+    )
+    node.add_argument(
+        "--rate-hz",
+        default=None,
+        type=positive_float,
+        help="deadline watch rate (default: the params file's)",
+    )
     node.set_defaults(func=cmd_node)
 
     acc = sub.add_parser(
@@ -492,12 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(acc)
     acc.add_argument(
-        "--frames", type=int, default=4, help="frames to compare (random, or the first recorded)"
+        "--frames",
+        type=int_at_least(1),
+        default=4,
+        help="frames to compare (random, or the first recorded; default: 4)",
     )
     acc.add_argument(
         "--observations", default=None, help="recorded observations (MCAP) instead of random ones"
     )
-    acc.add_argument("--json", action="store_true")
+    acc.add_argument("--json", action="store_true", help="print one JSON object")
     acc.set_defaults(func=cmd_accuracy)
 
     insp = sub.add_parser(
@@ -505,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("checkpoint", help="checkpoint directory")
     insp.add_argument("--robot", default=None, help="which assets/<robot>/norm_stats.json to report")
-    insp.add_argument("--json", action="store_true")
+    insp.add_argument("--json", action="store_true", help="print one JSON object")
     insp.set_defaults(func=cmd_inspect)
 
     cal = sub.add_parser("calibrate", help="FP8 activation scales from recorded observations (MCAP)")
@@ -513,45 +612,97 @@ def build_parser() -> argparse.ArgumentParser:
         "--observations", required=True, help="MCAP recording (ros2 bag, node or eval-libero --record)"
     )
     cal.add_argument("--out", required=True, help="scales file to write (.safetensors)")
-    cal.add_argument("--margin", type=float, default=1.25, help="headroom over the largest activation seen")
-    cal.add_argument("--max-frames", type=int, default=None, help="use at most this many observations")
-    cal.add_argument("--json", action="store_true")
+    cal.add_argument(
+        "--margin",
+        type=positive_float,
+        default=1.25,
+        help="headroom over the largest activation seen (default: 1.25)",
+    )
+    cal.add_argument(
+        "--max-frames", type=int_at_least(1), default=None, help="use at most this many observations"
+    )
+    cal.add_argument("--json", action="store_true", help="print one JSON object")
     add_model_args(cal)
     cal.set_defaults(func=cmd_calibrate)
 
-    prof = sub.add_parser("profile", help="device time per layer and per kernel of each stage (CUDA)")
+    prof = sub.add_parser(
+        "profile",
+        help="time per layer and per kernel of each stage (device time on CUDA, operator time on the CPU)",
+    )
     add_model_args(prof)
-    prof.add_argument("--stage", choices=["vision", "prefix", "denoise"], default=None)
-    prof.add_argument("--top", type=int, default=15)
+    prof.add_argument(
+        "--stage", choices=["vision", "prefix", "denoise"], default=None, help="one stage (default: all)"
+    )
+    prof.add_argument(
+        "--top", type=int_at_least(1), default=15, help="kernels listed per stage (default: 15)"
+    )
     prof.add_argument(
         "--captured",
         action="store_true",
         help="the stages as served: compiled and captured in CUDA graphs, per kernel (CUDA only)",
     )
-    prof.add_argument("--out", default="out/profile")
-    prof.add_argument("--json", action="store_true")
+    prof.add_argument("--out", default="out/profile", help="traces and JSON (default: out/profile)")
+    prof.add_argument("--json", action="store_true", help="print one JSON object")
     prof.set_defaults(func=cmd_profile)
 
     ev = sub.add_parser(
         "eval-libero", help="closed-loop LIBERO evaluation (starts the sim server unless --endpoint)"
     )
-    ev.add_argument("--suite", default="libero_spatial")
-    ev.add_argument("--tasks", default=None, help="comma-separated task indices (default: all; ROS path: 0)")
-    ev.add_argument("--trials", type=int, default=1, help="episodes per task (init states 0..N-1)")
-    ev.add_argument("--max-steps", type=int, default=None, help="default: LIBERO's per-suite limit")
-    ev.add_argument("--replan-steps", type=int, default=5)
-    ev.add_argument("--settle-steps", type=int, default=10, help="still steps after reset (objects settle)")
-    ev.add_argument("--path", choices=["in-process", "ros"], default="in-process")
+    ev.add_argument(
+        "--suite",
+        default="libero_spatial",
+        choices=sorted(MAX_STEPS),
+        help="LIBERO task suite (default: libero_spatial)",
+    )
+    ev.add_argument(
+        "--tasks",
+        type=task_list,
+        default=None,
+        help="comma-separated task indices (default: all; ROS path: 0)",
+    )
+    ev.add_argument(
+        "--trials", type=int_at_least(1), default=1, help="episodes per task, init states 0..N-1 (default: 1)"
+    )
+    ev.add_argument(
+        "--max-steps",
+        type=int_at_least(1),
+        default=None,
+        help="steps per episode (default: the suite's limit)",
+    )
+    ev.add_argument(
+        "--replan-steps",
+        type=int_at_least(1),
+        default=5,
+        help="actions executed from each chunk before the next observation (default: 5)",
+    )
+    ev.add_argument(
+        "--settle-steps",
+        type=int_at_least(0),
+        default=10,
+        help="still steps after reset while objects settle (default: 10)",
+    )
+    ev.add_argument(
+        "--path",
+        choices=["in-process", "ros"],
+        default="in-process",
+        help="in-process: the runtime calls the policy; ros: through the policy node (default: in-process)",
+    )
     ev.add_argument(
         "--mode",
         choices=["lockstep", "wall_clock"],
         default="lockstep",
-        help="lockstep: the simulator waits for each chunk (sim time); wall_clock: it steps in real time",
+        help="lockstep: the simulator waits for each chunk (sim time); wall_clock: it steps in real time "
+        "(default: lockstep)",
     )
-    ev.add_argument("--endpoint", default=None, help="a running sim server (tcp://127.0.0.1:PORT)")
-    ev.add_argument("--out", default="out/libero")
+    ev.add_argument(
+        "--endpoint",
+        type=zmq_endpoint,
+        default=None,
+        help="a running sim server, tcp://127.0.0.1:PORT (default: start one)",
+    )
+    ev.add_argument("--out", default="out/libero", help="report, results and videos (default: out/libero)")
     ev.add_argument("--video", action="store_true", help="a GIF of each episode's agent view")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--json", action="store_true", help="print one JSON summary")
     ev.add_argument(
         "--record", default=None, help="record every observation sent to the policy to this MCAP file"
     )
@@ -562,8 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="one closed-loop libero_spatial episode through ROS, then in-process; both reports"
     )
     add_model_args(demo, defaults_by_device=True)
-    demo.add_argument("--max-steps", type=int, default=40)
-    demo.add_argument("--out", default="out/demo")
+    demo.add_argument(
+        "--max-steps", type=int_at_least(1), default=40, help="steps of the episode (default: 40)"
+    )
+    demo.add_argument("--out", default="out/demo", help="reports and the episode's GIF (default: out/demo)")
     demo.add_argument(
         "--record", default=None, help="the policy node records the observations it serves to this MCAP file"
     )
@@ -571,16 +724,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_preset_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    from .graphs.config import PRESETS
+
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help=help_text)
+
+
 def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False) -> None:
     """The model and precision options. With defaults_by_device (demo, eval-libero) the device defaults to
     CUDA where there is one, and the random-weight preset to pi05 there (pi05_tiny on the CPU)."""
-    from .graphs.config import PRESETS
-
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=sorted(PRESETS),
-        help="model for random weights (default: pi05_tiny; with --checkpoint, the checkpoint's model)",
+    add_preset_arg(
+        p,
+        "model for random weights (default: "
+        + ("pi05 on CUDA, pi05_tiny on the CPU" if defaults_by_device else "pi05_tiny")
+        + "; with --checkpoint, the checkpoint's model)",
     )
     p.add_argument("--checkpoint", default=None, help="openpi or lerobot checkpoint directory")
     p.add_argument("--robot", default=None, help="which assets/<robot>/norm_stats.json to use")
@@ -623,9 +780,15 @@ def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False)
         help="FP8 activation scales from `vla-runtime calibrate` (default: synthetic frames at start-up)",
     )
     p.add_argument("--steps", type=int, default=None, help="denoising steps 1..10 (default: the model's)")
-    p.add_argument("--state-dim", type=int, default=8, help="length of the robot's state vector (LIBERO: 8)")
     p.add_argument(
-        "--seed", type=int, default=7 if defaults_by_device else 0, help="random weights and noise"
+        "--state-dim", type=int, default=8, help="length of the robot's state vector (default: 8, LIBERO's)"
+    )
+    seed = 7 if defaults_by_device else 0
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=seed,
+        help=f"random weights, inputs and noise: the same seed repeats a run (default: {seed})",
     )
     p.set_defaults(defaults_by_device=defaults_by_device)
 
@@ -644,6 +807,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input or configuration: say what, exit 2
         print(f"vla-runtime: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("vla-runtime: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (TimeoutError, RuntimeError) as err:
+        from .runtime.executor import DeviceHung
+        from .sim.client import SimError
+
+        if not isinstance(err, (TimeoutError, SimError, DeviceHung)):
+            raise  # a bug: its traceback is what a report needs
+        print(f"vla-runtime: failed: {err}", file=sys.stderr)  # the simulator or the device, not the input
+        return 1
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -44,7 +44,10 @@ class PromptTokenizer:
             raise ValueError(f"tokenizer: no SentencePiece model at {path}")
         self.path = path
         self.max_len = max_len
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as err:  # sentencepiece's own parse errors
+            raise ValueError(f"tokenizer: {path} is not a SentencePiece model ({err})") from None
 
     @property
     def vocab_size(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -30,6 +31,9 @@ DEFAULT_OPTIONAL_CAMERAS = ("right_wrist_0_rgb",)
 # states is refused (n_action_steps is the robot's choice of how much of a chunk to execute, so it may
 # differ from a lerobot checkpoint's).
 MODEL_OVERRIDES = ("action_horizon", "n_action_steps", "max_token_len", "state_in_prompt")
+
+
+NOISE_STREAM = 1  # the noise generator's stream beside `seed` (the weights use `seed` alone)
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,11 @@ class RuntimeConfig:
     @property
     def vision_dtype(self) -> torch.dtype:
         return PRECISIONS[self.vision_precision] if self.vision_precision else self.compute_dtype
+
+    def noise_generator(self) -> np.random.Generator:
+        """Where a policy draws the denoising noise it is not given: seeded by `seed` (a stream apart from
+        the random weights'), so the same seed and inputs repeat a run's actions."""
+        return np.random.default_rng([self.seed, NOISE_STREAM])
 
     def replace(self, **changes) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)

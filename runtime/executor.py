@@ -130,6 +130,7 @@ class PipelinedExecutor(Policy):
         self._closed = False
         self._cond = threading.Condition()
         self._infer_lock = threading.Lock()  # one synchronous `infer` at a time
+        self._noise, self._noise_lock = self.config.noise_generator(), threading.Lock()
         self._completions: queue.Queue = queue.Queue()
         for profile in profiles or [self.default_profile()]:
             self._runner(profile)  # capture ahead of time
@@ -149,13 +150,13 @@ class PipelinedExecutor(Policy):
         """Queue an observation; the future resolves to its ActionChunk, or to FrameDropped when a newer
         observation replaced it before it reached the device. Bad input raises ValueError here."""
         inputs = self.parts.preparer(obs)
-        noise = (
-            self.parts.check_noise(noise)
-            if noise is not None
-            else np.random.default_rng().standard_normal(
-                (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32
-            )
-        )
+        if noise is not None:
+            noise = self.parts.check_noise(noise)
+        else:
+            with self._noise_lock:  # a Generator is not thread-safe; submit order fixes the sequence
+                noise = self._noise.standard_normal(
+                    (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32
+                )
         profile = self.default_profile(steps)
         future: Future = Future()
         with self._cond:

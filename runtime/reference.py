@@ -25,7 +25,7 @@ class EagerPolicy(Policy):
         self.steps = self.config.denoising_steps
         times, self.dt = time_schedule(self.steps)
         self.times = torch.from_numpy(times).to(self.parts.device)
-        self._rng = np.random.default_rng()
+        self._rng = self.config.noise_generator()
 
     def reset(self) -> None:
         pass

@@ -40,7 +40,7 @@ class GraphPolicy(Policy):
             {stage: torch.cuda.graph_pool_handle() for stage in STAGES},
         )
         self.events = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
-        self._rng = np.random.default_rng()
+        self._rng = self.config.noise_generator()
 
     def reset(self) -> None:
         pass

@@ -26,23 +26,22 @@ class SimClient:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.endpoint)
 
-    def call_raw(self, payload: bytes) -> dict:
+    def call_raw(self, payload: bytes, timeout_s: float | None = None) -> dict:
+        timeout_ms = self.timeout_ms if timeout_s is None else int(timeout_s * 1000)
         self._socket.send(payload)
-        if not self._socket.poll(self.timeout_ms):
+        if not self._socket.poll(timeout_ms):
             self._connect()  # a REQ socket that missed its reply cannot send again: start over
-            raise TimeoutError(
-                f"sim server at {self.endpoint} did not answer in {self.timeout_ms / 1000:.0f} s"
-            )
+            raise TimeoutError(f"sim server at {self.endpoint} did not answer in {timeout_ms / 1000:.0f} s")
         return protocol.decode(self._socket.recv())
 
-    def call(self, op: str, **fields) -> dict:
-        reply = self.call_raw(protocol.request(op, **fields))
+    def call(self, op: str, timeout_s: float | None = None, **fields) -> dict:
+        reply = self.call_raw(protocol.request(op, **fields), timeout_s)
         if not reply.get("ok"):
             raise SimError(reply.get("error", "unknown error"))
         return reply
 
-    def suites(self) -> list[str]:
-        return self.call("list_suites")["suites"]
+    def suites(self, timeout_s: float | None = None) -> list[str]:
+        return self.call("list_suites", timeout_s)["suites"]
 
     def tasks(self, suite: str) -> list[dict]:
         return self.call("list_tasks", suite=suite)["tasks"]

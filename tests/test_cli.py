@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # The console script that `pip install .` put beside this interpreter.
@@ -53,6 +55,69 @@ def test_infer_human_output_says_random_weights():
 def test_bad_arguments_exit_2(args, field):
     out = run("infer", *args)
     assert out.returncode == 2 and field in out.stderr
+
+
+# Each entry point's refusals (docs/cli.md has the table): exit 2, the option named, no traceback.
+REFUSED = [
+    (["infer", "--frames", "0"], "argument --frames: must be at least 1, got 0"),
+    (["infer", "--frames", "-5"], "argument --frames: must be at least 1"),
+    (["infer", "--tokenizer", "{garbage}"], "tokenizer: "),
+    (["infer", "--tokenizer", "{empty}"], "tokenizer: "),
+    (["infer", "--robot", "franka"], "robot: "),
+    (["accuracy", "--frames", "0"], "argument --frames: must be at least 1"),
+    (["eval-libero", "--trials", "0"], "argument --trials: must be at least 1"),
+    (["eval-libero", "--max-steps", "0"], "argument --max-steps: must be at least 1"),
+    (["eval-libero", "--replan-steps", "0"], "argument --replan-steps: must be at least 1"),
+    (["eval-libero", "--tasks", "abc"], "argument --tasks: 'abc' is not a comma-separated list"),
+    (["eval-libero", "--suite", "libero_nope"], "argument --suite: invalid choice: 'libero_nope'"),
+    (["eval-libero", "--endpoint", "notaurl"], "argument --endpoint: 'notaurl' is not a ZeroMQ endpoint"),
+    (["eval-libero", "--out", "/proc/nope/out"], "--out: cannot create /proc/nope/out"),
+    (["demo", "--max-steps", "-3"], "argument --max-steps: must be at least 1, got -3"),
+    (["demo", "--out", "/proc/nope/out"], "--out: cannot create /proc/nope/out"),
+    (["profile", "--out", "/proc/nope/out"], "--out: cannot create /proc/nope/out"),
+    (["profile", "--top", "0"], "argument --top: must be at least 1"),
+    (
+        ["calibrate", "--observations", "x.mcap", "--out", "s.safetensors", "--margin", "0"],
+        "--margin: must be > 0",
+    ),
+    (["node", "--rate-hz", "0"], "argument --rate-hz: must be > 0"),
+]
+
+
+@pytest.mark.parametrize("args, message", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_bad_input_exits_2_naming_the_option(tmp_path, args, message):
+    garbage, empty = tmp_path / "garbage.model", tmp_path / "empty.model"
+    garbage.write_bytes(np.random.default_rng().bytes(1000))
+    empty.write_bytes(b"")
+    out = run(*[a.format(garbage=garbage, empty=empty) for a in args])
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_the_same_seed_repeats_the_actions():
+    first, second, other = (run("infer", "--seed", seed, "--json") for seed in ("3", "3", "4"))
+    actions = [json.loads(o.stdout)["actions"] for o in (first, second, other)]
+    assert actions[0] == actions[1] and actions[0] != actions[2]
+
+
+def test_a_closed_pipe_ends_quietly():
+    reader = subprocess.run(
+        f"'{EXE}' info | head -c 10", shell=True, capture_output=True, text=True, timeout=300
+    )
+    writer = subprocess.run(
+        f"'{EXE}' infer --frames 2 | true", shell=True, capture_output=True, text=True, timeout=300
+    )
+    assert "Traceback" not in reader.stderr + writer.stderr and "Broken pipe" not in writer.stderr
+
+
+def test_ctrl_c_ends_cleanly():
+    proc = subprocess.Popen([EXE, "infer", "--frames", "100000"], stderr=subprocess.PIPE, text=True)
+    try:
+        proc.wait(timeout=8)  # start-up; it cannot finish 100000 frames
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
 
 
 def test_profile_captured_needs_cuda():

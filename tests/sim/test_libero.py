@@ -234,3 +234,24 @@ def test_wall_clock_mode_counts_misses_and_overruns(tmp_path, server):
     assert 1 <= summary["chunks"] <= 21 and summary["deadline_misses"] <= 20
     node = episode["policy_diagnostics"]
     assert int(node["observations"]) >= summary["chunks"]  # the node saw at least what came back
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "99"], "--tasks: [99] out of range 0..9 for libero_spatial"),
+        (["--endpoint", "tcp://127.0.0.1:1"], "--endpoint: no sim server answered at tcp://127.0.0.1:1"),
+    ],
+)
+def test_sim_mistakes_are_named_before_the_model_loads(server, tmp_path, args, message):
+    """A task the suite lacks, or an endpoint where no server listens: exit 2 naming the option, found on
+    first contact with the server (the model is not built)."""
+    endpoint = [] if "--endpoint" in args else ["--endpoint", server.endpoint]
+    run = subprocess.run(
+        [CLI, "eval-libero", *endpoint, *args, "--max-steps", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert "loading" not in run.stderr  # refused before the model was built
