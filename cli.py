@@ -119,35 +119,21 @@ def cmd_info(args) -> int:
 
 
 def runtime_config_from_args(args):
+    """The model options (one per setting of runtime/settings.py) as a RuntimeConfig. Where the device is
+    not given, demo and eval-libero take CUDA when there is one, with pi05 and bf16 there."""
     from .runtime.config import RuntimeConfig
+    from .runtime.settings import config_values
 
-    device = args.device
-    if device is None:
+    values = config_values(lambda name: getattr(args, name))
+    if values["device"] is None:
         import torch
 
-        device = "cuda" if args.defaults_by_device and torch.cuda.is_available() else "cpu"
-    preset = args.preset
-    if preset is None and args.checkpoint is None and args.defaults_by_device:
-        preset = "pi05" if device.startswith("cuda") else "pi05_tiny"
-    return RuntimeConfig(
-        preset=preset,
-        checkpoint=args.checkpoint,
-        action_horizon=args.action_horizon,
-        n_action_steps=args.n_action_steps,
-        max_token_len=args.max_token_len,
-        state_in_prompt=None if args.state_in_prompt is None else args.state_in_prompt == "true",
-        allow_unnormalized=args.allow_unnormalized,
-        robot=args.robot,
-        tokenizer=args.tokenizer,
-        device=device,
-        precision=args.precision or ("bf16" if device != "cpu" else "float32"),
-        vision_precision=args.vision_precision,
-        fp8_expert=args.fp8_expert,
-        fp8_calibration=args.fp8_calibration,
-        steps=args.steps,
-        state_dim=args.state_dim,
-        seed=args.seed,
-    )
+        values["device"] = "cuda" if args.defaults_by_device and torch.cuda.is_available() else "cpu"
+    if values["preset"] is None and values["checkpoint"] is None and args.defaults_by_device:
+        values["preset"] = "pi05" if values["device"].startswith("cuda") else "pi05_tiny"
+    if values["precision"] is None:
+        values["precision"] = "bf16" if values["device"] != "cpu" else "float32"
+    return RuntimeConfig(**values)
 
 
 def cmd_infer(args) -> int:
@@ -730,67 +716,61 @@ def add_preset_arg(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help=help_text)
 
 
+# What the command line shows as the default where it is not RuntimeConfig's (chosen when the run starts).
+CLI_DEFAULTS = {
+    "device": "cpu",
+    "precision": "bf16 on CUDA, float32 on the CPU",
+}
+CLI_DEFAULTS_BY_DEVICE = {
+    "device": "cuda when there is one",
+    "preset": "pi05 on CUDA, pi05_tiny on the CPU; with --checkpoint, the checkpoint's model",
+    "seed": "7",
+}
+
+
 def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False) -> None:
-    """The model and precision options. With defaults_by_device (demo, eval-libero) the device defaults to
-    CUDA where there is one, and the random-weight preset to pi05 there (pi05_tiny on the CPU)."""
-    add_preset_arg(
-        p,
-        "model for random weights (default: "
-        + ("pi05 on CUDA, pi05_tiny on the CPU" if defaults_by_device else "pi05_tiny")
-        + "; with --checkpoint, the checkpoint's model)",
-    )
-    p.add_argument("--checkpoint", default=None, help="openpi or lerobot checkpoint directory")
-    p.add_argument("--robot", default=None, help="which assets/<robot>/norm_stats.json to use")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece model (PaliGemma's)")
-    p.add_argument(
-        "--allow-unnormalized",
-        action="store_true",
-        help="serve a checkpoint without normalisation statistics (actions in normalised units)",
-    )
-    p.add_argument("--action-horizon", type=int, default=None, help="default: the checkpoint's (preset's)")
-    p.add_argument("--n-action-steps", type=int, default=None, help="actions of a chunk offered to the robot")
-    p.add_argument("--max-token-len", type=int, default=None, help="padded prompt length in tokens")
-    p.add_argument(
-        "--state-in-prompt",
-        choices=["true", "false"],
-        default=None,
-        help="pi0.5: the discretised state in the prompt (default: the checkpoint's; true for pi05)",
-    )
-    p.add_argument(
-        "--device",
-        default=None,
-        help="cpu or cuda[:N] (default: " + ("cuda when available)" if defaults_by_device else "cpu)"),
-    )
-    p.add_argument(
-        "--precision",
-        default=None,
-        choices=["float32", "bf16", "fp8"],
-        help="default: bf16 on CUDA, float32 on the CPU; fp8 = the prefix's GEMMs in FP8 (Hopper/Ada)",
-    )
-    p.add_argument(
-        "--vision-precision",
-        default=None,
-        choices=["float32", "bf16", "fp16"],
-        help="the SigLIP tower's precision (default: as --precision)",
-    )
-    p.add_argument("--fp8-expert", action="store_true", help="with fp8: the action expert's GEMMs too")
-    p.add_argument(
-        "--fp8-calibration",
-        default=None,
-        help="FP8 activation scales from `vla-runtime calibrate` (default: synthetic frames at start-up)",
-    )
-    p.add_argument("--steps", type=int, default=None, help="denoising steps 1..10 (default: the model's)")
-    p.add_argument(
-        "--state-dim", type=int, default=8, help="length of the robot's state vector (default: 8, LIBERO's)"
-    )
-    seed = 7 if defaults_by_device else 0
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=seed,
-        help=f"random weights, inputs and noise: the same seed repeats a run (default: {seed})",
-    )
+    """One option per setting (runtime/settings.py), with its help, choices, range and default. With
+    defaults_by_device (demo, eval-libero) the device defaults to CUDA where there is one, and the
+    random-weight preset to pi05 there (pi05_tiny on the CPU)."""
+    from .runtime.settings import SETTINGS
+
+    shown = {**CLI_DEFAULTS, **(CLI_DEFAULTS_BY_DEVICE if defaults_by_device else {})}
+    for s in SETTINGS:
+        if s.name == "preset" and not defaults_by_device:
+            shown_default = "pi05_tiny; with --checkpoint, the checkpoint's model"
+        else:
+            shown_default = shown.get(s.name, s.default)
+        unshown = shown_default in ("", None, False) or shown_default == s.unset
+        suffix = "" if unshown else f" (default: {shown_default})"
+        help_text = s.help + suffix
+        if s.kind is bool:
+            p.add_argument(s.flag, action="store_true", help=help_text)
+            continue
+        if s.words is not None:
+            p.add_argument(s.flag, choices=list(s.words), default="auto", help=help_text)
+            continue
+        kwargs = {"choices": list(s.choices)} if s.choices else {"type": setting_type(s)}
+        default = None if s.name in shown or s.unset is not None else s.default
+        if s.name == "seed" and defaults_by_device:
+            default = 7  # openpi's LIBERO evaluation seed
+        p.add_argument(s.flag, default=default, help=help_text, **kwargs)
     p.set_defaults(defaults_by_device=defaults_by_device)
+
+
+def setting_type(setting):
+    """An argparse type that parses the setting's kind and refuses a value out of its range."""
+
+    def parse(text: str):
+        try:
+            value = setting.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {setting.kind.__name__}") from None
+        reason = setting.check_set(value)
+        if reason:
+            raise argparse.ArgumentTypeError(f"{reason}, got {text}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

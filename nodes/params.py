@@ -12,10 +12,11 @@ from typing import Any, Callable
 
 import yaml
 
-from ..graphs.config import PI0_CAMERAS, PRESETS
+from ..graphs.config import PI0_CAMERAS
+from ..runtime.config import RuntimeConfig
+from ..runtime.settings import SETTINGS, STATE_IN_PROMPT, Setting, config_values
 
-# The state_in_prompt parameter's values (words, not true/false: ROS would read those as booleans).
-STATE_IN_PROMPT = {"auto": None, "with_state": True, "without_state": False}
+__all__ = ["PARAMS", "BY_NAME", "STATE_IN_PROMPT", "launch_overrides", "runtime_config_from_params"]
 
 # LIBERO's Franka: 7 actions (6 end-effector deltas + gripper); names are what the trajectory carries.
 DEFAULT_JOINTS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
@@ -50,124 +51,27 @@ def _names_or_empty(v):
     return None if not v else _names(v)
 
 
-def _device(v):
-    return None if v == "cpu" or v.startswith("cuda") else "must be cpu or cuda[:N]"
+def _from_setting(setting: Setting) -> Param:
+    """A model setting (runtime/settings.py) as a node parameter: the same default, help and check."""
+    rng = None
+    if setting.range is not None:  # the declared range must admit the "not set" value (0)
+        low = (
+            min(setting.range[0], setting.unset)
+            if isinstance(setting.unset, (int, float))
+            else setting.range[0]
+        )
+        rng = (low, setting.range[1])
+    help_text = setting.help[0].upper() + setting.help[1:] + "."
+    return Param(
+        setting.name, setting.default, help_text, setting.check, rng, needs_reconfigure=not setting.live
+    )
 
 
-PARAMS = (
-    Param(
-        "preset",
-        "",
-        "Model preset for random weights; empty = the checkpoint's model, or pi05_tiny without one.",
-        _one_of("", *PRESETS),
-        needs_reconfigure=True,
-    ),
-    Param(
-        "checkpoint",
-        "",
-        "Checkpoint directory (openpi or lerobot); empty = random weights.",
-        needs_reconfigure=True,
-    ),
-    Param(
-        "action_horizon",
-        0,
-        "Actions the model generates per chunk; 0 = the checkpoint's (or preset's).",
-        _in_range(0, 1000),
-        (0, 1000),
-        needs_reconfigure=True,
-    ),
-    Param(
-        "n_action_steps",
-        0,
-        "Actions of each chunk offered to the robot; 0 = the checkpoint's (else the whole horizon).",
-        _in_range(0, 1000),
-        (0, 1000),
-        needs_reconfigure=True,
-    ),
-    Param(
-        "max_token_len",
-        0,
-        "Padded prompt length in tokens; 0 = the checkpoint's (or preset's).",
-        _in_range(0, 4096),
-        (0, 4096),
-        needs_reconfigure=True,
-    ),
-    Param(
-        "state_in_prompt",
-        "auto",
-        "pi0.5: with_state (the discretised state in the prompt) or without_state; auto = the checkpoint's.",
-        _one_of(*STATE_IN_PROMPT),
-        needs_reconfigure=True,
-    ),
-    Param(
-        "allow_unnormalized",
-        False,
-        "Serve a trained checkpoint without normalisation statistics (actions in normalised units).",
-        needs_reconfigure=True,
-    ),
-    Param(
-        "tokenizer",
-        "",
-        "SentencePiece model; empty = the checkpoint's, or the demo tokenizer.",
-        needs_reconfigure=True,
-    ),
-    Param(
-        "robot", "", "Which assets/<robot>/norm_stats.json of the checkpoint to use.", needs_reconfigure=True
-    ),
-    Param("device", "cpu", "cpu or cuda[:N].", _device, needs_reconfigure=True),
-    Param(
-        "precision",
-        "float32",
-        "float32, bf16, or fp8 (the prefix's GEMMs in FP8, the rest bf16).",
-        _one_of("float32", "bf16", "fp8"),
-        needs_reconfigure=True,
-    ),
-    Param(
-        "vision_precision",
-        "",
-        "The vision tower's precision (float32, bf16, fp16); empty = as precision.",
-        _one_of("", "float32", "bf16", "fp16"),
-        needs_reconfigure=True,
-    ),
-    Param(
-        "fp8_expert",
-        False,
-        "With precision fp8: the action expert's GEMMs in FP8 too (faster, inside the accuracy gates).",
-        needs_reconfigure=True,
-    ),
-    Param(
-        "fp8_calibration",
-        "",
-        "FP8 activation scales (vla-runtime calibrate); empty = calibrate on synthetic frames at start-up.",
-        needs_reconfigure=True,
-    ),
-    Param(
-        "fp8_calibration_margin",
-        1.25,
-        "Headroom over the largest activation seen, when calibrating at start-up.",
-        _in_range(1.0, 4.0),
-        (1.0, 4.0),
-        needs_reconfigure=True,
-    ),
+PARAMS = tuple(_from_setting(s) for s in SETTINGS) + (
     Param(
         "record_observations",
         "",
         "Record every observation served to this MCAP file (for vla-runtime calibrate); empty = off.",
-        needs_reconfigure=True,
-    ),
-    Param(
-        "steps",
-        0,
-        "Denoising steps per chunk, 1..10; 0 = the checkpoint's (or 10).",
-        _in_range(0, 10),
-        (0, 10),
-    ),
-    Param(
-        "seed",
-        0,
-        "Seed of random weights (no checkpoint).",
-        _in_range(0, 2**31 - 1),
-        (0, 2**31 - 1),
         needs_reconfigure=True,
     ),
     Param(
@@ -248,9 +152,6 @@ PARAMS = (
         needs_reconfigure=True,
     ),
     Param(
-        "state_dim", 8, "Length of the robot state vector.", _in_range(1, 32), (1, 32), needs_reconfigure=True
-    ),
-    Param(
         "state_msg_type",
         "joint_state",
         "joint_state (sensor_msgs/JointState.position) or float32_multi_array (std_msgs/Float32MultiArray).",
@@ -298,3 +199,15 @@ def launch_overrides(given: dict[str, str]) -> dict[str, Any]:
             raise ValueError(f"{name}:={text}: {reason}")
         overrides[name] = value
     return overrides
+
+
+def runtime_config_from_params(get) -> RuntimeConfig:
+    """The RuntimeConfig a node's parameters describe (`get(name)` reads one)."""
+    joints = tuple(get("joint_names"))
+    cameras = list(get("cameras"))
+    return RuntimeConfig(
+        **config_values(get),
+        robot_action_dim=len(joints),
+        action_names=joints,
+        optional_cameras=tuple(c for c in get("optional_cameras") if c in cameras),
+    )

@@ -60,7 +60,7 @@ from .conversions import (
     state_from_joint_state,
     state_vector,
 )
-from .params import BY_NAME, PARAMS, STATE_IN_PROMPT
+from .params import BY_NAME, PARAMS, runtime_config_from_params
 
 LOG_THROTTLE_S = 2.0
 CLOCK_JUMP_S = 0.001  # the clock going back by more than this resets the serving state
@@ -210,31 +210,7 @@ class PolicyNode(LifecycleNode):
             self._log_serving()
 
     def runtime_config(self) -> RuntimeConfig:
-        joints = tuple(self.param("joint_names"))
-        cameras = list(self.param("cameras"))
-        return RuntimeConfig(
-            preset=self.param("preset") or None,
-            checkpoint=self.param("checkpoint") or None,
-            action_horizon=self.param("action_horizon") or None,
-            n_action_steps=self.param("n_action_steps") or None,
-            max_token_len=self.param("max_token_len") or None,
-            state_in_prompt=STATE_IN_PROMPT[self.param("state_in_prompt")],
-            allow_unnormalized=self.param("allow_unnormalized"),
-            fp8_calibration=self.param("fp8_calibration") or None,
-            fp8_calibration_margin=self.param("fp8_calibration_margin"),
-            tokenizer=self.param("tokenizer") or None,
-            robot=self.param("robot") or None,
-            device=self.param("device"),
-            precision=self.param("precision"),
-            vision_precision=self.param("vision_precision") or None,
-            fp8_expert=self.param("fp8_expert"),
-            steps=self.param("steps") or None,
-            seed=self.param("seed"),
-            state_dim=self.param("state_dim"),
-            robot_action_dim=len(joints),
-            action_names=joints,
-            optional_cameras=tuple(c for c in self.param("optional_cameras") if c in cameras),
-        )
+        return runtime_config_from_params(self.param)
 
     def _configure(self) -> RuntimeConfig:
         config = self.runtime_config()

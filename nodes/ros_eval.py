@@ -38,33 +38,16 @@ class PolicyNodeProcess:
 
 
 def node_params(config, record: str | None = None) -> dict:
-    """The policy node's parameters for a RuntimeConfig (only what differs from the node's defaults)."""
-    from .params import STATE_IN_PROMPT
+    """The policy node's parameters for a RuntimeConfig: every setting (runtime/settings.py) that differs
+    from the node's default, so nothing given on the command line is lost on the way to the node (and no
+    empty value is passed: rcl cannot parse `-p name:=`)."""
+    from ..runtime.settings import setting_values
+    from .params import BY_NAME
 
-    params = {
-        "device": config.device,
-        "precision": config.precision,
-        "steps": config.denoising_steps,
-        "seed": config.seed,
-        "state_dim": config.state_dim,
-        "allow_unnormalized": config.allow_unnormalized,
-        "fp8_expert": config.fp8_expert,
-        "fp8_calibration_margin": config.fp8_calibration_margin,
-    }
-    optional = {
-        "preset": config.preset,
-        "checkpoint": config.checkpoint,
-        "robot": config.robot,
-        "tokenizer": config.tokenizer,
-        "vision_precision": config.vision_precision,
-        "fp8_calibration": config.fp8_calibration,
-        "action_horizon": config.action_horizon,
-        "n_action_steps": config.n_action_steps,
-        "max_token_len": config.max_token_len,
-        "state_in_prompt": {v: k for k, v in STATE_IN_PROMPT.items()}[config.state_in_prompt],
-        "record_observations": str(Path(record).resolve()) if record else None,
-    }
-    return {**params, **{k: v for k, v in optional.items() if v is not None}}
+    params = {k: v for k, v in setting_values(config).items() if v != BY_NAME[k].default}
+    if record:
+        params["record_observations"] = str(Path(record).resolve())
+    return params
 
 
 STARTUP_TIMEOUT_S = 600.0  # loading, compiling and capturing pi05 on a GPU takes about a minute

@@ -48,7 +48,7 @@ def test_infer_human_output_says_random_weights():
         (["--preset", "pi9"], "preset"),
         (["--checkpoint", "/nonexistent"], "checkpoint"),
         (["--fp8-expert"], "fp8_expert: needs precision fp8"),
-        (["--action-horizon", "0"], "action_horizon: must be a positive integer"),
+        (["--action-horizon", "0"], "argument --action-horizon: must be in [1, 1000], got 0"),
         (["--state-in-prompt", "maybe"], "state-in-prompt"),
     ],
 )

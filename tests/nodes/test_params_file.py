@@ -45,7 +45,7 @@ def test_launch_arguments_override_the_file_only_when_given():
     }
     assert launch_overrides({p.name: "" for p in PARAMS}) == {}
     for name, text, reason in (
-        ("steps", "50", "steps:=50: must be in [0, 10]"),
+        ("steps", "50", "steps:=50: must be in [1, 10]"),
         ("precision", "fp4", "precision:=fp4: must be one of"),
         ("fp8_expert", "maybe", "fp8_expert:=maybe: expected bool"),
         ("state_in_prompt", "false", "state_in_prompt:=false: must be one of"),

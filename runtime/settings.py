@@ -1,0 +1,179 @@
+"""The settings a user gives the runtime, declared once.
+
+Each is a field of `RuntimeConfig` (whose dataclass default is the setting's default), with its help,
+its choices or range, and the value that stands for "not set" (RuntimeConfig's None) where a command
+line or a ROS parameter cannot say None: "" for text, 0 for counts, "auto" for a tri-state. From this
+table come the command line's model options (`cli.add_model_args`), the policy node's model parameters
+(`nodes/params.py`, hence the launch arguments and the keys of policy.yaml), and the conversions between
+a RuntimeConfig and either. RuntimeConfig itself checks the values, once, for every entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..graphs.config import PRESETS
+from .config import PRECISIONS, RuntimeConfig
+
+# state_in_prompt in words (a ROS parameter of true/false would be a bool and could not say "auto").
+STATE_IN_PROMPT = {"auto": None, "with_state": True, "without_state": False}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # RuntimeConfig field, ROS parameter; --name-with-dashes on the command line
+    help: str
+    kind: type  # str, int, float or bool: what the command line and ROS carry
+    unset: Any = None  # the command line's and ROS's value for RuntimeConfig's None
+    choices: tuple = ()
+    range: tuple[float, float] | None = None  # of a set value (not of `unset`)
+    words: dict | None = None  # word -> RuntimeConfig value, for settings given in words
+    live: bool = False  # a running node applies a change at once (others at the next configure)
+
+    @property
+    def default(self) -> Any:
+        """RuntimeConfig's default, as the command line and ROS carry it."""
+        return self.from_config(_CONFIG_DEFAULTS[self.name])
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def to_config(self, value: Any) -> Any:
+        """A command-line or ROS value -> RuntimeConfig's (None where it means "not set")."""
+        if self.words is not None:
+            return self.words[value]
+        return None if value is None or value == self.unset and self.unset is not None else value
+
+    def from_config(self, value: Any) -> Any:
+        if self.words is not None:
+            return {v: k for k, v in self.words.items()}[value]
+        return self.unset if value is None else value
+
+    def check(self, value: Any) -> str | None:
+        """Why a ROS value is refused (choices and range; RuntimeConfig checks the rest); `unset` is
+        accepted."""
+        if self.words is None and value == self.unset and self.unset is not None:
+            return None
+        return self.check_set(value)
+
+    def check_set(self, value: Any) -> str | None:
+        """Why a value given on the command line is refused (there, not giving it means not set)."""
+        if self.words is not None:
+            return None if value in self.words else f"must be one of {', '.join(map(repr, self.words))}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(map(repr, self.choices))}"
+        if self.range is not None and not self.range[0] <= value <= self.range[1]:
+            return f"must be in [{self.range[0]}, {self.range[1]}]"
+        return None
+
+
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RuntimeConfig)}
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "preset",
+        "model preset for random weights; none = the checkpoint's model, or pi05_tiny without one",
+        str,
+        "",
+        choices=tuple(sorted(PRESETS)),
+    ),
+    Setting("checkpoint", "checkpoint directory (openpi or lerobot); none = random weights", str, ""),
+    Setting(
+        "action_horizon",
+        "actions generated per chunk; none = the checkpoint's (or preset's)",
+        int,
+        0,
+        range=(1, 1000),
+    ),
+    Setting(
+        "n_action_steps",
+        "actions of each chunk offered to the robot; none = the checkpoint's (else the whole horizon)",
+        int,
+        0,
+        range=(1, 1000),
+    ),
+    Setting(
+        "max_token_len",
+        "padded prompt length in tokens; none = the checkpoint's (or preset's)",
+        int,
+        0,
+        range=(1, 4096),
+    ),
+    Setting(
+        "state_in_prompt",
+        "pi0.5: with_state (the discretised state in the prompt) or without_state; auto = the checkpoint's",
+        str,
+        words=STATE_IN_PROMPT,
+    ),
+    Setting(
+        "allow_unnormalized",
+        "serve a trained checkpoint without normalisation statistics (actions in normalised units)",
+        bool,
+    ),
+    Setting("tokenizer", "SentencePiece model; none = the checkpoint's, or the demo tokenizer", str, ""),
+    Setting("robot", "which assets/<robot>/norm_stats.json of the checkpoint to use", str, ""),
+    Setting("device", "cpu or cuda[:N]", str),
+    Setting(
+        "precision",
+        "float32, bf16, or fp8 (the prefix's GEMMs in FP8, the rest bf16; Hopper or Ada)",
+        str,
+        choices=("float32", "bf16", "fp8"),
+    ),
+    Setting(
+        "vision_precision",
+        "the SigLIP tower's precision; none = as precision",
+        str,
+        "",
+        choices=tuple(sorted(PRECISIONS)),
+    ),
+    Setting("fp8_expert", "with precision fp8: the action expert's GEMMs in FP8 too", bool),
+    Setting(
+        "fp8_calibration",
+        "FP8 activation scales (`vla-runtime calibrate`); none = calibrated on synthetic frames at start-up",
+        str,
+        "",
+    ),
+    Setting(
+        "fp8_calibration_margin",
+        "headroom over the largest activation seen, when calibrating",
+        float,
+        range=(1.0, 4.0),
+    ),
+    Setting(
+        "steps", "denoising steps per chunk, 1..10; none = the model's", int, 0, range=(1, 10), live=True
+    ),
+    Setting(
+        "seed", "random weights and denoising noise: the same seed repeats a run", int, range=(0, 2**31 - 1)
+    ),
+    Setting("state_dim", "length of the robot's state vector", int, range=(1, 32)),
+    Setting(
+        "device_timeout_s",
+        "a frame on the device longer than this is declared hung (its chunk fails, health says so)",
+        float,
+        range=(0.1, 3600.0),
+    ),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+# RuntimeConfig fields that are not settings of their own, and why.
+DERIVED_OR_INTERNAL = {
+    "robot_action_dim": "the node: the number of joint_names",
+    "action_names": "the node: joint_names",
+    "optional_cameras": "the node: optional_cameras among cameras",
+    "compile_stages": "measured default (experiments change it in code)",
+    "fp8_calibration_frames": "synthetic calibration frames (calibrate on recordings instead)",
+    "max_image_side": "a guard against absurd images",
+}
+
+
+def config_values(get) -> dict[str, Any]:
+    """RuntimeConfig keyword arguments from `get(name)` (a ROS parameter or a parsed argument)."""
+    return {s.name: s.to_config(get(s.name)) for s in SETTINGS}
+
+
+def setting_values(config: RuntimeConfig) -> dict[str, Any]:
+    """The settings of a RuntimeConfig as the command line and ROS carry them."""
+    return {s.name: s.from_config(getattr(config, s.name)) for s in SETTINGS}
