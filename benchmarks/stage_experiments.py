@@ -14,19 +14,16 @@ recorded in runtime/config.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import time
-import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 from vla_runtime.graphs import fp8_geglu
-from vla_runtime.graphs import pi0 as pi0_module
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
@@ -35,7 +32,10 @@ from vla_runtime.runtime.stages import StageRunner
 
 # name -> (stage, compile mode or None for Inductor's default, model settings). The model is built once
 # with the FP8 prefix and an FP8 copy of the expert; settings choose whether the expert's FP8 GEMMs are
-# used and how the prefix hands over its KV cache.
+# used, and variants of a stage come in through the runner's public seam (engines at construction). Two
+# earlier variants (the KV cache written in place inside the compiled prefix; the attention bias repeated
+# per grouped head) needed hooks in the product and were retired; their results stay in
+# benchmarks/results/*-stage-experiments-*.json.
 BF16_EXPERT = {"fp8_expert": False}
 VARIANTS = {
     "denoise": ("denoise", None, BF16_EXPERT),
@@ -49,10 +49,8 @@ VARIANTS = {
     ),
     "vision": ("vision", None, {**BF16_EXPERT, "compiled": False}),
     "vision-compiled": ("vision", None, BF16_EXPERT),
-    "prefix-fp8-kv-in-place": ("prefix", None, {**BF16_EXPERT, "kv_in_place": True}),
     "prefix-fp8": ("prefix", None, BF16_EXPERT),
     "prefix-fp8-two-kernel-geglu": ("prefix", None, {**BF16_EXPERT, "fused_geglu": False}),
-    "prefix-fp8-repeated-bias": ("prefix", None, {**BF16_EXPERT, "repeated_bias": True}),
     "prefix-fp8-rope-inside": ("prefix", None, {**BF16_EXPERT, "rope_inside": True}),
     "prefix-fp8-max-autotune": ("prefix", "max-autotune-no-cudagraphs", BF16_EXPERT),
 }
@@ -68,25 +66,13 @@ def apply_settings(model, settings: dict) -> None:
                 layer.mlp.fused_geglu = fused
 
 
-def prefix_rope_inside(runner):
+def prefix_rope_inside(model):
     """The prefix stage with its RoPE tables computed inside the compiled function, as it was before."""
+    fill = torch.compile(model.fill_prefix, dynamic=False)
 
     def run(d):
-        kv, pad = runner.fns["fill"](d.image_tokens, d.image_masks, d.tokens, d.token_masks)
+        kv, pad = fill(d.image_tokens, d.image_masks, d.tokens, d.token_masks)
         d.kv_cache.copy_(kv)
-        d.prefix_mask.copy_(pad)
-
-    return run
-
-
-def prefix_kv_in_place(runner):
-    """The prefix stage as it was before: every layer's keys and values written into the slot's cache
-    inside the compiled function (Inductor then adds one slow strided copy per layer)."""
-
-    def run(d):
-        _, pad = runner.fns["fill"](
-            d.image_tokens, d.image_masks, d.tokens, d.token_masks, kv_cache=d.kv_cache
-        )
         d.prefix_mask.copy_(pad)
 
     return run
@@ -114,24 +100,22 @@ def velocity_concatenated_keys(model):
     return velocity
 
 
-def repeated_bias_attention():
-    """Attention as it was before the bias was broadcast over the grouped heads: the bias repeated G
-    times along the query axis, [B, 1, G*T, S]. Returns the replacements for graphs.pi0's names."""
-    import torch.nn.functional as F  # noqa: N812
+def denoise_with(model, velocity, steps: int):
+    """A denoise engine running `velocity` (compiled here) for each step."""
+    from vla_runtime.graphs.pi0 import time_schedule
 
-    def attention_bias(allowed, dtype):
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return bias.masked_fill(~allowed, float("-inf"))[:, None]  # repeated in the attention below
+    times, dt = time_schedule(steps)
+    times = torch.from_numpy(times).to(next(model.parameters()).device)
+    with torch.inference_mode():
+        conds = model.step_conditioning(times, 1)
+    compiled = torch.compile(velocity, dynamic=False)
 
-    def grouped_attention(q, k, v, bias):
-        b, hq, t, d = q.shape
-        hkv = k.shape[1]
-        bias = bias.repeat(1, 1, hq // hkv, 1)  # inside the compiled function: once per layer, as before
-        scores = torch.matmul(q.reshape(b, hkv, hq // hkv * t, d), k.transpose(-1, -2)) * d**-0.5 + bias
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v).reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+    def run(d):
+        d.actions.copy_(
+            model.denoise(d.kv_cache, d.prefix_mask, d.state, d.noise, times, dt, conds, compiled)
+        )
 
-    return {"attention_bias": attention_bias, "grouped_attention": grouped_attention}
+    return run
 
 
 def time_graph(run, stream, repeats=100, warmup=10) -> list[float]:
@@ -167,27 +151,23 @@ def run_variant(parts, name, stage, mode, settings, steps):
     )
     for slot in buffers.device_slots:
         fill_random_inputs(slot, prompt_tokens=200)
+    engines = {}
+    if settings.get("rope_inside"):
+        engines["prefix"] = prefix_rope_inside(parts.model)
+    if settings.get("concatenated_keys"):
+        engines["denoise"] = denoise_with(parts.model, velocity_concatenated_keys(parts.model), steps)
     runner = StageRunner(
         parts.model,
         buffers,
         parts.device,
         compile_stages=(stage,) if settings.get("compiled", True) else (),
-        compile_modes={stage: mode},
+        engines=engines,
     )
-    if settings.get("kv_in_place"):
-        runner.engines["prefix"] = prefix_kv_in_place(runner)
-    if settings.get("rope_inside"):
-        runner.engines["prefix"] = prefix_rope_inside(runner)
-    if settings.get("concatenated_keys"):
-        runner.fns["velocity"] = torch.compile(velocity_concatenated_keys(parts.model), dynamic=False)
     stream = torch.cuda.Stream()
     started = time.perf_counter()
-    patched = (  # the stage is compiled during capture's warm-up, so the patch must hold through it
-        unittest.mock.patch.multiple(pi0_module, **repeated_bias_attention())
-        if settings.get("repeated_bias")
-        else contextlib.nullcontext()
-    )
-    with patched:
+    # A compile mode is Inductor's configuration while the stage compiles (during capture's warm-up).
+    options = torch._inductor.list_mode_options(mode) if mode else {}
+    with torch._inductor.config.patch(options):
         runner.capture({stage: stream}, {stage: torch.cuda.graph_pool_handle()}, stages=(stage,))
     setup_s = time.perf_counter() - started
     replay = lambda: runner.run(stage, 0)  # noqa: E731

@@ -122,13 +122,12 @@ class PI0Model(nn.Module):
         image_masks,
         tokens,
         token_masks,
-        kv_cache: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Run the prefix LM over image and prompt tokens and write every layer's keys and values.
 
         image_tokens [B, V*T, D], image_masks bool [B, V], tokens long [B, L], token_masks bool [B, L]
-        -> kv_cache [depth, 2, B, Hkv, P, Dh] (written in place when given), prefix_mask bool [B, P].
+        -> kv_cache [depth, 2, B, Hkv, P, Dh], prefix_mask bool [B, P].
         `rope`: the tables from `prefix_rope`, when the caller computed them (see StageRunner).
         """
         hidden, pad = self.prefix_inputs(image_tokens, image_masks, tokens, token_masks)
@@ -139,17 +138,11 @@ class PI0Model(nn.Module):
         keys_values = []
         for i, layer in enumerate(layers):
             q, k, v, gate = layer.qkv(hidden, cos, sin, None)
-            if kv_cache is not None:
-                kv_cache[i, 0].copy_(k)
-                kv_cache[i, 1].copy_(v)
-            else:
-                keys_values.append(torch.stack([k, v]))
+            keys_values.append(torch.stack([k, v]))
             if i == len(layers) - 1:
                 break  # the last layer's output is never read: only its keys and values are
             hidden = layer.finish(hidden, grouped_attention(q, k, v, bias), gate, None)
-        if kv_cache is None:
-            kv_cache = torch.stack(keys_values)
-        return kv_cache, pad
+        return torch.stack(keys_values), pad
 
     # ---------------------------------------------------------------- stage 3: denoise
     def time_conditioning(self, time: torch.Tensor) -> torch.Tensor:

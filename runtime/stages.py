@@ -46,7 +46,6 @@ class StageRunner:
         compile_stages: tuple[str, ...] | bool = (),
         compiled: dict | None = None,
         engines: dict[str, StageEngine] | None = None,
-        compile_modes: dict[str, str] | None = None,
     ):
         self.model = model
         self.buffers = buffers
@@ -68,8 +67,7 @@ class StageRunner:
         for name, fn in list(fns.items()):
             if stage_of[name] in (compile_stages or ()):
                 if name not in compiled:
-                    mode = (compile_modes or {}).get(stage_of[name])  # None: Inductor's default
-                    compiled[name] = torch.compile(fn, dynamic=False, mode=mode)
+                    compiled[name] = torch.compile(fn, dynamic=False)
                 fns[name] = compiled[name]
         self.fns = fns
         # The stage-engine seam: whatever serves a stage reads and writes only the slot's tensors. By
