@@ -23,6 +23,9 @@ MODES = {
 }
 
 
+DENOISE_MS: dict[tuple[str, int], float] = {}
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("horizon", [50, 10])
 def test_latency_by_horizon(benchmark, cuda, mode, horizon):
@@ -52,5 +55,8 @@ def test_latency_by_horizon(benchmark, cuda, mode, horizon):
         engine_total_ms_p50=float(np.median([c.timings_ms["total"] for c in chunks])),
     )
     print(f"horizon {horizon} {mode}: p50 {row['latency_ms']['p50']:.2f} ms, stages {stages}")
+    DENOISE_MS[(mode, horizon)] = stages["denoise"]
+    if (mode, 50) in DENOISE_MS and (mode, 10) in DENOISE_MS:  # fewer actions, no slower (same run)
+        assert DENOISE_MS[(mode, 10)] <= DENOISE_MS[(mode, 50)] * 1.05
     gc.collect()
     torch.cuda.empty_cache()

@@ -50,6 +50,9 @@ def run_rounds(benchmark, policy, frames, rounds, warmup):
     return latencies, stages
 
 
+P50_BY_MODE: dict[str, float] = {}  # filled in order: eager, graphs, pipelined (one run, one GPU)
+
+
 @pytest.mark.parametrize("mode, rounds", [("eager", 30), ("graphs", 300), ("pipelined", 300)])
 def test_latency(benchmark, policies, frames, mode, rounds):
     latencies, stages = run_rounds(benchmark, policies[mode], frames, rounds, warmup=5)
@@ -57,6 +60,9 @@ def test_latency(benchmark, policies, frames, mode, rounds):
     print(
         f"{mode}: p50 {row['latency_ms']['p50']:.2f} ms p99 {row['latency_ms']['p99']:.2f} ms stages {stages}"
     )
+    P50_BY_MODE[mode] = row["latency_ms"]["p50"]
+    if mode == "graphs" and "eager" in P50_BY_MODE:
+        assert P50_BY_MODE["graphs"] < P50_BY_MODE["eager"]  # what the graphs are for
     if mode == "pipelined":
         assert row["latency_ms"]["p99"] <= DEADLINE_MS
 
@@ -108,6 +114,9 @@ def test_pipelined_throughput(benchmark, policies, frames):
         f"pipelined {hz:.1f} chunks/s vs sequential graphs {sequential_hz:.1f} chunks/s "
         f"({hz / sequential_hz:.2f}x)"
     )
+    # every frame answered or dropped; overlapping stages must not lose to one frame at a time
+    assert completed + executor.counters["dropped"] - before["dropped"] == len(futures)
+    assert hz >= 0.95 * sequential_hz
     # A short trace of the streams under load, for docs/performance.md.
     executor.trace = type(executor.trace)()
     flood(0.15)
@@ -135,3 +144,11 @@ def test_steps_sweep(benchmark, policies, frames, steps):
         stages,
         steps=steps,
     )
+    assert all(c.steps == steps for c in chunks)
+    DENOISE_BY_STEPS[steps] = stages["denoise"]
+    if len(DENOISE_BY_STEPS) > 1:  # the denoise stage grows with its steps (measured in this run)
+        ordered = [DENOISE_BY_STEPS[k] for k in sorted(DENOISE_BY_STEPS)]
+        assert ordered == sorted(ordered), DENOISE_BY_STEPS
+
+
+DENOISE_BY_STEPS: dict[int, float] = {}

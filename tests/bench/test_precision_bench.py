@@ -142,3 +142,8 @@ def test_precision_modes(benchmark, cuda):
         f"GFLOP -> floor {floor_ms:.2f} ms (attention at bf16: {floor_bf16_attention_ms:.2f}); measured "
         f"{fp8_prefix:.2f} ms ({fp8_prefix / floor_ms:.2f}x, {fp8_prefix / floor_bf16_attention_ms:.2f}x)"
     )
+    # every mode inside its accuracy gates; FP8 faster than bf16 where it applies; no stage under its floor
+    failed = [name for name, row in rows.items() if not row["accuracy"]["gates_passed"]]
+    assert not failed, failed
+    assert fp8_prefix < rows["pi05-pipelined-bf16"]["stages_ms"]["prefix"]
+    assert fp8_prefix >= floor_ms  # a measurement below the compute floor is a measuring error
