@@ -7,6 +7,8 @@ is refused with the reason while the node keeps running.
 
 from __future__ import annotations
 
+import json
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,7 +63,9 @@ def _from_setting(setting: Setting) -> Param:
             else setting.range[0]
         )
         rng = (low, setting.range[1])
-    help_text = setting.help[0].upper() + setting.help[1:] + "."
+    help_text = setting.help + "."
+    if setting.unset is not None:  # "none" is how the command line says it; ROS says "" or 0
+        help_text = help_text.replace("none = ", f"{json.dumps(setting.unset)} = ")
     return Param(
         setting.name, setting.default, help_text, setting.check, rng, needs_reconfigure=not setting.live
     )
@@ -211,3 +215,26 @@ def runtime_config_from_params(get) -> RuntimeConfig:
         action_names=joints,
         optional_cameras=tuple(c for c in get("optional_cameras") if c in cameras),
     )
+
+
+YAML_HEADER = """\
+# Parameters of the vla_runtime policy node, generated from their one declaration
+# (`python -m vla_runtime.nodes.params > launch/config/policy.yaml`; a test keeps the two equal).
+# Loaded by launch/policy.launch.py and by `vla-runtime node`; `/**` matches any node name and namespace.
+# Each value is the default; `ros2 param describe` explains each parameter too.
+/**:
+  ros__parameters:
+"""
+
+
+def policy_yaml() -> str:
+    """policy.yaml: every parameter with its default, its description as the comment above it."""
+    lines = [YAML_HEADER.rstrip("\n")]
+    for p in PARAMS:
+        lines += textwrap.wrap(p.description, 100, initial_indent="    # ", subsequent_indent="    # ")
+        lines.append(f"    {p.name}: {json.dumps(p.default)}")  # JSON is YAML: quoted strings, [..]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(policy_yaml(), end="")

@@ -52,3 +52,11 @@ def test_launch_arguments_override_the_file_only_when_given():
     ):
         with pytest.raises(ValueError, match=re.escape(reason)):
             launch_overrides({name: text})
+
+
+def test_policy_yaml_is_generated_from_the_declaration():
+    from vla_runtime.nodes.params import policy_yaml
+
+    assert POLICY_YAML.read_text() == policy_yaml(), (
+        "launch/config/policy.yaml is stale: python -m vla_runtime.nodes.params > launch/config/policy.yaml"
+    )
