@@ -12,6 +12,7 @@ export MUJOCO_GL := egl
 .PHONY: demo test install libero system-deps venv clean lint
 
 $(STAMP): requirements.txt
+	@echo "==> [1/4] creating $(VENV) and installing requirements.txt (torch, rclpy, ...; a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==25.3
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -21,6 +22,7 @@ venv: $(STAMP)
 
 # Non-editable install, so the package (and its ament index entries) is used exactly as a user gets it.
 install: $(STAMP)
+	@echo "==> [2/4] installing vla_runtime into $(VENV)"
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
 
 # Headless rendering for MuJoCo (EGL, Mesa on the CPU). Installed only where missing.
@@ -31,6 +33,7 @@ system-deps:
 	fi
 
 $(LIBERO_STAMP): sim/requirements-libero.txt
+	@echo "==> [3/4] creating $(LIBERO_VENV) for LIBERO (numpy<2, robosuite, mujoco; a few minutes)"
 	$(PYTHON) -m venv $(LIBERO_VENV)
 	$(LIBERO_VENV)/bin/python -m pip install --quiet --upgrade pip==25.3
 	$(LIBERO_VENV)/bin/python -m pip install --quiet -r sim/requirements-libero.txt
@@ -38,6 +41,7 @@ $(LIBERO_STAMP): sim/requirements-libero.txt
 
 # The sim server imports vla_runtime.sim from this package (its protocol needs only numpy and msgpack).
 libero: system-deps $(LIBERO_STAMP)
+	@echo "==> [4/4] installing vla_runtime's sim server into $(LIBERO_VENV)"
 	$(LIBERO_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
 
 demo: install libero

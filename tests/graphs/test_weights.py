@@ -252,8 +252,13 @@ def test_group_names_collapses_layers():
     assert group_names(names) == ["y.bias", "x.layers.{0-2,5}.w"]
 
 
-def test_key_mapping_round_trips():
-    model = build_model(get_preset("pi0_tiny"))
-    for name in model.state_dict():
-        openpi = module_key_to_openpi(name)
-        assert openpi.startswith(("paligemma_with_expert.", "action_", "state_proj")), openpi
+@pytest.mark.parametrize("preset", ["pi0_tiny", "pi05_tiny"])
+def test_key_mapping_round_trips(preset):
+    """Every module key maps to an openpi name and back to itself, and no two share an openpi name."""
+    from vla_runtime.graphs.checkpoint import openpi_key_to_module
+
+    names = list(build_model(get_preset(preset)).state_dict())
+    openpi = [module_key_to_openpi(name) for name in names]
+    assert all(k.startswith(("paligemma_with_expert.", "action_", "state_proj", "time_mlp")) for k in openpi)
+    assert len(set(openpi)) == len(names)
+    assert [openpi_key_to_module(k) for k in openpi] == names
