@@ -46,7 +46,7 @@ from std_msgs.msg import Float32MultiArray, String
 from trajectory_msgs.msg import JointTrajectory
 
 from ..runtime.config import RuntimeConfig
-from ..runtime.executor import ExecutorClosed, PipelinedExecutor
+from ..runtime.executor import DeviceHung, ExecutorClosed, PipelinedExecutor
 from ..runtime.policy import FrameDropped, Policy
 from ..runtime.scheduler import ChunkScheduler, ScheduledActions
 from ..runtime.timing import LatencyStats
@@ -298,7 +298,10 @@ class PolicyNode(LifecycleNode):
                 self.phase = "inactive"
         self._reset_serving_state()
         if self.policy is not None:
-            self.policy.reset()
+            try:
+                self.policy.reset()
+            except DeviceHung as err:  # deactivated all the same; diagnostics keep saying the device hangs
+                self.get_logger().error(f"deactivate: {err}")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
