@@ -11,7 +11,7 @@ from vla_runtime.runtime.executor import FrameDropped, PipelinedExecutor
 from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
-from ..runtime.test_executor import wait_dispatched
+from ..runtime.test_executor import FailsOnce, wait_dispatched
 
 # bf16 tolerance, relative to the largest action magnitude. The executor runs Inductor-fused kernels that
 # keep some intermediates in float32 where the eager reference rounds to bf16 after every op, so the two
@@ -158,16 +158,7 @@ def test_a_failure_while_issuing_recovers_on_cuda(pi05):
     """The denoise step raises after vision and prefix are on the device: the frame fails, the device is
     drained, and the following frames (both slots) still equal the reference."""
     executor, reference = pi05
-    runner = executor._runners[executor.default_profile()]
-    original, failed = runner.run, []
-
-    def denoise_fails_once(stage, slot):
-        if stage == "denoise" and not failed:
-            failed.append(slot)
-            raise RuntimeError("injected denoise failure")
-        return original(stage, slot)
-
-    runner.run = denoise_fails_once
+    failing = FailsOnce(executor, "denoise")
     rng = np.random.default_rng()
     cfg = executor.config.model
     try:
@@ -180,5 +171,5 @@ def test_a_failure_while_issuing_recovers_on_cuda(pi05):
             got = executor.infer(obs, noise).actions
             assert np.abs(got - expected).max() / np.abs(expected).max() <= BF16_REL_TOL
     finally:
-        runner.run = original
+        failing.restore()
     assert executor.health()["ready"]

@@ -52,6 +52,24 @@ class HeldStages:
         self.runner.run = self.original
 
 
+class FailsOnce:
+    """Makes `stage` raise the first time it runs (after the stages before it were issued)."""
+
+    def __init__(self, executor: PipelinedExecutor, stage: str):
+        self.runner = executor._runners[executor.default_profile()]
+        self.original, self.stage, self.failed = self.runner.run, stage, False
+        self.runner.run = self._run
+
+    def _run(self, stage, slot):
+        if stage == self.stage and not self.failed:
+            self.failed = True
+            raise RuntimeError(f"injected {stage} failure")
+        return self.original(stage, slot)
+
+    def restore(self):
+        self.runner.run = self.original
+
+
 def wait_dispatched(executor: PipelinedExecutor) -> None:
     """Until the dispatcher has taken the pending frame."""
     with executor._cond:
@@ -243,16 +261,7 @@ def test_a_failure_while_issuing_fails_that_frame_and_the_next_is_served(pair, r
     """The prefix raises after vision has run: that frame's future carries the error, the executor stays
     ready, and the following frames (on both slots) equal the reference."""
     executor, reference = pair
-    runner = executor._runners[executor.default_profile()]
-    original, failures = runner.run, []
-
-    def prefix_fails_once(stage, slot):
-        if stage == "prefix" and not failures:
-            failures.append(slot)
-            raise RuntimeError("injected prefix failure")
-        return original(stage, slot)
-
-    runner.run = prefix_fails_once
+    failing = FailsOnce(executor, "prefix")
     before = dict(executor.counters)
     try:
         failed = executor.submit(random_observation(rng, executor.config.preset))
@@ -268,7 +277,7 @@ def test_a_failure_while_issuing_fails_that_frame_and_the_next_is_served(pair, r
                 executor.infer(obs, noise).actions, reference.infer(obs, noise).actions
             )
     finally:
-        runner.run = original
+        failing.restore()
     assert executor.counters["failed"] - before["failed"] == 1
     assert executor.counters["completed"] - before["completed"] == 3
 
