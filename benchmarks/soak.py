@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     from vla_runtime.runtime.policy import FrameDropped
     from vla_runtime.runtime.synthetic import synthetic_observation
 
+    version = commit()  # at the start: the code that runs
     config = RuntimeConfig(preset=args.preset, steps=args.steps)
     rng = np.random.default_rng(0)
     observations = [synthetic_observation(config, rng, args.image_side) for _ in range(16)]
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "commit": commit(),
+        "commit": version,
         "config": vars(args),
         "counters": counters,
         "futures": outcomes,
