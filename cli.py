@@ -473,7 +473,10 @@ def cmd_calibrate(args) -> int:
     config = runtime_config_from_args(argparse.Namespace(**{**vars(args), "fp8_expert": False}))
     high = "bf16" if config.device.startswith("cuda") and torch.cuda.is_available() else "float32"
     config = config.replace(
-        precision=high, fp8_expert=False, fp8_calibration=None, fp8_calibration_margin=args.margin
+        precision=high,
+        fp8_expert=False,
+        fp8_calibration=None,
+        fp8_calibration_margin=args.fp8_calibration_margin,
     )
     observations = read_observations(
         args.observations, config.model.camera_names, config.state_dim, args.max_frames
@@ -481,7 +484,13 @@ def cmd_calibrate(args) -> int:
     parts = build_parts(config)
     modules = attach_fp8(parts, args.fp8_expert)
     meta = calibrate_scales(
-        parts, modules, observations, str(args.observations), args.fp8_expert, args.margin, config.seed
+        parts,
+        modules,
+        observations,
+        str(args.observations),
+        args.fp8_expert,
+        args.fp8_calibration_margin,
+        config.seed,
     )
     path = save_scales(modules, args.out, meta)
     if args.json:
@@ -598,12 +607,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--observations", required=True, help="MCAP recording (ros2 bag, node or eval-libero --record)"
     )
     cal.add_argument("--out", required=True, help="scales file to write (.safetensors)")
-    cal.add_argument(
-        "--margin",
-        type=positive_float,
-        default=1.25,
-        help="headroom over the largest activation seen (default: 1.25)",
-    )
     cal.add_argument(
         "--max-frames", type=int_at_least(1), default=None, help="use at most this many observations"
     )
@@ -777,7 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ros_args = argv[argv.index("--ros-args") :] if "--ros-args" in argv else []
     argv = argv[: len(argv) - len(ros_args)]
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a bad argument (already printed): its code, also to callers
+        return done.code
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

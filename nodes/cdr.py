@@ -29,7 +29,7 @@ def joint_trajectory(
 ) -> bytes:
     """JointTrajectory with `positions` [points, joints] and each point's time_from_start in ns; the
     points' velocities, accelerations and efforts empty."""
-    positions = np.asarray(positions, dtype="<f8")
+    positions = np.ascontiguousarray(positions, dtype="<f8")
     points, width = positions.shape
     head = bytearray(np.array([stamp_sec], "<i4").tobytes() + np.array([stamp_nanosec], "<u4").tobytes())
     head += _string(frame_id, len(head))

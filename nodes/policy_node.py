@@ -24,6 +24,7 @@ Topics are relative, so a namespace places them:
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import threading
@@ -98,6 +99,7 @@ class PolicyNode(LifecycleNode):
         self._active = False  # between activate and deactivate
         self._loader: threading.Thread | None = None
         self._publish_lock = threading.Lock()
+        self._newest_published = -math.inf  # observation stamp of the newest chunk sent (under the lock)
         self.spans = LatencyStats()  # the node's own time: message in -> submitted, chunk -> published
         self._last_logged: dict[str, float] = {}  # refusal cause -> when it was last logged (monotonic)
         self._subscriptions_made: list = []
@@ -394,6 +396,8 @@ class PolicyNode(LifecycleNode):
         return now
 
     def _reset_serving_state(self) -> None:
+        with self._publish_lock:
+            self._newest_published = -math.inf  # a clock jump back: older stamps are new again
         with self._lock:
             self._epoch += 1
             if self.scheduler is not None:
@@ -558,6 +562,11 @@ class PolicyNode(LifecycleNode):
             period_ns * np.arange(first, first + len(rows)),
         )
         with self._publish_lock:
+            # The deadline watch may have decided on a tail of an older chunk just before a fresh one was
+            # published: never send the robot an older observation's actions after a newer one's.
+            if scheduled.chunk.timestamp < self._newest_published:
+                return
+            self._newest_published = scheduled.chunk.timestamp
             if hasattr(self, "chunk_pub"):  # else released meanwhile
                 self.chunk_pub.publish(data)
 

@@ -41,10 +41,15 @@ def node_params(config, record: str | None = None) -> dict:
     """The policy node's parameters for a RuntimeConfig: every setting (runtime/settings.py) that differs
     from the node's default, so nothing given on the command line is lost on the way to the node (and no
     empty value is passed: rcl cannot parse `-p name:=`)."""
+    from ..runtime.settings import BY_NAME as SETTINGS
     from ..runtime.settings import setting_values
     from .params import BY_NAME
 
-    params = {k: v for k, v in setting_values(config).items() if v != BY_NAME[k].default}
+    params = {
+        k: float(v) if SETTINGS[k].kind is float else v  # 5 would reach ROS as an integer
+        for k, v in setting_values(config).items()
+        if v != BY_NAME[k].default
+    }
     if record:
         params["record_observations"] = str(Path(record).resolve())
     return params

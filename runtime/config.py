@@ -33,6 +33,7 @@ DEFAULT_OPTIONAL_CAMERAS = ("right_wrist_0_rgb",)
 MODEL_OVERRIDES = ("action_horizon", "n_action_steps", "max_token_len", "state_in_prompt")
 
 
+DEVICE_TIMEOUT_S = {"cuda": 10.0, "cpu": 600.0}
 NOISE_STREAM = 1  # the noise generator's stream beside `seed` (the weights use `seed` alone)
 
 
@@ -67,8 +68,8 @@ class RuntimeConfig:
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
     max_image_side: int = 4096
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
-    # says so); also the bound on reset/close waiting for the device.
-    device_timeout_s: float = 10.0
+    # says so); also the bound on reset/close waiting for the device. None = DEVICE_TIMEOUT_S.
+    device_timeout_s: float | None = None
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -104,7 +105,7 @@ class RuntimeConfig:
         model = self.model
         if self.steps is not None and not 1 <= self.steps <= 10:
             raise ValueError(f"steps: must be in 1..10, got {self.steps}")
-        if not self.device_timeout_s > 0:
+        if self.device_timeout_s is not None and not self.device_timeout_s > 0:
             raise ValueError(f"device_timeout_s: must be > 0, got {self.device_timeout_s}")
         if not 1 <= self.state_dim <= model.action_dim:
             raise ValueError(
@@ -177,6 +178,14 @@ class RuntimeConfig:
     @property
     def vision_dtype(self) -> torch.dtype:
         return PRECISIONS[self.vision_precision] if self.vision_precision else self.compute_dtype
+
+    @property
+    def device_timeout(self) -> float:
+        """Seconds a frame may stay on the device: as set, else a GPU's or a CPU's default (a full-size
+        model on a CPU takes seconds per frame)."""
+        if self.device_timeout_s is not None:
+            return self.device_timeout_s
+        return DEVICE_TIMEOUT_S["cpu" if self.device == "cpu" else "cuda"]
 
     def noise_generator(self) -> np.random.Generator:
         """Where a policy draws the denoising noise it is not given: seeded by `seed` (a stream apart from

@@ -57,6 +57,10 @@ class DeviceHung(RuntimeError):
     """A frame stayed on the device past `device_timeout_s`: its future fails, health reports it."""
 
 
+class DeviceFailed(RuntimeError):
+    """The device could not drain after a failure (a sticky CUDA error): the executor serves no more."""
+
+
 @dataclass
 class Frame:
     index: int
@@ -68,6 +72,7 @@ class Frame:
     submitted: float  # perf_counter at submit
     dispatched: float = 0.0
     on_device_since: float | None = None  # monotonic time its device work was issued (the watchdog's clock)
+    issue_number: int | None = None  # its place in issue order: slot and host ring entry follow from it
     slot: int = 0
     ring: int = 0
     host_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # CPU path: stage -> (start, end)
@@ -126,7 +131,8 @@ class PipelinedExecutor(Policy):
         self._pending: Frame | None = None
         self._in_flight = 0
         self._on_device: dict[int, Frame] = {}  # issued, not completed: what the watchdog watches
-        self._hung: DeviceHung | None = None
+        self._hung: DeviceHung | None = None  # cleared when the device answers again
+        self._broken: DeviceFailed | None = None  # for good: the device could not drain after a failure
         self._closed = False
         self._cond = threading.Condition()
         self._infer_lock = threading.Lock()  # one synchronous `infer` at a time
@@ -162,8 +168,8 @@ class PipelinedExecutor(Policy):
         with self._cond:
             if self._closed:
                 raise ExecutorClosed("executor is closed")
-            if self._hung is not None:
-                future.set_exception(self._hung)
+            if self._broken or self._hung:
+                future.set_exception(self._broken or self._hung)
                 return future
             frame = Frame(
                 self._next_index, obs.timestamp, inputs, noise, profile, future, time.perf_counter()
@@ -189,12 +195,14 @@ class PipelinedExecutor(Policy):
             dropped, self._pending = self._pending, None
         if dropped is not None:
             self._drop(dropped, "executor reset")
+        if self._device_error() is not None:
+            raise self._device_error()
         if not self.wait_idle():
             raise DeviceHung(f"reset: the device did not finish within {self._idle_timeout():.0f} s")
 
     def _idle_timeout(self) -> float:
         """Long enough for every frame that can be in flight, each within the device timeout."""
-        return self.config.device_timeout_s * (MAX_IN_FLIGHT + 1)
+        return self.config.device_timeout * (MAX_IN_FLIGHT + 1)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Until nothing is pending or on the device; False when `timeout` (default: the device timeout
@@ -229,8 +237,17 @@ class PipelinedExecutor(Policy):
         """`ready`, `state` (serving / hung / closed), `error` (why not ready), and the report."""
         report = self.report()
         with self._cond:
-            state = "closed" if self._closed else "hung" if self._hung is not None else "serving"
-            error = str(self._hung) if self._hung is not None else ""
+            problem = self._broken or self._hung
+            state = (
+                "closed"
+                if self._closed
+                else "failed"
+                if self._broken
+                else "hung"
+                if self._hung
+                else "serving"
+            )
+            error = str(problem) if problem is not None else ""
         return {"ready": state == "serving", "state": state, "error": error, **report}
 
     def report(self) -> dict:
@@ -287,28 +304,53 @@ class PipelinedExecutor(Policy):
                     continue
                 self._in_flight += 1
                 self._cond.notify_all()  # the pending frame is taken (a waiter may submit the next)
+            if self._device_error() is not None:  # taken while a hang was being declared: not issued
+                self._leave_device(frame, "failed")
+                _resolve(frame.future, error=self._device_error())
+                continue
             try:
                 self._issue(frame)
             except Exception as err:  # noqa: BLE001 - reported through the frame's future, the loop goes on
                 log.exception("frame %d failed while being issued", frame.index)
-                self._recover_from_failed_issue(frame)
-                with self._cond:
-                    self.counters["failed"] += 1
-                    self._in_flight -= 1
-                    self._on_device.pop(frame.index, None)
-                    self._cond.notify_all()
+                self._recover_from_failed_issue(frame, err)
+                self._leave_device(frame, "failed")
                 _resolve(frame.future, error=err)
                 continue
             self._completions.put(frame)
 
-    def _recover_from_failed_issue(self, frame: Frame) -> None:
+    def _leave_device(self, frame: Frame, outcome: str) -> None:
+        """Every frame that was taken leaves here, once: counted, and the hang cleared when the device
+        holds nothing any more."""
+        with self._cond:
+            self.counters[outcome] += 1
+            self._in_flight -= 1
+            self._on_device.pop(frame.index, None)
+            if not self._on_device:
+                self._hung = None  # the device came back: serve again
+            self._cond.notify_all()
+
+    def _device_error(self) -> Exception | None:
+        with self._cond:
+            return self._broken or self._hung
+
+    def _recover_from_failed_issue(self, frame: Frame, err: Exception) -> None:
         """Part of the frame's steps may be on the device, with events the next user of its slot would
-        wait on never recorded: let the device drain (frames before it complete as usual), then nothing
-        on the device uses the slot or the frame's pinned ring entry any more."""
-        if self.cuda:
-            for stream in self._streams.values():
-                stream.synchronize()  # a hang here is reported by the watchdog
+        wait on never recorded: let the device drain (frames before it complete as usual); then nothing
+        on the device uses the slot or the frame's pinned ring entry, and the next frame takes both
+        (its issue number is not used up). A device that cannot drain (a sticky CUDA error) leaves the
+        executor broken: every later frame fails with that error and health says so."""
+        try:
+            if self.cuda:
+                for stream in self._streams.values():
+                    stream.synchronize()  # a hang here is reported by the watchdog
+        except Exception as drain_err:  # noqa: BLE001
+            log.exception("the device did not drain after frame %d failed", frame.index)
+            with self._cond:
+                self._broken = DeviceFailed(f"{drain_err} (after frame {frame.index} failed: {err})")
+            return
         self._slot_owner[frame.slot] = None
+        if frame.issue_number is not None:
+            self._issued = frame.issue_number
 
     @torch.inference_mode()
     def _issue(self, frame: Frame) -> None:
@@ -316,6 +358,7 @@ class PipelinedExecutor(Policy):
         buffers = runner.buffers
         frame.dispatched = time.perf_counter()
         # Slots and ring entries go by issue order (dropped frames never reach the device).
+        frame.issue_number = self._issued
         frame.slot = self._issued % PIPELINE_SLOTS
         frame.ring = self._issued % HOST_RING
         self._issued += 1
@@ -382,26 +425,17 @@ class PipelinedExecutor(Policy):
                 chunk = self._finish(frame)
             except Exception as err:  # noqa: BLE001
                 log.exception("frame %d failed on completion", frame.index)
-                with self._cond:
-                    self.counters["failed"] += 1
+                self._leave_device(frame, "failed")
                 _resolve(frame.future, error=err)
             else:
-                with self._cond:
-                    self.counters["completed"] += 1
+                self._leave_device(frame, "completed")
                 _resolve(frame.future, result=chunk)
-            finally:
-                with self._cond:
-                    self._in_flight -= 1
-                    self._on_device.pop(frame.index, None)
-                    if not self._on_device:
-                        self._hung = None  # the device came back: serve again
-                    self._cond.notify_all()
 
     # ------------------------------------------------------------------ watchdog thread
     def _watch_loop(self) -> None:
         """Fail the futures of frames on the device past `device_timeout_s` (the completion thread is
         blocked in the device's synchronize), and refuse new frames until the device answers again."""
-        timeout = self.config.device_timeout_s
+        timeout = self.config.device_timeout
         while True:
             with self._cond:
                 self._cond.wait(timeout / 4)
@@ -412,16 +446,17 @@ class PipelinedExecutor(Policy):
                 if not late or self._hung is not None:
                     continue
                 oldest = min(late, key=lambda f: f.index)
-                self._hung = DeviceHung(
+                hung = self._hung = DeviceHung(
                     f"frame {oldest.index} has been on the device for {now - oldest.on_device_since:.1f} s "
                     f"(device_timeout_s {timeout:g})"
                 )
                 stuck, pending = list(self._on_device.values()), self._pending
                 self._pending = None
                 self.counters["hung"] += 1
-            log.error("device hung: %s", self._hung)
+                self.counters["dropped"] += pending is not None  # never reached the device
+            log.error("device hung: %s", hung)
             for frame in stuck + ([pending] if pending is not None else []):
-                _resolve(frame.future, error=self._hung)
+                _resolve(frame.future, error=hung)
 
     def _finish(self, frame: Frame) -> ActionChunk:
         runner = self._runners[frame.profile]

@@ -151,8 +151,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("state_dim", "length of the robot's state vector", int, range=(1, 32)),
     Setting(
         "device_timeout_s",
-        "a frame on the device longer than this is declared hung (its chunk fails, health says so)",
+        "a frame on the device longer than this is declared hung (its chunk fails, health says so); "
+        "none = 10 s on a GPU, 600 s on the CPU",
         float,
+        0.0,
         range=(0.1, 3600.0),
     ),
 )

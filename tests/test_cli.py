@@ -77,8 +77,8 @@ REFUSED = [
     (["profile", "--out", "/proc/nope/out"], "--out: cannot create /proc/nope/out"),
     (["profile", "--top", "0"], "argument --top: must be at least 1"),
     (
-        ["calibrate", "--observations", "x.mcap", "--out", "s.safetensors", "--margin", "0"],
-        "--margin: must be > 0",
+        ["calibrate", "--observations", "x.mcap", "--out", "s.safetensors", "--fp8-calibration-margin", "0"],
+        "--fp8-calibration-margin: must be in [1.0, 4.0], got 0",
     ),
     (["node", "--rate-hz", "0"], "argument --rate-hz: must be > 0"),
 ]

@@ -38,7 +38,7 @@ def calibrate(recording, out, *extra):
 
 def test_calibrate_from_a_recording_writes_scales_with_metadata(tmp_path, recording):
     out = tmp_path / "scales.safetensors"
-    assert calibrate(recording, out, "--fp8-expert", "--margin", "1") == 0
+    assert calibrate(recording, out, "--fp8-expert", "--fp8-calibration-margin", "1") == 0
     meta = read_metadata(out)
     assert meta["weights"] == "random-seed5" and meta["model_id"] == "pi05_tiny:random-seed5"
     assert meta["fp8_expert"] == "true"
@@ -51,7 +51,7 @@ def test_calibrate_from_a_recording_writes_scales_with_metadata(tmp_path, record
     assert all(np.isfinite(v) and v > 0 for v in values.values())
     # the margin scales every activation scale exactly; more headroom never clamps more
     wide = tmp_path / "wide.safetensors"
-    assert calibrate(recording, wide, "--fp8-expert", "--margin", "2") == 0
+    assert calibrate(recording, wide, "--fp8-expert", "--fp8-calibration-margin", "2") == 0
     for k, v in scales(wide).items():
         assert v == pytest.approx(2 * values[k], rel=1e-6)
     assert float(read_metadata(wide)["clamped_fraction_holdout"]) <= float(meta["clamped_fraction_holdout"])
@@ -80,8 +80,8 @@ def test_scales_are_only_for_fp8(tmp_path):
 def test_bad_calibrate_arguments_exit_2(tmp_path, recording, capsys):
     assert calibrate(tmp_path / "missing.mcap", tmp_path / "s.safetensors") == 2
     assert "observations: no file" in capsys.readouterr().err
-    assert calibrate(recording, tmp_path / "s.safetensors", "--margin", "0.5") == 2
-    assert "fp8_calibration_margin" in capsys.readouterr().err
+    assert calibrate(recording, tmp_path / "s.safetensors", "--fp8-calibration-margin", "0.5") == 2
+    assert "--fp8-calibration-margin: must be in [1.0, 4.0]" in capsys.readouterr().err
     assert calibrate(recording, "/proc/nope/s.safetensors") == 2
     assert "fp8_calibration: cannot write" in capsys.readouterr().err
 

@@ -6,6 +6,7 @@ dispatcher thread) and by waiting for the executor's own state, never by sleepin
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -53,17 +54,20 @@ class HeldStages:
 
 
 class FailsOnce:
-    """Makes `stage` raise the first time it runs (after the stages before it were issued)."""
+    """Makes `stage` raise `times` times, after running `after` times (a failure once the stages before
+    it were issued)."""
 
-    def __init__(self, executor: PipelinedExecutor, stage: str):
+    def __init__(self, executor: PipelinedExecutor, stage: str, times: int = 1, after: int = 0):
         self.runner = executor._runners[executor.default_profile()]
-        self.original, self.stage, self.failed = self.runner.run, stage, False
+        self.original, self.stage, self.left, self.runs = self.runner.run, stage, times, -after
         self.runner.run = self._run
 
     def _run(self, stage, slot):
-        if stage == self.stage and not self.failed:
-            self.failed = True
-            raise RuntimeError(f"injected {stage} failure")
+        if stage == self.stage:
+            self.runs += 1
+            if self.runs > 0 and self.left:
+                self.left -= 1
+                raise RuntimeError(f"injected {stage} failure")
         return self.original(stage, slot)
 
     def restore(self):
@@ -280,6 +284,65 @@ def test_a_failure_while_issuing_fails_that_frame_and_the_next_is_served(pair, r
         failing.restore()
     assert executor.counters["failed"] - before["failed"] == 1
     assert executor.counters["completed"] - before["completed"] == 3
+
+
+def test_failed_issues_do_not_hand_a_frame_another_frames_answer(rng):
+    """Frame 0 waits in the completion thread while two frames fail at issue and two more are issued:
+    the failed ones must not use up host ring entries, or the fourth frame after frame 0 would land on
+    frame 0's entry and frame 0 would be answered with its actions."""
+    executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny"))
+    reference = EagerPolicy(parts=executor.parts)
+    obs = random_observation(rng)
+    noises = [rng.standard_normal((10, 8), dtype=np.float32) for _ in range(5)]
+    finish, release = executor._finish, threading.Event()
+    executor._finish = lambda frame: (release.wait(60), finish(frame))[1]
+    failing = FailsOnce(executor, "denoise", times=2, after=1)  # frame 0 runs, the next two fail
+    try:
+        first = executor.submit(obs, noises[0])
+        wait_dispatched(executor)
+        for noise in noises[1:3]:
+            with pytest.raises(RuntimeError, match="injected"):
+                executor.submit(obs, noise).result(timeout=60)
+        failing.restore()
+        later = []
+        for noise in noises[3:]:
+            later.append(executor.submit(obs, noise))
+            wait_dispatched(executor)
+        # both issued (on the CPU: computed) and queued behind frame 0 before it is let finish
+        deadline = time.monotonic() + 60
+        while executor._completions.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polls the executor's own state; orders nothing
+        assert executor._completions.qsize() == 2
+        release.set()
+        np.testing.assert_array_equal(
+            first.result(timeout=60).actions, reference.infer(obs, noises[0]).actions
+        )
+        for noise, future in zip(noises[3:], later, strict=True):
+            np.testing.assert_array_equal(
+                future.result(timeout=60).actions, reference.infer(obs, noise).actions
+            )
+    finally:
+        release.set()
+        executor.close()
+
+
+def test_a_hang_then_a_failed_issue_leaves_the_executor_serving(rng):
+    """The watchdog declares a hang; the hung frame then fails instead of completing: with nothing left
+    on the device the hang is over, and the next frame is served."""
+    executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", device_timeout_s=0.3))
+    held = HeldStages(executor)
+    failing = FailsOnce(executor, "prefix")
+    failing.original = held._run  # held first, then failing
+    try:
+        stuck = executor.submit(random_observation(rng))
+        assert isinstance(stuck.exception(timeout=30), DeviceHung)
+        held.release()
+        assert executor.wait_idle()
+        assert executor.health()["state"] == "serving"
+        assert executor.infer(random_observation(rng)).actions.shape == (10, 7)
+    finally:
+        held.restore()
+        executor.close()
 
 
 def test_a_hung_device_fails_the_frame_and_is_reported_until_it_answers(rng):
