@@ -224,8 +224,9 @@ class PipelinedExecutor(Policy):
             self._drop(dropped, "executor closed")
         deadline = time.monotonic() + self._idle_timeout()
         self._dispatcher.join(max(0.0, deadline - time.monotonic()))
-        self._completions.put(None)
-        self._completer.join(max(0.0, deadline - time.monotonic()))
+        if not self._dispatcher.is_alive():  # else its last frame would queue behind the stop sentinel
+            self._completions.put(None)
+            self._completer.join(max(0.0, deadline - time.monotonic()))
         self._watchdog.join(max(0.0, deadline - time.monotonic()))
         if self._completer.is_alive() or self._dispatcher.is_alive():
             log.error(
