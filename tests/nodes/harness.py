@@ -130,6 +130,7 @@ class Robot:
                     if isinstance(status.level, bytes)
                     else int(status.level),
                     "message": status.message,
+                    "stamp": stamp_to_seconds(msg.header.stamp),  # the node's clock (sim time there)
                     **{kv.key: kv.value for kv in status.values},
                 }
             )
@@ -178,12 +179,16 @@ class Robot:
     def first_chunk(self, stamp_s: float | None = None, timeout: float = 60.0, clock: bool = False):
         """Publish one observation again and again until it is answered: the first messages after the node
         subscribes can be lost while discovery completes (sensor-data QoS is best effort). With `clock`,
-        /clock is set to the stamp before each try (a node on sim time must have that time first)."""
+        /clock is set to the stamp before each try, and the try waits until the node's diagnostics are
+        stamped with that time (a node on sim time must have it first)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if clock:
                 self.publish_clock(stamp_s)
-                time.sleep(0.1)
+                if not self.wait_for(
+                    lambda: any(abs(d["stamp"] - stamp_s) < 1e-6 for d in list(self.diagnostics)[-3:]), 3.0
+                ):
+                    continue  # the clock was lost on the way, or no report yet: publish it again
             got = self.chunk_for(self.publish_once(stamp_s), timeout=0.5)
             if got is not None:
                 return got
