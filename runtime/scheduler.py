@@ -33,6 +33,10 @@ from .timing import percentiles
 from .types import ActionChunk
 
 DEFAULT_DEADLINE_S = 0.05  # one control period at 20 Hz
+# The expected delay of the next chunk: a high percentile of the recent ages, not the mean (a chunk later
+# than expected would freeze too few actions; see `expected_delay_steps`).
+DELAY_PERCENTILE = 95
+DELAY_WINDOW = 50  # fresh chunks
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,23 @@ class ChunkScheduler:
             return None
         return ScheduledActions(chunk, first, chunk.actions[first:], fresh, now - chunk.timestamp)
 
+    def expected_delay_steps(self) -> int:
+        """Actions of the current chunk the robot will have executed when the next chunk lands: the first
+        index a chunk of the DELAY_PERCENTILE-th percentile age (over the last DELAY_WINDOW fresh chunks)
+        delivers. 0 before any chunk. What real-time chunking freezes (issue 14)."""
+        with self._lock:
+            recent = list(self._ages_ms)[-DELAY_WINDOW:]
+        if not recent:
+            return 0
+        age_s = float(np.percentile(recent, DELAY_PERCENTILE)) / 1e3
+        return int(np.floor(age_s / self.period_s + 1e-9))
+
     def figures(self) -> dict:
-        """Counters and the age of published chunks (p50 / p99, ms)."""
+        """Counters, the age of published chunks (p50 / p99, ms) and the expected delay in actions."""
         with self._lock:
             ages = percentiles(list(self._ages_ms), (50, 99))
-            return {**self.counters, "age_p50_ms": ages["p50"], "age_p99_ms": ages["p99"]}
+            figures = {**self.counters, "age_p50_ms": ages["p50"], "age_p99_ms": ages["p99"]}
+        return {**figures, "expected_delay_steps": self.expected_delay_steps()}
 
     def reset(self) -> None:
         """Forget the current chunk and pending observations (deactivation, a clock jump); keep counters."""

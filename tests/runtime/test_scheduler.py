@@ -73,3 +73,23 @@ def test_reset_forgets_the_chunk_and_the_pending_deadlines():
     for bad in ({"period_s": 0.0}, {"period_s": 0.05, "deadline_s": -1.0}):
         with pytest.raises(ValueError, match=next(iter(k for k, v in bad.items() if v <= 0))):
             ChunkScheduler(**bad)
+
+
+def test_the_expected_delay_is_a_high_percentile_of_recent_ages_in_actions():
+    """Ages of 20 ms mostly and 130 ms now and then: the mean would say action 0, the 95th percentile
+    says the robot is two actions on when a slow chunk lands; only the last DELAY_WINDOW chunks count."""
+    from vla_runtime.runtime.scheduler import DELAY_WINDOW
+
+    s = ChunkScheduler(0.05)
+    assert s.expected_delay_steps() == 0  # nothing measured yet
+    t = 100.0
+    for k in range(DELAY_WINDOW):
+        t += 1.0
+        s.observed(t)
+        s.offer(chunk(t), now=t + (0.13 if k % 10 == 0 else 0.02))
+    assert s.expected_delay_steps() == 2 and s.figures()["expected_delay_steps"] == 2
+    for _ in range(DELAY_WINDOW):  # the slow ones leave the window
+        t += 1.0
+        s.observed(t)
+        s.offer(chunk(t), now=t + 0.02)
+    assert s.expected_delay_steps() == 0
