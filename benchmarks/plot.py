@@ -1,6 +1,6 @@
 """Plots for docs/performance.md from a results JSON and its trace.
 
-python benchmarks/plot.py benchmarks/results/2026-11-22-h100-80gb-hbm3.json
+python benchmarks/plot.py benchmarks/results/2026-11-22-h100-80gb-hbm3.json [OUT_DIR (default docs/img)]
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from vla_runtime.runtime.hazards import STEP_NAMES  # noqa: E402
 
 STAGES = ("vision", "prefix", "denoise")
 COLORS = {
     "vision": "#4c72b0",
     "prefix": "#dd8452",
     "denoise": "#55a868",
-    "copy_in": "#8c8c8c",
-    "copy_out": "#8c8c8c",
 }
+COPY_COLOR = "#8c8c8c"  # every copy step
 
 
 def stacked_stages(ax, labels: list[str], rows: list[dict], notes: list[str]) -> float:
@@ -108,12 +108,12 @@ def timeline(trace: dict, out: Path, frames: int = 6) -> None:
     first = sorted({e["args"]["frame"] for e in spans})[:frames]
     spans = [e for e in spans if e["args"]["frame"] in first]
     t0 = min(e["ts"] for e in spans)
-    lanes = ["copy_in", "vision", "prefix", "denoise", "copy_out"]
+    lanes = list(STEP_NAMES)  # the executor's steps, in issue order (runtime/hazards.py)
     fig, ax = plt.subplots(figsize=(12, 3.2))
     for e in spans:
         y = lanes.index(e["cat"])
         start, dur = (e["ts"] - t0) / 1e3, max(e["dur"] / 1e3, 0.15)
-        ax.barh(y, dur, left=start, color=COLORS[e["cat"]], edgecolor="black", lw=0.4)
+        ax.barh(y, dur, left=start, color=COLORS.get(e["cat"], COPY_COLOR), edgecolor="black", lw=0.4)
         if dur > 2:
             ax.text(
                 start + dur / 2,
@@ -133,7 +133,7 @@ def timeline(trace: dict, out: Path, frames: int = 6) -> None:
 
 if __name__ == "__main__":
     results = Path(sys.argv[1])
-    out = Path("docs/img")
+    out = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/img")
     out.mkdir(parents=True, exist_ok=True)
     doc = json.loads(results.read_text())
     latency_by_stage(doc, out)
