@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: install, run the gpu tier and the bench tier, leave JSON + trace in $OUT.
-# The CUDA machine has torch but no package index: the project installs with --no-deps.
+# The CUDA machine has torch but no package index: the project installs with --no-deps, and the mcap
+# wheels (+ zstandard, lz4, for cp312) travel in .whl/. The recorded-episode test reads VLA_RECORDING
+# (default .gpu/libero_spatial_task0.mcap, written by `eval-libero --record`).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+export VLA_RECORDING=${VLA_RECORDING:-$PWD/.gpu/libero_spatial_task0.mcap}
 # The commit recorded in the results: pass VLA_COMMIT where the tree is a copy whose git metadata may be
 # stale (it wins over git's HEAD); otherwise git's HEAD.
 export PYTHONUNBUFFERED=1 VLA_BENCH_DIR="$OUT"
