@@ -87,6 +87,11 @@ class NormStats:
         x = np.asarray(state, dtype=np.float32)
         return self.state.apply(x, inverse=False) if self.state else x
 
+    def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Robot units -> the model's (the inverse of `unnormalize_actions`, up to the eps terms)."""
+        x = np.asarray(actions, dtype=np.float32)
+        return self.actions.apply(x, inverse=False) if self.actions else x
+
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
         x = np.asarray(actions, dtype=np.float32)
         return self.actions.apply(x, inverse=True) if self.actions else x

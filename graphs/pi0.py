@@ -260,6 +260,64 @@ class PI0Model(nn.Module):
             x_t = x_t + dt * velocity_fn(workspace, prefix_len, bias, cos, sin, state, x_t, cond)
         return x_t
 
+    def denoise_guided(
+        self,
+        kv_cache,
+        prefix_mask,
+        state,
+        noise,
+        times: list[float],
+        dt: float,
+        step_conds: list[torch.Tensor],
+        handover: torch.Tensor,
+        guidance: list[float] | None,
+        velocity_fn=None,
+    ) -> torch.Tensor:
+        """`denoise` toward a previous chunk (runtime/handover.py). handover [B, 3, H, A] float32: the
+        previous actions, the soft mask's weights, the frozen entries (1.0); all in model space.
+
+        After every step the frozen entries are put on the straight path from their noise to the
+        previous actions (x_t = t * noise + (1 - t) * previous, exactly `previous` after the last step):
+        inpainting. With `guidance` (rtc: one weight per step, already clipped) each velocity is also
+        corrected toward the previous chunk: with x0_hat = x_t - t * v(x_t) the model's guess of the
+        clean actions, v -= weight * J^T (W * (previous - x0_hat)), J = d x0_hat / d x_t, a
+        vector-Jacobian product through the expert. Euler steps go from t = 1 toward 0 (dt < 0), so
+        subtracting from v moves x_t toward the previous actions.
+
+        `times` are host floats (the schedule is fixed per captured graph). Autograd needs tensors made
+        outside inference mode: the caller's step_conds must be (StageRunner makes them under no_grad);
+        the workspace and the differentiated copy of x_t are made here."""
+        velocity_fn = velocity_fn or self.velocity
+        previous, weights, frozen = handover.unbind(1)  # each [B, H, A]
+        frozen = frozen > 0.5
+        with torch.inference_mode(False):
+            bias, cos, sin = self.suffix_attention(prefix_mask)
+            workspace, prefix_len = self.attention_workspace(kv_cache), kv_cache.shape[-2]
+            x_t = noise
+            last = len(step_conds) - 1
+            for i, cond in enumerate(step_conds):
+                t = times[i]
+                if guidance is None:
+                    with torch.no_grad():
+                        velocity = velocity_fn(workspace, prefix_len, bias, cos, sin, state, x_t, cond)
+                else:
+                    with torch.enable_grad():
+                        x_in = x_t.detach().clone().requires_grad_(True)
+                        # A fresh view of the workspace per step: this step's suffix keys and values are
+                        # written into it with their autograd history, which must not reach back into the
+                        # previous step's (already used) graph.
+                        step_ws = [layer.detach() for layer in workspace]
+                        v = velocity_fn(step_ws, prefix_len, bias, cos, sin, state, x_in, cond)
+                        x0_hat = x_in - t * v
+                        error = weights * (previous - x0_hat.detach())
+                        (correction,) = torch.autograd.grad(x0_hat, x_in, error)
+                    velocity = v.detach() - guidance[i] * correction
+                with torch.no_grad():
+                    x_t = x_t + dt * velocity
+                    target = previous if i == last else (t + dt) * noise + (1.0 - (t + dt)) * previous
+                    x_t = torch.where(frozen, target, x_t)
+        return x_t
+
     # ---------------------------------------------------------------- the uncached reference
     def velocity_uncached(self, image_tokens, image_masks, tokens, token_masks, state, x_t, time):
         """v(x_t, t) with prefix and suffix in one attention pass (joint mask), no KV cache."""

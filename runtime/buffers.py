@@ -48,6 +48,8 @@ def _input_shapes(cfg: ModelConfig, p: ShapeProfile) -> dict[str, tuple[tuple[in
         "token_masks": ((p.batch, p.prompt_len), torch.bool),  # [B, L]
         "state": ((p.batch, cfg.action_dim), torch.float32),  # [B, A]
         "noise": ((p.batch, cfg.action_horizon, cfg.action_dim), torch.float32),  # [B, H, A]
+        # previous actions, guidance weights, frozen entries (runtime/handover.py)
+        "handover": ((p.batch, 3, cfg.action_horizon, cfg.action_dim), torch.float32),  # [B, 3, H, A]
     }
 
 

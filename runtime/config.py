@@ -13,6 +13,7 @@ import yaml
 
 from ..graphs.checkpoint import CheckpointInfo, architecture_differences, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
+from .handover import Handover
 
 # Stages that run faster compiled, measured on an H100 (benchmarks/results/2026-11-22-h100-80gb-hbm3.json,
 # graphs with and without torch.compile): prefix 6.84 vs 11.49 ms, denoise 10.15 vs 30.21 ms; vision was not
@@ -70,6 +71,11 @@ class RuntimeConfig:
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
     # says so); also the bound on reset/close waiting for the device. None = DEVICE_TIMEOUT_S.
     device_timeout_s: float | None = None
+    # How a new chunk takes over from the executing one (runtime/handover.py).
+    handover: str = "switch"  # switch | blend | inpaint | rtc
+    rtc_execution_horizon: int = 10  # end of the guided / blended region, in actions
+    rtc_max_guidance_weight: float = 10.0
+    rtc_schedule: str = "exp"  # exp | linear | ones | zeros
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -115,6 +121,12 @@ class RuntimeConfig:
             raise ValueError(
                 f"robot_action_dim: must be in 1..{model.action_dim}, got {self.robot_action_dim}"
             )
+        self.handover_settings  # noqa: B018 - checks the handover fields
+        if self.handover == "rtc" and self.fp8_expert:
+            raise ValueError(
+                "handover: rtc differentiates through the action expert, whose FP8 GEMMs have no backward; "
+                "set fp8_expert false, or use handover inpaint"
+            )
         unknown = set(self.optional_cameras or ()) - set(model.camera_names)
         if unknown:
             raise ValueError(
@@ -159,6 +171,12 @@ class RuntimeConfig:
         chosen = self.optional_cameras if self.optional_cameras is not None else DEFAULT_OPTIONAL_CAMERAS
         empty = tuple(c for c in cameras if c.startswith("empty_camera_"))
         return tuple(c for c in cameras if c in chosen) + tuple(c for c in empty if c not in chosen)
+
+    @property
+    def handover_settings(self) -> Handover:
+        return Handover(
+            self.handover, self.rtc_execution_horizon, self.rtc_max_guidance_weight, self.rtc_schedule
+        )
 
     @property
     def denoising_steps(self) -> int:

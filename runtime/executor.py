@@ -34,6 +34,7 @@ import torch
 
 from .buffers import HOST_RING, MAX_IN_FLIGHT, PIPELINE_SLOTS, ShapeProfile, StaticBuffers
 from .config import RuntimeConfig
+from .handover import HandoverArrays, PreviousChunk
 from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
 from .inputs import PreparedInputs
 from .loading import PolicyParts, build_parts
@@ -70,6 +71,8 @@ class Frame:
     profile: ShapeProfile
     future: Future
     submitted: float  # perf_counter at submit
+    previous: PreviousChunk | None
+    handover: HandoverArrays
     dispatched: float = 0.0
     on_device_since: float | None = None  # monotonic time its device work was issued (the watchdog's clock)
     issue_number: int | None = None  # its place in issue order: slot and host ring entry follow from it
@@ -152,10 +155,17 @@ class PipelinedExecutor(Policy):
         cfg = self.config.model
         return ShapeProfile(cfg.num_views, cfg.max_token_len, steps or self.config.denoising_steps)
 
-    def submit(self, obs: Observation, noise: np.ndarray | None = None, steps: int | None = None) -> Future:
+    def submit(
+        self,
+        obs: Observation,
+        noise: np.ndarray | None = None,
+        steps: int | None = None,
+        previous: PreviousChunk | None = None,
+    ) -> Future:
         """Queue an observation; the future resolves to its ActionChunk, or to FrameDropped when a newer
         observation replaced it before it reached the device. Bad input raises ValueError here."""
         inputs = self.parts.preparer(obs)
+        previous, handover = self.parts.prepare_handover(previous)
         if noise is not None:
             noise = self.parts.check_noise(noise)
         else:
@@ -172,7 +182,15 @@ class PipelinedExecutor(Policy):
                 future.set_exception(self._broken or self._hung)
                 return future
             frame = Frame(
-                self._next_index, obs.timestamp, inputs, noise, profile, future, time.perf_counter()
+                self._next_index,
+                obs.timestamp,
+                inputs,
+                noise,
+                profile,
+                future,
+                time.perf_counter(),
+                previous,
+                handover,
             )
             self._next_index += 1
             self.counters["submitted"] += 1
@@ -182,11 +200,13 @@ class PipelinedExecutor(Policy):
             self._drop(dropped, f"frame {dropped.index} replaced by newer frame {frame.index}")
         return future
 
-    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> ActionChunk:
+    def infer(
+        self, obs: Observation, noise: np.ndarray | None = None, previous: PreviousChunk | None = None
+    ) -> ActionChunk:
         """One observation, synchronously. Callers on several threads each get their own answer: a
         frame submitted here is never replaced by another caller's (only `submit` is newest-wins)."""
         with self._infer_lock:
-            return self.submit(obs, noise).result(timeout=self._idle_timeout())
+            return self.submit(obs, noise, previous=previous).result(timeout=self._idle_timeout())
 
     def reset(self) -> None:
         """Drop the pending frame and wait until the device is idle; DeviceHung if it does not get there
@@ -274,6 +294,7 @@ class PipelinedExecutor(Policy):
                 self.config.use_compile,
                 self._compiled,
                 engines=self._engines,
+                handover=self.config.handover_settings,
             )
             captures = runner.capture(self._streams, self._pools) if self.use_graphs else 0
             with self._cond:
@@ -372,6 +393,7 @@ class PipelinedExecutor(Policy):
             "token_masks": frame.inputs.token_masks,
             "state": frame.inputs.state,
             "noise": frame.noise,
+            "handover": frame.handover.packed,
         }
         for name, array in staged.items():
             host.inputs[name].numpy()[0] = array  # the ring entry's previous frame has completed
@@ -486,18 +508,18 @@ class PipelinedExecutor(Policy):
                     (b - self._origin_host) * 1e3,
                     frame.index,
                 )
-        actions = self.parts.to_robot_actions(host.actions[0].numpy().copy())
+        finished = self.parts.finish_chunk(host.actions[0].numpy().copy(), frame.previous)
         done = time.perf_counter()
         timings["queue_wait"] = (frame.dispatched - frame.submitted) * 1e3
         timings["total"] = (done - frame.submitted) * 1e3
         self.stats.add_all(timings)
         return ActionChunk(
-            actions,
-            frame.obs_timestamp,
-            timings,
-            frame.profile.steps,
-            self.parts.model_id,
-            self.parts.random_weights,
+            timestamp=frame.obs_timestamp,
+            timings_ms=timings,
+            steps=frame.profile.steps,
+            model_id=self.parts.model_id,
+            random_weights=self.parts.random_weights,
+            **finished,
         )
 
 

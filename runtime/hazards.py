@@ -28,7 +28,7 @@ class Step:
 PIPELINE: tuple[Step, ...] = (
     Step("copy_in", "h2d", writes=("pixels",)),
     Step("copy_prefix_inputs", "h2d", writes=("image_masks", "tokens", "token_masks")),
-    Step("copy_denoise_inputs", "h2d", writes=("state", "noise")),
+    Step("copy_denoise_inputs", "h2d", writes=("state", "noise", "handover")),
     Step("vision", "vision", reads=("pixels",), writes=("image_tokens",)),
     Step(
         "prefix",
@@ -36,7 +36,12 @@ PIPELINE: tuple[Step, ...] = (
         reads=("image_tokens", "image_masks", "tokens", "token_masks"),
         writes=("kv_cache", "prefix_mask"),
     ),
-    Step("denoise", "denoise", reads=("kv_cache", "prefix_mask", "state", "noise"), writes=("actions",)),
+    Step(
+        "denoise",
+        "denoise",
+        reads=("kv_cache", "prefix_mask", "state", "noise", "handover"),
+        writes=("actions",),
+    ),
     Step("copy_out", "d2h", reads=("actions",)),
 )
 STEP_NAMES = tuple(step.name for step in PIPELINE)

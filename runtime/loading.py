@@ -16,6 +16,7 @@ from ..graphs.pi0 import PI0Model
 from ..graphs.tokenizer import PromptTokenizer, demo_tokenizer_path
 from ..graphs.weights import build_model
 from .config import RuntimeConfig
+from .handover import HandoverArrays, PreviousChunk
 from .inputs import InputPreparer
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,42 @@ class PolicyParts:
         actions = model_actions[: self.config.model.chunk_length]
         actions = self.norm_stats.unnormalize_actions(actions) if self.norm_stats else actions
         return np.ascontiguousarray(actions[:, : self.config.robot_action_dim], dtype=np.float32)
+
+    def to_model_actions(self, robot_actions: np.ndarray) -> np.ndarray:
+        """[n, robot_action_dim] robot units -> [n, action_dim] model space, the dims the robot does not
+        execute zero (the inverse of `to_robot_actions` on the dims it keeps)."""
+        actions = np.asarray(robot_actions, dtype=np.float32)
+        padded = np.zeros((actions.shape[0], self.config.model.action_dim), dtype=np.float32)
+        padded[:, : self.config.robot_action_dim] = actions
+        normalized = self.norm_stats.normalize_actions(padded) if self.norm_stats else padded
+        normalized[:, self.config.robot_action_dim :] = 0.0
+        return normalized
+
+    def prepare_handover(self, previous: PreviousChunk | None) -> tuple[PreviousChunk | None, HandoverArrays]:
+        """The checked previous chunk (ValueError naming the field) and what the denoising loop reads."""
+        config, model = self.config, self.config.model
+        handover = config.handover_settings
+        if previous is not None:
+            previous = previous.checked(config.robot_action_dim)
+        model_actions = self.to_model_actions(previous.actions) if previous is not None else None
+        arrays = HandoverArrays.build(
+            handover, previous, model_actions, model.action_horizon, model.action_dim, config.robot_action_dim
+        )
+        return previous, arrays
+
+    def finish_chunk(self, model_actions: np.ndarray, previous: PreviousChunk | None) -> dict:
+        """The ActionChunk fields that come from the model's output: robot actions with the hand-over's
+        host-side part applied, the mode, and how many actions were frozen."""
+        actions = self.to_robot_actions(model_actions)
+        handover = self.config.handover_settings
+        frozen = (
+            previous.frozen_steps(len(actions)) if previous is not None and handover.mode != "switch" else 0
+        )
+        return {
+            "actions": handover.finish(actions, previous),
+            "handover": handover.mode,
+            "frozen_steps": frozen,
+        }
 
 
 def resolve_tokenizer(config: RuntimeConfig) -> Path:

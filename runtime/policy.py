@@ -2,6 +2,8 @@
 
     infer(obs) -> ActionChunk               synchronous
     submit(obs) -> Future[ActionChunk]      asynchronous: returns at once, resolves when the chunk is ready
+    both take `previous`: what the robot will still execute from its current chunk and the expected
+    delay (runtime/handover.py), which the blend / inpaint / rtc hand-over modes join the new chunk to
     metadata                                what the policy serves: model id, horizon, action names, ...
     health() -> dict                        ready or not, counters, engine latency
     reset(), close()
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .handover import PreviousChunk
 from .types import ActionChunk, Observation
 
 
@@ -36,28 +39,38 @@ class PolicyMetadata:
     steps: int  # denoising steps per chunk by default
     device: str
     precision: str
+    handover: str  # switch | blend | inpaint | rtc
 
 
 class Policy(abc.ABC):
     parts = None  # runtime.loading.PolicyParts: the model, its preparer and normalisation
 
     @abc.abstractmethod
-    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> ActionChunk:
+    def infer(
+        self, obs: Observation, noise: np.ndarray | None = None, previous: PreviousChunk | None = None
+    ) -> ActionChunk:
         """Actions for one observation. `noise` [horizon, action_dim] fixes the sampler's start, so runs are
-        reproducible and comparable; without it fresh Gaussian noise is drawn. Bad input raises ValueError
+        reproducible and comparable; without it fresh Gaussian noise is drawn. `previous`: the executing
+        chunk's remaining actions, for the hand-over mode (ignored by switch). Bad input raises ValueError
         naming the field, and the policy stays ready for the next observation."""
 
     @abc.abstractmethod
     def reset(self) -> None:
         """Forget per-episode state (none for the reference policy; queued frames for the executor)."""
 
-    def submit(self, obs: Observation, noise: np.ndarray | None = None, steps: int | None = None) -> Future:
+    def submit(
+        self,
+        obs: Observation,
+        noise: np.ndarray | None = None,
+        steps: int | None = None,
+        previous: PreviousChunk | None = None,
+    ) -> Future:
         """Queue an observation; the future resolves to its ActionChunk (or FrameDropped, when a newer
         observation replaced it). Bad input raises ValueError here. This default computes at once."""
         if steps is not None and steps != self.metadata.steps:
             raise ValueError(f"steps: this policy runs {self.metadata.steps} steps, not {steps}")
         future: Future = Future()
-        future.set_result(self.infer(obs, noise))
+        future.set_result(self.infer(obs, noise, previous))
         return future
 
     @property
@@ -74,6 +87,7 @@ class Policy(abc.ABC):
             steps=config.denoising_steps,
             device=config.device,
             precision=config.precision,
+            handover=config.handover,
         )
 
     def health(self) -> dict:

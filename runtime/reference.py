@@ -12,6 +12,7 @@ import torch
 
 from ..graphs.pi0 import time_schedule
 from .config import RuntimeConfig
+from .handover import PreviousChunk
 from .inputs import pixels_to_model_input
 from .loading import PolicyParts, build_parts
 from .policy import Policy
@@ -24,8 +25,13 @@ class EagerPolicy(Policy):
         self.config = self.parts.config
         self.steps = self.config.denoising_steps
         times, self.dt = time_schedule(self.steps)
+        self.host_times = times.tolist()
         self.times = torch.from_numpy(times).to(self.parts.device)
         self._rng = self.config.noise_generator()
+        handover = self.config.handover_settings
+        self.guidance = handover.guidance_weights(times).tolist() if handover.mode == "rtc" else None
+        with torch.no_grad():  # not inference mode: the rtc loop differentiates through the expert
+            self.step_conds = self.parts.model.step_conditioning(self.times, 1)
 
     def reset(self) -> None:
         pass
@@ -36,9 +42,12 @@ class EagerPolicy(Policy):
         return time.perf_counter()
 
     @torch.inference_mode()
-    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> ActionChunk:
+    def infer(
+        self, obs: Observation, noise: np.ndarray | None = None, previous: PreviousChunk | None = None
+    ) -> ActionChunk:
         parts, model, device = self.parts, self.parts.model, self.parts.device
         inputs = parts.preparer(obs)
+        previous, handover = parts.prepare_handover(previous)
         noise = (
             parts.check_noise(noise)
             if noise is not None
@@ -53,12 +62,17 @@ class EagerPolicy(Policy):
         token_masks = torch.from_numpy(inputs.token_masks)[None].to(device)
         state = torch.from_numpy(inputs.state)[None].to(device)
         noise_t = torch.from_numpy(noise)[None].to(device)
+        handover_t = torch.from_numpy(handover.packed)[None].to(device)
         t1 = self._sync()
         image_tokens = model.encode_images(pixels_to_model_input(pixels))
         t2 = self._sync()
         kv, prefix_mask = model.fill_prefix(image_tokens, image_masks, tokens, token_masks)
         t3 = self._sync()
-        actions = model.denoise(kv, prefix_mask, state, noise_t, self.times, self.dt)
+        if self.config.handover_settings.guided:
+            args = (kv, prefix_mask, state, noise_t, self.host_times, self.dt, self.step_conds)
+            actions = model.denoise_guided(*args, handover_t, self.guidance)
+        else:
+            actions = model.denoise(kv, prefix_mask, state, noise_t, self.times, self.dt, self.step_conds)
         t4 = self._sync()
         actions = actions[0].float().cpu().numpy()
         t5 = time.perf_counter()
@@ -72,10 +86,10 @@ class EagerPolicy(Policy):
             "total": ms(t0, t5),
         }
         return ActionChunk(
-            parts.to_robot_actions(actions),
-            obs.timestamp,
-            timings,
-            self.steps,
-            parts.model_id,
-            parts.random_weights,
+            timestamp=obs.timestamp,
+            timings_ms=timings,
+            steps=self.steps,
+            model_id=parts.model_id,
+            random_weights=parts.random_weights,
+            **parts.finish_chunk(actions, previous),
         )

@@ -13,6 +13,7 @@ import torch
 
 from .buffers import ShapeProfile, StaticBuffers
 from .config import RuntimeConfig
+from .handover import PreviousChunk
 from .loading import PolicyParts, build_parts
 from .policy import Policy
 from .stages import STAGES, StageRunner
@@ -33,6 +34,7 @@ class GraphPolicy(Policy):
             StaticBuffers(cfg, profile, device, self.parts.model.compute_dtype),
             device,
             self.config.use_compile,
+            handover=self.config.handover_settings,
         )
         self.stream = torch.cuda.Stream(device)
         self.runner.capture(
@@ -46,9 +48,12 @@ class GraphPolicy(Policy):
         pass
 
     @torch.inference_mode()
-    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> ActionChunk:
+    def infer(
+        self, obs: Observation, noise: np.ndarray | None = None, previous: PreviousChunk | None = None
+    ) -> ActionChunk:
         start = time.perf_counter()
         inputs = self.parts.preparer(obs)
+        previous, handover = self.parts.prepare_handover(previous)
         cfg = self.config.model
         noise = (
             self.parts.check_noise(noise)
@@ -63,6 +68,7 @@ class GraphPolicy(Policy):
             "token_masks": inputs.token_masks,
             "state": inputs.state,
             "noise": noise,
+            "handover": handover.packed,
         }
         ev = self.events
         with torch.cuda.stream(self.stream):
@@ -82,13 +88,13 @@ class GraphPolicy(Policy):
             "prefix": ev[2].elapsed_time(ev[3]),
             "denoise": ev[3].elapsed_time(ev[4]),
         }
-        actions = self.parts.to_robot_actions(host.actions[0].numpy().copy())
+        finished = self.parts.finish_chunk(host.actions[0].numpy().copy(), previous)
         timings["total"] = (time.perf_counter() - start) * 1e3
         return ActionChunk(
-            actions,
-            obs.timestamp,
-            timings,
-            self.runner.profile.steps,
-            self.parts.model_id,
-            self.parts.random_weights,
+            timestamp=obs.timestamp,
+            timings_ms=timings,
+            steps=self.runner.profile.steps,
+            model_id=self.parts.model_id,
+            random_weights=self.parts.random_weights,
+            **finished,
         )

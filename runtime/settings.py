@@ -16,6 +16,7 @@ from typing import Any
 
 from ..graphs.config import PRESETS
 from .config import PRECISIONS, RuntimeConfig
+from .handover import HANDOVER_MODES, SCHEDULES
 
 # state_in_prompt in words (a ROS parameter of true/false would be a bool and could not say "auto").
 STATE_IN_PROMPT = {"auto": None, "with_state": True, "without_state": False}
@@ -156,6 +157,26 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         0.0,
         range=(0.1, 3600.0),
+    ),
+    Setting(
+        "handover",
+        "how a new chunk takes over from the executing one: switch, blend (cross-fade), inpaint (freeze the "
+        "delayed actions while denoising) or rtc (freeze + guidance, real-time chunking)",
+        str,
+        choices=HANDOVER_MODES,
+    ),
+    Setting(
+        "rtc_execution_horizon",
+        "blend / inpaint / rtc: actions of the new chunk guided toward (or blended from) the old one",
+        int,
+        range=(1, 100),
+    ),
+    Setting("rtc_max_guidance_weight", "rtc: the clip of the guidance weight", float, range=(0.01, 1000.0)),
+    Setting(
+        "rtc_schedule",
+        "rtc: the guidance mask's decay after the frozen actions",
+        str,
+        choices=SCHEDULES,
     ),
 )
 BY_NAME = {s.name: s for s in SETTINGS}

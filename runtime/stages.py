@@ -18,6 +18,7 @@ import torch
 
 from ..graphs.pi0 import PI0Model, time_schedule
 from .buffers import PIPELINE_SLOTS, DeviceSlot, ShapeProfile, StaticBuffers
+from .handover import Handover
 from .inputs import pixels_to_model_input
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class StageEngine(Protocol):
 
     vision : slot.pixels [B, V, S, S, 3] uint8           -> slot.image_tokens [B, V*T, D]
     prefix : slot.image_tokens, image_masks, tokens, token_masks -> slot.kv_cache, slot.prefix_mask
-    denoise: slot.kv_cache, prefix_mask, state, noise    -> slot.actions [B, H, A] float32
+    denoise: slot.kv_cache, prefix_mask, state, noise, handover -> slot.actions [B, H, A] float32
     """
 
     def __call__(self, slot: DeviceSlot) -> None: ...
@@ -46,14 +47,23 @@ class StageRunner:
         compile_stages: tuple[str, ...] | bool = (),
         compiled: dict | None = None,
         engines: dict[str, StageEngine] | None = None,
+        handover: Handover | None = None,
     ):
         self.model = model
         self.buffers = buffers
         self.profile: ShapeProfile = buffers.profile
         times, self.dt = time_schedule(self.profile.steps)
+        self.host_times = times.tolist()  # the guided loop's constants
         self.times = torch.from_numpy(times).to(device)  # [steps], precomputed on the device
-        with torch.inference_mode():  # the time conditioning of every step depends on the schedule alone
+        # The time conditioning of every step depends on the schedule alone. Made under no_grad, not in
+        # inference mode: the rtc loop differentiates through the expert, which reads them.
+        with torch.inference_mode(False), torch.no_grad():
             self.step_conds = model.step_conditioning(self.times, self.profile.batch)
+        # The hand-over mode picks the denoising loop once: the plain loop unless inpaint or rtc.
+        self.handover = handover or Handover()
+        self.guidance = (
+            self.handover.guidance_weights(times).tolist() if self.handover.mode == "rtc" else None
+        )
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         # Inductor fuses a stage's elementwise chains (norms, RoPE, GeGLU, gated residuals) into a few
         # kernels; the CUDA graph then removes the launch gaps. `compile_stages` names the stages to
@@ -94,6 +104,22 @@ class StageRunner:
         d.prefix_mask.copy_(pad)
 
     def _denoise(self, d: DeviceSlot) -> None:
+        if self.handover.guided:
+            d.actions.copy_(
+                self.model.denoise_guided(
+                    d.kv_cache,
+                    d.prefix_mask,
+                    d.state,
+                    d.noise,
+                    self.host_times,
+                    self.dt,
+                    self.step_conds,
+                    d.handover,
+                    self.guidance,
+                    self.fns["velocity"],
+                )
+            )
+            return
         d.actions.copy_(
             self.model.denoise(
                 d.kv_cache,

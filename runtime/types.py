@@ -33,6 +33,8 @@ class ActionChunk:
     steps: int = 0
     model_id: str = ""
     random_weights: bool = False
+    handover: str = "switch"  # the hand-over mode it was made with (runtime/handover.py)
+    frozen_steps: int = 0  # leading actions frozen to the previous chunk's (the delay it was given)
 
     def summary(self) -> dict:
         return {
@@ -41,5 +43,7 @@ class ActionChunk:
             "steps": self.steps,
             "model_id": self.model_id,
             "random_weights": self.random_weights,
+            "handover": self.handover,
+            "frozen_steps": self.frozen_steps,
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         }

@@ -183,17 +183,9 @@ def test_other_step_counts_get_their_own_profile(pair, rng):
     noise = noise_for(executor.config.model, rng)
     three = executor.submit(obs, noise, steps=3).result()
     assert three.steps == 3 and ShapeProfile(3, executor.config.model.max_token_len, 3) in executor._runners
-    reference3 = EagerPolicy(parts=executor.parts)
-    reference3.steps, reference3.times, reference3.dt = 3, *_schedule(3)
+    parts = executor.parts
+    reference3 = EagerPolicy(parts=type(parts)(**{**vars(parts), "config": parts.config.replace(steps=3)}))
     np.testing.assert_array_equal(three.actions, reference3.infer(obs, noise).actions)
-
-
-def _schedule(steps):
-    import torch
-    from vla_runtime.graphs.pi0 import time_schedule
-
-    times, dt = time_schedule(steps)
-    return torch.from_numpy(times), dt
 
 
 def test_trace_has_every_step_in_pipeline_order(pair, rng):
