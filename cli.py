@@ -223,6 +223,8 @@ def cmd_eval_libero(args) -> int:
         "device": config.device,
         "denoising_steps": config.denoising_steps,
         "replan_steps": args.replan_steps,
+        "handover": config.handover,
+        "delay_steps": args.delay_steps,
     }
     summary = write_report(out, episodes, meta)
     if args.json:
@@ -258,6 +260,7 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
     run = dict(
         max_steps=args.max_steps,
         replan_steps=args.replan_steps,
+        delay_steps=args.delay_steps,
         seed=args.seed,
         settle_steps=args.settle_steps,
         video_dir=out if args.video else None,
@@ -330,6 +333,7 @@ def cmd_demo(args) -> int:
         tasks=[0],
         trials=1,
         replan_steps=5,
+        delay_steps=0,
         settle_steps=10,
         mode="lockstep",
         endpoint=None,
@@ -663,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int_at_least(1),
         default=5,
         help="actions executed from each chunk before the next observation (default: 5)",
+    )
+    ev.add_argument(
+        "--delay-steps",
+        type=int_at_least(0),
+        default=0,
+        help="lockstep: an injected inference delay, in actions of the old chunk executed after each "
+        "observation before the new chunk takes over (see --handover; default: 0)",
     )
     ev.add_argument(
         "--settle-steps",

@@ -27,13 +27,13 @@ class InstantPolicy(Policy):
             obs, future = self._queue.get()
             future.set_result(self.infer(obs))
 
-    def infer(self, obs, noise=None):
+    def infer(self, obs, noise=None, previous=None):
         return ActionChunk(np.zeros((50, 7), np.float32), obs.timestamp, {"total": 0.0})
 
     def reset(self):
         pass
 
-    def submit(self, obs, noise=None, steps=None):
+    def submit(self, obs, noise=None, steps=None, previous=None):
         future: Future = Future()
         self._queue.put((obs, future))
         return future
@@ -43,7 +43,9 @@ class InstantPolicy(Policy):
         c = self.config
         names = tuple(f"a{i}" for i in range(7))
         cameras, optional = c.model.camera_names, c.optional_camera_names
-        return PolicyMetadata("instant", True, 50, names, cameras, optional, 8, 10, "cpu", "float32")
+        return PolicyMetadata(
+            "instant", True, 50, names, cameras, optional, 8, 10, "cpu", "float32", "switch"
+        )
 
     def health(self):
         return {"latency_ms": {"total": {"p50": 0.0, "p99": 0.0}}, "counters": {}}

@@ -487,11 +487,14 @@ class PolicyNode(LifecycleNode):
             if self.phase != "serving" or self.assembler is None or self.policy is None:
                 return
             obs = self.assembler.take(now)
-            epoch, policy = self._epoch, self.policy
+            epoch, policy, scheduler = self._epoch, self.policy, self.scheduler
         if obs is None:
             return
+        # The executing chunk's remaining actions and the expected delay, for the hand-over mode.
+        handing_over = scheduler is not None and policy.metadata.handover != "switch"
+        previous = scheduler.previous_chunk(obs.timestamp) if handing_over else None
         try:
-            future = policy.submit(obs, steps=self.param("steps") or None)
+            future = policy.submit(obs, steps=self.param("steps") or None, previous=previous)
         except ValueError as err:  # e.g. an instruction too long for the prompt
             return self._refuse("refused", "observation", err)
         except ExecutorClosed:

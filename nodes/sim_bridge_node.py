@@ -56,7 +56,8 @@ class SimBridgeLink(PolicyLink):
         super().advance(seconds)
         self._publish_clock()
 
-    def _send(self, obs: Observation) -> None:
+    def _send(self, obs: Observation, previous=None) -> None:
+        """`previous` is not sent: the policy node builds its own from its scheduler."""
         stamp = seconds_to_stamp(obs.timestamp, Time)
         if self.lockstep:
             self._publish_clock()  # the node's clock reaches the observation's time

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .handover import PreviousChunk
 from .timing import percentiles
 from .types import ActionChunk
 
@@ -122,11 +123,29 @@ class ChunkScheduler:
         age_s = float(np.percentile(recent, DELAY_PERCENTILE)) / 1e3
         return int(np.floor(age_s / self.period_s + 1e-9))
 
+    def previous_chunk(self, stamp: float) -> PreviousChunk | None:
+        """What the robot will execute from the current chunk, aligned to an observation taken at `stamp`
+        (its action 0 due at `stamp`), with the expected delay: the input of the blend / inpaint / rtc
+        hand-over. None before any chunk, or when the current chunk ends before `stamp`."""
+        delay = self.expected_delay_steps()
+        with self._lock:
+            current = self._current
+        if current is None:
+            return None
+        offset = max(0, int(np.floor((stamp - current.timestamp) / self.period_s + 0.5)))
+        if offset >= len(current.actions):
+            return None
+        return PreviousChunk(current.actions[offset:], delay)
+
     def figures(self) -> dict:
-        """Counters, the age of published chunks (p50 / p99, ms) and the expected delay in actions."""
+        """Counters, the age of published chunks (p50 / p99, ms), the expected delay in actions, and the
+        current chunk's denoising steps, hand-over mode and frozen actions."""
         with self._lock:
             ages = percentiles(list(self._ages_ms), (50, 99))
             figures = {**self.counters, "age_p50_ms": ages["p50"], "age_p99_ms": ages["p99"]}
+            current = self._current
+        if current is not None:
+            figures.update(steps=current.steps, handover=current.handover, frozen_steps=current.frozen_steps)
         return {**figures, "expected_delay_steps": self.expected_delay_steps()}
 
     def reset(self) -> None:

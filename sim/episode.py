@@ -13,6 +13,14 @@ Modes:
   while the policy computes concurrently; every step offers the newest observation, and executes the
   action due now of the newest chunk (by its stamp); when none is fresh, the current chunk's tail runs.
 
+Hand-over (lockstep): with each observation goes the current chunk's remaining actions (a
+`PreviousChunk`); the in-process link gives it to the policy, the policy node builds its own from its
+scheduler. `delay_steps` injects an inference delay: the simulator executes that many more actions of the
+old chunk after the observation, as a robot would while the new chunk is computed, and the new chunk
+takes over from its action `delay_steps` on. Every hand-over's splice jump (the distance between the last
+action executed from the old chunk and the first from the new) is recorded beside the step sizes within a
+chunk.
+
 Latency and misses have one definition (runtime.scheduler): the age of a chunk is the wall-clock time
 from its observation to its arrival here; a miss is an observation whose deadline passed before a chunk
 for it (or a newer one) arrived. In lockstep the simulator waits, so a miss costs the episode nothing,
@@ -29,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.handover import PreviousChunk
 from ..runtime.policy import FrameDropped, Policy
 from ..runtime.scheduler import DEFAULT_DEADLINE_S, ChunkScheduler
 from ..runtime.types import ActionChunk, Observation
@@ -91,17 +100,18 @@ class PolicyLink(abc.ABC):
         """Lockstep: the simulation clock moves by one step."""
         self._sim_time += seconds
 
-    def offer(self, obs: Observation) -> None:
-        """Send an observation (stamped on this link's clock); returns at once."""
+    def offer(self, obs: Observation, previous: PreviousChunk | None = None) -> None:
+        """Send an observation (stamped on this link's clock) and what the robot still executes from its
+        current chunk; returns at once."""
         with self._cond:
             # a re-offered observation keeps its first time: the age includes what was lost
             self._offered.setdefault(stamp_key(obs.timestamp), time.perf_counter())
             if len(self._offered) > 1000:
                 self._offered.pop(next(iter(self._offered)))
-        self._send(obs)
+        self._send(obs, previous)
 
     @abc.abstractmethod
-    def _send(self, obs: Observation) -> None: ...
+    def _send(self, obs: Observation, previous: PreviousChunk | None) -> None: ...
 
     def _received(self, stamp: float, first_index: int, actions: np.ndarray, engine_ms=None) -> None:
         """A chunk arrived (any thread)."""
@@ -160,10 +170,10 @@ class InProcessLink(PolicyLink):
         super().__init__(lockstep)
         self.policy, self.recorder = policy, recorder
 
-    def _send(self, obs: Observation) -> None:
+    def _send(self, obs: Observation, previous: PreviousChunk | None) -> None:
         if self.recorder is not None:
             self.recorder.write(obs)  # runtime.recording.ObservationRecorder: for `vla-runtime calibrate`
-        self.policy.submit(obs).add_done_callback(self._done)
+        self.policy.submit(obs, previous=previous).add_done_callback(self._done)
 
     def _done(self, future) -> None:
         error = future.exception()
@@ -192,6 +202,7 @@ def run_episode(
     *,
     max_steps: int | None = None,
     replan_steps: int = 5,
+    delay_steps: int = 0,
     seed: int = 7,
     settle_steps: int = 10,
     deadline_s: float = DEFAULT_DEADLINE_S,
@@ -202,6 +213,8 @@ def run_episode(
     """One episode of `suite` task `task` from init state `init_state`; `progress(result)` after each step."""
     if replan_steps < 1:
         raise ValueError(f"replan_steps: must be at least 1, got {replan_steps}")
+    if delay_steps < 0 or (delay_steps and not link.lockstep):
+        raise ValueError(f"delay_steps: a non-negative delay, injected in lockstep only; got {delay_steps}")
     sim_obs = client.reset(suite, task, init_state, seed, settle_steps)
     mode = "lockstep" if link.lockstep else "wall-clock"
     result = EpisodeResult(suite, task, init_state, sim_obs["instruction"], f"{link.path} {mode}")
@@ -210,8 +223,14 @@ def run_episode(
     frames = [sim_obs["agentview"]]
     link.start_episode()
 
-    def step(action: np.ndarray) -> bool:
+    last_action: list[np.ndarray] = []  # the action executed last, and whether a hand-over preceded it
+
+    def step(action: np.ndarray, handed_over: bool = False) -> bool:
         nonlocal sim_obs
+        if last_action:
+            distance = float(np.linalg.norm(action - last_action[0]))
+            (result.splice_jumps if handed_over else result.step_sizes).append(distance)
+        last_action[:] = [np.asarray(action, dtype=np.float32)]
         reply = client.step(to_libero_action(action))
         sim_obs = reply["observation"]
         result.steps += 1
@@ -228,24 +247,40 @@ def run_episode(
 
     done = False
     if link.lockstep:
+        current: ReceivedChunk | None = None
+        next_index = 0  # of the current chunk: the action due now
         while not done:
             stamp = link.now()
             obs = to_observation(sim_obs, stamp)
-            link.offer(obs)
+            remaining = _remaining(current, next_index)
+            link.offer(obs, PreviousChunk(remaining, delay_steps) if remaining is not None else None)
             deadlines.observed(stamp)
+            # the injected delay: the old chunk goes on while the new one is computed
+            delayed = 0
+            while remaining is not None and delayed < min(delay_steps, len(remaining)) and not done:
+                link.advance(CONTROL_PERIOD_S)
+                done = step(remaining[delayed])
+                delayed += 1
+            if done:
+                break
             chunk = wait_for_chunk(link, obs, chunk_timeout_s, result)
             account(chunk)  # age on the wall clock: the simulation clock stands still meanwhile
-            result.late_actions += max(0, chunk.first_index)  # never, when the node runs on sim time
-            executable = [i for i in range(replan_steps) if chunk.action_at(i) is not None]
+            first = max(delayed, chunk.first_index)
+            result.late_actions += max(
+                0, chunk.first_index - delayed
+            )  # never, when the node runs on sim time
+            executable = [i for i in range(first, first + replan_steps) if chunk.action_at(i) is not None]
             if not executable:
                 raise RuntimeError(
                     f"a chunk starting at action {chunk.first_index} of {len(chunk.actions)} has none of "
-                    f"actions [0:{replan_steps}] (is the policy node on the simulation clock?)"
+                    f"actions [{first}:{first + replan_steps}] (is the policy node on the simulation clock?)"
                 )
-            for index in executable:
+            current = chunk
+            for n, index in enumerate(executable):
                 result.executed_indices.append(index)
                 link.advance(CONTROL_PERIOD_S)
-                if done := step(chunk.action_at(index)):
+                next_index = index + 1
+                if done := step(chunk.action_at(index), handed_over=n == 0):
                     break
     else:
         obs = to_observation(sim_obs, link.now())
@@ -257,16 +292,17 @@ def run_episode(
             stamp = link.now()
             link.offer(to_observation(sim_obs, stamp))
             deadlines.observed(stamp)
+            handed_over = False
             for chunk in sorted(link.take_new(), key=lambda c: c.stamp + c.age_ms):
                 if chunk.stamp > current.stamp:
-                    current = chunk
+                    current, handed_over = chunk, True
                 account(chunk)
             deadlines.check(link.now())
             index = int(np.floor((link.now() - current.stamp) / CONTROL_PERIOD_S + 1e-9))
             action = current.action_at(index)
             if action is None:  # the chunk is exhausted: hold its last action
                 action = current.actions[-1]
-            done = step(action)
+            done = step(action, handed_over)
             next_tick += CONTROL_PERIOD_S
             wait = next_tick - time.monotonic()
             if wait > 0:
@@ -284,6 +320,15 @@ def run_episode(
         name = f"{suite}_task{task}_init{init_state}_{'success' if result.success else 'failure'}.gif"
         result.video = str(save_gif(frames, video_dir / name))
     return result
+
+
+def _remaining(chunk: ReceivedChunk | None, next_index: int) -> np.ndarray | None:
+    """The chunk's actions from `next_index` on (what the robot would still execute), or None."""
+    if chunk is None:
+        return None
+    rows = [chunk.action_at(i) for i in range(next_index, chunk.first_index + len(chunk.actions))]
+    rows = [r for r in rows if r is not None]
+    return np.stack(rows).astype(np.float32) if rows else None
 
 
 def wait_for_chunk(

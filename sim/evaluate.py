@@ -22,6 +22,7 @@ def evaluate(
     max_steps: int | None,
     replan_steps: int,
     seed: int,
+    delay_steps: int = 0,
     settle_steps: int,
     video_dir: Path | None,
 ) -> list[EpisodeResult]:
@@ -51,6 +52,7 @@ def evaluate(
                             trial,
                             max_steps=max_steps,
                             replan_steps=replan_steps,
+                            delay_steps=delay_steps,
                             seed=seed,
                             settle_steps=settle_steps,
                             video_dir=video_dir,

@@ -40,6 +40,10 @@ class EpisodeResult:
     reoffers: int = 0  # observations sent again after a second without an answer (lost on the way)
     executed_indices: list[int] = field(default_factory=list)  # lockstep: which action of each chunk ran
     chunk_age_ms: list[float] = field(default_factory=list)  # one per chunk: the latency the robot sees
+    # lockstep: the distance between consecutive executed actions, at a hand-over between chunks and within
+    # a chunk (the first should look like the second when the hand-over is smooth)
+    splice_jumps: list[float] = field(default_factory=list)
+    step_sizes: list[float] = field(default_factory=list)
     engine_ms: dict[str, list[float]] = field(default_factory=dict)  # stage -> one per chunk (in-process)
     video: str | None = None
     policy_diagnostics: dict | None = None  # ROS path: the policy node's diagnostics at the end
@@ -55,6 +59,8 @@ class EpisodeResult:
         d["chunk_age_ms"] = percentiles(self.chunk_age_ms)
         d["engine_ms"] = {k: percentiles(v) for k, v in self.engine_ms.items()}
         del d["executed_indices"]
+        d["splice_jumps"] = percentiles(self.splice_jumps, (50, 99))
+        d["step_sizes"] = percentiles(self.step_sizes, (50, 99))
         return d
 
 
@@ -94,6 +100,8 @@ def summarize(episodes: list[EpisodeResult]) -> dict:
         "sim_overruns": sum(e.sim_overruns for e in episodes),
         "reoffers": sum(e.reoffers for e in episodes),
         "chunk_age_ms": percentiles([v for e in episodes for v in e.chunk_age_ms]),
+        "splice_jumps": percentiles([v for e in episodes for v in e.splice_jumps], (50, 99)),
+        "step_sizes": percentiles([v for e in episodes for v in e.step_sizes], (50, 99)),
         "engine_total_ms": engine_total_ms(episodes),
         "definitions": {"latency": LATENCY_MEANING, "miss": MISS_MEANING},
         "tasks": tasks,
@@ -108,6 +116,12 @@ def headline(summary: dict, path: str) -> list[str]:
         f"(the engine itself: p50 {engine['p50']:.1f} ms) -- {LATENCY_MEANING}",
         f"deadline misses: {summary['deadline_misses']} of {summary['chunks']} chunks -- {MISS_MEANING}",
     ]
+    jump, size = summary["splice_jumps"], summary["step_sizes"]
+    if jump["p50"] == jump["p50"]:  # some hand-over happened
+        lines.append(
+            f"hand-over: action jump at a chunk change p50 {jump['p50']:.3f} (p99 {jump['p99']:.3f}); "
+            f"between actions of one chunk p50 {size['p50']:.3f}"
+        )
     if "lockstep" in path:
         lines.append(LOCKSTEP_NOTE)
     return lines

@@ -201,10 +201,11 @@ def test_a_slow_policy_counts_misses_and_publishes_the_tail(tmp_path):
 def test_sim_time_clock_jumps_and_future_stamps(tmp_path):
     """use_sim_time: the node runs on /clock. A chunk on a stopped clock starts exactly at its first action;
     the clock jumping back (a restarted bag) resets the node instead of refusing every new chunk as late;
-    an observation stamped in the future is refused and counted."""
+    an observation stamped in the future is refused and counted. With the rtc hand-over, so the second
+    chunk is guided toward the first; the diagnostics show the mode, the expected delay and the steps."""
     r = Robot(namespace="/sim")
     proc = PolicyNodeProcess(
-        tmp_path, "preset:=pi05_tiny", "steps:=2", "use_sim_time:=true", namespace="/sim"
+        tmp_path, "preset:=pi05_tiny", "steps:=2", "use_sim_time:=true", "handover:=rtc", namespace="/sim"
     )
     try:
         assert proc.wait_for_log("serving:", 120), proc.text()
@@ -214,6 +215,15 @@ def test_sim_time_clock_jumps_and_future_stamps(tmp_path):
             assert point_seconds(got[1].points[0]) == 0.0 and len(got[1].points) == 10  # exact alignment
         assert proc.wait_for_log("the clock jumped back to 5.000", 10)
         assert wait_diag(r, lambda d: int(d.get("clock_jumps", 0)) == 1)
+        assert wait_diag(
+            r,
+            lambda d: (
+                d.get("handover") == "rtc"
+                and d.get("steps") == "2"
+                and d.get("expected_delay_steps") == "0"  # sim time stands still while a chunk is computed
+                and d.get("frozen_steps") == "0"
+            ),
+        ), latest_diag(r, "fresh")
         refused_before = int(latest_diag(r, "future_stamps")["future_stamps"])
         r.publish_once(5.5)  # 0.5 s ahead of the node's clock (max_future_s 0.1)
         # at least one of its messages is refused (the images travel best effort); counted, not logged

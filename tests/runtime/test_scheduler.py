@@ -93,3 +93,16 @@ def test_the_expected_delay_is_a_high_percentile_of_recent_ages_in_actions():
         s.observed(t)
         s.offer(chunk(t), now=t + 0.02)
     assert s.expected_delay_steps() == 0
+
+
+def test_the_previous_chunk_is_aligned_to_the_new_observation():
+    s = ChunkScheduler(0.05)
+    assert s.previous_chunk(1.0) is None  # no chunk yet
+    s.observed(1.0)
+    s.offer(chunk(1.0), now=1.12)  # age 120 ms: the expected delay is 2 actions
+    previous = s.previous_chunk(1.15)  # three periods later: action 3 of the current chunk is due
+    assert previous.delay_steps == 2 and previous.actions[0, 0] == pytest.approx(4.0)
+    assert len(previous.actions) == 7
+    assert s.previous_chunk(1.5) is None  # the chunk has ended by then
+    figures = s.figures()
+    assert figures["handover"] == "switch" and figures["frozen_steps"] == 0 and figures["steps"] == 0

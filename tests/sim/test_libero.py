@@ -99,6 +99,20 @@ def test_one_episode_in_process_with_per_step_success(client):
     assert result.success is False and not any(result.success_per_step)  # random weights
 
 
+def test_an_injected_delay_runs_the_old_chunk_then_the_new_one_from_its_frozen_actions(client):
+    """rtc with a delay of 2: after each observation two more actions of the old chunk run, then the new
+    chunk from its action 2 on (its frozen actions are the old chunk's); every hand-over is measured."""
+    with PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", handover="rtc")) as policy:
+        link = InProcessLink(policy, lockstep=True)
+        result = run_episode(
+            client, link, SUITE, 1, 0, max_steps=19, replan_steps=5, delay_steps=2, settle_steps=2
+        )
+    assert result.steps == 19 and result.chunks == 3  # 5, then (2 old + 5 new) twice
+    assert result.executed_indices == [0, 1, 2, 3, 4] + [2, 3, 4, 5, 6] * 2
+    assert len(result.splice_jumps) == 2 and len(result.step_sizes) == 16
+    assert all(np.isfinite(result.splice_jumps))
+
+
 def test_demo_runs_an_episode_through_ros_and_in_process_and_reports_both(tmp_path):
     """`vla-runtime demo`: sim server + policy node process + sim bridge (lockstep on sim time), then the
     same episode in-process; one latency figure and one miss count, by one definition, for both."""
