@@ -175,3 +175,32 @@ class HandoverArrays:
         arrays.packed[1, :, :robot_action_dim] = weights[:, None]
         arrays.packed[2, :frozen, :robot_action_dim] = 1.0
         return arrays
+
+
+def splice_metrics(old_actions: np.ndarray, executed: int, new_actions: np.ndarray, delay: int) -> dict:
+    """How smoothly a new chunk took over, both chunks aligned to their own observation: the old chunk's
+    actions [0:executed] ran before the new observation, its next `delay` ones while the new chunk was
+    computed, then the new chunk from its action `delay`.
+
+    jump: the distance between the last action executed from the old chunk and the first from the new;
+    step: the old chunk's own distance between consecutive actions there (what a smooth hand-over looks
+          like);
+    deviation: the distance between the first action from the new chunk and the old chunk's action for
+          the same time (the discontinuity itself, without the motion of one step);
+    disagreement: the mean distance between the two chunks over the actions both cover after the splice.
+    """
+    last_old = old_actions[executed + delay - 1]
+    first_new = new_actions[delay]
+    overlap = min(len(old_actions) - executed, len(new_actions))
+    after = range(delay, overlap)
+    disagreement = (
+        float(np.mean([np.linalg.norm(new_actions[i] - old_actions[executed + i]) for i in after]))
+        if len(after)
+        else float("nan")
+    )
+    step = (
+        float(np.linalg.norm(old_actions[executed + delay] - last_old))
+        if executed + delay < len(old_actions)
+        else float("nan")
+    )
+    return {"jump": float(np.linalg.norm(first_new - last_old)), "step": step, "disagreement": disagreement}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
-from vla_runtime.runtime.handover import HANDOVER_MODES, SCHEDULES, Handover, PreviousChunk
+from vla_runtime.runtime.handover import HANDOVER_MODES, SCHEDULES, Handover, PreviousChunk, splice_metrics
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
 
@@ -138,3 +138,15 @@ def test_settings_are_checked_where_they_are_declared():
         RuntimeConfig(rtc_schedule="cubic")
     with pytest.raises(ValueError, match="rtc_max_guidance_weight"):
         RuntimeConfig(rtc_max_guidance_weight=0.0)
+
+
+def test_splice_metrics_measure_the_jump_at_the_hand_over():
+    old = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)  # a straight line
+    smooth = old[5:].copy()  # the new chunk continues the old one exactly
+    m = splice_metrics(old, executed=5, new_actions=smooth, delay=2)
+    assert m["jump"] == pytest.approx(np.sqrt(2)) == pytest.approx(m["step"]) and m["disagreement"] == 0.0
+    shifted = smooth + 3.0
+    m = splice_metrics(old, executed=5, new_actions=shifted, delay=2)
+    assert m["jump"] == pytest.approx(np.linalg.norm([4.0, 4.0])) and m["disagreement"] == pytest.approx(
+        np.linalg.norm([3.0, 3.0])
+    )
