@@ -118,7 +118,7 @@ def main(out: Path, preset: str) -> None:
                 for delay in DELAYS:
                     metrics, chunks = splice_chain(executor, observations, noises, delay)
                     row["splice"][str(delay)] = {
-                        key: mean_of(metrics, key) for key in ("jump", "step", "disagreement")
+                        key: mean_of(metrics, key) for key in ("jump", "step", "deviation", "disagreement")
                     }
                     if delay == 2 and precision == next(iter(precisions)):
                         doc["chunks_for_plot"][mode] = [c[:, 0].tolist() for c in chunks[:PLOT_CHUNKS]]

@@ -198,9 +198,11 @@ def splice_metrics(old_actions: np.ndarray, executed: int, new_actions: np.ndarr
         if len(after)
         else float("nan")
     )
-    step = (
-        float(np.linalg.norm(old_actions[executed + delay] - last_old))
-        if executed + delay < len(old_actions)
-        else float("nan")
-    )
-    return {"jump": float(np.linalg.norm(first_new - last_old)), "step": step, "disagreement": disagreement}
+    following = old_actions[executed + delay] if executed + delay < len(old_actions) else None
+    nan = float("nan")
+    return {
+        "jump": float(np.linalg.norm(first_new - last_old)),
+        "step": float(np.linalg.norm(following - last_old)) if following is not None else nan,
+        "deviation": float(np.linalg.norm(first_new - following)) if following is not None else nan,
+        "disagreement": disagreement,
+    }

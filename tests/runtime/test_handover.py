@@ -145,8 +145,10 @@ def test_splice_metrics_measure_the_jump_at_the_hand_over():
     smooth = old[5:].copy()  # the new chunk continues the old one exactly
     m = splice_metrics(old, executed=5, new_actions=smooth, delay=2)
     assert m["jump"] == pytest.approx(np.sqrt(2)) == pytest.approx(m["step"]) and m["disagreement"] == 0.0
+    assert m["deviation"] == 0.0
     shifted = smooth + 3.0
     m = splice_metrics(old, executed=5, new_actions=shifted, delay=2)
+    assert m["deviation"] == pytest.approx(np.linalg.norm([3.0, 3.0]))
     assert m["jump"] == pytest.approx(np.linalg.norm([4.0, 4.0])) and m["disagreement"] == pytest.approx(
         np.linalg.norm([3.0, 3.0])
     )
