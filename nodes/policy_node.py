@@ -46,6 +46,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float32MultiArray, String
 from trajectory_msgs.msg import JointTrajectory
 
+from ..runtime.adaptive import StepsController
 from ..runtime.config import RuntimeConfig
 from ..runtime.executor import DeviceHung, ExecutorClosed, PipelinedExecutor
 from ..runtime.policy import FrameDropped, Policy
@@ -87,6 +88,7 @@ class PolicyNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._parameters_changed)
         self.policy: Policy | None = None
         self.scheduler: ChunkScheduler | None = None
+        self.steps_controller: StepsController | None = None  # with adaptive_steps
         self.assembler: ObservationAssembler | None = None
         self.recorder = None  # ObservationRecorder while record_observations names a file
         self.phase = "unconfigured"  # unconfigured | loading | inactive | serving | failed: <reason>
@@ -231,6 +233,11 @@ class PolicyNode(LifecycleNode):
         if state_joints and len(state_joints) != config.state_dim:
             raise ValueError(f"state_joint_names: {len(state_joints)} names for state_dim {config.state_dim}")
         self.scheduler = ChunkScheduler(self.param("control_period_s"), self.param("deadline_s"))
+        self.steps_controller = (
+            StepsController(config.denoising_steps, self.param("deadline_s"))
+            if config.adaptive_steps
+            else None
+        )
         self.assembler = ObservationAssembler(
             AssemblySettings(
                 required_cameras=tuple(c for c in cameras if c not in optional),
@@ -348,7 +355,7 @@ class PolicyNode(LifecycleNode):
             self.recorder.close()
             self.recorder = None
         with self._lock:
-            self.scheduler = self.assembler = None
+            self.scheduler = self.assembler = self.steps_controller = None
 
     def _start_deadline_timer(self) -> None:
         self._stop_deadline_timer()
@@ -487,14 +494,20 @@ class PolicyNode(LifecycleNode):
             if self.phase != "serving" or self.assembler is None or self.policy is None:
                 return
             obs = self.assembler.take(now)
-            epoch, policy, scheduler = self._epoch, self.policy, self.scheduler
+            epoch, policy, scheduler, controller = (
+                self._epoch,
+                self.policy,
+                self.scheduler,
+                self.steps_controller,
+            )
         if obs is None:
             return
         # The executing chunk's remaining actions and the expected delay, for the hand-over mode.
         handing_over = scheduler is not None and policy.metadata.handover != "switch"
         previous = scheduler.previous_chunk(obs.timestamp) if handing_over else None
         try:
-            future = policy.submit(obs, steps=self.param("steps") or None, previous=previous)
+            steps = controller.steps if controller is not None else self.param("steps") or None
+            future = policy.submit(obs, steps=steps, previous=previous)
         except ValueError as err:  # e.g. an instruction too long for the prompt
             return self._refuse("refused", "observation", err)
         except ExecutorClosed:
@@ -527,6 +540,9 @@ class PolicyNode(LifecycleNode):
                 self.counters["stale_epoch"] += 1  # observed before a reset (clock jump, deactivate)
                 return
             scheduled = self.scheduler.offer(chunk, now)
+            controller = self.steps_controller
+        if scheduled is not None and controller is not None:
+            controller.observe(scheduled.age_s, chunk.steps, chunk.timings_ms.get("denoise"))
         if scheduled is not None and self.phase == "serving":
             self._publish(scheduled)
             self.spans.add("node_out", (time.perf_counter() - ready) * 1e3)
@@ -579,6 +595,8 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             values = dict(self.counters)
             figures = self.scheduler.figures() if self.scheduler is not None else {}
+            if self.steps_controller is not None:
+                figures.update(self.steps_controller.figures())
             waiting_for = self.assembler.waiting_for if self.assembler is not None else ""
         health = self.policy.health() if self.policy is not None else {"latency_ms": {}}
         values.update(figures)

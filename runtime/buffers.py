@@ -38,6 +38,11 @@ class ShapeProfile:
         if self.batch != 1:
             raise ValueError(f"batch: the executor serves one robot (batch 1); got {self.batch}")
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """What fixes the buffers and the vision and prefix graphs (the steps only fix the denoise graph)."""
+        return (self.views, self.prompt_len, self.batch)
+
 
 def _input_shapes(cfg: ModelConfig, p: ShapeProfile) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     s = cfg.vision.image_size

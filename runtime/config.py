@@ -76,6 +76,9 @@ class RuntimeConfig:
     rtc_execution_horizon: int = 10  # end of the guided / blended region, in actions
     rtc_max_guidance_weight: float = 10.0
     rtc_schedule: str = "exp"  # exp | linear | ones | zeros
+    # Fewer denoising steps under deadline pressure (runtime/adaptive.py): the ladder's denoise graphs are
+    # captured ahead of time.
+    adaptive_steps: bool = False
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:

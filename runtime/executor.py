@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .adaptive import steps_ladder
 from .buffers import HOST_RING, MAX_IN_FLIGHT, PIPELINE_SLOTS, ShapeProfile, StaticBuffers
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
@@ -106,7 +107,8 @@ class PipelinedExecutor(Policy):
         unknown = set(self._engines) - set(STAGES)
         if unknown:
             raise ValueError(f"engines: {sorted(unknown)} are not stages ({', '.join(STAGES)})")
-        self._runners: dict[ShapeProfile, StageRunner] = {}
+        # One runner per input shape; each holds a denoise graph per step count it has served.
+        self._runners: dict[tuple[int, int, int], StageRunner] = {}
         self._compiled: dict = {}
         if self.cuda:
             # Priorities: the denoise loop is hundreds of small kernels that only need a few SMs each, the
@@ -141,8 +143,11 @@ class PipelinedExecutor(Policy):
         self._infer_lock = threading.Lock()  # one synchronous `infer` at a time
         self._noise, self._noise_lock = self.config.noise_generator(), threading.Lock()
         self._completions: queue.Queue = queue.Queue()
-        for profile in profiles or [self.default_profile()]:
-            self._runner(profile)  # capture ahead of time
+        if profiles is None:
+            ladder = steps_ladder(self.config.denoising_steps) if self.config.adaptive_steps else ()
+            profiles = [self.default_profile(), *(self.default_profile(s) for s in ladder[1:])]
+        for profile in profiles:
+            self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
         self._completer = threading.Thread(target=self._complete_loop, name="vla-complete", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_loop, name="vla-watchdog", daemon=True)
@@ -274,7 +279,10 @@ class PipelinedExecutor(Policy):
     def report(self) -> dict:
         with self._cond:
             counters = dict(self.counters)
-            profiles = [vars(p) for p in self._runners]
+            profiles = [
+                {"views": v, "prompt_len": n, "batch": b, "steps": sorted(runner.schedules)}
+                for (v, n, b), runner in self._runners.items()
+            ]
         return {
             "counters": counters,
             "latency_ms": self.stats.summary(),
@@ -283,8 +291,23 @@ class PipelinedExecutor(Policy):
         }
 
     # ------------------------------------------------------------------ graphs and buffers per profile
+    def _captured(self, profile: ShapeProfile) -> bool:
+        runner = self._runners.get(profile.input_shape)
+        return runner is not None and profile.steps in runner.schedules
+
     def _runner(self, profile: ShapeProfile) -> StageRunner:
-        runner = self._runners.get(profile)
+        """The profile's runner, captured: a new input shape captures every stage, a new step count on a
+        known shape the denoise stage only."""
+        runner = self._runners.get(profile.input_shape)
+        if runner is not None and profile.steps not in runner.schedules:
+            runner.add_steps(profile.steps)
+            captures = (
+                runner.capture(self._streams, self._pools, ("denoise",), (profile.steps,))
+                if self.use_graphs
+                else 0
+            )
+            with self._cond:
+                self.counters["captures"] += captures
         if runner is None:
             buffers = StaticBuffers(self.config.model, profile, self.device, self.parts.model.compute_dtype)
             runner = StageRunner(
@@ -299,7 +322,7 @@ class PipelinedExecutor(Policy):
             captures = runner.capture(self._streams, self._pools) if self.use_graphs else 0
             with self._cond:
                 self.counters["captures"] += captures
-                self._runners[profile] = runner
+                self._runners[profile.input_shape] = runner
         return runner
 
     # ------------------------------------------------------------------ dispatcher thread
@@ -319,7 +342,7 @@ class PipelinedExecutor(Policy):
                 if self._closed:
                     return
                 frame, self._pending = self._pending, None
-                if frame.profile not in self._runners and self._in_flight:
+                if not self._captured(frame.profile) and self._in_flight:
                     # A new profile is captured with the device idle (capture synchronises the device).
                     self._pending = frame
                     self._cond.wait_for(lambda: self._in_flight == 0 or self._closed)
@@ -419,16 +442,16 @@ class PipelinedExecutor(Policy):
                     for name in waits.previous_user:
                         stream.wait_event(prev_ev[f"{name}_end"])
                 ev[f"{step.name}_start"].record()
-                self._run_step(step, runner, frame.slot, host, device_slot)
+                self._run_step(step, runner, frame, host, device_slot)
                 ev[f"{step.name}_end"].record()
 
     def _run_cpu(self, frame: Frame, runner: StageRunner, host, device_slot) -> None:
         for step in PIPELINE:  # in order, on this thread
             start = time.perf_counter()
-            self._run_step(step, runner, frame.slot, host, device_slot)
+            self._run_step(step, runner, frame, host, device_slot)
             frame.host_ms[step.name] = (start, time.perf_counter())
 
-    def _run_step(self, step: Step, runner: StageRunner, slot: int, host, device_slot) -> None:
+    def _run_step(self, step: Step, runner: StageRunner, frame: Frame, host, device_slot) -> None:
         """A copy in (the h2d stream), a stage, or the copy out (d2h), on the current stream."""
         if step.stream == "h2d":
             for name in step.writes:
@@ -436,7 +459,7 @@ class PipelinedExecutor(Policy):
         elif step.stream == "d2h":
             host.actions.copy_(device_slot.actions, non_blocking=self.cuda)
         else:
-            runner.run(step.name, slot)
+            runner.run(step.name, frame.slot, frame.profile.steps)
 
     # ------------------------------------------------------------------ completion thread
     def _complete_loop(self) -> None:
@@ -482,7 +505,7 @@ class PipelinedExecutor(Policy):
                 _resolve(frame.future, error=hung)
 
     def _finish(self, frame: Frame) -> ActionChunk:
-        runner = self._runners[frame.profile]
+        runner = self._runners[frame.profile.input_shape]
         host = runner.buffers.host_ring[frame.ring]
         if self.cuda:
             ev = self._events[frame.ring]

@@ -12,6 +12,7 @@ buffers, which live outside every pool.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -38,7 +39,23 @@ class StageEngine(Protocol):
     def __call__(self, slot: DeviceSlot) -> None: ...
 
 
+@dataclass
+class DenoiseSchedule:
+    """What the denoising loop of one step count reads besides the slot: its times, the per-step time
+    conditioning (made once: it depends on the weights and times alone) and rtc's guidance weights."""
+
+    steps: int
+    times: torch.Tensor  # [steps] on the device
+    host_times: list[float]  # the same, as constants of the guided loop
+    dt: float
+    step_conds: list[torch.Tensor]
+    guidance: list[float] | None  # rtc only
+
+
 class StageRunner:
+    """The stages of one input shape (views, prompt length, batch): its buffers, vision and prefix graphs,
+    and a denoise graph per step count (`add_steps`): fewer steps re-capture the denoise stage only."""
+
     def __init__(
         self,
         model: PI0Model,
@@ -52,19 +69,12 @@ class StageRunner:
         self.model = model
         self.buffers = buffers
         self.profile: ShapeProfile = buffers.profile
-        times, self.dt = time_schedule(self.profile.steps)
-        self.host_times = times.tolist()  # the guided loop's constants
-        self.times = torch.from_numpy(times).to(device)  # [steps], precomputed on the device
-        # The time conditioning of every step depends on the schedule alone. Made under no_grad, not in
-        # inference mode: the rtc loop differentiates through the expert, which reads them.
-        with torch.inference_mode(False), torch.no_grad():
-            self.step_conds = model.step_conditioning(self.times, self.profile.batch)
+        self.device = device
         # The hand-over mode picks the denoising loop once: the plain loop unless inpaint or rtc.
         self.handover = handover or Handover()
-        self.guidance = (
-            self.handover.guidance_weights(times).tolist() if self.handover.mode == "rtc" else None
-        )
-        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        self.schedules: dict[int, DenoiseSchedule] = {}
+        self.schedule = self.add_steps(self.profile.steps)  # the one the denoise body runs
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         # Inductor fuses a stage's elementwise chains (norms, RoPE, GeGLU, gated residuals) into a few
         # kernels; the CUDA graph then removes the launch gaps. `compile_stages` names the stages to
         # compile (True: all). The compiled functions are shared by every profile (`compiled`), so a new
@@ -89,6 +99,19 @@ class StageRunner:
             **(engines or {}),
         }
 
+    def add_steps(self, steps: int) -> DenoiseSchedule:
+        """The schedule of `steps` denoising steps (made once; `capture` captures its graphs)."""
+        if steps not in self.schedules:
+            times, dt = time_schedule(steps)
+            on_device = torch.from_numpy(times).to(self.device)
+            # Made under no_grad, not in inference mode: the rtc loop differentiates through the expert,
+            # which reads them.
+            with torch.inference_mode(False), torch.no_grad():
+                conds = self.model.step_conditioning(on_device, self.profile.batch)
+            guidance = self.handover.guidance_weights(times).tolist() if self.handover.mode == "rtc" else None
+            self.schedules[steps] = DenoiseSchedule(steps, on_device, times.tolist(), dt, conds, guidance)
+        return self.schedules[steps]
+
     # Eager stage bodies: write the slot's outputs in place.
     def _vision(self, d: DeviceSlot) -> None:
         d.image_tokens.copy_(self.fns["encode"](pixels_to_model_input(d.pixels)))
@@ -104,6 +127,7 @@ class StageRunner:
         d.prefix_mask.copy_(pad)
 
     def _denoise(self, d: DeviceSlot) -> None:
+        s = self.schedule
         if self.handover.guided:
             d.actions.copy_(
                 self.model.denoise_guided(
@@ -111,11 +135,11 @@ class StageRunner:
                     d.prefix_mask,
                     d.state,
                     d.noise,
-                    self.host_times,
-                    self.dt,
-                    self.step_conds,
+                    s.host_times,
+                    s.dt,
+                    s.step_conds,
                     d.handover,
-                    self.guidance,
+                    s.guidance,
                     self.fns["velocity"],
                 )
             )
@@ -126,40 +150,55 @@ class StageRunner:
                 d.prefix_mask,
                 d.state,
                 d.noise,
-                self.times,
-                self.dt,
-                self.step_conds,
+                s.times,
+                s.dt,
+                s.step_conds,
                 self.fns["velocity"],
             )
         )
 
-    def run(self, stage: str, slot: int) -> None:
-        """Replay the captured graph when there is one (on the current stream), else run eagerly."""
-        graph = self.graphs.get((stage, slot))
+    @staticmethod
+    def _key(stage: str, slot: int, steps: int) -> tuple:
+        return (stage, slot, steps) if stage == "denoise" else (stage, slot)
+
+    def run(self, stage: str, slot: int, steps: int | None = None) -> None:
+        """Replay the captured graph when there is one (on the current stream), else run eagerly. `steps`
+        (denoise; default the profile's) must have been added with `add_steps`."""
+        steps = steps or self.profile.steps
+        graph = self.graphs.get(self._key(stage, slot, steps))
         if graph is not None:
             graph.replay()
         else:
+            self.schedule = self.schedules[steps]
             self.engines[stage](self.buffers.device_slots[slot])
 
     @torch.inference_mode()
-    def capture(self, streams: dict[str, torch.cuda.Stream], pools: dict[str, tuple], stages=STAGES) -> int:
-        """Capture `stages` (default: all) for both slots. Returns the number of graphs captured."""
+    def capture(
+        self,
+        streams: dict[str, torch.cuda.Stream],
+        pools: dict[str, tuple],
+        stages=STAGES,
+        steps: tuple[int, ...] | None = None,
+    ) -> int:
+        """Capture `stages` (default: all) for both slots, the denoise stage for each of `steps` (default:
+        every added schedule). Returns the number of graphs captured."""
         count = 0
         for stage in stages:
-            body = self.engines[stage]
-            stream = streams[stage]
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside capture: cuBLAS handles, lazy kernel loading
-                    body(self.buffers.device_slots[0])
-            stream.synchronize()
-            for slot in range(PIPELINE_SLOTS):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(
-                    graph, pool=pools[stage], stream=stream, capture_error_mode="thread_local"
-                ):
-                    body(self.buffers.device_slots[slot])
-                self.graphs[(stage, slot)] = graph
-                count += 1
+            body, stream = self.engines[stage], streams[stage]
+            for n in (steps or tuple(self.schedules)) if stage == "denoise" else (self.profile.steps,):
+                self.schedule = self.schedules[n]
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up outside capture: cuBLAS handles, lazy kernel loading
+                        body(self.buffers.device_slots[0])
+                stream.synchronize()
+                for slot in range(PIPELINE_SLOTS):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(
+                        graph, pool=pools[stage], stream=stream, capture_error_mode="thread_local"
+                    ):
+                        body(self.buffers.device_slots[slot])
+                    self.graphs[self._key(stage, slot, n)] = graph
+                    count += 1
         torch.cuda.synchronize()
-        log.info("captured %d graphs for %s", count, self.profile)
+        log.info("captured %d graphs for %s (%s)", count, self.profile, ", ".join(stages))
         return count

@@ -177,12 +177,15 @@ def test_stopped_inputs_are_reported_and_nothing_is_published(node, robot):
 
 def test_a_slow_policy_counts_misses_and_publishes_the_tail(tmp_path):
     """Every chunk takes 80 ms more than its 50 ms deadline: the deadline watch counts the misses and sends
-    the current chunk's tail, whose passed actions are cut; diagnostics say so."""
+    the current chunk's tail, whose passed actions are cut; diagnostics say so. With adaptive steps the node
+    steps down from 3 to 2 denoising steps (which does not help this device: its slowness is not in the
+    steps) and the chunks say which they were made with."""
     r = Robot(namespace="/slow")
     proc = PolicyNodeProcess(
         tmp_path,
         "preset:=pi05_tiny",
-        "steps:=2",
+        "steps:=3",
+        "adaptive_steps:=true",
         namespace="/slow",
         script=Path(__file__).with_name("slow_policy_node.py"),
     )
@@ -193,6 +196,10 @@ def test_a_slow_policy_counts_misses_and_publishes_the_tail(tmp_path):
             proc.text()[-2000:]
         )
         assert wait_diag(r, lambda d: d["level"] == 1 and d["message"].startswith("deadline missed"))
+        assert wait_diag(
+            r,
+            lambda d: d.get("steps_down") == "1" and d.get("adaptive_steps") == "2" and d.get("steps") == "2",
+        ), latest_diag(r, "fresh")
     finally:
         proc.stop()
         r.close()

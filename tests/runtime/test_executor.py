@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from vla_runtime.runtime.buffers import MAX_IN_FLIGHT, ShapeProfile
+from vla_runtime.runtime.buffers import MAX_IN_FLIGHT
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import DeviceHung, FrameDropped, PipelinedExecutor
 from vla_runtime.runtime.hazards import STEP_NAMES
@@ -36,14 +36,14 @@ class HeldStages:
     """Holds every stage of the executor's default profile until released (a busy device)."""
 
     def __init__(self, executor: PipelinedExecutor):
-        self.runner: StageRunner = executor._runners[executor.default_profile()]
+        self.runner: StageRunner = executor._runners[executor.default_profile().input_shape]
         self.original = self.runner.run
         self.open = threading.Event()
         self.runner.run = self._run
 
-    def _run(self, stage, slot):
+    def _run(self, stage, slot, steps=None):
         assert self.open.wait(60), "held stages never released"
-        return self.original(stage, slot)
+        return self.original(stage, slot, steps)
 
     def release(self):
         self.open.set()
@@ -58,17 +58,17 @@ class FailsOnce:
     it were issued)."""
 
     def __init__(self, executor: PipelinedExecutor, stage: str, times: int = 1, after: int = 0):
-        self.runner = executor._runners[executor.default_profile()]
+        self.runner = executor._runners[executor.default_profile().input_shape]
         self.original, self.stage, self.left, self.runs = self.runner.run, stage, times, -after
         self.runner.run = self._run
 
-    def _run(self, stage, slot):
+    def _run(self, stage, slot, steps=None):
         if stage == self.stage:
             self.runs += 1
             if self.runs > 0 and self.left:
                 self.left -= 1
                 raise RuntimeError(f"injected {stage} failure")
-        return self.original(stage, slot)
+        return self.original(stage, slot, steps)
 
     def restore(self):
         self.runner.run = self.original
@@ -111,15 +111,15 @@ def test_matches_reference_over_changing_frames_with_drops(pair, rng):
 
 def test_sequential_frames_alternate_slots_and_reuse_buffers(pair, rng):
     executor, _ = pair
-    runner: StageRunner = executor._runners[executor.default_profile()]
+    runner: StageRunner = executor._runners[executor.default_profile().input_shape]
     kv_ptrs = [slot.kv_cache.data_ptr() for slot in runner.buffers.device_slots]
     seen_slots = []
     original = runner.run
 
-    def spy(stage, slot):
+    def spy(stage, slot, steps=None):
         if stage == "prefix":
             seen_slots.append(slot)
-        return original(stage, slot)
+        return original(stage, slot, steps)
 
     runner.run = spy
     try:
@@ -182,7 +182,9 @@ def test_other_step_counts_get_their_own_profile(pair, rng):
     obs = random_observation(rng, executor.config.preset)
     noise = noise_for(executor.config.model, rng)
     three = executor.submit(obs, noise, steps=3).result()
-    assert three.steps == 3 and ShapeProfile(3, executor.config.model.max_token_len, 3) in executor._runners
+    # the same buffers, vision and prefix: only the denoise stage gets a schedule (and graphs) for 3 steps
+    assert three.steps == 3 and len(executor._runners) == 1
+    assert 3 in executor._runners[executor.default_profile().input_shape].schedules
     parts = executor.parts
     reference3 = EagerPolicy(parts=type(parts)(**{**vars(parts), "config": parts.config.replace(steps=3)}))
     np.testing.assert_array_equal(three.actions, reference3.infer(obs, noise).actions)
