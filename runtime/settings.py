@@ -173,16 +173,16 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("rtc_max_guidance_weight", "rtc: the clip of the guidance weight", float, range=(0.01, 1000.0)),
     Setting(
-        "adaptive_steps",
-        "the node lowers the denoising steps (steps, 5, 3, 2) when chunks come close to the deadline and "
-        "climbs back when they are well inside it",
-        bool,
-    ),
-    Setting(
         "rtc_schedule",
         "rtc: the guidance mask's decay after the frozen actions",
         str,
         choices=SCHEDULES,
+    ),
+    Setting(
+        "adaptive_steps",
+        "the node lowers the denoising steps (steps, 5, 3, 2) when chunks come close to the deadline and "
+        "climbs back when they are well inside it",
+        bool,
     ),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
