@@ -13,13 +13,13 @@ Modes:
   while the policy computes concurrently; every step offers the newest observation, and executes the
   action due now of the newest chunk (by its stamp); when none is fresh, the current chunk's tail runs.
 
-Hand-over (lockstep): with each observation goes the current chunk's remaining actions (a
-`PreviousChunk`); the in-process link gives it to the policy, the policy node builds its own from its
-scheduler. `delay_steps` injects an inference delay: the simulator executes that many more actions of the
-old chunk after the observation, as a robot would while the new chunk is computed, and the new chunk
-takes over from its action `delay_steps` on. Every hand-over's splice jump (the distance between the last
-action executed from the old chunk and the first from the new) is recorded beside the step sizes within a
-chunk.
+Hand-over: with each observation goes the current chunk's remaining actions (a `PreviousChunk`; in wall
+clock with the delay the chunk scheduler expects from the measured ages); the in-process link gives it to
+the policy, the policy node builds its own from its scheduler. `delay_steps` (lockstep) injects an
+inference delay: the simulator executes that many more actions of the old chunk after the observation,
+as a robot would while the new chunk is computed, and the new chunk takes over from its action
+`delay_steps` on. Every hand-over's splice jump (the distance between the last action executed from the
+old chunk and the first from the new) is recorded beside the step sizes within a chunk.
 
 Latency and misses have one definition (runtime.scheduler): the age of a chunk is the wall-clock time
 from its observation to its arrival here; a miss is an observation whose deadline passed before a chunk
@@ -290,7 +290,8 @@ def run_episode(
         next_tick = time.monotonic()
         while not done:
             stamp = link.now()
-            link.offer(to_observation(sim_obs, stamp))
+            # the current chunk from now on, and the delay the scheduler expects from the measured ages
+            link.offer(to_observation(sim_obs, stamp), deadlines.previous_chunk(stamp))
             deadlines.observed(stamp)
             handed_over = False
             for chunk in sorted(link.take_new(), key=lambda c: c.stamp + c.age_ms):
