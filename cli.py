@@ -254,6 +254,11 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
     from .sim.client import SimClient
     from .sim.evaluate import evaluate
 
+    if args.delay_steps and (args.path == "ros" or args.mode != "lockstep"):
+        raise ValueError(
+            "--delay-steps: an injected delay needs --path in-process and --mode lockstep (the policy node "
+            "and the wall clock measure their own delay)"
+        )
     lockstep = args.mode == "lockstep"
     client = SimClient(endpoint)
     check_sim_request(client, endpoint, args.suite, tasks)  # before the model is built

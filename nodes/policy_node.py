@@ -97,6 +97,9 @@ class PolicyNode(LifecycleNode):
             threading.Lock()
         )  # the input state, counters and clock, shared with the completion thread
         self._epoch = 0  # bumped on every reset: chunks of observations from before it are discarded
+        # Hand-over modes: frames of this epoch submitted and not yet answered (see _serve).
+        self._handover_in_flight = 0
+        self._handover_mode = "switch"  # the loaded policy's
         self._last_now: float | None = None
         self._active = False  # between activate and deactivate
         self._loader: threading.Thread | None = None
@@ -169,6 +172,8 @@ class PolicyNode(LifecycleNode):
         if self.scheduler is not None and names & {"control_period_s", "deadline_s"}:
             self.scheduler.period_s = self.param("control_period_s")
             self.scheduler.deadline_s = self.param("deadline_s")
+            if self.steps_controller is not None:
+                self.steps_controller.deadline_s = self.param("deadline_s")
         later = sorted(n for n in names if n in BY_NAME and BY_NAME[n].needs_reconfigure)
         if later and self.policy is not None:
             self.get_logger().info(f"{', '.join(later)} take effect at the next configure")
@@ -208,6 +213,7 @@ class PolicyNode(LifecycleNode):
                 policy.close()
                 return
             self.policy = policy
+            self._handover_mode = policy.metadata.handover
             self.phase = "serving" if self._active else "inactive"
         self.get_logger().info(f"ready: {policy.metadata.model_id}")
         if self._active:
@@ -339,6 +345,7 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._active = False
             self._epoch += 1  # chunks still in flight are discarded
+            self._handover_in_flight = 0
             policy, self.policy = self.policy, None
             if not self.phase.startswith("failed"):
                 self.phase = "releasing"
@@ -407,6 +414,7 @@ class PolicyNode(LifecycleNode):
             self._newest_published = -math.inf  # a clock jump back: older stamps are new again
         with self._lock:
             self._epoch += 1
+            self._handover_in_flight = 0
             if self.scheduler is not None:
                 self.scheduler.reset()
             if self.assembler is not None:
@@ -493,25 +501,35 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             if self.phase != "serving" or self.assembler is None or self.policy is None:
                 return
+            # A hand-over mode joins each chunk to the one before it, so a frame goes to the policy only
+            # once the previous one is answered (real-time chunking's loop): submitted earlier, it would be
+            # joined to the chunk before that. The newest observation waits in the assembler meanwhile.
+            handing_over = self.scheduler is not None and self._handover_mode != "switch"
+            if handing_over and self._handover_in_flight:
+                return
             obs = self.assembler.take(now)
+            if obs is None:
+                return
             epoch, policy, scheduler, controller = (
                 self._epoch,
                 self.policy,
                 self.scheduler,
                 self.steps_controller,
             )
-        if obs is None:
-            return
+            self._handover_in_flight += handing_over
         # The executing chunk's remaining actions and the expected delay, for the hand-over mode.
-        handing_over = scheduler is not None and policy.metadata.handover != "switch"
         previous = scheduler.previous_chunk(obs.timestamp) if handing_over else None
+        hand_over = {"previous": previous} if previous is not None else {}
         try:
             steps = controller.steps if controller is not None else self.param("steps") or None
-            future = policy.submit(obs, steps=steps, previous=previous)
-        except ValueError as err:  # e.g. an instruction too long for the prompt
-            return self._refuse("refused", "observation", err)
-        except ExecutorClosed:
-            return  # released meanwhile
+            future = policy.submit(obs, steps=steps, **hand_over)
+        except (ValueError, ExecutorClosed) as err:
+            with self._lock:
+                if epoch == self._epoch:
+                    self._handover_in_flight -= handing_over
+            if isinstance(err, ExecutorClosed):
+                return  # released meanwhile
+            return self._refuse("refused", "observation", err)  # e.g. an instruction too long
         with self._lock:
             if epoch != self._epoch or self.scheduler is None:
                 return  # reset meanwhile (a clock jump): its chunk will be discarded
@@ -523,7 +541,18 @@ class PolicyNode(LifecycleNode):
         future.add_done_callback(lambda f: self._on_chunk(f, epoch))
 
     def _on_chunk(self, future, epoch: int) -> None:
-        """The policy's completion thread: publish the chunk at once."""
+        """The policy's completion thread: publish the chunk at once; in a hand-over mode, then submit the
+        observation that waited for it."""
+        with self._lock:
+            handing_over = epoch == self._epoch and self._handover_in_flight > 0
+            self._handover_in_flight -= handing_over
+        try:
+            self._take_chunk(future, epoch)
+        finally:
+            if handing_over:
+                self._serve(self.now())
+
+    def _take_chunk(self, future, epoch: int) -> None:
         err = future.exception()
         if err is not None:
             cause = "dropped" if isinstance(err, FrameDropped) else "failed"
@@ -541,8 +570,8 @@ class PolicyNode(LifecycleNode):
                 return
             scheduled = self.scheduler.offer(chunk, now)
             controller = self.steps_controller
-        if scheduled is not None and controller is not None:
-            controller.observe(scheduled.age_s, chunk.steps, chunk.timings_ms.get("denoise"))
+        if controller is not None:  # every chunk's age is evidence, published or not (late, expired)
+            controller.observe(now - chunk.timestamp, chunk.steps, chunk.timings_ms.get("denoise"))
         if scheduled is not None and self.phase == "serving":
             self._publish(scheduled)
             self.spans.add("node_out", (time.perf_counter() - ready) * 1e3)

@@ -107,6 +107,13 @@ class PipelinedExecutor(Policy):
         unknown = set(self._engines) - set(STAGES)
         if unknown:
             raise ValueError(f"engines: {sorted(unknown)} are not stages ({', '.join(STAGES)})")
+        if "denoise" in self._engines and (
+            self.config.adaptive_steps or self.config.handover_settings.guided
+        ):
+            raise ValueError(
+                "engines: a denoise engine runs its own loop; it cannot serve adaptive_steps or the "
+                f"{self.config.handover} hand-over (they change the denoising loop)"
+            )
         # One runner per input shape; each holds a denoise graph per step count it has served.
         self._runners: dict[tuple[int, int, int], StageRunner] = {}
         self._compiled: dict = {}
@@ -169,6 +176,8 @@ class PipelinedExecutor(Policy):
     ) -> Future:
         """Queue an observation; the future resolves to its ActionChunk, or to FrameDropped when a newer
         observation replaced it before it reached the device. Bad input raises ValueError here."""
+        if "denoise" in self._engines and steps not in (None, self.config.denoising_steps):
+            raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
         inputs = self.parts.preparer(obs)
         previous, handover = self.parts.prepare_handover(previous)
         if noise is not None:
@@ -300,12 +309,18 @@ class PipelinedExecutor(Policy):
         known shape the denoise stage only."""
         runner = self._runners.get(profile.input_shape)
         if runner is not None and profile.steps not in runner.schedules:
-            runner.add_steps(profile.steps)
-            captures = (
-                runner.capture(self._streams, self._pools, ("denoise",), (profile.steps,))
-                if self.use_graphs
-                else 0
-            )
+            with self._cond:  # report() reads the schedules
+                runner.add_steps(profile.steps)
+            try:
+                captures = (
+                    runner.capture(self._streams, self._pools, ("denoise",), (profile.steps,))
+                    if self.use_graphs
+                    else 0
+                )
+            except Exception:
+                with self._cond:  # not captured: the next frame of this step count tries again
+                    runner.forget_steps(profile.steps)
+                raise
             with self._cond:
                 self.counters["captures"] += captures
         if runner is None:

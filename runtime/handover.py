@@ -51,7 +51,8 @@ class PreviousChunk:
             )
         if not np.all(np.isfinite(actions)):
             raise ValueError("previous.actions: contains NaN or inf")
-        if not isinstance(self.delay_steps, (int, np.integer)) or self.delay_steps < 0:
+        delay = self.delay_steps
+        if isinstance(delay, bool) or not isinstance(delay, (int, np.integer)) or delay < 0:
             raise ValueError(
                 f"previous.delay_steps: must be a non-negative integer, got {self.delay_steps!r}"
             )

@@ -34,6 +34,9 @@ class StageEngine(Protocol):
     vision : slot.pixels [B, V, S, S, 3] uint8           -> slot.image_tokens [B, V*T, D]
     prefix : slot.image_tokens, image_masks, tokens, token_masks -> slot.kv_cache, slot.prefix_mask
     denoise: slot.kv_cache, prefix_mask, state, noise, handover -> slot.actions [B, H, A] float32
+
+    A denoise engine runs its own loop: the executor refuses it with adaptive steps, a step count other
+    than the configured one, or a hand-over mode that changes the loop (inpaint, rtc).
     """
 
     def __call__(self, slot: DeviceSlot) -> None: ...
@@ -111,6 +114,12 @@ class StageRunner:
             guidance = self.handover.guidance_weights(times).tolist() if self.handover.mode == "rtc" else None
             self.schedules[steps] = DenoiseSchedule(steps, on_device, times.tolist(), dt, conds, guidance)
         return self.schedules[steps]
+
+    def forget_steps(self, steps: int) -> None:
+        """Undo `add_steps` (its capture failed): the schedule and any graph captured for it."""
+        self.schedules.pop(steps, None)
+        for slot in range(PIPELINE_SLOTS):
+            self.graphs.pop(self._key("denoise", slot, steps), None)
 
     # Eager stage bodies: write the slot's outputs in place.
     def _vision(self, d: DeviceSlot) -> None:

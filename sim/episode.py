@@ -169,13 +169,22 @@ class InProcessLink(PolicyLink):
     def __init__(self, policy: Policy, lockstep: bool = True, recorder=None):
         super().__init__(lockstep)
         self.policy, self.recorder = policy, recorder
+        self._outstanding = 0  # submitted, not answered
 
     def _send(self, obs: Observation, previous: PreviousChunk | None) -> None:
+        with self._cond:
+            if previous is not None and self._outstanding:
+                # joined to the chunk in flight instead, once it is here: the loop offers a newer
+                # observation at its next step (real-time chunking's loop, as the policy node's)
+                return
+            self._outstanding += 1
         if self.recorder is not None:
             self.recorder.write(obs)  # runtime.recording.ObservationRecorder: for `vla-runtime calibrate`
         self.policy.submit(obs, previous=previous).add_done_callback(self._done)
 
     def _done(self, future) -> None:
+        with self._cond:
+            self._outstanding -= 1
         error = future.exception()
         if isinstance(error, FrameDropped):
             return  # a newer observation replaced it (wall-clock mode); counted by the policy
@@ -191,6 +200,8 @@ class InProcessLink(PolicyLink):
     def start_episode(self) -> None:
         self.policy.reset()
         super().start_episode()
+        with self._cond:
+            self._outstanding = 0
 
 
 def run_episode(

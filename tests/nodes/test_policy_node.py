@@ -179,13 +179,16 @@ def test_a_slow_policy_counts_misses_and_publishes_the_tail(tmp_path):
     """Every chunk takes 80 ms more than its 50 ms deadline: the deadline watch counts the misses and sends
     the current chunk's tail, whose passed actions are cut; diagnostics say so. With adaptive steps the node
     steps down from 3 to 2 denoising steps (which does not help this device: its slowness is not in the
-    steps) and the chunks say which they were made with."""
+    steps) and the chunks say which they were made with. With the inpaint hand-over an observation goes
+    to the policy only once the previous one is answered: nothing is ever replaced in the executor,
+    although the robot publishes every 50 ms and a chunk takes 80."""
     r = Robot(namespace="/slow")
     proc = PolicyNodeProcess(
         tmp_path,
         "preset:=pi05_tiny",
         "steps:=3",
         "adaptive_steps:=true",
+        "handover:=inpaint",
         namespace="/slow",
         script=Path(__file__).with_name("slow_policy_node.py"),
     )
@@ -200,6 +203,9 @@ def test_a_slow_policy_counts_misses_and_publishes_the_tail(tmp_path):
             r,
             lambda d: d.get("steps_down") == "1" and d.get("adaptive_steps") == "2" and d.get("steps") == "2",
         ), latest_diag(r, "fresh")
+        assert wait_diag(r, lambda d: int(d.get("fresh", 0)) > 10)
+        diag = latest_diag(r, "fresh")
+        assert diag["dropped"] == "0" and diag["handover"] == "inpaint", diag
     finally:
         proc.stop()
         r.close()

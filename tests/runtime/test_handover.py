@@ -72,6 +72,19 @@ def test_the_frozen_prefix_is_the_previous_chunk_exactly(parts, rng, mode):
     assert chunk.frozen_steps == d and chunk.handover == mode
 
 
+@pytest.mark.parametrize("mode", ["inpaint", "rtc"])
+def test_the_denoising_loop_itself_freezes_the_prefix(parts, rng, mode, monkeypatch):
+    """Without the host-side copy of the frozen actions (Handover.finish), the loop's output already
+    holds them (no normalisation here: model space is robot space on the robot's dims)."""
+    monkeypatch.setattr(Handover, "finish", lambda self, actions, previous: actions)
+    obs, noise, previous = inputs(rng, parts)
+    d = previous.delay_steps
+    actions = policy_for(parts, mode).infer(obs, noise, previous).actions
+    np.testing.assert_array_equal(actions[:d], previous.actions[:d])
+    switch = policy_for(parts, "switch").infer(obs, noise, previous).actions
+    assert not np.allclose(switch[:d], previous.actions[:d])  # the check above can fail
+
+
 def test_rtc_guides_the_next_actions_toward_the_previous_chunk(parts, rng):
     """Same inputs and noise: the guided region (after the frozen actions, up to the execution horizon)
     is closer to the previous chunk with rtc than with switch, and than with inpaint (freezing alone)."""
@@ -152,3 +165,20 @@ def test_splice_metrics_measure_the_jump_at_the_hand_over():
     assert m["jump"] == pytest.approx(np.linalg.norm([4.0, 4.0])) and m["disagreement"] == pytest.approx(
         np.linalg.norm([3.0, 3.0])
     )
+
+
+def test_a_denoise_engine_refuses_what_changes_the_loop(parts):
+    def engine(slot):
+        slot.actions.zero_()
+
+    for mode, adaptive in (("rtc", False), ("inpaint", False), ("switch", True)):
+        config_parts = type(parts)(
+            **{**vars(parts), "config": parts.config.replace(handover=mode, adaptive_steps=adaptive)}
+        )
+        with pytest.raises(ValueError, match="engines: a denoise engine runs its own loop"):
+            PipelinedExecutor(parts=config_parts, engines={"denoise": engine})
+    with PipelinedExecutor(parts=parts, engines={"denoise": engine}) as executor:
+        obs = random_observation(np.random.default_rng(), "pi05_tiny")
+        with pytest.raises(ValueError, match="steps: the denoise engine runs its own loop"):
+            executor.submit(obs, steps=2)
+        assert np.all(executor.infer(obs).actions == 0.0)
