@@ -17,6 +17,7 @@ import torch
 from ..graphs.config import ModelConfig
 
 PIPELINE_SLOTS = 2
+BATCH_SIZES = (1, 2, 4, 8)  # batch profiles: a batch of n runs in the smallest that holds it
 # Host staging is only reused after its frame has finished, and at most MAX_IN_FLIGHT frames are on the
 # device at once, so a ring one longer than that can never overwrite what a copy still reads.
 MAX_IN_FLIGHT = 3
@@ -35,13 +36,26 @@ class ShapeProfile:
     def __post_init__(self):
         if not 1 <= self.steps <= 10:
             raise ValueError(f"steps: must be in 1..10, got {self.steps}")
-        if self.batch != 1:
-            raise ValueError(f"batch: the executor serves one robot (batch 1); got {self.batch}")
+        if self.batch not in BATCH_SIZES:
+            raise ValueError(f"batch: must be one of {BATCH_SIZES}, got {self.batch}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """What fixes the buffers and the vision and prefix graphs (the steps only fix the denoise graph)."""
         return (self.views, self.prompt_len, self.batch)
+
+
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch profiles an executor serving up to `max_batch` observations at once captures."""
+    return tuple(b for b in BATCH_SIZES if b < max_batch) + (batch_profile(max_batch),)
+
+
+def batch_profile(n: int) -> int:
+    """The smallest batch profile that holds n observations."""
+    for b in BATCH_SIZES:
+        if n <= b:
+            return b
+    raise ValueError(f"batch: at most {BATCH_SIZES[-1]} observations at once, got {n}")
 
 
 def _input_shapes(cfg: ModelConfig, p: ShapeProfile) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -79,6 +79,9 @@ class RuntimeConfig:
     # Fewer denoising steps under deadline pressure (runtime/adaptive.py): the ladder's denoise graphs are
     # captured ahead of time.
     adaptive_steps: bool = False
+    # Observations of several robots computed together (PipelinedExecutor.submit_batch): up to this many,
+    # in batch profiles of 1, 2, 4, 8 captured ahead of time; one copy of the weights.
+    max_batch: int = 1
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -114,6 +117,8 @@ class RuntimeConfig:
         model = self.model
         if self.steps is not None and not 1 <= self.steps <= 10:
             raise ValueError(f"steps: must be in 1..10, got {self.steps}")
+        if self.max_batch not in (1, 2, 4, 8):
+            raise ValueError(f"max_batch: must be 1, 2, 4 or 8, got {self.max_batch}")
         if self.device_timeout_s is not None and not self.device_timeout_s > 0:
             raise ValueError(f"device_timeout_s: must be > 0, got {self.device_timeout_s}")
         if not 1 <= self.state_dim <= model.action_dim:

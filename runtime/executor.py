@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from .adaptive import steps_ladder
-from .buffers import HOST_RING, MAX_IN_FLIGHT, PIPELINE_SLOTS, ShapeProfile, StaticBuffers
+from .buffers import (
+    HOST_RING,
+    MAX_IN_FLIGHT,
+    PIPELINE_SLOTS,
+    ShapeProfile,
+    StaticBuffers,
+    batch_profile,
+    batch_sizes,
+)
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
 from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
@@ -64,16 +72,35 @@ class DeviceFailed(RuntimeError):
 
 
 @dataclass
-class Frame:
-    index: int
+class Member:
+    """One observation of a frame: a frame is a batch of them (one robot each), computed together."""
+
     obs_timestamp: float
     inputs: PreparedInputs
     noise: np.ndarray
-    profile: ShapeProfile
-    future: Future
-    submitted: float  # perf_counter at submit
     previous: PreviousChunk | None
     handover: HandoverArrays
+    future: Future
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Its row of each host input tensor (buffers._input_shapes names them)."""
+        return {
+            "pixels": self.inputs.pixels,
+            "image_masks": self.inputs.image_masks,
+            "tokens": self.inputs.tokens,
+            "token_masks": self.inputs.token_masks,
+            "state": self.inputs.state,
+            "noise": self.noise,
+            "handover": self.handover.packed,
+        }
+
+
+@dataclass
+class Frame:
+    index: int
+    members: list[Member]
+    profile: ShapeProfile  # its batch: the smallest batch profile that holds the members
+    submitted: float  # perf_counter at submit
     dispatched: float = 0.0
     on_device_since: float | None = None  # monotonic time its device work was issued (the watchdog's clock)
     issue_number: int | None = None  # its place in issue order: slot and host ring entry follow from it
@@ -152,7 +179,9 @@ class PipelinedExecutor(Policy):
         self._completions: queue.Queue = queue.Queue()
         if profiles is None:
             ladder = steps_ladder(self.config.denoising_steps) if self.config.adaptive_steps else ()
-            profiles = [self.default_profile(), *(self.default_profile(s) for s in ladder[1:])]
+            batches = batch_sizes(self.config.max_batch)
+            profiles = [self.default_profile(batch=b) for b in batches]
+            profiles += [self.default_profile(s, b) for s in ladder[1:] for b in batches]
         for profile in profiles:
             self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
@@ -163,9 +192,9 @@ class PipelinedExecutor(Policy):
         self._watchdog.start()
 
     # ------------------------------------------------------------------ public interface
-    def default_profile(self, steps: int | None = None) -> ShapeProfile:
+    def default_profile(self, steps: int | None = None, batch: int = 1) -> ShapeProfile:
         cfg = self.config.model
-        return ShapeProfile(cfg.num_views, cfg.max_token_len, steps or self.config.denoising_steps)
+        return ShapeProfile(cfg.num_views, cfg.max_token_len, steps or self.config.denoising_steps, batch)
 
     def submit(
         self,
@@ -176,43 +205,66 @@ class PipelinedExecutor(Policy):
     ) -> Future:
         """Queue an observation; the future resolves to its ActionChunk, or to FrameDropped when a newer
         observation replaced it before it reached the device. Bad input raises ValueError here."""
+        return self.submit_batch([obs], None if noise is None else [noise], steps, [previous])[0]
+
+    def submit_batch(
+        self,
+        observations: list[Observation],
+        noises: list[np.ndarray | None] | None = None,
+        steps: int | None = None,
+        previous: list[PreviousChunk | None] | None = None,
+    ) -> list[Future]:
+        """Queue observations of several robots as one frame, computed in one batch (the smallest batch
+        profile that holds them, up to `max_batch`); one future each. Newest wins as for `submit`: a
+        frame still waiting is replaced, all its members dropped. A bad member raises ValueError naming
+        its index, and nothing is queued."""
+        n = len(observations)
+        if not 1 <= n <= self.config.max_batch:
+            raise ValueError(
+                f"observations: {n} in one batch; this executor serves 1..{self.config.max_batch}"
+            )
         if "denoise" in self._engines and steps not in (None, self.config.denoising_steps):
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
-        inputs = self.parts.preparer(obs)
-        previous, handover = self.parts.prepare_handover(previous)
-        if noise is not None:
-            noise = self.parts.check_noise(noise)
-        else:
-            with self._noise_lock:  # a Generator is not thread-safe; submit order fixes the sequence
-                noise = self._noise.standard_normal(
-                    (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32
-                )
-        profile = self.default_profile(steps)
-        future: Future = Future()
+        noises = noises if noises is not None else [None] * n
+        previous = previous if previous is not None else [None] * n
+        if len(noises) != n or len(previous) != n:
+            raise ValueError(f"noises, previous: one per observation ({n})")
+        members = [
+            self._member(i, n, *args)
+            for i, args in enumerate(zip(observations, noises, previous, strict=True))
+        ]
+        profile = self.default_profile(steps, batch=batch_profile(n))
         with self._cond:
             if self._closed:
                 raise ExecutorClosed("executor is closed")
             if self._broken or self._hung:
-                future.set_exception(self._broken or self._hung)
-                return future
-            frame = Frame(
-                self._next_index,
-                obs.timestamp,
-                inputs,
-                noise,
-                profile,
-                future,
-                time.perf_counter(),
-                previous,
-                handover,
-            )
+                for m in members:
+                    m.future.set_exception(self._broken or self._hung)
+                return [m.future for m in members]
+            frame = Frame(self._next_index, members, profile, time.perf_counter())
             self._next_index += 1
             self.counters["submitted"] += 1
             dropped, self._pending = self._pending, frame
             self._cond.notify_all()
         if dropped is not None:
             self._drop(dropped, f"frame {dropped.index} replaced by newer frame {frame.index}")
-        return future
+        return [m.future for m in members]
+
+    def _member(self, i: int, n: int, obs: Observation, noise, previous) -> Member:
+        """One observation checked and prepared; in a batch of several, an error names its index."""
+        try:
+            inputs = self.parts.preparer(obs)
+            previous, handover = self.parts.prepare_handover(previous)
+            if noise is not None:
+                noise = self.parts.check_noise(noise)
+        except ValueError as err:
+            raise ValueError(f"observations[{i}]: {err}") if n > 1 else err from None
+        if noise is None:
+            with self._noise_lock:  # a Generator is not thread-safe; submit order fixes the sequence
+                noise = self._noise.standard_normal(
+                    (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32
+                )
+        return Member(obs.timestamp, inputs, noise, previous, handover, Future())
 
     def infer(
         self, obs: Observation, noise: np.ndarray | None = None, previous: PreviousChunk | None = None
@@ -344,7 +396,7 @@ class PipelinedExecutor(Policy):
     def _drop(self, frame: Frame, why: str) -> None:
         with self._cond:
             self.counters["dropped"] += 1
-        _resolve(frame.future, error=FrameDropped(why))
+        _resolve_all(frame, error=FrameDropped(why))
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -366,7 +418,7 @@ class PipelinedExecutor(Policy):
                 self._cond.notify_all()  # the pending frame is taken (a waiter may submit the next)
             if self._device_error() is not None:  # taken while a hang was being declared: not issued
                 self._leave_device(frame, "failed")
-                _resolve(frame.future, error=self._device_error())
+                _resolve_all(frame, error=self._device_error())
                 continue
             try:
                 self._issue(frame)
@@ -374,7 +426,7 @@ class PipelinedExecutor(Policy):
                 log.exception("frame %d failed while being issued", frame.index)
                 self._recover_from_failed_issue(frame, err)
                 self._leave_device(frame, "failed")
-                _resolve(frame.future, error=err)
+                _resolve_all(frame, error=err)
                 continue
             self._completions.put(frame)
 
@@ -424,17 +476,12 @@ class PipelinedExecutor(Policy):
         self._issued += 1
         host = buffers.host_ring[frame.ring]
         device_slot = buffers.device_slots[frame.slot]
-        staged = {
-            "pixels": frame.inputs.pixels,
-            "image_masks": frame.inputs.image_masks,
-            "tokens": frame.inputs.tokens,
-            "token_masks": frame.inputs.token_masks,
-            "state": frame.inputs.state,
-            "noise": frame.noise,
-            "handover": frame.handover.packed,
-        }
-        for name, array in staged.items():
-            host.inputs[name].numpy()[0] = array  # the ring entry's previous frame has completed
+        # The ring entry's previous frame has completed. Rows past the members repeat the first member: a
+        # batch profile larger than the batch computes them, and nothing reads their results.
+        rows = [m.arrays() for m in frame.members]
+        for row in range(frame.profile.batch):
+            for name, array in (rows[row] if row < len(rows) else rows[0]).items():
+                host.inputs[name].numpy()[row] = array
         with self._cond:
             frame.on_device_since = time.monotonic()
             self._on_device[frame.index] = frame
@@ -483,14 +530,15 @@ class PipelinedExecutor(Policy):
             if frame is None:
                 return
             try:
-                chunk = self._finish(frame)
+                chunks = self._finish(frame)
             except Exception as err:  # noqa: BLE001
                 log.exception("frame %d failed on completion", frame.index)
                 self._leave_device(frame, "failed")
-                _resolve(frame.future, error=err)
+                _resolve_all(frame, error=err)
             else:
                 self._leave_device(frame, "completed")
-                _resolve(frame.future, result=chunk)
+                for member, chunk in zip(frame.members, chunks, strict=True):
+                    _resolve(member.future, result=chunk)
 
     # ------------------------------------------------------------------ watchdog thread
     def _watch_loop(self) -> None:
@@ -517,9 +565,9 @@ class PipelinedExecutor(Policy):
                 self.counters["dropped"] += pending is not None  # never reached the device
             log.error("device hung: %s", hung)
             for frame in stuck + ([pending] if pending is not None else []):
-                _resolve(frame.future, error=hung)
+                _resolve_all(frame, error=hung)
 
-    def _finish(self, frame: Frame) -> ActionChunk:
+    def _finish(self, frame: Frame) -> list[ActionChunk]:
         runner = self._runners[frame.profile.input_shape]
         host = runner.buffers.host_ring[frame.ring]
         if self.cuda:
@@ -546,19 +594,28 @@ class PipelinedExecutor(Policy):
                     (b - self._origin_host) * 1e3,
                     frame.index,
                 )
-        finished = self.parts.finish_chunk(host.actions[0].numpy().copy(), frame.previous)
+        actions = host.actions.numpy().copy()  # [batch, H, A]: one row per member (and padding)
+        finished = [self.parts.finish_chunk(actions[i], m.previous) for i, m in enumerate(frame.members)]
         done = time.perf_counter()
         timings["queue_wait"] = (frame.dispatched - frame.submitted) * 1e3
         timings["total"] = (done - frame.submitted) * 1e3
         self.stats.add_all(timings)
-        return ActionChunk(
-            timestamp=frame.obs_timestamp,
-            timings_ms=timings,
-            steps=frame.profile.steps,
-            model_id=self.parts.model_id,
-            random_weights=self.parts.random_weights,
-            **finished,
-        )
+        return [
+            ActionChunk(
+                timestamp=m.obs_timestamp,
+                timings_ms=dict(timings),
+                steps=frame.profile.steps,
+                model_id=self.parts.model_id,
+                random_weights=self.parts.random_weights,
+                **f,
+            )
+            for m, f in zip(frame.members, finished, strict=True)
+        ]
+
+
+def _resolve_all(frame: Frame, error: BaseException) -> None:
+    for member in frame.members:
+        _resolve(member.future, error=error)
 
 
 def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:

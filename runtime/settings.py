@@ -195,6 +195,7 @@ DERIVED_OR_INTERNAL = {
     "compile_stages": "measured default (experiments change it in code)",
     "fp8_calibration_frames": "synthetic calibration frames (calibrate on recordings instead)",
     "max_image_side": "a guard against absurd images",
+    "max_batch": "several robots in one batch (submit_batch); a node serves one robot",
 }
 
 

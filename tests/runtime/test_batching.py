@@ -1,0 +1,69 @@
+"""Batch profiles: several robots' observations computed in one batch equal each computed alone (the
+eager reference), with different instructions, cameras, states, noise and previous chunks; the padding
+rows of a larger profile change nothing; bad members are named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from vla_runtime.runtime.buffers import BATCH_SIZES, ShapeProfile, batch_profile, batch_sizes
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.handover import PreviousChunk
+from vla_runtime.runtime.loading import build_parts
+from vla_runtime.runtime.reference import EagerPolicy
+
+from ..conftest import random_observation
+
+
+def test_batch_profiles():
+    assert [batch_profile(n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert batch_sizes(1) == (1,) and batch_sizes(4) == (1, 2, 4) and batch_sizes(8) == BATCH_SIZES
+    with pytest.raises(ValueError, match="batch: at most 8"):
+        batch_profile(9)
+    with pytest.raises(ValueError, match="batch: must be one of"):
+        ShapeProfile(3, 16, 10, batch=3)
+    with pytest.raises(ValueError, match="max_batch"):
+        RuntimeConfig(max_batch=3)
+
+
+@pytest.fixture(scope="module", params=["switch", "rtc"])
+def batched(request):
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=4, handover=request.param))
+    with PipelinedExecutor(parts=parts) as executor:
+        yield executor, EagerPolicy(parts=parts)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_a_batch_equals_each_member_alone(batched, rng, n):
+    executor, reference = batched
+    cfg, config = executor.config.model, executor.config
+    optional = config.optional_camera_names[0]
+    members = []
+    for i in range(n):
+        obs = random_observation(rng, "pi05_tiny", skip=(optional,) if i % 2 else ())
+        noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+        old = rng.uniform(-1, 1, (cfg.chunk_length, config.robot_action_dim)).astype(np.float32)
+        members.append((obs, noise, PreviousChunk(old, int(rng.integers(0, 4))) if i % 3 else None))
+    observations, noises, previous = map(list, zip(*members, strict=True))
+    futures = executor.submit_batch(observations, noises, previous=previous)
+    assert {p["batch"] for p in executor.report()["profiles"]} == {1, 2, 4}  # captured ahead, each
+    for (obs, noise, previous), future in zip(members, futures, strict=True):
+        chunk = future.result(timeout=120)
+        want = reference.infer(obs, noise, previous)
+        assert chunk.timestamp == obs.timestamp and chunk.frozen_steps == want.frozen_steps
+        np.testing.assert_allclose(chunk.actions, want.actions, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bad_member_is_named_and_nothing_is_queued(batched, rng):
+    executor, _ = batched
+    good = random_observation(rng, "pi05_tiny")
+    bad = random_observation(rng, "pi05_tiny")
+    bad.state = np.full(8, np.nan, np.float32)
+    submitted = executor.counters["submitted"]
+    with pytest.raises(ValueError, match=r"observations\[1\]: state: non-finite"):
+        executor.submit_batch([good, bad])
+    with pytest.raises(ValueError, match="observations: 5 in one batch"):
+        executor.submit_batch([good] * 5)
+    assert executor.counters["submitted"] == submitted
+    assert executor.submit_batch([good, good])[1].result(timeout=120).actions.shape[0] > 0
