@@ -219,20 +219,24 @@ class PipelinedExecutor(Policy):
         frame still waiting is replaced, all its members dropped. A bad member raises ValueError naming
         its index, and nothing is queued."""
         n = len(observations)
-        if not 1 <= n <= self.config.max_batch:
-            raise ValueError(
-                f"observations: {n} in one batch; this executor serves 1..{self.config.max_batch}"
-            )
-        if "denoise" in self._engines and steps not in (None, self.config.denoising_steps):
-            raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
+        self._check_batch(n, steps)
         noises = noises if noises is not None else [None] * n
         previous = previous if previous is not None else [None] * n
         if len(noises) != n or len(previous) != n:
             raise ValueError(f"noises, previous: one per observation ({n})")
-        members = [
-            self._member(i, n, *args)
-            for i, args in enumerate(zip(observations, noises, previous, strict=True))
-        ]
+        members = []
+        for i, (obs, noise, prev) in enumerate(zip(observations, noises, previous, strict=True)):
+            try:
+                members.append(self.prepare(obs, noise, prev))
+            except ValueError as err:
+                raise (ValueError(f"observations[{i}]: {err}") if n > 1 else err) from None
+        return self.submit_prepared(members, steps)
+
+    def submit_prepared(self, members: list[Member], steps: int | None = None) -> list[Future]:
+        """`submit_batch` for members made by `prepare` (a server checks each robot's input as it comes and
+        batches later)."""
+        n = len(members)
+        self._check_batch(n, steps)
         profile = self.default_profile(steps, batch=batch_profile(n))
         with self._cond:
             if self._closed:
@@ -250,16 +254,28 @@ class PipelinedExecutor(Policy):
             self._drop(dropped, f"frame {dropped.index} replaced by newer frame {frame.index}")
         return [m.future for m in members]
 
-    def _member(self, i: int, n: int, obs: Observation, noise, previous) -> Member:
-        """One observation checked and prepared; in a batch of several, an error names its index."""
-        try:
-            inputs = self.parts.preparer(obs)
-            previous, handover = self.parts.prepare_handover(previous)
-            if noise is not None:
-                noise = self.parts.check_noise(noise)
-        except ValueError as err:
-            raise ValueError(f"observations[{i}]: {err}") if n > 1 else err from None
-        if noise is None:
+    def _check_batch(self, n: int, steps: int | None) -> None:
+        if not 1 <= n <= self.config.max_batch:
+            raise ValueError(
+                f"observations: {n} in one batch; this executor serves 1..{self.config.max_batch}"
+            )
+        if "denoise" in self._engines and steps not in (None, self.config.denoising_steps):
+            raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
+
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """Until a frame submitted now would replace none (the dispatcher has taken the last one); False
+        when `timeout` passes first or the executor is closed."""
+        with self._cond:
+            taken = self._cond.wait_for(lambda: self._closed or self._pending is None, timeout)
+            return taken and not self._closed
+
+    def prepare(self, obs: Observation, noise=None, previous: PreviousChunk | None = None) -> Member:
+        """One observation checked (ValueError naming the field) and prepared for a frame."""
+        inputs = self.parts.preparer(obs)
+        previous, handover = self.parts.prepare_handover(previous)
+        if noise is not None:
+            noise = self.parts.check_noise(noise)
+        else:
             with self._noise_lock:  # a Generator is not thread-safe; submit order fixes the sequence
                 noise = self._noise.standard_normal(
                     (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32

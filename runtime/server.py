@@ -1,0 +1,153 @@
+"""A policy server for several robots: each submits its observations, one executor computes them in
+batches (one copy of the weights).
+
+    server = PolicyServer(executor)                  # an executor with max_batch > 1
+    future = server.submit("arm_1", obs)             # -> Future[ActionChunk]; newest wins per robot
+    server.figures()                                 # per robot: counters, latency, misses
+
+Batching: a batcher thread waits until the executor can take a frame (its last one is on the device),
+then takes the pending observations of up to `max_batch` robots, earliest deadline first, and submits
+them as one frame. It never waits to fill a batch, so no observation is held back for company: a frame
+goes as soon as the executor has room. With more robots pending than a batch holds, the later deadlines
+wait for the next frame; as every robot's deadline comes due in turn, none is starved.
+
+Each robot's input is checked when it is submitted (ValueError naming the field, to that robot only);
+a newer observation of the same robot replaces its pending one (FrameDropped for the older). Latency is
+submit -> chunk, a miss a chunk that came after its observation's deadline (default: submit + 50 ms).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from .executor import Member, PipelinedExecutor
+from .handover import PreviousChunk
+from .policy import FrameDropped
+from .scheduler import DEFAULT_DEADLINE_S
+from .timing import LatencyStats
+from .types import Observation
+
+ROBOT_COUNTERS = ("submitted", "replaced", "completed", "failed", "misses")
+
+
+@dataclass
+class Pending:
+    robot: str
+    member: Member
+    future: Future  # the robot's: resolved from the member's
+    deadline: float  # monotonic
+    submitted: float  # monotonic
+
+
+class PolicyServer:
+    def __init__(self, executor: PipelinedExecutor, deadline_s: float = DEFAULT_DEADLINE_S):
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
+        self.executor, self.deadline_s = executor, deadline_s
+        self.max_batch = executor.config.max_batch
+        self._pending: dict[str, Pending] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ROBOT_COUNTERS, 0))
+        self.latency = LatencyStats()  # per robot, submit -> chunk (ms)
+        self.batches: list[list[str]] = []  # the robots of each frame, in submission order (last 1000)
+        self._batcher = threading.Thread(target=self._batch_loop, name="vla-batcher", daemon=True)
+        self._batcher.start()
+
+    def submit(
+        self,
+        robot: str,
+        obs: Observation,
+        previous: PreviousChunk | None = None,
+        deadline_s: float | None = None,
+        noise=None,
+    ) -> Future:
+        """Queue a robot's observation; its deadline is `deadline_s` (default the server's) from now."""
+        member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError here, to this robot
+        now = time.monotonic()
+        pending = Pending(robot, member, Future(), now + (deadline_s or self.deadline_s), now)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("server is closed")
+            replaced = self._pending.get(robot)
+            self._pending[robot] = pending
+            self.counters[robot]["submitted"] += 1
+            self.counters[robot]["replaced"] += replaced is not None
+            self._cond.notify_all()
+        if replaced is not None:
+            replaced.future.set_exception(FrameDropped(f"{robot}: replaced by a newer observation"))
+        return pending.future
+
+    def _batch_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._pending)
+                if self._closed:
+                    return
+            if not self.executor.wait_for_room(timeout=1.0):
+                continue  # still busy (or closed: the next turn sees it)
+            with self._cond:
+                ready = sorted(self._pending.values(), key=lambda p: p.deadline)[: self.max_batch]
+                for p in ready:
+                    del self._pending[p.robot]
+            if not ready:
+                continue
+            self.batches.append([p.robot for p in ready])
+            del self.batches[:-1000]
+            try:
+                futures = self.executor.submit_prepared([p.member for p in ready])
+            except Exception as err:  # noqa: BLE001 - closed meanwhile: the robots hear of it
+                for p in ready:
+                    self._finish(p, error=err)
+                continue
+            for p, f in zip(ready, futures, strict=True):
+                f.add_done_callback(lambda f, p=p: self._finish(p, future=f))
+
+    def _finish(self, p: Pending, future: Future | None = None, error: BaseException | None = None) -> None:
+        error = error if future is None else future.exception()
+        done = time.monotonic()
+        with self._cond:
+            counters = self.counters[p.robot]
+            if error is not None:
+                counters["failed"] += 1
+            else:
+                counters["completed"] += 1
+                counters["misses"] += done > p.deadline
+        if error is not None:
+            p.future.set_exception(error)
+            return
+        self.latency.add(p.robot, (done - p.submitted) * 1e3)
+        p.future.set_result(future.result())
+
+    def figures(self) -> dict[str, dict]:
+        """Per robot: counters and submit -> chunk latency (p50 / p99, ms)."""
+        latency = self.latency.summary()
+        with self._cond:
+            return {
+                robot: {
+                    **counters,
+                    "latency_p50_ms": latency.get(robot, {}).get("p50"),
+                    "latency_p99_ms": latency.get(robot, {}).get("p99"),
+                }
+                for robot, counters in self.counters.items()
+            }
+
+    def close(self) -> None:
+        """Stop batching; pending observations fail (the executor is the caller's to close)."""
+        with self._cond:
+            self._closed = True
+            pending, self._pending = list(self._pending.values()), {}
+            self._cond.notify_all()
+        for p in pending:
+            p.future.set_exception(FrameDropped(f"{p.robot}: server closed"))
+        self._batcher.join(5.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

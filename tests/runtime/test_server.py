@@ -1,0 +1,139 @@
+"""The multi-robot server on the CPU: every robot's chunk equals its own eager result, newest wins per
+robot, earliest deadline first when more robots wait than a batch holds, nobody starved, bad input goes
+back to its robot only. Ordering is made deterministic by holding the device, never by sleeping."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.loading import build_parts
+from vla_runtime.runtime.policy import FrameDropped
+from vla_runtime.runtime.reference import EagerPolicy
+from vla_runtime.runtime.server import PolicyServer
+
+from ..conftest import random_observation
+from .test_executor import HeldStages
+
+
+@pytest.fixture(scope="module")
+def served():
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=2))
+    with PipelinedExecutor(parts=parts) as executor:
+        yield executor, EagerPolicy(parts=parts)
+
+
+def wait_until(executor, predicate):
+    with executor._cond:
+        assert executor._cond.wait_for(predicate, 30)
+
+
+def noise_for(executor, rng):
+    cfg = executor.config.model
+    return rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+
+
+def test_every_robot_gets_its_own_chunks(served, rng):
+    executor, reference = served
+    with PolicyServer(executor) as server:
+        asks = []
+        for k in range(12):
+            robot = f"arm_{k % 4}"
+            obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
+            asks.append((robot, obs, noise, server.submit(robot, obs, noise=noise)))
+        served_chunks = 0
+        for _robot, obs, noise, future in asks:
+            try:
+                chunk = future.result(timeout=120)
+            except FrameDropped:
+                continue  # a newer observation of the same robot came first
+            served_chunks += 1
+            np.testing.assert_allclose(
+                chunk.actions, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5
+            )
+        figures = server.figures()
+    assert served_chunks >= 4 and set(figures) == {f"arm_{i}" for i in range(4)}
+    for robot, f in figures.items():
+        assert f["submitted"] == 3 and f["completed"] + f["replaced"] == 3 and f["completed"] >= 1, robot
+    assert sum(f["completed"] for f in figures.values()) == served_chunks
+
+
+def test_newest_wins_per_robot_and_earliest_deadline_first(served, rng):
+    """The device is held with one frame on it and one waiting in the executor; meanwhile arm_a submits
+    three times (the first two are replaced) and five robots with different deadlines wait. Released, the
+    next frames take them two at a time in deadline order."""
+    executor, _ = served
+    held = HeldStages(executor)
+    try:
+        with PolicyServer(executor) as server:
+            server.submit("filler_1", random_observation(rng, "pi05_tiny"))
+            wait_until(executor, lambda: executor._pending is None and executor._in_flight == 1)
+            server.submit("filler_2", random_observation(rng, "pi05_tiny"))
+            wait_until(executor, lambda: executor._pending is not None)  # the executor is full
+            firsts = [
+                server.submit("arm_a", random_observation(rng, "pi05_tiny"), deadline_s=9.0) for _ in range(3)
+            ]
+            deadlines = {"r0": 5.0, "r1": 1.0, "r2": 4.0, "r3": 2.0, "r4": 3.0}
+            late = {
+                r: server.submit(r, random_observation(rng, "pi05_tiny"), deadline_s=d)
+                for r, d in deadlines.items()
+            }
+            for f in firsts[:2]:
+                with pytest.raises(FrameDropped, match="arm_a: replaced"):
+                    f.result(timeout=5)
+            held.release()
+            for f in [firsts[2], *late.values()]:
+                assert f.result(timeout=120).actions.shape[0] > 0
+            batches = [b for b in server.batches if not b[0].startswith("filler")]
+            figures = server.figures()
+    finally:
+        held.restore()
+    assert batches == [["r1", "r3"], ["r4", "r2"], ["r0", "arm_a"]]
+    assert figures["arm_a"]["replaced"] == 2 and figures["arm_a"]["completed"] == 1
+
+
+def test_nobody_is_starved_under_overload(served, rng):
+    """Six robots keep submitting as fast as their chunks come back, on a server that batches two: every
+    robot's chunks keep coming (earliest deadline first rotates the batch)."""
+    executor, _ = served
+    observations = [random_observation(rng, "pi05_tiny") for _ in range(6)]
+    with PolicyServer(executor) as server:
+        stop = threading.Event()
+
+        def robot(i):
+            while not stop.is_set():
+                try:
+                    server.submit(f"r{i}", observations[i]).result(timeout=120)
+                except FrameDropped:
+                    pass
+
+        threads = [threading.Thread(target=robot, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        with server._cond:  # until every robot has had 5 chunks
+            ok = server._cond.wait_for(
+                lambda: (
+                    len(server.counters) == 6 and min(c["completed"] for c in server.counters.values()) >= 5
+                ),
+                300,
+            )
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert ok, server.figures()
+    assert max(len(b) for b in server.batches) == 2
+
+
+def test_bad_input_goes_back_to_its_robot_only(served, rng):
+    executor, _ = served
+    with PolicyServer(executor) as server:
+        bad = random_observation(rng, "pi05_tiny")
+        bad.images = {"nope": bad.images[next(iter(bad.images))]}
+        with pytest.raises(ValueError, match="images: unknown camera"):
+            server.submit("arm_bad", bad)
+        good = server.submit("arm_good", random_observation(rng, "pi05_tiny"))
+        assert good.result(timeout=120).actions.shape[0] > 0
+        assert "arm_bad" not in server.figures()
