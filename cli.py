@@ -204,18 +204,74 @@ def cmd_eval_libero(args) -> int:
     """Closed-loop LIBERO episodes: in-process (the runtime talks to the sim server) or through ROS; the
     same episode loop, latency and miss definitions either way."""
     from .sim.launcher import SimServerProcess
-    from .sim.report import headline, write_report
 
     config = runtime_config_from_args(args)
     out = output_dir(args.out, "--out")
+    if args.workers > 1:
+        if args.path == "ros" or args.mode != "lockstep" or args.endpoint or args.record:
+            raise ValueError(
+                "--workers: parallel episodes run in-process and in lockstep, each worker with a sim server "
+                "of its own (no --path ros, --mode wall_clock, --endpoint or --record)"
+            )
+        return cmd_eval_libero_parallel(args, config, out)
     if args.endpoint is None:
         say("starting the LIBERO simulation server ...")
     server = None if args.endpoint else SimServerProcess(log_path=out / "sim_server.log")
     try:
+        start = time.monotonic()
         episodes, identity = run_libero(args, config, args.endpoint or server.endpoint, args.tasks, out)
+        seconds = time.monotonic() - start
     finally:
         if server is not None:
             server.stop()
+    return report_libero(args, config, out, episodes, identity, seconds)
+
+
+def cmd_eval_libero_parallel(args, config, out) -> int:
+    """`--workers N`: N sim servers, one batched policy server; each worker a robot of it."""
+    from .runtime.buffers import batch_profile
+    from .runtime.executor import PipelinedExecutor
+    from .runtime.server import PolicyServer
+    from .sim.client import SimClient
+    from .sim.evaluate import evaluate_parallel
+    from .sim.launcher import SimServerProcess
+
+    say(f"starting {args.workers} LIBERO simulation servers ...")
+    sims = [SimServerProcess(log_path=out / f"sim_server_{w}.log") for w in range(args.workers)]
+    clients = [SimClient(s.endpoint) for s in sims]
+    try:
+        check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
+        tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
+        config = config.replace(max_batch=batch_profile(args.workers))
+        say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
+            f"{config.max_batch}) and capturing ...")  # fmt: skip
+        with PipelinedExecutor(config) as executor, PolicyServer(executor) as server:
+            episodes, seconds = evaluate_parallel(
+                clients,
+                server,
+                args.suite,
+                tasks,
+                args.trials,
+                max_steps=args.max_steps,
+                replan_steps=args.replan_steps,
+                delay_steps=args.delay_steps,
+                seed=args.seed,
+                settle_steps=args.settle_steps,
+                video_dir=out if args.video else None,
+            )
+            metadata = executor.metadata
+    finally:
+        for client in clients:
+            client.close()
+        for sim in sims:
+            sim.stop()
+    identity = {"model_id": metadata.model_id, "random_weights": metadata.random_weights}
+    return report_libero(args, config, out, episodes, identity, seconds)
+
+
+def report_libero(args, config, out, episodes, identity, seconds: float) -> int:
+    from .sim.report import headline, write_report
+
     meta = {
         "suite": args.suite,
         "path": f"{args.path} {args.mode.replace('_', '-')}",
@@ -225,6 +281,9 @@ def cmd_eval_libero(args) -> int:
         "replan_steps": args.replan_steps,
         "handover": config.handover,
         "delay_steps": args.delay_steps,
+        "workers": args.workers,
+        "wall_s": round(seconds, 1),
+        "episodes_per_hour": round(len(episodes) / seconds * 3600, 1) if seconds > 0 else None,
     }
     summary = write_report(out, episodes, meta)
     if args.json:
@@ -339,6 +398,7 @@ def cmd_demo(args) -> int:
         trials=1,
         replan_steps=5,
         delay_steps=0,
+        workers=1,
         settle_steps=10,
         mode="lockstep",
         endpoint=None,
@@ -706,6 +766,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a running sim server, tcp://127.0.0.1:PORT (default: start one)",
     )
     ev.add_argument("--out", default="out/libero", help="report, results and videos (default: out/libero)")
+    ev.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=1,
+        help="simulators run in parallel, each a robot of one batched policy server (in-process lockstep; "
+        "up to 8; default: 1)",
+    )
     ev.add_argument("--video", action="store_true", help="a GIF of each episode's agent view")
     ev.add_argument("--json", action="store_true", help="print one JSON summary")
     ev.add_argument(

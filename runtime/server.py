@@ -136,6 +136,11 @@ class PolicyServer:
                 for robot, counters in self.counters.items()
             }
 
+    def session(self, robot: str) -> RobotSession:
+        """The server as one robot sees it: a policy-like `submit` and `reset` (sim.episode's links use
+        it as they use a policy)."""
+        return RobotSession(self, robot)
+
     def close(self) -> None:
         """Stop batching; pending observations fail (the executor is the caller's to close)."""
         with self._cond:
@@ -151,3 +156,19 @@ class PolicyServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class RobotSession:
+    def __init__(self, server: PolicyServer, robot: str):
+        self.server, self.robot = server, robot
+        self.metadata = server.executor.metadata
+
+    def submit(
+        self, obs: Observation, noise=None, steps=None, previous: PreviousChunk | None = None
+    ) -> Future:
+        if steps is not None:
+            raise ValueError("steps: a server session runs the server's steps")
+        return self.server.submit(self.robot, obs, previous=previous, noise=noise)
+
+    def reset(self) -> None:
+        """Nothing of a robot's stays in the server between episodes but its counters."""

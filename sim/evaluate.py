@@ -1,14 +1,17 @@
 """`vla-runtime eval-libero`: closed-loop LIBERO episodes over any PolicyLink (in-process or ROS), with a
-progress bar over episodes and a progress line within each."""
+progress bar over episodes and a progress line within each; `evaluate_parallel` runs several simulators
+at once, each worker a robot of one batched policy server."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .episode import PolicyLink, run_episode
+from .episode import InProcessLink, PolicyLink, run_episode
 from .report import DEADLINE_MS, EpisodeResult
 
 
@@ -62,3 +65,43 @@ def evaluate(
                 bar.set_postfix(success=sum(e.success for e in episodes))
                 bar.update()
     return episodes
+
+
+def evaluate_parallel(
+    clients: list,
+    server,
+    suite: str,
+    tasks: list[int],
+    trials: int,
+    **run,
+) -> tuple[list[EpisodeResult], float]:
+    """The episodes of `tasks` x `trials`, dealt round-robin to one worker per simulator client, each
+    worker a robot of `server` (runtime.server.PolicyServer, in lockstep on its own simulation clock).
+    Returns the episodes in task/trial order and the wall-clock seconds they took."""
+    jobs = [(task, trial) for task in tasks for trial in range(trials)]
+    results: dict[tuple[int, int], EpisodeResult] = {}
+    errors: list[BaseException] = []
+    bar = tqdm(total=len(jobs), desc=f"{suite} ({len(clients)} workers)", unit="episode")
+    lock = threading.Lock()
+
+    def worker(w: int) -> None:
+        link = InProcessLink(server.session(f"worker_{w}"), lockstep=True)
+        try:
+            for task, trial in jobs[w :: len(clients)]:
+                result = run_episode(clients[w], link, suite, task, trial, **run)
+                with lock:
+                    results[(task, trial)] = result
+                    bar.update()
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread below
+            errors.append(err)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(w,), name=f"eval-{w}") for w in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    if errors:
+        raise errors[0]
+    return [results[job] for job in jobs], time.monotonic() - start

@@ -78,6 +78,17 @@ def engine_total_ms(episodes: list[EpisodeResult]) -> dict:
     return {"p50": float("nan"), "p99": float("nan")}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of a success rate (sound at 0 or n successes, unlike the normal
+    approximation): what 50 trials of a task can and cannot tell apart."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(float(max(0.0, centre - half)), 4), round(float(min(1.0, centre + half)), 4)]
+
+
 def summarize(episodes: list[EpisodeResult]) -> dict:
     tasks: dict[str, dict] = {}
     for e in episodes:
@@ -89,6 +100,7 @@ def summarize(episodes: list[EpisodeResult]) -> dict:
         t["steps"].append(e.steps)
     for t in tasks.values():
         t["success_rate"] = t["successes"] / t["episodes"]
+        t["success_ci95"] = wilson_interval(t["successes"], t["episodes"])
     return {
         "episodes": len(episodes),
         "successes": sum(e.success for e in episodes),
@@ -192,13 +204,14 @@ def write_report(out_dir: Path, episodes: list[EpisodeResult], meta: dict) -> di
         f"({100 * summary['success_rate']:.0f}%)",
         *[f"- {line}" for line in headline(summary, meta.get("path", ""))],
         "",
-        "| task | instruction | episodes | success | steps |",
-        "| --- | --- | ---: | ---: | --- |",
+        "| task | instruction | episodes | success | 95% interval | steps |",
+        "| --- | --- | ---: | ---: | --- | --- |",
     ]
     for name, t in summary["tasks"].items():
+        lo, hi = t["success_ci95"]
         lines.append(
             f"| {name} | {t['instruction']} | {t['episodes']} | {100 * t['success_rate']:.0f}% | "
-            f"{', '.join(map(str, t['steps']))} |"
+            f"{100 * lo:.0f}-{100 * hi:.0f}% | {', '.join(map(str, t['steps']))} |"
         )
     age = summary["chunk_age_ms"]
     lines += [

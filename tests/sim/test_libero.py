@@ -209,6 +209,33 @@ def test_eval_libero_cli_in_process_json(tmp_path, server):
     assert table["observations"] == "recorded" and table["frames"] == 4, acc.stderr[-2000:]
 
 
+def test_parallel_workers_share_one_batched_server(tmp_path):
+    """--workers 2: two sim servers, one policy server batching both workers' observations; the merged
+    report has every episode, a confidence interval per task and the episodes per hour."""
+    run = subprocess.run(
+        [CLI, "eval-libero", "--suite", SUITE, "--tasks", "0,1", "--max-steps", "10", "--settle-steps", "1"]
+        + ["--workers", "2", "--out", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["episodes"] == 2 and summary["workers"] == 2 and summary["episodes_per_hour"] > 0
+    assert set(summary["tasks"]) == {f"{SUITE}/0", f"{SUITE}/1"}
+    for task in summary["tasks"].values():
+        lo, hi = task["success_ci95"]
+        assert 0.0 <= lo <= task["success_rate"] <= hi <= 1.0
+    assert summary["chunks"] == 4  # 10 steps, a chunk every 5, per episode
+    refused = subprocess.run(
+        [CLI, "eval-libero", "--workers", "2", "--path", "ros", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "--workers: parallel episodes run in-process" in refused.stderr
+
+
 def test_wall_clock_mode_counts_misses_and_overruns(tmp_path, server):
     """ROS path in real time: the CPU simulator cannot keep 20 Hz (overruns); every step offers an
     observation, and misses are counted by the same definition as the node's."""
