@@ -186,18 +186,30 @@ def default_params_file() -> str:
     return str(resources.files("vla_runtime.launch") / "config" / "policy.yaml")
 
 
-def cmd_node(args, ros_args: list[str]) -> int:
-    """The same node `ros2 launch vla_runtime policy.launch.py` starts, with the same YAML."""
-    from .nodes.policy_node import main as node_main
-
-    argv = ["vla-runtime-node", "--ros-args", "--params-file", args.params_file or default_params_file()]
+def node_ros_args(args) -> list[str]:
+    """The node's ROS arguments from its command-line shortcuts: the params file, then overrides."""
+    argv = ["--ros-args", "--params-file", args.params_file or default_params_file()]
     for name in ("preset", "checkpoint", "device", "precision"):
         value = getattr(args, name)
         if value is not None:
             argv += ["-p", f"{name}:={value}"]
     if args.rate_hz is not None:
         argv += ["-p", f"rate_hz:={float(args.rate_hz)}"]
-    return node_main(argv + ros_args)
+    return argv
+
+
+def cmd_node(args, ros_args: list[str]) -> int:
+    """The same node `ros2 launch vla_runtime policy.launch.py` starts, with the same YAML."""
+    from .nodes.policy_node import main as node_main
+
+    return node_main(["vla-runtime-node", *node_ros_args(args), *ros_args])
+
+
+def cmd_fleet(args, ros_args: list[str]) -> int:
+    """A policy node per robot namespace in one process, one batched server below them (nodes/fleet.py)."""
+    from .nodes.fleet import main as fleet_main
+
+    return fleet_main(args.namespaces, [*node_ros_args(args), *ros_args])
 
 
 def cmd_eval_libero(args) -> int:
@@ -627,25 +639,21 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(func=cmd_infer)
 
     node = sub.add_parser("node", help="run the ROS 2 policy node (arguments after --ros-args go to ROS)")
-    node.add_argument(
-        "--params-file", default=None, help="parameters YAML (default: the packaged policy.yaml)"
-    )
-    add_preset_arg(node, "model for random weights (default: the params file's)")
-    node.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the params file's)")
-    node.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the params file's)")
-    node.add_argument(
-        "--precision",
-        default=None,
-        choices=["float32", "bf16", "fp8"],
-        help="(default: the params file's)",
-    )
-    node.add_argument(
-        "--rate-hz",
-        default=None,
-        type=positive_float,
-        help="deadline watch rate (default: the params file's)",
-    )
+    add_node_shortcuts(node)
     node.set_defaults(func=cmd_node)
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="a policy node per robot namespace in one process, their observations batched on one model",
+    )
+    fleet.add_argument(
+        "--namespaces",
+        required=True,
+        type=lambda text: [ns.strip() for ns in text.split(",") if ns.strip()],
+        help="comma-separated robot namespaces, e.g. /arm_1,/arm_2 (up to 8)",
+    )
+    add_node_shortcuts(fleet)
+    fleet.set_defaults(func=cmd_fleet)
 
     acc = sub.add_parser(
         "accuracy", help="a precision mode against float32, per layer and stage, with its gates"
@@ -814,6 +822,26 @@ CLI_DEFAULTS_BY_DEVICE = {
 }
 
 
+def add_node_shortcuts(p: argparse.ArgumentParser) -> None:
+    """The node's command-line shortcuts (`node`, `fleet`); every other parameter goes after --ros-args."""
+    p.add_argument("--params-file", default=None, help="parameters YAML (default: the packaged policy.yaml)")
+    add_preset_arg(p, "model for random weights (default: the params file's)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the params file's)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the params file's)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["float32", "bf16", "fp8"],
+        help="(default: the params file's)",
+    )
+    p.add_argument(
+        "--rate-hz",
+        default=None,
+        type=positive_float,
+        help="deadline watch rate (default: the params file's)",
+    )
+
+
 def add_model_args(p: argparse.ArgumentParser, defaults_by_device: bool = False) -> None:
     """One option per setting (runtime/settings.py), with its help, choices, range and default. With
     defaults_by_device (demo, eval-libero) the device defaults to CUDA where there is one, and the
@@ -872,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args, ros_args) if args.func is cmd_node else args.func(args)
+        return args.func(args, ros_args) if args.func in (cmd_node, cmd_fleet) else args.func(args)
     except ValueError as err:  # bad input or configuration: say what, exit 2
         print(f"vla-runtime: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -630,6 +630,8 @@ class PolicyNode(LifecycleNode):
         health = self.policy.health() if self.policy is not None else {"latency_ms": {}}
         values.update(figures)
         values["waiting_for"] = waiting_for
+        for key, value in health.get("robot", {}).items():  # a fleet's server: this robot's own figures
+            values[f"server_{key}"] = round(value, 3) if isinstance(value, float) else value
         values["policy_state"] = health.get("state", "")
         values["policy_error"] = health.get("error", "")
         if self.policy is not None:

@@ -36,10 +36,18 @@ JOINTS = [f"joint_{i}" for i in range(8)]
 class PolicyNodeProcess:
     """`python -m vla_runtime node --ros-args ...` in its own process, its log in a file."""
 
-    def __init__(self, tmp_path: Path, *ros_params: str, namespace: str = "", script: Path | None = None):
-        """`script`: a node script of the tests (another policy behind the same node) instead of the CLI."""
+    def __init__(
+        self,
+        tmp_path: Path,
+        *ros_params: str,
+        namespace: str = "",
+        script: Path | None = None,
+        command: list[str] | None = None,
+    ):
+        """`script`: a node script of the tests (another policy behind the same node) instead of the CLI;
+        `command`: another CLI command (e.g. ["fleet", "--namespaces", "/a,/b"])."""
         self.log_path = tmp_path / f"node-{time.monotonic_ns()}.log"
-        entry = [str(script)] if script else ["-m", "vla_runtime", "node"]
+        entry = [str(script)] if script else ["-m", "vla_runtime", *(command or ["node"])]
         args = [sys.executable, *entry, "--ros-args"]
         if namespace:
             args += ["-r", f"__ns:={namespace}"]

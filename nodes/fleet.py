@@ -1,0 +1,135 @@
+"""Several robots served by one process: a policy node per robot namespace, one batched server below them.
+
+    vla-runtime fleet --namespaces /arm_1,/arm_2 --preset pi05 --device cuda
+
+Why a node per namespace rather than one node with N namespaces: each robot then sees an ordinary policy
+node (the same topics, parameters, lifecycle, diagnostics and launch arguments as a single robot's), so
+nothing on the robot side changes between one robot and a fleet, and a robot can be taken out (its node
+deactivated) without touching the others. The batching happens below the nodes: every node's policy is a
+session of one `PolicyServer` (runtime/server.py) over one executor with one copy of the weights, which
+batches the robots' observations earliest deadline first.
+
+Robots on other hosts reach it over ROS 2 as they would a node of their own: DDS carries the topics.
+The nodes spin on one thread (rclpy's multi-threaded executor contends for the GIL with the engine's own
+threads; see policy_node.main).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import rclpy
+import rclpy.executors
+
+from ..runtime.buffers import batch_profile
+from ..runtime.config import RuntimeConfig
+from ..runtime.executor import PipelinedExecutor
+from ..runtime.handover import PreviousChunk
+from ..runtime.server import PolicyServer
+from ..runtime.settings import setting_values
+from .policy_node import EXIT_BAD_PARAMETERS, PolicyNode, StartupError
+
+
+class SharedServer:
+    """The executor and server of the process, built by the first node that configures; the others get
+    sessions of it. Every node's model settings must be the same (one model serves them all)."""
+
+    def __init__(self, robots: int, executor_factory=PipelinedExecutor):
+        self.robots, self._executor_factory = robots, executor_factory
+        self._lock = threading.Lock()
+        self.config: RuntimeConfig | None = None
+        self.executor: PipelinedExecutor | None = None
+        self.server: PolicyServer | None = None
+
+    def factory_for(self, robot: str):
+        return lambda config: self.session(robot, config)
+
+    def session(self, robot: str, config: RuntimeConfig) -> ServedPolicy:
+        config = config.replace(max_batch=batch_profile(self.robots))
+        with self._lock:  # the nodes load on threads of their own: the first builds, the others wait
+            if self.executor is None:
+                self.executor = self._executor_factory(config)
+                self.server = PolicyServer(self.executor)
+                self.config = config
+            elif setting_values(config) != setting_values(self.config):
+                ours, theirs = setting_values(self.config), setting_values(config)
+                differ = sorted(k for k in ours if ours[k] != theirs[k])
+                raise ValueError(f"{', '.join(differ)}: the robots of one server share its model settings")
+        return ServedPolicy(self.server, robot)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.executor is not None:
+            self.executor.close()
+
+
+class ServedPolicy:
+    """What a node needs of a policy (runtime/policy.py's interface), served by a session of the server."""
+
+    def __init__(self, server: PolicyServer, robot: str):
+        self.server, self.robot = server, robot
+        self.metadata = server.executor.metadata
+
+    def submit(self, obs, noise=None, steps: int | None = None, previous: PreviousChunk | None = None):
+        if steps not in (None, self.metadata.steps):
+            raise ValueError(f"steps: the robots of one server share its {self.metadata.steps} steps")
+        return self.server.submit(self.robot, obs, previous=previous, noise=noise)
+
+    def health(self) -> dict:
+        """The executor's health, and under "robot" this robot's counters and latency in the server, with
+        the number of robots the server has served."""
+        figures = self.server.figures()
+        return {
+            **self.server.executor.health(),
+            "robot": {**figures.get(self.robot, {}), "robots": len(figures)},
+        }
+
+    def reset(self) -> None:
+        """Nothing of a robot's stays in the server between episodes but its counters."""
+
+    def close(self) -> None:
+        """The shared executor outlives a node's release; the process closes it at exit."""
+
+
+def main(namespaces: list[str], ros_args: list[str], executor_factory=PipelinedExecutor) -> int:
+    """Exit 0 on Ctrl-C or when a node's shutdown transition ends it, 1 when a node's autostart fails, 2
+    for bad parameters."""
+    if not namespaces or len(set(namespaces)) != len(namespaces):
+        print(f"fleet: --namespaces: distinct robot namespaces needed, got {namespaces}", file=sys.stderr)
+        return EXIT_BAD_PARAMETERS
+    if len(namespaces) > 8:
+        print(f"fleet: --namespaces: at most 8 robots per server, got {len(namespaces)}", file=sys.stderr)
+        return EXIT_BAD_PARAMETERS
+    try:
+        rclpy.init(args=["vla-runtime-fleet", *ros_args])
+    except Exception as err:  # noqa: BLE001 - rcl's own errors (a missing params file) as one clear line
+        print(f"fleet: {err}", file=sys.stderr)
+        return EXIT_BAD_PARAMETERS
+    shared = SharedServer(len(namespaces), executor_factory)
+    nodes: list[PolicyNode] = []
+    try:
+        for ns in namespaces:
+            nodes.append(PolicyNode(namespace=ns, policy_factory=shared.factory_for(ns)))
+        executor = rclpy.executors.SingleThreadedExecutor()
+        for node in nodes:
+            if node.param("autostart"):
+                node.autostart()
+            executor.add_node(node)
+        while rclpy.ok() and not any(node.finished.done() for node in nodes):
+            executor.spin_once(timeout_sec=0.1)
+        finished = [node.finished.result() for node in nodes if node.finished.done()]
+        return max(finished, default=0)
+    except StartupError as err:
+        print(f"fleet: bad parameters: {err}", file=sys.stderr)
+        return EXIT_BAD_PARAMETERS
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        return 0
+    finally:
+        for node in nodes:
+            node._release(wait_for_loading=False)
+            node.destroy_node()
+        shared.close()
+        if rclpy.ok():
+            rclpy.shutdown()

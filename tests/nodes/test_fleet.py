@@ -1,0 +1,56 @@
+"""`vla-runtime fleet`: two robot namespaces served by one process, a policy node each, their observations
+batched on one model. Real rclpy across processes; events counted, nothing timed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .harness import PolicyNodeProcess, Robot  # noqa: I001  (sets ROS env first)
+
+QUIET_TIMER = ("rate_hz:=1.0", "deadline_s:=10.0", "control_period_s:=1.0")
+
+
+def test_two_robots_one_process_one_model(tmp_path):
+    robots = {ns: Robot(namespace=ns, image_side=32) for ns in ("/fleet_a", "/fleet_b")}
+    proc = PolicyNodeProcess(
+        tmp_path,
+        "preset:=pi05_tiny",
+        "steps:=2",
+        *QUIET_TIMER,
+        command=["fleet", "--namespaces", ",".join(robots)],
+    )
+    try:
+        assert proc.wait_for_log("serving:", 120), proc.text()
+        for ns, robot in robots.items():
+            got = robot.first_chunk()
+            assert got is not None, (ns, proc.text()[-3000:])
+            assert len(got[1].points) == 10  # pi05_tiny's chunk, published on this robot's own topic
+        reports = {}
+        for ns, robot in robots.items():
+            # one server (one executor, one model) behind both nodes: each node's report counts 2 robots
+            assert robot.wait_for(
+                lambda r=robot: any(
+                    int(d.get("server_completed", 0)) >= 1
+                    and d.get("server_robots") == "2"
+                    and d["server_completed"] == d.get("fresh")  # every chunk it published came from there
+                    for d in list(r.diagnostics)
+                ),
+                30,
+            ), (ns, list(robot.diagnostics)[-1:])
+            reports[ns] = [d for d in robot.diagnostics if "server_completed" in d][-1]
+        assert reports["/fleet_a"]["model_id"] == reports["/fleet_b"]["model_id"]
+    finally:
+        proc.stop()
+        for robot in robots.values():
+            robot.close()
+
+
+def test_the_same_namespace_twice_is_refused():
+    run = subprocess.run(
+        [sys.executable, "-m", "vla_runtime", "fleet", "--namespaces", "/a,/a"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "distinct robot namespaces" in run.stderr and "Traceback" not in run.stderr
