@@ -93,6 +93,27 @@ class ServedPolicy:
         """The shared executor outlives a node's release; the process closes it at exit."""
 
 
+def plan_fleet(robots: str, gpus: str) -> list[tuple[str, list[str]]]:
+    """Scale-out: which robots each GPU's server serves. `robots`: namespaces separated by commas, or
+    groups separated by semicolons, one group per GPU ("/a,/b;/c,/d"); without groups the robots are
+    dealt to the GPUs in turn. `gpus`: device indices ("0,1"). -> [(device, namespaces)], one server each.
+    ValueError names the argument."""
+    devices = [f"cuda:{int(g)}" for g in gpus.split(",") if g.strip()] if gpus.strip() else []
+    if not devices:
+        raise ValueError(f"gpus: at least one GPU index, got {gpus!r}")
+    groups = [[ns.strip() for ns in group.split(",") if ns.strip()] for group in robots.split(";")]
+    every = [ns for group in groups for ns in group]
+    if not every or len(set(every)) != len(every):
+        raise ValueError(f"robots: distinct robot namespaces needed, got {robots!r}")
+    if len(groups) == 1:
+        groups = [every[i :: len(devices)] for i in range(len(devices))]
+    if len(groups) != len(devices) or not all(groups):
+        raise ValueError(f"robots: {len(groups)} groups for {len(devices)} GPUs ({robots!r}, gpus {gpus!r})")
+    if max(len(g) for g in groups) > 8:
+        raise ValueError("robots: at most 8 robots per GPU's server")
+    return list(zip(devices, groups, strict=True))
+
+
 def main(namespaces: list[str], ros_args: list[str], executor_factory=PipelinedExecutor) -> int:
     """Exit 0 on Ctrl-C or when a node's shutdown transition ends it, 1 when a node's autostart fails, 2
     for bad parameters."""

@@ -3,8 +3,12 @@ batched on one model. Real rclpy across processes; events counted, nothing timed
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from .harness import PolicyNodeProcess, Robot  # noqa: I001  (sets ROS env first)
 
@@ -54,3 +58,46 @@ def test_the_same_namespace_twice_is_refused():
         timeout=120,
     )
     assert run.returncode == 2 and "distinct robot namespaces" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_robots_are_planned_onto_gpus():
+    from vla_runtime.nodes.fleet import plan_fleet
+
+    assert plan_fleet("/a,/b,/c", "0,1") == [("cuda:0", ["/a", "/c"]), ("cuda:1", ["/b"])]
+    assert plan_fleet("/a,/b;/c", "0,1") == [("cuda:0", ["/a", "/b"]), ("cuda:1", ["/c"])]
+    for robots, gpus, message in (
+        ("/a;/b;/c", "0,1", "robots: 3 groups for 2 GPUs"),
+        ("/a,/a", "0", "robots: distinct"),
+        ("/a", "", "gpus: at least one"),
+        (",".join(f"/r{i}" for i in range(9)), "0", "at most 8 robots per GPU"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            plan_fleet(robots, gpus)
+
+
+def test_fleet_launch_file_structure():
+    """Checked without importing launch (not installable here): a fleet process per GPU of the plan,
+    the YAML first, then only the given parameters."""
+    from ament_index_python.packages import get_package_share_directory
+
+    path = Path(get_package_share_directory("vla_runtime")) / "launch" / "fleet.launch.py"
+    tree = ast.parse(path.read_text())
+    imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert {
+        ("launch", "LaunchDescription"),
+        ("launch.actions", "DeclareLaunchArgument"),
+        ("launch.actions", "ExecuteProcess"),
+        ("launch.actions", "OpaqueFunction"),
+        ("vla_runtime.nodes.fleet", "plan_fleet"),
+        ("vla_runtime.nodes.params", "launch_overrides"),
+    } <= imports
+    declared = {
+        c.args[0].value
+        for c in ast.walk(tree)
+        if isinstance(c, ast.Call)
+        and getattr(c.func, "id", None) == "DeclareLaunchArgument"
+        and isinstance(c.args[0], ast.Constant)
+    }
+    assert {"robots", "gpus", "params_file"} <= declared
+    source = path.read_text()
+    assert '"vla-runtime", "fleet", "--namespaces"' in source and '"--params-file", params_file' in source
