@@ -241,19 +241,25 @@ def cmd_eval_libero(args) -> int:
 
 def cmd_eval_libero_parallel(args, config, out) -> int:
     """`--workers N`: N sim servers, one batched policy server; each worker a robot of it."""
-    from .runtime.buffers import batch_profile
+    from .runtime.buffers import BATCH_SIZES, batch_profile
     from .runtime.executor import PipelinedExecutor
     from .runtime.server import PolicyServer
     from .sim.client import SimClient
     from .sim.evaluate import evaluate_parallel
     from .sim.launcher import SimServerProcess
 
+    if args.workers > BATCH_SIZES[-1]:
+        raise ValueError(f"--workers: at most {BATCH_SIZES[-1]} (one batched server), got {args.workers}")
     say(f"starting {args.workers} LIBERO simulation servers ...")
-    sims = [SimServerProcess(log_path=out / f"sim_server_{w}.log") for w in range(args.workers)]
-    clients = [SimClient(s.endpoint) for s in sims]
+    sims, clients = [], []
     try:
+        for w in range(args.workers):  # inside the try: those started are stopped if one fails
+            sims.append(SimServerProcess(log_path=out / f"sim_server_{w}.log"))
+            clients.append(SimClient(sims[-1].endpoint))
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
+        if config.adaptive_steps:
+            raise ValueError("--adaptive-steps: the workers of one server share its steps")
         config = config.replace(max_batch=batch_profile(args.workers))
         say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
             f"{config.max_batch}) and capturing ...")  # fmt: skip

@@ -21,16 +21,19 @@ from launch import LaunchDescription
 
 
 def fleet_processes(context):
-    given = {p.name: LaunchConfiguration(p.name).perform(context) for p in PARAMS}
-    overrides = [f"{name}:={value}" for name, value in launch_overrides(given).items() if name != "device"]
+    # the device is the plan's, one GPU per process: not a launch argument here
+    given = {p.name: LaunchConfiguration(p.name).perform(context) for p in PARAMS if p.name != "device"}
+    overrides = [f"{name}:={value}" for name, value in launch_overrides(given).items()]
     plan = plan_fleet(
         LaunchConfiguration("robots").perform(context), LaunchConfiguration("gpus").perform(context)
     )
     params_file = LaunchConfiguration("params_file").perform(context)
     processes = []
     for device, namespaces in plan:
-        cmd = ["vla-runtime", "fleet", "--namespaces", ",".join(namespaces), "--device", device]
-        cmd += ["--ros-args", "--params-file", params_file]
+        # The file first, then the plan's device (both through the command's shortcuts, in that order),
+        # then the given parameters: a later --params-file would override the device again.
+        cmd = ["vla-runtime", "fleet", "--namespaces", ",".join(namespaces)]
+        cmd += ["--params-file", params_file, "--device", device, "--ros-args"]
         for override in overrides:
             cmd += ["-p", override]
         processes.append(ExecuteProcess(cmd=cmd, name=f"fleet_{device.replace(':', '_')}", output="screen"))

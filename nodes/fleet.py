@@ -38,16 +38,24 @@ class SharedServer:
     def __init__(self, robots: int, executor_factory=PipelinedExecutor):
         self.robots, self._executor_factory = robots, executor_factory
         self._lock = threading.Lock()
+        self._closed = False
         self.config: RuntimeConfig | None = None
         self.executor: PipelinedExecutor | None = None
         self.server: PolicyServer | None = None
 
-    def factory_for(self, robot: str):
-        return lambda config: self.session(robot, config)
+    def factory_for(self, robot: str, deadline_s=None):
+        """The node's policy factory; `deadline_s()` (the node's parameter) dates each observation."""
+        return lambda config: self.session(robot, config, deadline_s)
 
-    def session(self, robot: str, config: RuntimeConfig) -> ServedPolicy:
+    def session(self, robot: str, config: RuntimeConfig, deadline_s=None) -> ServedPolicy:
+        if config.adaptive_steps:
+            raise ValueError(
+                "adaptive_steps: the robots of one server share its steps (a batch has one count)"
+            )
         config = config.replace(max_batch=batch_profile(self.robots))
         with self._lock:  # the nodes load on threads of their own: the first builds, the others wait
+            if self._closed:
+                raise ValueError("fleet: shutting down")
             if self.executor is None:
                 self.executor = self._executor_factory(config)
                 self.server = PolicyServer(self.executor)
@@ -56,26 +64,31 @@ class SharedServer:
                 ours, theirs = setting_values(self.config), setting_values(config)
                 differ = sorted(k for k in ours if ours[k] != theirs[k])
                 raise ValueError(f"{', '.join(differ)}: the robots of one server share its model settings")
-        return ServedPolicy(self.server, robot)
+        return ServedPolicy(self.server, robot, deadline_s)
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        if self.executor is not None:
-            self.executor.close()
+        """Once; a node still loading then gets no session (and builds nothing)."""
+        with self._lock:
+            self._closed = True
+            server, executor = self.server, self.executor
+        if server is not None:
+            server.close()
+        if executor is not None:
+            executor.close()
 
 
 class ServedPolicy:
     """What a node needs of a policy (runtime/policy.py's interface), served by a session of the server."""
 
-    def __init__(self, server: PolicyServer, robot: str):
-        self.server, self.robot = server, robot
+    def __init__(self, server: PolicyServer, robot: str, deadline_s=None):
+        self.server, self.robot, self._deadline_s = server, robot, deadline_s
         self.metadata = server.executor.metadata
 
     def submit(self, obs, noise=None, steps: int | None = None, previous: PreviousChunk | None = None):
         if steps not in (None, self.metadata.steps):
             raise ValueError(f"steps: the robots of one server share its {self.metadata.steps} steps")
-        return self.server.submit(self.robot, obs, previous=previous, noise=noise)
+        deadline = self._deadline_s() if self._deadline_s is not None else None
+        return self.server.submit(self.robot, obs, previous=previous, noise=noise, deadline_s=deadline)
 
     def health(self) -> dict:
         """The executor's health, and under "robot" this robot's counters and latency in the server, with
@@ -132,7 +145,10 @@ def main(namespaces: list[str], ros_args: list[str], executor_factory=PipelinedE
     nodes: list[PolicyNode] = []
     try:
         for ns in namespaces:
-            nodes.append(PolicyNode(namespace=ns, policy_factory=shared.factory_for(ns)))
+            made: list[PolicyNode] = []  # the node's own deadline_s dates its robot's observations
+            deadline = lambda made=made: made[0].param("deadline_s")  # noqa: E731
+            made.append(PolicyNode(namespace=ns, policy_factory=shared.factory_for(ns, deadline)))
+            nodes.append(made[0])
         executor = rclpy.executors.SingleThreadedExecutor()
         for node in nodes:
             if node.param("autostart"):
@@ -149,8 +165,11 @@ def main(namespaces: list[str], ros_args: list[str], executor_factory=PipelinedE
         return 0
     finally:
         for node in nodes:
-            node._release(wait_for_loading=False)
-            node.destroy_node()
+            try:
+                node._release(wait_for_loading=False)
+                node.destroy_node()
+            except Exception as err:  # noqa: BLE001 - the other nodes and the server are released all the same
+                print(f"fleet: releasing {node.get_namespace()}: {err}", file=sys.stderr)
         shared.close()
         if rclpy.ok():
             rclpy.shutdown()

@@ -262,12 +262,17 @@ class PipelinedExecutor(Policy):
         if "denoise" in self._engines and steps not in (None, self.config.denoising_steps):
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
 
-    def wait_for_room(self, timeout: float | None = None) -> bool:
-        """Until a frame submitted now would replace none (the dispatcher has taken the last one); False
-        when `timeout` passes first or the executor is closed."""
+    def wait_for_room(self, timeout: float | None = None, in_flight: int = MAX_IN_FLIGHT - 1) -> bool:
+        """Until a frame submitted now goes to the device at once: none is pending and fewer than
+        `in_flight` are on the device (a caller that batches keeps its observations until then, where
+        it can still choose among them). False when `timeout` passes first; ExecutorClosed once closed."""
         with self._cond:
-            taken = self._cond.wait_for(lambda: self._closed or self._pending is None, timeout)
-            return taken and not self._closed
+            room = self._cond.wait_for(
+                lambda: self._closed or (self._pending is None and self._in_flight < in_flight), timeout
+            )
+            if self._closed:
+                raise ExecutorClosed("executor is closed")
+            return room
 
     def prepare(self, obs: Observation, noise=None, previous: PreviousChunk | None = None) -> Member:
         """One observation checked (ValueError naming the field) and prepared for a frame."""
@@ -295,6 +300,7 @@ class PipelinedExecutor(Policy):
         within the device timeout."""
         with self._cond:
             dropped, self._pending = self._pending, None
+            self._cond.notify_all()
         if dropped is not None:
             self._drop(dropped, "executor reset")
         if self._device_error() is not None:
@@ -579,6 +585,7 @@ class PipelinedExecutor(Policy):
                 self._pending = None
                 self.counters["hung"] += 1
                 self.counters["dropped"] += pending is not None  # never reached the device
+                self._cond.notify_all()
             log.error("device hung: %s", hung)
             for frame in stuck + ([pending] if pending is not None else []):
                 _resolve_all(frame, error=hung)

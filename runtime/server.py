@@ -24,7 +24,7 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .executor import Member, PipelinedExecutor
+from .executor import ExecutorClosed, Member, PipelinedExecutor
 from .handover import PreviousChunk
 from .policy import FrameDropped
 from .scheduler import DEFAULT_DEADLINE_S
@@ -66,14 +66,21 @@ class PolicyServer:
         deadline_s: float | None = None,
         noise=None,
     ) -> Future:
-        """Queue a robot's observation; its deadline is `deadline_s` (default the server's) from now."""
+        """Queue a robot's observation; its deadline is `deadline_s` (default the server's) from now. A
+        replaced observation's deadline stays (the robot has waited since then: a robot that submits often
+        must not fall behind in the deadline order)."""
+        deadline_s = self.deadline_s if deadline_s is None else deadline_s
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
         member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError here, to this robot
         now = time.monotonic()
-        pending = Pending(robot, member, Future(), now + (deadline_s or self.deadline_s), now)
+        pending = Pending(robot, member, Future(), now + deadline_s, now)
         with self._cond:
             if self._closed:
-                raise RuntimeError("server is closed")
+                raise ExecutorClosed("server is closed")
             replaced = self._pending.get(robot)
+            if replaced is not None:
+                pending.deadline = min(pending.deadline, replaced.deadline)
             self._pending[robot] = pending
             self.counters[robot]["submitted"] += 1
             self.counters[robot]["replaced"] += replaced is not None
@@ -88,8 +95,12 @@ class PolicyServer:
                 self._cond.wait_for(lambda: self._closed or self._pending)
                 if self._closed:
                     return
-            if not self.executor.wait_for_room(timeout=1.0):
-                continue  # still busy (or closed: the next turn sees it)
+            try:
+                if not self.executor.wait_for_room(timeout=1.0):
+                    continue  # still busy
+            except ExecutorClosed as err:  # the executor was closed under the server: nobody waits forever
+                self._stop(err)
+                return
             with self._cond:
                 ready = sorted(self._pending.values(), key=lambda p: p.deadline)[: self.max_batch]
                 for p in ready:
@@ -141,15 +152,20 @@ class PolicyServer:
         it as they use a policy)."""
         return RobotSession(self, robot)
 
-    def close(self) -> None:
-        """Stop batching; pending observations fail (the executor is the caller's to close)."""
+    def _stop(self, error: BaseException) -> None:
+        """No more batching; the pending observations fail with `error`."""
         with self._cond:
             self._closed = True
             pending, self._pending = list(self._pending.values()), {}
             self._cond.notify_all()
         for p in pending:
-            p.future.set_exception(FrameDropped(f"{p.robot}: server closed"))
-        self._batcher.join(5.0)
+            p.future.set_exception(error)
+
+    def close(self) -> None:
+        """Stop batching; pending observations fail (the executor is the caller's to close)."""
+        self._stop(ExecutorClosed("server closed"))
+        if threading.current_thread() is not self._batcher:
+            self._batcher.join(5.0)
 
     def __enter__(self):
         return self

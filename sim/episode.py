@@ -169,7 +169,8 @@ class InProcessLink(PolicyLink):
     def __init__(self, policy: Policy, lockstep: bool = True, recorder=None):
         super().__init__(lockstep)
         self.policy, self.recorder = policy, recorder
-        self._outstanding = 0  # submitted, not answered
+        self._outstanding = 0  # submitted in this episode, not answered
+        self._episode = 0  # a request of an earlier episode, answered late, counts for nothing
 
     def _send(self, obs: Observation, previous: PreviousChunk | None) -> None:
         with self._cond:
@@ -178,12 +179,15 @@ class InProcessLink(PolicyLink):
                 # observation at its next step (real-time chunking's loop, as the policy node's)
                 return
             self._outstanding += 1
+            episode = self._episode
         if self.recorder is not None:
             self.recorder.write(obs)  # runtime.recording.ObservationRecorder: for `vla-runtime calibrate`
-        self.policy.submit(obs, previous=previous).add_done_callback(self._done)
+        self.policy.submit(obs, previous=previous).add_done_callback(lambda f: self._done(f, episode))
 
-    def _done(self, future) -> None:
+    def _done(self, future, episode: int) -> None:
         with self._cond:
+            if episode != self._episode:
+                return  # an earlier episode's
             self._outstanding -= 1
         error = future.exception()
         if isinstance(error, FrameDropped):
@@ -202,6 +206,7 @@ class InProcessLink(PolicyLink):
         super().start_episode()
         with self._cond:
             self._outstanding = 0
+            self._episode += 1
 
 
 def run_episode(

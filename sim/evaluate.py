@@ -77,10 +77,12 @@ def evaluate_parallel(
 ) -> tuple[list[EpisodeResult], float]:
     """The episodes of `tasks` x `trials`, dealt round-robin to one worker per simulator client, each
     worker a robot of `server` (runtime.server.PolicyServer, in lockstep on its own simulation clock).
-    Returns the episodes in task/trial order and the wall-clock seconds they took."""
+    Returns the episodes in task/trial order and the wall-clock seconds they took. The first failure (or
+    Ctrl-C) stops every worker at its next episode; the workers are joined before anything is closed."""
     jobs = [(task, trial) for task in tasks for trial in range(trials)]
     results: dict[tuple[int, int], EpisodeResult] = {}
     errors: list[BaseException] = []
+    stop = threading.Event()
     bar = tqdm(total=len(jobs), desc=f"{suite} ({len(clients)} workers)", unit="episode")
     lock = threading.Lock()
 
@@ -88,20 +90,30 @@ def evaluate_parallel(
         link = InProcessLink(server.session(f"worker_{w}"), lockstep=True)
         try:
             for task, trial in jobs[w :: len(clients)]:
+                if stop.is_set():
+                    return
                 result = run_episode(clients[w], link, suite, task, trial, **run)
                 with lock:
                     results[(task, trial)] = result
                     bar.update()
         except BaseException as err:  # noqa: BLE001 - raised in the caller's thread below
             errors.append(err)
+            stop.set()
 
     start = time.monotonic()
     threads = [threading.Thread(target=worker, args=(w,), name=f"eval-{w}") for w in range(len(clients))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    bar.close()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        stop.set()  # each worker ends its episode, then stops; joined before the clients are closed
+        for t in threads:
+            t.join()
+        raise
+    finally:
+        bar.close()
     if errors:
         raise errors[0]
     return [results[job] for job in jobs], time.monotonic() - start

@@ -101,3 +101,16 @@ def test_fleet_launch_file_structure():
     assert {"robots", "gpus", "params_file"} <= declared
     source = path.read_text()
     assert '"vla-runtime", "fleet", "--namespaces"' in source and '"--params-file", params_file' in source
+
+
+def test_a_fleet_refuses_adaptive_steps_and_serves_after_close_no_more():
+    from vla_runtime.nodes.fleet import SharedServer
+    from vla_runtime.runtime.config import RuntimeConfig
+
+    shared = SharedServer(robots=2)
+    with pytest.raises(ValueError, match="adaptive_steps: the robots of one server share its steps"):
+        shared.session("/a", RuntimeConfig(adaptive_steps=True))
+    shared.close()
+    with pytest.raises(ValueError, match="fleet: shutting down"):
+        shared.session("/a", RuntimeConfig())
+    assert shared.executor is None  # nothing was built

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 from vla_runtime.runtime.config import RuntimeConfig
-from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.executor import ExecutorClosed, PipelinedExecutor
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.policy import FrameDropped
 from vla_runtime.runtime.reference import EagerPolicy
@@ -137,3 +137,51 @@ def test_bad_input_goes_back_to_its_robot_only(served, rng):
         good = server.submit("arm_good", random_observation(rng, "pi05_tiny"))
         assert good.result(timeout=120).actions.shape[0] > 0
         assert "arm_bad" not in server.figures()
+
+
+def test_an_executor_closed_under_the_server_fails_what_waits():
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=2))
+    executor = PipelinedExecutor(parts=parts)
+    server = PolicyServer(executor)
+    held = HeldStages(executor)
+    rng = np.random.default_rng()
+    try:
+        server.submit("a", random_observation(rng, "pi05_tiny"))
+        wait_until(executor, lambda: executor._pending is None and executor._in_flight == 1)
+        server.submit("b", random_observation(rng, "pi05_tiny"))
+        wait_until(executor, lambda: executor._pending is not None)
+        waiting = server.submit("c", random_observation(rng, "pi05_tiny"))  # stays in the server
+        held.release()
+        executor.close()
+        with pytest.raises(ExecutorClosed):
+            waiting.result(timeout=30)
+        with pytest.raises(ExecutorClosed):
+            server.submit("c", random_observation(rng, "pi05_tiny"))
+    finally:
+        held.restore()
+        server.close()
+        executor.close()
+
+
+def test_a_replaced_observation_keeps_its_deadline(served, rng):
+    """A robot that submits again keeps its place in the deadline order."""
+    executor, _ = served
+    held = HeldStages(executor)
+    try:
+        with PolicyServer(executor) as server:
+            server.submit("filler_1", random_observation(rng, "pi05_tiny"))
+            wait_until(executor, lambda: executor._pending is None and executor._in_flight == 1)
+            server.submit("filler_2", random_observation(rng, "pi05_tiny"))
+            wait_until(executor, lambda: executor._pending is not None)
+            server.submit("often", random_observation(rng, "pi05_tiny"), deadline_s=1.0)
+            others = [
+                server.submit(f"o{i}", random_observation(rng, "pi05_tiny"), deadline_s=2.0) for i in range(3)
+            ]
+            last = server.submit("often", random_observation(rng, "pi05_tiny"), deadline_s=9.0)
+            held.release()
+            for f in [last, *others]:
+                f.result(timeout=120)
+            batches = [b for b in server.batches if not b[0].startswith("filler")]
+    finally:
+        held.restore()
+    assert batches[0][0] == "often"  # its first deadline (1 s) still leads, not the replacement's 9 s

@@ -14,3 +14,39 @@ def test_wilson_interval_of_a_success_rate():
     assert lo == pytest.approx(0.366, abs=1e-3) and hi == pytest.approx(0.634, abs=1e-3)
     lo, hi = wilson_interval(50, 50)
     assert 0.92 < lo < 0.95 and hi == 1.0
+
+
+def test_a_late_answer_from_an_earlier_episode_does_not_block_the_next():
+    """An episode ended while its request was out; the answer comes in the next episode and must not
+    count as that episode's (it used to make the link skip every later observation)."""
+    from concurrent.futures import Future
+
+    import numpy as np
+    from vla_runtime.runtime.handover import PreviousChunk
+    from vla_runtime.runtime.types import Observation
+    from vla_runtime.sim.episode import InProcessLink
+
+    class Policy:
+        def __init__(self):
+            self.futures = []
+
+        def submit(self, obs, previous=None):
+            self.futures.append(Future())
+            return self.futures[-1]
+
+        def reset(self):
+            pass
+
+    policy = Policy()
+    link = InProcessLink(policy, lockstep=True)
+    obs = Observation({}, np.zeros(8, np.float32), "x", 1.0)
+    previous = PreviousChunk(np.zeros((3, 7), np.float32), 0)
+    link.offer(obs)
+    link.start_episode()  # the next episode; the first request is still out
+    policy.futures[0].set_exception(RuntimeError("late"))  # answered now: belongs to the old episode
+    link.offer(Observation({}, np.zeros(8, np.float32), "x", 2.0))
+    link.offer(Observation({}, np.zeros(8, np.float32), "x", 3.0), previous)  # waits for the one in flight
+    assert len(policy.futures) == 2
+    policy.futures[1].set_exception(RuntimeError("answered"))
+    link.offer(Observation({}, np.zeros(8, np.float32), "x", 4.0), previous)
+    assert len(policy.futures) == 3
