@@ -111,7 +111,10 @@ def plan_fleet(robots: str, gpus: str) -> list[tuple[str, list[str]]]:
     groups separated by semicolons, one group per GPU ("/a,/b;/c,/d"); without groups the robots are
     dealt to the GPUs in turn. `gpus`: device indices ("0,1"). -> [(device, namespaces)], one server each.
     ValueError names the argument."""
-    devices = [f"cuda:{int(g)}" for g in gpus.split(",") if g.strip()] if gpus.strip() else []
+    indices = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not all(g.isdigit() for g in indices):
+        raise ValueError(f"gpus: GPU indices separated by commas, got {gpus!r}")
+    devices = [f"cuda:{g}" for g in indices]
     if not devices:
         raise ValueError(f"gpus: at least one GPU index, got {gpus!r}")
     groups = [[ns.strip() for ns in group.split(",") if ns.strip()] for group in robots.split(";")]

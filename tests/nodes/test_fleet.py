@@ -69,6 +69,7 @@ def test_robots_are_planned_onto_gpus():
         ("/a;/b;/c", "0,1", "robots: 3 groups for 2 GPUs"),
         ("/a,/a", "0", "robots: distinct"),
         ("/a", "", "gpus: at least one"),
+        ("/a", "zero", "gpus: GPU indices"),
         (",".join(f"/r{i}" for i in range(9)), "0", "at most 8 robots per GPU"),
     ):
         with pytest.raises(ValueError, match=message):
