@@ -18,6 +18,7 @@ from ..graphs.config import ModelConfig
 
 PIPELINE_SLOTS = 2
 BATCH_SIZES = (1, 2, 4, 8)  # batch profiles: a batch of n runs in the smallest that holds it
+PROMPT_BUCKETS = (32, 64, 128)  # with shape profiles: a prompt runs in the smallest that holds it
 # Host staging is only reused after its frame has finished, and at most MAX_IN_FLIGHT frames are on the
 # device at once, so a ring one longer than that can never overwrite what a copy still reads.
 MAX_IN_FLIGHT = 3
@@ -48,6 +49,11 @@ class ShapeProfile:
 def batch_sizes(max_batch: int) -> tuple[int, ...]:
     """The batch profiles an executor serving up to `max_batch` observations at once captures."""
     return tuple(b for b in BATCH_SIZES if b < max_batch) + (batch_profile(max_batch),)
+
+
+def prompt_bucket(tokens: int, max_len: int) -> int:
+    """The smallest prompt length among PROMPT_BUCKETS (and the model's max_len) that holds `tokens`."""
+    return next((b for b in PROMPT_BUCKETS if tokens <= b < max_len), max_len)
 
 
 def batch_profile(n: int) -> int:

@@ -82,6 +82,10 @@ class RuntimeConfig:
     # Observations of several robots computed together (PipelinedExecutor.submit_batch): up to this many,
     # in batch profiles of 1, 2, 4, 8 captured ahead of time; one copy of the weights.
     max_batch: int = 1
+    # Each frame runs the smallest shape that holds it: only the cameras present are computed, the prompt
+    # padded to the next of 32 / 64 / 128 / max tokens (the padding is masked: the same actions). A new
+    # shape is captured when first met (the device idle meanwhile).
+    shape_profiles: bool = False
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:

@@ -41,6 +41,7 @@ from .buffers import (
     StaticBuffers,
     batch_profile,
     batch_sizes,
+    prompt_bucket,
 )
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
@@ -82,13 +83,30 @@ class Member:
     handover: HandoverArrays
     future: Future
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Its row of each host input tensor (buffers._input_shapes names them)."""
+    @property
+    def cameras_present(self) -> int:
+        return int(self.inputs.image_masks.sum())
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs.token_masks.sum())
+
+    def arrays(self, profile: ShapeProfile) -> dict[str, np.ndarray]:
+        """Its row of each host input tensor (buffers._input_shapes names them), in `profile`'s shape:
+        with fewer views, the cameras present move to the first slots (the absent ones are masked in the
+        full shape, so their tokens take no position and no attention: the same actions); with a shorter
+        prompt, the padding is cut."""
+        pixels, masks = self.inputs.pixels, self.inputs.image_masks
+        if profile.views != len(masks):
+            present = np.flatnonzero(masks)
+            pixels = np.zeros((profile.views, *pixels.shape[1:]), dtype=pixels.dtype)
+            pixels[: len(present)] = self.inputs.pixels[present]
+            masks = np.arange(profile.views) < len(present)
         return {
-            "pixels": self.inputs.pixels,
-            "image_masks": self.inputs.image_masks,
-            "tokens": self.inputs.tokens,
-            "token_masks": self.inputs.token_masks,
+            "pixels": pixels,
+            "image_masks": masks,
+            "tokens": self.inputs.tokens[: profile.prompt_len],
+            "token_masks": self.inputs.token_masks[: profile.prompt_len],
             "state": self.inputs.state,
             "noise": self.noise,
             "handover": self.handover.packed,
@@ -237,7 +255,7 @@ class PipelinedExecutor(Policy):
         batches later)."""
         n = len(members)
         self._check_batch(n, steps)
-        profile = self.default_profile(steps, batch=batch_profile(n))
+        profile = self._profile_for(members, steps)
         with self._cond:
             if self._closed:
                 raise ExecutorClosed("executor is closed")
@@ -253,6 +271,15 @@ class PipelinedExecutor(Policy):
         if dropped is not None:
             self._drop(dropped, f"frame {dropped.index} replaced by newer frame {frame.index}")
         return [m.future for m in members]
+
+    def _profile_for(self, members: list[Member], steps: int | None) -> ShapeProfile:
+        """The full shape, or with shape_profiles the smallest that holds every member."""
+        full = self.default_profile(steps, batch=batch_profile(len(members)))
+        if not self.config.shape_profiles:
+            return full
+        views = max(1, max(m.cameras_present for m in members))
+        tokens = max(m.prompt_tokens for m in members)
+        return ShapeProfile(views, prompt_bucket(tokens, full.prompt_len), full.steps, full.batch)
 
     def _check_batch(self, n: int, steps: int | None) -> None:
         if not 1 <= n <= self.config.max_batch:
@@ -500,7 +527,7 @@ class PipelinedExecutor(Policy):
         device_slot = buffers.device_slots[frame.slot]
         # The ring entry's previous frame has completed. Rows past the members repeat the first member: a
         # batch profile larger than the batch computes them, and nothing reads their results.
-        rows = [m.arrays() for m in frame.members]
+        rows = [m.arrays(frame.profile) for m in frame.members]
         for row in range(frame.profile.batch):
             for name, array in (rows[row] if row < len(rows) else rows[0]).items():
                 host.inputs[name].numpy()[row] = array

@@ -179,6 +179,12 @@ SETTINGS: tuple[Setting, ...] = (
         choices=SCHEDULES,
     ),
     Setting(
+        "shape_profiles",
+        "each frame runs the smallest shape that holds it: only the cameras present, the prompt padded to "
+        "32 / 64 / 128 / max tokens (a new shape is captured when first met)",
+        bool,
+    ),
+    Setting(
         "adaptive_steps",
         "the node lowers the denoising steps (steps, 5, 3, 2) when chunks come close to the deadline and "
         "climbs back when they are well inside it",

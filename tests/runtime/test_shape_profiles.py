@@ -1,0 +1,71 @@
+"""Shape profiles on the CPU (tiny presets, fresh random inputs): a frame runs the smallest shape that
+holds it (the cameras present, the prompt padded to a bucket) and gets the actions of the full shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from vla_runtime.runtime.buffers import PROMPT_BUCKETS, prompt_bucket
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.loading import build_parts
+from vla_runtime.runtime.reference import EagerPolicy
+from vla_runtime.runtime.types import Observation
+
+from ..conftest import random_observation
+
+
+def test_prompt_buckets():
+    assert [prompt_bucket(n, 200) for n in (1, 32, 33, 64, 65, 128, 129, 200)] == [
+        32,
+        32,
+        64,
+        64,
+        128,
+        128,
+        200,
+        200,
+    ]
+    assert prompt_bucket(40, 48) == 48 and PROMPT_BUCKETS == (32, 64, 128)
+
+
+@pytest.mark.parametrize("preset", ["pi05_tiny", "pi0_tiny"])
+def test_small_shapes_give_the_full_shapes_actions(preset):
+    rng = np.random.default_rng()
+    parts = build_parts(RuntimeConfig(preset=preset, shape_profiles=True, max_batch=2))
+    reference = EagerPolicy(parts=parts)
+    cfg = parts.config.model
+    optional = parts.config.optional_camera_names[0]
+    cases = []
+    for repeats in (
+        1,
+        4,
+        10,
+        25,
+        60,
+    ):  # prompts of different buckets (those over the model's length left out)
+        for skip in ((), (optional,)):
+            obs = random_observation(rng, preset, skip=skip)
+            text = " ".join(["red"] * repeats)
+            obs = Observation(obs.images, obs.state, text, obs.timestamp)
+            try:
+                parts.preparer(obs)
+            except ValueError:
+                continue
+            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+            cases.append((obs, noise))
+    assert len(cases) >= 4
+    with PipelinedExecutor(parts=parts) as executor:
+        for obs, noise in cases:
+            got = executor.infer(obs, noise).actions
+            np.testing.assert_allclose(got, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5)
+        # a batch of two robots with different cameras and prompts: each row in its own compacted layout
+        (a, noise_a), (b, noise_b) = cases[1], cases[2]
+        futures = executor.submit_batch([a, b], [noise_a, noise_b])
+        for (obs, noise), future in zip([(a, noise_a), (b, noise_b)], futures, strict=True):
+            np.testing.assert_allclose(
+                future.result(timeout=120).actions, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5
+            )
+        shapes = {(p["views"], p["prompt_len"]) for p in executor.report()["profiles"]}
+    assert any(views == 2 for views, _ in shapes), shapes  # the optional camera's absence saved a view
+    assert any(length < cfg.max_token_len for _, length in shapes), shapes  # and a short prompt, tokens
