@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import numpy as np
+
+from .config import NOISE_STREAM
 from .executor import ExecutorClosed, Member, PipelinedExecutor
 from .handover import PreviousChunk
 from .policy import FrameDropped
@@ -55,6 +59,7 @@ class PolicyServer:
         self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ROBOT_COUNTERS, 0))
         self.latency = LatencyStats()  # per robot, submit -> chunk (ms)
         self.batches: list[list[str]] = []  # the robots of each frame, in submission order (last 1000)
+        self._noise: dict[str, np.random.Generator] = {}  # per robot: a run repeats whatever the timing
         self._batcher = threading.Thread(target=self._batch_loop, name="vla-batcher", daemon=True)
         self._batcher.start()
 
@@ -72,6 +77,8 @@ class PolicyServer:
         deadline_s = self.deadline_s if deadline_s is None else deadline_s
         if not deadline_s > 0:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
+        if noise is None:
+            noise = self._noise_for(robot)
         member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError here, to this robot
         now = time.monotonic()
         pending = Pending(robot, member, Future(), now + deadline_s, now)
@@ -88,6 +95,20 @@ class PolicyServer:
         if replaced is not None:
             replaced.future.set_exception(FrameDropped(f"{robot}: replaced by a newer observation"))
         return pending.future
+
+    def _noise_for(self, robot: str) -> np.ndarray:
+        """The robot's next denoising noise, from a generator of its own seeded by the configuration's
+        seed and its name: with several robots on threads, each robot's sequence does not depend on the
+        order in which the threads come."""
+        cfg = self.executor.config
+        with self._cond:
+            if robot not in self._noise:
+                self._noise[robot] = np.random.default_rng(
+                    [cfg.seed, NOISE_STREAM, zlib.crc32(robot.encode())]
+                )
+            return self._noise[robot].standard_normal(
+                (cfg.model.action_horizon, cfg.model.action_dim), dtype=np.float32
+            )
 
     def _batch_loop(self) -> None:
         while True:

@@ -185,3 +185,18 @@ def test_a_replaced_observation_keeps_its_deadline(served, rng):
     finally:
         held.restore()
     assert batches[0][0] == "often"  # its first deadline (1 s) still leads, not the replacement's 9 s
+
+
+def test_each_robot_repeats_its_actions_whatever_the_order_of_the_robots(served, rng):
+    """The noise comes from a generator per robot (the configuration's seed and the robot's name): two
+    servers, the robots submitting in opposite orders, give each robot the same actions."""
+    executor, _ = served
+    same = random_observation(rng, "pi05_tiny")  # one observation for both: only their noise differs
+    observations = {"arm_x": same, "arm_y": same}
+    runs = []
+    for order in (("arm_x", "arm_y"), ("arm_y", "arm_x")):
+        with PolicyServer(executor) as server:
+            runs.append({r: server.submit(r, observations[r]).result(timeout=120).actions for r in order})
+    for robot in observations:
+        np.testing.assert_allclose(runs[0][robot], runs[1][robot], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(runs[0]["arm_x"], runs[0]["arm_y"])  # each robot has noise of its own
