@@ -301,7 +301,9 @@ def run_episode(
     else:
         obs = to_observation(sim_obs, link.now())
         link.offer(obs)
-        current = wait_for_chunk(link, obs, chunk_timeout_s, result)
+        current = wait_for_chunk(
+            link, obs, chunk_timeout_s, result, restamp=lambda: to_observation(sim_obs, link.now())
+        )
         account(current)
         next_tick = time.monotonic()
         while not done:
@@ -349,11 +351,13 @@ def _remaining(chunk: ReceivedChunk | None, next_index: int) -> np.ndarray | Non
 
 
 def wait_for_chunk(
-    link: PolicyLink, obs: Observation, timeout_s: float, result: EpisodeResult
+    link: PolicyLink, obs: Observation, timeout_s: float, result: EpisodeResult, restamp=None
 ) -> ReceivedChunk:
     """The chunk for `obs`, offered again every second until answered: a node just started may not have
     its subscriptions yet, and camera images travel best effort (a lost one loses the observation).
-    Counted in `result.reoffers`; the chunk's age still counts from the first offer."""
+    Counted in `result.reoffers`; the chunk's age still counts from the first offer. `restamp()` (wall
+    clock) makes each new offer a fresh observation: one re-sent with its first stamp would be older
+    than the node's max_obs_age_s after a second, and refused as stale for ever."""
     end = time.monotonic() + timeout_s
     while True:
         chunk = link.chunk_for(obs.timestamp, min(REOFFER_S, timeout_s) if link.lossy else timeout_s)
@@ -364,4 +368,5 @@ def wait_for_chunk(
                 f"no chunk for the observation at {obs.timestamp:.3f} within {timeout_s:.0f} s"
             )
         result.reoffers += 1
+        obs = restamp() if restamp is not None else obs
         link.offer(obs)
