@@ -35,9 +35,17 @@ from tests.conftest import random_observation  # noqa: E402
 
 PRECISIONS = {
     "bf16": dict(precision="bf16"),
-    "fp8": dict(precision="fp8", vision_precision="fp16"),  # the expert in bf16: rtc differentiates it
+    "fp8": dict(precision="fp8", vision_precision="fp16"),
+    "fp8_all": dict(precision="fp8", vision_precision="fp16", fp8_expert=True),
 }
-MODES = ("switch", "inpaint", "rtc")  # blend is switch on the device, a cross-fade on the host
+# name -> hand-over settings; blend is switch on the device, a cross-fade on the host. rtc-vjpK takes the
+# exact vector-Jacobian product on the first K steps (a backward pass through the expert each), the
+# identity Jacobian on the rest; rtc-vjp10 is the exact product at every step.
+VARIANTS = {
+    "switch": dict(handover="switch"),
+    "inpaint": dict(handover="inpaint"),
+    **{f"rtc-vjp{k}": dict(handover="rtc", rtc_vjp_steps=k) for k in (0, 1, 2, 3, 10)},
+}
 DELAYS = (0, 2, 4)
 EXECUTED = 5  # actions executed from each chunk before the next observation
 CHAIN = 12  # chunks per splice chain
@@ -55,8 +63,8 @@ def scene(rng, preset: str, frames: int) -> list[Observation]:
     return out
 
 
-def with_mode(parts, mode: str):
-    return type(parts)(**{**vars(parts), "config": parts.config.replace(handover=mode)})
+def with_settings(parts, settings: dict):
+    return type(parts)(**{**vars(parts), "config": parts.config.replace(**settings)})
 
 
 def splice_chain(policy, observations, noises, delay: int) -> tuple[list[dict], list[np.ndarray]]:
@@ -95,8 +103,10 @@ def main(out: Path, preset: str) -> None:
         noises = [
             rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32) for _ in observations
         ]
-        for mode in MODES:
-            mode_parts = with_mode(parts, mode)
+        for mode, handover in VARIANTS.items():
+            if parts.config.fp8_expert and handover.get("rtc_vjp_steps", 0) > 0:
+                continue  # the FP8 expert GEMMs have no backward
+            mode_parts = with_settings(parts, handover)
             start = time.monotonic()
             with PipelinedExecutor(parts=mode_parts) as executor:
                 ready_s = time.monotonic() - start

@@ -270,7 +270,7 @@ class PI0Model(nn.Module):
         dt: float,
         step_conds: list[torch.Tensor],
         handover: torch.Tensor,
-        guidance: list[float] | None,
+        guidance=None,
         velocity_fn=None,
     ) -> torch.Tensor:
         """`denoise` toward a previous chunk (runtime/handover.py). handover [B, 3, H, A] float32: the
@@ -278,11 +278,12 @@ class PI0Model(nn.Module):
 
         After every step the frozen entries are put on the straight path from their noise to the
         previous actions (x_t = t * noise + (1 - t) * previous, exactly `previous` after the last step):
-        inpainting. With `guidance` (rtc: one weight per step, already clipped) each velocity is also
-        corrected toward the previous chunk: with x0_hat = x_t - t * v(x_t) the model's guess of the
-        clean actions, v -= weight * J^T (W * (previous - x0_hat)), J = d x0_hat / d x_t, a
-        vector-Jacobian product through the expert. Euler steps go from t = 1 toward 0 (dt < 0), so
-        subtracting from v moves x_t toward the previous actions.
+        inpainting. With `guidance` (rtc, runtime.handover.RtcGuidance: per step a clipped weight and
+        whether the product is exact) each velocity is also corrected toward the previous chunk: with
+        x0_hat = x_t - t * v(x_t) the model's guess of the clean actions, v -= weight * J^T (W * (previous
+        - x0_hat)), J = d x0_hat / d x_t, a vector-Jacobian product through the expert on the exact
+        steps, J = I on the others. Euler steps go from t = 1 toward 0 (dt < 0), so subtracting from v
+        moves x_t toward the previous actions.
 
         `times` are host floats (the schedule is fixed per captured graph). Autograd needs tensors made
         outside inference mode: the caller's step_conds must be (StageRunner makes them under no_grad);
@@ -297,9 +298,13 @@ class PI0Model(nn.Module):
             last = len(step_conds) - 1
             for i, cond in enumerate(step_conds):
                 t = times[i]
-                if guidance is None:
+                if guidance is None or not guidance.exact[i]:
                     with torch.no_grad():
                         velocity = velocity_fn(workspace, prefix_len, bias, cos, sin, state, x_t, cond)
+                        if guidance is not None:  # J = I: the correction is the weighted error itself
+                            velocity = velocity - guidance.weights[i] * weights * (
+                                previous - (x_t - t * velocity)
+                            )
                 else:
                     with torch.enable_grad():
                         x_in = x_t.detach().clone().requires_grad_(True)
@@ -311,7 +316,7 @@ class PI0Model(nn.Module):
                         x0_hat = x_in - t * v
                         error = weights * (previous - x0_hat.detach())
                         (correction,) = torch.autograd.grad(x0_hat, x_in, error)
-                    velocity = v.detach() - guidance[i] * correction
+                    velocity = v.detach() - guidance.weights[i] * correction
                 with torch.no_grad():
                     x_t = x_t + dt * velocity
                     target = previous if i == last else (t + dt) * noise + (1.0 - (t + dt)) * previous

@@ -76,6 +76,7 @@ class RuntimeConfig:
     rtc_execution_horizon: int = 10  # end of the guided / blended region, in actions
     rtc_max_guidance_weight: float = 10.0
     rtc_schedule: str = "exp"  # exp | linear | ones | zeros
+    rtc_vjp_steps: int = 2  # rtc: denoising steps with the exact vector-Jacobian product (the rest: identity)
     # Fewer denoising steps under deadline pressure (runtime/adaptive.py): the ladder's denoise graphs are
     # captured ahead of time.
     adaptive_steps: bool = False
@@ -134,10 +135,10 @@ class RuntimeConfig:
                 f"robot_action_dim: must be in 1..{model.action_dim}, got {self.robot_action_dim}"
             )
         self.handover_settings  # noqa: B018 - checks the handover fields
-        if self.handover == "rtc" and self.fp8_expert:
+        if self.handover == "rtc" and self.fp8_expert and self.rtc_vjp_steps > 0:
             raise ValueError(
-                "handover: rtc differentiates through the action expert, whose FP8 GEMMs have no backward; "
-                "set fp8_expert false, or use handover inpaint"
+                "handover: rtc with rtc_vjp_steps > 0 differentiates through the action expert, whose FP8 "
+                "GEMMs have no backward; set rtc_vjp_steps 0 (identity Jacobian), or fp8_expert false"
             )
         unknown = set(self.optional_cameras or ()) - set(model.camera_names)
         if unknown:
@@ -187,7 +188,11 @@ class RuntimeConfig:
     @property
     def handover_settings(self) -> Handover:
         return Handover(
-            self.handover, self.rtc_execution_horizon, self.rtc_max_guidance_weight, self.rtc_schedule
+            self.handover,
+            self.rtc_execution_horizon,
+            self.rtc_max_guidance_weight,
+            self.rtc_schedule,
+            self.rtc_vjp_steps,
         )
 
     @property

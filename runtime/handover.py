@@ -9,7 +9,9 @@ modes differ in what happens at the splice:
     inpaint  the delayed prefix is frozen to the old actions at every denoising step (no guidance)
     rtc      frozen as in inpaint, and the following actions guided toward the old chunk with a
              decaying weight: real-time chunking (Black, Galliker, Levine, arXiv 2506.07339), a
-             vector-Jacobian product through the action expert at every step, its weight clipped
+             vector-Jacobian product through the action expert, its weight clipped. The exact product
+             costs a backward pass per step; `vjp_steps` computes it on the first (noisiest) steps only
+             and takes the Jacobian as the identity on the rest (see `RtcGuidance`)
 
 The policy receives a `PreviousChunk` with each observation (the node and the episode loop build it from
 the chunk scheduler); this module turns it into the model-space tensors the guided denoising loop reads
@@ -64,6 +66,17 @@ class PreviousChunk:
 
 
 @dataclass(frozen=True)
+class RtcGuidance:
+    """rtc's guidance over one denoising schedule: per step its clipped weight, and whether the
+    vector-Jacobian product is exact (a backward pass through the expert) or approximated by taking the
+    Jacobian d x0_hat / d x_t = I - t dv/dx_t as the identity, which it tends to as t -> 0 (the late
+    steps) and which costs nothing."""
+
+    weights: list[float]
+    exact: list[bool]
+
+
+@dataclass(frozen=True)
 class Handover:
     """The hand-over settings of a policy (RuntimeConfig's handover, rtc_*)."""
 
@@ -71,6 +84,7 @@ class Handover:
     execution_horizon: int = 10  # end of the guided region, in actions of the new chunk
     max_guidance_weight: float = 10.0  # rtc: the clip of the guidance weight
     schedule: str = "exp"
+    vjp_steps: int = 2  # rtc: steps (from the noise end) with the exact vector-Jacobian product
 
     def __post_init__(self):
         if self.mode not in HANDOVER_MODES:
@@ -81,6 +95,8 @@ class Handover:
             raise ValueError(f"rtc_execution_horizon: must be at least 1, got {self.execution_horizon}")
         if not self.max_guidance_weight > 0:
             raise ValueError(f"rtc_max_guidance_weight: must be > 0, got {self.max_guidance_weight}")
+        if self.vjp_steps < 0:
+            raise ValueError(f"rtc_vjp_steps: must be at least 0, got {self.vjp_steps}")
 
     @property
     def guided(self) -> bool:
@@ -113,6 +129,13 @@ class Handover:
             weight = (t / (1.0 - t)) * ((1.0 - t) ** 2 + t**2) / t**2
         weight = np.where(np.isfinite(weight), weight, self.max_guidance_weight)
         return np.minimum(weight, self.max_guidance_weight).astype(np.float32)
+
+    def guidance(self, times: np.ndarray) -> RtcGuidance | None:
+        """rtc's guidance for a schedule of `times` (from t = 1, the noise); None in the other modes."""
+        if self.mode != "rtc":
+            return None
+        weights = self.guidance_weights(times).tolist()
+        return RtcGuidance(weights, [i < self.vjp_steps for i in range(len(weights))])
 
     def blend(self, actions: np.ndarray, previous: PreviousChunk) -> np.ndarray:
         """blend: the frozen actions are the old chunk's, then a linear cross-fade from the old to the new

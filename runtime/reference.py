@@ -28,8 +28,7 @@ class EagerPolicy(Policy):
         self.host_times = times.tolist()
         self.times = torch.from_numpy(times).to(self.parts.device)
         self._rng = self.config.noise_generator()
-        handover = self.config.handover_settings
-        self.guidance = handover.guidance_weights(times).tolist() if handover.mode == "rtc" else None
+        self.guidance = self.config.handover_settings.guidance(times)
         with torch.no_grad():  # not inference mode: the rtc loop differentiates through the expert
             self.step_conds = self.parts.model.step_conditioning(self.times, 1)
 

@@ -179,6 +179,13 @@ SETTINGS: tuple[Setting, ...] = (
         choices=SCHEDULES,
     ),
     Setting(
+        "rtc_vjp_steps",
+        "rtc: denoising steps (from the noise end) whose guidance takes the exact vector-Jacobian product, "
+        "a backward pass through the expert each; the later ones take the Jacobian as the identity",
+        int,
+        range=(0, 10),
+    ),
+    Setting(
         "shape_profiles",
         "each frame runs the smallest shape that holds it: only the cameras present, the prompt padded to "
         "32 / 64 / 128 / max tokens (a new shape is captured when first met)",

@@ -19,7 +19,7 @@ import torch
 
 from ..graphs.pi0 import PI0Model, time_schedule
 from .buffers import PIPELINE_SLOTS, DeviceSlot, ShapeProfile, StaticBuffers
-from .handover import Handover
+from .handover import Handover, RtcGuidance
 from .inputs import pixels_to_model_input
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,14 @@ class StageEngine(Protocol):
 @dataclass
 class DenoiseSchedule:
     """What the denoising loop of one step count reads besides the slot: its times, the per-step time
-    conditioning (made once: it depends on the weights and times alone) and rtc's guidance weights."""
+    conditioning (made once: it depends on the weights and times alone) and rtc's guidance."""
 
     steps: int
     times: torch.Tensor  # [steps] on the device
     host_times: list[float]  # the same, as constants of the guided loop
     dt: float
     step_conds: list[torch.Tensor]
-    guidance: list[float] | None  # rtc only
+    guidance: RtcGuidance | None  # rtc only
 
 
 class StageRunner:
@@ -111,8 +111,9 @@ class StageRunner:
             # which reads them.
             with torch.inference_mode(False), torch.no_grad():
                 conds = self.model.step_conditioning(on_device, self.profile.batch)
-            guidance = self.handover.guidance_weights(times).tolist() if self.handover.mode == "rtc" else None
-            self.schedules[steps] = DenoiseSchedule(steps, on_device, times.tolist(), dt, conds, guidance)
+            self.schedules[steps] = DenoiseSchedule(
+                steps, on_device, times.tolist(), dt, conds, self.handover.guidance(times)
+            )
         return self.schedules[steps]
 
     def forget_steps(self, steps: int) -> None:

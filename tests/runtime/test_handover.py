@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.handover import HANDOVER_MODES, SCHEDULES, Handover, PreviousChunk, splice_metrics
@@ -100,6 +101,39 @@ def test_rtc_guides_the_next_actions_toward_the_previous_chunk(parts, rng):
     assert distance["rtc"] < distance["inpaint"], distance
 
 
+def test_guidance_with_the_identity_jacobian_still_guides(parts, rng):
+    """rtc_vjp_steps 0 (no backward pass): closer to the previous chunk than switch, and not the exact
+    loop's actions (the setting reaches the loop)."""
+    gap = {"switch": 0.0, "identity": 0.0}
+    for _ in range(3):
+        obs, noise, previous = inputs(rng, parts)
+        d, end = previous.delay_steps, parts.config.rtc_execution_horizon
+        switch = policy_for(parts, "switch").infer(obs, noise, previous).actions
+        identity = policy_for(parts, "rtc", rtc_vjp_steps=0).infer(obs, noise, previous).actions
+        exact = policy_for(parts, "rtc", rtc_vjp_steps=10).infer(obs, noise, previous).actions
+        assert np.abs(identity - exact).max() > 1e-4
+        gap["switch"] += np.abs(switch[d:end] - previous.actions[d:end]).mean()
+        gap["identity"] += np.abs(identity[d:end] - previous.actions[d:end]).mean()
+    assert gap["identity"] < 0.7 * gap["switch"], gap
+
+
+def test_the_identity_jacobian_equals_the_exact_product_where_it_is_exact(parts, rng, monkeypatch):
+    """A velocity that does not depend on x_t makes d x0_hat / d x_t the identity: then every split
+    between exact and identity steps gives the same actions."""
+    bias = float(rng.uniform(-1, 1))
+
+    def velocity(workspace, prefix_len, attn_bias, cos, sin, state, x_t, cond):
+        return torch.full_like(x_t, bias) + cond.mean()
+
+    monkeypatch.setattr(parts.model, "velocity", velocity)
+    obs, noise, previous = inputs(rng, parts)
+    results = [
+        policy_for(parts, "rtc", rtc_vjp_steps=k).infer(obs, noise, previous).actions for k in (0, 3, 10)
+    ]
+    np.testing.assert_allclose(results[0], results[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[1], results[2], rtol=1e-5, atol=1e-5)
+
+
 def test_the_clip_reaches_the_loop(parts, rng):
     """A tiny clip makes rtc's guidance vanish (inpaint's actions); the default clip does not."""
     obs, noise, previous = inputs(rng, parts)
@@ -151,6 +185,8 @@ def test_settings_are_checked_where_they_are_declared():
         RuntimeConfig(rtc_schedule="cubic")
     with pytest.raises(ValueError, match="rtc_max_guidance_weight"):
         RuntimeConfig(rtc_max_guidance_weight=0.0)
+    with pytest.raises(ValueError, match="rtc_vjp_steps"):
+        RuntimeConfig(rtc_vjp_steps=-1)
 
 
 def test_splice_metrics_measure_the_jump_at_the_hand_over():
