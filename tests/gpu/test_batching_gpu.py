@@ -1,0 +1,70 @@
+"""Full pi05 on the GPU, batched and in shape profiles: each member of a captured batch equals its eager
+batch-1 result (different prompts, cameras, noise, previous chunks); a frame with a camera absent and a
+short prompt, run in its small profile, equals the eager full-shape result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.handover import PreviousChunk
+from vla_runtime.runtime.reference import EagerPolicy
+from vla_runtime.runtime.types import Observation
+
+from ..conftest import random_observation
+from .test_executor_gpu import BF16_REL_TOL
+
+
+@pytest.fixture(scope="module")
+def pi05_batched(cuda):
+    config = RuntimeConfig(preset="pi05", device="cuda", precision="bf16", max_batch=4, shape_profiles=True)
+    executor = PipelinedExecutor(config)
+    yield executor, EagerPolicy(parts=executor.parts)
+    executor.close()
+
+
+def relative_difference(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def member(rng, executor, skip=(), words: int = 6, previous: bool = False):
+    cfg, config = executor.config.model, executor.config
+    obs = random_observation(rng, "pi05", side=224, skip=skip)
+    text = " ".join(rng.choice(["pick", "place", "the", "red", "bowl", "on", "plate"], size=words))
+    obs = Observation(obs.images, obs.state, text, obs.timestamp)
+    noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+    old = rng.uniform(-1, 1, (cfg.chunk_length, config.robot_action_dim)).astype(np.float32)
+    return obs, noise, PreviousChunk(old, int(rng.integers(0, 4))) if previous else None
+
+
+def test_a_batch_of_four_robots_equals_each_alone(pi05_batched):
+    executor, reference = pi05_batched
+    rng = np.random.default_rng()
+    optional = executor.config.optional_camera_names[0]
+    members = [
+        member(rng, executor, skip=(optional,) if i % 2 else (), words=4 + 8 * i, previous=i == 3)
+        for i in range(4)
+    ]
+    observations, noises, previous = map(list, zip(*members, strict=True))
+    futures = executor.submit_batch(observations, noises, previous=previous)
+    for (obs, noise, prev), future in zip(members, futures, strict=True):
+        got = future.result(timeout=300).actions
+        worst = relative_difference(got, reference.infer(obs, noise, prev).actions)
+        assert worst <= BF16_REL_TOL, worst
+    batches = {p["batch"] for p in executor.report()["profiles"]}
+    assert 4 in batches, batches
+
+
+def test_a_libero_shaped_frame_runs_its_small_profile_with_the_full_shapes_actions(pi05_batched):
+    executor, reference = pi05_batched
+    rng = np.random.default_rng()
+    optional = executor.config.optional_camera_names[0]
+    for _ in range(3):
+        obs, noise, _ = member(rng, executor, skip=(optional,), words=8)
+        got = executor.infer(obs, noise).actions
+        worst = relative_difference(got, reference.infer(obs, noise).actions)
+        assert worst <= BF16_REL_TOL, worst
+    shapes = {(p["views"], p["prompt_len"], p["batch"]) for p in executor.report()["profiles"]}
+    full = (executor.config.model.num_views, executor.config.model.max_token_len)
+    assert any(views < full[0] and prompt < full[1] and batch == 1 for views, prompt, batch in shapes), shapes
