@@ -14,8 +14,11 @@ with no miss is run again for --confirm-s seconds, for the first precision.
 (as launch/fleet.launch.py deploys them), run at the same time; the points are merged (the worst robot
 of all, misses and chunks summed).
 
+--workload libero: two cameras and a short instruction, in shape profiles (only what is present is
+computed); three_views (default): every frame the full shape.
+
 python benchmarks/fleet_bench.py OUT.json [--preset pi05] [--robots 1,2,4,6,8,10,12] [--seconds 10]
-    [--precisions fp8_all,fp8,bf16] [--gpus 2]
+    [--precisions fp8_all,fp8,bf16] [--gpus 2] [--workload three_views|libero]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.loading import PolicyParts, build_parts  # noqa: E402
 from vla_runtime.runtime.policy import FrameDropped  # noqa: E402
 from vla_runtime.runtime.server import PolicyServer  # noqa: E402
+from vla_runtime.runtime.types import Observation  # noqa: E402
 
 from tests.conftest import random_observation  # noqa: E402
 
@@ -112,10 +116,13 @@ def with_batch(parts: PolicyParts, max_batch: int) -> PolicyParts:
 class Fleet:
     """One precision's weights, its batched executor and (grown on demand) independent executors."""
 
-    def __init__(self, config: RuntimeConfig):
+    def __init__(self, config: RuntimeConfig, observations):
         self.parts = build_parts(config)
         self.weights_gib = memory_gib()
         self.batched = PipelinedExecutor(parts=with_batch(self.parts, 8))
+        for n in (1, 2, 4, 8):  # shape profiles are captured when first met: before the clock runs
+            for future in self.batched.submit_batch(observations[:n]):
+                future.result(timeout=600)
         self.independent: list[PipelinedExecutor] = []
 
     def run_batched(self, robots: int, seconds: float, observations) -> dict:
@@ -130,7 +137,9 @@ class Fleet:
 
     def run_independent(self, robots: int, seconds: float, observations) -> dict:
         while len(self.independent) < robots:
-            self.independent.append(PipelinedExecutor(parts=with_batch(self.parts, 1)))
+            executor = PipelinedExecutor(parts=with_batch(self.parts, 1))
+            executor.infer(observations[0])  # its shape profile, captured
+            self.independent.append(executor)
         drive(lambda i: self.independent[i].submit, robots, 2.0, observations)
         return drive(lambda i: self.independent[i].submit, robots, seconds, observations)
 
@@ -139,18 +148,39 @@ class Fleet:
             executor.close()
 
 
+def three_views(preset: str) -> tuple[list[Observation], dict]:
+    """Every camera at 224 x 224, a few words: every frame runs the full shape (the prompt padded)."""
+    rng = np.random.default_rng(0)
+    return [random_observation(rng, preset, side=224) for _ in range(8)], {}
+
+
+def libero(preset: str) -> tuple[list[Observation], dict]:
+    """LIBERO's inputs: two cameras (the optional one absent) and a short instruction, in shape profiles."""
+    rng = np.random.default_rng(0)
+    optional = RuntimeConfig(preset=preset).optional_camera_names
+    observations = []
+    for _ in range(8):
+        obs = random_observation(rng, preset, side=224, skip=optional[:1])
+        text = "put the black bowl on the plate"
+        observations.append(Observation(obs.images, obs.state, text, obs.timestamp))
+    return observations, dict(shape_profiles=True)
+
+
+WORKLOADS = {"three_views": three_views, "libero": libero}
+
+
 def held(row: dict) -> bool:
     return row["worst_p99_ms"] <= DEADLINE_S * 1e3 and row["misses"] == 0
 
 
 def single_gpu(args, doc: dict) -> None:
     cuda = torch.cuda.is_available()
-    rng = np.random.default_rng(0)
-    observations = [random_observation(rng, args.preset, side=224) for _ in range(8)]
+    observations, workload = WORKLOADS[args.workload](args.preset)
     precisions = args.precisions.split(",") if cuda else ["float32"]
     for n, precision in enumerate(precisions):
-        settings = PRECISIONS.get(precision, {})
-        fleet = Fleet(RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings))
+        settings = {**PRECISIONS.get(precision, {}), **workload}
+        config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
+        fleet = Fleet(config, observations)
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
         best = 0
         try:
@@ -198,7 +228,7 @@ def multi_gpu(args, doc: dict) -> None:
         path = args.out.with_name(f"{args.out.stem}-gpu{gpu}.json")
         command = [sys.executable, __file__, str(path), "--preset", args.preset, "--robots", share]
         command += ["--seconds", str(args.seconds), "--precisions", args.precisions.split(",")[0]]
-        command += ["--independent-up-to", "0", "--confirm-s", "0"]
+        command += ["--independent-up-to", "0", "--confirm-s", "0", "--workload", args.workload]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
         children.append((path, subprocess.Popen(command, env=env)))
     for _, child in children:
@@ -223,6 +253,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--confirm-s", type=float, default=60.0)
     parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--workload", choices=WORKLOADS, default="three_views")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -231,7 +262,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "commit": os.environ.get("VLA_COMMIT", "unknown"),
         "torch": torch.__version__,
-        "workload": f"{args.preset}, 3 views 224x224, 20 Hz per robot, deadline {DEADLINE_S * 1e3:.0f} ms",
+        "workload": f"{args.preset}, {args.workload}, 20 Hz per robot, deadline {DEADLINE_S * 1e3:.0f} ms",
         "precisions": {p: PRECISIONS.get(p, "float32") for p in args.precisions.split(",")},
         "rows": [],
     }

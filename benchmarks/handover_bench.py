@@ -81,10 +81,11 @@ def mean_of(metrics: list[dict], key: str) -> float:
     return float(np.nanmean([m[key] for m in metrics]))
 
 
-def main(out: Path, preset: str) -> None:
+def main(out: Path, preset: str, only: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precisions = PRECISIONS if device == "cuda" else {"float32": dict(precision="float32")}
+    precisions = {k: v for k, v in precisions.items() if only is None or k in only}
     doc = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "date": datetime.date.today().isoformat(),
@@ -155,5 +156,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--preset", default="pi05")
+    parser.add_argument("--precisions", help=f"comma-separated, of {', '.join(PRECISIONS)} (default all)")
     args = parser.parse_args()
-    main(args.out, args.preset)
+    main(args.out, args.preset, args.precisions.split(",") if args.precisions else None)
