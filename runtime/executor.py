@@ -195,6 +195,7 @@ class PipelinedExecutor(Policy):
         self._infer_lock = threading.Lock()  # one synchronous `infer` at a time
         self._noise, self._noise_lock = self.config.noise_generator(), threading.Lock()
         self._completions: queue.Queue = queue.Queue()
+        self._captures_running, self._capture_ended = 0, float("-inf")  # infer waits out a capture
         if profiles is None:
             ladder = steps_ladder(self.config.denoising_steps) if self.config.adaptive_steps else ()
             batches = batch_sizes(self.config.max_batch)
@@ -320,7 +321,19 @@ class PipelinedExecutor(Policy):
         """One observation, synchronously. Callers on several threads each get their own answer: a
         frame submitted here is never replaced by another caller's (only `submit` is newest-wins)."""
         with self._infer_lock:
-            return self.submit(obs, noise, previous=previous).result(timeout=self._idle_timeout())
+            future = self.submit(obs, noise, previous=previous)
+            while True:
+                try:
+                    return future.result(timeout=self._idle_timeout())
+                except TimeoutError:
+                    if not self._capturing_recently():  # a new shape's compilation can take a minute
+                        raise
+
+    def _capturing_recently(self) -> bool:
+        """A profile is being captured, or was within the last idle timeout."""
+        with self._cond:
+            recent = time.monotonic() - self._capture_ended < self._idle_timeout()
+            return self._captures_running > 0 or recent
 
     def reset(self) -> None:
         """Drop the pending frame and wait until the device is idle; DeviceHung if it does not get there
@@ -408,6 +421,18 @@ class PipelinedExecutor(Policy):
     def _runner(self, profile: ShapeProfile) -> StageRunner:
         """The profile's runner, captured: a new input shape captures every stage, a new step count on a
         known shape the denoise stage only."""
+        if self._captured(profile):
+            return self._runners[profile.input_shape]
+        with self._cond:
+            self._captures_running += 1
+        try:
+            return self._capture(profile)
+        finally:
+            with self._cond:
+                self._captures_running -= 1
+                self._capture_ended = time.monotonic()
+
+    def _capture(self, profile: ShapeProfile) -> StageRunner:
         runner = self._runners.get(profile.input_shape)
         if runner is not None and profile.steps not in runner.schedules:
             with self._cond:  # report() reads the schedules

@@ -3,6 +3,8 @@ holds it (the cameras present, the prompt padded to a bucket) and gets the actio
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from vla_runtime.runtime.buffers import PROMPT_BUCKETS, prompt_bucket
@@ -10,6 +12,7 @@ from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
+from vla_runtime.runtime.stages import StageRunner
 from vla_runtime.runtime.types import Observation
 
 from ..conftest import random_observation
@@ -69,3 +72,23 @@ def test_small_shapes_give_the_full_shapes_actions(preset):
         shapes = {(p["views"], p["prompt_len"]) for p in executor.report()["profiles"]}
     assert any(views == 2 for views, _ in shapes), shapes  # the optional camera's absence saved a view
     assert any(length < cfg.max_token_len for _, length in shapes), shapes  # and a short prompt, tokens
+
+
+def test_infer_waits_for_a_new_shapes_capture_longer_than_the_device_timeout(monkeypatch):
+    """A new shape's compilation and capture can take a minute on a GPU, longer than infer's wait for a
+    frame on the device; infer waits it out instead of raising TimeoutError."""
+    rng = np.random.default_rng()
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", shape_profiles=True, device_timeout_s=0.1))
+    with PipelinedExecutor(parts=parts) as executor:
+        build = StageRunner.__init__
+        slow = 3 * executor._idle_timeout()
+
+        def slow_build(self, *args, **kwargs):
+            time.sleep(slow)
+            build(self, *args, **kwargs)
+
+        monkeypatch.setattr(StageRunner, "__init__", slow_build)
+        obs = random_observation(rng, "pi05_tiny", skip=parts.config.optional_camera_names[:1])
+        profiles = len(executor.report()["profiles"])
+        assert executor.infer(obs).actions.shape[0] == parts.config.model.chunk_length
+        assert len(executor.report()["profiles"]) == profiles + 1  # the frame needed a new shape
