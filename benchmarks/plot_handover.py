@@ -14,14 +14,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-MODE_COLORS = {"switch": "#c44e52", "inpaint": "#8172b2", "rtc": "#55a868"}
+MODE_COLORS = {  # rtc-vjpK: the exact vector-Jacobian product on the first K steps (older files: rtc)
+    "switch": "#c44e52",
+    "inpaint": "#8172b2",
+    "rtc-vjp0": "#64b5cd",
+    "rtc-vjp2": "#55a868",
+    "rtc-vjp10": "#ccb974",
+    "rtc": "#55a868",
+}
+RTC_SHOWN = ("rtc-vjp2", "rtc")  # the chunks overlaid: the default rtc, whichever the file has
 
 
 def main(results: Path, out: Path) -> None:
     doc = json.loads(results.read_text())
     executed, delay = doc["executed"], 2
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.3), gridspec_kw={"width_ratios": [1.4, 1.4, 1, 1]})
-    for ax, mode in zip(axes[:2], ("switch", "rtc"), strict=True):
+    rtc = next(m for m in RTC_SHOWN if m in doc["chunks_for_plot"])
+    for ax, mode in zip(axes[:2], ("switch", rtc), strict=True):
         chunks = doc["chunks_for_plot"][mode]
         for k, chunk in enumerate(chunks):
             start = k * executed  # chunk k answers the observation taken after k * executed actions
@@ -35,14 +44,14 @@ def main(results: Path, out: Path) -> None:
     axes[0].set_ylabel("action (model units, random weights)")
     axes[0].legend(fontsize=7, ncol=2)
     rows = doc["rows"]
-    precisions = sorted({r["precision"] for r in rows})
+    precisions = list(dict.fromkeys(r["precision"] for r in rows))
     modes = [m for m in MODE_COLORS if any(r["mode"] == m for r in rows)]
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
-        values = [
-            next(r for r in rows if r["mode"] == mode and r["precision"] == p)["stages_ms_p50"]["denoise"]
-            for p in precisions
+        found = [
+            next((r for r in rows if r["mode"] == mode and r["precision"] == p), None) for p in precisions
         ]
+        values = [r["stages_ms_p50"]["denoise"] if r else float("nan") for r in found]
         axes[2].bar(
             [j + i * width for j in range(len(precisions))],
             values,
@@ -50,7 +59,7 @@ def main(results: Path, out: Path) -> None:
             label=mode,
             color=MODE_COLORS[mode],
         )
-    axes[2].set_xticks([j + width for j in range(len(precisions))], precisions)
+    axes[2].set_xticks([j + 0.4 - width / 2 for j in range(len(precisions))], precisions)
     axes[2].set_ylabel("denoise stage, ms (p50, CUDA events)")
     axes[2].set_title("cost of the guided loop (pi05, 10 steps)")
     axes[2].legend(fontsize=8)
@@ -62,11 +71,11 @@ def main(results: Path, out: Path) -> None:
         axes[3].bar(
             [j + i * width for j in range(len(delays))], values, width, label=mode, color=MODE_COLORS[mode]
         )
-    axes[3].set_xticks([j + width for j in range(len(delays))], [f"delay {d}" for d in delays])
+    axes[3].set_xticks([j + 0.4 - width / 2 for j in range(len(delays))], [f"delay {d}" for d in delays])
     axes[3].set_yscale("log")
     axes[3].set_ylabel("deviation at the splice (L2, log)")
     axes[3].set_title(f"first new action vs the old chunk's ({first})")
-    axes[3].legend(fontsize=8)
+    axes[3].legend(fontsize=7, loc="center right")
     fig.suptitle(
         f"{doc['device']} ({doc['date']}, {doc['commit']}), {doc['preset']} with random weights", fontsize=10
     )

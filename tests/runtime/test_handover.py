@@ -187,6 +187,10 @@ def test_settings_are_checked_where_they_are_declared():
         RuntimeConfig(rtc_max_guidance_weight=0.0)
     with pytest.raises(ValueError, match="rtc_vjp_steps"):
         RuntimeConfig(rtc_vjp_steps=-1)
+    fp8_expert = dict(device="cuda", precision="fp8", fp8_expert=True, handover="rtc")
+    with pytest.raises(ValueError, match="rtc with rtc_vjp_steps > 0 .* set rtc_vjp_steps 0"):
+        RuntimeConfig(**fp8_expert)  # the default: 2 exact steps, a backward pass the FP8 GEMMs lack
+    assert RuntimeConfig(**fp8_expert, rtc_vjp_steps=0).handover_settings.vjp_steps == 0
 
 
 def test_splice_metrics_measure_the_jump_at_the_hand_over():
