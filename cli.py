@@ -219,12 +219,19 @@ def cmd_eval_libero(args) -> int:
 
     config = runtime_config_from_args(args)
     out = output_dir(args.out, "--out")
-    if args.workers > 1:
+    if args.servers > 1 and args.ray is None:
+        raise ValueError("--servers: several policy servers run as Ray actors; add --ray")
+    if args.workers > 1 or args.ray is not None:
         if args.path == "ros" or args.mode != "lockstep" or args.endpoint or args.record:
+            flag = "--ray" if args.ray is not None else "--workers"
             raise ValueError(
-                "--workers: parallel episodes run in-process and in lockstep, each worker with a sim server "
+                f"{flag}: parallel episodes run in-process and in lockstep, each worker with a sim server "
                 "of its own (no --path ros, --mode wall_clock, --endpoint or --record)"
             )
+        if config.adaptive_steps:
+            raise ValueError("--adaptive-steps: the workers of one server share its steps")
+        if args.ray is not None:
+            return cmd_eval_libero_ray(args, config, out)
         return cmd_eval_libero_parallel(args, config, out)
     if args.endpoint is None:
         say("starting the LIBERO simulation server ...")
@@ -258,8 +265,6 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
             clients.append(SimClient(sims[-1].endpoint))
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
-        if config.adaptive_steps:
-            raise ValueError("--adaptive-steps: the workers of one server share its steps")
         config = config.replace(max_batch=batch_profile(args.workers))
         say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
             f"{config.max_batch}) and capturing ...")  # fmt: skip
@@ -287,6 +292,50 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
     return report_libero(args, config, out, episodes, identity, seconds)
 
 
+def cmd_eval_libero_ray(args, config, out) -> int:
+    """`--workers N --ray ADDRESS`: the simulators and `--servers` policy servers as Ray actors, on one
+    machine or a cluster (sim/distributed.py); the same episodes and report as `--workers` alone."""
+    from .runtime.buffers import BATCH_SIZES, batch_profile
+
+    per_server = -(-args.workers // args.servers)
+    if per_server > BATCH_SIZES[-1]:
+        raise ValueError(
+            f"--workers: at most {BATCH_SIZES[-1]} per policy server, got {args.workers} for {args.servers}"
+        )
+    try:
+        from .sim import distributed
+    except ImportError as err:
+        raise ValueError(f"--ray: Ray is not installed ({err}); pip install ray (requirements.txt)") from None
+    say(f"connecting to Ray ({args.ray}) ...")
+    try:
+        distributed.connect(args.ray, args.workers)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ValueError(f"--ray: cannot connect to {args.ray!r}: {err}") from None
+    config = config.replace(max_batch=batch_profile(per_server))
+    say(
+        f"{args.workers} simulators and {args.servers} policy servers ({config.model_name}) as Ray actors ..."
+    )
+    try:
+        episodes, seconds, identity = distributed.evaluate_ray(
+            config,
+            args.workers,
+            args.servers,
+            args.suite,
+            args.tasks,
+            args.trials,
+            str(out),
+            max_steps=args.max_steps,
+            replan_steps=args.replan_steps,
+            delay_steps=args.delay_steps,
+            seed=args.seed,
+            settle_steps=args.settle_steps,
+            video_dir=out if args.video else None,
+        )
+    finally:
+        distributed.ray.shutdown()
+    return report_libero(args, config, out, episodes, identity, seconds)
+
+
 def report_libero(args, config, out, episodes, identity, seconds: float) -> int:
     from .sim.report import headline, write_report
 
@@ -300,6 +349,8 @@ def report_libero(args, config, out, episodes, identity, seconds: float) -> int:
         "handover": config.handover,
         "delay_steps": args.delay_steps,
         "workers": args.workers,
+        "ray": args.ray,
+        "servers": args.servers,
         "wall_s": round(seconds, 1),
         "episodes_per_hour": round(len(episodes) / seconds * 3600, 1) if seconds > 0 else None,
     }
@@ -417,6 +468,8 @@ def cmd_demo(args) -> int:
         replan_steps=5,
         delay_steps=0,
         workers=1,
+        ray=None,
+        servers=1,
         settle_steps=10,
         mode="lockstep",
         endpoint=None,
@@ -786,6 +839,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="simulators run in parallel, each a robot of one batched policy server (in-process lockstep; "
         "up to 8; default: 1)",
+    )
+    ev.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run the --workers simulators and the policy servers as Ray actors: `local` (a Ray instance "
+        "on this machine), `auto`, or a cluster's address such as ray://HOST:10001 (default: no Ray)",
+    )
+    ev.add_argument(
+        "--servers",
+        type=int_at_least(1),
+        default=1,
+        help="with --ray: policy servers (one GPU each where the cluster has GPUs), the workers dealt "
+        "to them in turn (default: 1)",
     )
     ev.add_argument("--video", action="store_true", help="a GIF of each episode's agent view")
     ev.add_argument("--json", action="store_true", help="print one JSON summary")

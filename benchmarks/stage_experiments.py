@@ -57,12 +57,12 @@ VARIANTS = {
 
 
 def apply_settings(model, settings: dict) -> None:
-    model.expert.set_fp8(settings["fp8_expert"])
+    model.expert.set_quantized(settings["fp8_expert"])
     # The fused FP8 gate/up + GeGLU kernel wherever the model would use it, unless the variant says not.
     fused = settings.get("fused_geglu", True) and fp8_geglu.available("cuda")[0]
     for stack in (model.prefix_lm, model.expert):
         for layer in stack.layers:
-            if layer.mlp.gate_up_fp8 is not None:
+            if layer.mlp.gate_up_quant is not None:
                 layer.mlp.fused_geglu = fused
 
 

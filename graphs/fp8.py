@@ -101,21 +101,11 @@ def quantize_prefix(stack: GemmaStack) -> int:
 def quantize_stack(stack: GemmaStack, last_layer_kv_only: bool = False) -> int:
     """Attach FP8 copies of a Gemma stack's GEMM weights (the bf16 weights stay, for the reference path).
     Returns the number of quantised GEMMs."""
-    count = 0
-    for i, layer in enumerate(stack.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        if attn.qkv_weight is None or mlp.gate_up_weight is None:
-            raise ValueError("fp8: fuse the projections first (PI0Model.set_precision)")
-        attn.qkv_fp8 = FP8Linear(attn.qkv_weight)
-        count += 1
-        if last_layer_kv_only and i == len(stack.layers) - 1:
-            break
-        attn.o_fp8 = FP8Linear(attn.o_proj.weight)
-        mlp.gate_up_fp8 = FP8Linear(mlp.gate_up_weight)
-        mlp.down_fp8 = FP8Linear(mlp.down_proj.weight)
+    count = stack.quantize(FP8Linear, last_layer_kv_only)
+    for layer in stack.layers:
         # One Triton kernel for gate/up + GeGLU + the cast, where it can run (graphs/fp8_geglu.py).
-        mlp.fused_geglu = fp8_geglu.available(mlp.gate_up_weight.device)[0]
-        count += 3
+        if layer.mlp.gate_up_quant is not None:
+            layer.mlp.fused_geglu = fp8_geglu.available(layer.mlp.gate_up_weight.device)[0]
     return count
 
 
@@ -124,10 +114,10 @@ def fp8_modules(stack: GemmaStack, prefix: str = "") -> dict[str, FP8Linear]:
     out = {}
     for i, layer in enumerate(stack.layers):
         for name, module in (
-            ("qkv", layer.self_attn.qkv_fp8),
-            ("o", layer.self_attn.o_fp8),
-            ("gate_up", layer.mlp.gate_up_fp8),
-            ("down", layer.mlp.down_fp8),
+            ("qkv", layer.self_attn.qkv_quant),
+            ("o", layer.self_attn.o_quant),
+            ("gate_up", layer.mlp.gate_up_quant),
+            ("down", layer.mlp.down_quant),
         ):
             if module is not None:
                 out[f"{prefix}layers.{i}.{name}"] = module

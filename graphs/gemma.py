@@ -27,22 +27,22 @@ class GemmaAttentionProjections(nn.Module):
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
         self.qkv_weight: torch.Tensor | None = None  # set by fuse()
-        self.qkv_fp8 = self.o_fp8 = None  # FP8 GEMMs (graphs/fp8.py), used while fp8_enabled
-        self.fp8_enabled = False
+        self.qkv_quant = self.o_quant = None  # quantised GEMMs (graphs/fp8.py, int8.py, w4a8.py)
+        self.quant_enabled = False
 
     def fuse(self) -> None:
         self.qkv_weight, _ = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x: torch.Tensor):
         kv = self.num_kv_heads * self.head_dim
-        if self.fp8_enabled:
-            return self.qkv_fp8(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        if self.quant_enabled:
+            return self.qkv_quant(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
         if self.qkv_weight is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return F.linear(x, self.qkv_weight).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o_fp8(x) if self.fp8_enabled else self.o_proj(x)
+        return self.o_quant(x) if self.quant_enabled else self.o_proj(x)
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -98,12 +98,32 @@ class GemmaStack(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
-    def set_fp8(self, enabled: bool) -> None:
-        """Route the layers' GEMMs through their FP8 copies (attached by graphs.fp8.quantize_prefix)."""
+    def quantize(self, make, last_layer_kv_only: bool = False) -> int:
+        """Attach a quantised copy, `make(weight [N, K])`, of every GEMM weight (the q/k/v, output, gate/up
+        and down projections; the float weights stay, for the reference path). The prefix LM's last layer
+        computes only its keys and values (PI0Model.fill_prefix): `last_layer_kv_only`. Returns the number
+        of quantised GEMMs."""
+        count = 0
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.qkv_weight is None or mlp.gate_up_weight is None:
+                raise ValueError("quantize: fuse the projections first (PI0Model.set_precision)")
+            attn.qkv_quant = make(attn.qkv_weight)
+            count += 1
+            if last_layer_kv_only and i == len(self.layers) - 1:
+                break
+            attn.o_quant = make(attn.o_proj.weight)
+            mlp.gate_up_quant = make(mlp.gate_up_weight)
+            mlp.down_quant = make(mlp.down_proj.weight)
+            count += 3
+        return count
+
+    def set_quantized(self, enabled: bool) -> None:
+        """Route the layers' GEMMs through their quantised copies (attached by `quantize`)."""
         for layer in self.layers:
-            if enabled and layer.self_attn.qkv_fp8 is None:
-                raise ValueError("fp8: quantize the stack first (graphs.fp8.quantize_prefix)")
-            layer.self_attn.fp8_enabled = layer.mlp.fp8_enabled = enabled
+            if enabled and layer.self_attn.qkv_quant is None:
+                raise ValueError("quantize the stack first (GemmaStack.quantize)")
+            layer.self_attn.quant_enabled = layer.mlp.quant_enabled = enabled
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embedding scaled by sqrt(width), as Gemma (and openpi's embed_prefix) does."""

@@ -80,16 +80,16 @@ class GemmaMLP(nn.Module):
         self.up_proj = nn.Linear(width, mlp_dim, bias=False)
         self.down_proj = nn.Linear(mlp_dim, width, bias=False)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
-        self.gate_up_fp8 = self.down_fp8 = None  # FP8 GEMMs (graphs/fp8.py), used while fp8_enabled
-        self.fp8_enabled = False
+        self.gate_up_quant = self.down_quant = None  # quantised GEMMs (graphs/fp8.py, int8.py, w4a8.py)
+        self.quant_enabled = False
         self.fused_geglu = False  # with FP8: gate/up, GeGLU and the cast in one kernel (graphs/fp8_geglu.py)
 
     def fuse(self) -> None:
         self.gate_up_weight, _ = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_enabled:
-            gate_up, down = self.gate_up_fp8, self.down_fp8
+        if self.quant_enabled:
+            gate_up, down = self.gate_up_quant, self.down_quant
             if self.fused_geglu and not (gate_up.observing or down.observing):
                 hidden = fp8_geglu(
                     gate_up.quantize(x),

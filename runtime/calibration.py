@@ -61,11 +61,11 @@ def attach_fp8(parts: PolicyParts, fp8_expert: bool) -> dict[str, FP8Linear]:
     every FP8 GEMM by name (the scales file's keys)."""
     model = parts.model
     quantize_prefix(model.prefix_lm)
-    model.prefix_lm.set_fp8(True)
+    model.prefix_lm.set_quantized(True)
     modules = fp8_modules(model.prefix_lm)
     if fp8_expert:
         quantize_stack(model.expert)
-        model.expert.set_fp8(True)
+        model.expert.set_quantized(True)
         modules.update(fp8_modules(model.expert, prefix="expert."))
     return modules
 

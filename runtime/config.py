@@ -23,6 +23,8 @@ from .handover import Handover
 MEASURED_COMPILE_STAGES = ("prefix", "denoise")
 
 PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INTEGER_PRECISIONS = ("int8", "w4a8")  # the Gemma stacks' GEMMs in integers (runtime/integer_precision.py)
+PRECISION_MODES = ("float32", "bf16", "fp8", *INTEGER_PRECISIONS)
 
 DEFAULT_PRESET = "pi05_tiny"  # random weights, when neither a preset nor a checkpoint is given
 # Cameras that may be absent unless the configuration says otherwise (openpi's LIBERO and DROID setups
@@ -67,6 +69,7 @@ class RuntimeConfig:
     fp8_calibration_frames: int = 8  # synthetic frames, when no calibration file is given
     fp8_calibration_margin: float = 1.25  # headroom over the largest activation seen
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
+    force_precision: bool = False  # int8 / w4a8: serve even when the start-up accuracy gate fails
     max_image_side: int = 4096
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
     # says so); also the bound on reset/close waiting for the device. None = DEVICE_TIMEOUT_S.
@@ -107,8 +110,10 @@ class RuntimeConfig:
             )
         if self.fp8_calibration_frames < 1:
             raise ValueError(f"fp8_calibration_frames: must be at least 1, got {self.fp8_calibration_frames}")
-        if self.precision not in ("float32", "bf16", "fp8"):
-            raise ValueError(f"precision: must be float32, bf16 or fp8, got {self.precision!r}")
+        if self.precision not in PRECISION_MODES:
+            raise ValueError(
+                f"precision: must be one of {', '.join(PRECISION_MODES)}, got {self.precision!r}"
+            )
         if self.precision == "fp8" and not self.device.startswith("cuda"):
             raise ValueError("precision: fp8 needs a CUDA GPU with FP8 tensor cores (Ada or Hopper)")
         if self.fp8_expert and self.precision != "fp8":
@@ -208,6 +213,10 @@ class RuntimeConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype:
+        """What is not quantised computes in bf16 with fp8; with int8 / w4a8 in bf16 on a GPU, float32
+        on a CPU (which has no fast bf16)."""
+        if self.precision in INTEGER_PRECISIONS:
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return torch.bfloat16 if self.precision == "fp8" else PRECISIONS[self.precision]
 
     @property

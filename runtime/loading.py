@@ -15,7 +15,7 @@ from ..graphs.normalization import LEROBOT_PREPROCESSOR, NormStats, load_checkpo
 from ..graphs.pi0 import PI0Model
 from ..graphs.tokenizer import PromptTokenizer, demo_tokenizer_path
 from ..graphs.weights import build_model
-from .config import RuntimeConfig
+from .config import INTEGER_PRECISIONS, RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
 from .inputs import InputPreparer
 
@@ -151,6 +151,10 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
     parts = PolicyParts(config, model, preparer, norm_stats, f"{cfg.name}:{weights}", random_weights, weights)
     if config.precision == "fp8":
         prepare_fp8(parts)
+    elif config.precision in INTEGER_PRECISIONS:
+        from .integer_precision import prepare_integer
+
+        prepare_integer(parts)
     return parts
 
 

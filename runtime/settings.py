@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..graphs.config import PRESETS
-from .config import PRECISIONS, RuntimeConfig
+from .config import PRECISION_MODES, PRECISIONS, RuntimeConfig
 from .handover import HANDOVER_MODES, SCHEDULES
 
 # state_in_prompt in words (a ROS parameter of true/false would be a bool and could not say "auto").
@@ -119,9 +119,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", "cpu or cuda[:N]", str),
     Setting(
         "precision",
-        "float32, bf16, or fp8 (the prefix's GEMMs in FP8, the rest bf16; Hopper or Ada)",
+        "float32, bf16, fp8 (the prefix's GEMMs in FP8, the rest bf16; Hopper or Ada), int8 (both Gemma "
+        "stacks' GEMMs W8A8) or w4a8 (4-bit weights, 8-bit activations, DuQuant smoothing)",
         str,
-        choices=("float32", "bf16", "fp8"),
+        choices=PRECISION_MODES,
     ),
     Setting(
         "vision_precision",
@@ -131,6 +132,11 @@ SETTINGS: tuple[Setting, ...] = (
         choices=tuple(sorted(PRECISIONS)),
     ),
     Setting("fp8_expert", "with precision fp8: the action expert's GEMMs in FP8 too", bool),
+    Setting(
+        "force_precision",
+        "int8 / w4a8: serve even when the quantised model misses its accuracy gate at start-up",
+        bool,
+    ),
     Setting(
         "fp8_calibration",
         "FP8 activation scales (`vla-runtime calibrate`); none = calibrated on synthetic frames at start-up",

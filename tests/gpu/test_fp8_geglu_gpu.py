@@ -29,7 +29,7 @@ def test_fused_geglu_matches_the_two_kernel_path(cuda, rows, width, mlp_dim):
     assert mlp.fused_geglu, "the fused kernel should be available on a CUDA GPU with Triton"
     x = torch.randn(1, rows, width, device=cuda, dtype=torch.bfloat16)
     reference = mlp(x)  # bf16 weights, no FP8
-    mlp.fp8_enabled = True
+    mlp.quant_enabled = True
     fp8.calibrate(fp8.fp8_modules(stack), lambda: mlp(x))
     fused = mlp(x)
     mlp.fused_geglu = False

@@ -47,7 +47,9 @@ def test_fp8_executor_matches_fp8_reference(cuda):
     reference = EagerPolicy(parts=executor.parts)
     for stack in (executor.parts.model.prefix_lm, executor.parts.model.expert):
         layer = stack.layers[0]
-        assert layer.self_attn.fp8_enabled and layer.mlp.fp8_enabled and layer.mlp.gate_up_fp8 is not None
+        assert (
+            layer.self_attn.quant_enabled and layer.mlp.quant_enabled and layer.mlp.gate_up_quant is not None
+        )
     rng = np.random.default_rng()
     worst = 0.0
     try:

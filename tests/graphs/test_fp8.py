@@ -41,7 +41,7 @@ def test_quantized_prefix_within_gate_and_calibration_round_trip(tmp_path):
     reference = run().float()
     # the last layer runs only its q/k/v GEMM: its other three are never quantised
     assert fp8.quantize_prefix(model.prefix_lm) == 4 * cfg.prefix_lm.depth - 3
-    model.prefix_lm.set_fp8(True)
+    model.prefix_lm.set_quantized(True)
     scales = fp8.calibrate_prefix(model.prefix_lm, run)
     assert len(scales) == 4 * cfg.prefix_lm.depth - 3 and all(v > 1e-6 for v in scales.values())
     quantized = run().float()
@@ -55,7 +55,7 @@ def test_quantized_prefix_within_gate_and_calibration_round_trip(tmp_path):
     assert float(first.input_scale) == saved
     fresh = build_model(cfg, seed=3).set_precision(torch.bfloat16)
     with pytest.raises(ValueError, match="fp8: quantize the stack first"):
-        fresh.prefix_lm.set_fp8(True)
+        fresh.prefix_lm.set_quantized(True)
 
 
 @torch.inference_mode()
@@ -73,7 +73,7 @@ def test_quantized_expert_over_the_denoising_loop(tmp_path):
     run = lambda: model.denoise(kv, mask, state, noise, torch.from_numpy(times), dt)  # noqa: E731
     reference = run()
     assert fp8.quantize_stack(model.expert) == 4 * cfg.expert.depth  # no layer skips its MLP here
-    model.expert.set_fp8(True)
+    model.expert.set_quantized(True)
     modules = fp8.fp8_modules(model.expert, prefix="expert.")
     scales = fp8.calibrate(modules, run)
     assert sorted(scales) == sorted(modules) and all(k.startswith("expert.layers.") for k in scales)

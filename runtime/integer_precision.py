@@ -1,0 +1,97 @@
+"""`precision: int8` and `precision: w4a8`: the Gemma stacks' GEMMs (the prefix's and the action
+expert's q/k/v, output, gate/up and down projections) in integers, set up once at load.
+
+int8   W8A8 (graphs/int8.py): per-channel weights, per-token activations; nothing to calibrate.
+w4a8   4-bit weights, 8-bit activations (graphs/w4a8.py), each GEMM's input smoothed by a DuQuant
+       transform (graphs/duquant.py) fitted on the inputs that GEMM sees over a few calibration frames
+       (synthetic ones, `fp8_calibration_frames` of them: the frame count the FP8 calibration uses).
+
+Vision, the projections in and out of the expert, attention and norms stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graphs.duquant import fit_smoothing
+from ..graphs.int8 import Int8Linear
+from ..graphs.w4a8 import W4A8Linear
+from .calibration import frames_runner, synthetic_observations
+from .loading import PolicyParts
+
+log = logging.getLogger(__name__)
+SAMPLED_ROWS = 1024  # per GEMM: the calibration inputs a smoothing is fitted on (the first ones seen)
+
+
+class InputSampler(nn.Module):
+    """Stands in for a quantised GEMM while calibrating: the float product, and the inputs it saw."""
+
+    observing = True
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+        self.rows: list[torch.Tensor] = []
+        self.count = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.count < SAMPLED_ROWS:
+            self.rows.append(flat[: SAMPLED_ROWS - self.count].detach().float().cpu())
+            self.count += self.rows[-1].shape[0]
+        return F.linear(x, self.weight)
+
+    def samples(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def stacks(parts: PolicyParts):
+    """(stack, last_layer_kv_only) of the two Gemma stacks: the prefix LM's last layer makes only keys and
+    values (PI0Model.fill_prefix)."""
+    return ((parts.model.prefix_lm, True), (parts.model.expert, False))
+
+
+def prepare_integer(parts: PolicyParts) -> int:
+    """Quantise both stacks for `parts.config.precision` (int8 or w4a8) and route them through it.
+    Returns the number of quantised GEMMs."""
+    config = parts.config
+    if config.precision == "int8":
+        count = sum(stack.quantize(Int8Linear, kv_only) for stack, kv_only in stacks(parts))
+    else:
+        samplers: dict[int, InputSampler] = {}
+
+        def sampler(weight: torch.Tensor) -> InputSampler:
+            samplers[id(weight)] = InputSampler(weight)
+            return samplers[id(weight)]
+
+        for stack, kv_only in stacks(parts):
+            stack.quantize(sampler, kv_only)
+            stack.set_quantized(True)
+        frames = synthetic_observations(parts, config.fp8_calibration_frames, config.seed)
+        frames_runner(parts, frames, True, config.seed)()
+
+        def smoothed(weight: torch.Tensor) -> W4A8Linear:
+            return W4A8Linear(weight, fit_smoothing(samplers[id(weight)].samples(), weight))
+
+        count = sum(stack.quantize(smoothed, kv_only) for stack, kv_only in stacks(parts))
+        log.warning(
+            "w4a8 smoothing fitted on %d synthetic frames; for a trained checkpoint, recorded observations "
+            "would suit it better",
+            len(frames),
+        )
+    for stack, _ in stacks(parts):
+        stack.set_quantized(True)
+    if not config.force_precision:
+        from .accuracy import quantisation_gate  # noqa: PLC0415 - accuracy imports loading, as this does
+
+        failures = quantisation_gate(parts)
+        if failures:
+            raise ValueError(
+                f"precision: {config.precision} misses its accuracy gate against the unquantised model "
+                f"({'; '.join(failures)}); set force_precision true to serve it anyway"
+            )
+    return count

@@ -1,0 +1,95 @@
+"""`precision: int8` and `precision: w4a8` on the tiny presets, fresh random inputs: the Gemma stacks' GEMMs
+are the integer ones, the actions stay within the mode's accuracy gates of float32 (and are not float32's),
+the executor equals the eager reference in the same mode, and a mode that misses its gate is refused at
+start-up unless forced."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from vla_runtime.graphs.int8 import Int8Linear
+from vla_runtime.graphs.w4a8 import W4A8Linear
+from vla_runtime.runtime import accuracy
+from vla_runtime.runtime.accuracy import GATES, Gates, accuracy_table
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.loading import build_parts
+from vla_runtime.runtime.reference import EagerPolicy
+
+from ..conftest import random_observation
+
+MODULE = {"int8": Int8Linear, "w4a8": W4A8Linear}
+CLI = str(Path(sys.executable).parent / "vla-runtime")
+
+
+@pytest.fixture(scope="module", params=["pi05_tiny", "pi0_tiny"])
+def float32(request):
+    return EagerPolicy(RuntimeConfig(preset=request.param))
+
+
+@pytest.mark.parametrize("precision", ["int8", "w4a8"])
+def test_integer_modes_stay_within_their_gates_of_float32(float32, precision, rng):
+    preset = float32.config.preset
+    policy = EagerPolicy(RuntimeConfig(preset=preset, precision=precision))
+    model, cfg = policy.parts.model, policy.config.model
+    gemms = [
+        getattr(module, slot)
+        for stack in (model.prefix_lm, model.expert)
+        for layer in stack.layers
+        for module, slot in ((layer.self_attn, "qkv_quant"), (layer.mlp, "gate_up_quant"))
+        if getattr(module, slot) is not None
+    ]
+    assert len(gemms) == 2 * (len(model.prefix_lm.layers) + len(model.expert.layers)) - 1
+    assert all(isinstance(g, MODULE[precision]) for g in gemms)
+    prefix_last = model.prefix_lm.layers[-1].mlp.gate_up_quant
+    assert prefix_last is None  # the prefix's last layer computes keys and values only
+    gates = GATES[precision]
+    with PipelinedExecutor(parts=policy.parts) as executor:
+        for _ in range(3):
+            obs = random_observation(rng, preset)
+            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+            got = policy.infer(obs, noise).actions
+            want = float32.infer(obs, noise).actions
+            a, b = torch.from_numpy(got).flatten().double(), torch.from_numpy(want).flatten().double()
+            cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+            rel = float((a - b).norm() / b.norm())
+            assert cosine >= gates.actions_cosine and rel <= gates.actions_rel_l2, (cosine, rel)
+            assert rel > 1e-5  # the integer path ran
+            np.testing.assert_allclose(executor.infer(obs, noise).actions, got, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mode_that_misses_its_gate_is_refused_unless_forced(monkeypatch):
+    monkeypatch.setitem(
+        accuracy.GATES, "w4a8", Gates(kv_cosine=0.99999, actions_cosine=0.5, actions_rel_l2=1)
+    )
+    with pytest.raises(
+        ValueError, match=r"precision: w4a8 misses its accuracy gate .*prefix\.layer\d\d\.[kv]: cosine"
+    ):
+        build_parts(RuntimeConfig(preset="pi05_tiny", precision="w4a8"))
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", precision="w4a8", force_precision=True))
+    assert isinstance(parts.model.expert.layers[0].mlp.down_quant, W4A8Linear)
+
+
+def test_the_accuracy_table_gates_the_integer_modes():
+    table = accuracy_table(RuntimeConfig(preset="pi05_tiny", precision="int8"), frames=2)
+    gated = {r["name"]: r["gate"] for r in table["rows"] if r["gate"]}
+    assert gated["actions"] == f"cosine >= {GATES['int8'].actions_cosine}"
+    assert any(name.startswith("prefix.") for name in gated) and table["passed"]
+
+
+def test_the_accuracy_command_takes_w4a8():
+    run = subprocess.run(
+        [CLI, "accuracy", "--preset", "pi05_tiny", "--precision", "w4a8", "--frames", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode in (0, 1), run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert result["precision"] == "w4a8" and (run.returncode == 0) == result["passed"]
