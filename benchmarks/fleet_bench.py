@@ -7,7 +7,7 @@ point: the worst robot's p99 latency, misses (late chunks plus observations repl
 computed), chunks per second, and GPU memory. Per precision the weights are built once: the batched
 server's executor (batch profiles 1, 2, 4, 8, captured ahead) serves every robot count, and the
 independent executors (one per robot, batch 1) share those weights: the same compute as separate copies,
-less memory (each copy of pi05 is another ~8.5 GiB). Then the largest robot count that held p99 <= 50 ms
+less memory. Then the largest robot count that held p99 <= 50 ms
 with no miss is run again for --confirm-s seconds, for the first precision.
 
 --gpus N (N > 1): one process per GPU (CUDA_VISIBLE_DEVICES), each a server with its share of the robots
@@ -106,7 +106,17 @@ def drive(submit_for, robots: int, seconds: float, observations) -> dict:
 
 
 def memory_gib() -> float:
+    """The peak allocation since the last `reset_peak()`."""
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def allocated_gib() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def with_batch(parts: PolicyParts, max_batch: int) -> PolicyParts:
@@ -118,7 +128,7 @@ class Fleet:
 
     def __init__(self, config: RuntimeConfig, observations):
         self.parts = build_parts(config)
-        self.weights_gib = memory_gib()
+        self.weights_gib = allocated_gib()  # what stays after the build (weights and FP8 copies)
         self.batched = PipelinedExecutor(parts=with_batch(self.parts, 8))
         for n in (1, 2, 4, 8):  # shape profiles are captured when first met: before the clock runs
             for future in self.batched.submit_batch(observations[:n]):
@@ -188,8 +198,9 @@ def single_gpu(args, doc: dict) -> None:
                 for mode, run in (("batched", fleet.run_batched), ("independent", fleet.run_independent)):
                     if mode == "independent" and robots > args.independent_up_to:
                         continue
+                    reset_peak()
                     row = {"precision": precision, "mode": mode, **run(robots, args.seconds, observations)}
-                    row["peak_gib"] = memory_gib()
+                    row["peak_gib"] = memory_gib()  # this point's peak: weights, buffers, activations
                     print(json.dumps(row), flush=True)
                     doc["rows"].append(row)
                     args.out.write_text(json.dumps(doc, indent=1))  # partial results survive a timeout
@@ -221,7 +232,9 @@ def merge(points: list[dict]) -> dict:
 
 def multi_gpu(args, doc: dict) -> None:
     """Robots split evenly over `args.gpus` processes, one per GPU, batched only, the first precision."""
-    totals = [int(r) for r in args.robots.split(",")]
+    totals = [int(r) for r in args.robots.split(",") if int(r) >= args.gpus]  # a robot on every GPU
+    if not totals:
+        raise SystemExit(f"--robots: no count of at least {args.gpus} (one robot per GPU)")
     children = []
     for gpu in range(args.gpus):
         share = ",".join(str(t // args.gpus + (gpu < t % args.gpus)) for t in totals)
@@ -231,12 +244,13 @@ def multi_gpu(args, doc: dict) -> None:
         command += ["--independent-up-to", "0", "--confirm-s", "0", "--workload", args.workload]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
         children.append((path, subprocess.Popen(command, env=env)))
-    for _, child in children:
-        child.wait()
+    failed = [gpu for gpu, (_, child) in enumerate(children) if child.wait() != 0]
+    if failed:
+        raise SystemExit(f"the processes of GPUs {failed} failed (their output is above)")
     per_gpu = [json.loads(path.read_text())["rows"] for path, _ in children]
     doc["gpus"] = args.gpus
     doc["devices"] = [json.loads(path.read_text())["device"] for path, _ in children]
-    for points in zip(*per_gpu, strict=False):
+    for points in zip(*per_gpu, strict=True):
         row = {"precision": points[0]["precision"], "mode": "batched", **merge(list(points))}
         print(json.dumps({k: v for k, v in row.items() if k != "per_gpu"}), flush=True)
         doc["rows"].append(row)

@@ -54,6 +54,7 @@ from .timing import LatencyStats, TraceRecorder
 from .types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
+CAPTURE_TIMEOUT_S = 900.0  # infer waits this long at most for a frame whose new shape is being captured
 
 # Two events per step of a frame (runtime/hazards.py): its start, recorded once its waits are met, and its
 # end; a step's device time is the span between them.
@@ -322,11 +323,13 @@ class PipelinedExecutor(Policy):
         frame submitted here is never replaced by another caller's (only `submit` is newest-wins)."""
         with self._infer_lock:
             future = self.submit(obs, noise, previous=previous)
+            give_up = time.monotonic() + CAPTURE_TIMEOUT_S
             while True:
                 try:
                     return future.result(timeout=self._idle_timeout())
                 except TimeoutError:
-                    if not self._capturing_recently():  # a new shape's compilation can take a minute
+                    # a new shape's compilation can take a minute: waited out, within a bound
+                    if self._closed or not self._capturing_recently() or time.monotonic() > give_up:
                         raise
 
     def _capturing_recently(self) -> bool:

@@ -29,9 +29,11 @@ from ..runtime.handover import PreviousChunk
 from ..runtime.types import ActionChunk, Observation
 from . import protocol
 from .episode import InProcessLink, run_episode
+from .launcher import ENV_VAR, ActorFailed, libero_python
 from .report import EpisodeResult
 
-FORWARDED_ENV = ("VLA_LIBERO_PYTHON", "MUJOCO_GL")  # what the simulator actors need from the driver
+FORWARDED_ENV = ("MUJOCO_GL",)  # what the simulator actors need from the driver, besides LIBERO's python
+ACTOR_START_TIMEOUT_S = 600.0  # a policy server loads and captures its model within this
 
 
 def encode_request(obs: Observation, previous: PreviousChunk | None) -> bytes:
@@ -114,7 +116,7 @@ class RemotePolicy:
         """Nothing of a robot's stays in the server between episodes but its counters."""
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_concurrency=2)  # `close` can run while `run` is busy
 class SimWorker:
     """One LIBERO simulator (its sim server process on this actor's node) and the episodes dealt to it."""
 
@@ -141,11 +143,21 @@ class SimWorker:
 
 def connect(address: str, workers: int) -> None:
     """`local`: a Ray instance on this machine (enough CPUs for the workers); otherwise a cluster's
-    address (`auto`, `ray://host:10001`, `host:6379`). The dashboard stays off."""
+    address (`auto`, `ray://host:10001`, `host:6379`). The dashboard stays off. The LIBERO interpreter is
+    resolved here, on the driver, and handed to the actors as an absolute path (an actor's working
+    directory is wherever its node's Ray was started)."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    runtime_env = {"env_vars": env} if env else None
+    # absolute, links kept (a virtual environment's python is a link to the base interpreter)
+    env[ENV_VAR] = os.path.abspath(libero_python())  # ValueError naming it when there is none here
+    runtime_env = {"env_vars": env}
     if address == "local":
-        ray.init(num_cpus=workers + 1, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(
+            address="local",  # a new instance, even where RAY_ADDRESS names a cluster
+            num_cpus=workers + 1,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+        )
         return
     if address != "auto":
         check_reachable(address)
@@ -164,6 +176,36 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {host}:{port} ({err.strerror or err})") from None
 
 
+def check_resources(workers: int, servers: int, gpus_each: int) -> None:
+    """What the cluster cannot give is named now: Ray would leave such an actor pending for ever."""
+    if servers > workers:
+        raise ValueError(f"--servers: {servers} policy servers for {workers} workers; at most one per worker")
+    have = ray.cluster_resources()
+    if servers * gpus_each > have.get("GPU", 0):
+        raise ValueError(
+            f"--servers: {servers} policy servers on CUDA need {servers * gpus_each} GPUs; the Ray cluster "
+            f"has {have.get('GPU', 0):.0f} (or run them with --device cpu)"
+        )
+    if workers > have.get("CPU", 0):
+        raise ValueError(
+            f"--workers: {workers} simulators need a CPU each; the Ray cluster has {have['CPU']:.0f}"
+        )
+
+
+def stop(sims: list, policies: list) -> None:
+    """Each actor's sim server stopped and executor closed, each on its own (one that died or hangs
+    does not keep the others from closing); then every actor ended."""
+    closing = {actor.close.remote(): actor for actor in [*sims, *policies]}
+    ready, _ = ray.wait(list(closing), num_returns=len(closing), timeout=60)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:
+            pass  # it died; its sim server dies with it (SimServerProcess: parent-death signal)
+    for actor in closing.values():
+        ray.kill(actor)
+
+
 def evaluate_ray(
     config: RuntimeConfig,
     workers: int,
@@ -178,6 +220,7 @@ def evaluate_ray(
     robot `worker_w` of server w mod `servers`), on the connected Ray cluster. Returns the episodes in
     task/trial order, the wall-clock seconds they took, and the served model's identity."""
     gpu = 1 if config.device.startswith("cuda") else 0
+    check_resources(workers, servers, gpu)
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(RuntimeConfig)}
     concurrency = max(1, -(-workers // servers)) + 1  # every robot of a server blocks in `infer` at once
     policies = [
@@ -186,13 +229,14 @@ def evaluate_ray(
     ]
     sims = [SimWorker.remote(log_dir) for _ in range(workers)]
     try:
-        known = ray.get(sims[0].task_indices.remote(suite))
+        known = ray.get(sims[0].task_indices.remote(suite), timeout=ACTOR_START_TIMEOUT_S)
         bad = [t for t in tasks or () if t not in known]
         if bad:
             raise ValueError(f"--tasks: {bad} out of range 0..{len(known) - 1} for {suite}")
         tasks = known if tasks is None else tasks
-        identity = ray.get(policies[0].identity.remote())
-        ray.get([p.identity.remote() for p in policies[1:]])  # every server up before the clock starts
+        # every server up before the clock starts
+        identities = ray.get([p.identity.remote() for p in policies], timeout=ACTOR_START_TIMEOUT_S)
+        identity = identities[0]
         jobs = [(task, trial) for task in tasks for trial in range(trials)]
         start = time.monotonic()
         refs = [
@@ -203,14 +247,14 @@ def evaluate_ray(
         seconds = time.monotonic() - start
     except ray.exceptions.RayTaskError as err:
         raise err.cause if err.cause is not None else err from None
+    except ray.exceptions.RayActorError as err:  # an actor died starting (its own error inside)
+        raise ActorFailed(f"--ray: an actor failed: {err}") from None
+    except ray.exceptions.GetTimeoutError:
+        raise ActorFailed(
+            f"--ray: the actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s (is a resource missing?)"
+        ) from None
     finally:
-        actors = [*sims, *policies]
-        try:  # the sim servers stopped, the executors closed; then the actors ended whatever state
-            ray.get([a.close.remote() for a in actors], timeout=60)
-        except (ray.exceptions.RayError, TimeoutError):
-            pass
-        for actor in actors:
-            ray.kill(actor)
+        stop(sims, policies)
     results = {}
     for w, share in enumerate(shares):
         for job, fields in zip(jobs[w::workers], share, strict=True):

@@ -24,6 +24,11 @@ def libero_python() -> Path:
     return path
 
 
+class ActorFailed(RuntimeError):
+    """A simulator or policy server started as a Ray actor (sim/distributed.py) failed or never started;
+    the message carries its own error."""
+
+
 def free_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,7 +42,8 @@ class SimServerProcess:
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
         env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [str(libero_python()), "-m", "vla_runtime.sim.server", "--endpoint", self.endpoint],
+            [str(libero_python()), "-m", "vla_runtime.sim.server", "--endpoint", self.endpoint]
+            + ["--parent-pid", str(os.getpid())],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -49,7 +49,9 @@ def handle(sim, payload: bytes) -> bytes:
         return protocol.reply_error(f"simulator: {type(err).__name__}: {err}")
 
 
-def serve(endpoint: str, sim=None) -> None:
+def serve(endpoint: str, sim=None, parent_pid: int | None = None) -> None:
+    """Answer requests until interrupted, or (with `parent_pid`) until that process is gone: a sim
+    server started by a process that was killed (a Ray actor ended by force) does not outlive it."""
     if sim is None:
         from .libero_env import LiberoSim  # noqa: PLC0415
 
@@ -64,6 +66,11 @@ def serve(endpoint: str, sim=None) -> None:
     log.info("LIBERO sim server on %s", endpoint)
     print(f"sim server ready on {endpoint}", flush=True)
     while True:
+        if not socket.poll(1000):
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.info("the parent process %d is gone; stopping", parent_pid)
+                return
+            continue
         payload = socket.recv()
         socket.send(handle(sim, payload))
 
@@ -75,11 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         default=protocol.DEFAULT_ENDPOINT,
         help="ZeroMQ endpoint to bind (default: localhost only)",
     )
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="stop when this process is gone (set by the launcher)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:
-        serve(args.endpoint)
+        serve(args.endpoint, parent_pid=args.parent_pid)
     except KeyboardInterrupt:
         pass
     return 0

@@ -78,8 +78,10 @@ def test_infer_waits_for_a_new_shapes_capture_longer_than_the_device_timeout(mon
     """A new shape's compilation and capture can take a minute on a GPU, longer than infer's wait for a
     frame on the device; infer waits it out instead of raising TimeoutError."""
     rng = np.random.default_rng()
-    parts = build_parts(RuntimeConfig(preset="pi05_tiny", shape_profiles=True, device_timeout_s=0.1))
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", shape_profiles=True))
     with PipelinedExecutor(parts=parts) as executor:
+        # infer's wait for one frame made short; the device timeout (the watchdog's) left as it is
+        monkeypatch.setattr(executor, "_idle_timeout", lambda: 0.3)
         build = StageRunner.__init__
         slow = 3 * executor._idle_timeout()
 

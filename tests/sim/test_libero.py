@@ -296,3 +296,20 @@ def test_sim_mistakes_are_named_before_the_model_loads(server, tmp_path, args, m
     )
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert "loading" not in run.stderr  # refused before the model was built
+
+
+def test_a_sim_server_stops_when_its_parent_is_gone():
+    """Started with --parent-pid of a process that is not (or no longer) its parent, as when a Ray actor
+    that started it was killed: it stops on its own rather than living on."""
+    from vla_runtime.sim.launcher import free_endpoint, libero_python
+
+    proc = subprocess.run(
+        [str(libero_python()), "-m", "vla_runtime.sim.server", "--endpoint", free_endpoint()]
+        + ["--parent-pid", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "the parent process 1 is gone; stopping" in proc.stderr, proc.stderr[
+        -2000:
+    ]
