@@ -19,7 +19,7 @@ activation outlier's range into the weights: x W^T = (x / s) (W s)^T. So the inp
 the weight (W s) T.
 
 The weights are transformed once at load (then quantised); the input's transform runs per call: a scale,
-two batched products with the cached [blocks, block, block] rotations and a gather.
+the cached reflections of each block (a few dot products per block) and a gather.
 """
 
 from __future__ import annotations
@@ -28,39 +28,54 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_BLOCK = 32  # the rotations are read per call, K * block values each: larger blocks spread more
+DEFAULT_BLOCK = 64  # channels per rotation block: larger blocks spread an outlier further
 DEFAULT_GREEDY_STEPS = 4
 DEFAULT_ALPHA = 0.5  # SmoothQuant's migration strength
 
 
-def spreading_reflection(size: int, channel: int, dtype=torch.float32) -> torch.Tensor:
-    """The Householder reflection H [size, size] (orthogonal, symmetric) whose row `channel` is the
-    uniform unit vector: x @ H sends channel `channel` of x evenly over all `size` channels."""
-    uniform = torch.full((size,), size**-0.5, dtype=torch.float64)
-    v = -uniform
+def spreading_reflection(size: int, channel: int) -> torch.Tensor:
+    """The unit vector v [size] of the Householder reflection H = I - 2 v v^T (orthogonal, symmetric)
+    whose row `channel` is the uniform unit vector: x @ H sends channel `channel` of x evenly over all
+    `size` channels. Zero (no reflection) for a block of one channel."""
+    v = -torch.full((size,), size**-0.5, dtype=torch.float64)
     v[channel] += 1.0
-    norm = v.dot(v)
-    if norm < 1e-12:  # a block of one channel: nothing to spread
-        return torch.eye(size, dtype=dtype)
-    return (torch.eye(size, dtype=torch.float64) - 2.0 * torch.outer(v, v) / norm).to(dtype)
+    norm = v.norm()
+    return v / norm if norm > 1e-12 else torch.zeros(size, dtype=torch.float64)
+
+
+def reflect(x: torch.Tensor, reflections: torch.Tensor) -> torch.Tensor:
+    """x [M, blocks, b] through each block's reflections [blocks, steps, b] in turn (a zero vector is
+    no reflection): x <- x - 2 (x . v) v. Stored this way a block's rotation is steps * b numbers, not
+    b * b: the rotations add little to the bytes a 4-bit GEMM reads."""
+    for step in range(reflections.shape[1]):
+        v = reflections[:, step]  # [blocks, b]
+        x = x - 2.0 * (x * v).sum(dim=-1, keepdim=True) * v
+    return x
+
+
+def as_matrices(reflections: torch.Tensor) -> torch.Tensor:
+    """The rotations [blocks, b, b] that `reflections` [blocks, steps, b] apply (x @ R), for checking."""
+    blocks, _, b = reflections.shape
+    eye = torch.eye(b, dtype=reflections.dtype).expand(blocks, b, b)
+    return reflect(eye.transpose(0, 1), reflections).transpose(0, 1)
 
 
 def greedy_block_rotations(samples: torch.Tensor, block: int, steps: int) -> torch.Tensor:
-    """samples [n, K] -> rotations [K / block, block, block]: per block, up to `steps` reflections, each
-    kept only if it lowers the block's largest magnitude over the samples."""
+    """samples [n, K] -> reflections [K / block, steps, block]: per block, up to `steps` reflections, each
+    kept only if it lowers the block's largest magnitude over the samples (the rest zero)."""
     n, k = samples.shape
     blocks = samples.double().reshape(n, k // block, block).transpose(0, 1)  # [blocks, n, block]
-    rotations = torch.eye(block, dtype=torch.float64).repeat(k // block, 1, 1)
+    reflections = torch.zeros(k // block, steps, block, dtype=torch.float64)
     for b in range(k // block):
         x = blocks[b]
-        for _ in range(steps):
+        for step in range(steps):
             peak = x.abs().amax(dim=0)  # per channel
-            reflection = spreading_reflection(block, int(peak.argmax()), torch.float64)
-            rotated = x @ reflection
-            if rotated.abs().max() >= peak.max():
+            v = spreading_reflection(block, int(peak.argmax()))
+            reflected = x - 2.0 * (x @ v)[:, None] * v
+            if reflected.abs().max() >= peak.max():
                 break
-            x, rotations[b] = rotated, rotations[b] @ reflection
-    return rotations.float()
+            x, reflections[b, step] = reflected, v
+    return reflections.float()
 
 
 def zigzag_permutation(channel_peak: torch.Tensor, block: int) -> torch.Tensor:
@@ -78,12 +93,13 @@ def zigzag_permutation(channel_peak: torch.Tensor, block: int) -> torch.Tensor:
 
 @dataclass
 class Smoothing:
-    """A GEMM's input transform: divide by `scale`, then T = rotate1, permute, rotate2 (K channels)."""
+    """A GEMM's input transform: divide by `scale`, then T = rotate1, permute, rotate2 (K channels), each
+    rotation as its blocks' Householder reflections."""
 
     scale: torch.Tensor  # [K]
-    rotate1: torch.Tensor  # [K / block, block, block]
+    rotate1: torch.Tensor  # [K / block, steps, block] reflection vectors
     perm: torch.Tensor  # [K]
-    rotate2: torch.Tensor  # [K / block, block, block]
+    rotate2: torch.Tensor  # [K / block, steps, block]
 
     @property
     def block(self) -> int:
@@ -92,10 +108,9 @@ class Smoothing:
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x T [M, K] (in x's dtype, computed in the rotations' dtype)."""
         m, k = x.shape
-        y = torch.bmm(x.to(self.rotate1.dtype).reshape(m, -1, self.block).transpose(0, 1), self.rotate1)
-        y = y.transpose(0, 1).reshape(m, k)[:, self.perm]
-        y = torch.bmm(y.reshape(m, -1, self.block).transpose(0, 1), self.rotate2)
-        return y.transpose(0, 1).reshape(m, k).to(x.dtype)
+        y = reflect(x.to(self.rotate1.dtype).reshape(m, -1, self.block), self.rotate1).reshape(m, k)
+        y = reflect(y[:, self.perm].reshape(m, -1, self.block), self.rotate2)
+        return y.reshape(m, k).to(x.dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The GEMM's input [M, K]: (x / s) T."""
@@ -131,8 +146,8 @@ def fit_smoothing(
     scale = (x_peak**alpha / w_peak ** (1.0 - alpha)).clamp(min=1e-5)
     samples = samples / scale
     rotate1 = greedy_block_rotations(samples, block, steps)
-    identity = torch.eye(block).repeat(k // block, 1, 1)
-    rotated = Smoothing(torch.ones(k), rotate1, torch.arange(k), identity).rotate(samples)
+    none = torch.zeros_like(rotate1)
+    rotated = Smoothing(torch.ones(k), rotate1, torch.arange(k), none).rotate(samples)
     perm = zigzag_permutation(rotated.abs().amax(dim=0), block)
     rotate2 = greedy_block_rotations(rotated[:, perm], block, steps)
     return Smoothing(scale, rotate1, perm, rotate2)

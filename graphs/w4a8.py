@@ -2,9 +2,8 @@
 
 At load, each weight is transformed by its GEMM's smoothing (W T), quantised symmetrically to [-7, 7]
 per output channel and per group of `group` input channels (a scale each), and packed two values per
-byte; the transform's rotations and permutation are kept as buffers, rotations and scales in the
-weight's dtype (bf16 on a GPU): with 32-channel blocks they add about 10% to the packed bytes of the
-action expert's GEMMs, which then read about 3.5x fewer bytes than in bf16. Per call: the input is smoothed
+byte; the transform's reflections and permutation are kept as buffers, reflections and scales in the
+weight's dtype (bf16 on a GPU). Per call: the input is smoothed
 (x T), quantised per token to int8, multiplied group by group in integers and rescaled.
 
 The product here is the reference: it unpacks the 4-bit weights to int8 values on every call and runs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vla_runtime.graphs.duquant import fit_smoothing, spreading_reflection, zigzag_permutation
+from vla_runtime.graphs.duquant import as_matrices, fit_smoothing, spreading_reflection, zigzag_permutation
 from vla_runtime.graphs.int8 import Int8Linear, quantize_per_row
 from vla_runtime.graphs.w4a8 import W4A8Linear, pack_int4, quantize_int4_grouped, unpack_int4
 
@@ -54,11 +54,15 @@ def test_int4_grouped_round_trip_is_within_half_a_step(gen):
 
 
 def test_the_rotations_are_orthogonal_and_the_permutation_a_permutation(gen):
-    h = spreading_reflection(16, 5)
-    torch.testing.assert_close(h @ h.T, torch.eye(16), atol=1e-6, rtol=0)
-    torch.testing.assert_close(h[5], torch.full((16,), 0.25), atol=1e-6, rtol=0)  # channel 5 spread evenly
+    v = spreading_reflection(16, 5)
+    h = torch.eye(16, dtype=v.dtype) - 2 * torch.outer(v, v)
+    torch.testing.assert_close(h @ h.T, torch.eye(16, dtype=v.dtype), atol=1e-6, rtol=0)
+    uniform = torch.full((16,), 0.25, dtype=v.dtype)
+    torch.testing.assert_close(h[5], uniform, atol=1e-6, rtol=0)  # channel 5 spread evenly
     smoothing = fit_smoothing(activations(gen, 64, 256, outliers=4), torch.randn(32, 256), block=32)
-    for rotations in (smoothing.rotate1, smoothing.rotate2):
+    for reflections in (smoothing.rotate1, smoothing.rotate2):
+        assert reflections.abs().sum() > 0  # some reflection was kept
+        rotations = as_matrices(reflections)
         eye = torch.eye(32).expand_as(rotations)
         torch.testing.assert_close(rotations @ rotations.transpose(1, 2), eye, atol=1e-5, rtol=0)
     assert torch.equal(torch.sort(smoothing.perm).values, torch.arange(256))
