@@ -54,7 +54,7 @@ def test_quantized_prefix_within_gate_and_calibration_round_trip(tmp_path):
     fp8.load_calibration(model.prefix_lm, path)
     assert float(first.input_scale) == saved
     fresh = build_model(cfg, seed=3).set_precision(torch.bfloat16)
-    with pytest.raises(ValueError, match="fp8: quantize the stack first"):
+    with pytest.raises(ValueError, match="quantize the stack first"):
         fresh.prefix_lm.set_quantized(True)
 
 
