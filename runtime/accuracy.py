@@ -123,11 +123,11 @@ def worst_of(worst: dict[str, dict[str, float]], name: str, row: dict[str, float
     }
 
 
-def quantisation_gate(parts: PolicyParts, frames: int = 2) -> list[str]:
-    """The gates of `parts.config.precision` its quantised stacks miss against the same model with its
-    quantisation switched off (the float weights are kept), on synthetic frames: ["actions: cosine
+def quantisation_gate(parts: PolicyParts, stacks: list, frames: int = 2) -> list[str]:
+    """The gates of `parts.config.precision` the quantised `stacks` miss against the same model with
+    their quantisation switched off (the float weights are kept), on synthetic frames: ["actions: cosine
     0.95 < 0.97", ...], empty when every gate holds."""
-    config, model = parts.config, parts.model
+    config = parts.config
     rng = np.random.default_rng(config.seed)
     worst: dict[str, dict[str, float]] = {}
     cfg = config.model
@@ -135,12 +135,12 @@ def quantisation_gate(parts: PolicyParts, frames: int = 2) -> list[str]:
         obs = synthetic_observation(config, rng)
         noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
         quantised = stage_outputs(parts, obs, noise)
-        for stack in (model.prefix_lm, model.expert):
+        for stack in stacks:
             stack.set_quantized(False)
         try:
             reference = stage_outputs(parts, obs, noise)
         finally:
-            for stack in (model.prefix_lm, model.expert):
+            for stack in stacks:
                 stack.set_quantized(True)
         for name in reference:
             if name.startswith(("prefix.", "actions")):

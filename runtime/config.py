@@ -25,6 +25,7 @@ MEASURED_COMPILE_STAGES = ("prefix", "denoise")
 PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INTEGER_PRECISIONS = ("int8", "w4a8")  # the Gemma stacks' GEMMs in integers (runtime/integer_precision.py)
 PRECISION_MODES = ("float32", "bf16", "fp8", *INTEGER_PRECISIONS)
+INTEGER_STAGES = ("both", "prefix", "expert")  # which Gemma stacks int8 / w4a8 quantise
 
 DEFAULT_PRESET = "pi05_tiny"  # random weights, when neither a preset nor a checkpoint is given
 # Cameras that may be absent unless the configuration says otherwise (openpi's LIBERO and DROID setups
@@ -70,6 +71,7 @@ class RuntimeConfig:
     fp8_calibration_margin: float = 1.25  # headroom over the largest activation seen
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
     force_precision: bool = False  # int8 / w4a8: serve even when the start-up accuracy gate fails
+    integer_stages: str = "both"  # int8 / w4a8: the Gemma stacks quantised: both, prefix or expert
     max_image_side: int = 4096
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
     # says so); also the bound on reset/close waiting for the device. None = DEVICE_TIMEOUT_S.
@@ -116,6 +118,10 @@ class RuntimeConfig:
             )
         if self.precision == "fp8" and not self.device.startswith("cuda"):
             raise ValueError("precision: fp8 needs a CUDA GPU with FP8 tensor cores (Ada or Hopper)")
+        if self.integer_stages not in INTEGER_STAGES:
+            raise ValueError(
+                f"integer_stages: must be one of {', '.join(INTEGER_STAGES)}, got {self.integer_stages!r}"
+            )
         if self.fp8_expert and self.precision != "fp8":
             raise ValueError("fp8_expert: needs precision fp8")
         if self.vision_precision is not None and self.vision_precision not in PRECISIONS:

@@ -1,5 +1,5 @@
-"""`precision: int8` and `precision: w4a8`: the Gemma stacks' GEMMs (the prefix's and the action
-expert's q/k/v, output, gate/up and down projections) in integers, set up once at load.
+"""`precision: int8` and `precision: w4a8`: the Gemma stacks' GEMMs (the q/k/v, output, gate/up and down
+projections of the prefix, the action expert, or both: `integer_stages`) in integers, set up once at load.
 
 int8   W8A8 (graphs/int8.py): per-channel weights, per-token activations; nothing to calibrate.
 w4a8   4-bit weights, 8-bit activations (graphs/w4a8.py), each GEMM's input smoothed by a DuQuant
@@ -49,10 +49,18 @@ class InputSampler(nn.Module):
         return torch.cat(self.rows)
 
 
-def stacks(parts: PolicyParts):
-    """(stack, last_layer_kv_only) of the two Gemma stacks: the prefix LM's last layer makes only keys and
-    values (PI0Model.fill_prefix)."""
-    return ((parts.model.prefix_lm, True), (parts.model.expert, False))
+def stacks(parts: PolicyParts) -> list[tuple]:
+    """(stack, last_layer_kv_only) of the Gemma stacks `integer_stages` names: the prefix LM's last layer
+    makes only keys and values (PI0Model.fill_prefix)."""
+    chosen = parts.config.integer_stages
+    return [
+        (stack, kv_only)
+        for name, stack, kv_only in (
+            ("prefix", parts.model.prefix_lm, True),
+            ("expert", parts.model.expert, False),
+        )
+        if chosen in ("both", name)
+    ]
 
 
 def prepare_integer(parts: PolicyParts) -> int:
@@ -88,7 +96,7 @@ def prepare_integer(parts: PolicyParts) -> int:
     if not config.force_precision:
         from .accuracy import quantisation_gate  # noqa: PLC0415 - accuracy imports loading, as this does
 
-        failures = quantisation_gate(parts)
+        failures = quantisation_gate(parts, [stack for stack, _ in stacks(parts)])
         if failures:
             raise ValueError(
                 f"precision: {config.precision} misses its accuracy gate against the unquantised model "

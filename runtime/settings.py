@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..graphs.config import PRESETS
-from .config import PRECISION_MODES, PRECISIONS, RuntimeConfig
+from .config import INTEGER_STAGES, PRECISION_MODES, PRECISIONS, RuntimeConfig
 from .handover import HANDOVER_MODES, SCHEDULES
 
 # state_in_prompt in words (a ROS parameter of true/false would be a bool and could not say "auto").
@@ -132,6 +132,12 @@ SETTINGS: tuple[Setting, ...] = (
         choices=tuple(sorted(PRECISIONS)),
     ),
     Setting("fp8_expert", "with precision fp8: the action expert's GEMMs in FP8 too", bool),
+    Setting(
+        "integer_stages",
+        "int8 / w4a8: the Gemma stacks quantised: both, the prefix or the action expert",
+        str,
+        choices=INTEGER_STAGES,
+    ),
     Setting(
         "force_precision",
         "int8 / w4a8: serve even when the quantised model misses its accuracy gate at start-up",

@@ -93,3 +93,15 @@ def test_the_accuracy_command_takes_w4a8():
     assert run.returncode in (0, 1), run.stderr[-2000:]
     result = json.loads(run.stdout)
     assert result["precision"] == "w4a8" and (run.returncode == 0) == result["passed"]
+
+
+@pytest.mark.parametrize("stages", ["prefix", "expert"])
+def test_one_stack_alone_is_quantised_when_asked(stages):
+    model = build_parts(RuntimeConfig(preset="pi05_tiny", precision="int8", integer_stages=stages)).model
+    prefix, expert = model.prefix_lm.layers[0].self_attn, model.expert.layers[0].self_attn
+    assert prefix.quant_enabled == (stages == "prefix") and isinstance(
+        prefix.qkv_quant or 0, (Int8Linear, int)
+    )
+    assert expert.quant_enabled == (stages == "expert")
+    with pytest.raises(ValueError, match="integer_stages: must be one of both, prefix, expert"):
+        RuntimeConfig(integer_stages="vision")
