@@ -36,7 +36,9 @@ class Int8Linear(nn.Module):
         if self.in_features % 8 or self.out_features % 8:
             raise ValueError(f"int8: GEMM dims must be multiples of 8, got {tuple(weight.shape)}")
         q, scale = quantize_per_row(weight.detach())  # a row of W is an output channel
-        self.register_buffer("weight_int8", q.t().contiguous(), persistent=False)  # [K, N]
+        # [N, K] row-major, given to _int_mm transposed (column-major [K, N]): the "TN" layout cuBLASLt's
+        # int8 kernels take on every GPU generation (a row-major [K, N] is refused on Ampere)
+        self.register_buffer("weight_int8", q.contiguous(), persistent=False)
         self.register_buffer("weight_scale", scale.reshape(1, -1), persistent=False)  # [1, N]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +47,7 @@ class Int8Linear(nn.Module):
         if flat.is_cuda and rows < MIN_ROWS_CUDA:
             flat = torch.cat([flat, flat.new_zeros(MIN_ROWS_CUDA - rows, self.in_features)])
         q, x_scale = quantize_per_row(flat)
-        acc = torch._int_mm(q, self.weight_int8)[:rows]
+        acc = torch._int_mm(q, self.weight_int8.t())[:rows]
         y = acc.float() * x_scale[:rows] * self.weight_scale
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 

@@ -146,6 +146,13 @@ class RuntimeConfig:
                 f"robot_action_dim: must be in 1..{model.action_dim}, got {self.robot_action_dim}"
             )
         self.handover_settings  # noqa: B018 - checks the handover fields
+        integer_expert = self.precision in INTEGER_PRECISIONS and self.integer_stages in ("both", "expert")
+        if self.handover == "rtc" and integer_expert and self.rtc_vjp_steps > 0:
+            raise ValueError(
+                f"handover: rtc with rtc_vjp_steps > 0 differentiates through the action expert, whose "
+                f"{self.precision} GEMMs round (no useful gradient); set rtc_vjp_steps 0 (identity "
+                "Jacobian), or integer_stages prefix"
+            )
         if self.handover == "rtc" and self.fp8_expert and self.rtc_vjp_steps > 0:
             raise ValueError(
                 "handover: rtc with rtc_vjp_steps > 0 differentiates through the action expert, whose FP8 "

@@ -28,25 +28,35 @@ SAMPLED_ROWS = 1024  # per GEMM: the calibration inputs a smoothing is fitted on
 
 
 class InputSampler(nn.Module):
-    """Stands in for a quantised GEMM while calibrating: the float product, and the inputs it saw."""
+    """Stands in for a quantised GEMM while calibrating: the float product, and a uniform sample of the
+    input rows it saw over every frame and step (reservoir sampling, at most SAMPLED_ROWS)."""
 
     observing = True
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, seed: int = 0):
         super().__init__()
         self.weight = weight
-        self.rows: list[torch.Tensor] = []
-        self.count = 0
+        self.reservoir: torch.Tensor | None = None
+        self.seen = 0
+        self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if self.count < SAMPLED_ROWS:
-            self.rows.append(flat[: SAMPLED_ROWS - self.count].detach().float().cpu())
-            self.count += self.rows[-1].shape[0]
+        rows = x.reshape(-1, x.shape[-1]).detach().float().cpu()
+        if self.reservoir is None:
+            self.reservoir = rows[:SAMPLED_ROWS].clone()
+            self.seen, rows = len(self.reservoir), rows[SAMPLED_ROWS:]
+        for row in rows:  # once the reservoir is full, each later row replaces a slot with falling odds
+            self.seen += 1
+            slot = int(torch.randint(self.seen, (1,), generator=self.generator))
+            if slot < SAMPLED_ROWS:
+                if slot < len(self.reservoir):
+                    self.reservoir[slot] = row
+                else:
+                    self.reservoir = torch.cat([self.reservoir, row[None]])
         return F.linear(x, self.weight)
 
     def samples(self) -> torch.Tensor:
-        return torch.cat(self.rows)
+        return self.reservoir
 
 
 def stacks(parts: PolicyParts) -> list[tuple]:

@@ -90,16 +90,28 @@ def test_int8_gemm_against_float32(gen):
 
 
 @pytest.mark.parametrize("rows", [1, 50])
-def test_w4a8_gemm_against_float32_and_its_reference(gen, rows):
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_w4a8_gemm_against_float32_and_its_reference(gen, rows, smoothed):
     x, w = torch.randn(rows, 256, generator=gen), torch.randn(96, 256, generator=gen) / 16
-    layer = W4A8Linear(w, group=64)
-    got = layer(x)
+    smoothing = fit_smoothing(activations(gen, 64, 256, outliers=3), w) if smoothed else None
+    got = W4A8Linear(w, smoothing, group=64)(x)
     assert relative_error(got, x @ w.T) < 0.2
-    # the integer path equals dequantised weights times dequantised activations, exactly as arithmetic
-    q, scales = quantize_int4_grouped(w, 64)
+    # the quantised product: dequantised (smoothed) weights times dequantised (smoothed) activations
+    q, scales = quantize_int4_grouped(smoothing.fold(w) if smoothed else w, 64)
     w_hat = (q.float().reshape(96, 4, 64) * scales[..., None]).reshape(96, 256)
-    xq, xs = quantize_per_row(x)
+    xq, xs = quantize_per_row(smoothing.apply(x) if smoothed else x)
     torch.testing.assert_close(got, (xq.float() * xs) @ w_hat.T, rtol=1e-4, atol=1e-4)
+
+
+def test_w4a8_in_bf16_matches_its_float32_self(gen):
+    """bf16 weights and inputs (a GPU's): the smoothing stays float32, so bf16 adds only its rounding."""
+    x, w = activations(gen, 50, 256, outliers=3), torch.randn(96, 256, generator=gen) / 16
+    layer = W4A8Linear(w.to(torch.bfloat16), fit_smoothing(x, w))
+    assert layer.weight_scales.dtype == torch.float32 and layer.rotate1.dtype == torch.float32
+    got = layer(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    want = W4A8Linear(w.to(torch.bfloat16).float(), fit_smoothing(x, w))(x)
+    assert relative_error(got.float(), want) < 0.02
 
 
 def test_duquant_smoothing_lowers_the_error_where_activations_have_outliers(gen):

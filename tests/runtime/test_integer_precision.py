@@ -105,3 +105,12 @@ def test_one_stack_alone_is_quantised_when_asked(stages):
     assert expert.quant_enabled == (stages == "expert")
     with pytest.raises(ValueError, match="integer_stages: must be one of both, prefix, expert"):
         RuntimeConfig(integer_stages="vision")
+
+
+def test_rtc_with_exact_steps_through_an_integer_expert_is_refused():
+    """Rounding has no useful gradient: the vector-Jacobian product would be wrong without a word."""
+    rtc = dict(precision="w4a8", handover="rtc")
+    with pytest.raises(ValueError, match="handover: rtc with rtc_vjp_steps > 0 .* w4a8 GEMMs round"):
+        RuntimeConfig(**rtc)
+    RuntimeConfig(**rtc, rtc_vjp_steps=0)  # the identity Jacobian needs no gradient
+    RuntimeConfig(**rtc, integer_stages="prefix")  # the expert in float
