@@ -151,6 +151,7 @@ def connect(address: str, workers: int) -> None:
     env[ENV_VAR] = os.path.abspath(libero_python())  # ValueError naming it when there is none here
     runtime_env = {"env_vars": env}
     if address == "local":
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local instance reports nothing home
         ray.init(
             address="local",  # a new instance, even where RAY_ADDRESS names a cluster
             num_cpus=workers + 1,
