@@ -897,6 +897,8 @@ CLI_DEFAULTS_BY_DEVICE = {
 
 def add_node_shortcuts(p: argparse.ArgumentParser) -> None:
     """The node's command-line shortcuts (`node`, `fleet`); every other parameter goes after --ros-args."""
+    from .runtime.config import PRECISION_MODES
+
     p.add_argument("--params-file", default=None, help="parameters YAML (default: the packaged policy.yaml)")
     add_preset_arg(p, "model for random weights (default: the params file's)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the params file's)")
@@ -904,7 +906,7 @@ def add_node_shortcuts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default=None,
-        choices=["float32", "bf16", "fp8"],
+        choices=PRECISION_MODES,
         help="(default: the params file's)",
     )
     p.add_argument(
