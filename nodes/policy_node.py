@@ -99,6 +99,9 @@ class PolicyNode(LifecycleNode):
         self._epoch = 0  # bumped on every reset: chunks of observations from before it are discarded
         # Hand-over modes: frames of this epoch submitted and not yet answered (see _serve).
         self._handover_in_flight = 0
+        # Frames of this epoch on their way: future id -> (observation stamp, steps), for the adaptive
+        # steps' overdue check (a frame late before it is answered).
+        self._in_flight: dict[int, tuple[float, int]] = {}
         self._handover_mode = "switch"  # the loaded policy's
         self._last_now: float | None = None
         self._active = False  # between activate and deactivate
@@ -346,6 +349,7 @@ class PolicyNode(LifecycleNode):
             self._active = False
             self._epoch += 1  # chunks still in flight are discarded
             self._handover_in_flight = 0
+            self._in_flight.clear()
             policy, self.policy = self.policy, None
             if not self.phase.startswith("failed"):
                 self.phase = "releasing"
@@ -415,6 +419,7 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._epoch += 1
             self._handover_in_flight = 0
+            self._in_flight.clear()
             if self.scheduler is not None:
                 self.scheduler.reset()
             if self.assembler is not None:
@@ -501,6 +506,9 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             if self.phase != "serving" or self.assembler is None or self.policy is None:
                 return
+            if self.steps_controller is not None and self._in_flight:
+                stamp, steps = min(self._in_flight.values())  # the oldest frame still on its way
+                self.steps_controller.overdue(now - stamp, steps)
             # A hand-over mode joins each chunk to the one before it, so a frame goes to the policy only
             # once the previous one is answered (real-time chunking's loop): submitted earlier, it would be
             # joined to the chunk before that. The newest observation waits in the assembler meanwhile.
@@ -538,6 +546,10 @@ class PolicyNode(LifecycleNode):
             self.spans.add("node_in", (time.perf_counter() - arrived) * 1e3)
         if self.recorder is not None:
             self.recorder.write(obs)  # what was served, for `vla-runtime calibrate`
+        if controller is not None:
+            with self._lock:
+                if epoch == self._epoch:
+                    self._in_flight[id(future)] = (obs.timestamp, steps)
         future.add_done_callback(lambda f: self._on_chunk(f, epoch))
 
     def _on_chunk(self, future, epoch: int) -> None:
@@ -546,6 +558,7 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             handing_over = epoch == self._epoch and self._handover_in_flight > 0
             self._handover_in_flight -= handing_over
+            self._in_flight.pop(id(future), None)
         try:
             self._take_chunk(future, epoch)
         finally:

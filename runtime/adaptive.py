@@ -7,7 +7,8 @@ high percentile of the last few when that is higher: one slow frame is enough to
 rung when that would pass `pressure` of the deadline; it climbs one rung after `calm_chunks` chunks in a
 row whose age, plus the extra denoising steps of the rung above (their time per step measured on the same
 chunks), stays under `calm` of the deadline. The gap between the two thresholds and the run of calm
-chunks are the hysteresis: a rung is not left and retaken every chunk.
+chunks are the hysteresis: a rung is not left and retaken every chunk. A frame still in flight past
+`pressure` of the deadline is evidence too (`overdue`): the next frame steps down before it arrives.
 
 Pure Python with no clock of its own: the node feeds it the ages its scheduler measures, the tests a
 fake sequence.
@@ -75,6 +76,17 @@ class StepsController:
                 self._calm_run = self._calm_run + 1 if predicted + extra < self.calm * self.deadline_s else 0
                 if self._calm_run >= self.calm_chunks:
                     self._move(-1, "steps_up")
+            return self.ladder[self._rung]
+
+    def overdue(self, age_s: float, steps: int) -> int:
+        """A frame made with `steps` is still in flight `age_s` after its observation. When that already
+        passes `pressure` of the deadline, the next frame steps down now, before the slow chunk arrives:
+        at the onset of a load one chunk is late, not two. Acts once per rung: the old frame's steps are
+        no longer the current rung's after the move. Returns the steps for the next frame."""
+        with self._lock:
+            at_this_rung = steps == self.ladder[self._rung]
+            if at_this_rung and age_s > self.pressure * self.deadline_s and self._rung < len(self.ladder) - 1:
+                self._move(+1, "steps_down")
             return self.ladder[self._rung]
 
     def _move(self, direction: int, counter: str) -> None:

@@ -64,3 +64,16 @@ def test_chunks_made_before_a_change_do_not_count():
 def test_thresholds_are_checked():
     with pytest.raises(ValueError, match="calm"):
         StepsController(10, DEADLINE, pressure=0.5, calm=0.6)
+
+
+def test_a_frame_overdue_in_flight_steps_the_next_one_down_before_it_arrives():
+    """The onset of a load: the frame in flight is already past the pressure threshold when the next
+    observation comes; the next frame takes fewer steps at once, and the old frame does not count twice."""
+    c = StepsController(10, deadline_s=0.05)
+    for _ in range(5):
+        c.observe(0.02, 10, 9.0)
+    assert c.overdue(0.035, 10) == 10  # in flight, but under 80% of the deadline
+    assert c.overdue(0.045, 10) == 5 and c.counters["steps_down"] == 1
+    assert c.overdue(0.060, 10) == 5 and c.counters["steps_down"] == 1  # the same old frame: once
+    assert c.observe(0.065, 10, 40.0) == 5  # its late chunk, made with 10 steps: no second move
+    assert c.overdue(0.041, 5) == 3  # a frame at the new rung overdue too: down again
