@@ -275,12 +275,7 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
                 args.suite,
                 tasks,
                 args.trials,
-                max_steps=args.max_steps,
-                replan_steps=args.replan_steps,
-                delay_steps=args.delay_steps,
-                seed=args.seed,
-                settle_steps=args.settle_steps,
-                video_dir=out if args.video else None,
+                **episode_settings(args, out),
             )
             metadata = executor.metadata
     finally:
@@ -324,16 +319,23 @@ def cmd_eval_libero_ray(args, config, out) -> int:
             args.tasks,
             args.trials,
             str(out),
-            max_steps=args.max_steps,
-            replan_steps=args.replan_steps,
-            delay_steps=args.delay_steps,
-            seed=args.seed,
-            settle_steps=args.settle_steps,
-            video_dir=out if args.video else None,
+            **episode_settings(args, out),
         )
     finally:
         distributed.ray.shutdown()
     return report_libero(args, config, out, episodes, identity, seconds)
+
+
+def episode_settings(args, out) -> dict:
+    """The episode loop's settings from eval-libero's arguments (sim.episode.run_episode's keywords)."""
+    return dict(
+        max_steps=args.max_steps,
+        replan_steps=args.replan_steps,
+        delay_steps=args.delay_steps,
+        seed=args.seed,
+        settle_steps=args.settle_steps,
+        video_dir=out if args.video else None,
+    )
 
 
 def report_libero(args, config, out, episodes, identity, seconds: float) -> int:
@@ -390,14 +392,7 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
     lockstep = args.mode == "lockstep"
     client = SimClient(endpoint)
     check_sim_request(client, endpoint, args.suite, tasks)  # before the model is built
-    run = dict(
-        max_steps=args.max_steps,
-        replan_steps=args.replan_steps,
-        delay_steps=args.delay_steps,
-        seed=args.seed,
-        settle_steps=args.settle_steps,
-        video_dir=out if args.video else None,
-    )
+    run = episode_settings(args, out)
     try:
         if args.path == "ros":
             from .nodes.ros_eval import RosPolicy, node_params
