@@ -82,6 +82,7 @@ class GemmaStack(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width) if cfg.vocab_size else None
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, adaptive) for _ in range(cfg.depth))
         self.norm = GemmaRMSNorm(cfg.width, cfg.rms_norm_eps, cfg.width if adaptive else None)
+        self.float_weights_released = False  # see release_float_weights
 
     def modulations(self, cond: torch.Tensor) -> torch.Tensor:
         """pi0.5: every adaptive norm's modulation for one time condition [B, C] -> [2*depth + 1, B, 3D]
@@ -120,10 +121,35 @@ class GemmaStack(nn.Module):
 
     def set_quantized(self, enabled: bool) -> None:
         """Route the layers' GEMMs through their quantised copies (attached by `quantize`)."""
+        if not enabled and self.float_weights_released:
+            raise ValueError("the float weights of this stack were released; only its quantised GEMMs remain")
         for layer in self.layers:
             if enabled and layer.self_attn.qkv_quant is None:
                 raise ValueError("quantize the stack first (GemmaStack.quantize)")
             layer.self_attn.quant_enabled = layer.mlp.quant_enabled = enabled
+
+    def release_float_weights(self) -> int:
+        """Drop the float weights of every quantised GEMM (the quantised copies serve; on an edge GPU the
+        float ones would take more memory than they do). The float path is gone after this. Returns
+        the bytes freed."""
+        freed = 0
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for quantised, owner, fused, linears in (
+                (attn.qkv_quant, attn, "qkv_weight", (attn.q_proj, attn.k_proj, attn.v_proj)),
+                (attn.o_quant, None, None, (attn.o_proj,)),
+                (mlp.gate_up_quant, mlp, "gate_up_weight", (mlp.gate_proj, mlp.up_proj)),
+                (mlp.down_quant, None, None, (mlp.down_proj,)),
+            ):
+                if quantised is None:
+                    continue
+                freed += sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+                if fused is not None:
+                    setattr(owner, fused, None)  # the fused matrix the linears' weights are views of
+                for lin in linears:
+                    lin.weight.data = lin.weight.data.new_empty(0)
+        self.float_weights_released = True
+        return freed
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embedding scaled by sqrt(width), as Gemma (and openpi's embed_prefix) does."""

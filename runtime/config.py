@@ -72,6 +72,7 @@ class RuntimeConfig:
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
     force_precision: bool = False  # int8 / w4a8: serve even when the start-up accuracy gate fails
     integer_stages: str = "both"  # int8 / w4a8: the Gemma stacks quantised: both, prefix or expert
+    keep_float_weights: bool = False  # int8 / w4a8: keep the float weights after the start-up gate
     max_image_side: int = 4096
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
     # says so); also the bound on reset/close waiting for the device. None = DEVICE_TIMEOUT_S.

@@ -112,4 +112,7 @@ def prepare_integer(parts: PolicyParts) -> int:
                 f"precision: {config.precision} misses its accuracy gate against the unquantised model "
                 f"({'; '.join(failures)}); set force_precision true to serve it anyway"
             )
+    if not config.keep_float_weights:
+        freed = sum(stack.release_float_weights() for stack, _ in stacks(parts))
+        log.info("released %.1f MiB of float weights the quantised GEMMs replace", freed / 2**20)
     return count

@@ -139,6 +139,12 @@ SETTINGS: tuple[Setting, ...] = (
         choices=INTEGER_STAGES,
     ),
     Setting(
+        "keep_float_weights",
+        "int8 / w4a8: keep the quantised GEMMs' float weights after the start-up gate (more memory; "
+        "needed only to compare the two paths later)",
+        bool,
+    ),
+    Setting(
         "force_precision",
         "int8 / w4a8: serve even when the quantised model misses its accuracy gate at start-up",
         bool,

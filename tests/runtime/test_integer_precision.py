@@ -114,3 +114,35 @@ def test_rtc_with_exact_steps_through_an_integer_expert_is_refused():
         RuntimeConfig(**rtc)
     RuntimeConfig(**rtc, rtc_vjp_steps=0)  # the identity Jacobian needs no gradient
     RuntimeConfig(**rtc, integer_stages="prefix")  # the expert in float
+
+
+def test_the_float_weights_are_released_after_the_gate_and_the_actions_do_not_change(rng):
+    kept = build_parts(RuntimeConfig(preset="pi05_tiny", precision="int8", keep_float_weights=True))
+    released = build_parts(RuntimeConfig(preset="pi05_tiny", precision="int8"))
+
+    def float_bytes(parts) -> int:
+        stacks = (parts.model.prefix_lm, parts.model.expert)
+        return sum(p.numel() * p.element_size() for stack in stacks for p in stack.parameters())
+
+    def gemm_weights(parts):  # the float weights of every quantised GEMM
+        for stack in (parts.model.prefix_lm, parts.model.expert):
+            for layer in stack.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                yield from (lin.weight for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+                if mlp.down_quant is not None:  # not the prefix's last layer (keys and values only)
+                    yield from (
+                        lin.weight for lin in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                    )
+
+    gemm_bytes = sum(w.numel() * w.element_size() for w in gemm_weights(kept))
+    assert all(w.numel() == 0 for w in gemm_weights(released))
+    assert float_bytes(kept) - float_bytes(released) == gemm_bytes > 0
+    with pytest.raises(ValueError, match="float weights of this stack were released"):
+        released.model.expert.set_quantized(False)
+    cfg = kept.config.model
+    obs = random_observation(rng, "pi05_tiny")
+    noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+    np.testing.assert_array_equal(
+        EagerPolicy(parts=released).infer(obs, noise).actions,
+        EagerPolicy(parts=kept).infer(obs, noise).actions,
+    )
