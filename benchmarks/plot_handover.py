@@ -29,7 +29,11 @@ def main(results: Path, out: Path) -> None:
     doc = json.loads(results.read_text())
     executed, delay = doc["executed"], 2
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.3), gridspec_kw={"width_ratios": [1.4, 1.4, 1, 1]})
-    rtc = next(m for m in RTC_SHOWN if m in doc["chunks_for_plot"])
+    rtc = next((m for m in RTC_SHOWN if m in doc["chunks_for_plot"]), None)
+    if "switch" not in doc["chunks_for_plot"] or rtc is None:
+        raise SystemExit(
+            f"{results}: no switch and rtc chunks to overlay (the bench's first precision plots them)"
+        )
     for ax, mode in zip(axes[:2], ("switch", rtc), strict=True):
         chunks = doc["chunks_for_plot"][mode]
         for k, chunk in enumerate(chunks):
