@@ -201,6 +201,7 @@ class PolicyNode(LifecycleNode):
 
     def _load(self, config: RuntimeConfig) -> None:
         self.get_logger().info(f"loading {config.model_name} on {config.device} ({config.precision})")
+        start = time.monotonic()
         try:
             policy = self._policy_factory(config)
         except Exception as err:  # noqa: BLE001 - reported; the node stays up (or exits under autostart)
@@ -218,7 +219,9 @@ class PolicyNode(LifecycleNode):
             self.policy = policy
             self._handover_mode = policy.metadata.handover
             self.phase = "serving" if self._active else "inactive"
-        self.get_logger().info(f"ready: {policy.metadata.model_id}")
+        cache = getattr(policy, "compile_cache", None)  # the executor's (runtime/compile_cache.py)
+        took = f"ready in {time.monotonic() - start:.1f} s" + (f" ({cache.describe()})" if cache else "")
+        self.get_logger().info(f"{took}: {policy.metadata.model_id}")
         if self._active:
             self._log_serving()
 

@@ -43,6 +43,7 @@ from .buffers import (
     batch_sizes,
     prompt_bucket,
 )
+from .compile_cache import use_compile_cache
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
 from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
@@ -163,6 +164,7 @@ class PipelinedExecutor(Policy):
         # One runner per input shape; each holds a denoise graph per step count it has served.
         self._runners: dict[tuple[int, int, int], StageRunner] = {}
         self._compiled: dict = {}
+        self.compile_cache = use_compile_cache(self.config)  # before anything compiles
         if self.cuda:
             # Priorities: the denoise loop is hundreds of small kernels that only need a few SMs each, the
             # prefix is a few large GEMMs that take them all; the denoise stream is put first in line so
@@ -414,6 +416,7 @@ class PipelinedExecutor(Policy):
             "latency_ms": self.stats.summary(),
             "graphs": self.use_graphs,
             "profiles": profiles,
+            "compile_cache": self.compile_cache.describe() if self.compile_cache else None,
         }
 
     # ------------------------------------------------------------------ graphs and buffers per profile

@@ -139,6 +139,13 @@ SETTINGS: tuple[Setting, ...] = (
         choices=INTEGER_STAGES,
     ),
     Setting(
+        "compile_cache",
+        "where compiled kernels are kept between runs (a directory per code, torch, GPU, model and "
+        "precision); none = Inductor's default under /tmp",
+        str,
+        "",
+    ),
+    Setting(
         "keep_float_weights",
         "int8 / w4a8: keep the quantised GEMMs' float weights after the start-up gate (more memory; "
         "needed only to compare the two paths later)",

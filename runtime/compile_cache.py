@@ -1,0 +1,85 @@
+"""Compiled kernels kept on disk between runs (issue 16, item 3).
+
+torch.compile's stages are compiled by Inductor, which caches what it made (FX graphs, AOTAutograd
+graphs, Triton kernels, autotuning results) in TORCHINDUCTOR_CACHE_DIR, by default under /tmp, which a
+robot's reboot empties. Here the cache goes to `compile_cache` (default ~/.cache/vla_runtime/compile), in
+a directory per key, so a restart reuses what an earlier run compiled, and a change of this package's
+code, torch, Triton, CUDA, the GPU, the model's shapes or the precision settings starts a directory of its
+own instead of meeting another's artifacts. (Inductor also keys each artifact by its graph and versions;
+the directory per key keeps runs apart and lets an old one be deleted whole.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .calibration import model_shape_digest
+from .config import RuntimeConfig
+
+PACKAGE = Path(__file__).resolve().parent.parent
+TRACED_SOURCES = ("graphs", "runtime")  # the code torch.compile traces lives here
+PRECISION_FIELDS = ("precision", "vision_precision", "fp8_expert", "integer_stages", "handover")
+
+
+@dataclass(frozen=True)
+class CompileCache:
+    path: Path
+    warm: bool  # it held artifacts before this run
+
+    def describe(self) -> str:
+        return f"compile cache {'warm' if self.warm else 'cold'}: {self.path}"
+
+
+def source_digest() -> str:
+    """A digest of the package's traced sources (every .py under graphs/ and runtime/)."""
+    digest = hashlib.sha256()
+    for folder in TRACED_SOURCES:
+        for path in sorted((PACKAGE / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(PACKAGE)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(config: RuntimeConfig) -> str:
+    device = torch.device(config.device)
+    gpu = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
+    try:
+        import triton  # noqa: PLC0415 - only with torch's CUDA wheels
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    identity = {
+        "code": source_digest(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "gpu": gpu,
+        "model": model_shape_digest(config.model),
+        "stages": list(config.use_compile),
+        **{name: getattr(config, name) for name in PRECISION_FIELDS},
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def use_compile_cache(config: RuntimeConfig) -> CompileCache | None:
+    """Point Inductor at this configuration's cache directory (before anything compiles); None where
+    nothing is compiled or `compile_cache` is unset (Inductor's own default then)."""
+    if not config.use_compile or not config.compile_cache:
+        return None
+    path = Path(config.compile_cache).expanduser() / cache_key(config)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"compile_cache: cannot create {path}: {err.strerror or err}") from None
+    warm = any(path.iterdir())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return CompileCache(path, warm)

@@ -1,0 +1,51 @@
+"""The compile cache's directory per key (runtime/compile_cache.py): a new key for a change of code, torch,
+model shape or precision, the same for a setting that compiles nothing different; Inductor pointed at it
+before anything compiles; warm once it holds artifacts; a directory that cannot be made is named."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from vla_runtime.runtime import compile_cache
+from vla_runtime.runtime.compile_cache import cache_key, use_compile_cache
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+
+
+@pytest.fixture(autouse=True)
+def restore_inductor_dir(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", "unset"))
+
+
+def test_the_key_follows_code_torch_model_and_precision(monkeypatch):
+    base = RuntimeConfig(preset="pi05_tiny", compile_stages=True)
+    key = cache_key(base)
+    assert cache_key(base.replace(seed=3)) == key  # compiles the same graphs
+    assert cache_key(base.replace(preset="pi0_tiny")) != key
+    assert cache_key(base.replace(handover="rtc")) != key
+    assert cache_key(base.replace(precision="int8")) != key
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert cache_key(base) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(compile_cache, "source_digest", lambda: "changed-code")
+    assert cache_key(base) != key
+
+
+def test_inductor_is_pointed_at_the_keys_directory_and_it_warms(tmp_path):
+    assert use_compile_cache(RuntimeConfig(preset="pi05_tiny")) is None  # the CPU compiles nothing
+    config = RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache=str(tmp_path))
+    with PipelinedExecutor(config) as executor:
+        cache = executor.compile_cache
+        assert cache.path == tmp_path / cache_key(config) and not cache.warm
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache.path)
+        assert executor.report()["compile_cache"] == f"compile cache cold: {cache.path}"
+    (cache.path / "fxgraph").mkdir()  # what Inductor leaves behind
+    assert use_compile_cache(config).warm
+
+
+def test_a_cache_directory_that_cannot_be_made_is_named():
+    config = RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache="/proc/no/such/place")
+    with pytest.raises(ValueError, match="compile_cache: cannot create /proc/no/such/place"):
+        use_compile_cache(config)
