@@ -2,11 +2,12 @@
 
 torch.compile's stages are compiled by Inductor, which caches what it made (FX graphs, AOTAutograd
 graphs, Triton kernels, autotuning results) in TORCHINDUCTOR_CACHE_DIR, by default under /tmp, which a
-robot's reboot empties. Here the cache goes to `compile_cache` (default ~/.cache/vla_runtime/compile), in
-a directory per key, so a restart reuses what an earlier run compiled, and a change of this package's
-code, torch, Triton, CUDA, the GPU, the model's shapes or the precision settings starts a directory of its
-own instead of meeting another's artifacts. (Inductor also keys each artifact by its graph and versions;
-the directory per key keeps runs apart and lets an old one be deleted whole.)
+robot's reboot empties. Here the cache goes to `compile_cache` (default ~/.cache/vla_runtime/compile;
+"none": Inductor's default), in a directory per key, so a restart reuses what an earlier run compiled,
+and a change of this package's code, torch, Triton, CUDA, the GPU, the model's shapes or the precision
+settings starts a directory of its own instead of meeting another's artifacts. (Inductor also keys
+each artifact by its graph and versions; the directory per key keeps runs apart and lets an old one be
+deleted whole.)
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def cache_key(config: RuntimeConfig) -> str:
 
 def use_compile_cache(config: RuntimeConfig) -> CompileCache | None:
     """Point Inductor at this configuration's cache directory (before anything compiles); None where
-    nothing is compiled or `compile_cache` is unset (Inductor's own default then)."""
-    if not config.use_compile or not config.compile_cache:
+    nothing is compiled or `compile_cache` is "none" (Inductor's own default then)."""
+    if not config.use_compile or config.compile_cache.strip().lower() in ("", "none"):
         return None
     path = Path(config.compile_cache).expanduser() / cache_key(config)
     try:

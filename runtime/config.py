@@ -73,7 +73,7 @@ class RuntimeConfig:
     force_precision: bool = False  # int8 / w4a8: serve even when the start-up accuracy gate fails
     integer_stages: str = "both"  # int8 / w4a8: the Gemma stacks quantised: both, prefix or expert
     keep_float_weights: bool = False  # int8 / w4a8: keep the float weights after the start-up gate
-    compile_cache: str | None = "~/.cache/vla_runtime/compile"  # runtime/compile_cache.py; None: Inductor's
+    compile_cache: str = "~/.cache/vla_runtime/compile"  # runtime/compile_cache.py; "none": Inductor's own
     max_image_side: int = 4096
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
     # says so); also the bound on reset/close waiting for the device. None = DEVICE_TIMEOUT_S.

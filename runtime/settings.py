@@ -143,7 +143,6 @@ SETTINGS: tuple[Setting, ...] = (
         "where compiled kernels are kept between runs (a directory per code, torch, GPU, model and "
         "precision); none = Inductor's default under /tmp",
         str,
-        "",
     ),
     Setting(
         "keep_float_weights",

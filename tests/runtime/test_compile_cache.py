@@ -35,6 +35,10 @@ def test_the_key_follows_code_torch_model_and_precision(monkeypatch):
 
 def test_inductor_is_pointed_at_the_keys_directory_and_it_warms(tmp_path):
     assert use_compile_cache(RuntimeConfig(preset="pi05_tiny")) is None  # the CPU compiles nothing
+    assert (
+        use_compile_cache(RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache="none"))
+        is None
+    )
     config = RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache=str(tmp_path))
     with PipelinedExecutor(config) as executor:
         cache = executor.compile_cache
