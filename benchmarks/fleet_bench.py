@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
-from vla_runtime.runtime.config import RuntimeConfig  # noqa: E402
+from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.loading import PolicyParts, build_parts  # noqa: E402
 from vla_runtime.runtime.policy import FrameDropped  # noqa: E402
@@ -47,11 +47,7 @@ from vla_runtime.runtime.types import Observation  # noqa: E402
 from tests.conftest import random_observation  # noqa: E402
 
 PERIOD_S = DEADLINE_S = 0.05
-PRECISIONS = {  # the engine's options on Hopper, fastest first
-    "fp8_all": dict(precision="fp8", vision_precision="fp16", fp8_expert=True),
-    "fp8": dict(precision="fp8", vision_precision="fp16"),
-    "bf16": dict(precision="bf16"),
-}
+PRECISIONS = {k: GPU_PRECISION_OPTIONS[k] for k in ("fp8_all", "fp8", "bf16")}  # fastest first
 
 
 def drive(submit_for, robots: int, seconds: float, observations) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
-from vla_runtime.runtime.config import RuntimeConfig  # noqa: E402
+from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.handover import PreviousChunk, splice_metrics  # noqa: E402
 from vla_runtime.runtime.loading import build_parts  # noqa: E402
@@ -33,11 +33,7 @@ from vla_runtime.runtime.types import Observation  # noqa: E402
 
 from tests.conftest import random_observation  # noqa: E402
 
-PRECISIONS = {
-    "bf16": dict(precision="bf16"),
-    "fp8": dict(precision="fp8", vision_precision="fp16"),
-    "fp8_all": dict(precision="fp8", vision_precision="fp16", fp8_expert=True),
-}
+PRECISIONS = {k: GPU_PRECISION_OPTIONS[k] for k in ("bf16", "fp8", "fp8_all")}
 # name -> hand-over settings; blend is switch on the device, a cross-fade on the host. rtc-vjpK takes the
 # exact vector-Jacobian product on the first K steps (a backward pass through the expert each), the
 # identity Jacobian on the rest; rtc-vjp10 is the exact product at every step.

@@ -27,17 +27,6 @@ from vla_runtime.graphs.w4a8 import W4A8Linear
 ORIN_BANDWIDTH_GBS = 204.8  # Jetson AGX Orin 64 GB, LPDDR5 (NVIDIA's datasheet)
 
 
-def gemm_shapes(lm) -> dict[str, tuple[int, int]]:
-    """name -> (N, K) of one layer's four GEMMs."""
-    qkv = (lm.num_heads + 2 * lm.num_kv_heads) * lm.head_dim
-    return {
-        "qkv": (qkv, lm.width),
-        "o": (lm.width, lm.num_heads * lm.head_dim),
-        "gate_up": (2 * lm.mlp_dim, lm.width),
-        "down": (lm.width, lm.mlp_dim),
-    }
-
-
 def bytes_per_mode(n: int, k: int) -> dict[str, int]:
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(n * 7 + k)).to(torch.bfloat16) / k**0.5
     samples = torch.randn(64, k)
@@ -60,7 +49,7 @@ def main() -> None:
     per_stage: dict[str, dict[str, int]] = {}
     for stage, lm, applications in (("prefix", cfg.prefix_lm, 1), ("expert", cfg.expert, args.steps)):
         totals: dict[str, int] = {}
-        for name, (n, k) in gemm_shapes(lm).items():
+        for name, (n, k) in lm.gemm_shapes().items():
             # the prefix's last layer computes keys and values only: its q/k/v GEMM alone
             layers = lm.depth if (stage == "expert" or name == "qkv") else lm.depth - 1
             for mode, b in bytes_per_mode(n, k).items():

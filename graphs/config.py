@@ -62,6 +62,16 @@ class GemmaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
 
+    def gemm_shapes(self) -> dict[str, tuple[int, int]]:
+        """(N, K) of one layer's four GEMMs as served: fused q/k/v, output, fused gate/up, down."""
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return {
+            "qkv": (qkv, self.width),
+            "o": (self.width, self.num_heads * self.head_dim),
+            "gate_up": (2 * self.mlp_dim, self.width),
+            "down": (self.width, self.mlp_dim),
+        }
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -5,11 +5,9 @@ per output channel and per group of `group` input channels (a scale each), and p
 byte; the transform's scale, reflections and permutation are kept as buffers (float32: they are small).
 Per call: the input is smoothed (x T), quantised per token to int8, multiplied and rescaled.
 
-The product here is a reference, not the kernel: on every call it unpacks the 4-bit weights and applies
-their group scales (a dequantised copy, in the input's dtype) and runs one GEMM with the dequantised
-activations. It computes what the integer kernel would (up to float rounding) and is what the accuracy
-tests check; it reads more bytes than bf16 does. A GPU kernel that unpacks inside the GEMM (no unpacked
-copy in memory) is the next step and is not written yet.
+The product is `torch.ops.vla_runtime.w4a8_matmul` (graphs/w4a8_kernel.py): on CUDA a Triton kernel that
+unpacks the 4-bit weights in registers (no unpacked copy in memory), elsewhere the same integer sums in
+float32 matmuls.
 """
 
 from __future__ import annotations
@@ -19,28 +17,10 @@ from torch import nn
 
 from .duquant import Smoothing
 from .int8 import quantize_per_row
+from .w4a8_kernel import pack_int4, w4a8_matmul
 
 INT4_MAX = 7
 DEFAULT_GROUP = 128
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] with values in [-8, 7], K even -> uint8 [N, K / 2]: column 2j in the low nibble,
-    column 2j + 1 in the high one (two's complement)."""
-    if q.shape[-1] % 2:
-        raise ValueError(f"int4: an even number of columns is needed, got {q.shape[-1]}")
-    if q.min() < -8 or q.max() > 7:
-        raise ValueError("int4: values must lie in [-8, 7]")
-    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_int4`: uint8 [N, K / 2] -> int8 [N, K]."""
-    low = (packed & 0xF).to(torch.int16)
-    high = (packed >> 4).to(torch.int16)
-    values = torch.stack([low, high], dim=-1).flatten(-2)
-    return torch.where(values >= 8, values - 16, values).to(torch.int8)
 
 
 def quantize_int4_grouped(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +63,7 @@ class W4A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = self._smooth(x.reshape(-1, self.in_features).float())
         q, x_scale = quantize_per_row(flat)
-        w = unpack_int4(self.weight_packed).reshape(self.out_features, -1, self.group).to(x.dtype)
-        w = (w * self.weight_scales.to(x.dtype)[..., None]).reshape(self.out_features, self.in_features)
-        y = (q.to(x.dtype) * x_scale.to(x.dtype)) @ w.t()
+        y = w4a8_matmul(q, x_scale, self.weight_packed, self.weight_scales, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:

@@ -26,6 +26,14 @@ PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 INTEGER_PRECISIONS = ("int8", "w4a8")  # the Gemma stacks' GEMMs in integers (runtime/integer_precision.py)
 PRECISION_MODES = ("float32", "bf16", "fp8", *INTEGER_PRECISIONS)
 INTEGER_STAGES = ("both", "prefix", "expert")  # which Gemma stacks int8 / w4a8 quantise
+# The settings behind each precision option the benchmarks compare on a GPU (fp8_all: every FP8 option)
+GPU_PRECISION_OPTIONS = {
+    "fp8_all": dict(precision="fp8", vision_precision="fp16", fp8_expert=True),
+    "fp8": dict(precision="fp8", vision_precision="fp16"),
+    "bf16": dict(precision="bf16"),
+    "int8": dict(precision="int8"),
+    "w4a8": dict(precision="w4a8"),
+}
 
 DEFAULT_PRESET = "pi05_tiny"  # random weights, when neither a preset nor a checkpoint is given
 # Cameras that may be absent unless the configuration says otherwise (openpi's LIBERO and DROID setups

@@ -1,10 +1,14 @@
-"""int8 and w4a8 on the GPU with pi05: the captured, compiled executor against the eager reference in the
-same mode, and the mode's accuracy gates against float32 (runtime/accuracy.py)."""
+"""int8 and w4a8 on the GPU with pi05: the Triton W4A8 kernel against its integer reference (alone, compiled
+and in a CUDA graph, without an unpacked copy of the weights), the captured, compiled executor against the
+eager reference in the same mode, and the mode's accuracy gates against float32 (runtime/accuracy.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from vla_runtime.graphs.config import GEMMA_300M
+from vla_runtime.graphs.w4a8_kernel import kernel_supports, reference_w4a8_matmul, w4a8_matmul
 from vla_runtime.runtime.accuracy import accuracy_table
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
@@ -12,6 +16,36 @@ from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
 from .test_executor_gpu import BF16_REL_TOL
+
+
+@pytest.mark.parametrize("rows", [5, 50, 700])
+@pytest.mark.parametrize("gemm", sorted(GEMMA_300M.gemm_shapes()))
+def test_the_w4a8_kernel_equals_its_integer_reference_without_an_unpacked_copy(cuda, rows, gemm, rng):
+    n, k = GEMMA_300M.gemm_shapes()[gemm]  # the action expert's
+    gen = torch.Generator(device=cuda).manual_seed(int(rng.integers(2**31)))
+    x_q = torch.randint(-127, 128, (rows, k), generator=gen, device=cuda, dtype=torch.int8)
+    packed = torch.randint(0, 256, (n, k // 2), generator=gen, device=cuda, dtype=torch.uint8)
+    x_scale = torch.rand(rows, 1, generator=gen, device=cuda) / 100
+    w_scale = torch.rand(n, k // 128, generator=gen, device=cuda) / 10
+    assert kernel_supports(k, 128)
+    want = reference_w4a8_matmul(x_q, x_scale, packed, w_scale, torch.float32)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = w4a8_matmul(x_q, x_scale, packed, w_scale, torch.float32)
+    torch.cuda.synchronize()
+    # the output is the only allocation: no unpacked (int8, K x N bytes) weight copy
+    assert torch.cuda.max_memory_allocated() - before < k * n // 2, "an unpacked copy was made"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    compiled = torch.compile(lambda *a: w4a8_matmul(*a, torch.bfloat16) * 2, fullgraph=True)
+    graph_out = compiled(x_q, x_scale, packed, w_scale)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = compiled(x_q, x_scale, packed, w_scale)
+    x_q.copy_(-x_q.clamp(min=-127))  # new values in the captured input
+    graph.replay()
+    want = reference_w4a8_matmul(x_q, x_scale, packed, w_scale, torch.float32) * 2
+    torch.testing.assert_close(graph_out.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("precision", ["int8", "w4a8"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 from vla_runtime.graphs.duquant import as_matrices, fit_smoothing, spreading_reflection, zigzag_permutation
 from vla_runtime.graphs.int8 import Int8Linear, quantize_per_row
-from vla_runtime.graphs.w4a8 import W4A8Linear, pack_int4, quantize_int4_grouped, unpack_int4
+from vla_runtime.graphs.w4a8 import W4A8Linear, quantize_int4_grouped
+from vla_runtime.graphs.w4a8_kernel import pack_int4, unpack_int4, w4a8_matmul
 
 
 @pytest.fixture
@@ -43,6 +44,21 @@ def test_int4_packing_is_exact_and_halves_the_bytes(gen):
     assert torch.equal(unpack_int4(packed), q)
     with pytest.raises(ValueError, match="int4: values must lie in"):
         pack_int4(q * 2)
+
+
+@pytest.mark.parametrize("rows", [3, 50])
+def test_the_w4a8_operator_equals_the_integer_sums(gen, rows):
+    """Per group an exact integer dot product (int64 here), scaled by the group's weight scale; the
+    token's scale at the end."""
+    k, n, group = 512, 48, 128
+    x_q = torch.randint(-127, 128, (rows, k), generator=gen, dtype=torch.int8)
+    w_q = torch.randint(-7, 8, (n, k), generator=gen, dtype=torch.int8)
+    x_scale, w_scale = torch.rand(rows, 1, generator=gen), torch.rand(n, k // group, generator=gen)
+    got = w4a8_matmul(x_q, x_scale, pack_int4(w_q), w_scale, torch.float32)
+    sums = torch.einsum("mgk,ngk->mng", x_q.long().reshape(rows, -1, group), w_q.long().reshape(n, -1, group))
+    want = (sums.double() * w_scale.double()).sum(-1) * x_scale.double()
+    # float32 scaling of exact sums: the error is float32's rounding of the largest terms
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 def test_int4_grouped_round_trip_is_within_half_a_step(gen):

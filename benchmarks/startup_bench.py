@@ -1,0 +1,81 @@
+"""Start-up of a pi05 executor, cold and warm (issue 16, item 3): each start is a fresh process against
+one compile cache directory, first empty (cold), then as the first left it (warm). Timed from the
+process's spawn to its first chunk, with the time to import, to build and capture, and the first frame.
+
+python benchmarks/startup_bench.py OUT.json [--mode fp8_all] [--starts 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+start = time.monotonic()
+def say(event, **fields):
+    print(json.dumps({"event": event, "s": time.monotonic() - start, **fields}), flush=True)
+import numpy as np
+import torch
+from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.synthetic import synthetic_observation
+say("imported")
+config = RuntimeConfig(preset="pi05", device="cuda", compile_cache=sys.argv[2], **GPU_PRECISION_OPTIONS[sys.argv[1]])
+with PipelinedExecutor(config) as executor:
+    say("ready", cache=executor.compile_cache.describe())
+    chunk = executor.infer(synthetic_observation(config, np.random.default_rng(0)))
+    say("first_chunk", total_ms=chunk.timings_ms["total"])
+"""
+
+
+def one_start(mode: str, cache_dir: str) -> dict:
+    spawned = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, cache_dir], capture_output=True, text=True, check=False
+    )
+    wall = time.monotonic() - spawned
+    events = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            events[event.pop("event")] = event
+    if proc.returncode or "first_chunk" not in events:
+        raise RuntimeError(f"start-up run failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"spawn_to_first_chunk_s": wall, "events": events}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--mode", default="fp8_all")
+    parser.add_argument("--starts", type=int, default=2, help="the first is cold, the rest warm")
+    args = parser.parse_args()
+    import torch
+
+    doc = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": os.environ.get("VLA_COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "mode": args.mode,
+        "starts": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="vla-compile-") as cache_dir:
+        for _ in range(args.starts):
+            run = one_start(args.mode, cache_dir)
+            doc["starts"].append(run)
+            print(json.dumps(run), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
