@@ -28,7 +28,8 @@ from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.synthetic import synthetic_observation
 say("imported")
-config = RuntimeConfig(preset="pi05", device="cuda", compile_cache=sys.argv[2], **GPU_PRECISION_OPTIONS[sys.argv[1]])
+options = GPU_PRECISION_OPTIONS[sys.argv[1]]
+config = RuntimeConfig(preset="pi05", device="cuda", compile_cache=sys.argv[2], **options)
 with PipelinedExecutor(config) as executor:
     say("ready", cache=executor.compile_cache.describe())
     chunk = executor.infer(synthetic_observation(config, np.random.default_rng(0)))

@@ -3,10 +3,15 @@ weights packed two per byte, each group of `group` input channels with its own w
 
     y[m, n] = x_scale[m] * sum_g w_scale[n, g] * sum_{k in group g} x_q[m, k] * w_q[n, k]
 
+Packing: byte j of a row holds input channel j in its low nibble and channel j + K/2 in its high one, so
+a run of `group` bytes holds two whole groups, each against a contiguous run of the input.
+
 On CUDA it is a Triton kernel that reads the packed bytes and unpacks them in registers (no unpacked copy
-in memory): per group, two int8 tensor-core products (the even input channels against the low nibbles,
-the odd ones against the high nibbles) accumulate in int32, which is exact; the group's sum is scaled into
-a float32 accumulator; the token's scale is applied once at the end.
+in memory): per run of `group` bytes, two int8 tensor-core products (the low nibbles' group, the high
+nibbles' group) accumulate in int32, which is exact; each group's sum is scaled into a float32
+accumulator; the token's scale is applied once at the end. At the action expert's 50 rows one block of
+rows and a few dozen column blocks would leave most of the GPU idle, so the runs are split over more
+programs (split-K) whose float32 partial sums are added after.
 Elsewhere (and on CUDA without Triton) the same sums run as float32 matmuls per group: every partial sum
 is an integer below 2^24 (group <= 1024: 1024 * 127 * 8 < 2^24), so float32 holds it exactly and the two
 paths differ only in the order the group sums are added.
@@ -26,21 +31,20 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent (CI)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] with values in [-8, 7], K even -> uint8 [N, K / 2]: column 2j in the low nibble,
-    column 2j + 1 in the high one (two's complement)."""
+    """int8 [N, K] with values in [-8, 7], K even -> uint8 [N, K / 2]: column j in the low nibble of byte j,
+    column j + K/2 in its high one (two's complement)."""
     if q.shape[-1] % 2:
         raise ValueError(f"int4: an even number of columns is needed, got {q.shape[-1]}")
     if q.min() < -8 or q.max() > 7:
         raise ValueError("int4: values must lie in [-8, 7]")
     nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    half = q.shape[-1] // 2
+    return nibbles[..., :half] | (nibbles[..., half:] << 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_int4`: uint8 [N, K / 2] -> int8 [N, K]."""
-    low = (packed & 0xF).to(torch.int16)
-    high = (packed >> 4).to(torch.int16)
-    values = torch.stack([low, high], dim=-1).flatten(-2)
+    values = torch.cat([(packed & 0xF), (packed >> 4)], dim=-1).to(torch.int16)
     return torch.where(values >= 8, values - 16, values).to(torch.int8)
 
 
@@ -65,46 +69,55 @@ if triton is not None:
     @triton.jit
     def _w4a8_kernel(
         x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr,
-        rows, cols, groups,
-        stride_x, stride_w, stride_ws, stride_y,
+        rows, cols, runs, runs_per_split,
+        stride_x, stride_w, stride_ws, stride_ys, stride_y,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        split = tl.program_id(2)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        pair = tl.arange(0, GROUP // 2)  # byte j of a group holds input channels 2j (low) and 2j + 1 (high)
+        j = tl.arange(0, GROUP)
         m_ok = m[:, None] < rows
         n_ok = n[None, :] < cols
+        half = runs * GROUP  # K / 2: the high nibbles' channels start here
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for g in range(0, groups):
-            x_row = x_ptr + m[:, None] * stride_x + g * GROUP + 2 * pair[None, :]
-            x_even = tl.load(x_row, mask=m_ok, other=0)
-            x_odd = tl.load(x_row + 1, mask=m_ok, other=0)
-            packed = tl.load(
-                w_ptr + n[None, :] * stride_w + g * (GROUP // 2) + pair[:, None], mask=n_ok, other=0
-            )
+        first = split * runs_per_split
+        for r in range(first, tl.minimum(first + runs_per_split, runs)):
+            x_row = x_ptr + m[:, None] * stride_x + r * GROUP + j[None, :]
+            x_low = tl.load(x_row, mask=m_ok, other=0)
+            x_high = tl.load(x_row + half, mask=m_ok, other=0)
+            packed = tl.load(w_ptr + n[None, :] * stride_w + r * GROUP + j[:, None], mask=n_ok, other=0)
             signed = packed.to(tl.int8, bitcast=True)
             low = (signed << 4) >> 4  # arithmetic shifts sign-extend each nibble
             high = signed >> 4
-            part = tl.dot(x_even, low, out_dtype=tl.int32)
-            part = tl.dot(x_odd, high, acc=part, out_dtype=tl.int32)
-            w_scale = tl.load(w_scale_ptr + n * stride_ws + g, mask=n < cols, other=0.0)
-            acc += part.to(tl.float32) * w_scale[None, :]
+            scale_low = tl.load(w_scale_ptr + n * stride_ws + r, mask=n < cols, other=0.0)
+            scale_high = tl.load(w_scale_ptr + n * stride_ws + runs + r, mask=n < cols, other=0.0)
+            acc += tl.dot(x_low, low, out_dtype=tl.int32).to(tl.float32) * scale_low[None, :]
+            acc += tl.dot(x_high, high, out_dtype=tl.int32).to(tl.float32) * scale_high[None, :]
         x_scale = tl.load(x_scale_ptr + m, mask=m < rows, other=0.0)
         y = acc * x_scale[:, None]
-        tl.store(y_ptr + m[:, None] * stride_y + n[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok & n_ok)
+        out = y_ptr + split * stride_ys + m[:, None] * stride_y + n[None, :]
+        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok & n_ok)
+
+
+SMS_TO_FILL = 132  # an H100 / H200: split-K until about this many programs run
 
 
 def kernel_supports(k: int, group: int) -> bool:
-    """The Triton kernel's shape needs: a power-of-two group of at least 64 (32 int8 per tensor-core K)."""
-    return triton is not None and group >= 64 and group & (group - 1) == 0 and k % group == 0
+    """The Triton kernel's shape needs: a power-of-two group of at least 32 (int8 tensor-core K) and an
+    even number of groups (a byte holds a channel of each half)."""
+    return triton is not None and group >= 32 and group & (group - 1) == 0 and k % (2 * group) == 0
 
 
-def block_sizes(rows: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): the action expert's 50-row products in one row block; the prefix's in 64s."""
+def launch_shape(rows: int, cols: int, runs: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, splits): the expert's 50-row products in one row block, split over K until the
+    GPU is about full; the prefix's hundreds of rows fill it without."""
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    return block_m, 64
+    block_n = 64
+    tiles = -(-rows // block_m) * -(-cols // block_n)
+    return block_m, block_n, max(1, min(runs, SMS_TO_FILL // tiles))
 
 
 def triton_w4a8_matmul(
@@ -112,16 +125,19 @@ def triton_w4a8_matmul(
 ) -> torch.Tensor:
     rows, k = x_q.shape
     cols, groups = packed.shape[0], w_scale.shape[1]
-    y = torch.empty(rows, cols, dtype=out_dtype, device=x_q.device)
-    block_m, block_n = block_sizes(rows)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+    group, runs = k // groups, groups // 2
+    block_m, block_n, splits = launch_shape(rows, cols, runs)
+    runs_per_split = -(-runs // splits)
+    splits = -(-runs // runs_per_split)
+    y = torch.empty(splits, rows, cols, dtype=out_dtype if splits == 1 else torch.float32, device=x_q.device)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n), splits)
     _w4a8_kernel[grid](
         x_q, x_scale, packed, w_scale, y,
-        rows, cols, groups,
-        x_q.stride(0), packed.stride(0), w_scale.stride(0), y.stride(0),
-        GROUP=k // groups, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3,
+        rows, cols, runs, runs_per_split,
+        x_q.stride(0), packed.stride(0), w_scale.stride(0), y.stride(0), y.stride(1),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3,
     )  # fmt: skip
-    return y
+    return y[0] if splits == 1 else y.sum(0).to(out_dtype)
 
 
 @torch.library.custom_op("vla_runtime::w4a8_matmul", mutates_args=())

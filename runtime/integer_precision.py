@@ -108,9 +108,14 @@ def prepare_integer(parts: PolicyParts) -> int:
 
         failures = quantisation_gate(parts, [stack for stack, _ in stacks(parts)])
         if failures:
+            narrower = (
+                "integer_stages expert keeps the prefix unquantised; or "
+                if config.integer_stages != "expert"
+                else ""
+            )
             raise ValueError(
                 f"precision: {config.precision} misses its accuracy gate against the unquantised model "
-                f"({'; '.join(failures)}); set force_precision true to serve it anyway"
+                f"({'; '.join(failures)}); {narrower}set force_precision true to serve it anyway"
             )
     if not config.keep_float_weights:
         freed = sum(stack.release_float_weights() for stack, _ in stacks(parts))

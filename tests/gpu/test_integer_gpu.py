@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from vla_runtime.graphs.config import GEMMA_300M
-from vla_runtime.graphs.w4a8_kernel import kernel_supports, reference_w4a8_matmul, w4a8_matmul
+from vla_runtime.graphs.w4a8_kernel import kernel_supports, launch_shape, reference_w4a8_matmul, w4a8_matmul
 from vla_runtime.runtime.accuracy import accuracy_table
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
@@ -34,8 +35,10 @@ def test_the_w4a8_kernel_equals_its_integer_reference_without_an_unpacked_copy(c
     torch.cuda.reset_peak_memory_stats()
     got = w4a8_matmul(x_q, x_scale, packed, w_scale, torch.float32)
     torch.cuda.synchronize()
-    # the output is the only allocation: no unpacked (int8, K x N bytes) weight copy
-    assert torch.cuda.max_memory_allocated() - before < k * n // 2, "an unpacked copy was made"
+    # the only allocations are the output and the split-K partial sums: no unpacked weight copy
+    splits = launch_shape(rows, n, k // 256)[2]
+    expected = rows * n * 4 * (splits + 1 if splits > 1 else 1)
+    assert torch.cuda.max_memory_allocated() - before <= expected + 2**16, (splits, expected)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     compiled = torch.compile(lambda *a: w4a8_matmul(*a, torch.bfloat16) * 2, fullgraph=True)
     graph_out = compiled(x_q, x_scale, packed, w_scale)  # warm-up outside the capture
@@ -48,9 +51,9 @@ def test_the_w4a8_kernel_equals_its_integer_reference_without_an_unpacked_copy(c
     torch.testing.assert_close(graph_out.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("precision", ["int8", "w4a8"])
-def test_integer_modes_in_graphs_equal_the_eager_reference_and_pass_their_gates(cuda, precision, rng):
-    config = RuntimeConfig(preset="pi05", device="cuda", precision=precision)
+@pytest.mark.parametrize(("precision", "stages"), [("int8", "both"), ("w4a8", "expert")])
+def test_integer_modes_in_graphs_equal_the_eager_reference_and_pass_their_gates(cuda, precision, stages, rng):
+    config = RuntimeConfig(preset="pi05", device="cuda", precision=precision, integer_stages=stages)
     with PipelinedExecutor(config) as executor:
         assert executor.use_graphs and executor.counters["captures"] > 0
         reference = EagerPolicy(parts=executor.parts)
@@ -65,3 +68,12 @@ def test_integer_modes_in_graphs_equal_the_eager_reference_and_pass_their_gates(
         table = accuracy_table(config, frames=2, candidate=executor.parts)
     print({r["name"]: round(r["cosine"], 5) for r in table["rows"] if r["gate"]})
     assert table["passed"]
+
+
+def test_w4a8_on_the_prefix_is_refused_at_start_up_by_its_gate(cuda):
+    """Measured on the H200 (random pi05 weights): 4-bit prefix weights compound over 18 layers to key /
+    value cosines of 0.91-0.97, under the w4a8 gate of 0.97; the start-up refuses it and names the fix."""
+    with pytest.raises(
+        ValueError, match=r"w4a8 misses its accuracy gate .*prefix\.layer.*integer_stages expert"
+    ):
+        build_parts(RuntimeConfig(preset="pi05", device="cuda", precision="w4a8"))
