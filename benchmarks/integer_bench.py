@@ -126,9 +126,9 @@ def gemm_rows(peak_gbs: float) -> list[dict]:
     return rows
 
 
-def executor_rows(frames: int) -> list[dict]:
+def executor_rows(frames: int, modes: list[str]) -> list[dict]:
     rows = []
-    for mode in EXECUTOR_MODES:
+    for mode in modes:
         config = RuntimeConfig(preset="pi05", device="cuda", **GPU_PRECISION_OPTIONS[mode])
         rng = np.random.default_rng(0)
         observations = [synthetic_observation(config, rng) for _ in range(8)]
@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--peak-gbs", type=float, default=4800.0, help="H200: 4.8 TB/s HBM3e (datasheet)")
     parser.add_argument("--skip-executor", action="store_true")
+    parser.add_argument("--skip-gemms", action="store_true")
+    parser.add_argument("--modes", default=",".join(EXECUTOR_MODES), help="the executor's, comma-separated")
     args = parser.parse_args()
     doc = {
         "device": torch.cuda.get_device_name(),
@@ -159,12 +161,12 @@ def main() -> None:
         "torch": torch.__version__,
         "peak_gbs": args.peak_gbs,
         "gemm_rows_per_call": ROWS,
-        "gemms": gemm_rows(args.peak_gbs),
+        "gemms": [] if args.skip_gemms else gemm_rows(args.peak_gbs),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     if not args.skip_executor:
-        doc["executor"] = executor_rows(args.frames)
+        doc["executor"] = executor_rows(args.frames, args.modes.split(","))
         args.out.write_text(json.dumps(doc, indent=1))
 
 

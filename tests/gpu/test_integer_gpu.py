@@ -38,7 +38,8 @@ def test_the_w4a8_kernel_equals_its_integer_reference_without_an_unpacked_copy(c
     # the only allocations are the output and the split-K partial sums: no unpacked weight copy
     splits = launch_shape(rows, n, k // 256)[2]
     expected = rows * n * 4 * (splits + 1 if splits > 1 else 1)
-    assert torch.cuda.max_memory_allocated() - before <= expected + 2**16, (splits, expected)
+    rounding = 2 * 2**21  # the caching allocator rounds each large block up to 2 MiB
+    assert torch.cuda.max_memory_allocated() - before <= expected + rounding, (splits, expected)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     compiled = torch.compile(lambda *a: w4a8_matmul(*a, torch.bfloat16) * 2, fullgraph=True)
     graph_out = compiled(x_q, x_scale, packed, w_scale)  # warm-up outside the capture
