@@ -126,8 +126,8 @@ def gemm_rows(peak_gbs: float) -> list[dict]:
     return rows
 
 
-def executor_rows(frames: int, modes: list[str]) -> list[dict]:
-    rows = []
+def executor_rows(frames: int, modes: list[str]):
+    """Yields one row per mode as it is measured."""
     for mode in modes:
         config = RuntimeConfig(preset="pi05", device="cuda", **GPU_PRECISION_OPTIONS[mode])
         rng = np.random.default_rng(0)
@@ -139,10 +139,9 @@ def executor_rows(frames: int, modes: list[str]) -> list[dict]:
                 if i >= 10:
                     timings.append(chunk.timings_ms)
         median = {k: float(np.median([t[k] for t in timings])) for k in timings[0]}
-        rows.append({"mode": mode, "settings": GPU_PRECISION_OPTIONS[mode], "median_ms": median})
         print(mode, {k: round(v, 2) for k, v in median.items()}, flush=True)
+        yield {"mode": mode, "settings": GPU_PRECISION_OPTIONS[mode], "median_ms": median}
         torch.cuda.empty_cache()
-    return rows
 
 
 def main() -> None:
@@ -166,8 +165,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     if not args.skip_executor:
-        doc["executor"] = executor_rows(args.frames, args.modes.split(","))
-        args.out.write_text(json.dumps(doc, indent=1))
+        doc["executor"] = []
+        for row in executor_rows(args.frames, args.modes.split(",")):
+            doc["executor"].append(row)
+            args.out.write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":
