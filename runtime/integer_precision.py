@@ -45,14 +45,22 @@ class InputSampler(nn.Module):
         if self.reservoir is None:
             self.reservoir = rows[:SAMPLED_ROWS].clone()
             self.seen, rows = len(self.reservoir), rows[SAMPLED_ROWS:]
-        for row in rows:  # once the reservoir is full, each later row replaces a slot with falling odds
-            self.seen += 1
-            slot = int(torch.randint(self.seen, (1,), generator=self.generator))
-            if slot < SAMPLED_ROWS:
-                if slot < len(self.reservoir):
-                    self.reservoir[slot] = row
-                else:
-                    self.reservoir = torch.cat([self.reservoir, row[None]])
+        if len(self.reservoir) < SAMPLED_ROWS:  # still filling (a first call of fewer rows)
+            room = SAMPLED_ROWS - len(self.reservoir)
+            self.reservoir = torch.cat([self.reservoir, rows[:room]])
+            self.seen, rows = self.seen + len(rows[:room]), rows[room:]
+        if len(rows):
+            # algorithm R, for all rows at once: the i-th row seen replaces a uniform slot of i with
+            # probability SAMPLED_ROWS / i; where two rows draw one slot, the later one stays
+            seen_at = self.seen + torch.arange(1, len(rows) + 1, dtype=torch.float64)
+            slots = (torch.rand(len(rows), generator=self.generator, dtype=torch.float64) * seen_at).long()
+            kept = torch.nonzero(slots < SAMPLED_ROWS).flatten().flip(0)  # the latest first
+            slot_list, winners = slots[kept].tolist(), {}
+            for slot, row in zip(slot_list, kept.tolist(), strict=True):
+                winners.setdefault(slot, row)
+            if winners:
+                self.reservoir[list(winners)] = rows[list(winners.values())]
+            self.seen += len(rows)
         return F.linear(x, self.weight)
 
     def samples(self) -> torch.Tensor:

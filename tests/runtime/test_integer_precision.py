@@ -19,6 +19,7 @@ from vla_runtime.runtime import accuracy
 from vla_runtime.runtime.accuracy import GATES, Gates, accuracy_table
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.integer_precision import SAMPLED_ROWS, InputSampler
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
 
@@ -146,3 +147,20 @@ def test_the_float_weights_are_released_after_the_gate_and_the_actions_do_not_ch
         EagerPolicy(parts=released).infer(obs, noise).actions,
         EagerPolicy(parts=kept).infer(obs, noise).actions,
     )
+
+
+def test_the_calibration_sampler_keeps_a_uniform_sample_of_every_row_it_saw():
+    """Rows numbered in the order seen, in calls of several sizes: the sample holds SAMPLED_ROWS distinct
+    rows, spread over the whole stream (its mean near the middle), and the GEMM's output is unchanged."""
+    weight = torch.randn(8, 4)
+    sampler = InputSampler(weight)
+    seen = 0
+    for size in (300, 900, 50, 5000, 7000, 1):
+        rows = torch.arange(seen, seen + size, dtype=torch.float32)[:, None].expand(size, 4)
+        torch.testing.assert_close(sampler(rows), rows @ weight.T)
+        seen += size
+    numbers = sampler.samples()[:, 0]
+    assert sampler.seen == seen and len(numbers) == SAMPLED_ROWS == len(set(numbers.tolist()))
+    # the mean of 1024 draws from 0..seen-1 has a standard deviation of seen / sqrt(12 * 1024) ~ 0.009 seen
+    assert abs(float(numbers.mean()) / seen - 0.5) < 0.05
+    assert float((numbers < seen / 2).float().mean()) > 0.4  # early rows are not over-kept
