@@ -652,8 +652,12 @@ def cmd_accuracy(args) -> int:
         from .runtime.recording import read_observations
 
         observations = read_observations(
-            args.observations, config.model.camera_names, config.state_dim, args.frames
-        )
+            args.observations, config.model.camera_names, config.state_dim, args.skip_frames + args.frames
+        )[args.skip_frames :]
+        if not observations:
+            raise ValueError(
+                f"--skip-frames: {args.observations} has no observation after the first {args.skip_frames}"
+            )
     result = accuracy_table(config, frames=args.frames, observations=observations)
     print(json.dumps(result) if args.json else format_table(result))
     return 0 if result["passed"] else 1
@@ -722,6 +726,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     acc.add_argument(
         "--observations", default=None, help="recorded observations (MCAP) instead of random ones"
+    )
+    acc.add_argument(
+        "--skip-frames",
+        type=int_at_least(0),
+        default=0,
+        help="recorded observations to skip first, e.g. those --integer-calibration fitted on (default: 0)",
     )
     acc.add_argument("--json", action="store_true", help="print one JSON object")
     acc.set_defaults(func=cmd_accuracy)

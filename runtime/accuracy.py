@@ -165,6 +165,7 @@ def float32_reference(config: RuntimeConfig) -> PolicyParts:
             compile_stages=False,
             fp8_expert=False,
             fp8_calibration=None,
+            integer_calibration=None,
         )
     )
 

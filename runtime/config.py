@@ -81,6 +81,9 @@ class RuntimeConfig:
     force_precision: bool = False  # int8 / w4a8: serve even when the start-up accuracy gate fails
     integer_stages: str = "both"  # int8 / w4a8: the Gemma stacks quantised: both, prefix or expert
     keep_float_weights: bool = False  # int8 / w4a8: keep the float weights after the start-up gate
+    integer_calibration: str | None = (
+        None  # w4a8: MCAP observations the smoothing is fitted on; None = synthetic
+    )
     compile_cache: str = "~/.cache/vla_runtime/compile"  # runtime/compile_cache.py; "none": Inductor's own
     max_image_side: int = 4096
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
@@ -110,6 +113,10 @@ class RuntimeConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.integer_calibration and self.precision != "w4a8":
+            raise ValueError(
+                f"integer_calibration: fits the w4a8 smoothing, not used with precision {self.precision}"
+            )
         if self.fp8_calibration and self.precision != "fp8":
             raise ValueError(f"fp8_calibration: scales are for precision fp8, not {self.precision}")
         if self.robot and not self.checkpoint:

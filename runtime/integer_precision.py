@@ -3,8 +3,9 @@ projections of the prefix, the action expert, or both: `integer_stages`) in inte
 
 int8   W8A8 (graphs/int8.py): per-channel weights, per-token activations; nothing to calibrate.
 w4a8   4-bit weights, 8-bit activations (graphs/w4a8.py), each GEMM's input smoothed by a DuQuant
-       transform (graphs/duquant.py) fitted on the inputs that GEMM sees over a few calibration frames
-       (synthetic ones, `fp8_calibration_frames` of them: the frame count the FP8 calibration uses).
+       transform (graphs/duquant.py) fitted on the inputs that GEMM sees over a few calibration frames:
+       the first frames of `integer_calibration` (a recording), else synthetic ones; as many as the FP8
+       calibration uses (`fp8_calibration_frames`).
 
 Vision, the projections in and out of the expert, attention and norms stay in the compute dtype.
 """
@@ -81,6 +82,22 @@ def stacks(parts: PolicyParts) -> list[tuple]:
     ]
 
 
+def calibration_frames(parts: PolicyParts) -> list:
+    """The frames the smoothing is fitted on: a recording's first ones, else synthetic ones."""
+    config = parts.config
+    if not config.integer_calibration:
+        return synthetic_observations(parts, config.fp8_calibration_frames, config.seed)
+    from .recording import read_observations  # noqa: PLC0415 - mcap is needed only here
+
+    cfg = parts.config.model
+    frames = read_observations(
+        config.integer_calibration, cfg.camera_names, config.state_dim, config.fp8_calibration_frames
+    )
+    if not frames:
+        raise ValueError(f"integer_calibration: {config.integer_calibration} holds no complete observation")
+    return frames
+
+
 def prepare_integer(parts: PolicyParts) -> int:
     """Quantise both stacks for `parts.config.precision` (int8 or w4a8) and route them through it.
     Returns the number of quantised GEMMs."""
@@ -97,18 +114,21 @@ def prepare_integer(parts: PolicyParts) -> int:
         for stack, kv_only in stacks(parts):
             stack.quantize(sampler, kv_only)
             stack.set_quantized(True)
-        frames = synthetic_observations(parts, config.fp8_calibration_frames, config.seed)
+        frames = calibration_frames(parts)
         frames_runner(parts, frames, True, config.seed)()
 
         def smoothed(weight: torch.Tensor) -> W4A8Linear:
             return W4A8Linear(weight, fit_smoothing(samplers[id(weight)].samples(), weight))
 
         count = sum(stack.quantize(smoothed, kv_only) for stack, kv_only in stacks(parts))
-        log.warning(
-            "w4a8 smoothing fitted on %d synthetic frames; for a trained checkpoint, recorded observations "
-            "would suit it better",
-            len(frames),
-        )
+        if config.integer_calibration:
+            log.info("w4a8 smoothing fitted on %d frames of %s", len(frames), config.integer_calibration)
+        else:
+            log.warning(
+                "w4a8 smoothing fitted on %d synthetic frames; for a trained checkpoint, give recorded "
+                "observations (integer_calibration)",
+                len(frames),
+            )
     for stack, _ in stacks(parts):
         stack.set_quantized(True)
     if not config.force_precision:

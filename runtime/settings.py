@@ -156,6 +156,12 @@ SETTINGS: tuple[Setting, ...] = (
         bool,
     ),
     Setting(
+        "integer_calibration",
+        "w4a8: recorded observations (MCAP) the DuQuant smoothing is fitted on; none = synthetic frames",
+        str,
+        "",
+    ),
+    Setting(
         "fp8_calibration",
         "FP8 activation scales (`vla-runtime calibrate`); none = calibrated on synthetic frames at start-up",
         str,

@@ -65,6 +65,11 @@ REFUSED = [
     (["infer", "--tokenizer", "{empty}"], "tokenizer: "),
     (["infer", "--robot", "franka"], "robot: "),
     (["accuracy", "--frames", "0"], "argument --frames: must be at least 1"),
+    (["accuracy", "--skip-frames", "-1"], "argument --skip-frames: must be at least 0"),
+    (
+        ["infer", "--precision", "int8", "--integer-calibration", "x.mcap"],
+        "integer_calibration: fits the w4a8",
+    ),
     (["eval-libero", "--trials", "0"], "argument --trials: must be at least 1"),
     (["eval-libero", "--max-steps", "0"], "argument --max-steps: must be at least 1"),
     (["eval-libero", "--replan-steps", "0"], "argument --replan-steps: must be at least 1"),

@@ -164,3 +164,26 @@ def test_the_calibration_sampler_keeps_a_uniform_sample_of_every_row_it_saw():
     # the mean of 1024 draws from 0..seen-1 has a standard deviation of seen / sqrt(12 * 1024) ~ 0.009 seen
     assert abs(float(numbers.mean()) / seen - 0.5) < 0.05
     assert float((numbers < seen / 2).float().mean()) > 0.4  # early rows are not over-kept
+
+
+def test_the_w4a8_smoothing_is_fitted_on_a_recording_when_one_is_given(tmp_path, rng):
+    """Recorded observations (as the node or eval-libero --record write them) replace the synthetic
+    frames: the fitted transform changes with them; a missing file is named; int8 refuses the setting."""
+    from vla_runtime.runtime.recording import ObservationRecorder
+
+    path = tmp_path / "calibration.mcap"
+    with ObservationRecorder(path) as recorder:
+        for i in range(3):
+            obs = random_observation(rng, "pi05_tiny")
+            obs.timestamp = 10.0 + 0.05 * i
+            recorder.write(obs)
+    settings = dict(preset="pi05_tiny", precision="w4a8", force_precision=True, keep_float_weights=True)
+    recorded = build_parts(RuntimeConfig(**settings, integer_calibration=str(path)))
+    synthetic = build_parts(RuntimeConfig(**settings))
+    stacks = (recorded.model.prefix_lm, synthetic.model.prefix_lm)
+    first = [stack.layers[0].self_attn.qkv_quant.scale for stack in stacks]
+    assert not torch.allclose(*first)
+    with pytest.raises(ValueError, match="observations: no file at"):
+        build_parts(RuntimeConfig(**settings, integer_calibration=str(tmp_path / "none.mcap")))
+    with pytest.raises(ValueError, match="integer_calibration: fits the w4a8 smoothing"):
+        RuntimeConfig(preset="pi05_tiny", precision="int8", integer_calibration=str(path))
