@@ -647,6 +647,8 @@ def cmd_accuracy(args) -> int:
     from .runtime.accuracy import accuracy_table, format_table
 
     observations = None
+    if args.skip_frames and not args.observations:
+        raise ValueError("--skip-frames: skips recorded observations; give them with --observations")
     config = runtime_config_from_args(args)
     if args.observations:
         from .runtime.recording import read_observations

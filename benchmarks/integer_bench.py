@@ -160,6 +160,7 @@ def main() -> None:
         "torch": torch.__version__,
         "peak_gbs": args.peak_gbs,
         "gemm_rows_per_call": ROWS,
+        "executor_frames": args.frames,
         "gemms": [] if args.skip_gemms else gemm_rows(args.peak_gbs),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

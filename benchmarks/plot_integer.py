@@ -48,7 +48,7 @@ def main() -> None:
             bottom += ms
         for x, row in enumerate(run["executor"]):
             ax.text(x, bottom[x] + 0.3, f"{row['median_ms']['total']:.1f}", ha="center", fontsize=9)
-        ax.set_ylabel("ms (median; label: end to end from submit)")
+        ax.set_ylabel("ms (median; label: the executor's total)")
         ax.set_title(f"pi05 stages, one run ({run['commit']})")
         ax.set_ylim(0, 1.25 * bottom.max())
         ax.legend(fontsize=8, ncol=3, loc="upper center")

@@ -12,14 +12,18 @@ nibbles' group) accumulate in int32, which is exact; each group's sum is scaled 
 accumulator; the token's scale is applied once at the end. At the action expert's 50 rows one block of
 rows and a few dozen column blocks would leave most of the GPU idle, so the runs are split over more
 programs (split-K) whose float32 partial sums are added after.
-Elsewhere (and on CUDA without Triton) the same sums run as float32 matmuls per group: every partial sum
-is an integer below 2^24 (group <= 1024: 1024 * 127 * 8 < 2^24), so float32 holds it exactly and the two
-paths differ only in the order the group sums are added.
+Elsewhere (and on CUDA without Triton, or for a group the kernel does not take) the same sums run as
+float32 matmuls per group: every partial sum is an integer below 2^24 (for any group up to 1024:
+1024 * 127 * 8 < 2^24), so float32 holds it exactly and the two paths differ only in the order the group
+sums are added.
 
 A custom operator so that torch.compile and CUDA graphs take it as one opaque call.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -102,22 +106,39 @@ if triton is not None:
         tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok & n_ok)
 
 
-SMS_TO_FILL = 132  # an H100 / H200: split-K until about this many programs run
+MAX_GROUP = 256  # larger groups overflow shared memory with these tiles (512 needs 320 KiB of 227)
+
+
+@dataclass(frozen=True)
+class LaunchShape:
+    block_m: int
+    block_n: int
+    splits: int  # programs along K, each adding `runs_per_split` runs of bytes
+    runs_per_split: int
 
 
 def kernel_supports(k: int, group: int) -> bool:
-    """The Triton kernel's shape needs: a power-of-two group of at least 32 (int8 tensor-core K) and an
+    """The Triton kernel's shape needs: a power-of-two group of 32 (int8 tensor-core K) to MAX_GROUP and an
     even number of groups (a byte holds a channel of each half)."""
-    return triton is not None and group >= 32 and group & (group - 1) == 0 and k % (2 * group) == 0
+    return (
+        triton is not None and 32 <= group <= MAX_GROUP and group & (group - 1) == 0 and k % (2 * group) == 0
+    )
 
 
-def launch_shape(rows: int, cols: int, runs: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, splits): the expert's 50-row products in one row block, split over K until the
-    GPU is about full; the prefix's hundreds of rows fill it without."""
+def launch_shape(rows: int, cols: int, runs: int, sms: int) -> LaunchShape:
+    """The expert's 50-row products in one row block, split over K until about `sms` programs run (the
+    GPU is about full); the prefix's hundreds of rows fill it without."""
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     block_n = 64
     tiles = -(-rows // block_m) * -(-cols // block_n)
-    return block_m, block_n, max(1, min(runs, SMS_TO_FILL // tiles))
+    wanted = max(1, min(runs, sms // tiles))
+    runs_per_split = -(-runs // wanted)
+    return LaunchShape(block_m, block_n, -(-runs // runs_per_split), runs_per_split)
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def triton_w4a8_matmul(
@@ -126,18 +147,19 @@ def triton_w4a8_matmul(
     rows, k = x_q.shape
     cols, groups = packed.shape[0], w_scale.shape[1]
     group, runs = k // groups, groups // 2
-    block_m, block_n, splits = launch_shape(rows, cols, runs)
-    runs_per_split = -(-runs // splits)
-    splits = -(-runs // runs_per_split)
-    y = torch.empty(splits, rows, cols, dtype=out_dtype if splits == 1 else torch.float32, device=x_q.device)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n), splits)
-    _w4a8_kernel[grid](
-        x_q, x_scale, packed, w_scale, y,
-        rows, cols, runs, runs_per_split,
-        x_q.stride(0), packed.stride(0), w_scale.stride(0), y.stride(0), y.stride(1),
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3,
-    )  # fmt: skip
-    return y[0] if splits == 1 else y.sum(0).to(out_dtype)
+    shape = launch_shape(rows, cols, runs, multiprocessors(x_q.device))
+    y = torch.empty(
+        shape.splits, rows, cols, dtype=out_dtype if shape.splits == 1 else torch.float32, device=x_q.device
+    )
+    grid = (triton.cdiv(rows, shape.block_m), triton.cdiv(cols, shape.block_n), shape.splits)
+    with torch.cuda.device(x_q.device):  # Triton launches on the current device, not the tensors'
+        _w4a8_kernel[grid](
+            x_q, x_scale, packed, w_scale, y,
+            rows, cols, runs, shape.runs_per_split,
+            x_q.stride(0), packed.stride(0), w_scale.stride(0), y.stride(0), y.stride(1),
+            GROUP=group, BLOCK_M=shape.block_m, BLOCK_N=shape.block_n, num_warps=4, num_stages=3,
+        )  # fmt: skip
+    return y[0] if shape.splits == 1 else y.sum(0).to(out_dtype)
 
 
 @torch.library.custom_op("vla_runtime::w4a8_matmul", mutates_args=())
@@ -153,7 +175,9 @@ def w4a8_matmul(
     x_scale = x_scale.reshape(-1).contiguous()
     k = x_q.shape[1]
     if x_q.is_cuda and kernel_supports(k, k // w_scale.shape[1]):
-        return triton_w4a8_matmul(x_q.contiguous(), x_scale, packed, w_scale.contiguous(), out_dtype)
+        return triton_w4a8_matmul(
+            x_q.contiguous(), x_scale, packed.contiguous(), w_scale.contiguous(), out_dtype
+        )
     return reference_w4a8_matmul(x_q, x_scale, packed, w_scale, out_dtype)
 
 

@@ -75,7 +75,7 @@ class RuntimeConfig:
     # (MEASURED_COMPILE_STAGES), nothing on the CPU.
     compile_stages: bool | None = None
     fp8_calibration: str | None = None  # activation scales: loaded if the file exists, else calibrated, saved
-    fp8_calibration_frames: int = 8  # synthetic frames, when no calibration file is given
+    fp8_calibration_frames: int = 8  # synthetic frames when no scales file is given; w4a8: also recorded ones
     fp8_calibration_margin: float = 1.25  # headroom over the largest activation seen
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
     force_precision: bool = False  # int8 / w4a8: serve even when the start-up accuracy gate fails

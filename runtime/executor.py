@@ -84,6 +84,8 @@ class Member:
     previous: PreviousChunk | None
     handover: HandoverArrays
     future: Future
+    received: float = 0.0  # perf_counter when `prepare` took it: the chunk's latency counts from here
+    prepare_ms: float = 0.0  # the host's check and preparation (images, prompt, state)
 
     @property
     def cameras_present(self) -> int:
@@ -307,6 +309,7 @@ class PipelinedExecutor(Policy):
 
     def prepare(self, obs: Observation, noise=None, previous: PreviousChunk | None = None) -> Member:
         """One observation checked (ValueError naming the field) and prepared for a frame."""
+        received = time.perf_counter()
         inputs = self.parts.preparer(obs)
         previous, handover = self.parts.prepare_handover(previous)
         if noise is not None:
@@ -316,7 +319,8 @@ class PipelinedExecutor(Policy):
                 noise = self._noise.standard_normal(
                     (self.config.model.action_horizon, self.config.model.action_dim), dtype=np.float32
                 )
-        return Member(obs.timestamp, inputs, noise, previous, handover, Future())
+        prepare_ms = (time.perf_counter() - received) * 1e3
+        return Member(obs.timestamp, inputs, noise, previous, handover, Future(), received, prepare_ms)
 
     def infer(
         self, obs: Observation, noise: np.ndarray | None = None, previous: PreviousChunk | None = None
@@ -678,8 +682,13 @@ class PipelinedExecutor(Policy):
         actions = host.actions.numpy().copy()  # [batch, H, A]: one row per member (and padding)
         finished = [self.parts.finish_chunk(actions[i], m.previous) for i, m in enumerate(frame.members)]
         done = time.perf_counter()
+        # From the earliest member's `prepare` on: the host's preparation and, where a server holds
+        # prepared observations to batch them, that wait are part of what the robot waits for.
+        first = min(frame.members, key=lambda m: m.received)
+        timings["prepare"] = first.prepare_ms
+        timings["held_before_frame"] = (frame.submitted - first.received) * 1e3 - first.prepare_ms
         timings["queue_wait"] = (frame.dispatched - frame.submitted) * 1e3
-        timings["total"] = (done - frame.submitted) * 1e3
+        timings["total"] = (done - first.received) * 1e3
         self.stats.add_all(timings)
         return [
             ActionChunk(

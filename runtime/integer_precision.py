@@ -25,7 +25,7 @@ from .calibration import frames_runner, synthetic_observations
 from .loading import PolicyParts
 
 log = logging.getLogger(__name__)
-SAMPLED_ROWS = 1024  # per GEMM: the calibration inputs a smoothing is fitted on (the first ones seen)
+SAMPLED_ROWS = 1024  # per GEMM: the calibration inputs a smoothing is fitted on (a uniform sample)
 
 
 class InputSampler(nn.Module):
@@ -90,9 +90,12 @@ def calibration_frames(parts: PolicyParts) -> list:
     from .recording import read_observations  # noqa: PLC0415 - mcap is needed only here
 
     cfg = parts.config.model
-    frames = read_observations(
-        config.integer_calibration, cfg.camera_names, config.state_dim, config.fp8_calibration_frames
-    )
+    try:
+        frames = read_observations(
+            config.integer_calibration, cfg.camera_names, config.state_dim, config.fp8_calibration_frames
+        )
+    except ValueError as err:
+        raise ValueError(f"integer_calibration: {err}") from None
     if not frames:
         raise ValueError(f"integer_calibration: {config.integer_calibration} holds no complete observation")
     return frames

@@ -45,6 +45,7 @@ class EagerPolicy(Policy):
         self, obs: Observation, noise: np.ndarray | None = None, previous: PreviousChunk | None = None
     ) -> ActionChunk:
         parts, model, device = self.parts, self.parts.model, self.parts.device
+        received = self._sync()
         inputs = parts.preparer(obs)
         previous, handover = parts.prepare_handover(previous)
         noise = (
@@ -77,12 +78,13 @@ class EagerPolicy(Policy):
         t5 = time.perf_counter()
         ms = lambda a, b: (b - a) * 1e3  # noqa: E731
         timings = {
+            "prepare": ms(received, t0),
             "copy_in": ms(t0, t1),
             "vision": ms(t1, t2),
             "prefix": ms(t2, t3),
             "denoise": ms(t3, t4),
             "copy_out": ms(t4, t5),
-            "total": ms(t0, t5),
+            "total": ms(received, t5),
         }
         return ActionChunk(
             timestamp=obs.timestamp,

@@ -236,7 +236,7 @@ DERIVED_OR_INTERNAL = {
     "action_names": "the node: joint_names",
     "optional_cameras": "the node: optional_cameras among cameras",
     "compile_stages": "measured default (experiments change it in code)",
-    "fp8_calibration_frames": "synthetic calibration frames (calibrate on recordings instead)",
+    "fp8_calibration_frames": "calibration frames at start-up (FP8 on recordings: vla-runtime calibrate)",
     "max_image_side": "a guard against absurd images",
     "max_batch": "several robots in one batch (submit_batch); a node serves one robot",
 }

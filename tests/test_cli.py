@@ -66,6 +66,7 @@ REFUSED = [
     (["infer", "--robot", "franka"], "robot: "),
     (["accuracy", "--frames", "0"], "argument --frames: must be at least 1"),
     (["accuracy", "--skip-frames", "-1"], "argument --skip-frames: must be at least 0"),
+    (["accuracy", "--skip-frames", "3"], "--skip-frames: skips recorded observations; give them with"),
     (
         ["infer", "--precision", "int8", "--integer-calibration", "x.mcap"],
         "integer_calibration: fits the w4a8",

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 from vla_runtime.graphs.config import GEMMA_300M
-from vla_runtime.graphs.w4a8_kernel import kernel_supports, launch_shape, reference_w4a8_matmul, w4a8_matmul
+from vla_runtime.graphs.w4a8_kernel import (
+    kernel_supports,
+    launch_shape,
+    multiprocessors,
+    reference_w4a8_matmul,
+    w4a8_matmul,
+)
 from vla_runtime.runtime.accuracy import accuracy_table
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
@@ -18,11 +24,13 @@ from vla_runtime.runtime.reference import EagerPolicy
 from ..conftest import random_observation
 from .test_executor_gpu import BF16_REL_TOL
 
+SHAPES = {**GEMMA_300M.gemm_shapes(), "odd_n": (1000, 1024)}  # the action expert's, and a ragged N
+
 
 @pytest.mark.parametrize("rows", [5, 50, 700])
-@pytest.mark.parametrize("gemm", sorted(GEMMA_300M.gemm_shapes()))
+@pytest.mark.parametrize("gemm", sorted(SHAPES))
 def test_the_w4a8_kernel_equals_its_integer_reference_without_an_unpacked_copy(cuda, rows, gemm, rng):
-    n, k = GEMMA_300M.gemm_shapes()[gemm]  # the action expert's
+    n, k = SHAPES[gemm]
     gen = torch.Generator(device=cuda).manual_seed(int(rng.integers(2**31)))
     x_q = torch.randint(-127, 128, (rows, k), generator=gen, device=cuda, dtype=torch.int8)
     packed = torch.randint(0, 256, (n, k // 2), generator=gen, device=cuda, dtype=torch.uint8)
@@ -36,10 +44,9 @@ def test_the_w4a8_kernel_equals_its_integer_reference_without_an_unpacked_copy(c
     got = w4a8_matmul(x_q, x_scale, packed, w_scale, torch.float32)
     torch.cuda.synchronize()
     # the only allocations are the output and the split-K partial sums: no unpacked weight copy
-    splits = launch_shape(rows, n, k // 256)[2]
+    splits = launch_shape(rows, n, k // 256, multiprocessors(x_q.device)).splits
     expected = rows * n * 4 * (splits + 1 if splits > 1 else 1)
-    rounding = 2 * 2**21  # the caching allocator rounds each large block up to 2 MiB
-    assert torch.cuda.max_memory_allocated() - before <= expected + rounding, (splits, expected)
+    assert torch.cuda.max_memory_allocated() - before <= expected + 2 * 512, (splits, expected)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     compiled = torch.compile(lambda *a: w4a8_matmul(*a, torch.bfloat16) * 2, fullgraph=True)
     graph_out = compiled(x_q, x_scale, packed, w_scale)  # warm-up outside the capture

@@ -9,7 +9,7 @@ import torch
 from vla_runtime.graphs.duquant import as_matrices, fit_smoothing, spreading_reflection, zigzag_permutation
 from vla_runtime.graphs.int8 import Int8Linear, quantize_per_row
 from vla_runtime.graphs.w4a8 import W4A8Linear, quantize_int4_grouped
-from vla_runtime.graphs.w4a8_kernel import pack_int4, unpack_int4, w4a8_matmul
+from vla_runtime.graphs.w4a8_kernel import launch_shape, pack_int4, unpack_int4, w4a8_matmul
 
 
 @pytest.fixture
@@ -155,3 +155,18 @@ def test_w4a8_reads_fewer_weight_bytes_than_bf16(gen):
     assert smoothed.weight_bytes() * 3.5 < bf16_bytes
     x = torch.randn(50, 1024, generator=gen).to(torch.bfloat16)
     assert relative_error(smoothed(x).float(), x.float() @ w.float().T) < 0.2
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "runs"), [(50, 1024, 16), (50, 2560, 4), (5, 1000, 7), (700, 8192, 4)]
+)
+def test_the_w4a8_launch_covers_every_run_once_and_leaves_no_split_empty(rows, cols, runs):
+    shape = launch_shape(rows, cols, runs, sms=132)
+    per_split = [  # the kernel's loop bounds
+        list(range(s * shape.runs_per_split, min((s + 1) * shape.runs_per_split, runs)))
+        for s in range(shape.splits)
+    ]
+    assert all(per_split)  # no split without work
+    assert sorted(r for split in per_split for r in split) == list(range(runs))  # each run once
+    tiles = -(-rows // shape.block_m) * -(-cols // shape.block_n)
+    assert shape.splits == 1 or tiles * shape.splits <= 132  # split only up to the GPU's size

@@ -183,7 +183,7 @@ def test_the_w4a8_smoothing_is_fitted_on_a_recording_when_one_is_given(tmp_path,
     stacks = (recorded.model.prefix_lm, synthetic.model.prefix_lm)
     first = [stack.layers[0].self_attn.qkv_quant.scale for stack in stacks]
     assert not torch.allclose(*first)
-    with pytest.raises(ValueError, match="observations: no file at"):
+    with pytest.raises(ValueError, match="integer_calibration: observations: no file at"):
         build_parts(RuntimeConfig(**settings, integer_calibration=str(tmp_path / "none.mcap")))
     with pytest.raises(ValueError, match="integer_calibration: fits the w4a8 smoothing"):
         RuntimeConfig(preset="pi05_tiny", precision="int8", integer_calibration=str(path))

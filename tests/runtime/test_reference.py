@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from vla_runtime.runtime.config import RuntimeConfig
@@ -102,3 +104,22 @@ def test_bad_config_is_refused():
     ):
         with pytest.raises(ValueError, match=field):
             RuntimeConfig(**kwargs)
+
+
+def test_the_reported_total_counts_from_submit_with_the_host_preparation_as_its_own_span(rng):
+    """The host's preparation made at least 50 ms long (a sleep: only its lower bound is used): the chunk
+    reports it as `prepare` and its total covers it, in the eager reference and the executor."""
+    from vla_runtime.runtime.executor import PipelinedExecutor
+
+    config = RuntimeConfig(preset="pi05_tiny")
+    for policy in (EagerPolicy(config), PipelinedExecutor(config)):
+        prepare = policy.parts.preparer
+        policy.parts.preparer = lambda obs, prepare=prepare: (time.sleep(0.05), prepare(obs))[1]
+        try:
+            chunk = policy.infer(random_observation(rng, "pi05_tiny"))
+        finally:
+            policy.parts.preparer = prepare
+            if hasattr(policy, "close"):
+                policy.close()
+        t = chunk.timings_ms
+        assert t["prepare"] >= 50 and t["total"] >= t["prepare"] + t["vision"] + t["denoise"], t
