@@ -14,6 +14,7 @@ import yaml
 from ..graphs.checkpoint import CheckpointInfo, architecture_differences, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
 from .handover import Handover
+from .pipelining import PIPELINING_MODES
 
 # Stages that run faster compiled, measured on an H100 (benchmarks/results/2026-11-22-h100-80gb-hbm3.json,
 # graphs with and without torch.compile): prefix 6.84 vs 11.49 ms, denoise 10.15 vs 30.21 ms; vision was not
@@ -91,6 +92,9 @@ class RuntimeConfig:
     device_timeout_s: float | None = None
     # How a new chunk takes over from the executing one (runtime/handover.py).
     handover: str = "switch"  # switch | blend | inpaint | rtc
+    # Frames on the device at once (runtime/pipelining.py): throughput (overlapped), latency (one at a
+    # time) or auto (by the input rate). Throughput stays the default until the GPU comparison is made.
+    pipelining: str = "throughput"
     rtc_execution_horizon: int = 10  # end of the guided / blended region, in actions
     rtc_max_guidance_weight: float = 10.0
     rtc_schedule: str = "exp"  # exp | linear | ones | zeros
@@ -113,6 +117,10 @@ class RuntimeConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.pipelining not in PIPELINING_MODES:
+            raise ValueError(
+                f"pipelining: must be one of {', '.join(PIPELINING_MODES)}, got {self.pipelining!r}"
+            )
         if self.integer_calibration and self.precision != "w4a8":
             raise ValueError(
                 f"integer_calibration: fits the w4a8 smoothing, not used with precision {self.precision}"

@@ -49,6 +49,7 @@ from .handover import HandoverArrays, PreviousChunk
 from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
 from .inputs import PreparedInputs
 from .loading import PolicyParts, build_parts
+from .pipelining import PipeliningChooser
 from .policy import FrameDropped, Policy
 from .stages import STAGES, StageEngine, StageRunner
 from .timing import LatencyStats, TraceRecorder
@@ -192,6 +193,8 @@ class PipelinedExecutor(Policy):
         self._issued = 0  # frames sent to the device (dispatcher thread only)
         self._pending: Frame | None = None
         self._in_flight = 0
+        self.peak_in_flight = 0  # the most frames on the device at once (1 while latency first)
+        self._pipelining = PipeliningChooser(self.config.pipelining, MAX_IN_FLIGHT)
         self._on_device: dict[int, Frame] = {}  # issued, not completed: what the watchdog watches
         self._hung: DeviceHung | None = None  # cleared when the device answers again
         self._broken: DeviceFailed | None = None  # for good: the device could not drain after a failure
@@ -270,6 +273,7 @@ class PipelinedExecutor(Policy):
                     m.future.set_exception(self._broken or self._hung)
                 return [m.future for m in members]
             frame = Frame(self._next_index, members, profile, time.perf_counter())
+            self._pipelining.arrived(frame.submitted)
             self._next_index += 1
             self.counters["submitted"] += 1
             dropped, self._pending = self._pending, frame
@@ -295,10 +299,13 @@ class PipelinedExecutor(Policy):
         if "denoise" in self._engines and steps not in (None, self.config.denoising_steps):
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
 
-    def wait_for_room(self, timeout: float | None = None, in_flight: int = MAX_IN_FLIGHT - 1) -> bool:
+    def wait_for_room(self, timeout: float | None = None, in_flight: int | None = None) -> bool:
         """Until a frame submitted now goes to the device at once: none is pending and fewer than
-        `in_flight` are on the device (a caller that batches keeps its observations until then, where
-        it can still choose among them). False when `timeout` passes first; ExecutorClosed once closed."""
+        `in_flight` are on the device (default: one fewer than the pipelining mode allows, at least one; a
+        caller that batches keeps its observations until then, where it can still choose among them).
+        False when `timeout` passes first; ExecutorClosed once closed."""
+        limit = self._pipelining.in_flight_limit()
+        in_flight = max(1, limit - 1) if in_flight is None else min(in_flight, limit)
         with self._cond:
             room = self._cond.wait_for(
                 lambda: self._closed or (self._pending is None and self._in_flight < in_flight), timeout
@@ -421,6 +428,7 @@ class PipelinedExecutor(Policy):
             "graphs": self.use_graphs,
             "profiles": profiles,
             "compile_cache": self.compile_cache.describe() if self.compile_cache else None,
+            "pipelining": {**self._pipelining.report(), "peak_in_flight": self.peak_in_flight},
         }
 
     # ------------------------------------------------------------------ graphs and buffers per profile
@@ -488,7 +496,12 @@ class PipelinedExecutor(Policy):
                 # Take the newest pending frame only once there is room on the device, so that anything
                 # submitted while we wait replaces it (newest wins).
                 self._cond.wait_for(
-                    lambda: self._closed or (self._pending is not None and self._in_flight < MAX_IN_FLIGHT)
+                    lambda: (
+                        self._closed
+                        or (
+                            self._pending is not None and self._in_flight < self._pipelining.in_flight_limit()
+                        )
+                    )
                 )
                 if self._closed:
                     return
@@ -499,6 +512,7 @@ class PipelinedExecutor(Policy):
                     self._cond.wait_for(lambda: self._in_flight == 0 or self._closed)
                     continue
                 self._in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
                 self._cond.notify_all()  # the pending frame is taken (a waiter may submit the next)
             if self._device_error() is not None:  # taken while a hang was being declared: not issued
                 self._leave_device(frame, "failed")
@@ -682,6 +696,7 @@ class PipelinedExecutor(Policy):
         actions = host.actions.numpy().copy()  # [batch, H, A]: one row per member (and padding)
         finished = [self.parts.finish_chunk(actions[i], m.previous) for i, m in enumerate(frame.members)]
         done = time.perf_counter()
+        self._pipelining.served(done - frame.dispatched)
         # From the earliest member's `prepare` on: the host's preparation and, where a server holds
         # prepared observations to batch them, that wait are part of what the robot waits for.
         first = min(frame.members, key=lambda m: m.received)

@@ -17,6 +17,7 @@ from typing import Any
 from ..graphs.config import PRESETS
 from .config import INTEGER_STAGES, PRECISION_MODES, PRECISIONS, RuntimeConfig
 from .handover import HANDOVER_MODES, SCHEDULES
+from .pipelining import PIPELINING_MODES
 
 # state_in_prompt in words (a ROS parameter of true/false would be a bool and could not say "auto").
 STATE_IN_PROMPT = {"auto": None, "with_state": True, "without_state": False}
@@ -187,6 +188,14 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         0.0,
         range=(0.1, 3600.0),
+    ),
+    Setting(
+        "pipelining",
+        "frames on the device at once: throughput (consecutive frames overlap), latency (one at a time: "
+        "each stage has the GPU to itself) or auto (latency first while observations arrive slower than "
+        "a frame takes)",
+        str,
+        choices=PIPELINING_MODES,
     ),
     Setting(
         "handover",
