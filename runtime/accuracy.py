@@ -65,7 +65,7 @@ def stage_outputs(parts: PolicyParts, obs, noise: np.ndarray) -> dict[str, torch
         for i, layer in enumerate(model.vision.encoder.layers)
     ]
     try:
-        tokens = model.encode_images(pixels_to_model_input(t(inputs.pixels)))
+        tokens = model.encode_images(pixels_to_model_input(inputs.pixels_on(device)[None]))
     finally:
         for h in hooks:
             h.remove()

@@ -92,7 +92,7 @@ def frames_runner(parts: PolicyParts, observations: list[Observation], fp8_exper
         generator = torch.Generator().manual_seed(seed)
         for f in frames:
             t = lambda a: torch.from_numpy(a)[None].to(device)  # noqa: E731
-            tokens = model.encode_images(pixels_to_model_input(t(f.pixels)))
+            tokens = model.encode_images(pixels_to_model_input(f.pixels_on(device)[None]))
             kv, mask = model.fill_prefix(tokens, t(f.image_masks), t(f.tokens), t(f.token_masks))
             if fp8_expert:
                 noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=generator).to(device)

@@ -87,6 +87,8 @@ class RuntimeConfig:
     )
     compile_cache: str = "~/.cache/vla_runtime/compile"  # runtime/compile_cache.py; "none": Inductor's own
     max_image_side: int = 4096
+    # Images not of the model's size resized on the device (uint8 up as they came) instead of on the host
+    resize_on_device: bool = False
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
     # says so); also the bound on reset/close waiting for the device. None = DEVICE_TIMEOUT_S.
     device_timeout_s: float | None = None

@@ -47,7 +47,7 @@ from .compile_cache import use_compile_cache
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
 from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
-from .inputs import PreparedInputs
+from .inputs import PreparedInputs, place_raw_images
 from .loading import PolicyParts, build_parts
 from .pipelining import PipeliningChooser
 from .policy import FrameDropped, Policy
@@ -96,6 +96,19 @@ class Member:
     def prompt_tokens(self) -> int:
         return int(self.inputs.token_masks.sum())
 
+    def view_order(self, profile: ShapeProfile) -> np.ndarray:
+        """The full shape's view shown in each of `profile`'s view slots: the cameras present first when
+        the profile has fewer views (the absent ones are masked in the full shape)."""
+        masks = self.inputs.image_masks
+        return np.arange(len(masks)) if profile.views == len(masks) else np.flatnonzero(masks)
+
+    def raw_views(self, profile: ShapeProfile) -> dict[int, np.ndarray]:
+        """resize_on_device: `profile`'s view slot -> the raw image to resize into it on the device."""
+        raw = self.inputs.raw_images
+        return {
+            slot: raw[int(view)] for slot, view in enumerate(self.view_order(profile)) if int(view) in raw
+        }
+
     def arrays(self, profile: ShapeProfile) -> dict[str, np.ndarray]:
         """Its row of each host input tensor (buffers._input_shapes names them), in `profile`'s shape:
         with fewer views, the cameras present move to the first slots (the absent ones are masked in the
@@ -103,7 +116,7 @@ class Member:
         prompt, the padding is cut."""
         pixels, masks = self.inputs.pixels, self.inputs.image_masks
         if profile.views != len(masks):
-            present = np.flatnonzero(masks)
+            present = self.view_order(profile)
             pixels = np.zeros((profile.views, *pixels.shape[1:]), dtype=pixels.dtype)
             pixels[: len(present)] = self.inputs.pixels[present]
             masks = np.arange(profile.views) < len(present)
@@ -616,6 +629,10 @@ class PipelinedExecutor(Policy):
         if step.stream == "h2d":
             for name in step.writes:
                 device_slot.input(name).copy_(host.inputs[name], non_blocking=self.cuda)
+            if "pixels" in step.writes:  # resize_on_device: the raw images, on this (the copy's) stream
+                pixels = device_slot.input("pixels")
+                for row, member in enumerate(frame.members):
+                    place_raw_images(pixels[row], member.raw_views(frame.profile))
         elif step.stream == "d2h":
             host.actions.copy_(device_slot.actions, non_blocking=self.cuda)
         else:

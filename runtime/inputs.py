@@ -2,12 +2,15 @@
 
 Everything here is numpy on the CPU, shared by the eager reference and the pipelined executor, so the
 two see identical inputs. The uint8 -> [-1, 1] float conversion happens on the device, inside the
-vision stage (`pixels_to_model_input`).
+vision stage (`pixels_to_model_input`). With `resize_on_device`, an image that is not the model's size
+is checked here but kept as it came (`PreparedInputs.raw_images`): it goes to the device as uint8 and is
+resized there (`place_raw_images`, the same arithmetic as the host's `resize_with_pad`), where a large
+frame's bilinear resize costs a few kernels instead of milliseconds of host time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,23 +31,44 @@ class PreparedInputs:
     tokens: np.ndarray  # int64 [L]
     token_masks: np.ndarray  # bool [L]
     state: np.ndarray  # float32 [action_dim], normalised and zero-padded
+    # resize_on_device: view index -> its uint8 [H, W, 3] image, to be resized on the device into that
+    # view of `pixels` (left black here); empty otherwise
+    raw_images: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def pixels_on(self, device: torch.device) -> torch.Tensor:
+        """uint8 [V, S, S, 3] on `device`, the raw images resized there."""
+        pixels = torch.from_numpy(self.pixels).to(device)
+        place_raw_images(pixels, self.raw_images)
+        return pixels
 
 
 def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: bilinear resize keeping the aspect ratio, black padding
     centred (openpi's resize_with_pad)."""
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
+    if image.shape[:2] == (size, size):
         return image
+    out = torch.zeros((size, size, 3), dtype=torch.uint8)
+    resize_into(torch.from_numpy(np.ascontiguousarray(image)), out)
+    return out.numpy()
+
+
+def resize_into(image: torch.Tensor, out: torch.Tensor) -> None:
+    """uint8 [H, W, 3] resized with padding into `out` uint8 [S, S, 3] (black around it), on their device."""
+    h, w = image.shape[:2]
+    size = out.shape[0]
     ratio = max(w / size, h / size)
     rh, rw = int(h / ratio), int(w / ratio)
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    chw = image.permute(2, 0, 1)[None].float()
     resized = F.interpolate(chw, size=(rh, rw), mode="bilinear", align_corners=False)
-    resized = resized.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
-    out = np.zeros((size, size, 3), dtype=np.uint8)
     top, left = (size - rh) // 2, (size - rw) // 2
-    out[top : top + rh, left : left + rw] = resized
-    return out
+    out.zero_()
+    out[top : top + rh, left : left + rw] = resized.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+
+
+def place_raw_images(pixels: torch.Tensor, raw_images: dict[int, np.ndarray]) -> None:
+    """pixels uint8 [V, S, S, 3] on a device: each raw image copied up as uint8 and resized into its view."""
+    for view, image in raw_images.items():
+        resize_into(torch.from_numpy(image).to(pixels.device), pixels[view])
 
 
 def pixels_to_model_input(pixels: torch.Tensor) -> torch.Tensor:
@@ -61,6 +85,7 @@ class InputPreparer:
         state_dim: int,
         optional_cameras: tuple[str, ...] = (),
         max_image_side: int = 4096,
+        resize_on_device: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -68,11 +93,12 @@ class InputPreparer:
         self.state_dim = state_dim
         self.optional_cameras = frozenset(optional_cameras)
         self.max_image_side = max_image_side
+        self.resize_on_device = resize_on_device
 
     def __call__(self, obs: Observation) -> PreparedInputs:
         if not isinstance(obs, Observation):
             raise ValueError(f"observation: expected an Observation, got {type(obs).__name__}")
-        pixels, masks = self._images(obs.images)
+        pixels, masks, raw = self._images(obs.images)
         state = self._state(obs.state)
         normalized = self.norm_stats.normalize_state(state) if self.norm_stats else state
         # pi0.5 reads the (normalised) state from the prompt, unless trained without it (openpi's
@@ -82,9 +108,9 @@ class InputPreparer:
         )
         padded = np.zeros(self.model.action_dim, dtype=np.float32)
         padded[: self.state_dim] = normalized
-        return PreparedInputs(pixels, masks, tokens, token_masks, padded)
+        return PreparedInputs(pixels, masks, tokens, token_masks, padded, raw)
 
-    def _images(self, images) -> tuple[np.ndarray, np.ndarray]:
+    def _images(self, images) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
         if not isinstance(images, dict):
             raise ValueError(f"images: expected a dict of camera name -> image, got {type(images).__name__}")
         cameras = self.model.camera_names
@@ -97,6 +123,7 @@ class InputPreparer:
         size = self.model.vision.image_size
         pixels = np.zeros((len(cameras), size, size, 3), dtype=np.uint8)
         masks = np.zeros(len(cameras), dtype=bool)
+        raw: dict[int, np.ndarray] = {}
         for i, name in enumerate(cameras):
             if name not in images:
                 continue  # an absent optional camera: black image, masked out of attention (as openpi)
@@ -114,9 +141,12 @@ class InputPreparer:
                 raise ValueError(
                     f"{field}: size {image.shape[1]}x{image.shape[0]} outside 1..{self.max_image_side}"
                 )
-            pixels[i] = resize_with_pad(image, size)
+            if self.resize_on_device and image.shape[:2] != (size, size):
+                raw[i] = np.array(image)  # a copy: the caller's array may change after submit
+            else:
+                pixels[i] = resize_with_pad(image, size)
             masks[i] = True
-        return pixels, masks
+        return pixels, masks, raw
 
     def _state(self, state) -> np.ndarray:
         try:

@@ -139,7 +139,13 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
             f"{cfg.prefix_lm.vocab_size}"
         )
     preparer = InputPreparer(
-        cfg, tokenizer, norm_stats, config.state_dim, config.optional_camera_names, config.max_image_side
+        cfg,
+        tokenizer,
+        norm_stats,
+        config.state_dim,
+        config.optional_camera_names,
+        config.max_image_side,
+        config.resize_on_device,
     )
     random_weights = config.checkpoint is None
     # Names the weights: the seed, or a fingerprint of the checkpoint's file (calibrations are keyed by it).

@@ -56,7 +56,7 @@ class EagerPolicy(Policy):
             )
         )
         t0 = self._sync()
-        pixels = torch.from_numpy(inputs.pixels)[None].to(device)
+        pixels = inputs.pixels_on(device)[None]
         image_masks = torch.from_numpy(inputs.image_masks)[None].to(device)
         tokens = torch.from_numpy(inputs.tokens)[None].to(device)
         token_masks = torch.from_numpy(inputs.token_masks)[None].to(device)

@@ -14,6 +14,7 @@ import torch
 from .buffers import ShapeProfile, StaticBuffers
 from .config import RuntimeConfig
 from .handover import PreviousChunk
+from .inputs import place_raw_images
 from .loading import PolicyParts, build_parts
 from .policy import Policy
 from .stages import STAGES, StageRunner
@@ -76,6 +77,7 @@ class GraphPolicy(Policy):
             for name, array in staged.items():
                 host.inputs[name].numpy()[0] = array
                 slot.input(name).copy_(host.inputs[name], non_blocking=True)
+            place_raw_images(slot.input("pixels")[0], inputs.raw_images)
             ev[1].record()
             for i, stage in enumerate(STAGES):
                 self.runner.run(stage, 0)

@@ -190,6 +190,12 @@ SETTINGS: tuple[Setting, ...] = (
         range=(0.1, 3600.0),
     ),
     Setting(
+        "resize_on_device",
+        "resize camera images that are not the model's size on the device (uint8 up as they came) instead "
+        "of on the host",
+        bool,
+    ),
+    Setting(
         "pipelining",
         "frames on the device at once: throughput (consecutive frames overlap), latency (one at a time: "
         "each stage has the GPU to itself) or auto (latency first while observations arrive slower than "

@@ -1,0 +1,52 @@
+"""resize_on_device (issue 16, item 2): camera images that are not the model's size go to the device as
+they came and are resized there. On the CPU the device is the CPU, so the results must equal the host's
+resize exactly: in the preparer, the eager reference, the executor (also with shape profiles, where the
+cameras present move to the first view slots) and the sequential path."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.inputs import resize_with_pad
+from vla_runtime.runtime.loading import build_parts
+from vla_runtime.runtime.reference import EagerPolicy
+
+from ..conftest import random_observation
+
+
+def test_the_preparer_keeps_other_sizes_raw_and_the_device_resize_equals_the_hosts(rng):
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", resize_on_device=True))
+    size = parts.config.model.vision.image_size
+    obs = random_observation(rng, "pi05_tiny")
+    first = parts.config.model.camera_names[0]
+    obs.images[first] = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # the model's size: as is
+    inputs = parts.preparer(obs)
+    assert 0 not in inputs.raw_images and len(inputs.raw_images) == len(obs.images) - 1
+    for view in inputs.raw_images:
+        assert not inputs.pixels[view].any()  # left black on the host
+    names = parts.config.model.camera_names
+    want = np.stack([resize_with_pad(obs.images[n], size) for n in names if n in obs.images])
+    np.testing.assert_array_equal(inputs.pixels_on(torch.device("cpu")).numpy()[: len(want)], want)
+    obs.images[names[1]][:] = 0  # the caller reuses its buffer after submit: the raw copy is unaffected
+    np.testing.assert_array_equal(inputs.pixels_on(torch.device("cpu")).numpy()[: len(want)], want)
+
+
+def test_every_path_gives_the_same_actions_as_the_host_resize(rng):
+    """Odd image sizes; the middle camera absent in some frames: the small shape profile then shows the
+    third camera's (raw) image in the second view slot."""
+    optional = ("left_wrist_0_rgb", "right_wrist_0_rgb")
+    host = RuntimeConfig(preset="pi05_tiny", shape_profiles=True, optional_cameras=optional)
+    device = host.replace(resize_on_device=True)
+    cfg = host.model
+    frames = [
+        random_observation(rng, "pi05_tiny", skip=("left_wrist_0_rgb",) if i % 2 else ()) for i in range(4)
+    ]
+    noises = [rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32) for _ in frames]
+    with PipelinedExecutor(host) as a, PipelinedExecutor(device) as b:
+        eager = EagerPolicy(device)
+        for obs, noise in zip(frames, noises, strict=True):
+            want = a.infer(obs, noise).actions
+            np.testing.assert_array_equal(b.infer(obs, noise).actions, want)
+            np.testing.assert_allclose(eager.infer(obs, noise).actions, want, rtol=1e-5, atol=1e-5)
