@@ -1,7 +1,8 @@
 """Where a chunk's end-to-end time goes beyond the three stages: queue wait, the host-to-device copy,
 the device span from the first copy to the last, and the host time around it (issue, completion).
 
-    python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert] --out $OUT/breakdown.json
+    python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert] [--image-side 480 --resize-on-device]
+        --out $OUT/breakdown.json
 """
 
 from __future__ import annotations
@@ -23,11 +24,19 @@ def main():
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--fp8-expert", action="store_true")
     ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--image-side", type=int, default=224, help="camera frames of this side (224: no resize)")
+    ap.add_argument("--resize-on-device", action="store_true")
     ap.add_argument("--out", default="breakdown.json")
     args = ap.parse_args()
-    config = RuntimeConfig(preset="pi05", device="cuda", precision=args.precision, fp8_expert=args.fp8_expert)
+    config = RuntimeConfig(
+        preset="pi05",
+        device="cuda",
+        precision=args.precision,
+        fp8_expert=args.fp8_expert,
+        resize_on_device=args.resize_on_device,
+    )
     rng = np.random.default_rng(0)
-    observations = [synthetic_observation(config, rng) for _ in range(8)]
+    observations = [synthetic_observation(config, rng, args.image_side) for _ in range(8)]
     rows = []
     with PipelinedExecutor(config) as executor:
         for i in range(args.frames + 10):

@@ -180,3 +180,26 @@ def test_a_failure_while_issuing_recovers_on_cuda(pi05):
     finally:
         failing.restore()
     assert executor.health()["ready"]
+
+
+def test_images_resized_on_the_device_give_the_host_resizes_actions(pi05):
+    """resize_on_device with 480x640 frames: the device's bilinear resize may round a pixel differently
+    from the host's (one level of 255), so the actions agree to the bf16 tolerance, not bit for bit."""
+    executor, _ = pi05
+    rng = np.random.default_rng()
+    on_device = PipelinedExecutor(executor.config.replace(resize_on_device=True))
+    try:
+        cfg = executor.config.model
+        for _ in range(3):
+            obs = random_observation(rng, "pi05")
+            for name in obs.images:
+                obs.images[name] = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+            want = executor.infer(obs, noise).actions
+            got = on_device.infer(obs, noise).actions
+            assert np.abs(got - want).max() / np.abs(want).max() <= BF16_REL_TOL
+            inputs = on_device.parts.preparer(obs)
+            host = torch.from_numpy(executor.parts.preparer(obs).pixels).cuda().int()
+            assert (inputs.pixels_on(torch.device("cuda")).int() - host).abs().max() <= 1
+    finally:
+        on_device.close()
