@@ -1,8 +1,8 @@
 """Where a chunk's end-to-end time goes beyond the three stages: queue wait, the host-to-device copy,
 the device span from the first copy to the last, and the host time around it (issue, completion).
 
-    python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert] [--image-side 480 --resize-on-device]
-        --out $OUT/breakdown.json
+    python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert]
+        [--image-side 480 --resize-on-device] --out $OUT/breakdown.json
 """
 
 from __future__ import annotations
