@@ -418,8 +418,8 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
             start = time.monotonic()
             say(f"loading {config.model_name} on {config.device} ({config.precision}) and capturing ...")
             with PipelinedExecutor(config) as policy:
-                cache = f" ({policy.compile_cache.describe()})" if policy.compile_cache else ""
-                say(f"ready in {time.monotonic() - start:.0f} s{cache}: {policy.metadata.model_id}")
+                took = f"ready in {time.monotonic() - start:.0f} s ({policy.describe_startup()})"
+                say(f"{took}: {policy.metadata.model_id}")
                 link = InProcessLink(policy, lockstep, recorder)
                 episodes = evaluate(client, link, args.suite, tasks, args.trials, **run)
                 metadata = policy.metadata

@@ -31,7 +31,7 @@ say("imported")
 options = GPU_PRECISION_OPTIONS[sys.argv[1]]
 config = RuntimeConfig(preset="pi05", device="cuda", compile_cache=sys.argv[2], **options)
 with PipelinedExecutor(config) as executor:
-    say("ready", cache=executor.compile_cache.describe())
+    say("ready", cache=executor.compile_cache.describe(), phases_s=executor.startup_s)
     chunk = executor.infer(synthetic_observation(config, np.random.default_rng(0)))
     say("first_chunk", total_ms=chunk.timings_ms["total"])
 """

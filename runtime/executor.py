@@ -222,8 +222,10 @@ class PipelinedExecutor(Policy):
             batches = batch_sizes(self.config.max_batch)
             profiles = [self.default_profile(batch=b) for b in batches]
             profiles += [self.default_profile(s, b) for s in ladder[1:] for b in batches]
+        started = time.perf_counter()
         for profile in profiles:
             self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
+        self.startup_s = {**self.parts.startup_s, "compile_and_capture": time.perf_counter() - started}
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
         self._completer = threading.Thread(target=self._complete_loop, name="vla-complete", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_loop, name="vla-watchdog", daemon=True)
@@ -442,7 +444,13 @@ class PipelinedExecutor(Policy):
             "profiles": profiles,
             "compile_cache": self.compile_cache.describe() if self.compile_cache else None,
             "pipelining": {**self._pipelining.report(), "peak_in_flight": self.peak_in_flight},
+            "startup_s": dict(self.startup_s),
         }
+
+    def describe_startup(self) -> str:
+        """Where start-up went, for the ready line: "weights 3.1 s, quantise 8.0 s, ...", and the cache."""
+        phases = ", ".join(f"{name.replace('_', ' ')} {s:.1f} s" for name, s in self.startup_s.items())
+        return phases + (f"; {self.compile_cache.describe()}" if self.compile_cache else "")
 
     # ------------------------------------------------------------------ graphs and buffers per profile
     def _captured(self, profile: ShapeProfile) -> bool:

@@ -4,7 +4,8 @@ precision, the input preparer (tokenizer, normalisation) and the output mapping.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ class PolicyParts:
     model_id: str  # the model's name and `weights_id`, for people
     random_weights: bool
     weights_id: str  # the random seed, or the checkpoint file's fingerprint (not its directory's name)
+    startup_s: dict[str, float] = field(default_factory=dict)  # seconds per phase of building these parts
 
     @property
     def device(self) -> torch.device:
@@ -130,6 +132,7 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {config.device} requested but CUDA is not available")
     norm_stats = resolve_norm_stats(config)  # before the weights: a refusal should cost nothing
+    started = time.perf_counter()
     model = build_model(cfg, config.device, config.checkpoint, seed=config.seed)
     model.set_precision(config.compute_dtype, config.vision_dtype)
     tokenizer = PromptTokenizer(resolve_tokenizer(config), cfg.max_token_len)
@@ -155,12 +158,17 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
         else weights_fingerprint(config.checkpoint_info.weights_path)
     )
     parts = PolicyParts(config, model, preparer, norm_stats, f"{cfg.name}:{weights}", random_weights, weights)
+    parts.startup_s["weights"] = time.perf_counter() - started
+    started = time.perf_counter()
     if config.precision == "fp8":
         prepare_fp8(parts)
     elif config.precision in INTEGER_PRECISIONS:
         from .integer_precision import prepare_integer
 
         prepare_integer(parts)
+    if config.precision == "fp8" or config.precision in INTEGER_PRECISIONS:
+        # quantising, calibrating (FP8 scales, the w4a8 smoothing) and the start-up accuracy gate
+        parts.startup_s["quantise"] = time.perf_counter() - started
     return parts
 
 

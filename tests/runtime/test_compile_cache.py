@@ -45,6 +45,8 @@ def test_inductor_is_pointed_at_the_keys_directory_and_it_warms(tmp_path):
         assert cache.path == tmp_path / cache_key(config) and not cache.warm
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache.path)
         assert executor.report()["compile_cache"] == f"compile cache cold: {cache.path}"
+        assert set(executor.report()["startup_s"]) == {"weights", "compile_and_capture"}
+        assert executor.describe_startup().endswith(f"; compile cache cold: {cache.path}")
     (cache.path / "fxgraph").mkdir()  # what Inductor leaves behind
     assert use_compile_cache(config).warm
 
@@ -53,3 +55,13 @@ def test_a_cache_directory_that_cannot_be_made_is_named():
     config = RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache="/proc/no/such/place")
     with pytest.raises(ValueError, match="compile_cache: cannot create /proc/no/such/place"):
         use_compile_cache(config)
+
+
+def test_start_up_is_broken_down_by_phase_with_quantisation_where_there_is_one():
+    with PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", precision="int8")) as executor:
+        phases = executor.report()["startup_s"]
+        assert list(phases) == ["weights", "quantise", "compile_and_capture"]
+        assert all(seconds >= 0 for seconds in phases.values())
+        assert (
+            executor.describe_startup().startswith("weights ") and " quantise " in executor.describe_startup()
+        )
