@@ -71,12 +71,41 @@ def cache_key(config: RuntimeConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def cache_root(config: RuntimeConfig) -> Path | None:
+    """`compile_cache` as a directory, or None when it is "none"."""
+    if config.compile_cache.strip().lower() in ("", "none"):
+        return None
+    return Path(config.compile_cache).expanduser()
+
+
+def synthetic_fp8_scales_path(config: RuntimeConfig, weights_id: str) -> Path | None:
+    """Where FP8 activation scales calibrated on synthetic frames are kept between starts (None with
+    `compile_cache: none`): a file per everything they depend on (the weights, the model's shape, the
+    expert's inclusion, the frames, margin and seed, and the code that makes them). Loading checks the
+    identity the file records as well (runtime/calibration.load_scales)."""
+    root = cache_root(config)
+    if root is None:
+        return None
+    identity = {
+        "code": source_digest(),
+        "weights": weights_id,
+        "model": model_shape_digest(config.model),
+        **{
+            name: getattr(config, name)
+            for name in ("fp8_expert", "fp8_calibration_frames", "fp8_calibration_margin", "seed", "steps")
+        },
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return root / "fp8_scales" / f"{digest}.safetensors"
+
+
 def use_compile_cache(config: RuntimeConfig) -> CompileCache | None:
     """Point Inductor at this configuration's cache directory (before anything compiles); None where
     nothing is compiled or `compile_cache` is "none" (Inductor's own default then)."""
-    if not config.use_compile or config.compile_cache.strip().lower() in ("", "none"):
+    root = cache_root(config)
+    if not config.use_compile or root is None:
         return None
-    path = Path(config.compile_cache).expanduser() / cache_key(config)
+    path = root / cache_key(config)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -175,9 +175,11 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
 def prepare_fp8(parts: PolicyParts) -> None:
     """Quantise the prefix's GEMM weights once (and the action expert's, with `fp8_expert`), then load the
     activation scales from `fp8_calibration` (refused if made for another model), or calibrate them on
-    synthetic frames (saved to `fp8_calibration` when it names a file that does not exist yet)."""
+    synthetic frames (saved to `fp8_calibration` when it names a file that does not exist yet; without
+    one, kept under `compile_cache` so that the next start with the same weights loads them)."""
     from ..graphs.fp8 import fp8_supported
     from .calibration import attach_fp8, calibrate_scales, load_scales, save_scales, synthetic_observations
+    from .compile_cache import synthetic_fp8_scales_path
 
     ok, why = fp8_supported(parts.device)
     if not ok:
@@ -185,6 +187,14 @@ def prepare_fp8(parts: PolicyParts) -> None:
     config = parts.config
     modules = attach_fp8(parts, config.fp8_expert)
     path = Path(config.fp8_calibration) if config.fp8_calibration else None
+    kept = synthetic_fp8_scales_path(config, parts.weights_id) if path is None else None
+    if kept is not None and kept.exists():
+        try:
+            load_scales(parts, modules, kept, config.fp8_expert)
+            log.info("fp8 activation scales (synthetic frames) from the start-up cache %s", kept)
+            return
+        except ValueError as err:  # made for something else after all: calibrate again
+            log.warning("fp8 scales in the start-up cache not used (%s); calibrating", err)
     if path is not None and path.exists():
         meta = load_scales(parts, modules, path, config.fp8_expert)
         log.info(
@@ -203,3 +213,9 @@ def prepare_fp8(parts: PolicyParts) -> None:
     if path is not None:
         save_scales(modules, path, meta)
         log.info("fp8 activation scales saved to %s", path)
+    elif kept is not None:
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            save_scales(modules, kept, meta)
+        except OSError as err:  # a read-only cache costs only the next start's calibration
+            log.warning("fp8 scales not kept in the start-up cache: %s", err)

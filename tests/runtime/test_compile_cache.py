@@ -65,3 +65,38 @@ def test_start_up_is_broken_down_by_phase_with_quantisation_where_there_is_one()
         assert (
             executor.describe_startup().startswith("weights ") and " quantise " in executor.describe_startup()
         )
+
+
+def test_synthetic_fp8_scales_are_kept_for_the_next_start_and_refused_for_other_weights(
+    tmp_path, monkeypatch
+):
+    """FP8 serving needs a GPU, its calibration does not: on bf16 parts with the support check passed, the
+    first preparation calibrates and keeps the scales under compile_cache, the second loads them (no
+    calibration), and another seed's weights get their own file."""
+    from vla_runtime.graphs import fp8
+    from vla_runtime.runtime import calibration
+    from vla_runtime.runtime.compile_cache import synthetic_fp8_scales_path
+    from vla_runtime.runtime.loading import build_parts, prepare_fp8
+
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
+    calibrations = []
+    calibrate = calibration.calibrate_scales
+    monkeypatch.setattr(
+        calibration, "calibrate_scales", lambda *a, **k: calibrations.append(1) or calibrate(*a, **k)
+    )
+
+    def prepared(config):
+        parts = build_parts(config)
+        prepare_fp8(parts)
+        return parts, [m.input_scale.item() for m in fp8.fp8_modules(parts.model.prefix_lm).values()]
+
+    config = RuntimeConfig(preset="pi05_tiny", precision="bf16", compile_cache=str(tmp_path))
+    first, first_scales = prepared(config)
+    kept = synthetic_fp8_scales_path(config, first.weights_id)
+    assert kept.exists() and len(calibrations) == 1
+    _, second_scales = prepared(config)
+    assert len(calibrations) == 1 and second_scales == first_scales  # loaded, not calibrated
+    other = config.replace(seed=1)
+    prepared(other)
+    assert len(calibrations) == 2 and synthetic_fp8_scales_path(other, "random-seed1") != kept
+    assert synthetic_fp8_scales_path(config.replace(compile_cache="none"), first.weights_id) is None
