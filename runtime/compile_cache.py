@@ -25,7 +25,7 @@ from .config import RuntimeConfig
 
 PACKAGE = Path(__file__).resolve().parent.parent
 TRACED_SOURCES = ("graphs", "runtime")  # the code torch.compile traces lives here
-PRECISION_FIELDS = ("precision", "vision_precision", "fp8_expert", "integer_stages", "handover")
+PRECISION_FIELDS = ("precision", "vision_precision", "fp8_expert", "quantised_stages", "handover")
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,16 @@ PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 INTEGER_PRECISIONS = ("int8", "w4a8")  # the Gemma stacks' GEMMs in integers (runtime/integer_precision.py)
 PRECISION_MODES = ("float32", "bf16", "fp8", *INTEGER_PRECISIONS)
 INTEGER_STAGES = ("both", "prefix", "expert")  # which Gemma stacks int8 / w4a8 quantise
+# Unless `integer_stages` says: w4a8 the action expert only (its 4-bit prefix misses the gate on pi05 and,
+# bound by compute at hundreds of tokens, gains least from 4-bit weights), int8 both stacks.
+DEFAULT_INTEGER_STAGES = {"int8": "both", "w4a8": "expert"}
 # The settings behind each precision option the benchmarks compare on a GPU (fp8_all: every FP8 option)
 GPU_PRECISION_OPTIONS = {
     "fp8_all": dict(precision="fp8", vision_precision="fp16", fp8_expert=True),
     "fp8": dict(precision="fp8", vision_precision="fp16"),
     "bf16": dict(precision="bf16"),
     "int8": dict(precision="int8"),
-    "w4a8": dict(precision="w4a8", integer_stages="expert"),  # its 4-bit prefix misses the gate on pi05
+    "w4a8": dict(precision="w4a8"),
 }
 
 DEFAULT_PRESET = "pi05_tiny"  # random weights, when neither a preset nor a checkpoint is given
@@ -80,7 +83,7 @@ class RuntimeConfig:
     fp8_calibration_margin: float = 1.25  # headroom over the largest activation seen
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
     force_precision: bool = False  # int8 / w4a8: serve even when the start-up accuracy gate fails
-    integer_stages: str = "both"  # int8 / w4a8: the Gemma stacks quantised: both, prefix or expert
+    integer_stages: str | None = None  # int8 / w4a8: both, prefix or expert; None = DEFAULT_INTEGER_STAGES
     keep_float_weights: bool = False  # int8 / w4a8: keep the float weights after the start-up gate
     integer_calibration: str | None = (
         None  # w4a8: MCAP observations the smoothing is fitted on; None = synthetic
@@ -145,7 +148,7 @@ class RuntimeConfig:
             )
         if self.precision == "fp8" and not self.device.startswith("cuda"):
             raise ValueError("precision: fp8 needs a CUDA GPU with FP8 tensor cores (Ada or Hopper)")
-        if self.integer_stages not in INTEGER_STAGES:
+        if self.integer_stages is not None and self.integer_stages not in INTEGER_STAGES:
             raise ValueError(
                 f"integer_stages: must be one of {', '.join(INTEGER_STAGES)}, got {self.integer_stages!r}"
             )
@@ -173,7 +176,7 @@ class RuntimeConfig:
                 f"robot_action_dim: must be in 1..{model.action_dim}, got {self.robot_action_dim}"
             )
         self.handover_settings  # noqa: B018 - checks the handover fields
-        integer_expert = self.precision in INTEGER_PRECISIONS and self.integer_stages in ("both", "expert")
+        integer_expert = self.quantised_stages in ("both", "expert")
         if self.handover == "rtc" and integer_expert and self.rtc_vjp_steps > 0:
             raise ValueError(
                 f"handover: rtc with rtc_vjp_steps > 0 differentiates through the action expert, whose "
@@ -239,6 +242,13 @@ class RuntimeConfig:
             self.rtc_schedule,
             self.rtc_vjp_steps,
         )
+
+    @property
+    def quantised_stages(self) -> str | None:
+        """int8 / w4a8: the Gemma stacks in integers (both, prefix or expert); None in other precisions."""
+        if self.precision not in INTEGER_PRECISIONS:
+            return None
+        return self.integer_stages or DEFAULT_INTEGER_STAGES[self.precision]
 
     @property
     def denoising_steps(self) -> int:

@@ -1,5 +1,6 @@
 """`precision: int8` and `precision: w4a8`: the Gemma stacks' GEMMs (the q/k/v, output, gate/up and down
-projections of the prefix, the action expert, or both: `integer_stages`) in integers, set up once at load.
+projections of the prefix, the action expert, or both: `integer_stages`, by default both with int8 and the
+expert with w4a8) in integers, set up once at load.
 
 int8   W8A8 (graphs/int8.py): per-channel weights, per-token activations; nothing to calibrate.
 w4a8   4-bit weights, 8-bit activations (graphs/w4a8.py), each GEMM's input smoothed by a DuQuant
@@ -71,7 +72,7 @@ class InputSampler(nn.Module):
 def stacks(parts: PolicyParts) -> list[tuple]:
     """(stack, last_layer_kv_only) of the Gemma stacks `integer_stages` names: the prefix LM's last layer
     makes only keys and values (PI0Model.fill_prefix)."""
-    chosen = parts.config.integer_stages
+    chosen = parts.config.quantised_stages
     return [
         (stack, kv_only)
         for name, stack, kv_only in (
@@ -141,7 +142,7 @@ def prepare_integer(parts: PolicyParts) -> int:
         if failures:
             narrower = (
                 "integer_stages expert keeps the prefix unquantised; or "
-                if config.integer_stages != "expert"
+                if config.quantised_stages != "expert"
                 else ""
             )
             raise ValueError(

@@ -135,8 +135,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fp8_expert", "with precision fp8: the action expert's GEMMs in FP8 too", bool),
     Setting(
         "integer_stages",
-        "int8 / w4a8: the Gemma stacks quantised: both, the prefix or the action expert",
+        "int8 / w4a8: the Gemma stacks quantised: both, the prefix or the action expert; none = both with "
+        "int8, the expert with w4a8",
         str,
+        "",
         choices=INTEGER_STAGES,
     ),
     Setting(

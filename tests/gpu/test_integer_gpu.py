@@ -84,4 +84,4 @@ def test_w4a8_on_the_prefix_is_refused_at_start_up_by_its_gate(cuda):
     with pytest.raises(
         ValueError, match=r"w4a8 misses its accuracy gate .*prefix\.layer.*integer_stages expert"
     ):
-        build_parts(RuntimeConfig(preset="pi05", device="cuda", precision="w4a8"))
+        build_parts(RuntimeConfig(preset="pi05", device="cuda", precision="w4a8", integer_stages="both"))

@@ -37,7 +37,7 @@ def float32(request):
 @pytest.mark.parametrize("precision", ["int8", "w4a8"])
 def test_integer_modes_stay_within_their_gates_of_float32(float32, precision, rng):
     preset = float32.config.preset
-    policy = EagerPolicy(RuntimeConfig(preset=preset, precision=precision))
+    policy = EagerPolicy(RuntimeConfig(preset=preset, precision=precision, integer_stages="both"))
     model, cfg = policy.parts.model, policy.config.model
     gemms = [
         getattr(module, slot)
@@ -72,8 +72,10 @@ def test_a_mode_that_misses_its_gate_is_refused_unless_forced(monkeypatch):
     with pytest.raises(
         ValueError, match=r"precision: w4a8 misses its accuracy gate .*prefix\.layer\d\d\.[kv]: cosine"
     ):
-        build_parts(RuntimeConfig(preset="pi05_tiny", precision="w4a8"))
-    parts = build_parts(RuntimeConfig(preset="pi05_tiny", precision="w4a8", force_precision=True))
+        build_parts(RuntimeConfig(preset="pi05_tiny", precision="w4a8", integer_stages="both"))
+    parts = build_parts(
+        RuntimeConfig(preset="pi05_tiny", precision="w4a8", integer_stages="both", force_precision=True)
+    )
     assert isinstance(parts.model.expert.layers[0].mlp.down_quant, W4A8Linear)
 
 
@@ -106,6 +108,16 @@ def test_one_stack_alone_is_quantised_when_asked(stages):
     assert expert.quant_enabled == (stages == "expert")
     with pytest.raises(ValueError, match="integer_stages: must be one of both, prefix, expert"):
         RuntimeConfig(integer_stages="vision")
+
+
+def test_by_default_int8_quantises_both_stacks_and_w4a8_the_expert_alone():
+    assert RuntimeConfig(precision="int8").quantised_stages == "both"
+    assert RuntimeConfig(precision="w4a8").quantised_stages == "expert"
+    assert RuntimeConfig(precision="w4a8", integer_stages="both").quantised_stages == "both"
+    assert RuntimeConfig(precision="float32", integer_stages="both").quantised_stages is None
+    model = build_parts(RuntimeConfig(preset="pi05_tiny", precision="w4a8")).model
+    assert model.prefix_lm.layers[0].self_attn.qkv_quant is None
+    assert isinstance(model.expert.layers[0].self_attn.qkv_quant, W4A8Linear)
 
 
 def test_rtc_with_exact_steps_through_an_integer_expert_is_refused():
@@ -180,7 +192,7 @@ def test_the_w4a8_smoothing_is_fitted_on_a_recording_when_one_is_given(tmp_path,
     settings = dict(preset="pi05_tiny", precision="w4a8", force_precision=True, keep_float_weights=True)
     recorded = build_parts(RuntimeConfig(**settings, integer_calibration=str(path)))
     synthetic = build_parts(RuntimeConfig(**settings))
-    stacks = (recorded.model.prefix_lm, synthetic.model.prefix_lm)
+    stacks = (recorded.model.expert, synthetic.model.expert)
     first = [stack.layers[0].self_attn.qkv_quant.scale for stack in stacks]
     assert not torch.allclose(*first)
     with pytest.raises(ValueError, match="integer_calibration: observations: no file at"):
