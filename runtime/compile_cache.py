@@ -25,6 +25,13 @@ from .config import RuntimeConfig
 
 PACKAGE = Path(__file__).resolve().parent.parent
 TRACED_SOURCES = ("graphs", "runtime")  # the code torch.compile traces lives here
+# What the FP8 scales calibrated on synthetic frames depend on besides the weights, shapes and code: the
+# inputs' preparation (statistics, prompt, state, cameras), the vision tower's precision, the calibration.
+SYNTHETIC_SCALES_FIELDS = (
+    "robot", "state_in_prompt", "tokenizer", "state_dim", "optional_camera_names", "max_token_len",
+    "vision_precision", "fp8_expert", "denoising_steps", "fp8_calibration_frames", "fp8_calibration_margin",
+    "seed",
+)  # fmt: skip
 PRECISION_FIELDS = ("precision", "vision_precision", "fp8_expert", "quantised_stages", "handover")
 
 
@@ -80,8 +87,9 @@ def cache_root(config: RuntimeConfig) -> Path | None:
 
 def synthetic_fp8_scales_path(config: RuntimeConfig, weights_id: str) -> Path | None:
     """Where FP8 activation scales calibrated on synthetic frames are kept between starts (None with
-    `compile_cache: none`): a file per everything they depend on (the weights, the model's shape, the
-    expert's inclusion, the frames, margin and seed, and the code that makes them). Loading checks the
+    `compile_cache: none`): a file per everything the synthetic frames' activations depend on (the
+    weights, the model's shape, the settings that shape the inputs, the vision precision, the expert's
+    inclusion and steps, the frames, margin and seed, and the code that makes them). Loading checks the
     identity the file records as well (runtime/calibration.load_scales)."""
     root = cache_root(config)
     if root is None:
@@ -90,10 +98,7 @@ def synthetic_fp8_scales_path(config: RuntimeConfig, weights_id: str) -> Path | 
         "code": source_digest(),
         "weights": weights_id,
         "model": model_shape_digest(config.model),
-        **{
-            name: getattr(config, name)
-            for name in ("fp8_expert", "fp8_calibration_frames", "fp8_calibration_margin", "seed", "steps")
-        },
+        **{name: getattr(config, name) for name in SYNTHETIC_SCALES_FIELDS},
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return root / "fp8_scales" / f"{digest}.safetensors"

@@ -225,7 +225,8 @@ class PipelinedExecutor(Policy):
         started = time.perf_counter()
         for profile in profiles:
             self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
-        self.startup_s = {**self.parts.startup_s, "compile_and_capture": time.perf_counter() - started}
+        built_here = {} if parts is not None else self.parts.startup_s  # parts given: built before this start
+        self.startup_s = {**built_here, "compile_and_capture": time.perf_counter() - started}
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
         self._completer = threading.Thread(target=self._complete_loop, name="vla-complete", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_loop, name="vla-watchdog", daemon=True)
@@ -288,7 +289,6 @@ class PipelinedExecutor(Policy):
                     m.future.set_exception(self._broken or self._hung)
                 return [m.future for m in members]
             frame = Frame(self._next_index, members, profile, time.perf_counter())
-            self._pipelining.arrived(frame.submitted)
             self._next_index += 1
             self.counters["submitted"] += 1
             dropped, self._pending = self._pending, frame
@@ -319,11 +319,14 @@ class PipelinedExecutor(Policy):
         `in_flight` are on the device (default: one fewer than the pipelining mode allows, at least one; a
         caller that batches keeps its observations until then, where it can still choose among them).
         False when `timeout` passes first; ExecutorClosed once closed."""
-        limit = self._pipelining.in_flight_limit()
-        in_flight = max(1, limit - 1) if in_flight is None else min(in_flight, limit)
+
+        def allowed() -> int:  # read as the wait goes on: the mode may change meanwhile
+            limit = self._pipelining.in_flight_limit()
+            return max(1, limit - 1) if in_flight is None else min(in_flight, limit)
+
         with self._cond:
             room = self._cond.wait_for(
-                lambda: self._closed or (self._pending is None and self._in_flight < in_flight), timeout
+                lambda: self._closed or (self._pending is None and self._in_flight < allowed()), timeout
             )
             if self._closed:
                 raise ExecutorClosed("executor is closed")
@@ -332,6 +335,8 @@ class PipelinedExecutor(Policy):
     def prepare(self, obs: Observation, noise=None, previous: PreviousChunk | None = None) -> Member:
         """One observation checked (ValueError naming the field) and prepared for a frame."""
         received = time.perf_counter()
+        # the input rate: each observation as it comes (a server prepares as robots submit, batches later)
+        self._pipelining.arrived(received)
         inputs = self.parts.preparer(obs)
         previous, handover = self.parts.prepare_handover(previous)
         if noise is not None:

@@ -37,7 +37,7 @@ class PreparedInputs:
 
     def pixels_on(self, device: torch.device) -> torch.Tensor:
         """uint8 [V, S, S, 3] on `device`, the raw images resized there."""
-        pixels = torch.from_numpy(self.pixels).to(device)
+        pixels = torch.tensor(self.pixels, device=device)  # a copy, also on the CPU: these stay as they are
         place_raw_images(pixels, self.raw_images)
         return pixels
 
@@ -68,7 +68,10 @@ def resize_into(image: torch.Tensor, out: torch.Tensor) -> None:
 def place_raw_images(pixels: torch.Tensor, raw_images: dict[int, np.ndarray]) -> None:
     """pixels uint8 [V, S, S, 3] on a device: each raw image copied up as uint8 and resized into its view."""
     for view, image in raw_images.items():
-        resize_into(torch.from_numpy(image).to(pixels.device), pixels[view])
+        raw = torch.from_numpy(image)
+        if pixels.is_cuda:  # pinned, so the copy queues on the current stream instead of waiting for it
+            raw = raw.pin_memory().to(pixels.device, non_blocking=True)
+        resize_into(raw, pixels[view])
 
 
 def pixels_to_model_input(pixels: torch.Tensor) -> torch.Tensor:

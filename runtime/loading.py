@@ -4,6 +4,7 @@ precision, the input preparer (tokenizer, normalisation) and the output mapping.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,10 +192,14 @@ def prepare_fp8(parts: PolicyParts) -> None:
     if kept is not None and kept.exists():
         try:
             load_scales(parts, modules, kept, config.fp8_expert)
-            log.info("fp8 activation scales (synthetic frames) from the start-up cache %s", kept)
+            log.warning(
+                "fp8 activation scales calibrated on synthetic frames (kept in %s); for a trained "
+                "checkpoint, calibrate on recorded observations (vla-runtime calibrate)",
+                kept,
+            )
             return
-        except ValueError as err:  # made for something else after all: calibrate again
-            log.warning("fp8 scales in the start-up cache not used (%s); calibrating", err)
+        except Exception as err:  # noqa: BLE001 - made for something else, or damaged: calibrate again
+            log.warning("fp8 scales in the compile_cache not used (%s); calibrating", err)
     if path is not None and path.exists():
         meta = load_scales(parts, modules, path, config.fp8_expert)
         log.info(
@@ -214,8 +219,22 @@ def prepare_fp8(parts: PolicyParts) -> None:
         save_scales(modules, path, meta)
         log.info("fp8 activation scales saved to %s", path)
     elif kept is not None:
+        keep_scales(modules, kept, meta)
+
+
+def keep_scales(modules, path: Path, meta: dict[str, str]) -> None:
+    """Save to a temporary file and rename it (a process starting beside this one reads the old file or
+    the new one, never half of one); a cache that cannot be written costs only the next start's
+    calibration."""
+    from .calibration import save_scales
+
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        save_scales(modules, temporary, meta)
+        os.replace(temporary, path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for I/O failures
+        log.warning("compile_cache: fp8 scales not kept at %s: %s", path, err)
         try:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            save_scales(modules, kept, meta)
-        except OSError as err:  # a read-only cache costs only the next start's calibration
-            log.warning("fp8 scales not kept in the start-up cache: %s", err)
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass

@@ -182,11 +182,10 @@ def test_a_failure_while_issuing_recovers_on_cuda(pi05):
     assert executor.health()["ready"]
 
 
-def test_images_resized_on_the_device_give_the_host_resizes_actions(pi05):
+def test_images_resized_on_the_device_give_the_host_resizes_actions(pi05, rng):
     """resize_on_device with 480x640 frames: the device's bilinear resize may round a pixel differently
     from the host's (one level of 255), so the actions agree to the bf16 tolerance, not bit for bit."""
     executor, _ = pi05
-    rng = np.random.default_rng()
     on_device = PipelinedExecutor(executor.config.replace(resize_on_device=True))
     try:
         cfg = executor.config.model

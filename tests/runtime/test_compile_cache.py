@@ -67,12 +67,13 @@ def test_start_up_is_broken_down_by_phase_with_quantisation_where_there_is_one()
         )
 
 
-def test_synthetic_fp8_scales_are_kept_for_the_next_start_and_refused_for_other_weights(
+def test_synthetic_fp8_scales_are_kept_for_the_next_start_and_a_bad_file_is_calibrated_over(
     tmp_path, monkeypatch
 ):
     """FP8 serving needs a GPU, its calibration does not: on bf16 parts with the support check passed, the
     first preparation calibrates and keeps the scales under compile_cache, the second loads them (no
-    calibration), and another seed's weights get their own file."""
+    calibration). A file made for other weights, a damaged one, or a path that cannot be written: start-up
+    calibrates and serves."""
     from vla_runtime.graphs import fp8
     from vla_runtime.runtime import calibration
     from vla_runtime.runtime.compile_cache import synthetic_fp8_scales_path
@@ -96,7 +97,17 @@ def test_synthetic_fp8_scales_are_kept_for_the_next_start_and_refused_for_other_
     assert kept.exists() and len(calibrations) == 1
     _, second_scales = prepared(config)
     assert len(calibrations) == 1 and second_scales == first_scales  # loaded, not calibrated
-    other = config.replace(seed=1)
-    prepared(other)
-    assert len(calibrations) == 2 and synthetic_fp8_scales_path(other, "random-seed1") != kept
+    assert synthetic_fp8_scales_path(config.replace(seed=1), "random-seed1") != kept
     assert synthetic_fp8_scales_path(config.replace(compile_cache="none"), first.weights_id) is None
+    other = config.replace(seed=1)
+    other_kept = synthetic_fp8_scales_path(other, build_parts(other).weights_id)
+    other_kept.write_bytes(kept.read_bytes())  # scales made for the seed-0 weights, under seed 1's name
+    prepared(other)
+    assert len(calibrations) == 2  # refused (another weights' identity), calibrated
+    kept.write_bytes(b"not safetensors")
+    prepared(config)
+    assert len(calibrations) == 3 and kept.read_bytes() != b"not safetensors"  # calibrated, kept anew
+    kept.unlink()
+    kept.mkdir()  # a path that cannot be written
+    _, scales = prepared(config)
+    assert len(calibrations) == 4 and scales == first_scales and kept.is_dir()

@@ -84,3 +84,12 @@ def test_latency_first_keeps_one_frame_on_the_device_and_the_next_waits(rng):
         report = executor.report()["pipelining"]
     assert report == {"setting": "latency", "mode": "latency", "to_latency": 0, "to_throughput": 0,
                       "peak_in_flight": 1}  # fmt: skip
+
+
+def test_the_executor_feeds_auto_each_observation_and_each_served_frame(rng):
+    with PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", pipelining="auto")) as executor:
+        for _ in range(5):
+            executor.infer(random_observation(rng, "pi05_tiny"))
+        chooser = executor._pipelining
+        assert len(chooser._arrivals) == 5 and len(chooser._service_s) == 5
+        assert all(s > 0 for s in chooser._service_s)

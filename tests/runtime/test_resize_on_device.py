@@ -1,7 +1,7 @@
 """resize_on_device (issue 16, item 2): camera images that are not the model's size go to the device as
 they came and are resized there. On the CPU the device is the CPU, so the results must equal the host's
-resize exactly: in the preparer, the eager reference, the executor (also with shape profiles, where the
-cameras present move to the first view slots) and the sequential path."""
+resize exactly: in the preparer, the eager reference and the executor (with shape profiles, where the
+cameras present move to the first view slots, and in a batch of robots)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,16 @@ def test_every_path_gives_the_same_actions_as_the_host_resize(rng):
             want = a.infer(obs, noise).actions
             np.testing.assert_array_equal(b.infer(obs, noise).actions, want)
             np.testing.assert_allclose(eager.infer(obs, noise).actions, want, rtol=1e-5, atol=1e-5)
+
+
+def test_each_robot_of_a_batch_gets_its_own_raw_images(rng):
+    host = RuntimeConfig(preset="pi05_tiny", max_batch=2)
+    cfg = host.model
+    frames = [random_observation(rng, "pi05_tiny") for _ in range(2)]
+    noises = [rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32) for _ in frames]
+    with PipelinedExecutor(host) as alone, PipelinedExecutor(host.replace(resize_on_device=True)) as batched:
+        futures = batched.submit_batch(frames, noises)
+        for future, obs, noise in zip(futures, frames, noises, strict=True):
+            np.testing.assert_allclose(
+                future.result(60).actions, alone.infer(obs, noise).actions, rtol=1e-5, atol=1e-5
+            )
