@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import functools
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from results_doc import run_header, save
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.duquant import fit_smoothing
 from vla_runtime.graphs.fp8 import FP8Linear
@@ -154,22 +152,18 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(EXECUTOR_MODES), help="the executor's, comma-separated")
     args = parser.parse_args()
     doc = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
-        "torch": torch.__version__,
+        **run_header(),
         "peak_gbs": args.peak_gbs,
         "gemm_rows_per_call": ROWS,
         "executor_frames": args.frames,
         "gemms": [] if args.skip_gemms else gemm_rows(args.peak_gbs),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
+    save(doc, args.out)
     if not args.skip_executor:
         doc["executor"] = []
         for row in executor_rows(args.frames, args.modes.split(",")):
             doc["executor"].append(row)
-            args.out.write_text(json.dumps(doc, indent=1))
+            save(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@ python benchmarks/pipelining_bench.py OUT.json [--preset pi05 --mode fp8_all] [-
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from results_doc import run_header, save
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.pipelining import PIPELINING_MODES
@@ -70,10 +69,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     settings = GPU_PRECISION_OPTIONS.get(args.mode, {"precision": args.mode})
     doc = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
-        "torch": torch.__version__,
+        **run_header(),
         "preset": args.preset,
         "precision": settings,
         "rows": [],
@@ -91,8 +87,7 @@ def main() -> None:
                 row = {"pipelining": pipelining, **drive(executor, observations, rate, args.seconds)}
                 doc["rows"].append(row)
                 print(json.dumps(row), flush=True)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(doc, indent=1))
+                save(doc, args.out)
 
 
 if __name__ == "__main__":

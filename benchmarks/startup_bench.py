@@ -8,14 +8,14 @@ python benchmarks/startup_bench.py OUT.json [--mode fp8_all] [--starts 2]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_doc import run_header, save
 
 CHILD = r"""
 import json, sys, time
@@ -71,13 +71,8 @@ def main() -> None:
     parser.add_argument("--mode", default="fp8_all")
     parser.add_argument("--starts", type=int, default=2, help="the first is cold, the rest warm")
     args = parser.parse_args()
-    import torch
-
     doc = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
-        "torch": torch.__version__,
+        **run_header(),
         "mode": args.mode,
         "starts": [],
     }
@@ -86,8 +81,7 @@ def main() -> None:
             run = one_start(args.mode, cache_dir)
             doc["starts"].append(run)
             print(json.dumps(run), flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(doc, indent=1))
+            save(doc, args.out)
 
 
 if __name__ == "__main__":
