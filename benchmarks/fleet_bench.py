@@ -12,7 +12,9 @@ with no miss is run again for --confirm-s seconds, for the first precision.
 
 --gpus N (N > 1): one process per GPU (CUDA_VISIBLE_DEVICES), each a server with its share of the robots
 (as launch/fleet.launch.py deploys them), run at the same time; the points are merged (the worst robot
-of all, misses and chunks summed).
+of all, misses and chunks summed). Each process then confirms the largest share it held for --confirm-s;
+the processes start their confirmations together (a barrier file per process), and the merged
+confirmation records how long they overlapped.
 
 --workload libero: two cameras and a short instruction, in shape profiles (only what is present is
 computed); three_views (default): every frame the full shape.
@@ -24,7 +26,6 @@ python benchmarks/fleet_bench.py OUT.json [--preset pi05] [--robots 1,2,4,6,8,10
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
+from results_doc import run_header, save  # noqa: E402
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.loading import PolicyParts, build_parts  # noqa: E402
@@ -199,18 +201,34 @@ def single_gpu(args, doc: dict) -> None:
                     row["peak_gib"] = memory_gib()  # this point's peak: weights, buffers, activations
                     print(json.dumps(row), flush=True)
                     doc["rows"].append(row)
-                    args.out.write_text(json.dumps(doc, indent=1))  # partial results survive a timeout
+                    save(doc, args.out)
                     if mode == "batched" and held(row):
                         best = max(best, robots)
+            if n == 0 and args.confirm_s > 0:
+                await_siblings(args.barrier)  # also when this one confirms nothing: nobody waits for it
             if best and n == 0 and args.confirm_s > 0:
+                started = time.time()
                 confirm = fleet.run_batched(best, args.confirm_s, observations)
                 doc["confirm"] = {"precision": precision, "seconds": args.confirm_s, **confirm}
+                doc["confirm"].update(started=started, ended=time.time())
                 print("confirm", json.dumps(doc["confirm"]), flush=True)
         finally:
             fleet.close()
             del fleet
             torch.cuda.empty_cache() if cuda else None
-        args.out.write_text(json.dumps(doc, indent=1))
+        save(doc, args.out)
+
+
+def await_siblings(barrier: str, timeout_s: float = 300.0) -> None:
+    """`barrier` is "MINE,THEIRS,...": write mine, wait (at most `timeout_s`) until all exist. Without one,
+    return at once (a single GPU)."""
+    if not barrier:
+        return
+    mine, *theirs = [Path(p) for p in barrier.split(",")]
+    mine.touch()
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in theirs) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def merge(points: list[dict]) -> dict:
@@ -232,25 +250,42 @@ def multi_gpu(args, doc: dict) -> None:
     if not totals:
         raise SystemExit(f"--robots: no count of at least {args.gpus} (one robot per GPU)")
     children = []
+    barriers = [args.out.with_name(f"{args.out.stem}-gpu{gpu}.ready") for gpu in range(args.gpus)]
+    for path in barriers:
+        path.unlink(missing_ok=True)
     for gpu in range(args.gpus):
         share = ",".join(str(t // args.gpus + (gpu < t % args.gpus)) for t in totals)
         path = args.out.with_name(f"{args.out.stem}-gpu{gpu}.json")
         command = [sys.executable, __file__, str(path), "--preset", args.preset, "--robots", share]
         command += ["--seconds", str(args.seconds), "--precisions", args.precisions.split(",")[0]]
-        command += ["--independent-up-to", "0", "--confirm-s", "0", "--workload", args.workload]
+        command += [
+            "--independent-up-to",
+            "0",
+            "--confirm-s",
+            str(args.confirm_s),
+            "--workload",
+            args.workload,
+        ]
+        command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
         children.append((path, subprocess.Popen(command, env=env)))
     failed = [gpu for gpu, (_, child) in enumerate(children) if child.wait() != 0]
     if failed:
         raise SystemExit(f"the processes of GPUs {failed} failed (their output is above)")
-    per_gpu = [json.loads(path.read_text())["rows"] for path, _ in children]
+    docs = [json.loads(path.read_text()) for path, _ in children]
     doc["gpus"] = args.gpus
-    doc["devices"] = [json.loads(path.read_text())["device"] for path, _ in children]
-    for points in zip(*per_gpu, strict=True):
+    doc["devices"] = [d["device"] for d in docs]
+    for points in zip(*[d["rows"] for d in docs], strict=True):
         row = {"precision": points[0]["precision"], "mode": "batched", **merge(list(points))}
         print(json.dumps({k: v for k, v in row.items() if k != "per_gpu"}), flush=True)
         doc["rows"].append(row)
-    args.out.write_text(json.dumps(doc, indent=1))
+    confirms = [d["confirm"] for d in docs if "confirm" in d]
+    if len(confirms) == args.gpus:  # every GPU held some share: their confirmations as one fleet
+        overlap = min(c["ended"] for c in confirms) - max(c["started"] for c in confirms)
+        doc["confirm"] = {"precision": confirms[0]["precision"], "seconds": args.confirm_s, **merge(confirms)}
+        doc["confirm"]["overlap_s"] = overlap
+        print("confirm", json.dumps({k: v for k, v in doc["confirm"].items() if k != "per_gpu"}), flush=True)
+    save(doc, args.out)
 
 
 def main() -> None:
@@ -264,14 +299,11 @@ def main() -> None:
     parser.add_argument("--confirm-s", type=float, default=60.0)
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--workload", choices=WORKLOADS, default="three_views")
+    parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)  # set by --gpus for its children
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
     doc = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
-        "torch": torch.__version__,
+        **run_header(),
         "workload": f"{args.preset}, {args.workload}, 20 Hz per robot, deadline {DEADLINE_S * 1e3:.0f} ms",
         "precisions": {p: PRECISIONS.get(p, "float32") for p in args.precisions.split(",")},
         "rows": [],
