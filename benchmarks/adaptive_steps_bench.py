@@ -38,6 +38,7 @@ PERIOD_S = DEADLINE_S = 0.05
 LEVELS = (0.5, 1.0)  # the contenders' busy fraction
 CONTENDERS = 3  # processes loading the GPU (one at full load raised the p99 age to 33 ms only)
 PROBE_S, PHASE_S = 3.0, 12.0
+ONSET_S = 1.0  # misses in a phase's first second are reported apart: the load's onset
 
 
 def contender(control: Path) -> None:
@@ -63,8 +64,11 @@ def drive(executor, observations, seconds: float, controller: StepsController | 
     """Observations at 20 Hz for `seconds`; the scheduler's figures and the steps of every chunk."""
     scheduler = ChunkScheduler(PERIOD_S, DEADLINE_S)
     steps_used, lock = [], threading.Lock()
+    in_flight: dict[int, tuple[float, int]] = {}  # id(future) -> (observation stamp, steps), as the node
 
     def done(future):
+        with lock:
+            in_flight.pop(id(future), None)
         try:
             chunk = future.result()
         except FrameDropped:
@@ -75,14 +79,26 @@ def drive(executor, observations, seconds: float, controller: StepsController | 
         if scheduled is not None and controller is not None:
             controller.observe(scheduled.age_s, chunk.steps, chunk.timings_ms.get("denoise"))
 
-    end, tick, k = time.monotonic() + seconds, time.monotonic(), 0
+    begin = time.monotonic()
+    end, tick, k, onset_misses = begin + seconds, begin, 0, None
     while time.monotonic() < end:
         obs = observations[k % len(observations)]
         obs.timestamp = time.time()
         scheduler.observed(obs.timestamp)
-        steps = controller.steps if controller is not None else None
-        executor.submit(obs, steps=steps).add_done_callback(done)
+        steps = None
+        if controller is not None:
+            with lock:
+                oldest = min(in_flight.values(), default=None)
+            if oldest is not None:  # the node's overdue check: a frame late before it is answered
+                controller.overdue(obs.timestamp - oldest[0], oldest[1])
+            steps = controller.steps
+        future = executor.submit(obs, steps=steps)
+        with lock:
+            in_flight[id(future)] = (obs.timestamp, steps or executor.config.denoising_steps)
+        future.add_done_callback(done)
         k += 1
+        if onset_misses is None and time.monotonic() > begin + ONSET_S + DEADLINE_S:
+            onset_misses = scheduler.figures()["misses"]  # the frames of the first second, judged
         tick += PERIOD_S
         while time.monotonic() < tick:  # the deadline watch, every 5 ms
             scheduler.check(time.time())
@@ -93,6 +109,7 @@ def drive(executor, observations, seconds: float, controller: StepsController | 
     with lock:
         counts = {str(s): steps_used.count(s) for s in sorted(set(steps_used))}
     out = {k: figures[k] for k in ("observations", "fresh", "misses", "age_p50_ms", "age_p99_ms")}
+    out["misses_in_first_s"] = onset_misses
     return {**out, "chunks_by_steps": counts, **(controller.figures() if controller else {})}
 
 

@@ -18,13 +18,32 @@ from typing import Protocol
 import torch
 
 from ..graphs.pi0 import PI0Model, time_schedule
-from .buffers import PIPELINE_SLOTS, DeviceSlot, ShapeProfile, StaticBuffers
+from .buffers import BATCH_SIZES, PIPELINE_SLOTS, PROMPT_BUCKETS, DeviceSlot, ShapeProfile, StaticBuffers
 from .handover import Handover, RtcGuidance
 from .inputs import pixels_to_model_input
 
 log = logging.getLogger(__name__)
 
 STAGES = ("vision", "prefix", "denoise")
+
+
+def stage_shapes(cameras: int) -> int:
+    """How many input shapes one compiled stage function can meet: every batch profile, camera count and
+    prompt length (the buckets and the full length). The denoise stage's rtc loop calls it with grad on,
+    another guard, so twice that is what dynamo must be allowed to compile."""
+    return len(BATCH_SIZES) * cameras * (len(PROMPT_BUCKETS) + 1)
+
+
+def allow_a_compile_per_shape(cameras: int) -> None:
+    """Past dynamo's recompile_limit (8 by default) a compiled function silently runs eagerly for every
+    further shape: with shape and batch profiles a stage meets more shapes than that (measured: pi05 with
+    two cameras and batches up to 8 fell back to eager and lost half its throughput). Raise the limits to
+    what the profiles need (never lower them), and make passing them an error rather than slow."""
+    needed = 2 * stage_shapes(cameras)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, needed)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 3 * needed)
+    config.fail_on_recompile_limit_hit = True
 
 
 class StageEngine(Protocol):
@@ -87,6 +106,8 @@ class StageRunner:
         stage_of = {"encode": "vision", "fill": "prefix", "velocity": "denoise"}
         fns = {"encode": model.encode_images, "fill": model.fill_prefix, "velocity": model.velocity}
         compiled = {} if compiled is None else compiled
+        if compile_stages:
+            allow_a_compile_per_shape(len(model.cfg.camera_names))
         for name, fn in list(fns.items()):
             if stage_of[name] in (compile_stages or ()):
                 if name not in compiled:

@@ -12,7 +12,7 @@ from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
-from vla_runtime.runtime.stages import StageRunner
+from vla_runtime.runtime.stages import StageRunner, allow_a_compile_per_shape, stage_shapes
 from vla_runtime.runtime.types import Observation
 
 from ..conftest import random_observation
@@ -94,3 +94,22 @@ def test_infer_waits_for_a_new_shapes_capture_longer_than_the_device_timeout(mon
         profiles = len(executor.report()["profiles"])
         assert executor.infer(obs).actions.shape[0] == parts.config.model.chunk_length
         assert len(executor.report()["profiles"]) == profiles + 1  # the frame needed a new shape
+
+
+def test_a_compiled_stage_meets_every_profiles_shape_compiled_and_one_more_is_an_error():
+    """Dynamo's default recompile limit (8) would run every further shape eagerly without a word; a
+    stage function under the runtime's limits compiles each profile's shape and fails loudly past them."""
+    import torch
+
+    allow_a_compile_per_shape(cameras=3)
+    limit = 2 * stage_shapes(cameras=3)
+    assert limit > 8 and torch._dynamo.config.fail_on_recompile_limit_hit
+
+    def stage(x):  # a fresh code object: dynamo counts compiles per code object
+        return x * 2 + 1
+
+    compiled = torch.compile(stage, backend="eager", dynamic=False)
+    for n in range(1, limit + 1):  # one shape per profile, all compiled
+        assert torch.equal(compiled(torch.ones(n)), torch.full((n,), 3.0))
+    with pytest.raises(Exception, match="recompile"):
+        compiled(torch.ones(limit + 1))
