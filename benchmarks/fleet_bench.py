@@ -127,8 +127,11 @@ class Fleet:
     def __init__(self, config: RuntimeConfig, observations):
         self.parts = build_parts(config)
         self.weights_gib = allocated_gib()  # what stays after the build (weights and FP8 copies)
-        self.batched = PipelinedExecutor(parts=with_batch(self.parts, 8))
-        for n in (1, 2, 4, 8):  # shape profiles are captured when first met: before the clock runs
+        # With shape profiles only the workload's shapes are captured (none of the full shape ahead of time):
+        # each batch profile when first met, here, before the clock runs.
+        ahead = [] if config.shape_profiles else None
+        self.batched = PipelinedExecutor(parts=with_batch(self.parts, 8), profiles=ahead)
+        for n in (1, 2, 4, 8):
             for future in self.batched.submit_batch(observations[:n]):
                 future.result(timeout=600)
         self.independent: list[PipelinedExecutor] = []
