@@ -94,7 +94,8 @@ class Member:
 
     @property
     def prompt_tokens(self) -> int:
-        return int(self.inputs.token_masks.sum())
+        """The prompt length its shape profile must hold (see PreparedInputs.prompt_room)."""
+        return self.inputs.prompt_room
 
     def view_order(self, profile: ShapeProfile) -> np.ndarray:
         """The full shape's view shown in each of `profile`'s view slots: the cameras present first when

@@ -34,6 +34,11 @@ class PreparedInputs:
     # resize_on_device: view index -> its uint8 [H, W, 3] image, to be resized on the device into that
     # view of `pixels` (left black here); empty otherwise
     raw_images: dict[int, np.ndarray] = field(default_factory=dict)
+    # The prompt length a shape profile must hold for this observation: its tokens, or for a prompt that
+    # carries the state (pi0.5) at least the tokens with every state value at its widest, so the bucket
+    # follows the instruction and does not flip with the state from frame to frame (a new bucket is a
+    # capture: seconds with the device idle).
+    prompt_room: int = 0
 
     def pixels_on(self, device: torch.device) -> torch.Tensor:
         """uint8 [V, S, S, 3] on `device`, the raw images resized there."""
@@ -106,12 +111,15 @@ class InputPreparer:
         normalized = self.norm_stats.normalize_state(state) if self.norm_stats else state
         # pi0.5 reads the (normalised) state from the prompt, unless trained without it (openpi's
         # pi05_libero); pi0 reads it from a continuous state token.
-        tokens, token_masks = self.tokenizer(
-            obs.instruction, normalized if self.model.prompt_has_state else None
-        )
+        prompt_state = normalized if self.model.prompt_has_state else None
+        tokens, token_masks = self.tokenizer(obs.instruction, prompt_state)
+        room = int(token_masks.sum())
+        if prompt_state is not None:  # the widest state: every value in the top bin ("255")
+            widest = np.ones_like(prompt_state)
+            room = max(room, min(len(self.tokenizer.token_ids(obs.instruction, widest)), len(tokens)))
         padded = np.zeros(self.model.action_dim, dtype=np.float32)
         padded[: self.state_dim] = normalized
-        return PreparedInputs(pixels, masks, tokens, token_masks, padded, raw)
+        return PreparedInputs(pixels, masks, tokens, token_masks, padded, raw, prompt_room=room)
 
     def _images(self, images) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
         if not isinstance(images, dict):

@@ -113,3 +113,27 @@ def test_a_compiled_stage_meets_every_profiles_shape_compiled_and_one_more_is_an
         assert torch.equal(compiled(torch.ones(n)), torch.full((n,), 3.0))
     with pytest.raises(Exception, match="recompile"):
         compiled(torch.ones(limit + 1))
+
+
+def test_a_robots_prompt_bucket_follows_its_instruction_not_its_state():
+    """pi0.5 writes the state into the prompt, so the token count changes with the state's digits from
+    frame to frame; the bucket is sized for the widest state, so one robot stays in one shape (a new shape
+    is a capture, seconds with the device idle on a GPU)."""
+    rng = np.random.default_rng()
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", shape_profiles=True))
+    assert parts.config.model.prompt_has_state
+    base = random_observation(rng, "pi05_tiny")
+    frames = [
+        Observation(base.images, rng.uniform(-1, 1, base.state.shape).astype(np.float32), "pick it", 0.0)
+        for _ in range(30)
+    ]
+    frames.append(Observation(base.images, np.zeros_like(base.state), "pick it", 0.0))  # every value "128"
+    prepared = [parts.preparer(obs) for obs in frames]
+    counts = {int(p.token_masks.sum()) for p in prepared}
+    assert len(counts) > 1, counts  # the state's digits change the prompt's length
+    assert len({p.prompt_room for p in prepared}) == 1 and prepared[0].prompt_room >= max(counts)
+    with PipelinedExecutor(parts=parts) as executor:
+        before = len(executor.report()["profiles"])
+        for obs in frames[:6]:
+            executor.infer(obs)
+        assert len(executor.report()["profiles"]) == before + 1  # one shape for all of them
