@@ -207,13 +207,14 @@ def single_gpu(args, doc: dict) -> None:
                     save(doc, args.out)
                     if mode == "batched" and held(row):
                         best = max(best, robots)
-            if n == 0 and args.confirm_s > 0:
-                await_siblings(args.barrier)  # also when this one confirms nothing: nobody waits for it
+            together = True
+            if n == 0 and args.confirm_s > 0:  # also when this one confirms nothing: nobody waits for it
+                together = await_siblings(args.barrier)
             if best and n == 0 and args.confirm_s > 0:
-                started = time.time()
+                started = time.time()  # run_batched's 2 s warm-up included, as in every process
                 confirm = fleet.run_batched(best, args.confirm_s, observations)
                 doc["confirm"] = {"precision": precision, "seconds": args.confirm_s, **confirm}
-                doc["confirm"].update(started=started, ended=time.time())
+                doc["confirm"].update(started=started, ended=time.time(), siblings_arrived=together)
                 print("confirm", json.dumps(doc["confirm"]), flush=True)
         finally:
             fleet.close()
@@ -222,16 +223,19 @@ def single_gpu(args, doc: dict) -> None:
         save(doc, args.out)
 
 
-def await_siblings(barrier: str, timeout_s: float = 300.0) -> None:
-    """`barrier` is "MINE,THEIRS,...": write mine, wait (at most `timeout_s`) until all exist. Without one,
-    return at once (a single GPU)."""
+def await_siblings(barrier: str, timeout_s: float = 300.0) -> bool:
+    """`barrier` is "MINE,THEIRS,...": write mine, wait (at most `timeout_s`) until all exist; whether they
+    did. Without one, True at once (a single GPU)."""
     if not barrier:
-        return
+        return True
     mine, *theirs = [Path(p) for p in barrier.split(",")]
     mine.touch()
     deadline = time.monotonic() + timeout_s
-    while not all(p.exists() for p in theirs) and time.monotonic() < deadline:
+    while not all(p.exists() for p in theirs):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.1)
+    return True
 
 
 def merge(points: list[dict]) -> dict:
@@ -287,6 +291,9 @@ def multi_gpu(args, doc: dict) -> None:
         overlap = min(c["ended"] for c in confirms) - max(c["started"] for c in confirms)
         doc["confirm"] = {"precision": confirms[0]["precision"], "seconds": args.confirm_s, **merge(confirms)}
         doc["confirm"]["overlap_s"] = overlap
+        # a fleet's confirmation only if every GPU's ran at the same time, nearly all of it
+        arrived = all(c["siblings_arrived"] for c in confirms)
+        doc["confirm"]["concurrent"] = arrived and overlap >= 0.9 * (args.confirm_s + 2.0)
         print("confirm", json.dumps({k: v for k, v in doc["confirm"].items() if k != "per_gpu"}), flush=True)
     save(doc, args.out)
 

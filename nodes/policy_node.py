@@ -654,6 +654,11 @@ class PolicyNode(LifecycleNode):
         if self.policy is not None:
             metadata = self.policy.metadata
             values["model_id"], values["random_weights"] = metadata.model_id, metadata.random_weights
+        # Graphs captured (at start, then one set per new shape met while serving: a stall of the device)
+        # and frames run in a larger shape (capture_new_shapes false): the engine's, where it counts them.
+        for key in ("captures", "larger_shape"):
+            if key in health.get("counters", {}):
+                values[f"engine_{key}"] = health["counters"][key]
         for stage in ("vision", "prefix", "denoise", "total"):
             s = health["latency_ms"].get(stage)
             if s:

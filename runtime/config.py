@@ -13,6 +13,7 @@ import yaml
 
 from ..graphs.checkpoint import CheckpointInfo, architecture_differences, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
+from .buffers import prompt_bucket
 from .handover import Handover
 from .pipelining import PIPELINING_MODES
 
@@ -114,6 +115,13 @@ class RuntimeConfig:
     # padded to the next of 32 / 64 / 128 / max tokens (the padding is masked: the same actions). A new
     # shape is captured when first met (the device idle meanwhile).
     shape_profiles: bool = False
+    # With shape_profiles: shapes captured at start besides the full one, for every batch profile, as
+    # "CAMERASxTOKENS" items: "2x64" is two cameras and a prompt of up to 64 tokens (with the state).
+    ahead_shapes: str | None = None
+    # With shape_profiles: a frame of a shape not captured yet captures it (the device idle meanwhile:
+    # seconds on a GPU); false: it runs in the smallest captured shape that holds it, which on a robot
+    # turns a camera that drops out into a larger shape instead of a stall.
+    capture_new_shapes: bool = True
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -188,12 +196,34 @@ class RuntimeConfig:
                 "handover: rtc with rtc_vjp_steps > 0 differentiates through the action expert, whose FP8 "
                 "GEMMs have no backward; set rtc_vjp_steps 0 (identity Jacobian), or fp8_expert false"
             )
+        if self.ahead_shapes and not self.shape_profiles:
+            raise ValueError("ahead_shapes: shapes other than the full one need shape_profiles")
+        self.ahead_shape_sizes  # noqa: B018 - checks ahead_shapes
         unknown = set(self.optional_cameras or ()) - set(model.camera_names)
         if unknown:
             raise ValueError(
                 f"optional_cameras: {sorted(unknown)} are not cameras of {model.name} "
                 f"({', '.join(model.camera_names)})"
             )
+
+    @cached_property
+    def ahead_shape_sizes(self) -> tuple[tuple[int, int], ...]:
+        """`ahead_shapes` as (views, prompt length) pairs, each length its bucket (buffers.prompt_bucket)."""
+        model, sizes = self.model, []
+        for item in filter(None, (i.strip() for i in (self.ahead_shapes or "").split(","))):
+            views, _, tokens = item.partition("x")
+            if not (views.isdigit() and tokens.isdigit()):
+                raise ValueError(f"ahead_shapes: {item!r} is not CAMERASxTOKENS (e.g. 2x64)")
+            if not 1 <= int(views) <= model.num_views:
+                raise ValueError(
+                    f"ahead_shapes: {item!r} has {views} cameras; {model.name} has 1..{model.num_views}"
+                )
+            if not 1 <= int(tokens) <= model.max_token_len:
+                raise ValueError(
+                    f"ahead_shapes: {item!r} has {tokens} tokens; the prompt holds 1..{model.max_token_len}"
+                )
+            sizes.append((int(views), prompt_bucket(int(tokens), model.max_token_len)))
+        return tuple(dict.fromkeys(sizes))
 
     @cached_property
     def checkpoint_info(self) -> CheckpointInfo | None:

@@ -94,8 +94,9 @@ class Member:
 
     @property
     def prompt_tokens(self) -> int:
-        """The prompt length its shape profile must hold (see PreparedInputs.prompt_room)."""
-        return self.inputs.prompt_room
+        """The prompt length its shape profile must hold (see PreparedInputs.prompt_room; never less than
+        its tokens, which a shorter profile would cut)."""
+        return max(self.inputs.prompt_room, int(self.inputs.token_masks.sum()))
 
     def view_order(self, profile: ShapeProfile) -> np.ndarray:
         """The full shape's view shown in each of `profile`'s view slots: the cameras present first when
@@ -143,6 +144,7 @@ class Frame:
     issue_number: int | None = None  # its place in issue order: slot and host ring entry follow from it
     slot: int = 0
     ring: int = 0
+    larger_shape: bool = False  # runs in a captured shape larger than its own (capture_new_shapes false)
     host_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # CPU path: stage -> (start, end)
 
 
@@ -166,7 +168,10 @@ class PipelinedExecutor(Policy):
             raise ValueError("use_graphs: CUDA graphs need a CUDA device")
         self.stats = LatencyStats()
         self.trace = TraceRecorder()
-        self.counters = {"submitted": 0, "completed": 0, "dropped": 0, "failed": 0, "captures": 0, "hung": 0}
+        # larger_shape: frames run in a captured shape larger than their own (capture_new_shapes false)
+        self.counters = dict.fromkeys(
+            ("submitted", "completed", "dropped", "failed", "captures", "hung", "larger_shape"), 0
+        )
         self._engines = dict(engines or {})
         unknown = set(self._engines) - set(STAGES)
         if unknown:
@@ -221,8 +226,10 @@ class PipelinedExecutor(Policy):
         if profiles is None:
             ladder = steps_ladder(self.config.denoising_steps) if self.config.adaptive_steps else ()
             batches = batch_sizes(self.config.max_batch)
-            profiles = [self.default_profile(batch=b) for b in batches]
-            profiles += [self.default_profile(s, b) for s in ladder[1:] for b in batches]
+            sizes = [(self.config.model.num_views, self.config.model.max_token_len)]
+            sizes += [size for size in self.config.ahead_shape_sizes if size not in sizes]
+            steps = (self.config.denoising_steps, *ladder[1:])
+            profiles = [ShapeProfile(v, t, s, b) for s in steps for (v, t) in sizes for b in batches]
         started = time.perf_counter()
         for profile in profiles:
             self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
@@ -281,7 +288,7 @@ class PipelinedExecutor(Policy):
         batches later)."""
         n = len(members)
         self._check_batch(n, steps)
-        profile = self._profile_for(members, steps)
+        profile, larger_shape = self._profile_for(members, steps)
         with self._cond:
             if self._closed:
                 raise ExecutorClosed("executor is closed")
@@ -289,7 +296,7 @@ class PipelinedExecutor(Policy):
                 for m in members:
                     m.future.set_exception(self._broken or self._hung)
                 return [m.future for m in members]
-            frame = Frame(self._next_index, members, profile, time.perf_counter())
+            frame = Frame(self._next_index, members, profile, time.perf_counter(), larger_shape=larger_shape)
             self._next_index += 1
             self.counters["submitted"] += 1
             dropped, self._pending = self._pending, frame
@@ -298,14 +305,33 @@ class PipelinedExecutor(Policy):
             self._drop(dropped, f"frame {dropped.index} replaced by newer frame {frame.index}")
         return [m.future for m in members]
 
-    def _profile_for(self, members: list[Member], steps: int | None) -> ShapeProfile:
-        """The full shape, or with shape_profiles the smallest that holds every member."""
+    def _profile_for(self, members: list[Member], steps: int | None) -> tuple[ShapeProfile, bool]:
+        """The full shape, or with shape_profiles the smallest that holds every member; without
+        capture_new_shapes, the smallest captured one that holds them (the full shape, captured at start,
+        always does), preferring those with the frame's step count captured. And whether that shape is
+        larger than the members' own."""
         full = self.default_profile(steps, batch=batch_profile(len(members)))
         if not self.config.shape_profiles:
-            return full
+            return full, False
         views = max(1, max(m.cameras_present for m in members))
         tokens = max(m.prompt_tokens for m in members)
-        return ShapeProfile(views, prompt_bucket(tokens, full.prompt_len), full.steps, full.batch)
+        exact = ShapeProfile(views, prompt_bucket(tokens, full.prompt_len), full.steps, full.batch)
+        if self.config.capture_new_shapes:
+            return exact, False
+        per_view = self.config.model.vision.tokens_per_image
+        with self._cond:
+            holding = [
+                (full.steps not in runner.schedules, v * per_view + t, v, t)  # ready first, then the shortest
+                for (v, t, b), runner in self._runners.items()
+                if b == exact.batch and v >= views and t >= exact.prompt_len
+            ]
+        if not holding:  # nothing captured holds it (no full shape captured at start): capture it
+            return exact, False
+        _, _, views, tokens = min(holding)
+        return ShapeProfile(views, tokens, full.steps, full.batch), (views, tokens) != (
+            exact.views,
+            exact.prompt_len,
+        )
 
     def _check_batch(self, n: int, steps: int | None) -> None:
         if not 1 <= n <= self.config.max_batch:
@@ -594,6 +620,9 @@ class PipelinedExecutor(Policy):
         runner = self._runner(frame.profile)
         buffers = runner.buffers
         frame.dispatched = time.perf_counter()
+        if frame.larger_shape:
+            with self._cond:
+                self.counters["larger_shape"] += 1
         # Slots and ring entries go by issue order (dropped frames never reach the device).
         frame.issue_number = self._issued
         frame.slot = self._issued % PIPELINE_SLOTS

@@ -239,6 +239,19 @@ SETTINGS: tuple[Setting, ...] = (
         bool,
     ),
     Setting(
+        "ahead_shapes",
+        "shape_profiles: shapes captured at start besides the full one, as CAMERASxTOKENS items "
+        "(2x64: two cameras, a prompt of up to 64 tokens with the state)",
+        str,
+        "",
+    ),
+    Setting(
+        "capture_new_shapes",
+        "shape_profiles: a frame of a shape not captured yet captures it (seconds with the device idle on a "
+        "GPU); false: it runs in the smallest captured shape that holds it (on a robot: no stall)",
+        bool,
+    ),
+    Setting(
         "adaptive_steps",
         "the node lowers the denoising steps (steps, 5, 3, 2) when chunks come close to the deadline and "
         "climbs back when they are well inside it",

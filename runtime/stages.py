@@ -11,6 +11,7 @@ buffers, which live outside every pool.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,21 +30,36 @@ STAGES = ("vision", "prefix", "denoise")
 
 def stage_shapes(cameras: int) -> int:
     """How many input shapes one compiled stage function can meet: every batch profile, camera count and
-    prompt length (the buckets and the full length). The denoise stage's rtc loop calls it with grad on,
-    another guard, so twice that is what dynamo must be allowed to compile."""
+    prompt length (the buckets and the full length)."""
     return len(BATCH_SIZES) * cameras * (len(PROMPT_BUCKETS) + 1)
 
 
-def allow_a_compile_per_shape(cameras: int) -> None:
-    """Past dynamo's recompile_limit (8 by default) a compiled function silently runs eagerly for every
-    further shape: with shape and batch profiles a stage meets more shapes than that (measured: pi05 with
-    two cameras and batches up to 8 fell back to eager and lost half its throughput). Raise the limits to
-    what the profiles need (never lower them), and make passing them an error rather than slow."""
-    needed = 2 * stage_shapes(cameras)
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, needed)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 3 * needed)
-    config.fail_on_recompile_limit_hit = True
+def compile_limits(cameras: int) -> dict:
+    """Dynamo's settings while a stage compiles. Past its recompile_limit (8 by default) a compiled function
+    runs eagerly for every further shape, without a word: with shape and batch profiles a stage meets more
+    shapes than that (measured: pi05 with two cameras and batches up to 8 lost half its throughput). Each
+    shape may take several entries (the denoise loop's first step reads a plain tensor, the later ones
+    inference tensors; rtc's loop runs with grad; several executors in one process share the functions'
+    entries), so the limit leaves room for 8 per shape; past it, compiling is an error, not slow."""
+    shapes = stage_shapes(cameras)
+    return {
+        "recompile_limit": 8 * shapes,
+        "accumulated_recompile_limit": 24 * shapes,
+        "fail_on_recompile_limit_hit": True,
+    }
+
+
+def within_compile_limits(compiled, cameras: int):
+    """`compiled` (a torch.compile'd stage) called under `compile_limits`, which apply to its compiles only
+    (dynamo's settings are restored after each call)."""
+    limits = compile_limits(cameras)
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(**limits):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 class StageEngine(Protocol):
@@ -106,12 +122,11 @@ class StageRunner:
         stage_of = {"encode": "vision", "fill": "prefix", "velocity": "denoise"}
         fns = {"encode": model.encode_images, "fill": model.fill_prefix, "velocity": model.velocity}
         compiled = {} if compiled is None else compiled
-        if compile_stages:
-            allow_a_compile_per_shape(len(model.cfg.camera_names))
         for name, fn in list(fns.items()):
             if stage_of[name] in (compile_stages or ()):
                 if name not in compiled:
-                    compiled[name] = torch.compile(fn, dynamic=False)
+                    cameras = len(model.cfg.camera_names)
+                    compiled[name] = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
                 fns[name] = compiled[name]
         self.fns = fns
         # The stage-engine seam: whatever serves a stage reads and writes only the slot's tensors. By

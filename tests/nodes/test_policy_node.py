@@ -85,6 +85,7 @@ def test_every_observation_is_answered_by_completion_not_by_the_timer(node, robo
     assert diag["fresh"] == diag["observations"] and diag["tails"] == "0" and diag["misses"] == "0"
     assert diag["exhausted"] == "0"  # no chunk arrived with all its actions expired
     assert {"age_p50_ms", "engine_total_p50_ms", "dropped", "refused"} <= set(diag)
+    assert diag["engine_larger_shape"] == "0" and "engine_captures" in diag
 
 
 BAD_INPUTS = [

@@ -12,7 +12,7 @@ from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
-from vla_runtime.runtime.stages import StageRunner, allow_a_compile_per_shape, stage_shapes
+from vla_runtime.runtime.stages import StageRunner, compile_limits, stage_shapes, within_compile_limits
 from vla_runtime.runtime.types import Observation
 
 from ..conftest import random_observation
@@ -98,21 +98,23 @@ def test_infer_waits_for_a_new_shapes_capture_longer_than_the_device_timeout(mon
 
 def test_a_compiled_stage_meets_every_profiles_shape_compiled_and_one_more_is_an_error():
     """Dynamo's default recompile limit (8) would run every further shape eagerly without a word; a
-    stage function under the runtime's limits compiles each profile's shape and fails loudly past them."""
+    stage as StageRunner compiles it compiles each profile's shape (with room for several entries per
+    shape) and fails loudly past its limit; dynamo's own settings are left as they were."""
     import torch
 
-    allow_a_compile_per_shape(cameras=3)
-    limit = 2 * stage_shapes(cameras=3)
-    assert limit > 8 and torch._dynamo.config.fail_on_recompile_limit_hit
+    before = dict(torch._dynamo.config.get_config_copy())
+    limit = compile_limits(cameras=1)["recompile_limit"]
+    assert limit >= 2 * stage_shapes(cameras=1) > 8
 
     def stage(x):  # a fresh code object: dynamo counts compiles per code object
         return x * 2 + 1
 
-    compiled = torch.compile(stage, backend="eager", dynamic=False)
-    for n in range(1, limit + 1):  # one shape per profile, all compiled
+    compiled = within_compile_limits(torch.compile(stage, backend="eager", dynamic=False), cameras=1)
+    for n in range(1, limit + 1):  # one shape per profile and more, all compiled
         assert torch.equal(compiled(torch.ones(n)), torch.full((n,), 3.0))
     with pytest.raises(Exception, match="recompile"):
         compiled(torch.ones(limit + 1))
+    assert dict(torch._dynamo.config.get_config_copy()) == before
 
 
 def test_a_robots_prompt_bucket_follows_its_instruction_not_its_state():
@@ -127,7 +129,7 @@ def test_a_robots_prompt_bucket_follows_its_instruction_not_its_state():
         Observation(base.images, rng.uniform(-1, 1, base.state.shape).astype(np.float32), "pick it", 0.0)
         for _ in range(30)
     ]
-    frames.append(Observation(base.images, np.zeros_like(base.state), "pick it", 0.0))  # every value "128"
+    frames.append(Observation(base.images, np.zeros_like(base.state), "pick it", 0.0))  # a narrow state
     prepared = [parts.preparer(obs) for obs in frames]
     counts = {int(p.token_masks.sum()) for p in prepared}
     assert len(counts) > 1, counts  # the state's digits change the prompt's length
@@ -137,3 +139,86 @@ def test_a_robots_prompt_bucket_follows_its_instruction_not_its_state():
         for obs in frames[:6]:
             executor.infer(obs)
         assert len(executor.report()["profiles"]) == before + 1  # one shape for all of them
+
+
+def test_shapes_captured_ahead_serve_their_frames_and_others_run_larger_without_a_capture():
+    """A robot's configuration names its shapes (ahead_shapes): they are captured at start; with
+    capture_new_shapes false a frame of another shape runs in the smallest captured one that holds it
+    (no capture, no stall), with the same actions as the eager reference."""
+    rng = np.random.default_rng()
+    wrists = ("left_wrist_0_rgb", "right_wrist_0_rgb")
+    config = RuntimeConfig(
+        preset="pi05_tiny",
+        shape_profiles=True,
+        ahead_shapes="2x32, 2x64",
+        capture_new_shapes=False,
+        optional_cameras=wrists,
+    )
+    parts = build_parts(config)
+    reference = EagerPolicy(parts=parts)
+    full = (config.model.num_views, config.model.max_token_len)
+    assert config.ahead_shape_sizes == ((2, 32), (2, 64))
+    two_cameras = random_observation(rng, "pi05_tiny", skip=wrists[1:])
+    one_camera = random_observation(rng, "pi05_tiny", skip=wrists)
+    long_prompt = Observation(two_cameras.images, two_cameras.state, " ".join(["red"] * 20), 0.0)
+    with PipelinedExecutor(parts=parts) as executor:
+        captured = {(p["views"], p["prompt_len"]) for p in executor.report()["profiles"]}
+        assert captured == {full, (2, 32), (2, 64)}
+        captures = executor.report()["counters"]["captures"]
+        for obs in (two_cameras, one_camera, long_prompt):
+            noise = rng.standard_normal(
+                (config.model.action_horizon, config.model.action_dim), dtype=np.float32
+            )
+            got = executor.infer(obs, noise)
+            np.testing.assert_allclose(got.actions, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5)
+        report = executor.report()
+    assert report["counters"]["captures"] == captures  # nothing captured while serving (on a GPU)
+    assert {(p["views"], p["prompt_len"]) for p in report["profiles"]} == captured  # no shape added
+    assert parts.preparer(long_prompt).prompt_room > 64
+    # one camera ran in a captured two-camera shape (or the full one), the long prompt in the full shape;
+    # the two cameras in their own captured shape, unless their prompt passed 64 tokens
+    assert report["counters"]["larger_shape"] == 2 + (parts.preparer(two_cameras).prompt_room > 64)
+
+
+@pytest.mark.parametrize(
+    ("ahead", "message"),
+    [("2y64", "CAMERASxTOKENS"), ("4x64", "cameras"), ("2x999", "tokens"), ("x64", "CAMERASxTOKENS")],
+)
+def test_bad_ahead_shapes_name_the_setting(ahead, message):
+    with pytest.raises(ValueError, match=f"ahead_shapes: .*{message}"):
+        RuntimeConfig(preset="pi05_tiny", shape_profiles=True, ahead_shapes=ahead)
+    with pytest.raises(ValueError, match="ahead_shapes: .*need shape_profiles"):
+        RuntimeConfig(preset="pi05_tiny", ahead_shapes="2x64")
+
+
+def test_an_executor_compiles_each_stage_a_few_times_per_shape_within_its_limits(monkeypatch):
+    """The stages as the executor compiles them (dynamo with its eager backend here: the guards are what
+    count, not the kernels): each shape met takes at most a few entries per stage function, well inside
+    compile_limits, and the compiled stages give the eager reference's actions."""
+    import functools
+
+    import torch
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from vla_runtime.graphs.pi0 import PI0Model
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    rng = np.random.default_rng()
+    config = RuntimeConfig(preset="pi05_tiny", shape_profiles=True, compile_stages=True)
+    parts = build_parts(config)
+    reference = EagerPolicy(parts=parts)
+    skip = config.optional_camera_names[:1]
+    frames = [random_observation(rng, "pi05_tiny", skip=s) for s in ((), skip, (), skip)]
+    with PipelinedExecutor(parts=parts) as executor:
+        for obs in frames:
+            noise = rng.standard_normal(
+                (config.model.action_horizon, config.model.action_dim), dtype=np.float32
+            )
+            got = executor.infer(obs, noise).actions
+            np.testing.assert_allclose(got, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5)
+        shapes = len(executor.report()["profiles"])
+    limit = compile_limits(len(config.model.camera_names))["recompile_limit"]
+    for fn in (PI0Model.encode_images, PI0Model.fill_prefix, PI0Model.velocity):
+        entries = len(_debug_get_cache_entry_list(fn.__code__))
+        assert 1 <= entries <= 2 * shapes <= limit, (fn.__name__, entries, shapes)
+    torch._dynamo.reset()
