@@ -68,3 +68,28 @@ def test_a_libero_shaped_frame_runs_its_small_profile_with_the_full_shapes_actio
     shapes = {(p["views"], p["prompt_len"], p["batch"]) for p in executor.report()["profiles"]}
     full = (executor.config.model.num_views, executor.config.model.max_token_len)
     assert any(views < full[0] and prompt < full[1] and batch == 1 for views, prompt, batch in shapes), shapes
+
+
+def test_shapes_named_ahead_are_captured_at_start_and_nothing_is_captured_while_serving(pi05_batched, rng):
+    """A robot's settings: ahead_shapes "2x64" and capture_new_shapes false (the fixture's weights,
+    another executor). A LIBERO-shaped frame runs in its shape captured at start; a frame of a shape not
+    named runs in the full shape; no capture happens while serving; both give the eager actions."""
+    executor, reference = pi05_batched
+    parts = executor.parts
+    config = parts.config.replace(max_batch=1, ahead_shapes="2x64", capture_new_shapes=False)
+    robot = PipelinedExecutor(parts=type(parts)(**{**vars(parts), "config": config}))
+    try:
+        started = robot.report()
+        full = (config.model.num_views, config.model.max_token_len)
+        assert {(p["views"], p["prompt_len"]) for p in started["profiles"]} == {full, (2, 64)}
+        optional = config.optional_camera_names[0]
+        cases = [member(rng, robot, skip=(optional,), words=2), member(rng, robot, words=2)]
+        assert robot.parts.preparer(cases[0][0]).prompt_room <= 64  # the LIBERO-shaped frame fits 2x64
+        for obs, noise, _ in cases:
+            got = robot.infer(obs, noise).actions
+            assert relative_difference(got, reference.infer(obs, noise).actions) <= BF16_REL_TOL
+        report = robot.report()
+        assert report["counters"]["captures"] == started["counters"]["captures"]  # none while serving
+        assert report["counters"]["larger_shape"] == 1  # the three-camera frame, in the full shape
+    finally:
+        robot.close()
