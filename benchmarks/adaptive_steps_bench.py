@@ -13,9 +13,7 @@ python benchmarks/adaptive_steps_bench.py OUT_DIR   (CUDA machine)
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
+from results_doc import run_header  # noqa: E402
 from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: E402
 from vla_runtime.runtime.config import RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
@@ -124,10 +123,7 @@ def main(out: Path) -> None:
         adaptive_steps=True,
     )
     doc = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
-        "torch": torch.__version__,
+        **run_header(),
         "workload": "pi05, 3 views 224x224, 200-token prompt, fp8 prefix + expert, fp16 vision",
     }
     rng = np.random.default_rng(0)

@@ -14,15 +14,14 @@ median of 20 replays).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 import triton
+from results_doc import run_header  # noqa: E402
 from vla_runtime.graphs import fp8_geglu
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -83,12 +82,9 @@ def main():
     ap.add_argument("--out", default="geglu.json")
     args = ap.parse_args()
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+        **run_header(),
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
         "shapes": [],
     }
     # pi05: the prefix (968 rows, width 2048, MLP 16384) and the action expert (50 rows, 1024, 4096)

@@ -13,9 +13,7 @@ python benchmarks/handover_bench.py OUT_DIR [--preset pi05]   (CUDA machine; --p
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
+from results_doc import run_header  # noqa: E402
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.handover import PreviousChunk, splice_metrics  # noqa: E402
@@ -83,10 +82,7 @@ def main(out: Path, preset: str, only: list[str] | None = None) -> None:
     precisions = PRECISIONS if device == "cuda" else {"float32": dict(precision="float32")}
     precisions = {k: v for k, v in precisions.items() if only is None or k in only}
     doc = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
-        "torch": torch.__version__,
+        **run_header(),
         "preset": preset,
         "executed": EXECUTED,
         "rows": [],

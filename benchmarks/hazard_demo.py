@@ -10,16 +10,14 @@ python benchmarks/hazard_demo.py OUT.json   (on a CUDA machine, from the reposit
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
+from results_doc import run_header  # noqa: E402
 from vla_runtime.runtime import executor as executor_module  # noqa: E402
 from vla_runtime.runtime.config import RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.hazards import WAITS, Waits  # noqa: E402
@@ -51,10 +49,7 @@ def main(out: Path, rounds: int = 5) -> None:
     executor_module.WAITS = WAITS
     executor.close()
     doc = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
+        **run_header(),
         "tolerance": BF16_REL_TOL,
         "results": results,
     }

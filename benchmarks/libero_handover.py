@@ -8,13 +8,13 @@ python benchmarks/libero_handover.py OUT.json [--preset pi05_tiny] [--device cpu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from results_doc import run_header  # noqa: E402
 
 MODES = ("switch", "blend", "inpaint", "rtc")
 RUNS = (("lockstep", ["--mode", "lockstep", "--delay-steps", "2"]), ("wall_clock", ["--mode", "wall_clock"]))
@@ -29,12 +29,8 @@ def main() -> None:
     parser.add_argument("--max-steps", default="40")
     args = parser.parse_args()
     doc = {
-        "device": args.device,
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        **run_header(),
+        "policy_device": args.device,
         "preset": args.preset,
         "suite": "libero_spatial task 0, init 0",
         "runs": [],

@@ -7,13 +7,14 @@ python benchmarks/libero_parallel.py OUT.json [--workers 2] [--tasks 0,1] [--tri
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from results_doc import run_header  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "vla-runtime")
 
@@ -28,13 +29,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     doc = {
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        **run_header(),
         "cpus": os.cpu_count(),
-        "device": args.device,
+        "policy_device": args.device,
         "episodes": f"libero_spatial tasks {args.tasks} x {args.trials} trials, {args.max_steps} steps",
         "runs": {},
     }

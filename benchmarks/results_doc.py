@@ -8,19 +8,32 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import torch
 
 
 def run_header() -> dict:
-    """Device, date, commit (VLA_COMMIT: the tree on a GPU machine is a copy) and torch version."""
+    """Device, date, commit and torch version. The commit: VLA_COMMIT where set (the tree on a GPU
+    machine is a copy whose git metadata may be stale), else git's HEAD, else "unknown"."""
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
+        "commit": os.environ.get("VLA_COMMIT") or git_head() or "unknown",
         "torch": torch.__version__,
     }
+
+
+def git_head() -> str:
+    """The short hash of the checkout's HEAD, or "" outside a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+    except OSError:
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def save(doc: dict, path: Path) -> None:

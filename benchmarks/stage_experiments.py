@@ -14,14 +14,13 @@ recorded in runtime/config.py.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from results_doc import run_header  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
 from vla_runtime.graphs import fp8_geglu
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
@@ -259,11 +258,8 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+        **run_header(),
         "cuda": torch.version.cuda,
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
         "workload": "pi05, 3 views, 200-token prompt, random weights",
         "variants": [],
     }

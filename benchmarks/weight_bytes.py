@@ -13,12 +13,11 @@ python benchmarks/weight_bytes.py OUT.json [--preset pi05] [--steps 10] [--bandw
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 from pathlib import Path
 
 import torch
+from results_doc import run_header  # noqa: E402
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.duquant import fit_smoothing
 from vla_runtime.graphs.int8 import Int8Linear
@@ -57,9 +56,7 @@ def main() -> None:
         per_stage[stage] = totals
     modes = per_stage["expert"].keys()
     doc = {
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT", "unknown"),
-        "torch": torch.__version__,
+        **run_header(),
         "preset": args.preset,
         "steps": args.steps,
         "what": "bytes of GEMM weights read per chunk (prefix once, expert per step); counted, not timed",
