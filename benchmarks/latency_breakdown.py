@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from results_doc import run_header
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.synthetic import synthetic_observation
@@ -51,8 +51,7 @@ def main():
     medians["stages_sum"] = medians["vision"] + medians["prefix"] + medians["denoise"]
     medians["host_outside_device"] = medians["total"] - medians["device_total"]  # prepare included
     result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
+        **run_header(),
         "config": vars(args),
         "median_ms": medians,
     }

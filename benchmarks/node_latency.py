@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_doc import recorded_commit
 
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 INSTRUCTION = "pick up the black bowl between the plate and the ramekin and place it on the plate"
@@ -225,17 +226,6 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
     }
 
 
-def commit() -> str:
-    if os.environ.get("VLA_COMMIT", "unknown") != "unknown":
-        return os.environ["VLA_COMMIT"]  # a copy of the tree elsewhere may carry a stale .git
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="pi05_tiny")
@@ -278,7 +268,7 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "commit": commit(),
+        "commit": recorded_commit(),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "in_process": baseline,
         "node": node,

@@ -15,14 +15,19 @@ import torch
 
 
 def run_header() -> dict:
-    """Device, date, commit and torch version. The commit: VLA_COMMIT where set (the tree on a GPU
-    machine is a copy whose git metadata may be stale), else git's HEAD, else "unknown"."""
+    """Device, date, commit (`recorded_commit`) and torch version."""
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("VLA_COMMIT") or git_head() or "unknown",
+        "commit": recorded_commit(),
         "torch": torch.__version__,
     }
+
+
+def recorded_commit() -> str:
+    """VLA_COMMIT where set (a copy of the tree elsewhere may carry stale git metadata), else git's HEAD,
+    else "unknown"."""
+    return os.environ.get("VLA_COMMIT") or git_head() or "unknown"
 
 
 def git_head() -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from node_latency import commit  # noqa: E402 - the one definition of the recorded commit
+from results_doc import recorded_commit  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from vla_runtime.runtime.policy import FrameDropped
     from vla_runtime.runtime.synthetic import synthetic_observation
 
-    version = commit()  # at the start: the code that runs
+    version = recorded_commit()  # at the start: the code that runs
     config = RuntimeConfig(preset=args.preset, steps=args.steps)
     rng = np.random.default_rng(0)
     observations = [synthetic_observation(config, rng, args.image_side) for _ in range(16)]

@@ -6,12 +6,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from results_doc import recorded_commit  # noqa: E402 - the one definition of the recorded commit
 
 RESULTS: list[dict] = []
 
@@ -60,18 +63,6 @@ def record(
     return row
 
 
-def commit() -> str:
-    """VLA_COMMIT when set (a copied working tree may carry stale git metadata), else git's HEAD."""
-    if os.environ.get("VLA_COMMIT"):
-        return os.environ["VLA_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def pytest_sessionfinish(session, exitstatus):
     if not RESULTS or not torch.cuda.is_available():
         return
@@ -84,7 +75,7 @@ def pytest_sessionfinish(session, exitstatus):
     doc = {
         "device": device,
         "date": date,
-        "commit": commit(),
+        "commit": recorded_commit(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "results": RESULTS,
