@@ -48,10 +48,6 @@ class SharedServer:
         return lambda config: self.session(robot, config, deadline_s)
 
     def session(self, robot: str, config: RuntimeConfig, deadline_s=None) -> ServedPolicy:
-        if config.adaptive_steps:
-            raise ValueError(
-                "adaptive_steps: the robots of one server share its steps (a batch has one count)"
-            )
         config = config.replace(max_batch=batch_profile(self.robots))
         with self._lock:  # the nodes load on threads of their own: the first builds, the others wait
             if self._closed:
@@ -85,10 +81,11 @@ class ServedPolicy:
         self.metadata = server.executor.metadata
 
     def submit(self, obs, noise=None, steps: int | None = None, previous: PreviousChunk | None = None):
-        if steps not in (None, self.metadata.steps):
-            raise ValueError(f"steps: the robots of one server share its {self.metadata.steps} steps")
+        """`steps`: at most this many (the node's adaptive steps); a batch runs at its members' fewest."""
         deadline = self._deadline_s() if self._deadline_s is not None else None
-        return self.server.submit(self.robot, obs, previous=previous, noise=noise, deadline_s=deadline)
+        return self.server.submit(
+            self.robot, obs, previous=previous, noise=noise, deadline_s=deadline, steps=steps
+        )
 
     def health(self) -> dict:
         """The executor's health, and under "robot" this robot's counters and latency in the server, with

@@ -338,7 +338,15 @@ class PipelinedExecutor(Policy):
             raise ValueError(
                 f"observations: {n} in one batch; this executor serves 1..{self.config.max_batch}"
             )
-        if "denoise" in self._engines and steps not in (None, self.config.denoising_steps):
+        self.check_steps(steps)
+
+    def check_steps(self, steps: int | None) -> None:
+        """ValueError naming `steps` when a frame cannot ask for that many denoising steps (None: the
+        configured ones)."""
+        if steps is None:
+            return
+        self.default_profile(steps)  # its range
+        if "denoise" in self._engines and steps != self.config.denoising_steps:
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
 
     def wait_for_room(self, timeout: float | None = None, in_flight: int | None = None) -> bool:

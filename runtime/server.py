@@ -11,6 +11,10 @@ them as one frame. It never waits to fill a batch, so no observation is held bac
 goes as soon as the executor has room. With more robots pending than a batch holds, the later deadlines
 wait for the next frame; as every robot's deadline comes due in turn, none is starved.
 
+Steps: a robot may ask for fewer denoising steps (its node's adaptive steps under deadline pressure); a
+batch runs at the fewest its members asked for, so the robot under most pressure decides for the robots
+it shares the GPU with (they share the pressure too). Every chunk says the steps it was made with.
+
 Each robot's input is checked when it is submitted (ValueError naming the field, to that robot only);
 a newer observation of the same robot replaces its pending one (FrameDropped for the older). Latency is
 submit -> chunk, a miss a chunk that came after its observation's deadline (default: submit + 50 ms).
@@ -45,6 +49,7 @@ class Pending:
     future: Future  # the robot's: resolved from the member's
     deadline: float  # monotonic
     submitted: float  # monotonic
+    steps: int | None = None  # denoising steps asked for (None: the configured ones)
 
 
 class PolicyServer:
@@ -70,18 +75,20 @@ class PolicyServer:
         previous: PreviousChunk | None = None,
         deadline_s: float | None = None,
         noise=None,
+        steps: int | None = None,
     ) -> Future:
         """Queue a robot's observation; its deadline is `deadline_s` (default the server's) from now. A
         replaced observation's deadline stays (the robot has waited since then: a robot that submits often
-        must not fall behind in the deadline order)."""
+        must not fall behind in the deadline order). `steps`: the denoising steps it asks for at most."""
         deadline_s = self.deadline_s if deadline_s is None else deadline_s
         if not deadline_s > 0:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
+        self.executor.check_steps(steps)
         if noise is None:
             noise = self._noise_for(robot)
         member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError here, to this robot
         now = time.monotonic()
-        pending = Pending(robot, member, Future(), now + deadline_s, now)
+        pending = Pending(robot, member, Future(), now + deadline_s, now, steps)
         with self._cond:
             if self._closed:
                 raise ExecutorClosed("server is closed")
@@ -130,8 +137,9 @@ class PolicyServer:
                 continue
             self.batches.append([p.robot for p in ready])
             del self.batches[:-1000]
+            asked = [p.steps for p in ready if p.steps is not None]
             try:
-                futures = self.executor.submit_prepared([p.member for p in ready])
+                futures = self.executor.submit_prepared([p.member for p in ready], min(asked, default=None))
             except Exception as err:  # noqa: BLE001 - closed meanwhile: the robots hear of it
                 for p in ready:
                     self._finish(p, error=err)
@@ -203,9 +211,7 @@ class RobotSession:
     def submit(
         self, obs: Observation, noise=None, steps=None, previous: PreviousChunk | None = None
     ) -> Future:
-        if steps is not None:
-            raise ValueError("steps: a server session runs the server's steps")
-        return self.server.submit(self.robot, obs, previous=previous, noise=noise)
+        return self.server.submit(self.robot, obs, previous=previous, noise=noise, steps=steps)
 
     def reset(self) -> None:
         """Nothing of a robot's stays in the server between episodes but its counters."""

@@ -104,14 +104,26 @@ def test_fleet_launch_file_structure():
     assert '"vla-runtime", "fleet", "--namespaces"' in source and '"--params-file", params_file' in source
 
 
-def test_a_fleet_refuses_adaptive_steps_and_serves_after_close_no_more():
+def test_a_fleets_robots_ask_for_their_steps_and_after_close_nothing_is_served():
+    """With adaptive steps each robot's node asks for its steps; the server runs a batch at its members'
+    fewest (tests/runtime/test_server.py), and a robot alone gets what it asked for."""
+    import numpy as np
     from vla_runtime.nodes.fleet import SharedServer
     from vla_runtime.runtime.config import RuntimeConfig
 
+    from ..conftest import random_observation
+
     shared = SharedServer(robots=2)
-    with pytest.raises(ValueError, match="adaptive_steps: the robots of one server share its steps"):
-        shared.session("/a", RuntimeConfig(adaptive_steps=True))
+    config = RuntimeConfig(preset="pi05_tiny", adaptive_steps=True)
+    session = shared.session("/a", config)
+    obs = random_observation(np.random.default_rng(), "pi05_tiny")
+    assert session.submit(obs, steps=5).result(timeout=120).steps == 5
+    assert session.submit(obs).result(timeout=120).steps == config.denoising_steps
     shared.close()
     with pytest.raises(ValueError, match="fleet: shutting down"):
-        shared.session("/a", RuntimeConfig())
-    assert shared.executor is None  # nothing was built
+        shared.session("/b", config)
+    unused = SharedServer(robots=2)
+    unused.close()
+    with pytest.raises(ValueError, match="fleet: shutting down"):
+        unused.session("/a", config)
+    assert unused.executor is None  # nothing was built

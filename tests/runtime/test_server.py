@@ -200,3 +200,40 @@ def test_each_robot_repeats_its_actions_whatever_the_order_of_the_robots(served,
     for robot in observations:
         np.testing.assert_allclose(runs[0][robot], runs[1][robot], rtol=1e-5, atol=1e-6)
     assert not np.allclose(runs[0]["arm_x"], runs[0]["arm_y"])  # each robot has noise of its own
+
+
+def test_a_batch_runs_at_the_fewest_steps_its_robots_asked_for(served, rng):
+    """Held device, then arm_a asks for 3 steps and arm_b for none (the configured 10): released, they
+    go as one frame made with 3 steps, each equal to its own eager 3-step result; a robot alone asking for
+    nothing gets the configured steps; steps out of range go back to the robot that asked."""
+    executor, reference = served
+    held = HeldStages(executor)
+    try:
+        with PolicyServer(executor) as server:
+            server.submit("filler_1", random_observation(rng, "pi05_tiny"))
+            wait_until(executor, lambda: executor._pending is None and executor._in_flight == 1)
+            server.submit("filler_2", random_observation(rng, "pi05_tiny"))
+            wait_until(executor, lambda: executor._pending is not None)  # the executor is full
+            asks = {}
+            for robot, steps in (("arm_a", 3), ("arm_b", None)):
+                obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
+                asks[robot] = (obs, noise, server.submit(robot, obs, noise=noise, steps=steps))
+            with pytest.raises(ValueError, match="steps: must be in 1..10"):
+                server.submit("arm_c", random_observation(rng, "pi05_tiny"), steps=11)
+            held.release()
+            parts = executor.parts
+            reference3 = EagerPolicy(
+                parts=type(parts)(**{**vars(parts), "config": parts.config.replace(steps=3)})
+            )
+            for obs, noise, future in asks.values():
+                chunk = future.result(timeout=120)
+                assert chunk.steps == 3
+                want = reference3.infer(obs, noise).actions
+                np.testing.assert_allclose(chunk.actions, want, rtol=1e-4, atol=1e-5)
+            alone = server.submit("arm_b", random_observation(rng, "pi05_tiny")).result(timeout=120)
+            batches = [b for b in server.batches if not b[0].startswith("filler")]
+    finally:
+        held.restore()
+    assert sorted(batches[0]) == ["arm_a", "arm_b"]
+    assert alone.steps == executor.config.denoising_steps
+    assert "arm_c" not in server.figures()  # refused before it was queued
