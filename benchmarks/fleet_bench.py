@@ -19,6 +19,9 @@ confirmation records how long they overlapped.
 --workload libero: two cameras and a short instruction, in shape profiles (only what is present is
 computed); three_views (default): every frame the full shape.
 
+--adaptive: each robot asks for its denoising steps from a controller of its own, as its node would
+(adaptive_steps); a batch runs at its members' fewest.
+
 python benchmarks/fleet_bench.py OUT.json [--preset pi05] [--robots 1,2,4,6,8,10,12] [--seconds 10]
     [--precisions fp8_all,fp8,bf16] [--gpus 2] [--workload three_views|libero]
 """
@@ -39,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
 from results_doc import run_header, save  # noqa: E402
+from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: E402
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.loading import PolicyParts, build_parts  # noqa: E402
@@ -49,17 +53,23 @@ from vla_runtime.runtime.types import Observation  # noqa: E402
 from tests.conftest import random_observation  # noqa: E402
 
 PERIOD_S = DEADLINE_S = 0.05
+TOP_STEPS = 10  # the configured denoising steps (pi05's default)
 PRECISIONS = {k: GPU_PRECISION_OPTIONS[k] for k in ("fp8_all", "fp8", "bf16")}  # fastest first
 
 
-def drive(submit_for, robots: int, seconds: float, observations) -> dict:
-    """`submit_for(i)(obs) -> Future` per robot; every robot at 20 Hz for `seconds`."""
+def drive(submit_for, robots: int, seconds: float, observations, adaptive: bool = False) -> dict:
+    """`submit_for(i)(obs, steps) -> Future` per robot; every robot at 20 Hz for `seconds`. `adaptive`:
+    each robot asks for its steps from a StepsController of its own, fed as the node feeds it (each
+    chunk's age, and its oldest frame in flight at every new observation)."""
     latencies: list[list[float]] = [[] for _ in range(robots)]
     misses = [0] * robots
+    steps_used: list[int] = []
+    controllers = [StepsController(TOP_STEPS, DEADLINE_S) if adaptive else None for _ in range(robots)]
     lock = threading.Lock()
 
     def robot(i: int) -> None:
-        submit = submit_for(i)
+        submit, controller = submit_for(i), controllers[i]
+        in_flight: dict[int, tuple[float, int]] = {}  # id(future) -> (sent, steps)
         start = time.monotonic() + i * PERIOD_S / robots  # phases spread over the period
         k = 0
         while True:
@@ -68,10 +78,19 @@ def drive(submit_for, robots: int, seconds: float, observations) -> dict:
                 return
             time.sleep(max(0.0, tick - time.monotonic()))
             sent = time.monotonic()
+            steps = None
+            if controller is not None:
+                with lock:
+                    oldest = min(in_flight.values(), default=None)
+                if oldest is not None:
+                    controller.overdue(sent - oldest[0], oldest[1])
+                steps = controller.steps
 
             def done(future, sent=sent):
+                with lock:
+                    in_flight.pop(id(future), None)
                 try:
-                    future.result()
+                    chunk = future.result()
                 except FrameDropped:
                     with lock:
                         misses[i] += 1
@@ -80,8 +99,14 @@ def drive(submit_for, robots: int, seconds: float, observations) -> dict:
                 with lock:
                     latencies[i].append(latency * 1e3)
                     misses[i] += latency > DEADLINE_S
+                    steps_used.append(chunk.steps)
+                if controller is not None:
+                    controller.observe(latency, chunk.steps, chunk.timings_ms.get("denoise"))
 
-            submit(observations[(i + k) % len(observations)]).add_done_callback(done)
+            future = submit(observations[(i + k) % len(observations)], steps)
+            with lock:
+                in_flight[id(future)] = (sent, steps or TOP_STEPS)
+            future.add_done_callback(done)
             k += 1
 
     threads = [threading.Thread(target=robot, args=(i,)) for i in range(robots)]
@@ -93,14 +118,19 @@ def drive(submit_for, robots: int, seconds: float, observations) -> dict:
     with lock:
         p99 = [float(np.percentile(v, 99)) if v else float("inf") for v in latencies]
         chunks = sum(len(v) for v in latencies)
-        return {
+        row = {
             "robots": robots,
             "worst_p99_ms": max(p99),
             "p50_ms": float(np.median([x for v in latencies for x in v])) if chunks else float("inf"),
             "misses": sum(misses),
             "chunks_per_s": chunks / seconds,
             "fewest_chunks_per_robot": min(len(v) for v in latencies),
+            "chunks_by_steps": {str(n): steps_used.count(n) for n in sorted(set(steps_used))},
         }
+    if adaptive:
+        row["steps_down"] = sum(c.counters["steps_down"] for c in controllers)
+        row["steps_up"] = sum(c.counters["steps_up"] for c in controllers)
+    return row
 
 
 def memory_gib() -> float:
@@ -125,23 +155,26 @@ class Fleet:
     """One precision's weights, its batched executor and (grown on demand) independent executors."""
 
     def __init__(self, config: RuntimeConfig, observations):
+        self.adaptive = config.adaptive_steps
         self.parts = build_parts(config)
         self.weights_gib = allocated_gib()  # what stays after the build (weights and FP8 copies)
         # With shape profiles only the workload's shapes are captured (none of the full shape ahead of time):
         # each batch profile when first met, here, before the clock runs.
         ahead = [] if config.shape_profiles else None
         self.batched = PipelinedExecutor(parts=with_batch(self.parts, 8), profiles=ahead)
+        ladder = steps_ladder(TOP_STEPS) if self.adaptive else (None,)
         for n in (1, 2, 4, 8):
-            for future in self.batched.submit_batch(observations[:n]):
-                future.result(timeout=600)
+            for steps in ladder:  # every rung's denoise graphs too
+                for future in self.batched.submit_batch(observations[:n], steps=steps):
+                    future.result(timeout=600)
         self.independent: list[PipelinedExecutor] = []
 
     def run_batched(self, robots: int, seconds: float, observations) -> dict:
         with PolicyServer(self.batched, deadline_s=DEADLINE_S) as server:
-            submit_for = lambda i: lambda obs: server.submit(f"r{i}", obs)  # noqa: E731
-            drive(submit_for, robots, 2.0, observations)  # warm-up
+            submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
+            drive(submit_for, robots, 2.0, observations, self.adaptive)  # warm-up
             server.batches.clear()
-            row = drive(submit_for, robots, seconds, observations)
+            row = drive(submit_for, robots, seconds, observations, self.adaptive)
             sizes = [len(b) for b in server.batches]
             row["batch_sizes"] = {str(n): sizes.count(n) for n in sorted(set(sizes))}
         return row
@@ -151,8 +184,9 @@ class Fleet:
             executor = PipelinedExecutor(parts=with_batch(self.parts, 1))
             executor.infer(observations[0])  # its shape profile, captured
             self.independent.append(executor)
-        drive(lambda i: self.independent[i].submit, robots, 2.0, observations)
-        return drive(lambda i: self.independent[i].submit, robots, seconds, observations)
+        submit_for = lambda i: lambda obs, steps: self.independent[i].submit(obs, steps=steps)  # noqa: E731
+        drive(submit_for, robots, 2.0, observations, self.adaptive)
+        return drive(submit_for, robots, seconds, observations, self.adaptive)
 
     def close(self) -> None:
         for executor in [self.batched, *self.independent]:
@@ -189,7 +223,7 @@ def single_gpu(args, doc: dict) -> None:
     observations, workload = WORKLOADS[args.workload](args.preset)
     precisions = args.precisions.split(",") if cuda else ["float32"]
     for n, precision in enumerate(precisions):
-        settings = {**PRECISIONS.get(precision, {}), **workload}
+        settings = {**PRECISIONS.get(precision, {}), **workload, "adaptive_steps": args.adaptive}
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
         fleet = Fleet(config, observations)
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
@@ -273,6 +307,7 @@ def multi_gpu(args, doc: dict) -> None:
             "--workload",
             args.workload,
         ]
+        command += ["--adaptive"] if args.adaptive else []
         command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
         children.append((path, subprocess.Popen(command, env=env)))
@@ -309,12 +344,14 @@ def main() -> None:
     parser.add_argument("--confirm-s", type=float, default=60.0)
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--workload", choices=WORKLOADS, default="three_views")
+    parser.add_argument("--adaptive", action="store_true", help="each robot adapts its steps (as its node)")
     parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)  # set by --gpus for its children
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         **run_header(),
-        "workload": f"{args.preset}, {args.workload}, 20 Hz per robot, deadline {DEADLINE_S * 1e3:.0f} ms",
+        "workload": f"{args.preset}, {args.workload}, 20 Hz per robot, deadline {DEADLINE_S * 1e3:.0f} ms"
+        + (", adaptive steps per robot" if args.adaptive else ""),
         "precisions": {p: PRECISIONS.get(p, "float32") for p in args.precisions.split(",")},
         "rows": [],
     }
