@@ -16,6 +16,8 @@ positions = cumsum(valid) - 1, flow matching from t=1 (noise) to t=0 with dt = -
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +30,45 @@ from .layers import attention_bias, grouped_attention, prefix_lm_mask, rope_cos_
 from .siglip import SiglipVisionTower
 
 MAX_DENOISING_STEPS = 10
+
+
+# The per-layer bodies the stages loop over. A runtime may hand the stages compiled versions of them
+# (regional compilation: one compile serves every layer of a stack, so start-up traces a layer, not a
+# stack); the model's own calls use these.
+def call_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A vision encoder layer."""
+    return layer(x)
+
+
+def prefix_layer(layer, hidden, cos, sin, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefix layer: its keys and values [2, B, Hkv, P, Dh] and its output [B, P, D]."""
+    q, k, v, gate = layer.qkv(hidden, cos, sin, None)
+    return torch.stack([k, v]), layer.finish(hidden, grouped_attention(q, k, v, bias), gate, None)
+
+
+def prefix_layer_kv(layer, hidden, cos, sin) -> torch.Tensor:
+    """The last prefix layer: its keys and values only (its output is never read)."""
+    _, k, v, _ = layer.qkv(hidden, cos, sin, None)
+    return torch.stack([k, v])
+
+
+def expert_layer(layer, hidden, cos, sin, mod_in, mod_post, layer_kv, prefix_len: int, bias) -> torch.Tensor:
+    """An action-expert layer over the cached prefix: writes this step's suffix keys and values into
+    `layer_kv` [2, B, Hkv, P + S + pad, Dh] after the `prefix_len` cached ones, returns its output."""
+    q, k, v, gate = layer.qkv(hidden, cos, sin, mod_in)
+    layer_kv[:, :, :, prefix_len : prefix_len + k.shape[2]] = torch.stack([k, v])
+    return layer.finish(hidden, grouped_attention(q, layer_kv[0], layer_kv[1], bias), gate, mod_post)
+
+
+@dataclass(frozen=True)
+class LayerFns:
+    vision: Callable = call_layer
+    prefix: Callable = prefix_layer
+    prefix_kv: Callable = prefix_layer_kv
+    expert: Callable = expert_layer
+
+
+EAGER_LAYERS = LayerFns()
 
 
 def time_schedule(steps: int) -> tuple[np.ndarray, float]:
@@ -90,10 +131,10 @@ class PI0Model(nn.Module):
         return self
 
     # ---------------------------------------------------------------- stage 1: vision
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, layers: LayerFns = EAGER_LAYERS) -> torch.Tensor:
         """pixels [B, V, 3, H, W] float in [-1, 1] -> image tokens [B, V*T, D_lm] in compute dtype."""
         b, v = pixels.shape[:2]
-        features = self.vision(pixels.flatten(0, 1), self.vision_dtype)  # [B*V, T, Dv]
+        features = self.vision(pixels.flatten(0, 1), self.vision_dtype, layers.vision)  # [B*V, T, Dv]
         # The explicit cast is the boundary between the vision precision and the projector's and prefix's:
         # with it an fp16 tower can never meet a bf16 GEMM ("mat1 and mat2 must have the same dtype").
         tokens = self.projector(features.to(self.compute_dtype))
@@ -123,6 +164,7 @@ class PI0Model(nn.Module):
         tokens,
         token_masks,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        layers: LayerFns = EAGER_LAYERS,
     ):
         """Run the prefix LM over image and prompt tokens and write every layer's keys and values.
 
@@ -134,14 +176,12 @@ class PI0Model(nn.Module):
         allowed = prefix_lm_mask(pad, torch.zeros(pad.shape[1], dtype=torch.int32, device=pad.device))
         bias = attention_bias(allowed, hidden.dtype)
         cos, sin = rope if rope is not None else self.prefix_rope(pad)
-        layers = self.prefix_lm.layers
+        *body, last = self.prefix_lm.layers
         keys_values = []
-        for i, layer in enumerate(layers):
-            q, k, v, gate = layer.qkv(hidden, cos, sin, None)
-            keys_values.append(torch.stack([k, v]))
-            if i == len(layers) - 1:
-                break  # the last layer's output is never read: only its keys and values are
-            hidden = layer.finish(hidden, grouped_attention(q, k, v, bias), gate, None)
+        for layer in body:
+            kv, hidden = layers.prefix(layer, hidden, cos, sin, bias)
+            keys_values.append(kv)
+        keys_values.append(layers.prefix_kv(last, hidden, cos, sin))  # its output is never read
         return torch.stack(keys_values), pad
 
     # ---------------------------------------------------------------- stage 3: denoise
@@ -209,21 +249,26 @@ class PI0Model(nn.Module):
         room = self.cfg.suffix_len + self.key_padding(kv_cache.shape[-2])
         return [F.pad(layer_cache, (0, 0, 0, room)) for layer_cache in kv_cache]
 
-    def velocity(self, workspace, prefix_len: int, bias, cos, sin, state, x_t, time_cond) -> torch.Tensor:
+    def velocity(
+        self,
+        workspace,
+        prefix_len: int,
+        bias,
+        cos,
+        sin,
+        state,
+        x_t,
+        time_cond,
+        layers: LayerFns = EAGER_LAYERS,
+    ) -> torch.Tensor:
         """One flow-matching velocity v(x_t, t) over the cached prefix. x_t [B, H, A] -> [B, H, A] f32.
         `workspace` comes from `attention_workspace`; this step's suffix keys and values are written into
         it after the `prefix_len` cached ones."""
         hidden = self.suffix_embeddings(state, x_t, time_cond)
         mods = time_cond if self.cfg.pi05 else None
-        suffix = slice(prefix_len, prefix_len + self.cfg.suffix_len)
         for i, layer in enumerate(self.expert.layers):
             mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
-            q, k, v, gate = layer.qkv(hidden, cos, sin, mod_in)
-            layer_kv = workspace[i]
-            layer_kv[:, :, :, suffix] = torch.stack([k, v])
-            hidden = layer.finish(
-                hidden, grouped_attention(q, layer_kv[0], layer_kv[1], bias), gate, mod_post
-            )
+            hidden = layers.expert(layer, hidden, cos, sin, mod_in, mod_post, workspace[i], prefix_len, bias)
         return self._velocity_head(hidden, mods, x_t.shape[1])
 
     def _velocity_head(self, suffix_hidden, mods, horizon):

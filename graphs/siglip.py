@@ -88,9 +88,10 @@ class SiglipVisionTower(nn.Module):
         for layer in self.encoder.layers:
             layer.self_attn.fuse()
 
-    def forward(self, pixels: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-        """pixels [N, 3, H, W] -> [N, T, width] in `compute_dtype`."""
+    def forward(self, pixels: torch.Tensor, compute_dtype: torch.dtype, run_layer=None) -> torch.Tensor:
+        """pixels [N, 3, H, W] -> [N, T, width] in `compute_dtype`. `run_layer(layer, x)`: how each encoder
+        layer runs (default: called)."""
         x = self.embeddings(pixels).to(compute_dtype)
         for layer in self.encoder.layers:
-            x = layer(x)
+            x = run_layer(layer, x) if run_layer is not None else layer(x)
         return self.post_layernorm(x)

@@ -73,6 +73,7 @@ def cache_key(config: RuntimeConfig) -> str:
         "gpu": gpu,
         "model": model_shape_digest(config.model),
         "stages": list(config.use_compile),
+        "scope": config.compile_scope,
         **{name: getattr(config, name) for name in PRECISION_FIELDS},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

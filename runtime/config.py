@@ -54,6 +54,9 @@ DEVICE_TIMEOUT_S = {"cuda": 10.0, "cpu": 600.0}
 NOISE_STREAM = 1  # the noise generator's stream beside `seed` (the weights use `seed` alone)
 
 
+COMPILE_SCOPES = ("stage", "layer")  # RuntimeConfig.compile_scope
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     # Random weights: a preset names the model (default pi05_tiny). With a checkpoint, the checkpoint names
@@ -79,6 +82,9 @@ class RuntimeConfig:
     # torch.compile before graph capture: True/False for every stage, None = the measured default on CUDA
     # (MEASURED_COMPILE_STAGES), nothing on the CPU.
     compile_stages: bool | None = None
+    # What one torch.compile covers: a whole stage (Inductor fuses across its layers) or one layer, whose
+    # compile serves every layer of the stack (a start traces 3 layers, not 3 stacks).
+    compile_scope: str = "stage"
     fp8_calibration: str | None = None  # activation scales: loaded if the file exists, else calibrated, saved
     fp8_calibration_frames: int = 8  # synthetic frames when no scales file is given; w4a8: also recorded ones
     fp8_calibration_margin: float = 1.25  # headroom over the largest activation seen
@@ -130,6 +136,10 @@ class RuntimeConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(
+                f"compile_scope: must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile_scope!r}"
+            )
         if self.pipelining not in PIPELINING_MODES:
             raise ValueError(
                 f"pipelining: must be one of {', '.join(PIPELINING_MODES)}, got {self.pipelining!r}"

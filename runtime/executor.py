@@ -536,6 +536,7 @@ class PipelinedExecutor(Policy):
                 self.device,
                 self.config.use_compile,
                 self._compiled,
+                self.config.compile_scope,
                 engines=self._engines,
                 handover=self.config.handover_settings,
             )

@@ -119,7 +119,7 @@ def profile_captured(
     buffers = StaticBuffers(cfg, profile_shape, device, parts.model.compute_dtype)
     for slot in buffers.device_slots:
         fill_random_inputs(slot)
-    runner = StageRunner(parts.model, buffers, device, config.use_compile)
+    runner = StageRunner(parts.model, buffers, device, config.use_compile, compile_scope=config.compile_scope)
     streams = {stage: torch.cuda.Stream(device) for stage in stages}
     runner.capture(streams, {stage: torch.cuda.graph_pool_handle() for stage in stages}, stages=stages)
     report = {}

@@ -35,6 +35,7 @@ class GraphPolicy(Policy):
             StaticBuffers(cfg, profile, device, self.parts.model.compute_dtype),
             device,
             self.config.use_compile,
+            compile_scope=self.config.compile_scope,
             handover=self.config.handover_settings,
         )
         self.stream = torch.cuda.Stream(device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..graphs.config import PRESETS
-from .config import INTEGER_STAGES, PRECISION_MODES, PRECISIONS, RuntimeConfig
+from .config import COMPILE_SCOPES, INTEGER_STAGES, PRECISION_MODES, PRECISIONS, RuntimeConfig
 from .handover import HANDOVER_MODES, SCHEDULES
 from .pipelining import PIPELINING_MODES
 
@@ -231,6 +231,13 @@ SETTINGS: tuple[Setting, ...] = (
         "a backward pass through the expert each; the later ones take the Jacobian as the identity",
         int,
         range=(0, 10),
+    ),
+    Setting(
+        "compile_scope",
+        "what one torch.compile covers: stage (fuses across layers, the measured default) or layer (one "
+        "compile serves every layer of a stack: shorter start-up)",
+        str,
+        choices=COMPILE_SCOPES,
     ),
     Setting(
         "shape_profiles",

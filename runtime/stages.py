@@ -11,6 +11,7 @@ buffers, which live outside every pool.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from ..graphs.pi0 import PI0Model, time_schedule
+from ..graphs.pi0 import EAGER_LAYERS, PI0Model, time_schedule
 from .buffers import BATCH_SIZES, PIPELINE_SLOTS, PROMPT_BUCKETS, DeviceSlot, ShapeProfile, StaticBuffers
 from .handover import Handover, RtcGuidance
 from .inputs import pixels_to_model_input
@@ -101,6 +102,7 @@ class StageRunner:
         device: torch.device,
         compile_stages: tuple[str, ...] | bool = (),
         compiled: dict | None = None,
+        compile_scope: str = "stage",
         engines: dict[str, StageEngine] | None = None,
         handover: Handover | None = None,
     ):
@@ -119,16 +121,11 @@ class StageRunner:
         # profile recompiles only for new shapes.
         if compile_stages is True:
             compile_stages = STAGES
-        stage_of = {"encode": "vision", "fill": "prefix", "velocity": "denoise"}
-        fns = {"encode": model.encode_images, "fill": model.fill_prefix, "velocity": model.velocity}
         compiled = {} if compiled is None else compiled
-        for name, fn in list(fns.items()):
-            if stage_of[name] in (compile_stages or ()):
-                if name not in compiled:
-                    cameras = len(model.cfg.camera_names)
-                    compiled[name] = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
-                fns[name] = compiled[name]
-        self.fns = fns
+        if compile_scope == "layer":
+            self.fns = self._layer_compiled(model, compile_stages or (), compiled)
+        else:
+            self.fns = self._stage_compiled(model, compile_stages or (), compiled)
         # The stage-engine seam: whatever serves a stage reads and writes only the slot's tensors. By
         # default the model's own code (compiled or not); an external engine can take a stage's place.
         self.engines: dict[str, StageEngine] = {
@@ -136,6 +133,40 @@ class StageRunner:
             "prefix": self._prefix,
             "denoise": self._denoise,
             **(engines or {}),
+        }
+
+    @staticmethod
+    def _stage_compiled(model: PI0Model, stages, compiled: dict) -> dict:
+        """The stage functions, those of `stages` compiled whole (Inductor fuses across layers)."""
+        stage_of = {"encode": "vision", "fill": "prefix", "velocity": "denoise"}
+        fns = {"encode": model.encode_images, "fill": model.fill_prefix, "velocity": model.velocity}
+        cameras = len(model.cfg.camera_names)
+        for name, fn in list(fns.items()):
+            if stage_of[name] in stages:
+                if name not in compiled:
+                    compiled[name] = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
+                fns[name] = compiled[name]
+        return fns
+
+    @staticmethod
+    def _layer_compiled(model: PI0Model, stages, compiled: dict) -> dict:
+        """The stage functions with the per-layer bodies of `stages` compiled (regional compilation: one
+        compile serves every layer of a stack, so a start traces one layer per stack, not the stack)."""
+        layer_fns_of = {"vision": ("vision",), "prefix": ("prefix", "prefix_kv"), "denoise": ("expert",)}
+        cameras = len(model.cfg.camera_names)
+        chosen = {}
+        for stage in stages:
+            for name in layer_fns_of[stage]:
+                key = f"layer:{name}"
+                if key not in compiled:
+                    fn = getattr(EAGER_LAYERS, name)
+                    compiled[key] = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
+                chosen[name] = compiled[key]
+        layers = dataclasses.replace(EAGER_LAYERS, **chosen)
+        return {
+            "encode": functools.partial(model.encode_images, layers=layers),
+            "fill": functools.partial(model.fill_prefix, layers=layers),
+            "velocity": functools.partial(model.velocity, layers=layers),
         }
 
     def add_steps(self, steps: int) -> DenoiseSchedule:

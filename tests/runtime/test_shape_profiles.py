@@ -191,20 +191,22 @@ def test_bad_ahead_shapes_name_the_setting(ahead, message):
         RuntimeConfig(preset="pi05_tiny", ahead_shapes="2x64")
 
 
-def test_an_executor_compiles_each_stage_a_few_times_per_shape_within_its_limits(monkeypatch):
+@pytest.mark.parametrize("scope", ["stage", "layer"])
+def test_an_executor_compiles_each_stage_a_few_times_per_shape_within_its_limits(monkeypatch, scope):
     """The stages as the executor compiles them (dynamo with its eager backend here: the guards are what
-    count, not the kernels): each shape met takes at most a few entries per stage function, well inside
-    compile_limits, and the compiled stages give the eager reference's actions."""
+    count, not the kernels): each shape met takes at most a few entries per compiled function, well inside
+    compile_limits; compiled per layer, one function serves every layer of a stack (entries do not grow
+    with the depth); either way the compiled stages give the eager reference's actions."""
     import functools
 
     import torch
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from vla_runtime.graphs.pi0 import PI0Model
+    from vla_runtime.graphs import pi0
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     rng = np.random.default_rng()
-    config = RuntimeConfig(preset="pi05_tiny", shape_profiles=True, compile_stages=True)
+    config = RuntimeConfig(preset="pi05_tiny", shape_profiles=True, compile_stages=True, compile_scope=scope)
     parts = build_parts(config)
     reference = EagerPolicy(parts=parts)
     skip = config.optional_camera_names[:1]
@@ -218,7 +220,34 @@ def test_an_executor_compiles_each_stage_a_few_times_per_shape_within_its_limits
             np.testing.assert_allclose(got, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5)
         shapes = len(executor.report()["profiles"])
     limit = compile_limits(len(config.model.camera_names))["recompile_limit"]
-    for fn in (PI0Model.encode_images, PI0Model.fill_prefix, PI0Model.velocity):
+    if scope == "stage":
+        compiled = [pi0.PI0Model.encode_images, pi0.PI0Model.fill_prefix, pi0.PI0Model.velocity]
+    else:
+        compiled = [pi0.call_layer, pi0.prefix_layer, pi0.prefix_layer_kv, pi0.expert_layer]
+        assert config.model.expert.depth > 1 and config.model.vision.depth > 1  # layers share a compile
+    for fn in compiled:
         entries = len(_debug_get_cache_entry_list(fn.__code__))
         assert 1 <= entries <= 2 * shapes <= limit, (fn.__name__, entries, shapes)
+    torch._dynamo.reset()
+
+
+def test_one_layer_compile_serves_every_layer_of_a_stack(monkeypatch):
+    """Regional compilation's premise: the layers of a stack share one compiled entry (dynamo guards on
+    their parameters' shapes, not on which layer it is), so start-up traces one layer per stack."""
+    import torch
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from vla_runtime.graphs import pi0
+
+    torch._dynamo.reset()
+    model = build_parts(RuntimeConfig(preset="pi05_tiny")).model
+    layers = model.vision.encoder.layers
+    assert len(layers) > 1
+    compiled = torch.compile(pi0.call_layer, backend="eager", dynamic=False)
+    with torch.inference_mode():  # as the stages run (an input made outside it would be guarded apart)
+        x = torch.randn(1, 16, model.cfg.vision.width)
+        want, got = x, x
+        for layer in layers:
+            want, got = layer(want), compiled(layer, got)
+    torch.testing.assert_close(got, want)
+    assert len(_debug_get_cache_entry_list(pi0.call_layer.__code__)) == 1
     torch._dynamo.reset()
