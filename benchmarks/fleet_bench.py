@@ -182,7 +182,8 @@ class Fleet:
     def run_independent(self, robots: int, seconds: float, observations) -> dict:
         while len(self.independent) < robots:
             executor = PipelinedExecutor(parts=with_batch(self.parts, 1))
-            executor.infer(observations[0])  # its shape profile, captured
+            for steps in steps_ladder(TOP_STEPS) if self.adaptive else (None,):
+                executor.submit(observations[0], steps=steps).result(timeout=600)  # its shapes, captured
             self.independent.append(executor)
         submit_for = lambda i: lambda obs, steps: self.independent[i].submit(obs, steps=steps)  # noqa: E731
         drive(submit_for, robots, 2.0, observations, self.adaptive)

@@ -47,10 +47,11 @@ def one_start(mode: str, cache_dir: str, scope: str) -> dict:
     """One fresh process: the parent's clock from spawn to the line announcing the first chunk (the
     child's own clock starts after Python's start-up), and to the process's exit."""
     spawned = time.monotonic()
+    errors = tempfile.TemporaryFile("w+")  # not a pipe: a child's many warnings must not block it
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, mode, cache_dir, scope],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=errors,
         text=True,
     )
     events, first_chunk_s = {}, None
@@ -60,8 +61,10 @@ def one_start(mode: str, cache_dir: str, scope: str) -> dict:
             events[event.pop("event")] = event
             if "first_chunk" in events and first_chunk_s is None:
                 first_chunk_s = time.monotonic() - spawned
-    stderr = proc.stderr.read()
     proc.wait()
+    errors.seek(0)
+    stderr = errors.read()
+    errors.close()
     if proc.returncode or first_chunk_s is None:
         raise RuntimeError(f"start-up run failed (rc {proc.returncode}):\n{stderr[-3000:]}")
     return {

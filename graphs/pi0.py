@@ -60,12 +60,22 @@ def expert_layer(layer, hidden, cos, sin, mod_in, mod_post, layer_kv, prefix_len
     return layer.finish(hidden, grouped_attention(q, layer_kv[0], layer_kv[1], bias), gate, mod_post)
 
 
+def velocity_head(norm, out_proj, suffix_hidden, mod, horizon: int) -> torch.Tensor:
+    """The expert's final norm and the action projection: [B, S, D_e] -> velocity [B, H, A] float32."""
+    out, _ = norm(suffix_hidden, mod)
+    out = out[:, -horizon:].float()
+    # float32 [H x D_e] @ [D_e x A]: cuBLAS picks a split-K SGEMM for this shape (about 20 us per step on
+    # an H100); as a multiply-and-sum, Inductor makes it one small reduction kernel.
+    return (out[..., None, :] * out_proj.weight).sum(-1) + out_proj.bias
+
+
 @dataclass(frozen=True)
 class LayerFns:
     vision: Callable = call_layer
     prefix: Callable = prefix_layer
     prefix_kv: Callable = prefix_layer_kv
     expert: Callable = expert_layer
+    head: Callable = velocity_head
 
 
 EAGER_LAYERS = LayerFns()
@@ -269,15 +279,11 @@ class PI0Model(nn.Module):
         for i, layer in enumerate(self.expert.layers):
             mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
             hidden = layers.expert(layer, hidden, cos, sin, mod_in, mod_post, workspace[i], prefix_len, bias)
-        return self._velocity_head(hidden, mods, x_t.shape[1])
+        return self._velocity_head(hidden, mods, x_t.shape[1], layers)
 
-    def _velocity_head(self, suffix_hidden, mods, horizon):
-        out, _ = self.expert.norm(suffix_hidden, mods[-1] if mods is not None else None)
-        out = out[:, -horizon:].float()
-        # float32 [H x D_e] @ [D_e x A]: cuBLAS picks a split-K SGEMM for this shape (about 20 us per step
-        # on an H100); as a multiply-and-sum, Inductor makes it one small reduction kernel.
-        head = self.action_out_proj
-        return (out[..., None, :] * head.weight).sum(-1) + head.bias
+    def _velocity_head(self, suffix_hidden, mods, horizon, layers: LayerFns = EAGER_LAYERS):
+        mod = mods[-1] if mods is not None else None
+        return layers.head(self.expert.norm, self.action_out_proj, suffix_hidden, mod, horizon)
 
     def step_conditioning(self, times: torch.Tensor, batch: int) -> list[torch.Tensor]:
         """time_conditioning for every step of a schedule; depends on weights and times only."""
@@ -383,17 +389,17 @@ class PI0Model(nn.Module):
         lm = self.cfg.prefix_lm
         bias = attention_bias(prefix_lm_mask(pad, ar), prefix.dtype)
         cos, sin = rope_cos_sin(torch.cumsum(pad, 1) - 1, lm.head_dim, lm.rope_theta, prefix.dtype)
-        for i, (prefix_layer, expert_layer) in enumerate(
+        for i, (prefix_block, expert_block) in enumerate(
             zip(self.prefix_lm.layers, self.expert.layers, strict=True)
         ):
             mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
-            qp, kp, vp, gp = prefix_layer.qkv(prefix, cos[:, :p], sin[:, :p], None)
-            qs, ks, vs, gs = expert_layer.qkv(suffix, cos[:, p:], sin[:, p:], mod_in)
+            qp, kp, vp, gp = prefix_block.qkv(prefix, cos[:, :p], sin[:, :p], None)
+            qs, ks, vs, gs = expert_block.qkv(suffix, cos[:, p:], sin[:, p:], mod_in)
             # Queries of both stacks in one softmax: fold each stack's head groups the same way.
             q = torch.cat([qp, qs], 1)
             out = grouped_attention(q, torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), bias)
-            prefix = prefix_layer.finish(prefix, out[:, :p], gp, None)
-            suffix = expert_layer.finish(suffix, out[:, p:], gs, mod_post)
+            prefix = prefix_block.finish(prefix, out[:, :p], gp, None)
+            suffix = expert_block.finish(suffix, out[:, p:], gs, mod_post)
         return self._velocity_head(suffix, mods, x_t.shape[1])
 
     def sample_actions_uncached(self, pixels, image_masks, tokens, token_masks, state, noise, steps: int):

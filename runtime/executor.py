@@ -245,7 +245,8 @@ class PipelinedExecutor(Policy):
     # ------------------------------------------------------------------ public interface
     def default_profile(self, steps: int | None = None, batch: int = 1) -> ShapeProfile:
         cfg = self.config.model
-        return ShapeProfile(cfg.num_views, cfg.max_token_len, steps or self.config.denoising_steps, batch)
+        steps = self.config.denoising_steps if steps is None else steps
+        return ShapeProfile(cfg.num_views, cfg.max_token_len, steps, batch)
 
     def submit(
         self,
@@ -345,7 +346,9 @@ class PipelinedExecutor(Policy):
         configured ones)."""
         if steps is None:
             return
-        self.default_profile(steps)  # its range
+        if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
+            raise ValueError(f"steps: a whole number of denoising steps, got {steps!r}")
+        self.default_profile(int(steps))  # its range
         if "denoise" in self._engines and steps != self.config.denoising_steps:
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
 

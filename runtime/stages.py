@@ -152,7 +152,11 @@ class StageRunner:
     def _layer_compiled(model: PI0Model, stages, compiled: dict) -> dict:
         """The stage functions with the per-layer bodies of `stages` compiled (regional compilation: one
         compile serves every layer of a stack, so a start traces one layer per stack, not the stack)."""
-        layer_fns_of = {"vision": ("vision",), "prefix": ("prefix", "prefix_kv"), "denoise": ("expert",)}
+        layer_fns_of = {
+            "vision": ("vision",),
+            "prefix": ("prefix", "prefix_kv"),
+            "denoise": ("expert", "head"),
+        }
         cameras = len(model.cfg.camera_names)
         chosen = {}
         for stage in stages:

@@ -218,8 +218,9 @@ def test_a_batch_runs_at_the_fewest_steps_its_robots_asked_for(served, rng):
             for robot, steps in (("arm_a", 3), ("arm_b", None)):
                 obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
                 asks[robot] = (obs, noise, server.submit(robot, obs, noise=noise, steps=steps))
-            with pytest.raises(ValueError, match="steps: must be in 1..10"):
-                server.submit("arm_c", random_observation(rng, "pi05_tiny"), steps=11)
+            for bad, message in ((11, "must be in 1..10"), (0, "must be in 1..10"), (True, "a whole number")):
+                with pytest.raises(ValueError, match=f"steps: {message}"):
+                    server.submit("arm_c", random_observation(rng, "pi05_tiny"), steps=bad)
             held.release()
             parts = executor.parts
             reference3 = EagerPolicy(

@@ -223,7 +223,13 @@ def test_an_executor_compiles_each_stage_a_few_times_per_shape_within_its_limits
     if scope == "stage":
         compiled = [pi0.PI0Model.encode_images, pi0.PI0Model.fill_prefix, pi0.PI0Model.velocity]
     else:
-        compiled = [pi0.call_layer, pi0.prefix_layer, pi0.prefix_layer_kv, pi0.expert_layer]
+        compiled = [
+            pi0.call_layer,
+            pi0.prefix_layer,
+            pi0.prefix_layer_kv,
+            pi0.expert_layer,
+            pi0.velocity_head,
+        ]
         assert config.model.expert.depth > 1 and config.model.vision.depth > 1  # layers share a compile
     for fn in compiled:
         entries = len(_debug_get_cache_entry_list(fn.__code__))
@@ -231,23 +237,38 @@ def test_an_executor_compiles_each_stage_a_few_times_per_shape_within_its_limits
     torch._dynamo.reset()
 
 
-def test_one_layer_compile_serves_every_layer_of_a_stack(monkeypatch):
+def test_one_layer_compile_serves_every_layer_of_a_stack():
     """Regional compilation's premise: the layers of a stack share one compiled entry (dynamo guards on
     their parameters' shapes, not on which layer it is), so start-up traces one layer per stack."""
     import torch
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from vla_runtime.graphs import pi0
+    from vla_runtime.graphs.layers import attention_bias, prefix_lm_mask
 
     torch._dynamo.reset()
     model = build_parts(RuntimeConfig(preset="pi05_tiny")).model
-    layers = model.vision.encoder.layers
-    assert len(layers) > 1
-    compiled = torch.compile(pi0.call_layer, backend="eager", dynamic=False)
+    vision, lm = model.vision.encoder.layers, model.prefix_lm.layers
+    assert len(vision) > 1 and len(lm) > 1
+    run_vision = torch.compile(pi0.call_layer, backend="eager", dynamic=False)
+    run_prefix = torch.compile(pi0.prefix_layer, backend="eager", dynamic=False)
     with torch.inference_mode():  # as the stages run (an input made outside it would be guarded apart)
         x = torch.randn(1, 16, model.cfg.vision.width)
         want, got = x, x
-        for layer in layers:
-            want, got = layer(want), compiled(layer, got)
-    torch.testing.assert_close(got, want)
+        for layer in vision:
+            want, got = layer(want), run_vision(layer, got)
+        torch.testing.assert_close(got, want)
+        valid = torch.ones(1, 12, dtype=torch.bool)
+        cos, sin = model.prefix_rope(valid)
+        bias = attention_bias(prefix_lm_mask(valid, torch.zeros(12, dtype=torch.int32)), model.compute_dtype)
+        h = torch.randn(1, 12, model.cfg.prefix_lm.width, dtype=model.compute_dtype)
+        want, got = h, h
+        for layer in lm:
+            (kv_want, want), (kv_got, got) = (
+                pi0.prefix_layer(layer, want, cos, sin, bias),
+                run_prefix(layer, got, cos, sin, bias),
+            )
+            torch.testing.assert_close(kv_got, kv_want)
+        torch.testing.assert_close(got, want)
     assert len(_debug_get_cache_entry_list(pi0.call_layer.__code__)) == 1
+    assert len(_debug_get_cache_entry_list(pi0.prefix_layer.__code__)) == 1
     torch._dynamo.reset()
