@@ -31,6 +31,15 @@ def wait_until(executor, predicate):
         assert executor._cond.wait_for(predicate, 30)
 
 
+def fill_the_executor(server, executor, rng) -> None:
+    """With the device held: one frame on it and one waiting in the executor (robots "filler_*"), so what
+    robots submit next waits in the server."""
+    server.submit("filler_1", random_observation(rng, "pi05_tiny"))
+    wait_until(executor, lambda: executor._pending is None and executor._in_flight == 1)
+    server.submit("filler_2", random_observation(rng, "pi05_tiny"))
+    wait_until(executor, lambda: executor._pending is not None)
+
+
 def noise_for(executor, rng):
     cfg = executor.config.model
     return rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
@@ -69,10 +78,7 @@ def test_newest_wins_per_robot_and_earliest_deadline_first(served, rng):
     held = HeldStages(executor)
     try:
         with PolicyServer(executor) as server:
-            server.submit("filler_1", random_observation(rng, "pi05_tiny"))
-            wait_until(executor, lambda: executor._pending is None and executor._in_flight == 1)
-            server.submit("filler_2", random_observation(rng, "pi05_tiny"))
-            wait_until(executor, lambda: executor._pending is not None)  # the executor is full
+            fill_the_executor(server, executor, rng)
             firsts = [
                 server.submit("arm_a", random_observation(rng, "pi05_tiny"), deadline_s=9.0) for _ in range(3)
             ]
@@ -210,10 +216,7 @@ def test_a_batch_runs_at_the_fewest_steps_its_robots_asked_for(served, rng):
     held = HeldStages(executor)
     try:
         with PolicyServer(executor) as server:
-            server.submit("filler_1", random_observation(rng, "pi05_tiny"))
-            wait_until(executor, lambda: executor._pending is None and executor._in_flight == 1)
-            server.submit("filler_2", random_observation(rng, "pi05_tiny"))
-            wait_until(executor, lambda: executor._pending is not None)  # the executor is full
+            fill_the_executor(server, executor, rng)
             asks = {}
             for robot, steps in (("arm_a", 3), ("arm_b", None)):
                 obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
