@@ -306,7 +306,10 @@ class PI0Model(nn.Module):
         step_conds = step_conds if step_conds is not None else self.step_conditioning(times, noise.shape[0])
         bias, cos, sin = self.suffix_attention(prefix_mask)
         workspace, prefix_len = self.attention_workspace(kv_cache), kv_cache.shape[-2]
-        x_t = noise
+        # A copy, so every step's x_t is the same kind of tensor (an inference tensor under inference mode,
+        # where the noise buffer, allocated outside it, is not): a compiled velocity_fn guards on that
+        # kind and would otherwise be traced twice per shape, at every start.
+        x_t = noise.clone()
         for cond in step_conds:
             x_t = x_t + dt * velocity_fn(workspace, prefix_len, bias, cos, sin, state, x_t, cond)
         return x_t
