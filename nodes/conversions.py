@@ -12,8 +12,10 @@ def stamp_to_seconds(stamp) -> float:
 
 
 def seconds_to_stamp(seconds: float, stamp_type):
-    sec = int(np.floor(seconds))
-    return stamp_type(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
+    """Rounded to the nanosecond; a fraction that rounds up to a whole second carries into `sec`
+    (1000.9999999999991 is 1001 s, not 1000 s and 0 ns: a stamp must never go back)."""
+    sec, nanosec = divmod(round(seconds * 1e9), 1_000_000_000)
+    return stamp_type(sec=int(sec), nanosec=int(nanosec))
 
 
 def image_to_rgb(msg, max_side: int = 4096) -> np.ndarray:

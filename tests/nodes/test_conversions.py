@@ -51,6 +51,24 @@ def test_state_and_stamps():
     assert stamp_to_seconds(seconds_to_stamp(12.25, Time)) == pytest.approx(12.25)
 
 
+def test_a_stamp_whose_fraction_rounds_up_carries_into_the_seconds():
+    """A lockstep clock of 0.05 s steps from 1000 reaches 1000.9999999999991 at step 20: its stamp is
+    1001 s, never 1000 s (the node saw the clock go back and the bridge waited for a chunk forever)."""
+    t = 1000.0
+    for _ in range(20):
+        t += 0.05
+    stamp = seconds_to_stamp(t, Time)
+    assert (stamp.sec, stamp.nanosec) == (1001, 0)
+    stamps = []
+    for step in range(200):  # every stamp of a long lockstep run moves forward
+        stamp = seconds_to_stamp(1000.0 + step * 0.05, Time)
+        assert 0 <= stamp.nanosec < 1_000_000_000
+        stamps.append(stamp.sec + stamp.nanosec * 1e-9)
+    assert all(b > a for a, b in zip(stamps, stamps[1:], strict=False))
+    negative = seconds_to_stamp(-0.25, Time)
+    assert (negative.sec, negative.nanosec) == (-1, 750_000_000)
+
+
 def test_joint_state_by_name_in_the_configured_order():
     from vla_runtime.nodes.conversions import state_from_joint_state
 

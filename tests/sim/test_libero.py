@@ -118,7 +118,8 @@ def test_demo_runs_an_episode_through_ros_and_in_process_and_reports_both(tmp_pa
     same episode in-process; one latency figure and one miss count, by one definition, for both."""
     out = tmp_path / "demo"
     run = subprocess.run(
-        [CLI, "demo", "--max-steps", "20", "--out", str(out), "--record", str(tmp_path / "node.mcap")],
+        # 24 steps: past step 20, where the lockstep clock (1000 + 20 x 0.05 s) first crosses a whole second
+        [CLI, "demo", "--max-steps", "24", "--out", str(out), "--record", str(tmp_path / "node.mcap")],
         capture_output=True,
         text=True,
         timeout=600,
