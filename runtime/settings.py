@@ -235,7 +235,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "compile_scope",
         "what one torch.compile covers: stage (fuses across layers, the measured default) or layer (one "
-        "compile serves every layer of a stack: shorter start-up)",
+        "compile serves every layer of a stack, meant to shorten start-up; not yet measured on a GPU)",
         str,
         choices=COMPILE_SCOPES,
     ),
