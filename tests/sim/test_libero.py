@@ -134,10 +134,11 @@ def test_demo_runs_an_episode_through_ros_and_in_process_and_reports_both(tmp_pa
     for folder, path in ((out, "ros lockstep"), (out / "in-process", "in-process lockstep")):
         results = json.loads((folder / "results.json").read_text())
         episode = results["episodes"][0]
-        assert results["path"] == path and episode["steps"] >= 20 and episode["late_actions"] == 0
-        assert len(episode["success_per_step"]) == episode["steps"] and episode["chunks"] == 4
+        assert results["path"] == path and episode["steps"] == 24 and episode["late_actions"] == 0
+        # a chunk every 5 actions (pi05_tiny's n_action_steps): steps 0, 5, 10, 15, 20
+        assert len(episode["success_per_step"]) == episode["steps"] and episode["chunks"] == 5
         summary = results["summary"]
-        assert summary["deadline_misses"] <= summary["chunks"] == 4
+        assert summary["deadline_misses"] <= summary["chunks"] == 5
         assert summary["definitions"]["miss"].startswith("miss = no chunk for an observation")
     ros = json.loads((out / "results.json").read_text())["episodes"][0]
     assert ros["policy_diagnostics"]["model_id"].startswith("pi05_tiny")
