@@ -7,8 +7,10 @@ point: the worst robot's p99 latency, misses (late chunks plus observations repl
 computed), chunks per second, and GPU memory. Per precision the weights are built once: the batched
 server's executor (batch profiles 1, 2, 4, 8, captured ahead) serves every robot count, and the
 independent executors (one per robot, batch 1) share those weights: the same compute as separate copies,
-less memory. Then the largest robot count that held p99 <= 50 ms
-with no miss is run again for --confirm-s seconds, for the first precision.
+less memory. Modes (--modes): batched (the server as it runs: under load it holds a batch for company,
+runtime/batching.py), eager (the same server never holding: the baseline for the hold) and independent.
+Then the largest robot count that held p99 <= 50 ms with no miss is run again for --confirm-s seconds,
+for the first precision.
 
 --gpus N (N > 1): one process per GPU (CUDA_VISIBLE_DEVICES), each a server with its share of the robots
 (as launch/fleet.launch.py deploys them), run at the same time; the points are merged (the worst robot
@@ -169,15 +171,20 @@ class Fleet:
                     future.result(timeout=600)
         self.independent: list[PipelinedExecutor] = []
 
-    def run_batched(self, robots: int, seconds: float, observations) -> dict:
-        with PolicyServer(self.batched, deadline_s=DEADLINE_S) as server:
+    def run_batched(self, robots: int, seconds: float, observations, hold: bool = True) -> dict:
+        with PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold) as server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
             drive(submit_for, robots, 2.0, observations, self.adaptive)  # warm-up
             server.batches.clear()
             row = drive(submit_for, robots, seconds, observations, self.adaptive)
             sizes = [len(b) for b in server.batches]
             row["batch_sizes"] = {str(n): sizes.count(n) for n in sorted(set(sizes))}
+            row["batch_device_ms"] = server.hold.device_ms()  # per batch profile, median
+            row["batches_held"] = server.hold.counters["held"]
         return row
+
+    def run_eager(self, robots: int, seconds: float, observations) -> dict:
+        return self.run_batched(robots, seconds, observations, hold=False)
 
     def run_independent(self, robots: int, seconds: float, observations) -> dict:
         while len(self.independent) < robots:
@@ -231,7 +238,13 @@ def single_gpu(args, doc: dict) -> None:
         best = 0
         try:
             for robots in [int(r) for r in args.robots.split(",")]:
-                for mode, run in (("batched", fleet.run_batched), ("independent", fleet.run_independent)):
+                runs = {
+                    "batched": fleet.run_batched,
+                    "eager": fleet.run_eager,
+                    "independent": fleet.run_independent,
+                }
+                for mode in args.modes.split(","):
+                    run = runs[mode]
                     if mode == "independent" and robots > args.independent_up_to:
                         continue
                     reset_peak()
@@ -287,7 +300,8 @@ def merge(points: list[dict]) -> dict:
 
 
 def multi_gpu(args, doc: dict) -> None:
-    """Robots split evenly over `args.gpus` processes, one per GPU, batched only, the first precision."""
+    """Robots split evenly over `args.gpus` processes, one per GPU, the server's modes only (no
+    independent executors), the first precision."""
     totals = [int(r) for r in args.robots.split(",") if int(r) >= args.gpus]  # a robot on every GPU
     if not totals:
         raise SystemExit(f"--robots: no count of at least {args.gpus} (one robot per GPU)")
@@ -309,6 +323,7 @@ def multi_gpu(args, doc: dict) -> None:
             args.workload,
         ]
         command += ["--adaptive"] if args.adaptive else []
+        command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
         command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
         children.append((path, subprocess.Popen(command, env=env)))
@@ -319,7 +334,7 @@ def multi_gpu(args, doc: dict) -> None:
     doc["gpus"] = args.gpus
     doc["devices"] = [d["device"] for d in docs]
     for points in zip(*[d["rows"] for d in docs], strict=True):
-        row = {"precision": points[0]["precision"], "mode": "batched", **merge(list(points))}
+        row = {"precision": points[0]["precision"], "mode": points[0]["mode"], **merge(list(points))}
         print(json.dumps({k: v for k, v in row.items() if k != "per_gpu"}), flush=True)
         doc["rows"].append(row)
     confirms = [d["confirm"] for d in docs if "confirm" in d]
@@ -346,6 +361,12 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--workload", choices=WORKLOADS, default="three_views")
     parser.add_argument("--adaptive", action="store_true", help="each robot adapts its steps (as its node)")
+    parser.add_argument(
+        "--modes",
+        default="batched,eager,independent",
+        help="batched: the server as it runs (holding for company under load); eager: the server never "
+        "holding; independent: one executor per robot",
+    )
     parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)  # set by --gpus for its children
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,10 @@ batches (one copy of the weights).
 
 Batching: a batcher thread waits until the executor can take a frame (its last one is on the device),
 then takes the pending observations of up to `max_batch` robots, earliest deadline first, and submits
-them as one frame. It never waits to fill a batch, so no observation is held back for company: a frame
-goes as soon as the executor has room. With more robots pending than a batch holds, the later deadlines
-wait for the next frame; as every robot's deadline comes due in turn, none is starved.
+them as one frame. At light load it sends them at once; under load it may hold them for company, until
+there are enough to keep up with the robots' rate, never past the latest start of the earliest deadline
+(runtime/batching.py; `hold=False`: always at once). With more robots pending than a batch holds, the
+later deadlines wait for the next frame; as every robot's deadline comes due in turn, none is starved.
 
 Steps: a robot may ask for fewer denoising steps (its node's adaptive steps under deadline pressure); a
 batch runs at the fewest its members asked for, so the robot under most pressure decides for the robots
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .batching import BatchHold
+from .buffers import batch_profile
 from .config import NOISE_STREAM
 from .executor import ExecutorClosed, Member, PipelinedExecutor
 from .handover import PreviousChunk
@@ -52,12 +55,18 @@ class Pending:
     steps: int | None = None  # denoising steps asked for (None: the configured ones)
 
 
+HOLD_MARGIN = 0.1  # of the deadline: a held batch is sent this early, for the device time's spread
+
+
 class PolicyServer:
-    def __init__(self, executor: PipelinedExecutor, deadline_s: float = DEFAULT_DEADLINE_S):
+    def __init__(
+        self, executor: PipelinedExecutor, deadline_s: float = DEFAULT_DEADLINE_S, hold: bool = True
+    ):
         if not deadline_s > 0:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
         self.executor, self.deadline_s = executor, deadline_s
         self.max_batch = executor.config.max_batch
+        self.hold = BatchHold(batch_profile, self.max_batch, HOLD_MARGIN * deadline_s, hold=hold)
         self._pending: dict[str, Pending] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -98,6 +107,7 @@ class PolicyServer:
             self._pending[robot] = pending
             self.counters[robot]["submitted"] += 1
             self.counters[robot]["replaced"] += replaced is not None
+            self.hold.arrived(now)
             self._cond.notify_all()
         if replaced is not None:
             replaced.future.set_exception(FrameDropped(f"{robot}: replaced by a newer observation"))
@@ -129,23 +139,44 @@ class PolicyServer:
             except ExecutorClosed as err:  # the executor was closed under the server: nobody waits forever
                 self._stop(err)
                 return
-            with self._cond:
-                ready = sorted(self._pending.values(), key=lambda p: p.deadline)[: self.max_batch]
-                for p in ready:
-                    del self._pending[p.robot]
+            ready = self._take_batch()
             if not ready:
                 continue
             self.batches.append([p.robot for p in ready])
             del self.batches[:-1000]
             asked = [p.steps for p in ready if p.steps is not None]
+            issued = time.monotonic()
             try:
                 futures = self.executor.submit_prepared([p.member for p in ready], min(asked, default=None))
             except Exception as err:  # noqa: BLE001 - closed meanwhile: the robots hear of it
                 for p in ready:
                     self._finish(p, error=err)
                 continue
+            self.hold.issued(len(ready), issued)
+            futures[0].add_done_callback(self._batch_served(len(ready), issued))  # a frame resolves at once
             for p, f in zip(ready, futures, strict=True):
                 f.add_done_callback(lambda f, p=p: self._finish(p, future=f))
+
+    def _batch_served(self, size: int, issued: float):
+        return lambda f: self.hold.served(size, issued, time.monotonic(), f.exception() is None)
+
+    def _take_batch(self) -> list[Pending]:
+        """Up to `max_batch` pending observations, earliest deadline first, once the hold lets them go
+        (a new observation re-decides); none when the server closed meanwhile."""
+        held = False
+        with self._cond:
+            while not self._closed and self._pending:
+                ready = sorted(self._pending.values(), key=lambda p: p.deadline)[: self.max_batch]
+                wait = self.hold.hold_s(len(ready), ready[0].deadline, time.monotonic())
+                if wait <= 0:
+                    for p in ready:
+                        del self._pending[p.robot]
+                    if held:
+                        self.hold.count_held()
+                    return ready
+                held = True
+                self._cond.wait(wait)
+        return []
 
     def _finish(self, p: Pending, future: Future | None = None, error: BaseException | None = None) -> None:
         error = error if future is None else future.exception()

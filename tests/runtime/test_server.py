@@ -241,3 +241,28 @@ def test_a_batch_runs_at_the_fewest_steps_its_robots_asked_for(served, rng):
     assert sorted(batches[0]) == ["arm_a", "arm_b"]
     assert alone.steps == executor.config.denoising_steps
     assert "arm_c" not in server.figures()  # refused before it was queued
+
+
+def test_under_load_a_robot_is_held_for_company_and_alone_it_goes_at_once(served, rng):
+    """The server has measured batches far slower than the robots' rate (5 s for one, 6 s for two): one
+    robot's observation waits for a second robot's (never past its latest start: its deadline is 30 s)
+    and both go as one batch, each equal to its eager result. With hold=False the same robot goes alone."""
+    executor, reference = served
+    for hold, want in ((True, [["arm_a", "arm_b"]]), (False, [["arm_a"], ["arm_b"]])):
+        with PolicyServer(executor, hold=hold) as server:
+            for size, seconds in ((1, 5.0), (2, 6.0)):
+                server.hold.issued(size, 0.0)
+                server.hold.served(size, 0.0, seconds)
+            asks = []
+            for robot in ("arm_a", "arm_b"):
+                obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
+                asks.append((obs, noise, server.submit(robot, obs, noise=noise, deadline_s=30.0)))
+                if not hold:
+                    asks[-1][2].result(timeout=120)  # alone on the device before the next comes
+            for obs, noise, future in asks:
+                chunk = future.result(timeout=120)
+                np.testing.assert_allclose(
+                    chunk.actions, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5
+                )
+            assert server.batches == want
+            assert server.hold.counters["held"] == int(hold)
