@@ -8,9 +8,10 @@ batches (one copy of the weights).
 Batching: a batcher thread waits until the executor can take a frame (its last one is on the device),
 then takes the pending observations of up to `max_batch` robots, earliest deadline first, and submits
 them as one frame. At light load it sends them at once; under load it may hold them for company, until
-there are enough to keep up with the robots' rate, never past the latest start of the earliest deadline
-(runtime/batching.py; `hold=False`: always at once). With more robots pending than a batch holds, the
-later deadlines wait for the next frame; as every robot's deadline comes due in turn, none is starved.
+there are enough to keep up with the robots' rate (never past the latest start of the earliest
+deadline), and takes no more than keep up (runtime/batching.py; `hold=False`: always at once, up to
+`max_batch`). With more robots pending than a batch takes, the later deadlines wait for the next frame;
+as every robot's deadline comes due in turn, none is starved.
 
 Steps: a robot may ask for fewer denoising steps (its node's adaptive steps under deadline pressure); a
 batch runs at the fewest its members asked for, so the robot under most pressure decides for the robots
@@ -161,13 +162,16 @@ class PolicyServer:
         return lambda f: self.hold.served(size, issued, time.monotonic(), f.exception() is None)
 
     def _take_batch(self) -> list[Pending]:
-        """Up to `max_batch` pending observations, earliest deadline first, once the hold lets them go
-        (a new observation re-decides); none when the server closed meanwhile."""
+        """Up to `max_batch` pending observations (under load, up to the keep-up size's profile), earliest
+        deadline first, once the hold lets them go (a new observation re-decides); none when the server
+        closed meanwhile."""
         held = False
         with self._cond:
             while not self._closed and self._pending:
-                ready = sorted(self._pending.values(), key=lambda p: p.deadline)[: self.max_batch]
-                wait = self.hold.hold_s(len(ready), ready[0].deadline, time.monotonic())
+                now = time.monotonic()
+                by_deadline = sorted(self._pending.values(), key=lambda p: p.deadline)
+                ready = by_deadline[: self.hold.batch_limit(now)]
+                wait = self.hold.hold_s(len(ready), ready[0].deadline, now)
                 if wait <= 0:
                     for p in ready:
                         del self._pending[p.robot]

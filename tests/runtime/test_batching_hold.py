@@ -107,3 +107,16 @@ def test_hold_false_never_holds():
     hold.hold = False
     robots_at(hold, 8, 20, until=10.0)
     assert hold.hold_s(1, earliest_deadline=10.05, now=10.0) == 0.0
+
+
+def test_under_load_a_batch_takes_no_more_than_the_keep_up_size_profile():
+    """Eight robots (keep-up size 4): a batch takes at most 4, however many wait; three robots (keep-up
+    size 1, light load): a batch takes as many as wait; never holding: as many as wait."""
+    hold = measured({1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039})
+    robots_at(hold, 8, 20, until=10.0)
+    assert hold.batch_limit(10.0) == 4
+    robots_at(hold, 3, 20, until=12.0)
+    assert hold.batch_limit(12.0) == 8
+    hold.hold = False
+    robots_at(hold, 8, 20, until=14.0)
+    assert hold.batch_limit(14.0) == 8
