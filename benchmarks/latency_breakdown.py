@@ -1,7 +1,11 @@
 """Where a chunk's end-to-end time goes beyond the three stages: queue wait, the host-to-device copy,
 the device span from the first copy to the last, and the host time around it (issue, completion).
 
-    python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert]
+--shape-profiles: one executor with shape profiles serves two workloads in turns, in one run (issue 16):
+LIBERO-shaped frames (two cameras, a short instruction: a small profile) and full-shaped ones (every
+camera, an instruction that fills the 200-token prompt).
+
+    python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert] [--shape-profiles]
         [--image-side 480 --resize-on-device] --out $OUT/breakdown.json
 """
 
@@ -17,6 +21,37 @@ from results_doc import run_header
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.synthetic import synthetic_observation
+from vla_runtime.runtime.types import Observation
+
+TURN = 20  # frames of one workload before the other's turn
+
+
+def full_shaped(executor: PipelinedExecutor, rng: np.random.Generator, side: int) -> Observation:
+    """Every camera (the optional one too) and the longest instruction that fits the prompt (200 tokens
+    for pi05, the state included)."""
+    config = executor.config
+    obs = synthetic_observation(config, rng, side)
+    images = {
+        name: rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for name in config.model.camera_names
+    }
+    words = "then carefully put the black bowl on the plate".split()
+    longest = obs.instruction
+    for n in range(1, 400):
+        instruction = " ".join(words[k % len(words)] for k in range(n))
+        try:
+            executor.prepare(Observation(images, obs.state, instruction, obs.timestamp))
+        except ValueError:
+            break
+        longest = instruction
+    return Observation(images, obs.state, longest, obs.timestamp)
+
+
+def medians_of(rows: list[dict]) -> dict:
+    medians = {k: float(np.median([r[k] for r in rows])) for k in sorted(rows[0])}
+    medians["stages_sum"] = medians["vision"] + medians["prefix"] + medians["denoise"]
+    if "device_total" in medians:  # CUDA only
+        medians["host_outside_device"] = medians["total"] - medians["device_total"]  # prepare included
+    return medians
 
 
 def main():
@@ -26,6 +61,7 @@ def main():
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--image-side", type=int, default=224, help="camera frames of this side (224: no resize)")
     ap.add_argument("--resize-on-device", action="store_true")
+    ap.add_argument("--shape-profiles", action="store_true", help="LIBERO-shaped and full-shaped, in turns")
     ap.add_argument("--out", default="breakdown.json")
     args = ap.parse_args()
     config = RuntimeConfig(
@@ -34,30 +70,41 @@ def main():
         precision=args.precision,
         fp8_expert=args.fp8_expert,
         resize_on_device=args.resize_on_device,
+        shape_profiles=args.shape_profiles,
     )
     rng = np.random.default_rng(0)
-    observations = [synthetic_observation(config, rng, args.image_side) for _ in range(8)]
-    rows = []
     with PipelinedExecutor(config) as executor:
-        for i in range(args.frames + 10):
-            obs = observations[i % len(observations)]
+        workloads = {"default": [synthetic_observation(config, rng, args.image_side) for _ in range(8)]}
+        if args.shape_profiles:
+            workloads = {
+                "libero": workloads["default"],
+                "full": [full_shaped(executor, rng, args.image_side) for _ in range(8)],
+            }
+        rows = {name: [] for name in workloads}
+        for observations in workloads.values():  # each workload's shapes captured before the clock
+            for obs in observations[:3]:
+                executor.infer(obs)
+        for i in range(args.frames * len(workloads)):
+            name = list(workloads)[(i // TURN) % len(workloads)]
+            obs = workloads[name][i % 8]
             start = time.perf_counter()
             chunk = executor.infer(obs)
             wall = (time.perf_counter() - start) * 1e3
-            if i >= 10:
-                rows.append({**chunk.timings_ms, "caller_wall": wall})
-    keys = sorted(rows[0])
-    medians = {k: float(np.median([r[k] for r in rows])) for k in keys}
-    medians["stages_sum"] = medians["vision"] + medians["prefix"] + medians["denoise"]
-    medians["host_outside_device"] = medians["total"] - medians["device_total"]  # prepare included
+            rows[name].append({**chunk.timings_ms, "caller_wall": wall})
+        captures = executor.health()["counters"].get("captures")
     result = {
         **run_header(),
         "config": vars(args),
-        "median_ms": medians,
+        "median_ms": {name: medians_of(r) for name, r in rows.items()},
+        "frames_per_workload": args.frames,
+        "captures": captures,
     }
+    if not args.shape_profiles:
+        result["median_ms"] = result["median_ms"]["default"]
     Path(args.out).write_text(json.dumps(result, indent=2))
-    for k, v in medians.items():
-        print(f"{k:40s} {v:8.3f} ms")
+    for name, r in rows.items():
+        for k, v in medians_of(r).items():
+            print(f"{name:8s} {k:40s} {v:8.3f} ms")
 
 
 if __name__ == "__main__":

@@ -202,3 +202,20 @@ def test_images_resized_on_the_device_give_the_host_resizes_actions(pi05, rng):
             assert (inputs.pixels_on(torch.device("cuda")).int() - host).abs().max() <= 1
     finally:
         on_device.close()
+
+
+def test_layer_scope_compiles_one_kind_of_layer_once_and_matches_the_reference(pi05, rng):
+    """compile_scope "layer" (regional compilation, for start-up): pi05's actions on fresh inputs equal
+    the eager reference to the bf16 tolerance."""
+    executor, reference = pi05
+    layered = PipelinedExecutor(executor.config.replace(compile_scope="layer"))
+    try:
+        cfg = executor.config.model
+        for _ in range(5):
+            obs = random_observation(rng, "pi05", side=224)
+            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+            want = reference.infer(obs, noise).actions
+            got = layered.infer(obs, noise).actions
+            assert np.abs(got - want).max() / np.abs(want).max() <= BF16_REL_TOL
+    finally:
+        layered.close()
