@@ -24,6 +24,9 @@ computed); three_views (default): every frame the full shape.
 --adaptive: each robot asks for its denoising steps from a controller of its own, as its node would
 (adaptive_steps); a batch runs at its members' fewest.
 
+--pipelining latency: the executor keeps one frame on the device, so the server issues a batch only once
+the one before has finished (default throughput: while it runs, the two overlapping).
+
 python benchmarks/fleet_bench.py OUT.json [--preset pi05] [--robots 1,2,4,6,8,10,12] [--seconds 10]
     [--precisions fp8_all,fp8,bf16] [--gpus 2] [--workload three_views|libero]
 """
@@ -48,6 +51,7 @@ from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: 
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.loading import PolicyParts, build_parts  # noqa: E402
+from vla_runtime.runtime.pipelining import PIPELINING_MODES  # noqa: E402
 from vla_runtime.runtime.policy import FrameDropped  # noqa: E402
 from vla_runtime.runtime.server import PolicyServer  # noqa: E402
 from vla_runtime.runtime.types import Observation  # noqa: E402
@@ -232,6 +236,7 @@ def single_gpu(args, doc: dict) -> None:
     precisions = args.precisions.split(",") if cuda else ["float32"]
     for n, precision in enumerate(precisions):
         settings = {**PRECISIONS.get(precision, {}), **workload, "adaptive_steps": args.adaptive}
+        settings["pipelining"] = args.pipelining
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
         fleet = Fleet(config, observations)
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
@@ -323,6 +328,7 @@ def multi_gpu(args, doc: dict) -> None:
             args.workload,
         ]
         command += ["--adaptive"] if args.adaptive else []
+        command += ["--pipelining", args.pipelining]
         command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
         command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
@@ -362,6 +368,12 @@ def main() -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="three_views")
     parser.add_argument("--adaptive", action="store_true", help="each robot adapts its steps (as its node)")
     parser.add_argument(
+        "--pipelining",
+        choices=PIPELINING_MODES,
+        default=RuntimeConfig.pipelining,
+        help="frames on the device: throughput (the server issues a batch while one runs), latency",
+    )
+    parser.add_argument(
         "--modes",
         default="batched,eager,independent",
         help="batched: the server as it runs (holding for company under load); eager: the server never "
@@ -375,6 +387,7 @@ def main() -> None:
         "workload": f"{args.preset}, {args.workload}, 20 Hz per robot, deadline {DEADLINE_S * 1e3:.0f} ms"
         + (", adaptive steps per robot" if args.adaptive else ""),
         "precisions": {p: PRECISIONS.get(p, "float32") for p in args.precisions.split(",")},
+        "pipelining": args.pipelining,
         "rows": [],
     }
     if args.gpus > 1:

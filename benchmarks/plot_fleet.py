@@ -1,5 +1,6 @@
 """The fleet figure for docs/many_robots.md from benchmarks/fleet_bench.py's JSON: per robot count, the
-worst robot's p99 latency and the chunks per second, batched server against independent executors.
+worst robot's p99 latency and the chunks per second: the batched server against the same server never
+holding (eager) and independent executors.
 
 python benchmarks/plot_fleet.py benchmarks/results/<file>.json [docs/img/fleet.png]
 """
@@ -15,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"batched": "-o", "independent": "--s"}
+STYLE = {"batched": "-o", "eager": "-.^", "independent": "--s"}  # eager: the server never holding
 
 
 def main(results: Path, out: Path) -> None:
@@ -45,7 +46,8 @@ def main(results: Path, out: Path) -> None:
     throughput.set_xlabel("robots at 20 Hz")
     throughput.set_ylabel("chunks per second delivered")
     throughput.legend(fontsize=8)
-    fig.suptitle(f"{doc['device']} ({doc['date']}, {doc['commit']}): {doc['workload']}", fontsize=10)
+    gpus = f", robots split over {doc['gpus']} GPUs" if doc.get("gpus", 1) > 1 else ""
+    fig.suptitle(f"{doc['device']} ({doc['date']}, {doc['commit']}): {doc['workload']}{gpus}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

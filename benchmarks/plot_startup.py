@@ -1,0 +1,63 @@
+"""The start-up figure for docs/performance.md from benchmarks/startup_bench.py's JSON: per start (compile
+scope, cold or warm), the time to the first chunk split into its phases, and the served latency after it.
+
+python benchmarks/plot_startup.py benchmarks/results/<file>.json [docs/img/startup.png]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PHASES = ("weights", "quantise", "compile_and_capture")
+
+
+def bars(start: dict) -> dict[str, float]:
+    """Seconds from the child's start to its first chunk, by phase (the rest: between the phases)."""
+    events = start["events"]
+    phases = events["ready"]["phases_s"]
+    parts = {"imports": events["imported"]["s"], **{p: phases.get(p, 0.0) for p in PHASES}}
+    parts["other"] = max(0.0, events["first_chunk"]["s"] - sum(parts.values()))
+    return parts
+
+
+def main(results: Path, out: Path) -> None:
+    doc = json.loads(results.read_text())
+    starts = doc["starts"]
+    labels, seen = [], set()
+    for start in starts:
+        scope = start["compile_scope"]
+        labels.append(f"{scope}\n{'warm' if scope in seen else 'cold'}")
+        seen.add(scope)
+    fig, (time_to_chunk, latency) = plt.subplots(
+        1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [2, 1]}
+    )
+    bottoms = [0.0] * len(starts)
+    for part in ("imports", *PHASES, "other"):
+        heights = [bars(s)[part] for s in starts]
+        time_to_chunk.bar(labels, heights, bottom=bottoms, label=part)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    for x, total in enumerate(bottoms):
+        time_to_chunk.text(x, total + 0.5, f"{total:.1f} s", ha="center", fontsize=9)
+    time_to_chunk.axhline(10, color="grey", lw=0.8, ls=":", label="target, warm: 10 s")
+    time_to_chunk.set_ylabel("child's start to its first chunk (s)")
+    time_to_chunk.legend(fontsize=8)
+    served = [s["events"]["served"]["total_p50_ms"] for s in starts]
+    latency.bar(labels, served, color="tab:gray")
+    for x, ms in enumerate(served):
+        latency.text(x, ms + 0.2, f"{ms:.1f}", ha="center", fontsize=9)
+    latency.set_ylabel("p50 from submit after start-up (ms)")
+    fig.suptitle(f"{doc['device']} ({doc['date']}, {doc['commit']}): pi05, {doc['mode']}", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2] if len(sys.argv) > 2 else "docs/img/startup.png"))
