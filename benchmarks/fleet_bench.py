@@ -183,8 +183,8 @@ class Fleet:
             row = drive(submit_for, robots, seconds, observations, self.adaptive)
             sizes = [len(b) for b in server.batches]
             row["batch_sizes"] = {str(n): sizes.count(n) for n in sorted(set(sizes))}
-            row["batch_device_ms"] = server.hold.device_ms()  # per batch profile, median
-            row["batches_held"] = server.hold.counters["held"]
+            row["batch_device_ms"] = server.batching.device_ms()  # per batch profile, median
+            row["batches_held"] = server.batching.counters["held"]
         return row
 
     def run_eager(self, robots: int, seconds: float, observations) -> dict:

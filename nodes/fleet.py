@@ -91,7 +91,7 @@ class ServedPolicy:
         """The executor's health, and under "robot" this robot's counters and latency in the server, with
         the number of robots the server has served and the batches it held for company."""
         figures = self.server.figures()
-        held = self.server.hold.counters["held"]
+        held = self.server.batching.counters["held"]
         return {
             **self.server.executor.health(),
             "robot": {**figures.get(self.robot, {}), "robots": len(figures), "batches_held": held},

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import BatchHold
+from .batching import MARGIN, BatchHold
 from .buffers import batch_profile
 from .config import NOISE_STREAM
 from .executor import ExecutorClosed, Member, PipelinedExecutor
@@ -56,9 +56,6 @@ class Pending:
     steps: int | None = None  # denoising steps asked for (None: the configured ones)
 
 
-HOLD_MARGIN = 0.1  # of the deadline: a held batch is sent this early, for the device time's spread
-
-
 class PolicyServer:
     def __init__(
         self, executor: PipelinedExecutor, deadline_s: float = DEFAULT_DEADLINE_S, hold: bool = True
@@ -67,7 +64,7 @@ class PolicyServer:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
         self.executor, self.deadline_s = executor, deadline_s
         self.max_batch = executor.config.max_batch
-        self.hold = BatchHold(batch_profile, self.max_batch, HOLD_MARGIN * deadline_s, hold=hold)
+        self.batching = BatchHold(batch_profile, self.max_batch, MARGIN * deadline_s, enabled=hold)
         self._pending: dict[str, Pending] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -108,7 +105,7 @@ class PolicyServer:
             self._pending[robot] = pending
             self.counters[robot]["submitted"] += 1
             self.counters[robot]["replaced"] += replaced is not None
-            self.hold.arrived(now)
+            self.batching.arrived(robot, now)
             self._cond.notify_all()
         if replaced is not None:
             replaced.future.set_exception(FrameDropped(f"{robot}: replaced by a newer observation"))
@@ -153,13 +150,18 @@ class PolicyServer:
                 for p in ready:
                     self._finish(p, error=err)
                 continue
-            self.hold.issued(len(ready), issued)
+            self.batching.issued(len(ready), issued)
             futures[0].add_done_callback(self._batch_served(len(ready), issued))  # a frame resolves at once
             for p, f in zip(ready, futures, strict=True):
                 f.add_done_callback(lambda f, p=p: self._finish(p, future=f))
 
     def _batch_served(self, size: int, issued: float):
-        return lambda f: self.hold.served(size, issued, time.monotonic(), f.exception() is None)
+        def served(frame: Future) -> None:
+            self.batching.served(size, issued, time.monotonic(), computed=frame.exception() is None)
+            with self._cond:  # a held batch decides again with what was just measured
+                self._cond.notify_all()
+
+        return served
 
     def _take_batch(self) -> list[Pending]:
         """Up to `max_batch` pending observations (under load, up to the keep-up size's profile), earliest
@@ -168,15 +170,14 @@ class PolicyServer:
         held = False
         with self._cond:
             while not self._closed and self._pending:
-                now = time.monotonic()
                 by_deadline = sorted(self._pending.values(), key=lambda p: p.deadline)
-                ready = by_deadline[: self.hold.batch_limit(now)]
-                wait = self.hold.hold_s(len(ready), ready[0].deadline, now)
+                take, wait = self.batching.decide(len(by_deadline), by_deadline[0].deadline, time.monotonic())
                 if wait <= 0:
+                    ready = by_deadline[:take]
                     for p in ready:
                         del self._pending[p.robot]
                     if held:
-                        self.hold.count_held()
+                        self.batching.count_held()
                     return ready
                 held = True
                 self._cond.wait(wait)

@@ -1,6 +1,7 @@
-"""When the server holds a batch for company, on a fake clock: never at light load or before anything is
-measured, under load until the keep-up size, never past the latest start of the earliest deadline, not
-when the device is busy past it; device times per profile from issue and completion times."""
+"""When the server holds a batch for company, and how many a batch takes, on a fake clock: never held at
+light load or before anything is measured; under load held until the keep-up size, never past the latest
+start of the earliest deadline, not when the device is busy past it, not for robots that do not exist;
+a batch capped at the keep-up size's profile; device times per profile from issue and completion times."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from vla_runtime.runtime.batching import BatchHold
 from vla_runtime.runtime.buffers import batch_profile
 
 MARGIN_S = 0.005
+H200_LIKE = {1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039}  # device seconds per batch profile
 
 
 def measured(device_s: dict[int, float], max_batch: int = 8) -> BatchHold:
@@ -27,7 +29,7 @@ def robots_at(hold: BatchHold, robots: int, hz: float, until: float) -> None:
     period = 1.0 / hz
     for k in range(int(hz)):
         for i in range(robots):
-            hold.arrived(until - 1.0 + k * period + i * period / robots)
+            hold.arrived(f"r{i}", until - 1.0 + k * period + i * period / robots)
 
 
 def test_device_time_counts_from_when_the_device_could_start():
@@ -39,84 +41,113 @@ def test_device_time_counts_from_when_the_device_could_start():
     hold.issued(1, 0.100)
     hold.served(1, 0.100, 0.110)
     hold.issued(2, 0.200)
-    hold.served(2, 0.200, 0.300, ok=False)  # failed: no device time
+    hold.served(2, 0.200, 0.300, computed=False)  # failed: no device time
     assert hold.device_ms() == pytest.approx({"1": 10.0, "4": 20.5})
+
+
+def test_a_dropped_batch_does_not_shorten_the_one_running():
+    hold = BatchHold(batch_profile, 8, MARGIN_S)
+    hold.issued(4, 0.0)
+    hold.issued(2, 0.001)
+    hold.served(2, 0.001, 0.002, computed=False)  # dropped before it reached the device
+    hold.served(4, 0.0, 0.020)
+    assert hold.device_ms() == pytest.approx({"4": 20.0})
 
 
 def test_nothing_is_held_before_anything_is_measured():
     hold = BatchHold(batch_profile, 8, MARGIN_S)
     robots_at(hold, 8, 20, until=10.0)
-    assert hold.hold_s(1, earliest_deadline=10.05, now=10.0) == 0.0
+    assert hold.decide(1, earliest_deadline=10.05, now=10.0) == (1, 0.0)
 
 
-def test_nothing_is_held_at_light_load():
-    """Two robots at 20 Hz (40/s): a batch of 1 (11 ms) keeps up, so each goes at once."""
-    hold = measured({1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039})
+def test_nothing_is_held_at_light_load_and_a_batch_takes_all_that_wait():
+    """Two robots at 20 Hz (40/s): a batch of 1 (11 ms) keeps up, so each goes at once; a burst of
+    three goes as one batch."""
+    hold = measured(H200_LIKE)
     robots_at(hold, 2, 20, until=10.0)
     assert hold.keep_up_size(10.0) == 1
-    assert hold.hold_s(1, earliest_deadline=10.05, now=10.0) == 0.0
+    assert hold.decide(1, earliest_deadline=10.05, now=10.0) == (1, 0.0)
+    assert hold.decide(3, earliest_deadline=10.05, now=10.0) == (3, 0.0)
 
 
 def test_under_load_a_batch_waits_until_it_keeps_up_and_never_past_its_latest_start():
     """Eight robots at 20 Hz (160/s): 1 (11 ms > 6.25), 2 (15 > 12.5), 3 (in profile 4: 23 > 18.75) fall
-    behind; 4 keeps up (23 <= 25). Fewer pending wait, at most until the earliest deadline less the
-    margin and the device time of one more."""
-    hold = measured({1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039})
+    behind; 4 keeps up (23 <= 25). Fewer waiting are held, at most until the earliest deadline less the
+    margin and the device time of one more; more waiting, the batch takes 4."""
+    hold = measured(H200_LIKE)
     robots_at(hold, 8, 20, until=10.0)
     assert hold.keep_up_size(10.0) == 4
     deadline = 10.05
-    assert hold.hold_s(1, deadline, now=10.0) == pytest.approx(deadline - MARGIN_S - 0.015 - 10.0)
-    assert hold.hold_s(3, deadline, now=10.0) == pytest.approx(deadline - MARGIN_S - 0.023 - 10.0)
-    assert hold.hold_s(3, deadline, now=10.03) == 0.0  # past the latest start: go
-    assert hold.hold_s(4, deadline, now=10.0) == 0.0  # keeps up: go
-    assert hold.hold_s(8, deadline, now=10.0) == 0.0  # full
+    take, wait = hold.decide(1, deadline, now=10.0)
+    assert take == 1 and wait == pytest.approx(deadline - MARGIN_S - 0.015 - 10.0)
+    take, wait = hold.decide(3, deadline, now=10.0)
+    assert take == 3 and wait == pytest.approx(deadline - MARGIN_S - 0.023 - 10.0)
+    assert hold.decide(3, deadline, now=10.03) == (3, 0.0)  # past the latest start: go
+    assert hold.decide(4, deadline, now=10.0) == (4, 0.0)  # keeps up: go
+    assert hold.decide(7, deadline, now=10.0) == (4, 0.0)  # no more than keep up: the rest wait
 
 
-def test_overloaded_the_keep_up_size_is_a_full_batch():
+def test_a_keep_up_size_of_three_takes_its_profile_of_four():
+    """Six robots (120/s) with a slower batch of 2 (20 ms > 16.7): 3 keep up (in profile 4, 23 <= 25), and
+    a batch takes up to the 4 its profile holds."""
+    hold = measured({1: 0.011, 2: 0.020, 4: 0.023, 8: 0.039})
+    robots_at(hold, 6, 20, until=10.0)
+    assert hold.keep_up_size(10.0) == 3
+    assert hold.decide(6, 10.05, now=10.0) == (4, 0.0)
+
+
+def test_overloaded_a_batch_is_the_fullest_the_robots_can_make():
     hold = measured({1: 0.011, 8: 0.039})
     robots_at(hold, 24, 20, until=10.0)  # 480/s: not even 8 every 39 ms keeps up
     assert hold.keep_up_size(10.0) == 8
+    hold = measured({1: 0.011, 8: 0.039})
+    robots_at(hold, 5, 200, until=10.0)  # five robots at 200 Hz: overloaded, but five is all there are
+    assert hold.keep_up_size(10.0) == 5
+    assert hold.decide(5, 10.05, now=10.0) == (5, 0.0)  # all five waiting: no company is coming
+
+
+def test_no_hold_for_company_that_cannot_come():
+    """Four robots at 50 Hz, all four waiting: nobody else to wait for."""
+    hold = measured(H200_LIKE)
+    robots_at(hold, 4, 50, until=10.0)
+    assert hold.decide(4, 10.05, now=10.0) == (4, 0.0)
 
 
 def test_a_profile_not_yet_seen_is_estimated_from_the_next_larger_else_linearly():
     hold = measured({2: 0.015, 4: 0.024})
     robots_at(hold, 16, 20, until=10.0)  # 320/s: 4 in 24 ms does not keep up (12.5 ms); 8 in 48 ms does not
     assert hold.keep_up_size(10.0) == 8
-    # one pending: its batch of two is estimated from profile 2 (15 ms); seven pending: profile 8, 2 x 24 ms
-    assert hold.hold_s(1, 10.1, now=10.0) == pytest.approx(0.1 - MARGIN_S - 0.015)
-    assert hold.hold_s(7, 10.1, now=10.0) == pytest.approx(0.1 - MARGIN_S - 0.048)
+    # one waiting: its batch of two is estimated from profile 2 (15 ms); seven: profile 8, 2 x 24 ms
+    assert hold.decide(1, 10.1, now=10.0)[1] == pytest.approx(0.1 - MARGIN_S - 0.015)
+    assert hold.decide(7, 10.1, now=10.0)[1] == pytest.approx(0.1 - MARGIN_S - 0.048)
 
 
 def test_nothing_is_held_when_the_device_is_busy_past_the_latest_start():
-    hold = measured({1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039})
+    hold = measured(H200_LIKE)
     robots_at(hold, 8, 20, until=10.0)
     hold.issued(8, 10.0)  # the device is busy until about 10.039
-    assert hold.hold_s(1, earliest_deadline=10.05, now=10.0) == 0.0  # latest start 10.03: late anyway
-    assert hold.hold_s(1, earliest_deadline=10.09, now=10.0) == pytest.approx(0.09 - MARGIN_S - 0.015)
+    assert hold.decide(1, earliest_deadline=10.05, now=10.0) == (1, 0.0)  # latest start 10.03: late anyway
+    assert hold.decide(1, earliest_deadline=10.09, now=10.0)[1] == pytest.approx(0.09 - MARGIN_S - 0.015)
+
+
+def test_the_device_is_free_once_the_last_batch_is_served_early():
+    hold = measured(H200_LIKE)
+    robots_at(hold, 8, 20, until=10.0)
+    hold.issued(8, 10.0)  # expected busy until about 10.039
+    hold.served(8, 10.0, 10.010, computed=False)  # failed at once: the device is free
+    assert hold.decide(1, 10.05, now=10.011)[1] == pytest.approx(0.05 - MARGIN_S - 0.015 - 0.011)
 
 
 def test_the_rate_forgets_robots_that_left():
-    hold = measured({1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039})
+    hold = measured(H200_LIKE)
     robots_at(hold, 8, 20, until=10.0)
     assert hold.keep_up_size(10.0) == 4
     assert hold.keep_up_size(11.5) == 1  # nobody submitted for a second and a half
 
 
-def test_hold_false_never_holds():
-    hold = measured({1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039})
-    hold.hold = False
+def test_disabled_it_takes_all_that_wait_at_once():
+    hold = measured(H200_LIKE)
+    hold.enabled = False
     robots_at(hold, 8, 20, until=10.0)
-    assert hold.hold_s(1, earliest_deadline=10.05, now=10.0) == 0.0
-
-
-def test_under_load_a_batch_takes_no_more_than_the_keep_up_size_profile():
-    """Eight robots (keep-up size 4): a batch takes at most 4, however many wait; three robots (keep-up
-    size 1, light load): a batch takes as many as wait; never holding: as many as wait."""
-    hold = measured({1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039})
-    robots_at(hold, 8, 20, until=10.0)
-    assert hold.batch_limit(10.0) == 4
-    robots_at(hold, 3, 20, until=12.0)
-    assert hold.batch_limit(12.0) == 8
-    hold.hold = False
-    robots_at(hold, 8, 20, until=14.0)
-    assert hold.batch_limit(14.0) == 8
+    assert hold.decide(1, earliest_deadline=10.05, now=10.0) == (1, 0.0)
+    assert hold.decide(7, earliest_deadline=10.05, now=10.0) == (7, 0.0)

@@ -5,6 +5,7 @@ back to its robot only. Ordering is made deterministic by holding the device, ne
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -243,16 +244,25 @@ def test_a_batch_runs_at_the_fewest_steps_its_robots_asked_for(served, rng):
     assert "arm_c" not in server.figures()  # refused before it was queued
 
 
+def slow_device(server: PolicyServer, robots=("arm_a", "arm_b")) -> None:
+    """The server has measured a batch of 1 at 5 s and one of 2 at 6 s, and `robots` submitted just now:
+    any rate of robots needs company, and there is company to wait for."""
+    server.batching.issued(1, 0.0)
+    server.batching.served(1, 0.0, 5.0)
+    server.batching.issued(2, 10.0)
+    server.batching.served(2, 10.0, 16.0)
+    for robot in robots:
+        server.batching.arrived(robot, time.monotonic())
+
+
 def test_under_load_a_robot_is_held_for_company_and_alone_it_goes_at_once(served, rng):
-    """The server has measured batches far slower than the robots' rate (5 s for one, 6 s for two): one
-    robot's observation waits for a second robot's (never past its latest start: its deadline is 30 s)
-    and both go as one batch, each equal to its eager result. With hold=False the same robot goes alone."""
+    """On a server that measured batches far slower than the robots' rate, one robot's observation waits
+    for a second robot's (never past its latest start: its deadline is 30 s) and both go as one batch,
+    each equal to its eager result. With hold=False the same robot goes alone."""
     executor, reference = served
     for hold, want in ((True, [["arm_a", "arm_b"]]), (False, [["arm_a"], ["arm_b"]])):
         with PolicyServer(executor, hold=hold) as server:
-            for size, seconds in ((1, 5.0), (2, 6.0)):
-                server.hold.issued(size, 0.0)
-                server.hold.served(size, 0.0, seconds)
+            slow_device(server)
             asks = []
             for robot in ("arm_a", "arm_b"):
                 obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
@@ -265,4 +275,47 @@ def test_under_load_a_robot_is_held_for_company_and_alone_it_goes_at_once(served
                     chunk.actions, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5
                 )
             assert server.batches == want
-            assert server.hold.counters["held"] == int(hold)
+            assert server.batching.counters["held"] == int(hold)
+
+
+@pytest.fixture(scope="module")
+def served_by_four():
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=4))
+    with PipelinedExecutor(parts=parts) as executor:
+        yield executor
+
+
+def test_the_server_measures_what_it_serves(served_by_four, rng):
+    with PolicyServer(served_by_four) as server:
+        server.submit("a", random_observation(rng, "pi05_tiny")).result(timeout=120)
+        # the batch's callback was added before the robot's: it has run when the robot hears
+        assert list(server.batching.device_ms()) == ["1"]
+        assert server.batching._in_flight == 0
+
+
+def test_under_load_a_batch_takes_no_more_than_keeps_up(served_by_four, rng):
+    """A batch of 2 measured at 0.1 s and of 1 at 5 s: at four robots a second, 2 keep up, so four robots
+    waiting go two by two, earliest deadline first, although a batch could take four."""
+    with PolicyServer(served_by_four) as server:
+        server.batching.issued(1, 0.0)
+        server.batching.served(1, 0.0, 5.0)
+        server.batching.issued(2, 10.0)
+        server.batching.served(2, 10.0, 10.1)
+        with server._cond:  # all four waiting before the batcher looks (the condition's lock is reentrant)
+            futures = [
+                server.submit(robot, random_observation(rng, "pi05_tiny"), deadline_s=10.0 + k)
+                for k, robot in enumerate("abcd")
+            ]
+        for future in futures:
+            future.result(timeout=120)
+        assert server.batches == [["a", "b"], ["c", "d"]]
+
+
+def test_closing_the_server_fails_a_held_observation(served_by_four, rng):
+    server = PolicyServer(served_by_four)
+    slow_device(server)
+    future = server.submit("a", random_observation(rng, "pi05_tiny"), deadline_s=60.0)  # held ~54 s
+    server.close()
+    with pytest.raises(ExecutorClosed):
+        future.result(timeout=30)
+    assert not server._batcher.is_alive() and server.batches == []
