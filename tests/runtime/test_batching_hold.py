@@ -151,3 +151,24 @@ def test_disabled_it_takes_all_that_wait_at_once():
     robots_at(hold, 8, 20, until=10.0)
     assert hold.decide(1, earliest_deadline=10.05, now=10.0) == (1, 0.0)
     assert hold.decide(7, earliest_deadline=10.05, now=10.0) == (7, 0.0)
+
+
+def test_a_robot_leaving_is_not_waited_for_and_joining_again_it_is():
+    """Three robots under load (a batch of 3 keeps up); the third stops submitting: a second later the
+    two left are not held for it; it comes back: they are again."""
+    hold = measured({1: 0.030, 2: 0.040, 4: 0.045})
+    for k in range(20):
+        for i, robot in enumerate(("a", "b", "c")):
+            hold.arrived(robot, 9.0 + k * 0.05 + i * 0.016)
+    assert hold.keep_up_size(10.0) == 3
+    assert hold.decide(2, 10.1, now=10.0)[1] > 0  # "c" is due: hold for it
+    for k in range(20, 40):  # "c" has left
+        for i, robot in enumerate(("a", "b")):
+            hold.arrived(robot, 9.0 + k * 0.05 + i * 0.016)
+    assert hold.keep_up_size(11.0) == 2
+    assert hold.decide(2, 11.1, now=11.0) == (2, 0.0)
+    for k in range(40, 60):  # "c" is back
+        for i, robot in enumerate(("a", "b", "c")):
+            hold.arrived(robot, 9.0 + k * 0.05 + i * 0.016)
+    assert hold.keep_up_size(12.0) == 3
+    assert hold.decide(2, 12.1, now=12.0)[1] > 0

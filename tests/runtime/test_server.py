@@ -319,3 +319,32 @@ def test_closing_the_server_fails_a_held_observation(served_by_four, rng):
     with pytest.raises(ExecutorClosed):
         future.result(timeout=30)
     assert not server._batcher.is_alive() and server.batches == []
+
+
+def test_a_robot_leaving_and_joining_again(served, rng):
+    """Three robots; the third stops submitting while the others go on, then comes back: everyone's
+    chunks equal their eager results throughout, and the counters carry on across the absence."""
+    executor, reference = served
+    with PolicyServer(executor) as server:
+
+        def round_of(robots):
+            asks = {}
+            for robot in robots:
+                obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
+                asks[robot] = (obs, noise, server.submit(robot, obs, noise=noise))
+            for obs, noise, future in asks.values():
+                np.testing.assert_allclose(
+                    future.result(timeout=120).actions,
+                    reference.infer(obs, noise).actions,
+                    rtol=1e-4,
+                    atol=1e-5,
+                )
+
+        round_of(("a", "b", "c"))
+        for _ in range(3):
+            round_of(("a", "b"))  # "c" has left
+        round_of(("a", "b", "c"))  # and is back
+        figures = server.figures()
+    assert figures["a"]["completed"] == figures["b"]["completed"] == 5
+    assert figures["c"]["submitted"] == figures["c"]["completed"] == 2
+    assert all(f["failed"] == f["replaced"] == 0 for f in figures.values())
