@@ -1,9 +1,11 @@
 """When the policy server sends a batch: at once, or held for company (issue 15, item 2).
 
-Sent at once, an observation never waits for another robot's. Under load that is what makes the server
-fall behind: the device runs many small batches, each paying a batch's fixed cost (on the H200 a batch of 8
-takes 2.2 to 3.3x a batch of 1), and the frames queue behind them. Held a little, the same robots fill fewer,
-fuller batches, and the device keeps up.
+Sent at once, an observation never waits for another robot's, and a batch takes every robot waiting.
+Under load neither is best. Small batches each pay a batch's fixed cost (on the H200 a batch of 8 takes
+2.2 to 3.3x a batch of 1). A batch that spills into a larger profile takes longer while more robots pile
+up for the next one, which spills too: measured on the H200, the cap below took the worst p99 of 8
+LIBERO-shaped robots per GPU from 126 to 78 ms (docs/many_robots.md). Sized to what keeps up, the device
+keeps up with the smallest batches that can.
 
 The rule, from two measurements (the observations that arrived in the last second, and each batch
 profile's device time):
@@ -14,9 +16,7 @@ profile's device time):
   deadline: deadline - margin - S(profile(pending + 1)); and not at all when the device is busy past
   that point anyway (holding would only make a late frame later);
 - more than that pending, under load (a keep-up size above 1), a batch takes no more than the keep-up
-  size's profile holds, earliest deadlines first. A larger batch would fall into a larger profile that
-  takes longer while more robots pile up for the next one (docs/many_robots.md has the H200 run where
-  the server sent at once settled there).
+  size's profile holds, earliest deadlines first.
 
 A batch's device time is its completion minus the moment the device could start it (its issue, or the
 previous batch's completion when that is later), the median of the last `window` batches of its profile:
