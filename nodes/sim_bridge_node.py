@@ -24,6 +24,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from ..runtime.types import Observation
 from ..sim.episode import CONTROL_PERIOD_S, PolicyLink
+from ..sim.mapping import CAMERA_MAP
 from .conversions import rgb_to_image, seconds_to_stamp, stamp_to_seconds
 
 STATE_NAMES = [f"state_{i}" for i in range(8)]  # LIBERO's 8 state values, by name (see sim/mapping.py)
@@ -37,6 +38,8 @@ class SimBridgeLink(PolicyLink):
         super().__init__(lockstep)
         self.node = Node(node_name, namespace=namespace or None, context=context)
         self.image_pubs: dict[str, object] = {}
+        for camera in CAMERA_MAP:  # the sim's cameras: made now, so they are matched before the first frame
+            self._image_pub(camera)
         self.state_pub = self.node.create_publisher(JointState, "joint_states", 10)
         self.instruction_pub = self.node.create_publisher(String, "instruction", 10)
         self.clock_pub = self.node.create_publisher(Clock, "/clock", 10)
@@ -48,6 +51,20 @@ class SimBridgeLink(PolicyLink):
         self._diagnostics_seen = 0  # messages received, so a caller can wait for one newer than now
         if lockstep:
             self._publish_clock()
+
+    def _image_pub(self, camera: str):
+        if camera not in self.image_pubs:
+            self.image_pubs[camera] = self.node.create_publisher(
+                Image, f"camera/{camera}/image_raw", qos_profile_sensor_data
+            )
+        return self.image_pubs[camera]
+
+    def unmatched_topics(self) -> list[str]:
+        """The topics the bridge publishes that no subscription has matched yet (DDS discovery takes a
+        while after a node starts; what is published before it is lost)."""
+        pubs = [*self.image_pubs.values(), self.state_pub, self.instruction_pub]
+        pubs += [self.clock_pub] if self.lockstep else []
+        return [p.topic_name for p in pubs if p.get_subscription_count() == 0]
 
     def _publish_clock(self) -> None:
         self.clock_pub.publish(Clock(clock=seconds_to_stamp(self._sim_time, Time)))
@@ -62,11 +79,7 @@ class SimBridgeLink(PolicyLink):
         if self.lockstep:
             self._publish_clock()  # the node's clock reaches the observation's time
         for camera, rgb in obs.images.items():
-            if camera not in self.image_pubs:
-                self.image_pubs[camera] = self.node.create_publisher(
-                    Image, f"camera/{camera}/image_raw", qos_profile_sensor_data
-                )
-            self.image_pubs[camera].publish(rgb_to_image(rgb, Image, stamp))
+            self._image_pub(camera).publish(rgb_to_image(rgb, Image, stamp))
         state = JointState(name=STATE_NAMES[: len(obs.state)], position=[float(v) for v in obs.state])
         state.header.stamp = stamp
         self.state_pub.publish(state)
@@ -97,15 +110,20 @@ class SimBridgeLink(PolicyLink):
             return dict(self._diagnostics)
 
     def wait_until_serving(self, timeout_s: float, alive) -> None:
-        """Until the policy node's diagnostics say it serves (loaded, active); `alive()` False = it died."""
+        """Until the policy node's diagnostics say it serves (loaded, active) and it has subscribed to
+        everything the bridge publishes, so the episode's first observation is not lost to discovery (it
+        would come back a second later, re-offered, and that second would count in the chunk's age).
+        `alive()` False = it died."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._diagnostics.get("phase") != "serving":
+            while self._diagnostics.get("phase") != "serving" or self.unmatched_topics():
                 if time.monotonic() > deadline or not alive():
+                    unmatched = ", ".join(self.unmatched_topics()) or "none"
                     raise RuntimeError(
-                        f"the policy node is not serving (phase {self._diagnostics.get('phase')})"
+                        f"the policy node is not serving (phase {self._diagnostics.get('phase')}; "
+                        f"topics it has not subscribed to: {unmatched})"
                     )
-                self._cond.wait(0.5)
+                self._cond.wait(0.1)
 
     def close(self) -> None:
         self.node.destroy_node()

@@ -8,6 +8,7 @@ import pytest
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.reference import EagerPolicy
 from vla_runtime.sim.episode import InProcessLink, run_episode
+from vla_runtime.sim.mapping import CAMERA_MAP
 
 from .harness import Robot  # noqa: F401  (sets the ROS environment first)
 
@@ -62,12 +63,16 @@ def test_ros_lockstep_on_sim_time_executes_actions_0_to_k(tmp_path, namespace):
     sim = FakeSim()
     params = {"preset": "pi05_tiny", "steps": 2, "state_dim": 8}
     with RosPolicy(params, lockstep=True, log_path=tmp_path / "node.log") as link:
+        # before the first observation the node has subscribed to every camera of the sim, the state, the
+        # instruction and the clock: nothing is lost to discovery (lost, it came back a second later)
+        assert set(link.image_pubs) == set(CAMERA_MAP) and link.unmatched_topics() == []
         result = run_episode(
             sim, link, "libero_spatial", 0, max_steps=3 * REPLAN, replan_steps=REPLAN, chunk_timeout_s=60
         )
     log = (tmp_path / "node.log").read_text()
     assert "use_sim_time" not in log  # no parameter complaint
     check_actions_0_to_k(sim, link, result)
+    assert result.reoffers == 0  # the node had subscribed before the first observation: none lost
     assert result.path == "ros lockstep" and result.policy_diagnostics.get("model_id", "").startswith(
         "pi05_tiny"
     )
