@@ -9,6 +9,7 @@ import pytest
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.handover import PreviousChunk
+from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
 from vla_runtime.runtime.types import Observation
 
@@ -17,12 +18,18 @@ from .test_executor_gpu import BF16_REL_TOL
 
 
 @pytest.fixture(scope="module")
-def pi05_batched(cuda):
+def pi05_parts(cuda):
+    """pi05's weights, built once; each test's executor compiles only the shapes it needs."""
     config = RuntimeConfig(
         preset="pi05", device="cuda", precision="bf16", max_batch=4, shape_profiles=True, handover="inpaint"
     )  # inpaint: the previous chunk given to a member changes its actions
-    executor = PipelinedExecutor(config)
-    yield executor, EagerPolicy(parts=executor.parts)
+    return build_parts(config)
+
+
+@pytest.fixture(scope="module")
+def pi05_batched(pi05_parts):
+    executor = PipelinedExecutor(parts=pi05_parts)
+    yield executor, EagerPolicy(parts=pi05_parts)
     executor.close()
 
 
@@ -70,12 +77,11 @@ def test_a_libero_shaped_frame_runs_its_small_profile_with_the_full_shapes_actio
     assert any(views < full[0] and prompt < full[1] and batch == 1 for views, prompt, batch in shapes), shapes
 
 
-def test_shapes_named_ahead_are_captured_at_start_and_nothing_is_captured_while_serving(pi05_batched, rng):
+def test_shapes_named_ahead_are_captured_at_start_and_nothing_is_captured_while_serving(pi05_parts, rng):
     """A robot's settings: ahead_shapes "2x64" and capture_new_shapes false (the fixture's weights,
     another executor). A LIBERO-shaped frame runs in its shape captured at start; a frame of a shape not
     named runs in the full shape; no capture happens while serving; both give the eager actions."""
-    executor, reference = pi05_batched
-    parts = executor.parts
+    parts, reference = pi05_parts, EagerPolicy(parts=pi05_parts)
     config = parts.config.replace(max_batch=1, ahead_shapes="2x64", capture_new_shapes=False)
     robot = PipelinedExecutor(parts=type(parts)(**{**vars(parts), "config": config}))
     try:
