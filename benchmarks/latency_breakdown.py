@@ -26,24 +26,34 @@ from vla_runtime.runtime.types import Observation
 TURN = 20  # frames of one workload before the other's turn
 
 
-def full_shaped(executor: PipelinedExecutor, rng: np.random.Generator, side: int) -> Observation:
-    """Every camera (the optional one too) and the longest instruction that fits the prompt (200 tokens
-    for pi05, the state included)."""
+def longest_instruction(executor: PipelinedExecutor, obs: Observation) -> str:
+    """The longest instruction of repeated words that fits the prompt (200 tokens for pi05, the state
+    included; sized for the widest state, so one search serves every observation)."""
+    words = "then carefully put the black bowl on the plate".split()
+
+    def fits(n: int) -> bool:
+        instruction = " ".join(words[k % len(words)] for k in range(n))
+        try:
+            executor.prepare(Observation(obs.images, obs.state, instruction, obs.timestamp))
+        except ValueError:
+            return False
+        return True
+
+    low, high = 1, 512  # fits(low); not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return " ".join(words[k % len(words)] for k in range(low))
+
+
+def full_shaped(executor: PipelinedExecutor, rng: np.random.Generator, side: int, instruction: str):
+    """Every camera (the optional one too) and `instruction`."""
     config = executor.config
     obs = synthetic_observation(config, rng, side)
     images = {
         name: rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for name in config.model.camera_names
     }
-    words = "then carefully put the black bowl on the plate".split()
-    longest = obs.instruction
-    for n in range(1, 400):
-        instruction = " ".join(words[k % len(words)] for k in range(n))
-        try:
-            executor.prepare(Observation(images, obs.state, instruction, obs.timestamp))
-        except ValueError:
-            break
-        longest = instruction
-    return Observation(images, obs.state, longest, obs.timestamp)
+    return Observation(images, obs.state, instruction, obs.timestamp)
 
 
 def medians_of(rows: list[dict]) -> dict:
@@ -76,28 +86,31 @@ def main():
     with PipelinedExecutor(config) as executor:
         workloads = {"default": [synthetic_observation(config, rng, args.image_side) for _ in range(8)]}
         if args.shape_profiles:
+            longest = longest_instruction(executor, full_shaped(executor, rng, args.image_side, "go"))
             workloads = {
                 "libero": workloads["default"],
-                "full": [full_shaped(executor, rng, args.image_side) for _ in range(8)],
+                "full": [full_shaped(executor, rng, args.image_side, longest) for _ in range(8)],
             }
         rows = {name: [] for name in workloads}
         for observations in workloads.values():  # each workload's shapes captured before the clock
             for obs in observations[:3]:
                 executor.infer(obs)
         for i in range(args.frames * len(workloads)):
-            name = list(workloads)[(i // TURN) % len(workloads)]
+            name = list(workloads)[(i // min(TURN, args.frames)) % len(workloads)]
             obs = workloads[name][i % 8]
             start = time.perf_counter()
             chunk = executor.infer(obs)
             wall = (time.perf_counter() - start) * 1e3
             rows[name].append({**chunk.timings_ms, "caller_wall": wall})
         captures = executor.health()["counters"].get("captures")
+        profiles = executor.report()["profiles"]  # the shapes the workloads ran in
     result = {
         **run_header(),
         "config": vars(args),
         "median_ms": {name: medians_of(r) for name, r in rows.items()},
         "frames_per_workload": args.frames,
         "captures": captures,
+        "profiles": profiles,
     }
     if not args.shape_profiles:
         result["median_ms"] = result["median_ms"]["default"]
