@@ -3,10 +3,11 @@ the device span from the first copy to the last, and the host time around it (is
 
 --shape-profiles: one executor with shape profiles serves two workloads in turns, in one run (issue 16):
 LIBERO-shaped frames (two cameras, a short instruction: a small profile) and full-shaped ones (every
-camera, an instruction that fills the 200-token prompt).
+camera, an instruction that fills the 200-token prompt). The horizon is one for both (--action-horizon:
+LIBERO's checkpoint has 10, pi05's default 50), so LIBERO's own shape is the run with --action-horizon 10.
 
     python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert] [--shape-profiles]
-        [--image-side 480 --resize-on-device] --out $OUT/breakdown.json
+        [--action-horizon 10] [--image-side 480 --resize-on-device] --out $OUT/breakdown.json
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main():
     ap.add_argument("--image-side", type=int, default=224, help="camera frames of this side (224: no resize)")
     ap.add_argument("--resize-on-device", action="store_true")
     ap.add_argument("--shape-profiles", action="store_true", help="LIBERO-shaped and full-shaped, in turns")
+    ap.add_argument(
+        "--action-horizon", type=int, help="actions per chunk (LIBERO's checkpoint: 10); default pi05's 50"
+    )
     ap.add_argument("--out", default="breakdown.json")
     args = ap.parse_args()
     config = RuntimeConfig(
@@ -81,6 +85,7 @@ def main():
         fp8_expert=args.fp8_expert,
         resize_on_device=args.resize_on_device,
         shape_profiles=args.shape_profiles,
+        action_horizon=args.action_horizon,
     )
     rng = np.random.default_rng(0)
     with PipelinedExecutor(config) as executor:
