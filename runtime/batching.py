@@ -18,6 +18,13 @@ profile's device time):
 - more than that pending, under load (a keep-up size above 1), a batch takes no more than the keep-up
   size's profile holds, earliest deadlines first.
 
+Holding is for an executor that takes a batch while another runs (pipelining `throughput`): there the
+server would otherwise send each observation as it comes, in batches too small to keep up. With one frame
+on the device at a time (`latency`), the observations that came while a batch ran are the company, and
+holding them only adds to their wait: the server then caps but never holds (`decide(may_hold=False)`).
+Measured on the H200 (LIBERO-shaped, one frame at a time, docs/many_robots.md): holding took 6 robots'
+worst p99 from 44 to 57 ms and their misses from 0 to 17; the cap alone is what helps at 8.
+
 A batch's device time is its completion minus the moment the device could start it (its issue, or the
 previous batch's completion when that is later), the median of the last `window` batches of its profile:
 the odd batch that captured a new shape does not move it. A profile not yet seen is estimated from the
@@ -93,9 +100,11 @@ class BatchHold:
             if self._in_flight == 0:  # nothing left on the device: free now, whatever was expected
                 self._busy_until = done
 
-    def decide(self, waiting: int, earliest_deadline: float, now: float) -> tuple[int, float]:
+    def decide(
+        self, waiting: int, earliest_deadline: float, now: float, may_hold: bool = True
+    ) -> tuple[int, float]:
         """Of `waiting` observations (the earliest due at `earliest_deadline`): how many the next batch
-        takes, and how long to hold them first (0: send now)."""
+        takes, and how long to hold them first (0: send now; always, unless `may_hold`)."""
         if not self.enabled:
             return min(waiting, self.max_batch), 0.0
         with self._lock:
@@ -103,7 +112,7 @@ class BatchHold:
             keep_up = self._keep_up_size()
             limit = self.max_batch if keep_up == 1 else min(self.max_batch, self.profile_of(keep_up))
             take = min(waiting, limit)
-            if take >= keep_up:
+            if take >= keep_up or not may_hold:
                 return take, 0.0
             expected = self._estimate(take + 1)
             if expected is None:

@@ -352,6 +352,10 @@ class PipelinedExecutor(Policy):
         if "denoise" in self._engines and steps != self.config.denoising_steps:
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
 
+    def in_flight_limit(self) -> int:
+        """The frames the pipelining mode lets on the device now (1: latency first)."""
+        return self._pipelining.in_flight_limit()
+
     def wait_for_room(self, timeout: float | None = None, in_flight: int | None = None) -> bool:
         """Until a frame submitted now goes to the device at once: none is pending and fewer than
         `in_flight` are on the device (default: one fewer than the pipelining mode allows, at least one; a
@@ -359,7 +363,7 @@ class PipelinedExecutor(Policy):
         False when `timeout` passes first; ExecutorClosed once closed."""
 
         def allowed() -> int:  # read as the wait goes on: the mode may change meanwhile
-            limit = self._pipelining.in_flight_limit()
+            limit = self.in_flight_limit()
             return max(1, limit - 1) if in_flight is None else min(in_flight, limit)
 
         with self._cond:

@@ -7,11 +7,12 @@ batches (one copy of the weights).
 
 Batching: a batcher thread waits until the executor can take a frame (its last one is on the device),
 then takes the pending observations of up to `max_batch` robots, earliest deadline first, and submits
-them as one frame. At light load it sends them at once; under load it may hold them for company, until
-there are enough to keep up with the robots' rate (never past the latest start of the earliest
-deadline), and takes no more than keep up (runtime/batching.py; `hold=False`: always at once, up to
-`max_batch`). With more robots pending than a batch takes, the later deadlines wait for the next frame;
-as every robot's deadline comes due in turn, none is starved.
+them as one frame. At light load it sends them at once; under load it takes no more than keeps up with
+the robots' rate, and, where the executor takes a frame while another runs, it may hold them for company
+until there are enough to keep up (never past the latest start of the earliest deadline;
+runtime/batching.py; `hold=False`: always at once, up to `max_batch`). With more robots pending than a
+batch takes, the later deadlines wait for the next frame; as every robot's deadline comes due in turn,
+none is starved.
 
 Steps: a robot may ask for fewer denoising steps (its node's adaptive steps under deadline pressure); a
 batch runs at the fewest its members asked for, so the robot under most pressure decides for the robots
@@ -171,7 +172,10 @@ class PolicyServer:
         with self._cond:
             while not self._closed and self._pending:
                 by_deadline = sorted(self._pending.values(), key=lambda p: p.deadline)
-                take, wait = self.batching.decide(len(by_deadline), by_deadline[0].deadline, time.monotonic())
+                may_hold = self.executor.in_flight_limit() > 1  # one at a time: the company came meanwhile
+                take, wait = self.batching.decide(
+                    len(by_deadline), by_deadline[0].deadline, time.monotonic(), may_hold
+                )
                 if wait <= 0:
                     ready = by_deadline[:take]
                     for p in ready:

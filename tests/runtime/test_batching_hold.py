@@ -1,7 +1,8 @@
 """When the server holds a batch for company, and how many a batch takes, on a fake clock: never held at
 light load or before anything is measured; under load held until the keep-up size, never past the latest
-start of the earliest deadline, not when the device is busy past it, not for robots that do not exist;
-a batch capped at the keep-up size's profile; device times per profile from issue and completion times."""
+start of the earliest deadline, not when the device is busy past it, not for robots that do not exist,
+not with one frame on the device at a time; a batch capped at the keep-up size's profile; device times
+per profile from issue and completion times."""
 
 from __future__ import annotations
 
@@ -85,6 +86,17 @@ def test_under_load_a_batch_waits_until_it_keeps_up_and_never_past_its_latest_st
     assert hold.decide(3, deadline, now=10.03) == (3, 0.0)  # past the latest start: go
     assert hold.decide(4, deadline, now=10.0) == (4, 0.0)  # keeps up: go
     assert hold.decide(7, deadline, now=10.0) == (4, 0.0)  # no more than keep up: the rest wait
+
+
+def test_one_frame_at_a_time_it_caps_but_never_holds():
+    """The same load with an executor that takes one frame at a time: what waits goes at once, no more
+    than the keep-up size's profile."""
+    hold = measured(H200_LIKE)
+    robots_at(hold, 8, 20, until=10.0)
+    assert hold.decide(1, 10.05, now=10.0, may_hold=False) == (1, 0.0)
+    assert hold.decide(3, 10.05, now=10.0, may_hold=False) == (3, 0.0)
+    assert hold.decide(7, 10.05, now=10.0, may_hold=False) == (4, 0.0)
+    assert hold.counters["held"] == 0
 
 
 def test_a_keep_up_size_of_three_takes_its_profile_of_four():

@@ -278,6 +278,21 @@ def test_under_load_a_robot_is_held_for_company_and_alone_it_goes_at_once(served
             assert server.batching.counters["held"] == int(hold)
 
 
+def test_one_frame_at_a_time_the_server_never_holds(rng):
+    """The load that holds arm_a for company above, on an executor that takes one frame at a time
+    (pipelining latency): arm_a goes at once, alone, and equals its eager result."""
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=2, pipelining="latency"))
+    with PipelinedExecutor(parts=parts) as executor, PolicyServer(executor) as server:
+        slow_device(server)
+        obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
+        chunk = server.submit("arm_a", obs, noise=noise, deadline_s=30.0).result(timeout=120)
+        np.testing.assert_allclose(
+            chunk.actions, EagerPolicy(parts=parts).infer(obs, noise).actions, rtol=1e-4, atol=1e-5
+        )
+        assert server.batches == [["arm_a"]]
+        assert server.batching.counters["held"] == 0
+
+
 @pytest.fixture(scope="module")
 def served_by_four():
     parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=4))
