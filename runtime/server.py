@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -72,6 +72,7 @@ class PolicyServer:
         self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ROBOT_COUNTERS, 0))
         self.latency = LatencyStats()  # per robot, submit -> chunk (ms)
         self.batches: list[list[str]] = []  # the robots of each frame, in submission order (last 1000)
+        self.batch_sizes: Counter[int] = Counter()  # frames per batch size, since the start
         self._noise: dict[str, np.random.Generator] = {}  # per robot: a run repeats whatever the timing
         self._batcher = threading.Thread(target=self._batch_loop, name="vla-batcher", daemon=True)
         self._batcher.start()
@@ -143,6 +144,7 @@ class PolicyServer:
                 continue
             self.batches.append([p.robot for p in ready])
             del self.batches[:-1000]
+            self.batch_sizes[len(ready)] += 1
             asked = [p.steps for p in ready if p.steps is not None]
             issued = time.monotonic()
             try:

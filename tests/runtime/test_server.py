@@ -324,6 +324,7 @@ def test_under_load_a_batch_takes_no_more_than_keeps_up(served_by_four, rng):
         for future in futures:
             future.result(timeout=120)
         assert server.batches == [["a", "b"], ["c", "d"]]
+        assert server.batch_sizes == {2: 2}
 
 
 def test_closing_the_server_fails_a_held_observation(served_by_four, rng):
