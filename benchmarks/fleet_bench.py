@@ -22,8 +22,8 @@ the processes start their confirmations together (a barrier file per process), a
 confirmation records how long they overlapped.
 
 --workload libero: two cameras and a short instruction, in shape profiles (only what is present is
-computed), and the LIBERO checkpoint's horizon of 10 actions; three_views (default): every frame the full
-shape, pi05's horizon of 50.
+computed), the model as openpi's pi05_libero has it (a horizon of 10 actions, no state in the prompt);
+three_views (default): every frame the full shape, pi05's horizon of 50.
 
 --adaptive: each robot asks for its denoising steps from a controller of its own, as its node would
 (adaptive_steps); a batch runs at its members' fewest.
@@ -51,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
 from results_doc import run_header, save  # noqa: E402
+from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS  # noqa: E402
 from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: E402
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
@@ -215,14 +216,10 @@ def three_views(preset: str) -> tuple[list[Observation], dict]:
     return [random_observation(rng, preset, side=224) for _ in range(8)], {}
 
 
-# A LIBERO checkpoint's action horizon: openpi trains pi05_libero with action_horizon=10 (pi05's own is 50),
-# so its denoising loop carries 10 action tokens per robot, not 50.
-LIBERO_HORIZON = 10
-
-
 def libero(preset: str) -> tuple[list[Observation], dict]:
     """LIBERO's inputs: two cameras (the optional one absent) and a short instruction, in shape profiles;
-    the LIBERO checkpoint's horizon."""
+    the model as openpi's pi05_libero has it (a horizon of 10 actions, not pi05's 50; no state in the
+    prompt)."""
     rng = np.random.default_rng(0)
     optional = RuntimeConfig(preset=preset).optional_camera_names
     observations = []
@@ -230,7 +227,7 @@ def libero(preset: str) -> tuple[list[Observation], dict]:
         obs = random_observation(rng, preset, side=224, skip=optional[:1])
         text = "put the black bowl on the plate"
         observations.append(Observation(obs.images, obs.state, text, obs.timestamp))
-    return observations, dict(shape_profiles=True, action_horizon=LIBERO_HORIZON)
+    return observations, dict(shape_profiles=True, **KNOWN_OPENPI_CONFIGS["pi05_libero"])
 
 
 WORKLOADS = {"three_views": three_views, "libero": libero}

@@ -3,11 +3,12 @@ the device span from the first copy to the last, and the host time around it (is
 
 --shape-profiles: one executor with shape profiles serves two workloads in turns, in one run (issue 16):
 LIBERO-shaped frames (two cameras, a short instruction: a small profile) and full-shaped ones (every
-camera, an instruction that fills the 200-token prompt). The horizon is one for both (--action-horizon:
-LIBERO's checkpoint has 10, pi05's default 50), so LIBERO's own shape is the run with --action-horizon 10.
+camera, an instruction that fills the 200-token prompt). The model is one for both: --libero-model takes
+openpi's pi05_libero settings (a horizon of 10 actions, not pi05's 50; the state not in the prompt), so
+LIBERO's own shape is the LIBERO-shaped frames of a run with --libero-model.
 
     python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert] [--shape-profiles]
-        [--action-horizon 10] [--image-side 480 --resize-on-device] --out $OUT/breakdown.json
+        [--libero-model] [--image-side 480 --resize-on-device] --out $OUT/breakdown.json
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from results_doc import run_header
+from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.synthetic import synthetic_observation
@@ -74,7 +76,9 @@ def main():
     ap.add_argument("--resize-on-device", action="store_true")
     ap.add_argument("--shape-profiles", action="store_true", help="LIBERO-shaped and full-shaped, in turns")
     ap.add_argument(
-        "--action-horizon", type=int, help="actions per chunk (LIBERO's checkpoint: 10); default pi05's 50"
+        "--libero-model",
+        action="store_true",
+        help="the model as openpi's pi05_libero has it (horizon 10, no state in the prompt); else pi05's",
     )
     ap.add_argument("--out", default="breakdown.json")
     args = ap.parse_args()
@@ -85,7 +89,7 @@ def main():
         fp8_expert=args.fp8_expert,
         resize_on_device=args.resize_on_device,
         shape_profiles=args.shape_profiles,
-        action_horizon=args.action_horizon,
+        **(KNOWN_OPENPI_CONFIGS["pi05_libero"] if args.libero_model else {}),
     )
     rng = np.random.default_rng(0)
     with PipelinedExecutor(config) as executor:
