@@ -2,13 +2,16 @@
 worst robot's p99 latency and the chunks per second: the batched server against the same server never
 holding (eager) and independent executors.
 
-python benchmarks/plot_fleet.py benchmarks/results/<file>.json [docs/img/fleet.png]
+python benchmarks/plot_fleet.py benchmarks/results/<file>.json [more.json ...] [--out docs/img/fleet.png]
+
+Several files: their rows in one figure (runs of one call on one machine, e.g. one precision per GPU);
+the title is the first file's, with every commit named.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -19,9 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 STYLE = {"batched": "-o", "eager": "-.^", "independent": "--s"}  # eager: the server never holding
 
 
-def main(results: Path, out: Path) -> None:
-    doc = json.loads(results.read_text())
-    rows = doc["rows"]
+def main(results: list[Path], out: Path) -> None:
+    docs = [json.loads(path.read_text()) for path in results]
+    doc, rows = docs[0], [row for d in docs for row in d["rows"]]
+    commits = ", ".join(dict.fromkeys(d["commit"] for d in docs))
     fig, (latency, throughput) = plt.subplots(1, 2, figsize=(12, 4.3))
     for precision in dict.fromkeys(r["precision"] for r in rows):
         for mode, style in STYLE.items():
@@ -47,11 +51,15 @@ def main(results: Path, out: Path) -> None:
     throughput.set_ylabel("chunks per second delivered")
     throughput.legend(fontsize=8)
     gpus = f", robots split over {doc['gpus']} GPUs" if doc.get("gpus", 1) > 1 else ""
-    fig.suptitle(f"{doc['device']} ({doc['date']}, {doc['commit']}): {doc['workload']}{gpus}", fontsize=10)
+    fig.suptitle(f"{doc['device']} ({doc['date']}, {commits}): {doc['workload']}{gpus}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2] if len(sys.argv) > 2 else "docs/img/fleet.png"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("docs/img/fleet.png"))
+    args = parser.parse_args()
+    main(args.results, args.out)
