@@ -1,0 +1,50 @@
+"""The shape-profile figure for docs/performance.md from latency_breakdown.py --shape-profiles runs: per
+run and workload, the stages' medians stacked, and the median from submit to chunk above each bar.
+
+python benchmarks/plot_shapes.py RESULTS.json [MORE.json ...] [--out docs/img/shape_profiles.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from plot import stacked_stages  # noqa: E402
+
+
+def main(results: list[Path], out: Path) -> None:
+    docs = [json.loads(path.read_text()) for path in results]
+    labels, rows, notes = [], [], []
+    for doc in docs:
+        horizon = doc["config"].get("action_horizon") or ("10" if doc["config"].get("libero_model") else "50")
+        for workload, medians in doc["median_ms"].items():
+            labels.append(f"{workload}\nhorizon {horizon}")
+            rows.append({"stages_ms": medians})
+            notes.append(f"submit -> chunk\n{medians['total']:.1f} ms")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    tallest = stacked_stages(ax, labels, rows, notes)
+    ax.set_ylim(top=tallest * 1.5)
+    ax.axhline(8, color="red", lw=1, ls="--", label="LIBERO-shaped target, 8 ms")
+    ax.set_ylabel("ms, median of 100 frames")
+    ax.legend(loc="upper left", fontsize=8, ncol=2)
+    first = docs[0]
+    commits = ", ".join(dict.fromkeys(d["commit"] for d in docs))
+    ax.set_title(
+        f"pi05, every FP8 option, 10 steps: {first['device']} ({first['date']}, {commits})", fontsize=10
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("docs/img/shape_profiles.png"))
+    args = parser.parse_args()
+    main(args.results, args.out)
