@@ -4,7 +4,9 @@ per robot, each its own weights), in one run.
 Each robot is a thread that submits an observation every 50 ms (their phases spread over the period) and
 waits for nothing; a chunk is on time when it comes within the deadline (50 ms) of its submit. Per
 point: the worst robot's p99 latency, misses (late chunks plus observations replaced before they were
-computed), chunks per second, and GPU memory. Per precision the weights are built once: the batched
+computed), chunks per second, GPU memory, and where the time went (`time_ms`: for the late chunks and
+those on time, the medians of the wait before the frame, the executor's queue, the device and the host
+around it). Per precision the weights are built once: the batched
 server's executor (batch profiles 1, 2, 4, 8, captured ahead) serves every robot count, and the
 independent executors (one per robot, batch 1) share those weights: the same compute as separate copies,
 less memory. Modes (--modes): batched (the server as it runs: under load it holds a batch for company,
@@ -24,6 +26,9 @@ confirmation records how long they overlapped.
 --workload libero: two cameras and a short instruction, in shape profiles (only what is present is
 computed), the model as openpi's pi05_libero has it (a horizon of 10 actions, no state in the prompt);
 three_views (default): every frame the full shape, pi05's horizon of 50.
+
+--in-step: the robots' ticks fall together (robots on a shared clock, or cameras triggered together)
+instead of spread over the period.
 
 --adaptive: each robot asks for its denoising steps from a controller of its own, as its node would
 (adaptive_steps); a batch runs at its members' fewest.
@@ -68,20 +73,46 @@ TOP_STEPS = 10  # the configured denoising steps (pi05's default)
 PRECISIONS = {k: GPU_PRECISION_OPTIONS[k] for k in ("fp8_all", "fp8", "bf16")}  # fastest first
 
 
-def drive(submit_for, robots: int, seconds: float, observations, adaptive: bool = False) -> dict:
+def where_the_time_went(spans: list[tuple[float, dict]]) -> dict:
+    """Of each chunk's latency (ms) and its frame's timings: the medians of its parts, for the late chunks
+    and the ones on time. A frame's timings count from its earliest member, so a chunk's own wait before
+    its frame is its latency less the frame's part after it went to the executor."""
+    parts = {"late": [], "on_time": []}
+    for latency, t in spans:
+        after_submit = t["total"] - t["prepare"] - t["held_before_frame"]  # executor queue, device, host
+        device = t.get("device_total", t["vision"] + t["prefix"] + t["denoise"])
+        parts["late" if latency > DEADLINE_S * 1e3 else "on_time"].append(
+            {
+                "before_frame": latency - after_submit,  # prepare and the wait in the server
+                "executor_queue": t["queue_wait"],
+                "device": device,
+                "host_rest": after_submit - t["queue_wait"] - device,  # issue and completion around it
+            }
+        )
+    return {
+        kind: {"chunks": len(rows), **{k: float(np.median([r[k] for r in rows])) for k in rows[0]}}
+        for kind, rows in parts.items()
+        if rows
+    }
+
+
+def drive(
+    submit_for, robots: int, seconds: float, observations, adaptive: bool = False, in_step: bool = False
+) -> dict:
     """`submit_for(i)(obs, steps) -> Future` per robot; every robot at 20 Hz for `seconds`. `adaptive`:
     each robot asks for its steps from a StepsController of its own, fed as the node feeds it (each
     chunk's age, and its oldest frame in flight at every new observation)."""
     latencies: list[list[float]] = [[] for _ in range(robots)]
     misses = [0] * robots
     steps_used: list[int] = []
+    spans: list[tuple[float, dict]] = []  # per chunk: its latency (ms) and its frame's timings
     controllers = [StepsController(TOP_STEPS, DEADLINE_S) if adaptive else None for _ in range(robots)]
     lock = threading.Lock()
 
     def robot(i: int) -> None:
         submit, controller = submit_for(i), controllers[i]
         in_flight: dict[int, tuple[float, int]] = {}  # id(future) -> (sent, steps)
-        start = time.monotonic() + i * PERIOD_S / robots  # phases spread over the period
+        start = t0 + (0.0 if in_step else i * PERIOD_S / robots)  # phases spread over the period, or not
         k = 0
         while True:
             tick = start + k * PERIOD_S
@@ -109,6 +140,7 @@ def drive(submit_for, robots: int, seconds: float, observations, adaptive: bool 
                 latency = time.monotonic() - sent
                 with lock:
                     latencies[i].append(latency * 1e3)
+                    spans.append((latency * 1e3, chunk.timings_ms))
                     misses[i] += latency > DEADLINE_S
                     steps_used.append(chunk.steps)
                 if controller is not None:
@@ -120,6 +152,7 @@ def drive(submit_for, robots: int, seconds: float, observations, adaptive: bool 
             future.add_done_callback(done)
             k += 1
 
+    t0 = time.monotonic() + 0.01  # every thread started by then
     threads = [threading.Thread(target=robot, args=(i,)) for i in range(robots)]
     for t in threads:
         t.start()
@@ -137,6 +170,7 @@ def drive(submit_for, robots: int, seconds: float, observations, adaptive: bool 
             "chunks_per_s": chunks / seconds,
             "fewest_chunks_per_robot": min(len(v) for v in latencies),
             "chunks_by_steps": {str(n): steps_used.count(n) for n in sorted(set(steps_used))},
+            "time_ms": where_the_time_went(spans),  # medians of each part, late chunks and on time
         }
     if adaptive:
         row["steps_down"] = sum(c.counters["steps_down"] for c in controllers)
@@ -165,8 +199,8 @@ def with_batch(parts: PolicyParts, max_batch: int) -> PolicyParts:
 class Fleet:
     """One precision's weights, its batched executor and (grown on demand) independent executors."""
 
-    def __init__(self, config: RuntimeConfig, observations):
-        self.adaptive = config.adaptive_steps
+    def __init__(self, config: RuntimeConfig, observations, in_step: bool = False):
+        self.adaptive, self.in_step = config.adaptive_steps, in_step
         self.parts = build_parts(config)
         self.weights_gib = allocated_gib()  # what stays after the build (weights and FP8 copies)
         # With shape profiles only the workload's shapes are captured (none of the full shape ahead of time):
@@ -183,10 +217,10 @@ class Fleet:
     def run_batched(self, robots: int, seconds: float, observations, hold: bool = True) -> dict:
         with PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold) as server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
-            drive(submit_for, robots, 2.0, observations, self.adaptive)  # warm-up
+            drive(submit_for, robots, 2.0, observations, self.adaptive, self.in_step)  # warm-up
             server.batch_sizes.clear()
             held_before = server.batching.counters["held"]
-            row = drive(submit_for, robots, seconds, observations, self.adaptive)
+            row = drive(submit_for, robots, seconds, observations, self.adaptive, self.in_step)
             row["batch_sizes"] = {str(n): server.batch_sizes[n] for n in sorted(server.batch_sizes)}
             row["batch_device_ms"] = server.batching.device_ms()  # per batch profile, median
             row["batches_held"] = server.batching.counters["held"] - held_before
@@ -202,8 +236,8 @@ class Fleet:
                 executor.submit(observations[0], steps=steps).result(timeout=600)  # its shapes, captured
             self.independent.append(executor)
         submit_for = lambda i: lambda obs, steps: self.independent[i].submit(obs, steps=steps)  # noqa: E731
-        drive(submit_for, robots, 2.0, observations, self.adaptive)
-        return drive(submit_for, robots, seconds, observations, self.adaptive)
+        drive(submit_for, robots, 2.0, observations, self.adaptive, self.in_step)
+        return drive(submit_for, robots, seconds, observations, self.adaptive, self.in_step)
 
     def close(self) -> None:
         for executor in [self.batched, *self.independent]:
@@ -245,7 +279,7 @@ def single_gpu(args, doc: dict) -> None:
         settings = {**PRECISIONS.get(precision, {}), **workload, "adaptive_steps": args.adaptive}
         settings["pipelining"] = args.pipelining
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
-        fleet = Fleet(config, observations)
+        fleet = Fleet(config, observations, args.in_step)
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
         best = (0, "batched")  # the largest robot count a server mode held, and that mode
         runs = {"batched": fleet.run_batched, "eager": fleet.run_eager, "independent": fleet.run_independent}
@@ -338,6 +372,7 @@ def multi_gpu(args, doc: dict) -> None:
             args.workload,
         ]
         command += ["--adaptive"] if args.adaptive else []
+        command += ["--in-step"] if args.in_step else []
         command += ["--pipelining", args.pipelining]
         command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
         command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
@@ -379,6 +414,9 @@ def main() -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="three_views")
     parser.add_argument("--adaptive", action="store_true", help="each robot adapts its steps (as its node)")
     parser.add_argument(
+        "--in-step", action="store_true", help="every robot's tick at the same moment (a shared clock)"
+    )
+    parser.add_argument(
         "--pipelining",
         choices=PIPELINING_MODES,
         default=RuntimeConfig.pipelining,
@@ -396,7 +434,8 @@ def main() -> None:
     doc = {
         **run_header(),
         "workload": f"{args.preset}, {args.workload}, 20 Hz per robot, deadline {DEADLINE_S * 1e3:.0f} ms"
-        + (", adaptive steps per robot" if args.adaptive else ""),
+        + (", adaptive steps per robot" if args.adaptive else "")
+        + (", ticks in step" if args.in_step else ", ticks spread over the period"),
         "precisions": {p: PRECISIONS.get(p, "float32") for p in args.precisions.split(",")},
         "pipelining": args.pipelining,
         "rows": [],
