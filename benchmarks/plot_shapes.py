@@ -34,9 +34,9 @@ def main(results: list[Path], out: Path) -> None:
     ax.legend(loc="upper left", fontsize=8, ncol=2)
     first = docs[0]
     commits = ", ".join(dict.fromkeys(d["commit"] for d in docs))
-    ax.set_title(
-        f"pi05, every FP8 option, 10 steps: {first['device']} ({first['date']}, {commits})", fontsize=10
-    )
+    config = first["config"]
+    precision = config["precision"] + (" + FP8 expert" if config.get("fp8_expert") else "")
+    ax.set_title(f"pi05, {precision}, 10 steps: {first['device']} ({first['date']}, {commits})", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -21,9 +21,9 @@ profile's device time):
 Holding is for an executor that takes a batch while another runs (pipelining `throughput`): there the
 server would otherwise send each observation as it comes, in batches too small to keep up. With one frame
 on the device at a time (`latency`), the observations that came while a batch ran are the company, and
-holding them only adds to their wait: the server then caps but never holds (`decide(may_hold=False)`).
-Measured on the H200 (LIBERO-shaped, one frame at a time, docs/many_robots.md): holding took 6 robots'
-worst p99 from 44 to 57 ms and their misses from 0 to 17; the cap alone is what helps at 8.
+holding them can only add to their wait: the server then caps but never holds
+(`decide(may_hold=False)`). On the H200 (LIBERO-shaped, one frame at a time, docs/many_robots.md)
+holding there showed no gain, and the cap is what helped at 8 robots.
 
 A batch's device time is its completion minus the moment the device could start it (its issue, or the
 previous batch's completion when that is later), the median of the last `window` batches of its profile:
