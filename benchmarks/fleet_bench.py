@@ -60,6 +60,7 @@ from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS  # noqa: E402
 from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: E402
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
+from vla_runtime.runtime.hazards import STEP_NAMES  # noqa: E402
 from vla_runtime.runtime.loading import PolicyParts, build_parts  # noqa: E402
 from vla_runtime.runtime.pipelining import PIPELINING_MODES  # noqa: E402
 from vla_runtime.runtime.policy import FrameDropped  # noqa: E402
@@ -75,18 +76,21 @@ PRECISIONS = {k: GPU_PRECISION_OPTIONS[k] for k in ("fp8_all", "fp8", "bf16")}  
 
 def where_the_time_went(spans: list[tuple[float, dict]]) -> dict:
     """Of each chunk's latency (ms) and its frame's timings: the medians of its parts, for the late chunks
-    and the ones on time. A frame's timings count from its earliest member, so a chunk's own wait before
-    its frame is its latency less the frame's part after it went to the executor."""
+    and the ones on time (computed chunks only; the medians of the parts need not add up to the median
+    latency). A frame's timings count from its earliest member, so a chunk's own wait before its frame is
+    its latency less the frame's part after it went to the executor."""
     parts = {"late": [], "on_time": []}
     for latency, t in spans:
-        after_submit = t["total"] - t["prepare"] - t["held_before_frame"]  # executor queue, device, host
-        device = t.get("device_total", t["vision"] + t["prefix"] + t["denoise"])
+        after_submit = t["total"] - t["prepare"] - t["held_before_frame"]  # from the frame's submit on
+        device = t.get("device_total", sum(t.get(step, 0.0) for step in STEP_NAMES))  # CPU: its steps
         parts["late" if latency > DEADLINE_S * 1e3 else "on_time"].append(
             {
-                "before_frame": latency - after_submit,  # prepare and the wait in the server
+                # prepare, the wait in the server, and the delivery after the frame's end (the members'
+                # callbacks run one after another, so it grows with the chunk's place in its batch)
+                "before_frame": latency - after_submit,
                 "executor_queue": t["queue_wait"],
-                "device": device,
-                "host_rest": after_submit - t["queue_wait"] - device,  # issue and completion around it
+                "device": device,  # with two frames in flight, shared with the other one
+                "host_rest": after_submit - t["queue_wait"] - device,  # issue, slot waits, completion
             }
         )
     return {
@@ -218,10 +222,10 @@ class Fleet:
         with PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold) as server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
             drive(submit_for, robots, 2.0, observations, self.adaptive, self.in_step)  # warm-up
-            server.batch_sizes.clear()
-            held_before = server.batching.counters["held"]
+            sizes_before, held_before = server.batch_sizes(), server.batching.counters["held"]
             row = drive(submit_for, robots, seconds, observations, self.adaptive, self.in_step)
-            row["batch_sizes"] = {str(n): server.batch_sizes[n] for n in sorted(server.batch_sizes)}
+            sizes = server.batch_sizes() - sizes_before
+            row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
             row["batch_device_ms"] = server.batching.device_ms()  # per batch profile, median
             row["batches_held"] = server.batching.counters["held"] - held_before
         return row
@@ -281,12 +285,13 @@ def single_gpu(args, doc: dict) -> None:
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
         fleet = Fleet(config, observations, args.in_step)
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
-        best = (0, "batched")  # the largest robot count a server mode held, and that mode
+        best_robots, best_mode = 0, "batched"  # the largest robot count a server mode held, and that mode
         runs = {"batched": fleet.run_batched, "eager": fleet.run_eager, "independent": fleet.run_independent}
         try:
             for k, robots in enumerate(int(r) for r in args.robots.split(",")):
                 modes = args.modes.split(",")
-                # every other count in reverse: no mode always runs first after the one before it
+                # reversed at every other count, so no mode always runs first (the order still favours
+                # one mode at each count: compare counts side by side, not one alone)
                 for mode in modes if k % 2 == 0 else modes[::-1]:
                     run = runs[mode]
                     if mode == "independent" and robots > args.independent_up_to:
@@ -297,17 +302,18 @@ def single_gpu(args, doc: dict) -> None:
                     print(json.dumps(row), flush=True)
                     doc["rows"].append(row)
                     save(doc, args.out)
-                    if mode != "independent" and held(row) and robots > best[0]:
-                        best = (robots, mode)
+                    more = robots > best_robots or (robots == best_robots and mode == "batched")
+                    if mode != "independent" and held(row) and more:  # a tie: the server as it runs
+                        best_robots, best_mode = robots, mode
             together = True
             if n == 0 and args.confirm_s > 0:  # also when this one confirms nothing: nobody waits for it
                 together = await_siblings(args.barrier)
-            if best[0] and n == 0 and args.confirm_s > 0:
+            if best_robots and n == 0 and args.confirm_s > 0:
                 started = time.time()  # the run's 2 s warm-up included, as in every process
-                confirm = runs[best[1]](best[0], args.confirm_s, observations)
+                confirm = runs[best_mode](best_robots, args.confirm_s, observations)
                 doc["confirm"] = {
                     "precision": precision,
-                    "mode": best[1],
+                    "mode": best_mode,
                     "seconds": args.confirm_s,
                     **confirm,
                 }
@@ -394,9 +400,10 @@ def multi_gpu(args, doc: dict) -> None:
         doc["confirm"] = {"precision": confirms[0]["precision"], "seconds": args.confirm_s, **merge(confirms)}
         doc["confirm"]["modes"] = [c["mode"] for c in confirms]  # per GPU: the mode that held most there
         doc["confirm"]["overlap_s"] = overlap
-        # a fleet's confirmation only if every GPU's ran at the same time, nearly all of it
+        # a fleet's confirmation only if every GPU's ran at the same time, nearly all of it, in one mode
         arrived = all(c["siblings_arrived"] for c in confirms)
-        doc["confirm"]["concurrent"] = arrived and overlap >= 0.9 * (args.confirm_s + 2.0)
+        one_mode = len(set(doc["confirm"]["modes"])) == 1
+        doc["confirm"]["concurrent"] = arrived and one_mode and overlap >= 0.9 * (args.confirm_s + 2.0)
         print("confirm", json.dumps({k: v for k, v in doc["confirm"].items() if k != "per_gpu"}), flush=True)
     save(doc, args.out)
 

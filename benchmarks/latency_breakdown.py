@@ -117,6 +117,10 @@ def main():
         **run_header(),
         "config": vars(args),
         "median_ms": {name: medians_of(r) for name, r in rows.items()},
+        "model": {
+            "action_horizon": config.model.action_horizon,
+            "state_in_prompt": config.model.state_in_prompt,
+        },
         "frames_per_workload": args.frames,
         "captures": captures,
         "profiles": profiles,

@@ -25,6 +25,11 @@ STYLE = {"batched": "-o", "eager": "-.^", "independent": "--s"}  # eager: the se
 def main(results: list[Path], out: Path) -> None:
     docs = [json.loads(path.read_text()) for path in results]
     doc, rows = docs[0], [row for d in docs for row in d["rows"]]
+    keys = [(r["precision"], r["mode"], r["robots"]) for r in rows]
+    if len(set(keys)) < len(keys):
+        raise SystemExit("results: the files repeat a (precision, mode, robots) point; plot them apart")
+    if len({(d["device"], d["workload"], d.get("gpus", 1)) for d in docs}) > 1:
+        raise SystemExit("results: the files differ in device, workload or GPUs; plot them apart")
     commits = ", ".join(dict.fromkeys(d["commit"] for d in docs))
     fig, (latency, throughput) = plt.subplots(1, 2, figsize=(12, 4.3))
     for precision in dict.fromkeys(r["precision"] for r in rows):

@@ -19,9 +19,13 @@ from plot import stacked_stages  # noqa: E402
 
 def main(results: list[Path], out: Path) -> None:
     docs = [json.loads(path.read_text()) for path in results]
+    if any(not isinstance(d.get("median_ms", {}).get("libero"), dict) for d in docs):
+        raise SystemExit("results: not a latency_breakdown.py --shape-profiles run (no per-workload medians)")
     labels, rows, notes = [], [], []
     for doc in docs:
-        horizon = doc["config"].get("action_horizon") or ("10" if doc["config"].get("libero_model") else "50")
+        # the model's horizon as the run recorded it (runs before the "model" record: the --action-horizon
+        # they were given, else pi05's 50)
+        horizon = doc.get("model", {}).get("action_horizon") or doc["config"].get("action_horizon") or 50
         for workload, medians in doc["median_ms"].items():
             labels.append(f"{workload}\nhorizon {horizon}")
             rows.append({"stages_ms": medians})

@@ -61,8 +61,9 @@ LM_HEAD_KEY = "paligemma_with_expert.paligemma.lm_head.weight"
 UNUSED_KEYS = frozenset({"paligemma_with_expert.gemma_expert.lm_head.weight"})
 
 # openpi's public training configs whose converted config.json does not record a prompt choice:
-# matched by the start of the checkpoint directory's name (openpi src/openpi/training/config.py). Their
-# model settings (RuntimeConfig overrides) also give the benchmarks a checkpoint's shape without its weights.
+# matched by the start of the checkpoint directory's name (openpi src/openpi/training/config.py). Loading
+# guesses only state_in_prompt from it (the horizon comes from config.json); the whole entry, as
+# RuntimeConfig overrides, gives the benchmarks a checkpoint's shape without its weights.
 KNOWN_OPENPI_CONFIGS = {
     # Pi0Config(pi05=True, action_horizon=10, discrete_state_input=False)
     "pi05_libero": {"state_in_prompt": False, "action_horizon": 10},

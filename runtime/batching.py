@@ -104,7 +104,7 @@ class BatchHold:
         self, waiting: int, earliest_deadline: float, now: float, may_hold: bool = True
     ) -> tuple[int, float]:
         """Of `waiting` observations (the earliest due at `earliest_deadline`): how many the next batch
-        takes, and how long to hold them first (0: send now; always, unless `may_hold`)."""
+        takes, and how long to hold them first (0: send now; always 0 when not `may_hold`)."""
         if not self.enabled:
             return min(waiting, self.max_batch), 0.0
         with self._lock:

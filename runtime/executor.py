@@ -352,19 +352,21 @@ class PipelinedExecutor(Policy):
         if "denoise" in self._engines and steps != self.config.denoising_steps:
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
 
-    def in_flight_limit(self) -> int:
-        """The frames the pipelining mode lets on the device now (1: latency first)."""
-        return self._pipelining.in_flight_limit()
+    def batching_in_flight(self) -> int:
+        """How many frames a caller that batches lets on the device before it submits the next: one fewer
+        than the pipelining mode allows now, at least one (1: it submits only to an idle device)."""
+        return max(1, self._pipelining.in_flight_limit() - 1)
 
     def wait_for_room(self, timeout: float | None = None, in_flight: int | None = None) -> bool:
         """Until a frame submitted now goes to the device at once: none is pending and fewer than
-        `in_flight` are on the device (default: one fewer than the pipelining mode allows, at least one; a
-        caller that batches keeps its observations until then, where it can still choose among them).
-        False when `timeout` passes first; ExecutorClosed once closed."""
+        `in_flight` are on the device (default `batching_in_flight()`; a caller that batches keeps its
+        observations until then, where it can still choose among them). False when `timeout` passes
+        first; ExecutorClosed once closed."""
 
         def allowed() -> int:  # read as the wait goes on: the mode may change meanwhile
-            limit = self.in_flight_limit()
-            return max(1, limit - 1) if in_flight is None else min(in_flight, limit)
+            if in_flight is None:
+                return self.batching_in_flight()
+            return min(in_flight, self._pipelining.in_flight_limit())
 
         with self._cond:
             room = self._cond.wait_for(

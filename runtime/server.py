@@ -72,7 +72,7 @@ class PolicyServer:
         self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ROBOT_COUNTERS, 0))
         self.latency = LatencyStats()  # per robot, submit -> chunk (ms)
         self.batches: list[list[str]] = []  # the robots of each frame, in submission order (last 1000)
-        self.batch_sizes: Counter[int] = Counter()  # frames per batch size, since the start
+        self._batch_sizes: Counter[int] = Counter()  # batches sent per size, since the start (batch_sizes())
         self._noise: dict[str, np.random.Generator] = {}  # per robot: a run repeats whatever the timing
         self._batcher = threading.Thread(target=self._batch_loop, name="vla-batcher", daemon=True)
         self._batcher.start()
@@ -144,7 +144,6 @@ class PolicyServer:
                 continue
             self.batches.append([p.robot for p in ready])
             del self.batches[:-1000]
-            self.batch_sizes[len(ready)] += 1
             asked = [p.steps for p in ready if p.steps is not None]
             issued = time.monotonic()
             try:
@@ -154,6 +153,8 @@ class PolicyServer:
                     self._finish(p, error=err)
                 continue
             self.batching.issued(len(ready), issued)
+            with self._cond:
+                self._batch_sizes[len(ready)] += 1
             futures[0].add_done_callback(self._batch_served(len(ready), issued))  # a frame resolves at once
             for p, f in zip(ready, futures, strict=True):
                 f.add_done_callback(lambda f, p=p: self._finish(p, future=f))
@@ -174,7 +175,8 @@ class PolicyServer:
         with self._cond:
             while not self._closed and self._pending:
                 by_deadline = sorted(self._pending.values(), key=lambda p: p.deadline)
-                may_hold = self.executor.in_flight_limit() > 1  # one at a time: the company came meanwhile
+                # only when it sends a batch while another runs; else the company came meanwhile
+                may_hold = self.executor.batching_in_flight() > 1
                 take, wait = self.batching.decide(
                     len(by_deadline), by_deadline[0].deadline, time.monotonic(), may_hold
                 )
@@ -204,6 +206,11 @@ class PolicyServer:
             return
         self.latency.add(p.robot, (done - p.submitted) * 1e3)
         p.future.set_result(future.result())
+
+    def batch_sizes(self) -> Counter[int]:
+        """Batches sent to the executor per size, since the start (a copy)."""
+        with self._cond:
+            return Counter(self._batch_sizes)
 
     def figures(self) -> dict[str, dict]:
         """Per robot: counters and submit -> chunk latency (p50 / p99, ms)."""

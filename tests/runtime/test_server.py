@@ -246,13 +246,15 @@ def test_a_batch_runs_at_the_fewest_steps_its_robots_asked_for(served, rng):
 
 def slow_device(server: PolicyServer, robots=("arm_a", "arm_b")) -> None:
     """The server has measured a batch of 1 at 5 s and one of 2 at 6 s, and `robots` submitted just now:
-    any rate of robots needs company, and there is company to wait for."""
+    any rate of robots needs company, and there is company to wait for. Their arrivals are stamped 5 s
+    ahead, so that on a starved CI machine they cannot age out of the server's one-second rate window
+    before the test's robots submit."""
     server.batching.issued(1, 0.0)
     server.batching.served(1, 0.0, 5.0)
     server.batching.issued(2, 10.0)
     server.batching.served(2, 10.0, 16.0)
     for robot in robots:
-        server.batching.arrived(robot, time.monotonic())
+        server.batching.arrived(robot, time.monotonic() + 5.0)
 
 
 def test_under_load_a_robot_is_held_for_company_and_alone_it_goes_at_once(served, rng):
@@ -324,7 +326,7 @@ def test_under_load_a_batch_takes_no_more_than_keeps_up(served_by_four, rng):
         for future in futures:
             future.result(timeout=120)
         assert server.batches == [["a", "b"], ["c", "d"]]
-        assert server.batch_sizes == {2: 2}
+        assert server.batch_sizes() == {2: 2}
 
 
 def test_closing_the_server_fails_a_held_observation(served_by_four, rng):
