@@ -19,7 +19,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"batched": "-o", "eager": "-.^", "independent": "--s"}  # eager: the server never holding
+# eager: the server never holding nor capping; *_in_step: fleet_sim.py's robots ticking together
+STYLE = {
+    "batched": "-o",
+    "eager": "-.^",
+    "independent": "--s",
+    "batched_in_step": ":o",
+    "eager_in_step": ":^",
+}
 
 
 def main(results: list[Path], out: Path) -> None:

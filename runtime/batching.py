@@ -16,7 +16,12 @@ profile's device time):
   deadline: deadline - margin - S(profile(pending + 1)); and not at all when the device is busy past
   that point anyway (holding would only make a late frame later);
 - more than that pending, under load (a keep-up size above 1), a batch takes no more than the keep-up
-  size's profile holds, earliest deadlines first.
+  size's profile holds, earliest deadlines first; unless one batch of all of them would still end before
+  the earliest deadline (less the margin): then it takes them all. Robots whose ticks fall together
+  arrive as a burst that one batch serves on time and two capped ones do not (8 at once on the H200's
+  device times: one batch of 8 ends at 39 ms, two of 4 at 24 and 48; benchmarks/fleet_sim.py); under a
+  steady load a frame that waited long enough to have that much company has no time left for a larger
+  batch, and the cap holds.
 
 Holding is for an executor that takes a batch while another runs (pipelining `throughput`): there the
 server would otherwise send each observation as it comes, in batches too small to keep up. With one frame
@@ -112,6 +117,12 @@ class BatchHold:
             keep_up = self._keep_up_size()
             limit = self.max_batch if keep_up == 1 else min(self.max_batch, self.profile_of(keep_up))
             take = min(waiting, limit)
+            everyone = min(waiting, self.max_batch)
+            if take < everyone:  # capped: unless all of them would still be done before the earliest deadline
+                expected = self._estimate(everyone)
+                start = max(now, self._busy_until)
+                if expected is not None and start + expected <= earliest_deadline - self.margin_s:
+                    return everyone, 0.0
             if take >= keep_up or not may_hold:
                 return take, 0.0
             expected = self._estimate(take + 1)

@@ -85,7 +85,9 @@ def test_under_load_a_batch_waits_until_it_keeps_up_and_never_past_its_latest_st
     assert take == 3 and wait == pytest.approx(deadline - MARGIN_S - 0.023 - 10.0)
     assert hold.decide(3, deadline, now=10.03) == (3, 0.0)  # past the latest start: go
     assert hold.decide(4, deadline, now=10.0) == (4, 0.0)  # keeps up: go
-    assert hold.decide(7, deadline, now=10.0) == (4, 0.0)  # no more than keep up: the rest wait
+    assert hold.decide(7, deadline, now=10.02) == (4, 0.0)  # no more than keep up: the rest wait
+    # ... unless one batch of all (profile 8, 39 ms) still ends before the earliest deadline less the margin
+    assert hold.decide(7, deadline, now=10.0) == (7, 0.0)
 
 
 def test_one_frame_at_a_time_it_caps_but_never_holds():
@@ -95,7 +97,20 @@ def test_one_frame_at_a_time_it_caps_but_never_holds():
     robots_at(hold, 8, 20, until=10.0)
     assert hold.decide(1, 10.05, now=10.0, may_hold=False) == (1, 0.0)
     assert hold.decide(3, 10.05, now=10.0, may_hold=False) == (3, 0.0)
-    assert hold.decide(7, 10.05, now=10.0, may_hold=False) == (4, 0.0)
+    assert hold.decide(7, 10.05, now=10.02, may_hold=False) == (4, 0.0)
+
+
+def test_a_burst_that_one_batch_serves_on_time_is_not_split():
+    """Eight robots ticking together on the H200's device times: all eight wait at once, 50 ms from their
+    deadline. One batch of 8 (39 ms) ends in time where two of the keep-up size (4: 23 + 23 ms) would not,
+    so the batch takes all eight; with the device busy until 10.02 it would end too late, and the cap
+    holds."""
+    hold = measured(H200_LIKE)
+    robots_at(hold, 8, 20, until=10.0)
+    assert hold.keep_up_size(10.0) == 4
+    assert hold.decide(8, earliest_deadline=10.05, now=10.0) == (8, 0.0)
+    hold.issued(4, 9.997)  # expected until 9.997 + 0.023
+    assert hold.decide(8, earliest_deadline=10.05, now=10.0) == (4, 0.0)
 
 
 def test_a_keep_up_size_of_three_takes_its_profile_of_four():
@@ -104,7 +119,7 @@ def test_a_keep_up_size_of_three_takes_its_profile_of_four():
     hold = measured({1: 0.011, 2: 0.020, 4: 0.023, 8: 0.039})
     robots_at(hold, 6, 20, until=10.0)
     assert hold.keep_up_size(10.0) == 3
-    assert hold.decide(6, 10.05, now=10.0) == (4, 0.0)
+    assert hold.decide(6, 10.05, now=10.01) == (4, 0.0)
 
 
 def test_overloaded_a_batch_is_the_fullest_the_robots_can_make():

@@ -312,7 +312,8 @@ def test_the_server_measures_what_it_serves(served_by_four, rng):
 
 def test_under_load_a_batch_takes_no_more_than_keeps_up(served_by_four, rng):
     """A batch of 2 measured at 0.1 s and of 1 at 5 s: at four robots a second, 2 keep up, so four robots
-    waiting go two by two, earliest deadline first, although a batch could take four."""
+    waiting go two by two, earliest deadline first, although a batch could take four (and a batch of four,
+    estimated at 0.2 s, would end after the earliest deadline)."""
     with PolicyServer(served_by_four) as server:
         server.batching.issued(1, 0.0)
         server.batching.served(1, 0.0, 5.0)
@@ -320,7 +321,7 @@ def test_under_load_a_batch_takes_no_more_than_keeps_up(served_by_four, rng):
         server.batching.served(2, 10.0, 10.1)
         with server._cond:  # all four waiting before the batcher looks (the condition's lock is reentrant)
             futures = [
-                server.submit(robot, random_observation(rng, "pi05_tiny"), deadline_s=10.0 + k)
+                server.submit(robot, random_observation(rng, "pi05_tiny"), deadline_s=0.1 + 0.01 * k)
                 for k, robot in enumerate("abcd")
             ]
         for future in futures:

@@ -1,0 +1,177 @@
+"""The multi-robot server against a simulated device: how much of a fleet's tail its queueing explains.
+
+The real PolicyServer (its batching rule, deadline order, cap and hold) and fleet_bench's robots at 20 Hz
+(`drive`: phases spread over the period, or in step), with the executor replaced by `SimulatedDevice`: a
+frame of n observations occupies the device for the device time of n's batch profile, one frame at a time
+(pipelining `latency`), and its chunks carry no actions. The device times are models: the H200's as the
+server measured them (LIBERO-shaped, every FP8 option, 10 steps, docs/many_robots.md), the same with a
+cheaper denoising loop, and none at all (what this host's threads add by themselves).
+
+What it answers, without a GPU: whether the measured device times alone put 8 robots past 50 ms, and
+what a cheaper batch would buy. What it leaves out: the GPU's own jitter, the host work of a real frame
+(images, copies, graph launches), and two frames overlapping on the device.
+
+python benchmarks/fleet_sim.py OUT.json [--robots 6,8,10] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fleet_bench import DEADLINE_S, drive
+from results_doc import run_header, save
+from vla_runtime.runtime.buffers import batch_profile
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import ExecutorClosed
+from vla_runtime.runtime.server import PolicyServer
+from vla_runtime.runtime.types import ActionChunk
+
+# Device ms per batch profile. "h200": medians the server measured on the H200 (14d29f4 and 93a9a9a,
+# LIBERO-shaped at a horizon of 10, every FP8 option, 10 steps): about 10.5 ms a batch plus 3.5 ms a
+# robot. "loop_4ms": the same with the denoising loop at issue 16's target of 4 ms instead of 7 (3 ms
+# less per batch). "none": no device time.
+DEVICE_MODELS = {
+    "h200": {1: 14.0, 2: 17.5, 4: 24.2, 8: 39.3},
+    "loop_4ms": {1: 11.0, 2: 14.5, 4: 21.2, 8: 36.3},
+    "none": {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0},
+}
+
+
+# (name, the server's hold-and-cap rule on, the robots' ticks together): the server as it runs, and sending
+# everything waiting at once, each with the robots' phases spread over the period and in step.
+MODES = (
+    ("batched", True, False),
+    ("eager", False, False),
+    ("batched_in_step", True, True),
+    ("eager_in_step", False, True),
+)
+
+
+@dataclass
+class SimulatedMember:
+    """What the server keeps of a robot's observation: the future its chunk resolves."""
+
+    received: float
+    future: Future = field(default_factory=Future)
+
+
+class SimulatedDevice:
+    """The part of PipelinedExecutor the server uses, with frames that take a modelled device time."""
+
+    def __init__(self, device_ms: dict[int, float], max_batch: int = 8):
+        self.config = RuntimeConfig(preset="pi05_tiny", max_batch=max_batch)  # the noise's shape, the seed
+        self.metadata = None
+        self.device_ms = device_ms
+        self._frames: list[tuple[list[SimulatedMember], float]] = []  # (members, submitted)
+        self._on_device = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._worker = threading.Thread(target=self._run, name="simulated-device", daemon=True)
+        self._worker.start()
+
+    def check_steps(self, steps) -> None:
+        pass  # every frame takes its profile's modelled time
+
+    def prepare(self, obs, noise=None, previous=None) -> SimulatedMember:
+        return SimulatedMember(time.perf_counter())
+
+    def batching_in_flight(self) -> int:
+        return 1  # one frame at a time: the server never holds, only caps
+
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            room = self._cond.wait_for(lambda: self._closed or not (self._frames or self._on_device), timeout)
+            if self._closed:
+                raise ExecutorClosed("simulated device closed")
+            return room
+
+    def submit_prepared(self, members: list[SimulatedMember], steps=None) -> list[Future]:
+        with self._cond:
+            self._frames.append((members, time.perf_counter()))
+            self._cond.notify_all()
+        return [m.future for m in members]
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._frames)
+                if self._closed:
+                    return
+                members, submitted = self._frames.pop(0)
+                self._on_device = 1
+            started = time.perf_counter()
+            device_s = self.device_ms[batch_profile(len(members))] / 1e3
+            time.sleep(max(0.0, started + device_s - time.perf_counter()))
+            done = time.perf_counter()
+            with self._cond:
+                self._on_device = 0
+                self._cond.notify_all()
+            first = min(m.received for m in members)
+            timings = {
+                "prepare": 0.0,
+                "held_before_frame": (submitted - first) * 1e3,
+                "queue_wait": (started - submitted) * 1e3,
+                "device_total": device_s * 1e3,
+                "total": (done - first) * 1e3,
+            }
+            for m in members:
+                m.future.set_result(ActionChunk(np.zeros((0, 0), np.float32), 0.0, dict(timings), steps=10))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def run_point(model: str, robots: int, seconds: float, hold: bool, in_step: bool) -> dict:
+    device = SimulatedDevice(DEVICE_MODELS[model])
+    try:
+        with PolicyServer(device, deadline_s=DEADLINE_S, hold=hold) as server:
+            submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
+            drive(submit_for, robots, 2.0, [None], in_step=in_step)  # warm-up: the server measures the device
+            sizes_before = server.batch_sizes()
+            row = drive(submit_for, robots, seconds, [None], in_step=in_step)
+            sizes = server.batch_sizes() - sizes_before
+            row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
+    finally:
+        device.close()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--robots", default="6,8,10")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--models", default=",".join(DEVICE_MODELS))
+    args = parser.parse_args()
+    doc = {
+        **run_header(),
+        "workload": "simulated device (benchmarks/fleet_sim.py), one frame at a time, 20 Hz per robot, "
+        f"deadline {DEADLINE_S * 1e3:.0f} ms",
+        "device_models_ms": {m: DEVICE_MODELS[m] for m in args.models.split(",")},
+        "rows": [],
+    }
+    for model in args.models.split(","):
+        for robots in (int(r) for r in args.robots.split(",")):
+            for mode, hold, in_step in MODES:
+                row = {
+                    "precision": model,
+                    "mode": mode,
+                    **run_point(model, robots, args.seconds, hold, in_step),
+                }
+                print(
+                    {k: row[k] for k in ("precision", "mode", "robots", "worst_p99_ms", "p50_ms", "misses")}
+                )
+                doc["rows"].append(row)
+                save(doc, args.out)
+
+
+if __name__ == "__main__":
+    main()
