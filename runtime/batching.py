@@ -23,12 +23,16 @@ profile's device time):
   steady load a frame that waited long enough to have that much company has no time left for a larger
   batch, and the cap holds.
 
-Holding is for an executor that takes a batch while another runs (pipelining `throughput`): there the
-server would otherwise send each observation as it comes, in batches too small to keep up. With one frame
-on the device at a time (`latency`), the observations that came while a batch ran are the company, and
-holding them can only add to their wait: the server then caps but never holds
-(`decide(may_hold=False)`). On the H200 (LIBERO-shaped, one frame at a time, docs/many_robots.md)
-holding there showed no gain, and the cap is what helped at 8 robots.
+Robots whose ticks fall together (a shared clock, cameras triggered together) arrive in bursts: while
+one is still arriving, the batch waits for the rest, at most GATHER_S after the last arrival, whatever
+the executor (`_rest_of_the_burst`; spread phases never look like bursts and never wait).
+
+Holding for the keep-up size is for an executor that takes a batch while another runs (pipelining
+`throughput`): there the server would otherwise send each observation as it comes, in batches too small
+to keep up. With one frame on the device at a time (`latency`), the observations that came while a batch
+ran are the company (of robots with spread phases), and holding them only adds to their wait: the server
+then caps but never holds (`decide(may_hold=False)`). On the H200 (LIBERO-shaped, one frame at a time,
+docs/many_robots.md) holding there showed no gain, and the cap is what helped at 8 robots.
 
 A batch's device time is its completion minus the moment the device could start it (its issue, or the
 previous batch's completion when that is later), the median of the last `window` batches of its profile:
@@ -51,6 +55,10 @@ from collections.abc import Callable
 RATE_WINDOW_S = 1.0  # the arrival rate: observations in the last second
 WINDOW = 32  # device times kept per batch profile
 MARGIN = 0.1  # of the deadline: a held batch is sent this early, for the spread of the device time
+GATHER_S = 0.002  # robots on one clock submit within about this of each other (their hosts' wake-ups)
+BURSTY = (
+    0.5  # the share of arrivals that follow the one before within GATHER_S, from which robots tick together
+)
 
 
 class BatchHold:
@@ -114,6 +122,9 @@ class BatchHold:
             return min(waiting, self.max_batch), 0.0
         with self._lock:
             self._forget_before(now - RATE_WINDOW_S)
+            gather = self._rest_of_the_burst(waiting, earliest_deadline, now)
+            if gather > 0:
+                return min(waiting, self.max_batch), gather
             keep_up = self._keep_up_size()
             limit = self.max_batch if keep_up == 1 else min(self.max_batch, self.profile_of(keep_up))
             take = min(waiting, limit)
@@ -147,6 +158,23 @@ class BatchHold:
         with self._lock:
             self._forget_before(now - RATE_WINDOW_S)
             return self._keep_up_size()
+
+    def _rest_of_the_burst(self, waiting: int, earliest_deadline: float, now: float) -> float:
+        """How long to wait for the rest of a burst still arriving (0: none). Robots that tick together
+        (most arrivals within GATHER_S of the one before) arrive as bursts; a batch sent at the burst's
+        first arrival would leave the rest to wait behind it. So, while fewer than the robots seen are
+        waiting, the batch waits until GATHER_S has passed without an arrival (never past the earliest
+        deadline less the margin). Robots with spread phases are never bursty and never wait here."""
+        robots = len({robot for _, robot in self._arrivals})
+        if waiting >= min(robots, self.max_batch) or not self._bursty():
+            return 0.0
+        last = max(at for at, _ in self._arrivals)
+        return max(0.0, min(last + GATHER_S, earliest_deadline - self.margin_s) - now)
+
+    def _bursty(self) -> bool:
+        times = sorted(at for at, _ in self._arrivals)
+        close = sum(later - earlier < GATHER_S for earlier, later in zip(times, times[1:], strict=False))
+        return len(times) > 2 and close >= BURSTY * (len(times) - 1)
 
     def _keep_up_size(self) -> int:
         rate = len(self._arrivals) / RATE_WINDOW_S

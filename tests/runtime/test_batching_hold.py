@@ -1,13 +1,13 @@
 """When the server holds a batch for company, and how many a batch takes, on a fake clock: never held at
 light load or before anything is measured; under load held until the keep-up size, never past the latest
 start of the earliest deadline, not when the device is busy past it, not for robots that do not exist,
-not with one frame on the device at a time; a batch capped at the keep-up size's profile; device times
-per profile from issue and completion times."""
+not with one frame on the device at a time; a burst of robots ticking together gathered into one batch;
+a batch capped at the keep-up size's profile; device times per profile from issue and completion times."""
 
 from __future__ import annotations
 
 import pytest
-from vla_runtime.runtime.batching import BatchHold
+from vla_runtime.runtime.batching import GATHER_S, BatchHold
 from vla_runtime.runtime.buffers import batch_profile
 
 MARGIN_S = 0.005
@@ -111,6 +111,37 @@ def test_a_burst_that_one_batch_serves_on_time_is_not_split():
     assert hold.decide(8, earliest_deadline=10.05, now=10.0) == (8, 0.0)
     hold.issued(4, 9.997)  # expected until 9.997 + 0.023
     assert hold.decide(8, earliest_deadline=10.05, now=10.0) == (4, 0.0)
+
+
+def robots_in_step(hold: BatchHold, robots: int, hz: float, until: float, apart: float = 0.0001) -> None:
+    """Observations of `robots` robots at `hz` each, ticking together (`apart` between one robot's and
+    the next's), over the second before `until`."""
+    for k in range(int(hz)):
+        for i in range(robots):
+            hold.arrived(f"r{i}", until - 1.0 + k / hz + i * apart)
+
+
+def test_a_burst_still_arriving_waits_for_its_rest_and_goes_as_one_batch():
+    """Eight robots ticking together: the first of a new burst waits (GATHER_S after the last arrival) for
+    the rest, with either executor; all eight then go as one batch (39 ms, before the deadline)."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 8, 20, until=10.0)
+    hold.arrived("r0", 10.0)
+    for may_hold in (True, False):
+        take, wait = hold.decide(1, earliest_deadline=10.05, now=10.0, may_hold=may_hold)
+        assert take == 1 and wait == pytest.approx(GATHER_S)
+    for i in range(1, 8):
+        hold.arrived(f"r{i}", 10.0 + i * 0.0001)
+    assert hold.decide(8, earliest_deadline=10.05, now=10.001, may_hold=False) == (8, 0.0)
+    # a burst that ended (GATHER_S without an arrival) with a robot missing goes without it
+    assert hold.decide(7, earliest_deadline=10.05, now=10.0008 + GATHER_S, may_hold=False) == (7, 0.0)
+
+
+def test_robots_with_spread_phases_never_wait_for_a_burst():
+    hold = measured(H200_LIKE)
+    robots_at(hold, 8, 20, until=10.0)
+    hold.arrived("r0", 10.0)
+    assert hold.decide(1, earliest_deadline=10.05, now=10.0, may_hold=False) == (1, 0.0)
 
 
 def test_a_keep_up_size_of_three_takes_its_profile_of_four():

@@ -253,8 +253,8 @@ def slow_device(server: PolicyServer, robots=("arm_a", "arm_b")) -> None:
     server.batching.served(1, 0.0, 5.0)
     server.batching.issued(2, 10.0)
     server.batching.served(2, 10.0, 16.0)
-    for robot in robots:
-        server.batching.arrived(robot, time.monotonic() + 5.0)
+    for k, robot in enumerate(robots):  # half a second apart: not a burst of robots ticking together
+        server.batching.arrived(robot, time.monotonic() + 5.0 + 0.5 * k)
 
 
 def test_under_load_a_robot_is_held_for_company_and_alone_it_goes_at_once(served, rng):
