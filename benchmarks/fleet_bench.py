@@ -101,16 +101,19 @@ def where_the_time_went(spans: list[tuple[float, dict]]) -> dict:
 
 
 def drive(
-    submit_for, robots: int, seconds: float, observations, adaptive: bool = False, in_step: bool = False
+    submit_for, robots: int, seconds: float, observations, controllers=None, in_step: bool = False
 ) -> dict:
-    """`submit_for(i)(obs, steps) -> Future` per robot; every robot at 20 Hz for `seconds`. `adaptive`:
-    each robot asks for its steps from a StepsController of its own, fed as the node feeds it (each
-    chunk's age, and its oldest frame in flight at every new observation)."""
+    """`submit_for(i)(obs, steps) -> Future` per robot; every robot at 20 Hz for `seconds`. `controllers`
+    (adaptive steps, one StepsController per robot, kept from the warm-up on as a robot keeps its node's):
+    each robot asks for its steps from its own, fed as the node feeds it (each chunk's age, and its
+    oldest frame in flight at every new observation)."""
     latencies: list[list[float]] = [[] for _ in range(robots)]
     misses = [0] * robots
     steps_used: list[int] = []
     spans: list[tuple[float, dict]] = []  # per chunk: its latency (ms) and its frame's timings
-    controllers = [StepsController(TOP_STEPS, DEADLINE_S) if adaptive else None for _ in range(robots)]
+    adaptive = controllers is not None
+    controllers = controllers or [None] * robots
+    changes_before = {k: sum(c.counters[k] for c in controllers if c) for k in ("steps_down", "steps_up")}
     lock = threading.Lock()
 
     def robot(i: int) -> None:
@@ -177,8 +180,8 @@ def drive(
             "time_ms": where_the_time_went(spans),  # medians of each part, late chunks and on time
         }
     if adaptive:
-        row["steps_down"] = sum(c.counters["steps_down"] for c in controllers)
-        row["steps_up"] = sum(c.counters["steps_up"] for c in controllers)
+        for k, before in changes_before.items():  # in this run, not the warm-up
+            row[k] = sum(c.counters[k] for c in controllers) - before
     return row
 
 
@@ -221,9 +224,10 @@ class Fleet:
     def run_batched(self, robots: int, seconds: float, observations, hold: bool = True) -> dict:
         with PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold) as server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
-            drive(submit_for, robots, 2.0, observations, self.adaptive, self.in_step)  # warm-up
+            controllers = self.controllers(robots)
+            drive(submit_for, robots, 2.0, observations, controllers, self.in_step)  # warm-up
             sizes_before, held_before = server.batch_sizes(), server.batching.counters["held"]
-            row = drive(submit_for, robots, seconds, observations, self.adaptive, self.in_step)
+            row = drive(submit_for, robots, seconds, observations, controllers, self.in_step)
             sizes = server.batch_sizes() - sizes_before
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
             row["batch_device_ms"] = server.batching.device_ms()  # per batch profile, median
@@ -240,8 +244,13 @@ class Fleet:
                 executor.submit(observations[0], steps=steps).result(timeout=600)  # its shapes, captured
             self.independent.append(executor)
         submit_for = lambda i: lambda obs, steps: self.independent[i].submit(obs, steps=steps)  # noqa: E731
-        drive(submit_for, robots, 2.0, observations, self.adaptive, self.in_step)
-        return drive(submit_for, robots, seconds, observations, self.adaptive, self.in_step)
+        controllers = self.controllers(robots)
+        drive(submit_for, robots, 2.0, observations, controllers, self.in_step)
+        return drive(submit_for, robots, seconds, observations, controllers, self.in_step)
+
+    def controllers(self, robots: int) -> list[StepsController] | None:
+        """With adaptive steps, a controller per robot for a warm-up and its run (None: fixed steps)."""
+        return [StepsController(TOP_STEPS, DEADLINE_S) for _ in range(robots)] if self.adaptive else None
 
     def close(self) -> None:
         for executor in [self.batched, *self.independent]:

@@ -35,10 +35,12 @@ from vla_runtime.runtime.types import ActionChunk
 # Device ms per batch profile. "h200": medians the server measured on the H200 (14d29f4 and 93a9a9a,
 # LIBERO-shaped at a horizon of 10, every FP8 option, 10 steps): about 10.5 ms a batch plus 3.5 ms a
 # robot. "loop_4ms": the same with the denoising loop at issue 16's target of 4 ms instead of 7 (3 ms
-# less per batch). "none": no device time.
+# less per batch). "h200_2_steps": the H200 at 2 steps (one GPU of the adaptive run, 14d29f4). "none": no
+# device time.
 DEVICE_MODELS = {
     "h200": {1: 14.0, 2: 17.5, 4: 24.2, 8: 39.3},
     "loop_4ms": {1: 11.0, 2: 14.5, 4: 21.2, 8: 36.3},
+    "h200_2_steps": {1: 11.5, 2: 12.7, 4: 18.6, 8: 34.5},
     "none": {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0},
 }
 
