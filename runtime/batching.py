@@ -16,16 +16,18 @@ profile's device time):
   deadline: deadline - margin - S(profile(pending + 1)); and not at all when the device is busy past
   that point anyway (holding would only make a late frame later);
 - more than that pending, under load (a keep-up size above 1), a batch takes no more than the keep-up
-  size's profile holds, earliest deadlines first; unless one batch of all of them would still end before
-  the earliest deadline (less the margin): then it takes them all. Robots whose ticks fall together
-  arrive as a burst that one batch serves on time and two capped ones do not (8 at once on the H200's
-  device times: one batch of 8 ends at 39 ms, two of 4 at 24 and 48; benchmarks/fleet_sim.py); under a
-  steady load a frame that waited long enough to have that much company has no time left for a larger
-  batch, and the cap holds.
+  size's profile holds, earliest deadlines first; unless what waits is a whole burst (below) or every
+  robot seen, and one batch of all of them would still end before the earliest deadline (less the
+  margin): then nobody else is due before the next tick, and it takes them all (8 robots ticking together
+  on the H200's device times: one batch of 8 ends at 39 ms, two of 4 at 24 and 48;
+  benchmarks/fleet_sim.py).
 
-Robots whose ticks fall together (a shared clock, cameras triggered together) arrive in bursts: while
-one is still arriving, the batch waits for the rest, at most GATHER_S after the last arrival, whatever
-the executor (`_rest_of_the_burst`; spread phases never look like bursts and never wait).
+Robots whose ticks fall together (a shared clock, cameras triggered together) arrive in bursts: arrivals
+each within GATHER_S of the one before. While the newest burst has fewer robots than the one before, and
+is still arriving, the batch waits for its rest (GATHER_S after its last arrival, at most the margin from
+its start, never past the latest start of the earliest deadline), whatever the executor
+(`_rest_of_the_burst`). Spread phases make bursts of one robot, and a dense stream (many robots, or one
+at a high rate) one long burst with none before it: neither waits.
 
 Holding for the keep-up size is for an executor that takes a batch while another runs (pipelining
 `throughput`): there the server would otherwise send each observation as it comes, in batches too small
@@ -51,21 +53,29 @@ import statistics
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 RATE_WINDOW_S = 1.0  # the arrival rate: observations in the last second
 WINDOW = 32  # device times kept per batch profile
 MARGIN = 0.1  # of the deadline: a held batch is sent this early, for the spread of the device time
 GATHER_S = 0.002  # robots on one clock submit within about this of each other (their hosts' wake-ups)
-BURSTY = (
-    0.5  # the share of arrivals that follow the one before within GATHER_S, from which robots tick together
-)
+
+
+@dataclass
+class Burst:
+    """Arrivals each within GATHER_S of the one before: robots that ticked together."""
+
+    start: float
+    end: float
+    robots: set[str]
 
 
 class BatchHold:
     """The server's batching decisions: how many of the waiting observations go in the next batch, and
     how long they wait for company first. `enabled` False: all of them (up to `max_batch`), at once."""
 
-    COUNTERS = ("held",)  # batches that waited for company
+    # held: batches sent after waiting (for company or a burst's rest); gathered: waits for a burst
+    COUNTERS = ("held", "gathered")
 
     def __init__(
         self,
@@ -117,19 +127,23 @@ class BatchHold:
         self, waiting: int, earliest_deadline: float, now: float, may_hold: bool = True
     ) -> tuple[int, float]:
         """Of `waiting` observations (the earliest due at `earliest_deadline`): how many the next batch
-        takes, and how long to hold them first (0: send now; always 0 when not `may_hold`)."""
+        takes, and how long to hold them first (0: send now). Not `may_hold`: no holding for the keep-up
+        size; a burst still arriving is gathered all the same (at most the margin)."""
         if not self.enabled:
             return min(waiting, self.max_batch), 0.0
         with self._lock:
             self._forget_before(now - RATE_WINDOW_S)
-            gather = self._rest_of_the_burst(waiting, earliest_deadline, now)
+            bursts = self._bursts()
+            gather = self._rest_of_the_burst(bursts, waiting, earliest_deadline, now)
             if gather > 0:
+                self.counters["gathered"] += 1
                 return min(waiting, self.max_batch), gather
             keep_up = self._keep_up_size()
             limit = self.max_batch if keep_up == 1 else min(self.max_batch, self.profile_of(keep_up))
             take = min(waiting, limit)
             everyone = min(waiting, self.max_batch)
-            if take < everyone:  # capped: unless all of them would still be done before the earliest deadline
+            if take < everyone and self._whole_burst(bursts, waiting):
+                # capped, but one batch of the whole burst ends before the earliest deadline: not split
                 expected = self._estimate(everyone)
                 start = max(now, self._busy_until)
                 if expected is not None and start + expected <= earliest_deadline - self.margin_s:
@@ -145,7 +159,7 @@ class BatchHold:
             return take, max(0.0, latest_start - now)
 
     def count_held(self) -> None:
-        """A batch was sent after waiting for company."""
+        """A batch was sent after waiting (for company, or for the rest of a burst)."""
         with self._lock:
             self.counters["held"] += 1
 
@@ -159,22 +173,45 @@ class BatchHold:
             self._forget_before(now - RATE_WINDOW_S)
             return self._keep_up_size()
 
-    def _rest_of_the_burst(self, waiting: int, earliest_deadline: float, now: float) -> float:
-        """How long to wait for the rest of a burst still arriving (0: none). Robots that tick together
-        (most arrivals within GATHER_S of the one before) arrive as bursts; a batch sent at the burst's
-        first arrival would leave the rest to wait behind it. So, while fewer than the robots seen are
-        waiting, the batch waits until GATHER_S has passed without an arrival (never past the earliest
-        deadline less the margin). Robots with spread phases are never bursty and never wait here."""
-        robots = len({robot for _, robot in self._arrivals})
-        if waiting >= min(robots, self.max_batch) or not self._bursty():
-            return 0.0
-        last = max(at for at, _ in self._arrivals)
-        return max(0.0, min(last + GATHER_S, earliest_deadline - self.margin_s) - now)
+    def _bursts(self) -> list[Burst]:
+        """The arrivals of the last second grouped into bursts (each arrival within GATHER_S of the one
+        before), oldest first. Robots with spread phases make bursts of one; a dense stream (many robots,
+        or one at a high rate) makes one long burst."""
+        bursts: list[Burst] = []
+        for at, robot in sorted(self._arrivals):
+            if bursts and at - bursts[-1].end < GATHER_S:
+                bursts[-1].end = at
+                bursts[-1].robots.add(robot)
+            else:
+                bursts.append(Burst(at, at, {robot}))
+        return bursts
 
-    def _bursty(self) -> bool:
-        times = sorted(at for at, _ in self._arrivals)
-        close = sum(later - earlier < GATHER_S for earlier, later in zip(times, times[1:], strict=False))
-        return len(times) > 2 and close >= BURSTY * (len(times) - 1)
+    def _rest_of_the_burst(self, bursts: list[Burst], waiting: int, earliest_deadline: float, now: float):
+        """How long to wait for the rest of a burst still arriving (0: none). Robots that tick together
+        arrive in bursts; a batch sent at a burst's first arrival would leave the rest to wait behind it.
+        So while the newest burst has fewer robots than the one before (of at least two), and an arrival
+        came within the last GATHER_S, the batch waits for GATHER_S after it; never longer than the margin
+        from the burst's start, nor past the latest start of the earliest deadline. A dense stream is one
+        burst with no burst before it, and spread phases make bursts of one: neither waits."""
+        if len(bursts) < 2 or now - bursts[-1].end >= GATHER_S:
+            return 0.0
+        current, previous = bursts[-1], bursts[-2]
+        if len(previous.robots) < 2 or len(current.robots) >= len(previous.robots):
+            return 0.0
+        if waiting >= min(len(previous.robots), self.max_batch):
+            return 0.0
+        expected = self._estimate(min(len(previous.robots), self.max_batch)) or 0.0
+        latest_start = earliest_deadline - self.margin_s - expected
+        until = min(current.end + GATHER_S, current.start + self.margin_s, latest_start)
+        return max(0.0, until - now)
+
+    def _whole_burst(self, bursts: list[Burst], waiting: int) -> bool:
+        """Whether what waits is a whole burst of robots that ticked together (at least two), or every
+        robot seen: nobody else is due before the next tick, so one batch of them all costs nobody."""
+        robots = len({robot for _, robot in self._arrivals})
+        if waiting >= min(robots, self.max_batch):
+            return True
+        return bool(bursts) and len(bursts[-1].robots) >= 2 and waiting >= len(bursts[-1].robots)
 
     def _keep_up_size(self) -> int:
         rate = len(self._arrivals) / RATE_WINDOW_S

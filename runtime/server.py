@@ -175,7 +175,8 @@ class PolicyServer:
         with self._cond:
             while not self._closed and self._pending:
                 by_deadline = sorted(self._pending.values(), key=lambda p: p.deadline)
-                # only when it sends a batch while another runs; else the company came meanwhile
+                # holding for the keep-up size only where a batch goes while another runs (else the company
+                # came meanwhile); a burst's rest is gathered either way
                 may_hold = self.executor.batching_in_flight() > 1
                 take, wait = self.batching.decide(
                     len(by_deadline), by_deadline[0].deadline, time.monotonic(), may_hold

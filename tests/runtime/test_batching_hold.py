@@ -85,9 +85,11 @@ def test_under_load_a_batch_waits_until_it_keeps_up_and_never_past_its_latest_st
     assert take == 3 and wait == pytest.approx(deadline - MARGIN_S - 0.023 - 10.0)
     assert hold.decide(3, deadline, now=10.03) == (3, 0.0)  # past the latest start: go
     assert hold.decide(4, deadline, now=10.0) == (4, 0.0)  # keeps up: go
-    assert hold.decide(7, deadline, now=10.02) == (4, 0.0)  # no more than keep up: the rest wait
-    # ... unless one batch of all (profile 8, 39 ms) still ends before the earliest deadline less the margin
-    assert hold.decide(7, deadline, now=10.0) == (7, 0.0)
+    assert hold.decide(7, deadline, now=10.0) == (4, 0.0)  # no more than keep up: the rest wait
+    # ... unless every robot waits (nobody else is due before the next tick) and one batch of all
+    # (profile 8, 39 ms) still ends before the earliest deadline less the margin
+    assert hold.decide(8, deadline, now=10.0) == (8, 0.0)
+    assert hold.decide(8, deadline, now=10.02) == (4, 0.0)
 
 
 def test_one_frame_at_a_time_it_caps_but_never_holds():
@@ -123,7 +125,8 @@ def robots_in_step(hold: BatchHold, robots: int, hz: float, until: float, apart:
 
 def test_a_burst_still_arriving_waits_for_its_rest_and_goes_as_one_batch():
     """Eight robots ticking together: the first of a new burst waits (GATHER_S after the last arrival) for
-    the rest, with either executor; all eight then go as one batch (39 ms, before the deadline)."""
+    the rest, with either executor; all eight then go as one batch (39 ms, before the deadline). A burst
+    missing a robot goes without it once GATHER_S passed with no arrival, whole."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
     hold.arrived("r0", 10.0)
@@ -133,15 +136,44 @@ def test_a_burst_still_arriving_waits_for_its_rest_and_goes_as_one_batch():
     for i in range(1, 8):
         hold.arrived(f"r{i}", 10.0 + i * 0.0001)
     assert hold.decide(8, earliest_deadline=10.05, now=10.001, may_hold=False) == (8, 0.0)
-    # a burst that ended (GATHER_S without an arrival) with a robot missing goes without it
-    assert hold.decide(7, earliest_deadline=10.05, now=10.0008 + GATHER_S, may_hold=False) == (7, 0.0)
+    assert hold.counters["gathered"] == 2
+
+    for i in range(7):  # the next tick, r7 missing
+        hold.arrived(f"r{i}", 10.05 + i * 0.0001)
+    take, wait = hold.decide(7, earliest_deadline=10.1, now=10.0507, may_hold=False)
+    assert take == 7 and wait == pytest.approx(10.0506 + GATHER_S - 10.0507)
+    assert hold.decide(7, earliest_deadline=10.1, now=10.0506 + GATHER_S + 1e-6, may_hold=False) == (7, 0.0)
 
 
-def test_robots_with_spread_phases_never_wait_for_a_burst():
+def test_a_burst_is_waited_for_no_longer_than_its_latest_start_or_the_margin():
     hold = measured(H200_LIKE)
-    robots_at(hold, 8, 20, until=10.0)
+    robots_in_step(hold, 8, 20, until=10.0)
     hold.arrived("r0", 10.0)
+    # latest start: 10.045 - margin 0.005 - a batch of 8, 0.039 = 10.001
+    take, wait = hold.decide(1, earliest_deadline=10.045, now=10.0, may_hold=False)
+    assert take == 1 and wait == pytest.approx(0.001)
+    for k in range(1, 6):  # r0 again and again, each within GATHER_S: the burst goes on, one robot in it
+        hold.arrived("r0", 10.0 + k * 0.001)
+    take, wait = hold.decide(1, earliest_deadline=10.05, now=10.0045, may_hold=False)
+    assert take == 1 and wait == pytest.approx(10.0 + MARGIN_S - 10.0045)  # the margin from its start
+    assert hold.decide(1, earliest_deadline=10.05, now=10.0051, may_hold=False) == (1, 0.0)
+
+
+@pytest.mark.parametrize(
+    "arrivals",
+    [
+        [(f"r{i}", 9.0 + k * 0.05 + i * 0.05 / 8) for k in range(20) for i in range(8)],  # spread phases
+        [(f"r{i}", 9.0 + k * 0.05 + i * 0.05 / 26) for k in range(20) for i in range(26)],  # dense: 1.9 ms
+        [("fast", 9.0 + k * 0.001) for k in range(1000)] + [("slow", 9.0 + k * 0.05) for k in range(20)],
+    ],
+    ids=["8 spread", "26 spread", "one robot at 1 kHz and one at 20 Hz"],
+)
+def test_robots_not_ticking_together_never_wait_for_a_burst(arrivals):
+    hold = measured(H200_LIKE)
+    for robot, at in arrivals:
+        hold.arrived(robot, at)
     assert hold.decide(1, earliest_deadline=10.05, now=10.0, may_hold=False) == (1, 0.0)
+    assert hold.counters["gathered"] == 0
 
 
 def test_a_keep_up_size_of_three_takes_its_profile_of_four():
