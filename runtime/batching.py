@@ -23,11 +23,11 @@ profile's device time):
   benchmarks/fleet_sim.py).
 
 Robots whose ticks fall together (a shared clock, cameras triggered together) arrive in bursts: arrivals
-each within GATHER_S of the one before. While the newest burst has fewer robots than the largest in the
-last second, and is still arriving, the batch waits for its rest (GATHER_S after its last arrival, at
-most the margin from its start, never past the latest start of the earliest deadline), whatever the
-executor (`_rest_of_the_burst`). Spread phases make bursts of one robot, and a dense stream (many
-robots, or one at a high rate) one long burst with none before it: neither waits.
+each within GATHER_S of the one before. While the newest burst has fewer robots than the typical
+arrival's burst in the last second, and is still arriving, the batch waits for its rest (GATHER_S after
+its last arrival, at most the margin from its start, never past the latest start of the earliest
+deadline), whatever the executor (`_rest_of_the_burst`). Spread phases make bursts of one robot, and a
+dense stream (many robots, or one at a high rate) one long burst with none before it: neither waits.
 
 Holding for the keep-up size is for an executor that takes a batch while another runs (pipelining
 `throughput`): there the server would otherwise send each observation as it comes, in batches too small
@@ -189,18 +189,20 @@ class BatchHold:
     def _rest_of_the_burst(self, bursts: list[Burst], waiting: int, earliest_deadline: float, now: float):
         """How long to wait for the rest of a burst still arriving (0: none). Robots that tick together
         arrive in bursts; a batch sent at a burst's first arrival would leave the rest to wait behind it.
-        So while the newest burst has fewer robots than the largest before it in the last second (of at
-        least two), and an arrival came within the last GATHER_S, the batch waits for GATHER_S after it;
+        So while the newest burst has fewer robots than the typical arrival's burst in the last second (of
+        at least two), and an arrival came within the last GATHER_S, the batch waits for GATHER_S after it;
         never longer than the margin from the burst's start, nor past the latest start of the earliest
         deadline. A dense stream is one burst with no burst before it, and spread phases make bursts of
         one: neither waits."""
         if len(bursts) < 2 or now - bursts[-1].end >= GATHER_S:
             return 0.0
-        # the largest burst before: one split by a late robot must not set the size of the next
-        newest, largest = bursts[-1], max(len(b.robots) for b in bursts[:-1])
-        if largest < 2 or len(newest.robots) >= largest or waiting >= min(largest, self.max_batch):
+        # the burst size of the typical arrival before: neither a burst split by a late robot nor two
+        # spread robots that happened to come close set it
+        newest = bursts[-1]
+        typical = statistics.median_low(len(b.robots) for b in bursts[:-1] for _ in b.robots)
+        if typical < 2 or len(newest.robots) >= typical or waiting >= min(typical, self.max_batch):
             return 0.0
-        expected = self._estimate(min(largest, self.max_batch)) or 0.0
+        expected = self._estimate(min(typical, self.max_batch)) or 0.0
         latest_start = earliest_deadline - self.margin_s - expected
         until = min(newest.end + GATHER_S, newest.start + self.margin_s, latest_start)
         return max(0.0, until - now)

@@ -165,13 +165,16 @@ def test_a_burst_is_waited_for_no_longer_than_its_latest_start_or_the_margin():
         [(f"r{i}", 9.0 + k * 0.05 + i * 0.05 / 8) for k in range(20) for i in range(8)],  # spread phases
         [(f"r{i}", 9.0 + k * 0.05 + i * 0.05 / 26) for k in range(20) for i in range(26)],  # dense: 1.9 ms
         [("fast", 9.0 + k * 0.001) for k in range(1000)] + [("slow", 9.0 + k * 0.05) for k in range(20)],
+        [(f"r{i}", 9.0 + k * 0.05 + i * 0.05 / 8) for k in range(20) for i in range(8)]
+        + [("r1", 9.9 + 0.0005), ("r5", 9.5 + 0.0003)],  # twice two of them close
     ],
-    ids=["8 spread", "26 spread", "one robot at 1 kHz and one at 20 Hz"],
+    ids=["8 spread", "26 spread", "one robot at 1 kHz and one at 20 Hz", "8 spread, twice two close"],
 )
 def test_robots_not_ticking_together_never_wait_for_a_burst(arrivals):
     hold = measured(H200_LIKE)
     for robot, at in arrivals:
         hold.arrived(robot, at)
+    hold.arrived(arrivals[0][0], 10.0)  # just now
     assert hold.decide(1, earliest_deadline=10.05, now=10.0, may_hold=False) == (1, 0.0)
     assert hold.counters["gathered"] == 0
 
