@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from results_doc import run_header  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
-from vla_runtime.graphs import fp8_fused_gemm, fp8_geglu
+from vla_runtime.graphs import fp8_geglu
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
@@ -32,9 +32,10 @@ from vla_runtime.runtime.stages import StageRunner
 # name -> (stage, compile mode: a name, Inductor options or None for Inductor's default; model settings).
 # The model is built once with the FP8 prefix and an FP8 copy of the expert; settings choose whether the
 # expert's FP8 GEMMs are used, and variants of a stage come in through the runner's public seam (engines at
-# construction). Two earlier variants (the KV cache written in place inside the compiled prefix; the
-# attention bias repeated per grouped head) needed hooks in the product and were retired; their results
-# stay in benchmarks/results/*-stage-experiments-*.json.
+# construction). Earlier variants that needed hooks in the product were retired (the KV cache written in
+# place inside the compiled prefix; the attention bias repeated per grouped head; the expert's norms, casts
+# and residuals fused into Triton FP8 GEMMs, commit 3b2855c); their results stay in
+# benchmarks/results/*-stage-experiments-*.json.
 BF16_EXPERT = {"fp8_expert": False}
 VARIANTS = {
     "denoise": ("denoise", None, BF16_EXPERT),
@@ -42,12 +43,6 @@ VARIANTS = {
     "denoise-fp8-expert": ("denoise", None, {"fp8_expert": True}),
     "denoise-fp8-expert-two-kernel-geglu": ("denoise", None, {"fp8_expert": True, "fused_geglu": False}),
     "denoise-fp8-expert-inductor-pdl": ("denoise", {"triton.enable_pdl": True}, {"fp8_expert": True}),
-    "denoise-fp8-expert-fused": ("denoise", None, {"fp8_expert": True, "fused_fp8_gemms": True}),
-    "denoise-fp8-expert-fused-pdl": (
-        "denoise",
-        {"triton.enable_pdl": True},
-        {"fp8_expert": True, "fused_fp8_gemms": True, "programmatic_launch": True},
-    ),
     "denoise-fp8-expert-concatenated-keys": (
         "denoise",
         None,
@@ -70,46 +65,6 @@ def apply_settings(model, settings: dict) -> None:
         for layer in stack.layers:
             if layer.mlp.gate_up_quant is not None:
                 layer.mlp.fused_geglu = fused
-    # The expert's norms, casts and residuals inside its FP8 GEMM kernels (graphs/fp8_fused_gemm.py).
-    for layer in model.expert.layers:
-        layer.fused_fp8_gemms = settings.get("fused_fp8_gemms", False)
-    fp8_fused_gemm.PROGRAMMATIC_LAUNCH["enabled"] = settings.get("programmatic_launch", False)
-
-
-@torch.inference_mode()
-def fused_accuracy(parts, seed: int = 0) -> dict:
-    """The denoising loop (eager, full size) with the fused FP8 expert GEMMs against the unfused ones and
-    both against the expert's bf16 GEMMs, on one random frame: relative L2 of the actions."""
-    model, cfg = parts.model, parts.config.model
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    kv = torch.randn(
-        cfg.expert.depth, 2, 1, 1, cfg.prefix_len, cfg.expert.head_dim, device="cuda", generator=gen
-    ).to(model.compute_dtype)
-    mask = torch.ones(1, cfg.prefix_len, dtype=torch.bool, device="cuda")
-    mask[:, -100:] = False
-    noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, device="cuda", generator=gen)
-    state = torch.randn(1, cfg.action_dim, device="cuda", generator=gen)
-    from vla_runtime.graphs.pi0 import time_schedule
-
-    times, dt = time_schedule(10)
-    times = torch.from_numpy(times).cuda()
-    actions = {}
-    for label, settings in (
-        ("bf16 expert", BF16_EXPERT),
-        ("fp8 expert", {"fp8_expert": True}),
-        ("fp8 expert fused", {"fp8_expert": True, "fused_fp8_gemms": True}),
-    ):
-        apply_settings(model, settings)
-        actions[label] = model.denoise(kv, mask, state, noise, times, dt).float()
-
-    def rel(a, b):
-        return float((actions[a] - actions[b]).norm() / actions[b].norm())
-
-    return {
-        "fp8 vs bf16 expert": rel("fp8 expert", "bf16 expert"),
-        "fused vs bf16 expert": rel("fp8 expert fused", "bf16 expert"),
-        "fused vs unfused fp8": rel("fp8 expert fused", "fp8 expert"),
-    }
 
 
 def prefix_rope_inside(model):
@@ -305,7 +260,6 @@ def main():
     ap.add_argument("--vision-gemms", action="store_true")
     ap.add_argument("--expert-rows", type=lambda v: [int(x) for x in v.split(",")], default=[])
     ap.add_argument("--accuracy", action="store_true", help="accuracy gates with and without the FP8 expert")
-    ap.add_argument("--fused-tiles", action="store_true", help="measure and pin the fused GEMMs' tiles first")
     args = ap.parse_args()
     out = Path(args.out)
     result = {
@@ -337,17 +291,6 @@ def main():
             print(label, json.dumps(summary), flush=True)
         del reference
         torch.cuda.empty_cache()
-        save()
-    if args.fused_tiles:
-        from fused_gemm_tiles import best_tiles
-
-        best, result["fused_tiles"] = best_tiles(parts.config.model.suffix_len)
-        fp8_fused_gemm.PINNED_TILES.update(best)
-        result["pinned_tiles"] = {name: tiles.__dict__ for name, tiles in best.items()}
-        save()
-    if any("fused" in name for name in args.variants.split(",")):
-        result["fused_accuracy"] = fused_accuracy(parts)
-        print("fused accuracy", json.dumps(result["fused_accuracy"]), flush=True)
         save()
     if args.gemms:
         cfg = parts.config.model

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GemmaConfig
-from .fp8_fused_gemm import fused_linear
 from .layers import GemmaMLP, GemmaRMSNorm, apply_rope, fuse_linears, gated_residual
 
 
@@ -35,15 +34,12 @@ class GemmaAttentionProjections(nn.Module):
         self.qkv_weight, _ = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x: torch.Tensor):
+        kv = self.num_kv_heads * self.head_dim
         if self.quant_enabled:
-            return self.split(self.qkv_quant(x))
+            return self.qkv_quant(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
         if self.qkv_weight is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.split(F.linear(x, self.qkv_weight))
-
-    def split(self, qkv: torch.Tensor):
-        kv = self.num_kv_heads * self.head_dim
-        return qkv.split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        return F.linear(x, self.qkv_weight).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         return self.o_quant(x) if self.quant_enabled else self.o_proj(x)
@@ -57,42 +53,16 @@ class GemmaDecoderLayer(nn.Module):
         self.self_attn = GemmaAttentionProjections(cfg)
         self.post_attention_layernorm = GemmaRMSNorm(cfg.width, cfg.rms_norm_eps, cond_dim)
         self.mlp = GemmaMLP(cfg.width, cfg.mlp_dim)
-        # With FP8 GEMMs: the norms, casts and residuals inside the GEMM kernels (graphs/fp8_fused_gemm.py)
-        self.fused_fp8_gemms = False
-
-    @property
-    def runs_fused_fp8(self) -> bool:
-        attn, mlp = self.self_attn, self.mlp
-        if not (self.fused_fp8_gemms and attn.quant_enabled):
-            return False
-        gemms = (attn.qkv_quant, attn.o_quant, mlp.gate_up_quant, mlp.down_quant)
-        return not any(g.observing for g in gemms)  # calibration observes the unfused GEMMs' inputs
 
     def qkv(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, modulation: torch.Tensor | None
     ):
         """hidden [B, T, D] -> q [B, T, H, Dh] (token-major, see `grouped_attention`), k/v [B, Hkv, T, Dh]
         (the cache's layout), RoPE applied to q and k; and the residual gate."""
+        normed, gate = self.input_layernorm(hidden, modulation)
         attn = self.self_attn
         b, t, _ = hidden.shape
-        if self.runs_fused_fp8:
-            norm = self.input_layernorm
-            scale, shift, gate = norm.kernel_terms(modulation)
-            qkv = fused_linear(
-                attn.qkv_quant,
-                hidden,
-                "norm",
-                "plain",
-                "qkv",
-                t,
-                norm_scale=scale,
-                norm_shift=shift,
-                eps=norm.eps,
-            )
-            q, k, v = attn.split(qkv)
-        else:
-            normed, gate = self.input_layernorm(hidden, modulation)
-            q, k, v = attn.project(normed)
+        q, k, v = attn.project(normed)
         q = q.reshape(b, t, attn.num_heads, attn.head_dim)
         k = k.reshape(b, t, attn.num_kv_heads, attn.head_dim)
         v = v.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
@@ -100,35 +70,9 @@ class GemmaDecoderLayer(nn.Module):
 
     def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor, gate, modulation: torch.Tensor | None):
         """Output projection, (gated) residual, MLP and its (gated) residual."""
-        if self.runs_fused_fp8:
-            return self._finish_fused(hidden, attn_out, gate, modulation)
         hidden = gated_residual(hidden, self.self_attn.output(attn_out.to(hidden.dtype)), gate)
         normed, gate = self.post_attention_layernorm(hidden, modulation)
         return gated_residual(hidden, self.mlp(normed), gate)
-
-    def _finish_fused(self, hidden, attn_out, gate, modulation):
-        """`finish` in three kernels: the output projection casts its input and adds the gated residual;
-        gate/up applies the norm and the GeGLU; down adds the second gated residual."""
-        b, t, d = hidden.shape
-        attn, mlp, norm = self.self_attn, self.mlp, self.post_attention_layernorm
-        gate = None if gate is None else gate.reshape(b, d)
-        hidden = fused_linear(attn.o_quant, attn_out, "cast", "residual", "o", t, residual=hidden, gate=gate)
-        scale, shift, gate = norm.kernel_terms(modulation)
-        gate_up, down = mlp.gate_up_quant, mlp.down_quant
-        hidden_fp8 = fused_linear(
-            gate_up,
-            hidden,
-            "norm",
-            "geglu",
-            "gate_up",
-            t,
-            out_scale=down.input_scale,
-            norm_scale=scale,
-            norm_shift=shift,
-            eps=norm.eps,
-        )
-        out = fused_linear(down, hidden_fp8, "fp8", "residual", "down", t, residual=hidden, gate=gate)
-        return out.reshape(b, t, d)
 
 
 class GemmaStack(nn.Module):

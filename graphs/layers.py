@@ -35,16 +35,6 @@ class GemmaRMSNorm(nn.Module):
         """cond [B, C] -> [B, 3D] (scale, shift, gate)."""
         return self.dense(cond)
 
-    def kernel_terms(self, modulation: torch.Tensor | None):
-        """What a fused kernel needs to apply this norm itself (graphs/fp8_fused_gemm.py): the scale it
-        multiplies by (plus one), the shift (or None) and the residual gate (or None), each [B, D] or,
-        for the plain norm's weight, [D]."""
-        if self.dense is None:
-            return self.weight, None, None
-        if modulation is None:
-            raise ValueError("adaptive RMSNorm needs its modulation")
-        return modulation.chunk(3, dim=-1)
-
     def forward(self, x: torch.Tensor, modulation: torch.Tensor | None = None):
         dtype = x.dtype
         x32 = x.float()

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import numpy as np
 import pytest
 import sentencepiece
-import torch
-
-# Without a GPU (CI), Triton's kernels run in its interpreter. Set before Triton is first imported: it
-# reads the switch when it wraps a kernel and loads its own library functions.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.runtime.types import Observation
 
