@@ -20,7 +20,10 @@ profile's device time):
   robot seen, and one batch of all of them would still end before the earliest deadline (less the
   margin): then nobody else is due before the next tick, and it takes them all (8 robots ticking together
   on the H200's device times: one batch of 8 ends at 39 ms, two of 4 at 24 and 48;
-  benchmarks/fleet_sim.py).
+  benchmarks/fleet_sim.py). A whole burst goes as one batch also when that batch ends late but within
+  the robots' tick: split, the device would still be busy when the next burst comes, that burst would
+  start late and be split too, and so on (in the simulation, 8 robots in step settled into batches of 4
+  that finished at 48 of every 50 ms).
 
 Robots whose ticks fall together (a shared clock, cameras triggered together) arrive in bursts: arrivals
 each within GATHER_S of the one before. While the newest burst has fewer robots than the typical
@@ -142,11 +145,17 @@ class BatchHold:
             limit = self.max_batch if keep_up == 1 else min(self.max_batch, self.profile_of(keep_up))
             take = min(waiting, limit)
             everyone = min(waiting, self.max_batch)
-            if take < everyone and self._whole_burst(bursts, waiting):
-                # capped, but one batch of the whole burst ends before the earliest deadline: not split
+            ticking_together = self._burst_waits(bursts, waiting)
+            if take < everyone and (ticking_together or self._every_robot_waits(waiting)):
+                # capped, but one batch of them all ends before the earliest deadline: not split. Nor is a
+                # burst that one batch serves within the robots' tick, though late: split, it would keep
+                # the device into the next tick, and every tick after would start late.
                 expected = self._estimate(everyone)
                 start = max(now, self._busy_until)
-                if expected is not None and start + expected <= earliest_deadline - self.margin_s:
+                if expected is not None and (
+                    start + expected <= earliest_deadline - self.margin_s
+                    or (ticking_together and expected <= self._tick_s())
+                ):
                     return everyone, 0.0
             if take >= keep_up or not may_hold:
                 return take, 0.0
@@ -207,13 +216,18 @@ class BatchHold:
         until = min(newest.end + GATHER_S, newest.start + self.margin_s, latest_start)
         return max(0.0, until - now)
 
-    def _whole_burst(self, bursts: list[Burst], waiting: int) -> bool:
-        """Whether what waits is a whole burst of robots that ticked together (at least two), or every
-        robot seen: nobody else is due before the next tick, so one batch of them all costs nobody."""
-        robots = len({robot for _, robot in self._arrivals})
-        if waiting >= min(robots, self.max_batch):
-            return True
+    def _every_robot_waits(self, waiting: int) -> bool:
+        """Every robot seen in the last second waits: nobody else is due before the next tick."""
+        return waiting >= min(len({robot for _, robot in self._arrivals}), self.max_batch)
+
+    def _burst_waits(self, bursts: list[Burst], waiting: int) -> bool:
+        """What waits holds the whole newest burst of robots that ticked together (at least two)."""
         return bool(bursts) and len(bursts[-1].robots) >= 2 and waiting >= len(bursts[-1].robots)
+
+    def _tick_s(self) -> float:
+        """The time between one robot's observations, over the last second (robots / arrival rate)."""
+        robots = len({robot for _, robot in self._arrivals})
+        return robots * RATE_WINDOW_S / max(1, len(self._arrivals))
 
     def _keep_up_size(self) -> int:
         rate = len(self._arrivals) / RATE_WINDOW_S

@@ -1,7 +1,8 @@
 """When the server holds a batch for company, and how many a batch takes, on a fake clock: never held at
 light load or before anything is measured; under load held until the keep-up size, never past the latest
 start of the earliest deadline, not when the device is busy past it, not for robots that do not exist,
-not with one frame on the device at a time; a burst of robots ticking together gathered into one batch;
+not with one frame on the device at a time; a burst of robots ticking together gathered into one batch,
+and not split where one batch serves it within the robots' tick;
 a batch capped at the keep-up size's profile; device times per profile from issue and completion times."""
 
 from __future__ import annotations
@@ -121,6 +122,22 @@ def robots_in_step(hold: BatchHold, robots: int, hz: float, until: float, apart:
     for k in range(int(hz)):
         for i in range(robots):
             hold.arrived(f"r{i}", until - 1.0 + k / hz + i * apart)
+
+
+def test_a_burst_one_batch_serves_within_the_tick_is_not_split_though_late():
+    """Eight robots in step, the device busy until 10.02: one batch of 8 ends at 10.059, past the deadline
+    (10.05) but within the robots' 50 ms tick. Split into 4 + 4 it would end at 10.066 and the next burst
+    would find the device busy too. It takes all eight. Where a batch of 8 takes longer than the tick
+    (60 ms), splitting is what keeps up, and the cap holds; as it does for spread robots (above)."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 8, 20, until=10.0)
+    hold.issued(4, 9.997)  # expected until 9.997 + 0.023
+    assert hold.keep_up_size(10.0) == 4
+    assert hold.decide(8, earliest_deadline=10.05, now=10.0) == (8, 0.0)
+    slow = measured({**H200_LIKE, 8: 0.060})
+    robots_in_step(slow, 8, 20, until=10.0)
+    slow.issued(4, 9.997)
+    assert slow.decide(8, earliest_deadline=10.05, now=10.0) == (4, 0.0)
 
 
 def test_a_burst_still_arriving_waits_for_its_rest_and_goes_as_one_batch():
