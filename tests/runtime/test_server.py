@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from vla_runtime.runtime.batching import GATHER_S
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import ExecutorClosed, PipelinedExecutor
 from vla_runtime.runtime.loading import build_parts
@@ -320,10 +321,12 @@ def test_under_load_a_batch_takes_no_more_than_keeps_up(served_by_four, rng):
         server.batching.issued(2, 10.0)
         server.batching.served(2, 10.0, 10.1)
         with server._cond:  # all four waiting before the batcher looks (the condition's lock is reentrant)
-            futures = [
-                server.submit(robot, random_observation(rng, "pi05_tiny"), deadline_s=0.1 + 0.01 * k)
-                for k, robot in enumerate("abcd")
-            ]
+            futures = []
+            for k, robot in enumerate("abcd"):
+                futures.append(
+                    server.submit(robot, random_observation(rng, "pi05_tiny"), deadline_s=0.1 + 0.01 * k)
+                )
+                time.sleep(1.2 * GATHER_S)  # robots not ticking together: no burst to serve whole
         for future in futures:
             future.result(timeout=120)
         assert server.batches == [["a", "b"], ["c", "d"]]
