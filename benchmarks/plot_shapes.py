@@ -26,8 +26,10 @@ def main(results: list[Path], out: Path) -> None:
         # the model's horizon as the run recorded it (runs before the "model" record: the --action-horizon
         # they were given, else pi05's 50)
         horizon = doc.get("model", {}).get("action_horizon") or doc["config"].get("action_horizon") or 50
+        # pi05_libero's prompt has no state (`--libero-model`); earlier runs had pi05's
+        no_state = doc.get("model", {}).get("state_in_prompt") is False
         for workload, medians in doc["median_ms"].items():
-            labels.append(f"{workload}\nhorizon {horizon}")
+            labels.append(f"{workload}\nhorizon {horizon}" + ("\nno state" if no_state else ""))
             rows.append({"stages_ms": medians})
             notes.append(f"submit -> chunk\n{medians['total']:.1f} ms")
     fig, ax = plt.subplots(figsize=(8, 4.5))
