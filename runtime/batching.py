@@ -16,31 +16,32 @@ profile's device time):
   deadline: deadline - margin - S(profile(pending + 1)); and not at all when the device is busy past
   that point anyway (holding would only make a late frame later);
 - more than that pending, under load (a keep-up size above 1), a batch takes no more than the keep-up
-  size's profile holds, earliest deadlines first; unless what waits is a whole burst (below) or every
-  robot seen, and one batch of all of them would still end before the earliest deadline (less the
-  margin): then nobody else is due before the next tick, and it takes them all (8 robots ticking together
-  on the H200's device times: one batch of 8 ends at 39 ms, two of 4 at 24 and 48;
-  benchmarks/fleet_sim.py). A whole burst goes as one batch also when that batch ends late but within
-  the robots' tick: split, the device would still be busy when the next burst comes, that burst would
-  start late and be split too, and so on (in the simulation, 8 robots in step settled into batches of 4
-  that finished at 48 of every 50 ms).
+  size's profile holds, earliest deadlines first; unless every robot seen waits, or the robots tick
+  together (below) and what waits is their whole newest burst, and one batch of all of them would still
+  end before the earliest deadline (less the margin): then nobody else is due before the next tick, and
+  it takes them all (8 robots ticking together on the H200's device times: one batch of 8 ends at 39 ms,
+  two of 4 at 24 and 48; benchmarks/fleet_sim.py). A whole burst of robots ticking together goes as one
+  batch also when that batch ends late but within their tick: split, the device would still be busy when
+  the next burst comes, that burst would start late and be split too, and so on (in the simulation, 8
+  robots in step settled into batches of 4 that finished at 48 of every 50 ms).
 
 Robots whose ticks fall together (a shared clock, cameras triggered together) arrive in bursts: arrivals
-each within GATHER_S of the one before. While the newest burst has fewer robots than the typical
-arrival's burst in the last second, and is still arriving, the batch waits for its rest (GATHER_S after
-its last arrival, never past the latest start of the earliest deadline), whatever the executor
-(`_rest_of_the_burst`). The wait used to end also at the margin from the burst's start; a burst may take
-longer than that to arrive (the robots' threads take turns preparing their observations), and on the H200
-8 robots in step still split 3 to 4 ticks in 200 into batches like 7 + 1, so only the latest start, which
-protects the deadline, bounds it now. Spread phases make bursts of one robot, and a
-dense stream (many robots, or one at a high rate) one long burst with none before it: neither waits.
+each within GATHER_S of the one before, over no more than GATHER_LIMIT_S. The robots tick together when
+the typical arrival's burst in the last second holds at least two robots and half of those seen. Spread
+robots do not, even where jitter chains two or three of them; nor does a dense stream of many spread
+robots (a chain longer than GATHER_LIMIT_S counts as bursts of one). Where they do, while the newest
+burst has fewer robots than the typical one and is still arriving, the batch waits for its rest
+(GATHER_S after its last arrival, GATHER_LIMIT_S after its first at most, never past the latest start of
+the earliest deadline), whatever the executor (`_rest_of_the_burst`). This is the one wait of a server
+with one frame in flight (below).
 
 Holding for the keep-up size is for an executor that takes a batch while another runs (pipelining
 `throughput`): there the server would otherwise send each observation as it comes, in batches too small
 to keep up. With one frame on the device at a time (`latency`), the observations that came while a batch
 ran are the company (of robots with spread phases), and holding them only adds to their wait: the server
-then caps but never holds (`decide(may_hold=False)`). On the H200 (LIBERO-shaped, one frame at a time,
-docs/many_robots.md) holding there showed no gain, and the cap is what helped at 8 robots.
+then caps but never holds for company (`decide(may_hold=False)`); it still gathers a burst. On the H200
+(LIBERO-shaped, one frame at a time, docs/many_robots.md) holding there showed no gain, and the cap is
+what helped at 8 robots.
 
 A batch's device time is its completion minus the moment the device could start it (its issue, or the
 previous batch's completion when that is later), the median of the last `window` batches of its profile:
@@ -69,6 +70,9 @@ MARGIN = 0.1  # of the deadline: a held batch is sent this early, for the spread
 # step on a 2-core host): gaps in a tick's arrivals reached 3-8 ms at the 99th percentile; at 2 ms, 7% of
 # the ticks split, their stragglers waited for a whole batch of 8 and missed.
 GATHER_S = 0.005
+# A burst is waited for no longer than this from its first arrival: 8 robots in step on the H200 arrived
+# within 5-7 ms at the 99th percentile of their ticks, 10 ms at most (benchmarks/in_step_probe.py).
+GATHER_LIMIT_S = 2 * GATHER_S
 
 
 @dataclass
@@ -205,30 +209,47 @@ class BatchHold:
     def _rest_of_the_burst(self, bursts: list[Burst], waiting: int, earliest_deadline: float, now: float):
         """How long to wait for the rest of a burst still arriving (0: none). Robots that tick together
         arrive in bursts; a batch sent at a burst's first arrival would leave the rest to wait behind it.
-        So while the newest burst has fewer robots than the typical arrival's burst in the last second (of
-        at least two), and an arrival came within the last GATHER_S, the batch waits for GATHER_S after it;
-        never past the latest start of the earliest deadline. A dense stream is one burst with no burst
-        before it, and spread phases make bursts of one: neither waits."""
-        if len(bursts) < 2 or now - bursts[-1].end >= GATHER_S:
+        So, where the robots tick together, while the newest burst has fewer robots than the typical
+        burst and an arrival came within the last GATHER_S, the batch waits for GATHER_S after it; never
+        longer than GATHER_LIMIT_S from the burst's first arrival, nor past the latest start of the
+        earliest deadline."""
+        if now - bursts[-1].end >= GATHER_S or not self._ticking_together(bursts):
             return 0.0
-        # the burst size of the typical arrival before: neither a burst split by a late robot nor two
-        # spread robots that happened to come close set it
-        newest = bursts[-1]
-        typical = statistics.median_low(len(b.robots) for b in bursts[:-1] for _ in b.robots)
-        if typical < 2 or len(newest.robots) >= typical or waiting >= min(typical, self.max_batch):
+        newest, typical = bursts[-1], self._typical_burst(bursts)
+        if len(newest.robots) >= typical or waiting >= min(typical, self.max_batch):
             return 0.0
         expected = self._estimate(min(typical, self.max_batch)) or 0.0
         latest_start = earliest_deadline - self.margin_s - expected
-        until = min(newest.end + GATHER_S, latest_start)
+        until = min(newest.end + GATHER_S, newest.start + GATHER_LIMIT_S, latest_start)
         return max(0.0, until - now)
+
+    @staticmethod
+    def _typical_burst(bursts: list[Burst]) -> int:
+        """The burst size of the typical arrival before the newest burst: neither a burst split by a late
+        robot nor two spread robots that happened to come close set it. A chain of arrivals longer than
+        GATHER_LIMIT_S is a dense stream (many spread robots), not robots ticking together: its arrivals
+        count as bursts of one. 1 with nothing before."""
+        sizes = [
+            len(b.robots) if b.end - b.start <= GATHER_LIMIT_S else 1 for b in bursts[:-1] for _ in b.robots
+        ]
+        return statistics.median_low(sizes) if sizes else 1
+
+    def _ticking_together(self, bursts: list[Burst]) -> bool:
+        """The robots tick together: the typical burst holds at least two robots and at least half of the
+        robots seen. Spread robots, even with jitter chaining a few of them, make bursts far smaller than
+        the fleet; a dense stream is one burst with none before it."""
+        typical = self._typical_burst(bursts)
+        return typical >= 2 and 2 * typical >= len({robot for _, robot in self._arrivals})
 
     def _every_robot_waits(self, waiting: int) -> bool:
         """Every robot seen in the last second waits: nobody else is due before the next tick."""
         return waiting >= min(len({robot for _, robot in self._arrivals}), self.max_batch)
 
     def _burst_waits(self, bursts: list[Burst], waiting: int) -> bool:
-        """What waits holds the whole newest burst of robots that ticked together (at least two)."""
-        return bool(bursts) and len(bursts[-1].robots) >= 2 and waiting >= len(bursts[-1].robots)
+        """The robots tick together and what waits holds the whole newest burst (at least two)."""
+        if not bursts or not self._ticking_together(bursts):
+            return False
+        return len(bursts[-1].robots) >= 2 and waiting >= len(bursts[-1].robots)
 
     def _tick_s(self) -> float:
         """The time between one robot's observations, over the last second (robots / arrival rate)."""

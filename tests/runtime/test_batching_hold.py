@@ -8,7 +8,7 @@ a batch capped at the keep-up size's profile; device times per profile from issu
 from __future__ import annotations
 
 import pytest
-from vla_runtime.runtime.batching import GATHER_S, BatchHold
+from vla_runtime.runtime.batching import GATHER_LIMIT_S, GATHER_S, BatchHold
 from vla_runtime.runtime.buffers import batch_profile
 
 MARGIN_S = 0.005
@@ -138,6 +138,41 @@ def test_a_burst_one_batch_serves_within_the_tick_is_not_split_though_late():
     robots_in_step(slow, 8, 20, until=10.0)
     slow.issued(4, 9.997)
     assert slow.decide(8, earliest_deadline=10.05, now=10.0) == (4, 0.0)
+
+
+def test_spread_robots_two_of_which_came_close_are_capped():
+    """8 spread robots (6.25 ms apart), two of them 4 ms apart by jitter (a chain of two within GATHER_S),
+    the device busy: the robots do not tick together, so what waits is capped at the keep-up size's
+    profile, not sent whole because a "burst" of two waits (a reviewer's case against c963076)."""
+    hold = measured(H200_LIKE)
+    robots_at(hold, 8, 20, until=10.0)
+    hold.arrived("r0", 10.0)
+    hold.arrived("r1", 10.004)
+    hold.issued(4, 9.997)  # busy until 10.02
+    assert hold.decide(7, earliest_deadline=10.03, now=10.0045) == (4, 0.0)
+
+
+def test_a_dense_stream_split_by_a_late_arrival_does_not_wait():
+    """12 spread robots, 4.2 ms apart: their arrivals chain into one long stream (within GATHER_S of each
+    other), which is not a burst of robots ticking together; after a late arrival starts a new chain,
+    nothing waits for it to grow."""
+    hold = measured(H200_LIKE)
+    robots_at(hold, 12, 20, until=10.0)
+    hold.arrived("r0", 10.006)  # after a gap longer than GATHER_S
+    assert hold.decide(1, earliest_deadline=10.056, now=10.006, may_hold=False) == (1, 0.0)
+
+
+def test_a_slow_burst_is_waited_for_no_longer_than_the_gather_limit():
+    """8 robots in step; in the next tick they come 4 ms apart (each within GATHER_S of the one before):
+    the batch waits for the rest, but no longer than GATHER_LIMIT_S from the first arrival."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 8, 20, until=10.0)
+    for i in range(3):
+        hold.arrived(f"r{i}", 10.0 + i * 0.004)  # 10.000, 10.004, 10.008
+    take, wait = hold.decide(3, earliest_deadline=10.1, now=10.0081, may_hold=False)
+    assert take == 3 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.0081)  # not 10.008 + GATHER_S
+    hold.arrived("r3", 10.012)
+    assert hold.decide(4, earliest_deadline=10.1, now=10.0121, may_hold=False) == (4, 0.0)  # limit passed
 
 
 def test_a_burst_still_arriving_waits_for_its_rest_and_goes_as_one_batch():
