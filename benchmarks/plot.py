@@ -24,6 +24,24 @@ COLORS = {
 COPY_COLOR = "#8c8c8c"  # every copy step
 
 
+def save_figure(fig, out: Path) -> None:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+
+
+def figure_from_results(main, doc: str, default_out: str) -> None:
+    """The command line of a figure made from several results files: `RESULTS.json [...] [--out PNG]`,
+    described by the first line of the script's docstring `doc`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    args = parser.parse_args()
+    main(args.results, args.out)
+
+
 def stacked_stages(ax, labels: list[str], rows: list[dict], notes: list[str]) -> float:
     """One bar per row, its stage times stacked, `notes` above each. Returns the tallest bar."""
     bottom = [0.0] * len(rows)

@@ -10,7 +10,6 @@ the title is the first file's, with every commit named.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from plot import figure_from_results, save_figure  # noqa: E402
 
 # eager: the server never holding nor capping; *_in_step: fleet_sim.py's robots ticking together
 STYLE = {
@@ -64,14 +64,8 @@ def main(results: list[Path], out: Path) -> None:
     throughput.legend(fontsize=8)
     gpus = f", robots split over {doc['gpus']} GPUs" if doc.get("gpus", 1) > 1 else ""
     fig.suptitle(f"{doc['device']} ({doc['date']}, {commits}): {doc['workload']}{gpus}", fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, nargs="+")
-    parser.add_argument("--out", type=Path, default=Path("docs/img/fleet.png"))
-    args = parser.parse_args()
-    main(args.results, args.out)
+    figure_from_results(main, __doc__, "docs/img/fleet.png")

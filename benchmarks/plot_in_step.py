@@ -6,7 +6,6 @@ python benchmarks/plot_in_step.py RUN.json [MORE.json ...] [--out docs/img/fleet
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from plot import figure_from_results, save_figure  # noqa: E402
 
 MODES = {"batched": ("server", "tab:blue"), "eager": ("sent at once", "tab:orange")}
 
@@ -44,14 +44,8 @@ def main(results: list[Path], out: Path) -> None:
         f"({docs[0]['date']})",
         fontsize=10,
     )
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, nargs="+")
-    parser.add_argument("--out", type=Path, default=Path("docs/img/fleet_in_step.png"))
-    args = parser.parse_args()
-    main(args.results, args.out)
+    figure_from_results(main, __doc__, "docs/img/fleet_in_step.png")

@@ -6,7 +6,6 @@ python benchmarks/plot_shapes.py RESULTS.json [MORE.json ...] [--out docs/img/sh
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from plot import stacked_stages  # noqa: E402
+from plot import figure_from_results, save_figure, stacked_stages  # noqa: E402
 
 
 def main(results: list[Path], out: Path) -> None:
@@ -43,14 +42,8 @@ def main(results: list[Path], out: Path) -> None:
     config = first["config"]
     precision = config["precision"] + (" + FP8 expert" if config.get("fp8_expert") else "")
     ax.set_title(f"pi05, {precision}, 10 steps: {first['device']} ({first['date']}, {commits})", fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, nargs="+")
-    parser.add_argument("--out", type=Path, default=Path("docs/img/shape_profiles.png"))
-    args = parser.parse_args()
-    main(args.results, args.out)
+    figure_from_results(main, __doc__, "docs/img/shape_profiles.png")
