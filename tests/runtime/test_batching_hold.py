@@ -162,6 +162,20 @@ def test_a_dense_stream_split_by_a_late_arrival_does_not_wait():
     assert hold.decide(1, earliest_deadline=10.056, now=10.006, may_hold=False) == (1, 0.0)
 
 
+def test_a_burst_waits_for_a_robot_still_being_prepared():
+    """8 robots in step; 7 of the next tick are in, the eighth is still inside `submit`: past GATHER_S
+    after the last arrival the batch still waits for it (the server wakes the batch when it is in), up to
+    GATHER_LIMIT_S from the burst's first arrival. With nobody being prepared the 7 go, whole."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 8, 20, until=10.0)
+    for i in range(7):
+        hold.arrived(f"r{i}", 10.0 + i * 0.0001)
+    take, wait = hold.decide(7, earliest_deadline=10.06, now=10.006, may_hold=False, preparing=1)
+    assert take == 7 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.006)
+    assert hold.decide(7, earliest_deadline=10.06, now=10.006, may_hold=False) == (7, 0.0)
+    assert hold.decide(7, earliest_deadline=10.06, now=10.0101, may_hold=False, preparing=1) == (7, 0.0)
+
+
 def test_a_slow_burst_is_waited_for_no_longer_than_the_gather_limit():
     """8 robots in step; in the next tick they come 4 ms apart (each within GATHER_S of the one before):
     the batch waits for the rest, but no longer than GATHER_LIMIT_S from the first arrival."""
