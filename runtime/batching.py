@@ -215,18 +215,18 @@ class BatchHold:
         """How long to wait for the rest of a burst still arriving (0: none). Robots that tick together
         arrive in bursts; a batch sent at a burst's first arrival would leave the rest to wait behind it.
         So, where the robots tick together, while the newest burst has fewer robots than the typical
-        burst and an arrival came within the last GATHER_S, the batch waits for GATHER_S after it; and
-        while an observation is still being prepared (`preparing`; the server wakes the batch when it is
-        in), whatever the size. Never longer than GATHER_LIMIT_S from the burst's first arrival, nor past
-        the latest start of the earliest deadline."""
+        burst and an arrival came within the last GATHER_S, the batch waits for GATHER_S after it, or while
+        an observation is still being prepared (`preparing`; the server wakes the batch when it is in).
+        Never longer than GATHER_LIMIT_S from the burst's first arrival, nor past the latest start of the
+        earliest deadline."""
+        if not bursts:  # nothing arrived in the last second (a preparation that took longer)
+            return 0.0
         arriving = now - bursts[-1].end < GATHER_S
         if not (arriving or preparing) or not self._ticking_together(bursts):
             return 0.0
         newest, typical = bursts[-1], self._typical_burst(bursts)
-        if waiting >= self.max_batch:
-            return 0.0
-        if not preparing and (len(newest.robots) >= typical or waiting >= typical):
-            return 0.0
+        if len(newest.robots) >= typical or waiting >= min(typical, self.max_batch):
+            return 0.0  # the burst is in: what is being prepared belongs to another
         expected = self._estimate(min(typical, self.max_batch)) or 0.0
         latest_start = earliest_deadline - self.margin_s - expected
         rest_due = now + GATHER_LIMIT_S if preparing else newest.end + GATHER_S

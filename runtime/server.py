@@ -103,12 +103,12 @@ class PolicyServer:
             self._preparing += 1  # a burst's rest is waited for while any of it is being prepared
         try:
             member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError, to this robot
+            pending = Pending(robot, member, Future(), now + deadline_s, now, steps)
         except BaseException:
             with self._cond:
                 self._preparing -= 1
                 self._cond.notify_all()
             raise
-        pending = Pending(robot, member, Future(), now + deadline_s, now, steps)
         with self._cond:
             self._preparing -= 1
             if self._closed:

@@ -174,6 +174,10 @@ def test_a_burst_waits_for_a_robot_still_being_prepared():
     assert take == 7 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.006)
     assert hold.decide(7, earliest_deadline=10.06, now=10.006, may_hold=False) == (7, 0.0)
     assert hold.decide(7, earliest_deadline=10.06, now=10.0101, may_hold=False, preparing=1) == (7, 0.0)
+    hold.arrived("r7", 10.001)  # the burst is in: a robot being prepared belongs to another
+    assert hold.decide(8, earliest_deadline=10.06, now=10.002, may_hold=False, preparing=1) == (8, 0.0)
+    # a preparation that took longer than a second: nothing arrived in the window, nothing to gather
+    assert hold.decide(1, earliest_deadline=12.0, now=11.5, may_hold=False, preparing=1) == (1, 0.0)
 
 
 def test_a_slow_burst_is_waited_for_no_longer_than_the_gather_limit():
