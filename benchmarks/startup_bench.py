@@ -1,7 +1,9 @@
 """Start-up of a pi05 executor, cold and warm (issue 16, item 3): each start is a fresh process against
 one compile cache directory, first empty (cold), then as the first left it (warm). Timed from the
 process's spawn to its first chunk, with the time to import, to build and capture, and the first frame;
-then the median latency of FRAMES more, so each compile scope's cost in speed is in the same run.
+then the median latency of FRAMES more, so each compile scope's cost in speed is in the same run; then
+how far the actions are from the eager reference's on fresh inputs (the compiled functions this start
+compiled or loaded from an earlier one, `precompiled`).
 
 python benchmarks/startup_bench.py OUT.json [--mode fp8_all] [--starts 2] [--scopes stage,layer]
 """
@@ -40,6 +42,17 @@ with PipelinedExecutor(config) as executor:
     say("first_chunk", total_ms=chunk.timings_ms["total"])
     totals = [executor.infer(observation).timings_ms["total"] for _ in range(FRAMES)]
     say("served", frames=FRAMES, total_p50_ms=float(np.median(totals[10:])))
+    # After the timing: the functions this start compiled or loaded give the eager reference's actions.
+    from vla_runtime.runtime.reference import EagerPolicy
+    reference, rng = EagerPolicy(parts=executor.parts), np.random.default_rng()
+    diffs = []
+    for _ in range(3):
+        observation = synthetic_observation(config, rng)
+        noise = rng.standard_normal((config.model.action_horizon, config.model.action_dim), dtype=np.float32)
+        want = reference.infer(observation, noise).actions
+        got = executor.infer(observation, noise).actions
+        diffs.append(float(np.abs(got - want).max() / np.abs(want).max()))
+    say("checked", max_rel_diff_vs_eager=max(diffs), precompiled=executor.report()["precompiled"])
 """.replace("FRAMES", "60")
 
 

@@ -51,7 +51,7 @@ from .inputs import PreparedInputs, place_raw_images
 from .loading import PolicyParts, build_parts
 from .pipelining import PipeliningChooser
 from .policy import FrameDropped, Policy
-from .stages import STAGES, StageEngine, StageRunner
+from .stages import STAGES, CompiledFunctions, StageEngine, StageRunner
 from .timing import LatencyStats, TraceRecorder
 from .types import ActionChunk, Observation
 
@@ -185,8 +185,11 @@ class PipelinedExecutor(Policy):
             )
         # One runner per input shape; each holds a denoise graph per step count it has served.
         self._runners: dict[tuple[int, int, int], StageRunner] = {}
-        self._compiled: dict = {}
         self.compile_cache = use_compile_cache(self.config)  # before anything compiles
+        # Compiled functions are kept whole beside Inductor's cache, so a warm start loads, not traces.
+        self._compiled = CompiledFunctions(
+            self.compile_cache.path / "precompiled" if self.compile_cache else None
+        )
         if self.cuda:
             # Priorities: the denoise loop is hundreds of small kernels that only need a few SMs each, the
             # prefix is a few large GEMMs that take them all; the denoise stream is put first in line so
@@ -492,6 +495,7 @@ class PipelinedExecutor(Policy):
             "graphs": self.use_graphs,
             "profiles": profiles,
             "compile_cache": self.compile_cache.describe() if self.compile_cache else None,
+            "precompiled": self._compiled.counts(),
             "pipelining": {**self._pipelining.report(), "peak_in_flight": self.peak_in_flight},
             "startup_s": dict(self.startup_s),
         }
@@ -499,7 +503,13 @@ class PipelinedExecutor(Policy):
     def describe_startup(self) -> str:
         """Where start-up went, for the ready line: "weights 3.1 s, quantise 8.0 s, ...", and the cache."""
         phases = ", ".join(f"{name.replace('_', ' ')} {s:.1f} s" for name, s in self.startup_s.items())
-        return phases + (f"; {self.compile_cache.describe()}" if self.compile_cache else "")
+        if not self.compile_cache:
+            return phases
+        counts = self._compiled.counts()
+        precompiled = ", ".join(f"{n} {how}" for how, n in counts.items())
+        return f"{phases}; {self.compile_cache.describe()}" + (
+            f" (functions: {precompiled})" if counts else ""
+        )
 
     # ------------------------------------------------------------------ graphs and buffers per profile
     def _captured(self, profile: ShapeProfile) -> bool:

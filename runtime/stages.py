@@ -14,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -23,6 +26,7 @@ from ..graphs.pi0 import EAGER_LAYERS, PI0Model, time_schedule
 from .buffers import BATCH_SIZES, PIPELINE_SLOTS, PROMPT_BUCKETS, DeviceSlot, ShapeProfile, StaticBuffers
 from .handover import Handover, RtcGuidance
 from .inputs import pixels_to_model_input
+from .precompiled import PrecompiledFunction, aot_compile_available
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,31 @@ def within_compile_limits(compiled, cameras: int):
     return call
 
 
+class CompiledFunctions:
+    """The compiled functions that an executor's profiles share, by name. With `directory` (the compile
+    cache's), each is a `PrecompiledFunction` whose artifacts are kept there between starts; without,
+    torch.compile traces each at every start."""
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory if directory is not None and aot_compile_available() else None
+        self.functions: dict[str, Callable] = {}
+
+    def get(self, name: str, fn: Callable, cameras: int) -> Callable:
+        if name not in self.functions:
+            traced = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
+            self.functions[name] = (
+                traced if self.directory is None else PrecompiledFunction(fn, name, self.directory, traced)
+            )
+        return self.functions[name]
+
+    def counts(self) -> dict[str, int]:
+        """Signatures met so far: loaded from an earlier run, compiled and saved, or traced (fallback)."""
+        total = Counter()
+        for fn in self.functions.values():
+            total.update(getattr(fn, "counts", {}))
+        return dict(total)
+
+
 class StageEngine(Protocol):
     """Serves one stage for one pipeline slot: reads that slot's inputs, writes its outputs in place, on
     the current CUDA stream, without allocating or synchronising (so it can be captured in a graph).
@@ -101,7 +130,7 @@ class StageRunner:
         buffers: StaticBuffers,
         device: torch.device,
         compile_stages: tuple[str, ...] | bool = (),
-        compiled: dict | None = None,
+        compiled: CompiledFunctions | None = None,
         compile_scope: str = "stage",
         engines: dict[str, StageEngine] | None = None,
         handover: Handover | None = None,
@@ -121,7 +150,7 @@ class StageRunner:
         # profile recompiles only for new shapes.
         if compile_stages is True:
             compile_stages = STAGES
-        compiled = {} if compiled is None else compiled
+        compiled = CompiledFunctions() if compiled is None else compiled
         if compile_scope == "layer":
             self.fns = self._layer_compiled(model, compile_stages or (), compiled)
         else:
@@ -136,20 +165,18 @@ class StageRunner:
         }
 
     @staticmethod
-    def _stage_compiled(model: PI0Model, stages, compiled: dict) -> dict:
+    def _stage_compiled(model: PI0Model, stages, compiled: CompiledFunctions) -> dict:
         """The stage functions, those of `stages` compiled whole (Inductor fuses across layers)."""
         stage_of = {"encode": "vision", "fill": "prefix", "velocity": "denoise"}
         fns = {"encode": model.encode_images, "fill": model.fill_prefix, "velocity": model.velocity}
         cameras = len(model.cfg.camera_names)
         for name, fn in list(fns.items()):
             if stage_of[name] in stages:
-                if name not in compiled:
-                    compiled[name] = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
-                fns[name] = compiled[name]
+                fns[name] = compiled.get(name, fn, cameras)
         return fns
 
     @staticmethod
-    def _layer_compiled(model: PI0Model, stages, compiled: dict) -> dict:
+    def _layer_compiled(model: PI0Model, stages, compiled: CompiledFunctions) -> dict:
         """The stage functions with the per-layer bodies of `stages` compiled (regional compilation: one
         compile serves every layer of a stack, so a start traces one layer per stack, not the stack)."""
         layer_fns_of = {
@@ -161,11 +188,7 @@ class StageRunner:
         chosen = {}
         for stage in stages:
             for name in layer_fns_of[stage]:
-                key = f"layer:{name}"
-                if key not in compiled:
-                    fn = getattr(EAGER_LAYERS, name)
-                    compiled[key] = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
-                chosen[name] = compiled[key]
+                chosen[name] = compiled.get(f"layer-{name}", getattr(EAGER_LAYERS, name), cameras)
         layers = dataclasses.replace(EAGER_LAYERS, **chosen)
         return {
             "encode": functools.partial(model.encode_images, layers=layers),

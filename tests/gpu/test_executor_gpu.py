@@ -219,3 +219,24 @@ def test_layer_scope_compiles_one_kind_of_layer_once_and_matches_the_reference(p
             assert np.abs(got - want).max() / np.abs(want).max() <= BF16_REL_TOL
     finally:
         layered.close()
+
+
+def test_a_warm_start_loads_its_compiled_layers_and_matches_the_reference(cuda, rng, tmp_path):
+    """Compiled functions kept between starts (runtime/precompiled.py) on the GPU, layer scope for a
+    short cold start: the first start compiles and saves every layer kind, the next loads them all and
+    its actions on fresh inputs equal the eager reference to the bf16 tolerance."""
+    config = RuntimeConfig(
+        preset="pi05", device="cuda", precision="bf16", compile_scope="layer", compile_cache=str(tmp_path)
+    )
+    with PipelinedExecutor(config) as cold:
+        compiled = cold.report()["precompiled"]
+    assert set(compiled) == {"compiled"} and compiled["compiled"] >= 5
+    with PipelinedExecutor(config) as warm:
+        assert warm.report()["precompiled"] == {"loaded": compiled["compiled"]}
+        reference = EagerPolicy(parts=warm.parts)
+        cfg = config.model
+        for _ in range(3):
+            obs = random_observation(rng, "pi05", side=224)
+            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+            want = reference.infer(obs, noise).actions
+            assert np.abs(warm.infer(obs, noise).actions - want).max() / np.abs(want).max() <= BF16_REL_TOL

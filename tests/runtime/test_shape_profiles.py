@@ -206,7 +206,9 @@ def test_an_executor_compiles_each_stage_a_few_times_per_shape_within_its_limits
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     rng = np.random.default_rng()
+    # compile_cache none: torch.compile traces at every start (the path precompiled artifacts replace)
     config = RuntimeConfig(preset="pi05_tiny", shape_profiles=True, compile_stages=True, compile_scope=scope)
+    config = config.replace(compile_cache="none")
     parts = build_parts(config)
     reference = EagerPolicy(parts=parts)
     skip = config.optional_camera_names[:1]
@@ -286,7 +288,8 @@ def test_the_denoising_loop_is_compiled_once_per_shape(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     rng = np.random.default_rng()
-    with PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", compile_stages=True)) as executor:
+    config = RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache="none")  # traced each start
+    with PipelinedExecutor(config) as executor:
         for _ in range(2):
             executor.infer(random_observation(rng, "pi05_tiny"))
         assert len(executor.report()["profiles"]) == 1
