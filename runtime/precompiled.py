@@ -85,9 +85,17 @@ def signature(args: tuple, kwargs: dict, known: weakref.WeakKeyDictionary) -> st
 
 
 def aot_compile_available() -> bool:
-    return hasattr(torch.compile(lambda: None), "aot_compile") and hasattr(
+    """torch.compile's ahead-of-time compilation is there (torch >= 2.11; off by default in 2.11)."""
+    return hasattr(torch._dynamo.config, "enable_aot_compile") and hasattr(
         torch.compiler, "load_compiled_function"
     )
+
+
+def compile_ahead_of_time(fn: Callable, args: tuple, kwargs: dict):
+    """`fn` traced and compiled for these arguments now, as a function that can be saved."""
+    with torch._dynamo.config.patch(enable_aot_compile=True):  # 2.11 adds `aot_compile` only with it on
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    return compiled.aot_compile((args, kwargs))
 
 
 class PrecompiledFunction:
@@ -113,9 +121,22 @@ class PrecompiledFunction:
         key = signature(args, kwargs, self._modules)
         entry = self._entries.get(key)
         if entry is None:
-            with self._lock:
-                entry = self._entries.get(key) or self._entry(key, args, kwargs)
-                self._entries[key] = entry
+            with self._lock:  # a new signature: compiled or loaded once, and proven by its first call
+                entry = self._entries.get(key)
+                if entry is None:
+                    entry, how = self._entry(key, args, kwargs)
+                    if entry is not self._fallback:
+                        try:
+                            result = entry(*args, **kwargs)
+                        except Exception as err:  # an artifact this torch cannot run: traced instead
+                            log.warning("%s: the %s function failed (%s); tracing it", self.name, how, err)
+                            entry, how = self._fallback, "fallback"
+                        else:
+                            self._entries[key] = entry
+                            self.counts[how] += 1
+                            return result
+                    self._entries[key] = entry
+                    self.counts[how] += 1
         if entry is self._fallback and self._bound_to is not None:
             args = args[1:]  # the fallback is the compiled bound method
         return entry(*args, **kwargs)
@@ -123,27 +144,25 @@ class PrecompiledFunction:
     def path(self, key: str) -> Path:
         return self.directory / f"{self.name}-{key}{ARTIFACT_SUFFIX}"
 
-    def _entry(self, key: str, args: tuple, kwargs: dict) -> Callable:
+    def _entry(self, key: str, args: tuple, kwargs: dict) -> tuple[Callable, str]:
+        """The function for one signature and how it was come by: loaded, compiled (and saved), or the
+        fallback."""
         path = self.path(key)
         if path.exists():
             try:
                 with path.open("rb") as artifact:
-                    loaded = torch.compiler.load_compiled_function(artifact)
-                self.counts["loaded"] += 1
-                return loaded
+                    return torch.compiler.load_compiled_function(artifact), "loaded"
             except Exception as err:  # damaged, or from another build: compiled over below
                 log.warning("%s: cannot load %s (%s); compiling it again", self.name, path, err)
         try:
-            compiled = torch.compile(self._fn, fullgraph=True, dynamic=False).aot_compile((args, kwargs))
+            compiled = compile_ahead_of_time(self._fn, args, kwargs)
         except Exception as err:  # a graph break, or an argument the serialiser does not take
             log.warning(
                 "%s: not compiled ahead of time (%s); torch.compile traces it at every start", self.name, err
             )
-            self.counts["fallback"] += 1
-            return self._fallback
-        self.counts["compiled"] += 1
+            return self._fallback, "fallback"
         self._save(compiled, path)
-        return compiled
+        return compiled, "compiled"
 
     def _save(self, compiled, path: Path) -> None:
         """Write to a temporary name and rename: a process starting beside this one (one per GPU) never

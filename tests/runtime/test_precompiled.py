@@ -114,3 +114,24 @@ def test_without_a_directory_torch_compile_traces_as_before():
     assert not isinstance(fn, PrecompiledFunction)
     x, y = torch.randn(2, 3), torch.randn(2, 3)
     torch.testing.assert_close(fn(x, y, 1.5), scaled_sum(x, y, 1.5))
+
+
+def test_an_artifact_that_fails_its_first_call_is_traced_instead(tmp_path, monkeypatch, caplog):
+    """An artifact this torch loads but cannot run (a guard it fails, say): the call is answered by
+    torch.compile's tracing, and that signature stays with it."""
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    precompiled(scaled_sum, tmp_path)(x, y, 1.0)  # leaves the artifact
+
+    def unrunnable(file, **_):
+        def run(*args, **kwargs):
+            raise RuntimeError("GuardManager check failed")
+
+        return run
+
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", unrunnable)
+    again = precompiled(scaled_sum, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            torch.testing.assert_close(again(x, y, 1.0), scaled_sum(x, y, 1.0))
+    assert again.counts == {"fallback": 1}
+    assert "the loaded function failed (GuardManager check failed)" in caplog.text
