@@ -230,7 +230,7 @@ def test_a_warm_start_loads_its_compiled_layers_and_matches_the_reference(cuda, 
     )
     with PipelinedExecutor(config) as cold:
         compiled = cold.report()["precompiled"]
-    assert set(compiled) == {"compiled"} and compiled["compiled"] >= 5
+    assert set(compiled) == {"compiled"}  # one per compiled layer kind (the stages config.use_compile names)
     with PipelinedExecutor(config) as warm:
         assert warm.report()["precompiled"] == {"loaded": compiled["compiled"]}
         reference = EagerPolicy(parts=warm.parts)
