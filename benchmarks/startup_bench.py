@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,13 +57,25 @@ with PipelinedExecutor(config) as executor:
 """.replace("FRAMES", "60")
 
 
-def one_start(mode: str, cache_dir: str, scope: str) -> dict:
+def child_environment(pycache: str | None) -> dict:
+    """The child's environment: as it is, or with Python's bytecode kept under `pycache` (as a robot's
+    pip install leaves it: a venv that cannot be written, as on the GPU machine here, otherwise compiles
+    every imported module's source at every start)."""
+    env = dict(os.environ)
+    if pycache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
+    return env
+
+
+def one_start(mode: str, cache_dir: str, scope: str, pycache: str | None = None) -> dict:
     """One fresh process: the parent's clock from spawn to the line announcing the first chunk (the
     child's own clock starts after Python's start-up), and to the process's exit."""
     spawned = time.monotonic()
     errors = tempfile.TemporaryFile("w+")  # not a pipe: a child's many warnings must not block it
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, mode, cache_dir, scope],
+        env=child_environment(pycache),
         stdout=subprocess.PIPE,
         stderr=errors,
         text=True,
@@ -81,6 +94,7 @@ def one_start(mode: str, cache_dir: str, scope: str) -> dict:
     if proc.returncode or first_chunk_s is None:
         raise RuntimeError(f"start-up run failed (rc {proc.returncode}):\n{stderr[-3000:]}")
     return {
+        "bytecode_cached": pycache is not None,
         "spawn_to_first_chunk_s": first_chunk_s,
         "spawn_to_exit_s": time.monotonic() - spawned,
         "events": events,
@@ -93,16 +107,24 @@ def main() -> None:
     parser.add_argument("--mode", default="fp8_all")
     parser.add_argument("--starts", type=int, default=2, help="the first is cold, the rest warm")
     parser.add_argument("--scopes", default="stage", help="compile scopes, each its own cache: stage,layer")
+    parser.add_argument(
+        "--bytecode-cache",
+        action="store_true",
+        help="keep Python's bytecode between starts (one directory for the run; the first start fills it), "
+        "then one more warm start per scope with the environment as it is",
+    )
     args = parser.parse_args()
     doc = {
         **run_header(),
         "mode": args.mode,
         "starts": [],
     }
+    pycache = tempfile.mkdtemp(prefix="vla-pycache-") if args.bytecode_cache else None
     for scope in args.scopes.split(","):
         with tempfile.TemporaryDirectory(prefix="vla-compile-") as cache_dir:
-            for _ in range(args.starts):
-                run = {"compile_scope": scope, **one_start(args.mode, cache_dir, scope)}
+            starts = [pycache] * args.starts + ([None] if pycache else [])
+            for bytecode in starts:
+                run = {"compile_scope": scope, **one_start(args.mode, cache_dir, scope, bytecode)}
                 doc["starts"].append(run)
                 print(json.dumps(run), flush=True)
                 save(doc, args.out)

@@ -33,7 +33,11 @@ def test_the_key_follows_code_torch_model_and_precision(monkeypatch):
     assert cache_key(base) != key
 
 
-def test_inductor_is_pointed_at_the_keys_directory_and_it_warms(tmp_path):
+def test_inductor_is_pointed_at_the_keys_directory_and_it_warms(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    threads = 4
+    monkeypatch.setattr(inductor_config, "compile_threads", threads)
     assert use_compile_cache(RuntimeConfig(preset="pi05_tiny")) is None  # the CPU compiles nothing
     assert (
         use_compile_cache(RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache="none"))
@@ -48,7 +52,9 @@ def test_inductor_is_pointed_at_the_keys_directory_and_it_warms(tmp_path):
         assert set(executor.report()["startup_s"]) == {"weights", "compile_and_capture"}
         assert executor.describe_startup().endswith(f"; compile cache cold: {cache.path}")
     (cache.path / "fxgraph").mkdir()  # what Inductor leaves behind
+    assert inductor_config.compile_threads == threads  # cold: Inductor's pool of compile workers
     assert use_compile_cache(config).warm
+    assert inductor_config.compile_threads == 1  # warm: kernels are loaded, no pool is started
 
 
 def test_a_cache_directory_that_cannot_be_made_is_named():

@@ -22,8 +22,11 @@ from tests.conftest import random_observation
 
 
 @pytest.fixture(autouse=True)
-def restore_inductor_dir(monkeypatch):  # the executor points Inductor at its compile cache
+def restore_inductor_settings(monkeypatch):  # the executor points Inductor at its compile cache
+    import torch._inductor.config as inductor_config
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", "unset"))
+    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
 
 
 FUNCTIONS = {"stage": 3, "layer": 5}  # encode, fill, velocity; or vision, prefix, prefix_kv, expert, head
