@@ -34,7 +34,12 @@ from vla_runtime.runtime.synthetic import synthetic_observation
 say("imported")
 options = GPU_PRECISION_OPTIONS[sys.argv[1]]
 config = RuntimeConfig(
-    preset="pi05", device="cuda", compile_cache=sys.argv[2], compile_scope=sys.argv[3], **options
+    preset="pi05",
+    device="cuda",
+    compile_cache=sys.argv[2],
+    compile_scope=sys.argv[3],
+    precompile=sys.argv[4] == "precompiled",
+    **options,
 )
 with PipelinedExecutor(config) as executor:
     say("ready", cache=executor.compile_cache.describe(), phases_s=executor.startup_s)
@@ -68,13 +73,15 @@ def child_environment(pycache: str | None) -> dict:
     return env
 
 
-def one_start(mode: str, cache_dir: str, scope: str, pycache: str | None = None) -> dict:
+def one_start(
+    mode: str, cache_dir: str, scope: str, pycache: str | None = None, precompile: bool = True
+) -> dict:
     """One fresh process: the parent's clock from spawn to the line announcing the first chunk (the
     child's own clock starts after Python's start-up), and to the process's exit."""
     spawned = time.monotonic()
     errors = tempfile.TemporaryFile("w+")  # not a pipe: a child's many warnings must not block it
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, mode, cache_dir, scope],
+        [sys.executable, "-c", CHILD, mode, cache_dir, scope, "precompiled" if precompile else "traced"],
         env=child_environment(pycache),
         stdout=subprocess.PIPE,
         stderr=errors,
@@ -94,6 +101,7 @@ def one_start(mode: str, cache_dir: str, scope: str, pycache: str | None = None)
     if proc.returncode or first_chunk_s is None:
         raise RuntimeError(f"start-up run failed (rc {proc.returncode}):\n{stderr[-3000:]}")
     return {
+        "precompile": precompile,
         "bytecode_cached": pycache is not None,
         "spawn_to_first_chunk_s": first_chunk_s,
         "spawn_to_exit_s": time.monotonic() - spawned,
@@ -113,6 +121,11 @@ def main() -> None:
         help="keep Python's bytecode between starts (one directory for the run; the first start fills it), "
         "then one more warm start per scope with the environment as it is",
     )
+    parser.add_argument(
+        "--traced-warm",
+        action="store_true",
+        help="one more warm start per scope with precompile off (torch.compile traces): the baseline",
+    )
     args = parser.parse_args()
     doc = {
         **run_header(),
@@ -122,9 +135,10 @@ def main() -> None:
     pycache = tempfile.mkdtemp(prefix="vla-pycache-") if args.bytecode_cache else None
     for scope in args.scopes.split(","):
         with tempfile.TemporaryDirectory(prefix="vla-compile-") as cache_dir:
-            starts = [pycache] * args.starts + ([None] if pycache else [])
-            for bytecode in starts:
-                run = {"compile_scope": scope, **one_start(args.mode, cache_dir, scope, bytecode)}
+            starts = [(pycache, True)] * args.starts + ([(None, True)] if pycache else [])
+            starts += [(pycache, False)] if args.traced_warm else []
+            for bytecode, precompile in starts:
+                run = {"compile_scope": scope, **one_start(args.mode, cache_dir, scope, bytecode, precompile)}
                 doc["starts"].append(run)
                 print(json.dumps(run), flush=True)
                 save(doc, args.out)

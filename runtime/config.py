@@ -96,6 +96,7 @@ class RuntimeConfig:
         None  # w4a8: MCAP observations the smoothing is fitted on; None = synthetic
     )
     compile_cache: str = "~/.cache/vla_runtime/compile"  # runtime/compile_cache.py; "none": Inductor's own
+    precompile: bool = True  # runtime/precompiled.py: compiled functions kept whole in compile_cache
     max_image_side: int = 4096
     # Images not of the model's size resized on the device (uint8 up as they came) instead of on the host
     resize_on_device: bool = False

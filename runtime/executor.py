@@ -187,9 +187,8 @@ class PipelinedExecutor(Policy):
         self._runners: dict[tuple[int, int, int], StageRunner] = {}
         self.compile_cache = use_compile_cache(self.config)  # before anything compiles
         # Compiled functions are kept whole beside Inductor's cache, so a warm start loads, not traces.
-        self._compiled = CompiledFunctions(
-            self.compile_cache.path / "precompiled" if self.compile_cache else None
-        )
+        keep = self.compile_cache is not None and self.config.precompile
+        self._compiled = CompiledFunctions(self.compile_cache.path / "precompiled" if keep else None)
         if self.cuda:
             # Priorities: the denoise loop is hundreds of small kernels that only need a few SMs each, the
             # prefix is a few large GEMMs that take them all; the denoise stream is put first in line so

@@ -148,6 +148,12 @@ SETTINGS: tuple[Setting, ...] = (
         str,
     ),
     Setting(
+        "precompile",
+        "keep each compiled function whole in compile_cache and load it at the next start instead of "
+        "tracing it (torch's experimental aot_compile); false: torch.compile traces at every start",
+        bool,
+    ),
+    Setting(
         "keep_float_weights",
         "int8 / w4a8: keep the quantised GEMMs' float weights after the start-up gate (more memory; "
         "needed only to compare the two paths later)",
@@ -235,7 +241,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "compile_scope",
         "what one torch.compile covers: stage (fuses across layers, the measured default) or layer (one "
-        "compile serves every layer of a stack, meant to shorten start-up; not yet measured on a GPU)",
+        "compile serves every layer of a stack: a cold start of 15 s against 58 on the H200)",
         str,
         choices=COMPILE_SCOPES,
     ),

@@ -138,3 +138,17 @@ def test_an_artifact_that_fails_its_first_call_is_traced_instead(tmp_path, monke
             torch.testing.assert_close(again(x, y, 1.0), scaled_sum(x, y, 1.0))
     assert again.counts == {"fallback": 1}
     assert "the loaded function failed (GuardManager check failed)" in caplog.text
+
+
+def test_precompile_off_leaves_tracing_to_torch_compile(tmp_path, monkeypatch):
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # fast
+    config = RuntimeConfig(
+        preset="pi05_tiny", compile_stages=True, compile_cache=str(tmp_path), precompile=False
+    )
+    with PipelinedExecutor(config) as executor:
+        executor.infer(random_observation(np.random.default_rng(), "pi05_tiny"))
+        assert executor.report()["precompiled"] == {}
+        assert "functions:" not in executor.describe_startup()
+    assert not list(tmp_path.rglob("*.aot"))
