@@ -30,17 +30,16 @@ def bars(start: dict) -> dict[str, float]:
 def main(results: Path, out: Path) -> None:
     doc = json.loads(results.read_text())
     starts = doc["starts"]
-    labels, seen = [], set()
+    labels = []
     bytecode_compared = any(s.get("bytecode_cached") for s in starts)  # --bytecode-cache runs
     for start in starts:
         scope = start["compile_scope"]
-        label = f"{scope}\n{'warm' if scope in seen else 'cold'}"
+        label = f"{scope}\n{'warm' if 'cache warm' in start['events']['ready']['cache'] else 'cold'}"
         if bytecode_compared and not start["bytecode_cached"]:
             label += "\nno bytecode kept"
         if not start.get("precompile", True):
             label += "\ntraced"
         labels.append(label)
-        seen.add(scope)
     fig, (time_to_chunk, latency) = plt.subplots(
         1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [2, 1]}
     )

@@ -122,9 +122,10 @@ def main() -> None:
         "then one more warm start per scope with the environment as it is",
     )
     parser.add_argument(
-        "--traced-warm",
+        "--traced",
         action="store_true",
-        help="one more warm start per scope with precompile off (torch.compile traces): the baseline",
+        help="per scope, as many starts again with precompile off (torch.compile traces; their own cache "
+        "directory, so the first is cold): the baseline",
     )
     args = parser.parse_args()
     doc = {
@@ -136,7 +137,7 @@ def main() -> None:
     for scope in args.scopes.split(","):
         with tempfile.TemporaryDirectory(prefix="vla-compile-") as cache_dir:
             starts = [(pycache, True)] * args.starts + ([(None, True)] if pycache else [])
-            starts += [(pycache, False)] if args.traced_warm else []
+            starts += [(pycache, False)] * args.starts if args.traced else []  # a directory of their own
             for bytecode, precompile in starts:
                 run = {"compile_scope": scope, **one_start(args.mode, cache_dir, scope, bytecode, precompile)}
                 doc["starts"].append(run)

@@ -74,6 +74,9 @@ def cache_key(config: RuntimeConfig) -> str:
         "model": model_shape_digest(config.model),
         "stages": list(config.use_compile),
         "scope": config.compile_scope,
+        # Kept whole or traced: their Inductor entries are keyed apart (the ahead-of-time compile bundles
+        # its own), so a start of the one finds nothing of the other's and must count as cold.
+        "precompile": config.precompile,
         **{name: getattr(config, name) for name in PRECISION_FIELDS},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

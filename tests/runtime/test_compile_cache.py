@@ -26,6 +26,7 @@ def test_the_key_follows_code_torch_model_and_precision(monkeypatch):
     assert cache_key(base.replace(preset="pi0_tiny")) != key
     assert cache_key(base.replace(handover="rtc")) != key
     assert cache_key(base.replace(precision="int8")) != key
+    assert cache_key(base.replace(precompile=False)) != key
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
     assert cache_key(base) != key
     monkeypatch.undo()
