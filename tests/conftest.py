@@ -86,3 +86,20 @@ def rng() -> np.random.Generator:
     seed = np.random.SeedSequence().entropy
     print(f"rng seed {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def inductor_settings_restored(monkeypatch, tmp_path):
+    """An executor with a compile cache points Inductor at it (the environment variable) and, when the
+    cache is warm, turns its compile workers off: both are put back after the test. Unset before, the
+    variable points at this test's own directory meanwhile (never a relative path in the working tree)."""
+    import os
+
+    import torch._inductor.config as inductor_config
+
+    name = "TORCHINDUCTOR_CACHE_DIR"
+    monkeypatch.setenv(name, os.environ.get(name, str(tmp_path / "inductor")))
+    # Not monkeypatch.setattr: its undo of a value torch set meanwhile deletes the setting instead.
+    threads = inductor_config.compile_threads
+    yield
+    inductor_config.compile_threads = threads

@@ -13,10 +13,7 @@ from vla_runtime.runtime.compile_cache import cache_key, use_compile_cache
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 
-
-@pytest.fixture(autouse=True)
-def restore_inductor_dir(monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", "unset"))
+pytestmark = pytest.mark.usefixtures("inductor_settings_restored")
 
 
 def test_the_key_follows_code_torch_model_and_precision(monkeypatch):
@@ -34,11 +31,11 @@ def test_the_key_follows_code_torch_model_and_precision(monkeypatch):
     assert cache_key(base) != key
 
 
-def test_inductor_is_pointed_at_the_keys_directory_and_it_warms(tmp_path, monkeypatch):
+def test_inductor_is_pointed_at_the_keys_directory_and_it_warms(tmp_path):
     import torch._inductor.config as inductor_config
 
     threads = 4
-    monkeypatch.setattr(inductor_config, "compile_threads", threads)
+    inductor_config.compile_threads = threads  # put back by inductor_settings_restored
     assert use_compile_cache(RuntimeConfig(preset="pi05_tiny")) is None  # the CPU compiles nothing
     assert (
         use_compile_cache(RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache="none"))

@@ -6,7 +6,6 @@ is compiled over; a function that cannot be compiled ahead of time is traced as 
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -20,14 +19,7 @@ from vla_runtime.runtime.stages import CompiledFunctions
 
 from tests.conftest import random_observation
 
-
-@pytest.fixture(autouse=True)
-def restore_inductor_settings(monkeypatch):  # the executor points Inductor at its compile cache
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", "unset"))
-    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
-
+pytestmark = pytest.mark.usefixtures("inductor_settings_restored")
 
 FUNCTIONS = {"stage": 3, "layer": 5}  # encode, fill, velocity; or vision, prefix, prefix_kv, expert, head
 
