@@ -6,16 +6,19 @@ scope) to 16.7 s (stage scope) of a warm pi05 start on the H200. `torch.compile(
 (torch 2.11, experimental) traces and compiles once and saves the result as one file; loading it skips
 both (a tiny pi05 vision stage on the CPU: 4.3 s warm through torch.compile, 0.06 s loaded).
 
-An artifact serves exactly the inputs it was compiled for, so a `PrecompiledFunction` keeps one per
-input signature (`signature`), each in a file named after the function and that signature, inside the
-compile cache's directory for the configuration (whose key already covers the code, torch, the GPU, the
-model's shapes and the precision). Weights are read from the modules at every call, never baked in.
-A file that does not load is compiled over; a function that cannot be compiled ahead of time (a graph
-break) is compiled by torch.compile as before, with a warning.
+An artifact serves the inputs it was compiled for, so a `PrecompiledFunction` keeps one per input
+signature (`signature`), each in a file named after the function and that signature, inside the compile
+cache's directory for the configuration (whose key already covers the code, torch, the GPU, the model's
+shapes and the precision). Weights are read from the modules at every call, never baked in. The
+artifact's own guards (shapes, the modules' settings, the global state) are checked at every call; where
+they refuse, or an argument cannot be described, the call goes to torch.compile's tracing instead. The
+files are Python pickles, as Inductor's own cache files are: the cache directory must be trusted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -32,11 +35,17 @@ import torch
 log = logging.getLogger(__name__)
 
 ARTIFACT_SUFFIX = ".aot"
+NOT_AHEAD_SUFFIX = ".traced"  # left where a signature could not be compiled ahead of time
+
+
+class Unkeyable(TypeError):
+    """An argument a signature cannot describe (its compiled code could not be told apart)."""
 
 
 def _module_signature(module: torch.nn.Module, known: weakref.WeakKeyDictionary) -> tuple:
     """A module's class and its parameters' and buffers' names, shapes and dtypes (made once per
-    module: the compiled code reads the tensors themselves at every call)."""
+    module: the compiled code reads the tensors themselves at every call, and its guards check the
+    module's other settings)."""
     signature = known.get(module)
     if signature is None:
         tensors = itertools.chain(module.named_parameters(), module.named_buffers())
@@ -48,8 +57,14 @@ def _module_signature(module: torch.nn.Module, known: weakref.WeakKeyDictionary)
     return signature
 
 
+def _code_digest(code) -> str:
+    """A function's compiled code: its bytecode, constants and the names it reads."""
+    return hashlib.sha256(repr((code.co_code, code.co_consts, code.co_names)).encode()).hexdigest()[:16]
+
+
 def _describe(value, known: weakref.WeakKeyDictionary):
-    """What a compiled function specialises on in one argument."""
+    """What a compiled function specialises on in one argument. Raises `Unkeyable` for a kind of value
+    not described here (its artifact could serve another value of the same type wrongly)."""
     if isinstance(value, torch.Tensor):
         return (
             tuple(value.shape),
@@ -67,20 +82,52 @@ def _describe(value, known: weakref.WeakKeyDictionary):
         return ("dict", tuple((key, _describe(item, known)) for key, item in sorted(value.items())))
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return repr(value)
-    # Anything else (a function, a settings object) is specialised on by the traced code itself, which
-    # the compile cache's key covers; its type tells different kinds apart.
-    return type(value).__qualname__
+    # Code is baked into the artifact, not checked by it: a function is told apart by its code, a
+    # closure's cells and its defaults.
+    if isinstance(value, functools.partial):
+        return (
+            "partial",
+            _describe(value.func, known),
+            _describe(value.args, known),
+            _describe(value.keywords, known),
+        )
+    if inspect.ismethod(value):
+        return ("method", _describe(value.__self__, known), _describe(value.__func__, known))
+    if inspect.isfunction(value):
+        cells = tuple(cell.cell_contents for cell in value.__closure__ or ())
+        return (
+            "function",
+            value.__module__,
+            value.__qualname__,
+            _code_digest(value.__code__),
+            _describe(cells, known),
+            _describe(value.__defaults__ or (), known),
+        )
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = tuple((f.name, _describe(getattr(value, f.name), known)) for f in dataclasses.fields(value))
+        return (type(value).__qualname__, fields)
+    raise Unkeyable(f"an argument of type {type(value).__qualname__}")
+
+
+def _global_state() -> tuple:
+    """The process settings compiled code depends on (the artifact's guards check them too)."""
+    return (
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        torch.get_num_threads(),
+        str(torch.get_default_dtype()),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+    )
 
 
 def signature(args: tuple, kwargs: dict, known: weakref.WeakKeyDictionary) -> str:
-    """A digest of everything an artifact is specialised on: the arguments (`_describe`) and the grad
-    and inference modes it runs under."""
-    described = (
-        _describe(args, known),
-        _describe(kwargs, known),
-        torch.is_grad_enabled(),
-        torch.is_inference_mode_enabled(),
-    )
+    """A digest of everything an artifact is specialised on: the arguments (`_describe`) and the global
+    state it runs under."""
+    described = (_describe(args, known), _describe(kwargs, known), _global_state())
     return hashlib.sha256(repr(described).encode()).hexdigest()[:20]
 
 
@@ -100,8 +147,9 @@ def compile_ahead_of_time(fn: Callable, args: tuple, kwargs: dict):
 
 class PrecompiledFunction:
     """`fn` compiled per input signature: loaded from `directory` when an earlier run left the artifact
-    there, else compiled ahead of time and saved there. `fallback` (torch.compile'd `fn`) serves the
-    signatures that cannot be compiled ahead of time. Thread-safe: several executors may share one."""
+    there, else compiled ahead of time and saved there. `fallback` (torch.compile'd `fn`) serves what
+    cannot be compiled ahead of time or what an artifact's guards refuse. Thread-safe: several executors
+    may share one."""
 
     def __init__(self, fn: Callable, name: str, directory: Path, fallback: Callable):
         # A bound method is compiled as its function; its instance becomes the first argument.
@@ -113,65 +161,90 @@ class PrecompiledFunction:
         self._entries: dict[str, Callable] = {}
         self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self.counts: Counter = Counter()  # loaded, compiled, fallback: one per signature met
+        self._traced: set[str] = set()  # why calls went to the fallback, each counted once
+        self.counts: Counter = Counter()  # loaded, compiled, fallback: one per signature (or reason)
 
     def __call__(self, *args, **kwargs):
         if self._bound_to is not None:
             args = (self._bound_to, *args)
-        key = signature(args, kwargs, self._modules)
+        try:
+            key = signature(args, kwargs, self._modules)
+        except Unkeyable as err:
+            return self._trace(args, kwargs, f"not compiled ahead of time ({err})")
         entry = self._entries.get(key)
         if entry is None:
-            with self._lock:  # a new signature: compiled or loaded once, and proven by its first call
-                entry = self._entries.get(key)
-                if entry is None:
-                    entry, how = self._entry(key, args, kwargs)
-                    if entry is not self._fallback:
-                        try:
-                            result = entry(*args, **kwargs)
-                        except Exception as err:  # an artifact this torch cannot run: traced instead
-                            log.warning("%s: the %s function failed (%s); tracing it", self.name, how, err)
-                            entry, how = self._fallback, "fallback"
-                        else:
-                            self._entries[key] = entry
-                            self.counts[how] += 1
-                            return result
-                    self._entries[key] = entry
-                    self.counts[how] += 1
-        if entry is self._fallback and self._bound_to is not None:
-            args = args[1:]  # the fallback is the compiled bound method
+            with self._lock:  # a new signature: loaded or compiled once
+                entry = self._entries.get(key) or self._entry(key, args, kwargs)
+                self._entries[key] = entry
+        if entry is self._fallback:
+            return self._trace(args, kwargs)
+        # The artifact's guards, checked here (not inside it) so that a refusal is traced, not raised.
+        if not entry.guard_check(*args, **kwargs):
+            return self._trace(args, kwargs, f"its compiled function's guards refused a call ({key})")
         return entry(*args, **kwargs)
 
-    def path(self, key: str) -> Path:
-        return self.directory / f"{self.name}-{key}{ARTIFACT_SUFFIX}"
+    def path(self, key: str, suffix: str = ARTIFACT_SUFFIX) -> Path:
+        return self.directory / f"{self.name}-{key}{suffix}"
 
-    def _entry(self, key: str, args: tuple, kwargs: dict) -> tuple[Callable, str]:
-        """The function for one signature and how it was come by: loaded, compiled (and saved), or the
-        fallback."""
+    def _trace(self, args: tuple, kwargs: dict, why: str | None = None):
+        """The call through torch.compile's tracing; `why` is logged and counted once."""
+        if why is not None and why not in self._traced:
+            with self._lock:
+                if why not in self._traced:
+                    self._traced.add(why)
+                    self.counts["fallback"] += 1
+                    log.warning("%s: %s; torch.compile traces it", self.name, why)
+        if self._bound_to is not None:
+            args = args[1:]  # the fallback is the compiled bound method
+        return self._fallback(*args, **kwargs)
+
+    def _entry(self, key: str, args: tuple, kwargs: dict) -> Callable:
+        """The function for one signature: the artifact an earlier run left when it accepts these inputs,
+        else one compiled now (and saved), else the fallback (remembered on disk, so later starts do not
+        try again)."""
+        if self.path(key, NOT_AHEAD_SUFFIX).exists():
+            self.counts["fallback"] += 1
+            return self._fallback
         path = self.path(key)
         if path.exists():
             try:
                 with path.open("rb") as artifact:
-                    return torch.compiler.load_compiled_function(artifact), "loaded"
+                    loaded = torch.compiler.load_compiled_function(artifact)
+                loaded.disable_guard_check()  # checked by __call__
             except Exception as err:  # damaged, or from another build: compiled over below
                 log.warning("%s: cannot load %s (%s); compiling it again", self.name, path, err)
+            else:
+                if loaded.guard_check(*args, **kwargs):
+                    self.counts["loaded"] += 1
+                    return loaded
+                log.warning(
+                    "%s: %s does not accept these inputs (its guards); compiling it again", self.name, path
+                )
         try:
             compiled = compile_ahead_of_time(self._fn, args, kwargs)
+            compiled.disable_guard_check()
+        except torch.OutOfMemoryError:
+            raise
         except Exception as err:  # a graph break, or an argument the serialiser does not take
             log.warning(
                 "%s: not compiled ahead of time (%s); torch.compile traces it at every start", self.name, err
             )
-            return self._fallback, "fallback"
-        self._save(compiled, path)
-        return compiled, "compiled"
+            self.counts["fallback"] += 1
+            reason = f"{err}\n"  # `err` is unbound after the except clause
+            self._write(self.path(key, NOT_AHEAD_SUFFIX), lambda partial: partial.write_text(reason))
+            return self._fallback
+        self.counts["compiled"] += 1
+        self._write(path, lambda partial: compiled.save_compiled_function(str(partial)))
+        return compiled
 
-    def _save(self, compiled, path: Path) -> None:
+    def _write(self, path: Path, write: Callable[[Path], object]) -> None:
         """Write to a temporary name and rename: a process starting beside this one (one per GPU) never
-        reads half a file."""
+        reads half a file. A failure is logged; serving goes on and the next start compiles again."""
         partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            compiled.save_compiled_function(str(partial))
+            write(partial)
             os.replace(partial, path)
-        except Exception as err:  # serving goes on; the next start compiles it again
+        except Exception as err:
             log.warning("%s: cannot save %s (%s)", self.name, path, err)
             partial.unlink(missing_ok=True)

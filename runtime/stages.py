@@ -73,7 +73,12 @@ class CompiledFunctions:
     torch.compile traces each at every start."""
 
     def __init__(self, directory: Path | None = None):
-        self.directory = directory if directory is not None and aot_compile_available() else None
+        if directory is not None and not aot_compile_available():
+            log.warning(
+                "precompile: this torch (%s) has no aot_compile; tracing at every start", torch.__version__
+            )
+            directory = None
+        self.directory = directory
         self.functions: dict[str, Callable] = {}
 
     def get(self, name: str, fn: Callable, cameras: int) -> Callable:
