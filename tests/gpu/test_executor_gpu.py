@@ -12,6 +12,7 @@ from vla_runtime.runtime.reference import EagerPolicy
 
 from ..conftest import random_observation
 from ..runtime.test_executor import FailsOnce, wait_dispatched
+from .conftest import worst_relative_difference
 
 # bf16 tolerance, relative to the largest action magnitude. The executor runs Inductor-fused kernels that
 # keep some intermediates in float32 where the eager reference rounds to bf16 after every op, so the two
@@ -210,13 +211,7 @@ def test_layer_scope_compiles_one_kind_of_layer_once_and_matches_the_reference(p
     executor, reference = pi05
     layered = PipelinedExecutor(executor.config.replace(compile_scope="layer"))
     try:
-        cfg = executor.config.model
-        for _ in range(5):
-            obs = random_observation(rng, "pi05", side=224)
-            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
-            want = reference.infer(obs, noise).actions
-            got = layered.infer(obs, noise).actions
-            assert np.abs(got - want).max() / np.abs(want).max() <= BF16_REL_TOL
+        assert worst_relative_difference(layered, reference, rng, frames=5) <= BF16_REL_TOL
     finally:
         layered.close()
 
@@ -233,10 +228,4 @@ def test_a_warm_start_loads_its_compiled_layers_and_matches_the_reference(cuda, 
     assert set(compiled) == {"compiled"}  # one per compiled layer kind (the stages config.use_compile names)
     with PipelinedExecutor(config) as warm:
         assert warm.report()["precompiled"] == {"loaded": compiled["compiled"]}
-        reference = EagerPolicy(parts=warm.parts)
-        cfg = config.model
-        for _ in range(3):
-            obs = random_observation(rng, "pi05", side=224)
-            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
-            want = reference.infer(obs, noise).actions
-            assert np.abs(warm.infer(obs, noise).actions - want).max() / np.abs(want).max() <= BF16_REL_TOL
+        assert worst_relative_difference(warm, EagerPolicy(parts=warm.parts), rng) <= BF16_REL_TOL

@@ -4,7 +4,6 @@ eager reference in the same mode, and the mode's accuracy gates against float32 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from vla_runtime.graphs.config import GEMMA_300M
@@ -21,7 +20,7 @@ from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
 
-from ..conftest import random_observation
+from .conftest import worst_relative_difference
 from .test_executor_gpu import BF16_REL_TOL
 
 SHAPES = {**GEMMA_300M.gemm_shapes(), "odd_n": (1000, 1024)}  # the action expert's, and a ragged N
@@ -75,15 +74,8 @@ def test_integer_modes_in_graphs_equal_the_eager_reference_and_pass_their_gates(
     config = RuntimeConfig(preset="pi05", device="cuda", precision=precision, integer_stages=stages)
     with PipelinedExecutor(config) as executor:
         assert executor.use_graphs and executor.counters["captures"] > 0
-        reference = EagerPolicy(parts=executor.parts)
-        cfg = config.model
-        for _ in range(3):
-            obs = random_observation(rng, "pi05", side=224)
-            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
-            got = executor.infer(obs, noise).actions
-            want = reference.infer(obs, noise).actions
-            worst = np.abs(got - want).max() / np.abs(want).max()
-            assert worst <= BF16_REL_TOL, worst
+        worst = worst_relative_difference(executor, EagerPolicy(parts=executor.parts), rng)
+        assert worst <= BF16_REL_TOL, worst
         table = accuracy_table(config, frames=2, candidate=executor.parts)
     print({r["name"]: round(r["cosine"], 5) for r in table["rows"] if r["gate"]})
     assert table["passed"]
