@@ -43,7 +43,7 @@ from .buffers import (
     batch_sizes,
     prompt_bucket,
 )
-from .compile_cache import use_compile_cache
+from .compile_cache import BYTECODE_HINT, bytecode_kept, use_compile_cache
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
 from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
@@ -506,8 +506,11 @@ class PipelinedExecutor(Policy):
             return phases
         counts = self._compiled.counts()
         precompiled = ", ".join(f"{n} {how}" for how, n in counts.items())
-        return f"{phases}; {self.compile_cache.describe()}" + (
-            f" (functions: {precompiled})" if counts else ""
+        bytecode = "" if bytecode_kept() else f"; {BYTECODE_HINT}"
+        return (
+            f"{phases}; {self.compile_cache.describe()}"
+            + (f" (functions: {precompiled})" if counts else "")
+            + bytecode
         )
 
     # ------------------------------------------------------------------ graphs and buffers per profile

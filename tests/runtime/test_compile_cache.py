@@ -115,3 +115,21 @@ def test_synthetic_fp8_scales_are_kept_for_the_next_start_and_a_bad_file_is_cali
     kept.mkdir()  # a path that cannot be written
     _, scales = prepared(config)
     assert len(calibrations) == 4 and scales == first_scales and kept.is_dir()
+
+
+def test_a_start_that_cannot_keep_pythons_bytecode_says_how_to(tmp_path, monkeypatch):
+    """Where torch's modules were compiled from source with nowhere to keep the bytecode, the ready line
+    says so and names PYTHONPYCACHEPREFIX; where the bytecode is kept, it says nothing of it."""
+    import types
+
+    from vla_runtime.runtime.compile_cache import BYTECODE_HINT, bytecode_kept
+
+    assert bytecode_kept()  # this environment keeps it (or pip compiled it at install)
+    assert not bytecode_kept(types.SimpleNamespace(__cached__=str(tmp_path / "never-written.pyc")))
+    assert bytecode_kept(types.SimpleNamespace(__cached__=None))  # a module with no source (built in)
+    config = RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_cache=str(tmp_path))
+    with PipelinedExecutor(config) as executor:
+        assert BYTECODE_HINT not in executor.describe_startup()
+        monkeypatch.setattr("vla_runtime.runtime.executor.bytecode_kept", lambda: False)
+        assert executor.describe_startup().endswith(f"; {BYTECODE_HINT}")
+        assert "PYTHONPYCACHEPREFIX" in BYTECODE_HINT
