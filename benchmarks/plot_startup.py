@@ -35,7 +35,7 @@ def main(results: Path, out: Path) -> None:
     for start in starts:
         scope = start["compile_scope"]
         label = f"{scope}\n{'warm' if 'cache warm' in start['events']['ready']['cache'] else 'cold'}"
-        if bytecode_compared and not start["bytecode_cached"]:
+        if bytecode_compared and not start.get("bytecode_cached"):
             label += "\nno bytecode kept"
         if not start.get("precompile", True):
             label += "\ntraced"

@@ -6,6 +6,7 @@ how far the actions are from the eager reference's on fresh inputs (the compiled
 compiled or loaded from an earlier one, `precompiled`).
 
 python benchmarks/startup_bench.py OUT.json [--mode fp8_all] [--starts 2] [--scopes stage,layer]
+    [--bytecode-cache] [--traced]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ config = RuntimeConfig(
     device="cuda",
     compile_cache=sys.argv[2],
     compile_scope=sys.argv[3],
-    precompile=sys.argv[4] == "precompiled",
+    precompile=sys.argv[4] == "precompiled",  # child_arguments' last
     **options,
 )
 with PipelinedExecutor(config) as executor:
@@ -73,6 +74,11 @@ def child_environment(pycache: str | None) -> dict:
     return env
 
 
+def child_arguments(mode: str, cache_dir: str, scope: str, precompile: bool = True) -> list[str]:
+    """The child's command-line arguments (CHILD reads them in this order)."""
+    return [mode, cache_dir, scope, "precompiled" if precompile else "traced"]
+
+
 def one_start(
     mode: str, cache_dir: str, scope: str, pycache: str | None = None, precompile: bool = True
 ) -> dict:
@@ -81,7 +87,7 @@ def one_start(
     spawned = time.monotonic()
     errors = tempfile.TemporaryFile("w+")  # not a pipe: a child's many warnings must not block it
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, mode, cache_dir, scope, "precompiled" if precompile else "traced"],
+        [sys.executable, "-c", CHILD, *child_arguments(mode, cache_dir, scope, precompile)],
         env=child_environment(pycache),
         stdout=subprocess.PIPE,
         stderr=errors,
@@ -137,9 +143,13 @@ def main() -> None:
     for scope in args.scopes.split(","):
         with tempfile.TemporaryDirectory(prefix="vla-compile-") as cache_dir:
             starts = [(pycache, True)] * args.starts + ([(None, True)] if pycache else [])
-            starts += [(pycache, False)] * args.starts if args.traced else []  # a directory of their own
-            for bytecode, precompile in starts:
-                run = {"compile_scope": scope, **one_start(args.mode, cache_dir, scope, bytecode, precompile)}
+            # precompile is in the compile cache's key: the traced starts get a directory of their own in it
+            starts += [(pycache, False)] * args.starts if args.traced else []
+            for pycache_dir, precompile in starts:
+                run = {
+                    "compile_scope": scope,
+                    **one_start(args.mode, cache_dir, scope, pycache_dir, precompile),
+                }
                 doc["starts"].append(run)
                 print(json.dumps(run), flush=True)
                 save(doc, args.out)

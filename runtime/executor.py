@@ -43,7 +43,7 @@ from .buffers import (
     batch_sizes,
     prompt_bucket,
 )
-from .compile_cache import BYTECODE_HINT, bytecode_kept, use_compile_cache
+from .compile_cache import use_compile_cache
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
 from .hazards import PIPELINE, STEP_NAMES, WAITS, Step
@@ -51,6 +51,7 @@ from .inputs import PreparedInputs, place_raw_images
 from .loading import PolicyParts, build_parts
 from .pipelining import PipeliningChooser
 from .policy import FrameDropped, Policy
+from .python_bytecode import BYTECODE_HINT, bytecode_kept
 from .stages import STAGES, CompiledFunctions, StageEngine, StageRunner
 from .timing import LatencyStats, TraceRecorder
 from .types import ActionChunk, Observation
@@ -186,9 +187,11 @@ class PipelinedExecutor(Policy):
         # One runner per input shape; each holds a denoise graph per step count it has served.
         self._runners: dict[tuple[int, int, int], StageRunner] = {}
         self.compile_cache = use_compile_cache(self.config)  # before anything compiles
-        # Compiled functions are kept whole beside Inductor's cache, so a warm start loads, not traces.
-        keep = self.compile_cache is not None and self.config.precompile
-        self._compiled = CompiledFunctions(self.compile_cache.path / "precompiled" if keep else None)
+        # Compiled functions are kept whole inside the compile cache, so a warm start loads, not traces.
+        precompiled_dir = None
+        if self.compile_cache is not None and self.config.precompile:
+            precompiled_dir = self.compile_cache.path / "precompiled"
+        self._compiled = CompiledFunctions(precompiled_dir)
         if self.cuda:
             # Priorities: the denoise loop is hundreds of small kernels that only need a few SMs each, the
             # prefix is a few large GEMMs that take them all; the denoise stream is put first in line so
@@ -500,18 +503,17 @@ class PipelinedExecutor(Policy):
         }
 
     def describe_startup(self) -> str:
-        """Where start-up went, for the ready line: "weights 3.1 s, quantise 8.0 s, ...", and the cache."""
-        phases = ", ".join(f"{name.replace('_', ' ')} {s:.1f} s" for name, s in self.startup_s.items())
-        if not self.compile_cache:
-            return phases
-        counts = self._compiled.counts()
-        precompiled = ", ".join(f"{n} {how}" for how, n in counts.items())
-        bytecode = "" if bytecode_kept() else f"; {BYTECODE_HINT}"
-        return (
-            f"{phases}; {self.compile_cache.describe()}"
-            + (f" (functions: {precompiled})" if counts else "")
-            + bytecode
-        )
+        """Where start-up went, for the ready line: "weights 3.1 s, quantise 8.0 s, ...", the compile cache
+        and how its compiled functions were come by, and a hint where Python's bytecode is not kept."""
+        line = ", ".join(f"{name.replace('_', ' ')} {s:.1f} s" for name, s in self.startup_s.items())
+        if self.compile_cache:
+            line += f"; {self.compile_cache.describe()}"
+            counts = self._compiled.counts()
+            if counts:
+                line += f" (functions: {', '.join(f'{n} {how}' for how, n in counts.items())})"
+        if self.config.use_compile and not bytecode_kept():
+            line += f"; {BYTECODE_HINT}"
+        return line
 
     # ------------------------------------------------------------------ graphs and buffers per profile
     def _captured(self, profile: ShapeProfile) -> bool:

@@ -10,9 +10,12 @@ An artifact serves the inputs it was compiled for, so a `PrecompiledFunction` ke
 signature (`signature`), each in a file named after the function and that signature, inside the compile
 cache's directory for the configuration (whose key already covers the code, torch, the GPU, the model's
 shapes and the precision). Weights are read from the modules at every call, never baked in. The
-artifact's own guards (shapes, the modules' settings, the global state) are checked at every call; where
-they refuse, or an argument cannot be described, the call goes to torch.compile's tracing instead. The
-files are Python pickles, as Inductor's own cache files are: the cache directory must be trusted.
+artifact's own guards (shapes, the modules' settings, the global state) are checked at every call. At a
+signature's first call in a process, an artifact they refuse is compiled again and saved over; at a
+later call, the call goes to torch.compile's tracing instead, as does one with an argument the signature
+cannot describe. A signature that cannot be compiled ahead of time (a graph break) is traced, and a
+marker file (`*.traced`) spares later starts the attempt; deleting it makes the next start try again.
+The files are Python pickles, as Inductor's own cache files are: the cache directory must be trusted.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ARTIFACT_SUFFIX = ".aot"
-NOT_AHEAD_SUFFIX = ".traced"  # left where a signature could not be compiled ahead of time
+TRACED_MARKER_SUFFIX = ".traced"  # left where a signature could not be compiled ahead of time
 
 
 class Unkeyable(TypeError):
@@ -43,7 +46,7 @@ class Unkeyable(TypeError):
 
 
 def _module_signature(module: torch.nn.Module, known: weakref.WeakKeyDictionary) -> tuple:
-    """A module's class and its parameters' and buffers' names, shapes and dtypes (made once per
+    """A module's class and its parameters' and buffers' names, shapes, dtypes and devices (made once per
     module: the compiled code reads the tensors themselves at every call, and its guards check the
     module's other settings)."""
     signature = known.get(module)
@@ -58,7 +61,7 @@ def _module_signature(module: torch.nn.Module, known: weakref.WeakKeyDictionary)
 
 
 def _code_digest(code) -> str:
-    """A function's compiled code: its bytecode, constants and the names it reads."""
+    """A digest of a function's bytecode, constants and the names it reads."""
     return hashlib.sha256(repr((code.co_code, code.co_consts, code.co_names)).encode()).hexdigest()[:16]
 
 
@@ -148,8 +151,8 @@ def compile_ahead_of_time(fn: Callable, args: tuple, kwargs: dict):
 class PrecompiledFunction:
     """`fn` compiled per input signature: loaded from `directory` when an earlier run left the artifact
     there, else compiled ahead of time and saved there. `fallback` (torch.compile'd `fn`) serves what
-    cannot be compiled ahead of time or what an artifact's guards refuse. Thread-safe: several executors
-    may share one."""
+    cannot be compiled ahead of time or what an artifact's guards refuse. Thread-safe: the profiles of
+    one executor share it, across its threads."""
 
     def __init__(self, fn: Callable, name: str, directory: Path, fallback: Callable):
         # A bound method is compiled as its function; its instance becomes the first argument.
@@ -159,39 +162,39 @@ class PrecompiledFunction:
         self.directory = directory
         self._fallback = fallback
         self._entries: dict[str, Callable] = {}
-        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._module_signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._traced: set[str] = set()  # why calls went to the fallback, each counted once
-        self.counts: Counter = Counter()  # loaded, compiled, fallback: one per signature (or reason)
+        self._fallback_reasons: set[str] = set()  # why calls went to the fallback, each counted once
+        self.counts: Counter = Counter()  # loaded, compiled: per signature; fallback: per signature or reason
 
     def __call__(self, *args, **kwargs):
         if self._bound_to is not None:
             args = (self._bound_to, *args)
         try:
-            key = signature(args, kwargs, self._modules)
+            key = signature(args, kwargs, self._module_signatures)
         except Unkeyable as err:
-            return self._trace(args, kwargs, f"not compiled ahead of time ({err})")
+            return self._call_fallback(args, kwargs, f"not compiled ahead of time ({err})")
         entry = self._entries.get(key)
         if entry is None:
             with self._lock:  # a new signature: loaded or compiled once
                 entry = self._entries.get(key) or self._entry(key, args, kwargs)
                 self._entries[key] = entry
         if entry is self._fallback:
-            return self._trace(args, kwargs)
+            return self._call_fallback(args, kwargs)
         # The artifact's guards, checked here (not inside it) so that a refusal is traced, not raised.
         if not entry.guard_check(*args, **kwargs):
-            return self._trace(args, kwargs, f"its compiled function's guards refused a call ({key})")
+            return self._call_fallback(args, kwargs, f"its compiled function's guards refused a call ({key})")
         return entry(*args, **kwargs)
 
     def path(self, key: str, suffix: str = ARTIFACT_SUFFIX) -> Path:
         return self.directory / f"{self.name}-{key}{suffix}"
 
-    def _trace(self, args: tuple, kwargs: dict, why: str | None = None):
+    def _call_fallback(self, args: tuple, kwargs: dict, why: str | None = None):
         """The call through torch.compile's tracing; `why` is logged and counted once."""
-        if why is not None and why not in self._traced:
+        if why is not None and why not in self._fallback_reasons:
             with self._lock:
-                if why not in self._traced:
-                    self._traced.add(why)
+                if why not in self._fallback_reasons:
+                    self._fallback_reasons.add(why)
                     self.counts["fallback"] += 1
                     log.warning("%s: %s; torch.compile traces it", self.name, why)
         if self._bound_to is not None:
@@ -202,7 +205,11 @@ class PrecompiledFunction:
         """The function for one signature: the artifact an earlier run left when it accepts these inputs,
         else one compiled now (and saved), else the fallback (remembered on disk, so later starts do not
         try again)."""
-        if self.path(key, NOT_AHEAD_SUFFIX).exists():
+        marker = self.path(key, TRACED_MARKER_SUFFIX)
+        if marker.exists():
+            log.warning(
+                "%s: traced, as %s says (delete it to try compiling ahead of time again)", self.name, marker
+            )
             self.counts["fallback"] += 1
             return self._fallback
         path = self.path(key)
@@ -223,15 +230,15 @@ class PrecompiledFunction:
         try:
             compiled = compile_ahead_of_time(self._fn, args, kwargs)
             compiled.disable_guard_check()
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError:  # the device's state, not the function's: no marker, no fallback
             raise
         except Exception as err:  # a graph break, or an argument the serialiser does not take
             log.warning(
                 "%s: not compiled ahead of time (%s); torch.compile traces it at every start", self.name, err
             )
             self.counts["fallback"] += 1
-            reason = f"{err}\n"  # `err` is unbound after the except clause
-            self._write(self.path(key, NOT_AHEAD_SUFFIX), lambda partial: partial.write_text(reason))
+            reason = f"{err}\n"
+            self._write(marker, lambda partial: partial.write_text(reason))
             return self._fallback
         self.counts["compiled"] += 1
         self._write(path, lambda partial: compiled.save_compiled_function(str(partial)))

@@ -241,7 +241,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "compile_scope",
         "what one torch.compile covers: stage (fuses across layers, the measured default) or layer (one "
-        "compile serves every layer of a stack: a cold start of 15 s against 58 on the H200)",
+        "compile serves every layer of a stack: a cold start of 15 s against the stage scope's 58, H200)",
         str,
         choices=COMPILE_SCOPES,
     ),

@@ -82,6 +82,8 @@ class CompiledFunctions:
         self.functions: dict[str, Callable] = {}
 
     def get(self, name: str, fn: Callable, cameras: int) -> Callable:
+        """`fn` compiled, made once per name; `cameras` sizes torch.compile's recompile limits (the
+        traced path: the precompiled one has no recompiles)."""
         if name not in self.functions:
             traced = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
             self.functions[name] = (
@@ -90,7 +92,8 @@ class CompiledFunctions:
         return self.functions[name]
 
     def counts(self) -> dict[str, int]:
-        """Signatures met so far: loaded from an earlier run, compiled and saved, or traced (fallback)."""
+        """Signatures met so far, loaded from an earlier run or compiled and saved; fallback: signatures
+        traced, and reasons calls were traced."""
         total = Counter()
         for fn in self.functions.values():
             total.update(getattr(fn, "counts", {}))

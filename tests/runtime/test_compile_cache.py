@@ -122,7 +122,7 @@ def test_a_start_that_cannot_keep_pythons_bytecode_says_how_to(tmp_path, monkeyp
     says so and names PYTHONPYCACHEPREFIX; where the bytecode is kept, it says nothing of it."""
     import types
 
-    from vla_runtime.runtime.compile_cache import BYTECODE_HINT, bytecode_kept
+    from vla_runtime.runtime.python_bytecode import BYTECODE_HINT, bytecode_kept
 
     assert bytecode_kept()  # this environment keeps it (or pip compiled it at install)
     assert not bytecode_kept(types.SimpleNamespace(__cached__=str(tmp_path / "never-written.pyc")))
