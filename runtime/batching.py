@@ -30,12 +30,13 @@ each within GATHER_S of the one before, over no more than GATHER_LIMIT_S. The ro
 the typical arrival's burst in the last second holds at least two robots and half of those seen. Spread
 robots do not, even where jitter chains two or three of them; nor does a dense stream of many spread
 robots (a chain longer than GATHER_LIMIT_S counts as bursts of one). Where they do, while the newest
-burst has fewer robots than the typical one and is still arriving, the batch waits for its rest
-(GATHER_S after its last arrival, or while an observation is still being prepared in the server's
-`submit`; GATHER_LIMIT_S after its first arrival at most, never past the latest start of the earliest
-deadline), whatever the executor (`_rest_of_the_burst`). An arrival counts from the start of `submit`:
-the robots' threads take turns preparing their observations, which spread a burst by milliseconds. This
-is the one wait of a server with one frame in flight (below).
+burst has fewer robots than the typical one, the batch waits for its rest until GATHER_LIMIT_S after the
+burst's first arrival (sooner when the rest is in; never past the latest start of the earliest
+deadline), whatever the executor (`_rest_of_the_burst`), even through a gap in its arrivals: a robot's
+thread that wakes late splits the tick otherwise, and its straggler waits for a whole batch and misses.
+An arrival counts from the start of `submit`: the robots' threads take turns preparing their
+observations, which spread a burst by milliseconds. This is the one wait of a server with one frame in
+flight (below).
 
 Holding for the keep-up size is for an executor that takes a batch while another runs (pipelining
 `throughput`): there the server would otherwise send each observation as it comes, in batches too small
@@ -140,18 +141,17 @@ class BatchHold:
                 self._busy_until = done
 
     def decide(
-        self, waiting: int, earliest_deadline: float, now: float, may_hold: bool = True, preparing: int = 0
+        self, waiting: int, earliest_deadline: float, now: float, may_hold: bool = True
     ) -> tuple[int, float]:
         """Of `waiting` observations (the earliest due at `earliest_deadline`): how many the next batch
         takes, and how long to hold them first (0: send now). Not `may_hold`: no holding for the keep-up
-        size; a burst still arriving is gathered all the same. `preparing`: observations submitted and
-        still being prepared (a burst is still arriving while any are)."""
+        size; a burst still arriving is gathered all the same."""
         if not self.enabled:
             return min(waiting, self.max_batch), 0.0
         with self._lock:
             self._forget_before(now - RATE_WINDOW_S)
             bursts = self._bursts()
-            gather = self._rest_of_the_burst(bursts, waiting, earliest_deadline, now, preparing)
+            gather = self._rest_of_the_burst(bursts, waiting, earliest_deadline, now)
             if gather > 0:
                 self.counters["gathered"] += 1
                 return min(waiting, self.max_batch), gather
@@ -210,27 +210,29 @@ class BatchHold:
         return bursts
 
     def _rest_of_the_burst(
-        self, bursts: list[Burst], waiting: int, earliest_deadline: float, now: float, preparing: int = 0
+        self, bursts: list[Burst], waiting: int, earliest_deadline: float, now: float
     ) -> float:
-        """How long to wait for the rest of a burst still arriving (0: none). Robots that tick together
-        arrive in bursts; a batch sent at a burst's first arrival would leave the rest to wait behind it.
-        So, where the robots tick together, while the newest burst has fewer robots than the typical
-        burst and an arrival came within the last GATHER_S, the batch waits for GATHER_S after it, or while
-        an observation is still being prepared (`preparing`; the server wakes the batch when it is in).
-        Never longer than GATHER_LIMIT_S from the burst's first arrival, nor past the latest start of the
-        earliest deadline."""
+        """How long to wait for the rest of a burst (0: none). Robots that tick together arrive in bursts;
+        a batch sent before a burst is in leaves the rest to wait behind it, past their deadline. So, where
+        the robots tick together, while the newest burst (its first arrival within GATHER_LIMIT_S) has
+        fewer robots than the typical burst, the batch waits until
+        GATHER_LIMIT_S after the burst's first arrival; the server wakes it at each arrival, and it goes
+        when the burst is in. The wait goes on through a gap in the arrivals: on the H200 a tick's
+        largest gap passed GATHER_S in 1 to 3 ticks of 242, each of them split and late
+        (benchmarks/in_step_probe.py). Never past the latest start of the earliest deadline. A robot
+        missing from a tick costs its tick's batch GATHER_LIMIT_S, until the typical burst forgets it
+        (within RATE_WINDOW_S)."""
         if not bursts:  # nothing arrived in the last second (a preparation that took longer)
             return 0.0
-        arriving = now - bursts[-1].end < GATHER_S
-        if not (arriving or preparing) or not self._ticking_together(bursts):
+        newest = bursts[-1]
+        if now - newest.start >= GATHER_LIMIT_S or not self._ticking_together(bursts):
             return 0.0
-        newest, typical = bursts[-1], self._typical_burst(bursts)
+        typical = self._typical_burst(bursts)
         if len(newest.robots) >= typical or waiting >= min(typical, self.max_batch):
-            return 0.0  # the burst is in: what is being prepared belongs to another
+            return 0.0  # the burst is in
         expected = self._estimate(min(typical, self.max_batch)) or 0.0
         latest_start = earliest_deadline - self.margin_s - expected
-        rest_due = now + GATHER_LIMIT_S if preparing else newest.end + GATHER_S
-        until = min(rest_due, newest.start + GATHER_LIMIT_S, latest_start)
+        until = min(newest.start + GATHER_LIMIT_S, latest_start)
         return max(0.0, until - now)
 
     @staticmethod

@@ -67,7 +67,6 @@ class PolicyServer:
         self.max_batch = executor.config.max_batch
         self.batching = BatchHold(batch_profile, self.max_batch, MARGIN * deadline_s, enabled=hold)
         self._pending: dict[str, Pending] = {}
-        self._preparing = 0  # observations inside `submit`, being prepared (not pending yet)
         self._cond = threading.Condition()
         self._closed = False
         self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ROBOT_COUNTERS, 0))
@@ -99,18 +98,9 @@ class PolicyServer:
         # The robot's wait starts here: its deadline and its arrival (for the bursts of robots ticking
         # together) count from now, not from when its preparation ends; robots' threads take turns at that.
         now = time.monotonic()
+        member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError, to this robot
+        pending = Pending(robot, member, Future(), now + deadline_s, now, steps)
         with self._cond:
-            self._preparing += 1  # a burst's rest is waited for while any of it is being prepared
-        try:
-            member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError, to this robot
-            pending = Pending(robot, member, Future(), now + deadline_s, now, steps)
-        except BaseException:
-            with self._cond:
-                self._preparing -= 1
-                self._cond.notify_all()
-            raise
-        with self._cond:
-            self._preparing -= 1
             if self._closed:
                 raise ExecutorClosed("server is closed")
             replaced = self._pending.get(robot)
@@ -191,7 +181,7 @@ class PolicyServer:
                 # came meanwhile); a burst's rest is gathered either way
                 may_hold = self.executor.batching_in_flight() > 1
                 take, wait = self.batching.decide(
-                    len(by_deadline), by_deadline[0].deadline, time.monotonic(), may_hold, self._preparing
+                    len(by_deadline), by_deadline[0].deadline, time.monotonic(), may_hold
                 )
                 if wait <= 0:
                     ready = by_deadline[:take]

@@ -8,7 +8,7 @@ a batch capped at the keep-up size's profile; device times per profile from issu
 from __future__ import annotations
 
 import pytest
-from vla_runtime.runtime.batching import GATHER_LIMIT_S, GATHER_S, BatchHold
+from vla_runtime.runtime.batching import GATHER_LIMIT_S, BatchHold
 from vla_runtime.runtime.buffers import batch_profile
 
 MARGIN_S = 0.005
@@ -162,27 +162,24 @@ def test_a_dense_stream_split_by_a_late_arrival_does_not_wait():
     assert hold.decide(1, earliest_deadline=10.056, now=10.006, may_hold=False) == (1, 0.0)
 
 
-def test_a_burst_waits_for_a_robot_still_being_prepared():
-    """8 robots in step; 7 of the next tick are in, the eighth is still inside `submit`: past GATHER_S
-    after the last arrival the batch still waits for it (the server wakes the batch when it is in), up to
-    GATHER_LIMIT_S from the burst's first arrival. With nobody being prepared the 7 go, whole."""
+def test_a_burst_is_waited_for_through_a_gap_in_its_arrivals():
+    """8 robots in step; 7 of the next tick are in, then nothing for longer than GATHER_S (a robot's thread
+    woke late): the 7 still wait for the eighth, until GATHER_LIMIT_S after the burst's first arrival, and
+    go as one batch of 8 when it comes. Without it, they go at the limit."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
     for i in range(7):
         hold.arrived(f"r{i}", 10.0 + i * 0.0001)
-    take, wait = hold.decide(7, earliest_deadline=10.06, now=10.006, may_hold=False, preparing=1)
-    assert take == 7 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.006)
-    assert hold.decide(7, earliest_deadline=10.06, now=10.006, may_hold=False) == (7, 0.0)
-    assert hold.decide(7, earliest_deadline=10.06, now=10.0101, may_hold=False, preparing=1) == (7, 0.0)
-    hold.arrived("r7", 10.001)  # the burst is in: a robot being prepared belongs to another
-    assert hold.decide(8, earliest_deadline=10.06, now=10.002, may_hold=False, preparing=1) == (8, 0.0)
-    # a preparation that took longer than a second: nothing arrived in the window, nothing to gather
-    assert hold.decide(1, earliest_deadline=12.0, now=11.5, may_hold=False, preparing=1) == (1, 0.0)
+    take, wait = hold.decide(7, earliest_deadline=10.06, now=10.0065, may_hold=False)
+    assert take == 7 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.0065)
+    assert hold.decide(7, earliest_deadline=10.06, now=10.0 + GATHER_LIMIT_S, may_hold=False) == (7, 0.0)
+    hold.arrived("r7", 10.0075)  # more than GATHER_S after the seventh: a burst of its own, the tick's rest
+    assert hold.decide(8, earliest_deadline=10.06, now=10.0076, may_hold=False) == (8, 0.0)
 
 
 def test_a_slow_burst_is_waited_for_no_longer_than_the_gather_limit():
-    """8 robots in step; in the next tick they come 4 ms apart (each within GATHER_S of the one before):
-    the batch waits for the rest, but no longer than GATHER_LIMIT_S from the first arrival."""
+    """8 robots in step; in the next tick they come 4 ms apart: the batch waits for the rest, but no
+    longer than GATHER_LIMIT_S from the first arrival."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
     for i in range(3):
@@ -194,30 +191,29 @@ def test_a_slow_burst_is_waited_for_no_longer_than_the_gather_limit():
 
 
 def test_a_burst_still_arriving_waits_for_its_rest_and_goes_as_one_batch():
-    """Eight robots ticking together: the first of a new burst waits (GATHER_S after the last arrival) for
-    the rest, with either executor; all eight then go as one batch (39 ms, before the deadline). A burst
-    missing a robot goes without it once GATHER_S passed with no arrival, whole."""
+    """Eight robots ticking together: the first of a new burst waits (up to GATHER_LIMIT_S from its
+    arrival) for the rest, with either executor; all eight then go as one batch (39 ms, before the
+    deadline). A burst missing a robot goes without it at the limit, whole."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
     hold.arrived("r0", 10.0)
     for may_hold in (True, False):
-        take, wait = hold.decide(1, earliest_deadline=10.05, now=10.0, may_hold=may_hold)
-        assert take == 1 and wait == pytest.approx(GATHER_S)
+        take, wait = hold.decide(1, earliest_deadline=10.06, now=10.0, may_hold=may_hold)
+        assert take == 1 and wait == pytest.approx(GATHER_LIMIT_S)
     for i in range(1, 8):
         hold.arrived(f"r{i}", 10.0 + i * 0.0001)
-    assert hold.decide(8, earliest_deadline=10.05, now=10.001, may_hold=False) == (8, 0.0)
+    assert hold.decide(8, earliest_deadline=10.06, now=10.001, may_hold=False) == (8, 0.0)
     assert hold.counters["gathered"] == 2
 
     for i in range(7):  # the next tick, r7 missing
         hold.arrived(f"r{i}", 10.05 + i * 0.0001)
-    take, wait = hold.decide(7, earliest_deadline=10.1, now=10.0507, may_hold=False)
-    assert take == 7 and wait == pytest.approx(10.0506 + GATHER_S - 10.0507)
-    assert hold.decide(7, earliest_deadline=10.1, now=10.0506 + GATHER_S + 1e-6, may_hold=False) == (7, 0.0)
+    take, wait = hold.decide(7, earliest_deadline=10.11, now=10.0507, may_hold=False)
+    assert take == 7 and wait == pytest.approx(10.05 + GATHER_LIMIT_S - 10.0507)
+    assert hold.decide(7, earliest_deadline=10.11, now=10.05 + GATHER_LIMIT_S, may_hold=False) == (7, 0.0)
 
 
 def test_a_burst_is_waited_for_no_longer_than_its_latest_start():
-    """The rest of a burst is waited for GATHER_S after its last arrival, however long the burst has been
-    arriving (the threads of one process take turns preparing their observations), but never past the
+    """The rest of a burst is waited for until GATHER_LIMIT_S after its first arrival, but never past the
     latest start of the earliest deadline: the deadline less the margin and a batch of the burst's size."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
@@ -225,13 +221,11 @@ def test_a_burst_is_waited_for_no_longer_than_its_latest_start():
     # latest start: 10.045 - margin 0.005 - a batch of 8, 0.039 = 10.001
     take, wait = hold.decide(1, earliest_deadline=10.045, now=10.0, may_hold=False)
     assert take == 1 and wait == pytest.approx(0.001)
-    for k in range(1, 6):  # r0 again and again, each within GATHER_S: the burst goes on, one robot in it
-        hold.arrived("r0", 10.0 + k * 0.001)
     take, wait = hold.decide(1, earliest_deadline=10.06, now=10.0045, may_hold=False)
-    assert take == 1 and wait == pytest.approx(10.005 + GATHER_S - 10.0045)  # past the margin from its start
+    assert take == 1 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.0045)
     take, wait = hold.decide(1, earliest_deadline=10.05, now=10.0045, may_hold=False)
     assert take == 1 and wait == pytest.approx(10.05 - MARGIN_S - 0.039 - 10.0045)  # its latest start
-    assert hold.decide(1, earliest_deadline=10.06, now=10.005 + GATHER_S + 1e-6, may_hold=False) == (1, 0.0)
+    assert hold.decide(1, earliest_deadline=10.06, now=10.0 + GATHER_LIMIT_S, may_hold=False) == (1, 0.0)
 
 
 @pytest.mark.parametrize(

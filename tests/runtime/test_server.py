@@ -333,43 +333,6 @@ def test_under_load_a_batch_takes_no_more_than_keeps_up(served_by_four, rng):
         assert server.batch_sizes() == {2: 2}
 
 
-def test_the_batching_counts_observations_still_being_prepared(served_by_four, rng, monkeypatch):
-    """While robot b's observation is inside `submit` (its preparation held here), the batching decides
-    robot a's batch knowing that one more is being prepared; both are served after."""
-    entered, release = threading.Event(), threading.Event()
-    prepare, calls = served_by_four.prepare, []
-
-    def held_first(obs, noise=None, previous=None):
-        calls.append(obs)
-        if len(calls) == 1:
-            entered.set()
-            release.wait(60)
-        return prepare(obs, noise, previous)
-
-    monkeypatch.setattr(served_by_four, "prepare", held_first)
-    with PolicyServer(served_by_four) as server:
-        seen, decide = [], server.batching.decide
-
-        def recording(waiting, earliest_deadline, now, may_hold=True, preparing=0):
-            seen.append((waiting, preparing))
-            return decide(waiting, earliest_deadline, now, may_hold, preparing)
-
-        monkeypatch.setattr(server.batching, "decide", recording)
-        b = threading.Thread(
-            target=lambda: futures.append(server.submit("b", random_observation(rng, "pi05_tiny")))
-        )
-        futures = []
-        b.start()
-        assert entered.wait(60)
-        a = server.submit("a", random_observation(rng, "pi05_tiny"))
-        a.result(timeout=120)
-        release.set()
-        b.join(60)
-        futures[0].result(timeout=120)
-        assert (1, 1) in seen  # a waited, b being prepared
-        assert server._preparing == 0
-
-
 def test_closing_the_server_fails_a_held_observation(served_by_four, rng):
     server = PolicyServer(served_by_four)
     slow_device(server)
