@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 import threading
@@ -25,30 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from results_doc import recorded_commit
-
-CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-INSTRUCTION = "pick up the black bowl between the plate and the ramekin and place it on the plate"
-
-
-def frames(rng: np.random.Generator, n: int, side: int = 224) -> list[tuple[dict, np.ndarray]]:
-    """`n` distinct observations (camera images, state), cycled by both measurements."""
-    return [
-        (
-            {c: rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for c in CAMERAS},
-            rng.uniform(-1, 1, 8).astype(np.float32),
-        )
-        for _ in range(n)
-    ]
-
-
-def paced(rate_hz: float, seconds: float):
-    """Yields at `rate_hz` for `seconds` (sleeping between ticks)."""
-    period, start = 1.0 / rate_hz, time.perf_counter()
-    k = 0
-    while (tick := start + k * period) < start + seconds:
-        time.sleep(max(0.0, tick - time.perf_counter()))
-        yield k
-        k += 1
+from robot_peer import CAMERAS, INSTRUCTION, RobotPeer, frames, paced, policy_node_command
 
 
 def percentiles(values) -> dict:
@@ -92,20 +68,6 @@ def engine_baseline(config, data, rate_hz: float, seconds: float, warmup: int, i
 
 def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path) -> dict:
     """The policy node in its own process; this process is the robot."""
-    os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
-    import rclpy
-    from builtin_interfaces.msg import Time
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-    from rclpy.serialization import deserialize_message
-    from sensor_msgs.msg import Image, JointState
-    from std_msgs.msg import String
-    from trajectory_msgs.msg import JointTrajectory
-    from vla_runtime.nodes.conversions import rgb_to_image, seconds_to_stamp, stamp_to_seconds
-
     params = {
         "preset": args.preset,
         "device": args.device,
@@ -115,88 +77,25 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
         "cameras": "[" + ",".join(f"'{c}'" for c in CAMERAS) + "]",
         "optional_cameras": "['right_wrist_0_rgb']",
     }
-    if args.instant:
-        command = [sys.executable, str(Path(__file__).with_name("instant_policy_node.py")), "--ros-args"]
-    else:
-        command = [sys.executable, "-m", "vla_runtime", "node", "--ros-args"]
-    for k, v in params.items():
-        command += ["-p", f"{k}:={v}"]
+    peer = RobotPeer(data)  # first: the node inherits the ROS domain it sets
     log = open(log_path, "w")
-    node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    rclpy.init()
-    peer = rclpy.create_node("robot_peer")
-    cams = {
-        c: peer.create_publisher(Image, f"camera/{c}/image_raw", qos_profile_sensor_data) for c in CAMERAS
-    }
-    state_pub = peer.create_publisher(JointState, "joint_states", 10)
-    instruction_pub = peer.create_publisher(String, "instruction", 10)
-    arrivals: dict[float, float] = {}
-    diagnostics: dict = {}
-
-    def on_chunk(raw: bytes):
-        # raw: the arrival time is taken before Python builds the message (a robot's C++ controller would
-        # not pay for that); the stamp is read afterwards
-        now = time.time()
-        msg = deserialize_message(raw, JointTrajectory)
-        arrivals.setdefault(round(stamp_to_seconds(msg.header.stamp), 6), now)
-
-    def on_diag(msg):
-        for status in msg.status:
-            if status.name.startswith("/policy_node"):
-                diagnostics.clear()
-                diagnostics.update({kv.key: kv.value for kv in status.values})
-
-    peer.create_subscription(
-        JointTrajectory,
-        "action_chunk",
-        on_chunk,
-        QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE),
-        raw=True,
-    )
-    peer.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
-    executor = SingleThreadedExecutor()
-    executor.add_node(peer)
-    threading.Thread(target=executor.spin, daemon=True).start()
-
-    # The messages are built ahead, as a camera driver has its buffer ready; each is stamped when sent.
-    prebuilt = [
-        ({c: rgb_to_image(images[c], Image) for c in CAMERAS}, JointState(position=state.tolist()))
-        for images, state in data
-    ]
-    publish_ms = []
-
-    def publish(k: int) -> float:
-        image_msgs, state_msg = prebuilt[k % len(prebuilt)]
-        start = time.perf_counter()
-        stamp = seconds_to_stamp(time.time(), Time)
-        for camera, pub in cams.items():
-            image_msgs[camera].header.stamp = stamp
-            pub.publish(image_msgs[camera])
-        state_msg.header.stamp = stamp
-        state_pub.publish(state_msg)
-        if k % 30 == 0:  # the task instruction: once a second, as a robot would (not with every frame)
-            instruction_pub.publish(String(data=INSTRUCTION))
-        publish_ms.append((time.perf_counter() - start) * 1e3)
-        return round(stamp_to_seconds(stamp), 6)
-
+    node = subprocess.Popen(policy_node_command(params, args.instant), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + args.startup_timeout
-        while diagnostics.get("phase") != "serving":
+        while peer.diagnostics.get("phase") != "serving":
             if time.monotonic() > deadline or node.poll() is not None:
-                raise RuntimeError(f"the node did not start serving; see {log_path}")
+                raise RuntimeError(f"the node did not start serving (rc {node.poll()}); see {log_path}")
             time.sleep(0.2)
         for k in paced(rate_hz, args.node_warmup_s):  # warm-up: discovery, first frames
-            publish(k)
+            peer.publish(k)
         time.sleep(1.0)
-        before = dict(diagnostics)
-        published = [publish(k) for k in paced(rate_hz, seconds)]
+        before = dict(peer.diagnostics)
+        published = [peer.publish(k) for k in paced(rate_hz, seconds)]
         time.sleep(2.0)  # the last chunks and a diagnostics message arrive
-        ages = [(arrivals[s] - s) * 1e3 for s in published if s in arrivals]
-        after = dict(diagnostics)
+        ages = [(peer.arrivals[s] - s) * 1e3 for s in published if s in peer.arrivals]
+        after = dict(peer.diagnostics)
     finally:
-        executor.shutdown()
-        peer.destroy_node()
-        rclpy.shutdown()
+        peer.close()
         node.send_signal(2)
         node.wait(30)
         log.close()
@@ -217,7 +116,7 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
         },
         # where the difference goes: the peer sending (stamp -> last publish returned), the node's own time
         # (last input message in -> submitted, which includes preparing the images; chunk -> published)
-        "peer_publish_ms": percentiles(publish_ms[-len(published) :]),
+        "peer_publish_ms": percentiles(peer.publish_ms[-len(published) :]),
         "node_spans_ms": {
             span: {q: float(after[f"{span}_{q}_ms"]) for q in ("p50", "p99")}
             for span in ("node_in", "node_out")
