@@ -1,5 +1,7 @@
-"""The start-up figure for docs/performance.md from benchmarks/startup_bench.py's JSON: per start (compile
+"""The start-up figures for docs/performance.md. From benchmarks/startup_bench.py's JSON: per start (compile
 scope, cold or warm), the time to the first chunk split into its phases, and the served latency after it.
+From benchmarks/node_startup.py's JSON: per start of the policy node, spawn -> serving and spawn -> the
+first chunk at the peer.
 
 python benchmarks/plot_startup.py benchmarks/results/<file>.json [docs/img/startup.png]
 """
@@ -27,8 +29,33 @@ def bars(start: dict) -> dict[str, float]:
     return parts
 
 
+def node_starts(doc: dict, out: Path) -> None:
+    """A node_startup.py run: per start, spawn -> serving and spawn -> first chunk at the peer."""
+    starts = doc["starts"]
+    labels = [f"start {i + 1}\n{'cold' if s['cold'] else 'warm'}" for i, s in enumerate(starts)]
+    fig, ax = plt.subplots(figsize=(2.2 * len(starts) + 2, 4))
+    width, xs = 0.38, range(len(starts))
+    for k, (key, name) in enumerate(
+        (("spawn_to_serving_s", "node serving"), ("spawn_to_first_chunk_s", "first chunk at the peer"))
+    ):
+        values = [s[key] for s in starts]
+        ax.bar([x + (k - 0.5) * width for x in xs], values, width, label=name)
+        for x, v in zip(xs, values, strict=True):
+            ax.text(x + (k - 0.5) * width, v + 0.8, f"{v:.1f}", ha="center", fontsize=8)
+    ax.axhline(10, color="grey", lw=0.8, ls=":", label="target, warm: 10 s")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("seconds from the node's spawn")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{doc['device']} ({doc['date']}, {doc['commit']}): {doc['workload']}", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+
+
 def main(results: Path, out: Path) -> None:
     doc = json.loads(results.read_text())
+    if doc.get("benchmark") == "node_startup":
+        return node_starts(doc, out)
     starts = doc["starts"]
     labels = []
     bytecode_compared = any(s.get("bytecode_cached") for s in starts)  # --bytecode-cache runs
@@ -41,7 +68,7 @@ def main(results: Path, out: Path) -> None:
             label += "\ntraced"
         labels.append(label)
     fig, (time_to_chunk, latency) = plt.subplots(
-        1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [2, 1]}
+        1, 2, figsize=(max(12, 1.6 * len(starts)), 4.3), gridspec_kw={"width_ratios": [2, 1]}
     )
     bottoms = [0.0] * len(starts)
     for part in ("imports", *PHASES, "other"):
