@@ -79,7 +79,14 @@ def through_the_node(args, data, rate_hz: float, seconds: float, log_path: Path)
     }
     peer = RobotPeer(data)  # first: the node inherits the ROS domain it sets
     log = open(log_path, "w")
-    node = subprocess.Popen(policy_node_command(params, args.instant), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        node = subprocess.Popen(
+            policy_node_command(params, args.instant), stdout=log, stderr=subprocess.STDOUT
+        )
+    except OSError:
+        peer.close()
+        log.close()
+        raise
     try:
         deadline = time.monotonic() + args.startup_timeout
         while peer.diagnostics.get("phase") != "serving":

@@ -1,8 +1,9 @@
 """A policy node's restart as the robot sees it (issue 16, item 3): the node started in a fresh process
 against one compile cache directory, first empty (cold), then as the first start left it (warm), while a
 peer publishes camera frames at 30 Hz from the moment of the spawn. Per start: spawn -> the node's
-log says it is serving, and spawn -> the first chunk at the peer (discovery, imports, weights,
-compilation or loading, capture and the first frame, all of it).
+log says it is serving, spawn -> the peer sees the node's camera subscription (DDS discovery, which can
+come after the node serves), and spawn -> the first chunk at the peer (imports, weights, compilation or
+loading, capture, discovery and the first frame, all of it). One peer serves every start.
 
     python benchmarks/node_startup.py OUT.json [--preset pi05] [--mode fp8_all] [--starts 3]
         [--bytecode-cache]
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from results_doc import run_header, save
-from robot_peer import CAMERAS, RobotPeer, frames, policy_node_command
+from robot_peer import CAMERAS, RobotPeer, frames, paced, policy_node_command
 from startup_bench import child_environment
 
 RATE_HZ = 30.0
@@ -50,14 +51,18 @@ def one_start(peer: RobotPeer, params: dict, pycache: str | None, log_path: Path
     node = subprocess.Popen(
         policy_node_command(params), stdout=log, stderr=subprocess.STDOUT, env=child_environment(pycache)
     )
+    discovered_s, k = None, 0
     try:
-        k = 0
-        while not peer.arrivals:
-            if time.monotonic() - spawned > timeout_s or node.poll() is not None:
-                raise RuntimeError(f"no chunk from the node (rc {node.poll()}); see {log_path}")
+        for k in paced(RATE_HZ, timeout_s):
+            if peer.arrivals:
+                break
+            if node.poll() is not None:
+                raise RuntimeError(f"the node exited (rc {node.returncode}); see {log_path}")
+            if discovered_s is None and peer.node_listens():
+                discovered_s = time.monotonic() - spawned
             peer.publish(k, instruction=True)  # a node just started has not heard it yet
-            k += 1
-            time.sleep(1.0 / RATE_HZ)
+        else:
+            raise RuntimeError(f"no chunk from the node in {timeout_s:g} s; see {log_path}")
         first_chunk_s = min(peer.arrivals.values()) - spawned_wall
     finally:
         node.send_signal(2)
@@ -65,6 +70,7 @@ def one_start(peer: RobotPeer, params: dict, pycache: str | None, log_path: Path
             node.wait(30)
         except subprocess.TimeoutExpired:
             node.kill()
+            node.wait()
         log.close()
     lines = log_path.read_text().splitlines()
     serving = next((line for line in lines if "]: serving" in line), None)
@@ -72,6 +78,8 @@ def one_start(peer: RobotPeer, params: dict, pycache: str | None, log_path: Path
         "bytecode_cached": pycache is not None,
         # the node's log stamps its lines with the wall clock: "[INFO] [<seconds>] [policy_node]: serving..."
         "spawn_to_serving_s": float(serving.split("] [")[1]) - spawned_wall if serving else None,
+        # DDS discovery: when this peer first saw the node's camera subscription (polled at RATE_HZ)
+        "spawn_to_discovered_s": discovered_s,
         "spawn_to_first_chunk_s": first_chunk_s,
         "observations_published": k,
         "ready_line": next((line for line in lines if "]: ready in" in line), "").strip()[:400],
@@ -91,7 +99,8 @@ def main() -> None:
     doc = {
         **run_header(),
         "benchmark": "node_startup",
-        "workload": f"{args.preset}, {args.mode}, policy node in its own process, peer at {RATE_HZ:g} Hz",
+        "workload": f"{args.preset}, {args.mode if args.device.startswith('cuda') else args.device}, "
+        f"policy node in its own process, peer at {RATE_HZ:g} Hz",
         "starts": [],
     }
     peer = RobotPeer(frames(np.random.default_rng(0), 4))

@@ -38,10 +38,10 @@ def node_starts(doc: dict, out: Path) -> None:
     for k, (key, name) in enumerate(
         (("spawn_to_serving_s", "node serving"), ("spawn_to_first_chunk_s", "first chunk at the peer"))
     ):
-        values = [s[key] for s in starts]
+        values = [s[key] or 0.0 for s in starts]  # no serving line in the node's log: none drawn
         ax.bar([x + (k - 0.5) * width for x in xs], values, width, label=name)
         for x, v in zip(xs, values, strict=True):
-            ax.text(x + (k - 0.5) * width, v + 0.8, f"{v:.1f}", ha="center", fontsize=8)
+            ax.text(x + (k - 0.5) * width, v + 0.8, f"{v:.1f}" if v else "-", ha="center", fontsize=8)
     ax.axhline(10, color="grey", lw=0.8, ls=":", label="target, warm: 10 s")
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("seconds from the node's spawn")

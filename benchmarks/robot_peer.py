@@ -108,6 +108,8 @@ class RobotPeer:
             raw=True,
         )
         self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
+        # DDS discovery: the node's camera subscription seen by this peer (no frame reaches it before)
+        self.first_camera = self._cams[CAMERAS[0]]
         self._executor = SingleThreadedExecutor()
         self._executor.add_node(self.node)
         threading.Thread(target=self._executor.spin, daemon=True).start()
@@ -129,10 +131,16 @@ class RobotPeer:
             pub.publish(image_msgs[camera])
         state_msg.header.stamp = stamp
         self._state_pub.publish(state_msg)
-        if k % 30 == 0 if instruction is None else instruction:
+        if instruction is None:
+            instruction = k % 30 == 0
+        if instruction:
             self._instruction_pub.publish(self._String(data=INSTRUCTION))
         self.publish_ms.append((time.perf_counter() - start) * 1e3)
         return round(self._stamp_to_seconds(stamp), 6)
+
+    def node_listens(self) -> bool:
+        """The policy node's camera subscription is matched with this peer's publisher."""
+        return self.first_camera.get_subscription_count() > 0
 
     def close(self, shutdown: bool = True) -> None:
         """Stop this peer; `shutdown`: and rclpy with it (the last peer of the process)."""

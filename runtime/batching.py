@@ -29,11 +29,15 @@ Robots whose ticks fall together (a shared clock, cameras triggered together) ar
 each within GATHER_S of the one before, over no more than GATHER_LIMIT_S. The robots tick together when
 the typical arrival's burst in the last second holds at least two robots and half of those seen. Spread
 robots do not, even where jitter chains two or three of them; nor does a dense stream of many spread
-robots (a chain longer than GATHER_LIMIT_S counts as bursts of one). Where they do, while the newest
-burst has fewer robots than the typical one, the batch waits for its rest until GATHER_LIMIT_S after the
-burst's first arrival (sooner when the rest is in; never past the latest start of the earliest
-deadline), whatever the executor (`_rest_of_the_burst`), even through a gap in its arrivals: a robot's
-thread that wakes late splits the tick otherwise, and its straggler waits for a whole batch and misses.
+robots (a chain longer than GATHER_LIMIT_S counts as bursts of one). Where they do, a batch waits for the
+rest of the newest tick (the bursts that began within GATHER_LIMIT_S of the newest one's start): for the
+robots that came with its robots in their previous burst and have not come yet, whatever the executor
+(`_rest_of_the_burst`). It waits through a gap in the arrivals (a robot's thread that woke late splits
+the tick otherwise, and its straggler waits for a whole batch and misses), and goes when they are in;
+never past GATHER_LIMIT_S from the tick's first arrival or from the earliest waiting observation's
+(kept when a robot's newer observation replaces it), nor past the latest start of the earliest deadline.
+A robot that arrives alone, as it did last time (a spread robot in a fleet otherwise in step), waits for
+nobody; a robot that has left costs its companions one tick's wait.
 An arrival counts from the start of `submit`: the robots' threads take turns preparing their
 observations, which spread a burst by milliseconds. This is the one wait of a server with one frame in
 flight (below).
@@ -73,8 +77,9 @@ MARGIN = 0.1  # of the deadline: a held batch is sent this early, for the spread
 # step on a 2-core host): gaps in a tick's arrivals reached 3-8 ms at the 99th percentile; at 2 ms, 7% of
 # the ticks split, their stragglers waited for a whole batch of 8 and missed.
 GATHER_S = 0.005
-# A burst is waited for no longer than this from its first arrival: 8 robots in step on the H200 arrived
-# within 5-7 ms at the 99th percentile of their ticks, 10 ms at most (benchmarks/in_step_probe.py).
+# A tick's rest is waited for no longer than this from its first arrival (and from the earliest waiting
+# observation's); bursts that begin within it of each other are one tick. 8 robots in step on the H200
+# arrived within 5-7 ms at the 99th percentile of their ticks, 10 ms at most (benchmarks/in_step_probe.py).
 GATHER_LIMIT_S = 2 * GATHER_S
 
 
@@ -141,17 +146,23 @@ class BatchHold:
                 self._busy_until = done
 
     def decide(
-        self, waiting: int, earliest_deadline: float, now: float, may_hold: bool = True
+        self,
+        waiting: int,
+        earliest_deadline: float,
+        now: float,
+        may_hold: bool = True,
+        waiting_since: float | None = None,
     ) -> tuple[int, float]:
-        """Of `waiting` observations (the earliest due at `earliest_deadline`): how many the next batch
-        takes, and how long to hold them first (0: send now). Not `may_hold`: no holding for the keep-up
-        size; a burst still arriving is gathered all the same."""
+        """Of `waiting` observations (the earliest due at `earliest_deadline`, the earliest to arrive at
+        `waiting_since`): how many the next batch takes, and how long to hold them first (0: send now).
+        Not `may_hold`: no holding for the keep-up size; a burst still arriving is gathered all the
+        same."""
         if not self.enabled:
             return min(waiting, self.max_batch), 0.0
         with self._lock:
             self._forget_before(now - RATE_WINDOW_S)
             bursts = self._bursts()
-            gather = self._rest_of_the_burst(bursts, waiting, earliest_deadline, now)
+            gather = self._rest_of_the_burst(bursts, waiting, earliest_deadline, now, waiting_since)
             if gather > 0:
                 self.counters["gathered"] += 1
                 return min(waiting, self.max_batch), gather
@@ -210,30 +221,44 @@ class BatchHold:
         return bursts
 
     def _rest_of_the_burst(
-        self, bursts: list[Burst], waiting: int, earliest_deadline: float, now: float
+        self,
+        bursts: list[Burst],
+        waiting: int,
+        earliest_deadline: float,
+        now: float,
+        waiting_since: float | None = None,
     ) -> float:
-        """How long to wait for the rest of a burst (0: none). Robots that tick together arrive in bursts;
-        a batch sent before a burst is in leaves the rest to wait behind it, past their deadline. So, where
-        the robots tick together, while the newest burst (its first arrival within GATHER_LIMIT_S) has
-        fewer robots than the typical burst, the batch waits until
-        GATHER_LIMIT_S after the burst's first arrival; the server wakes it at each arrival, and it goes
-        when the burst is in. The wait goes on through a gap in the arrivals: on the H200 a tick's
-        largest gap passed GATHER_S in 1 to 3 ticks of 242, each of them split and late
-        (benchmarks/in_step_probe.py). Never past the latest start of the earliest deadline. A robot
-        missing from a tick costs its tick's batch GATHER_LIMIT_S, until the typical burst forgets it
-        (within RATE_WINDOW_S)."""
-        if not bursts:  # nothing arrived in the last second (a preparation that took longer)
+        """How long to wait for the rest of the newest tick (0: none). Robots that tick together arrive in
+        bursts; a batch sent before the tick is in leaves the rest to wait behind it, past their deadline.
+        So, where the robots tick together, while robots that came with the tick's robots last time have
+        not come yet, the batch waits for them; the server wakes it at each arrival. On the H200 a tick's
+        largest gap passed GATHER_S in 1 to 3 ticks of 242 (benchmarks/in_step_probe.py), so the wait
+        goes on through a gap; but never past GATHER_LIMIT_S from the tick's first arrival or from
+        `waiting_since`, nor past the latest start of the earliest deadline."""
+        if not bursts or not self._ticking_together(bursts):
             return 0.0
-        newest = bursts[-1]
-        if now - newest.start >= GATHER_LIMIT_S or not self._ticking_together(bursts):
+        tick_start, missing = self._newest_tick(bursts)
+        if not missing or waiting >= self.max_batch:
             return 0.0
         typical = self._typical_burst(bursts)
-        if len(newest.robots) >= typical or waiting >= min(typical, self.max_batch):
-            return 0.0  # the burst is in
         expected = self._estimate(min(typical, self.max_batch)) or 0.0
         latest_start = earliest_deadline - self.margin_s - expected
-        until = min(newest.start + GATHER_LIMIT_S, latest_start)
-        return max(0.0, until - now)
+        first = tick_start if waiting_since is None else min(tick_start, waiting_since)
+        return max(0.0, min(first + GATHER_LIMIT_S, latest_start) - now)
+
+    @staticmethod
+    def _newest_tick(bursts: list[Burst]) -> tuple[float, set[str]]:
+        """The newest tick's first arrival (the bursts that began within GATHER_LIMIT_S of the newest
+        one's start), and the robots that came with its robots in their previous burst but not in it."""
+        newest = bursts[-1].start
+        tick = [b for b in bursts if newest - b.start < GATHER_LIMIT_S]
+        arrived = set().union(*(b.robots for b in tick))
+        companions: set[str] = set()
+        for robot in arrived:
+            previous = next((b for b in reversed(bursts[: -len(tick)]) if robot in b.robots), None)
+            if previous is not None:
+                companions |= previous.robots
+        return tick[0].start, companions - arrived
 
     @staticmethod
     def _typical_burst(bursts: list[Burst]) -> int:

@@ -76,8 +76,10 @@ def test_the_rotations_are_orthogonal_and_the_permutation_a_permutation(gen):
     uniform = torch.full((16,), 0.25, dtype=v.dtype)
     torch.testing.assert_close(h[5], uniform, atol=1e-6, rtol=0)  # channel 5 spread evenly
     smoothing = fit_smoothing(activations(gen, 64, 256, outliers=4), torch.randn(32, 256), block=32)
+    # The outliers' blocks gain from the first rotation; after it and the zigzag, the second may find no
+    # reflection that lowers a block's peak (3 in 300 seeds), and is then the identity.
+    assert smoothing.rotate1.abs().sum() > 0
     for reflections in (smoothing.rotate1, smoothing.rotate2):
-        assert reflections.abs().sum() > 0  # some reflection was kept
         rotations = as_matrices(reflections)
         eye = torch.eye(32).expand_as(rotations)
         torch.testing.assert_close(rotations @ rotations.transpose(1, 2), eye, atol=1e-5, rtol=0)

@@ -228,6 +228,60 @@ def test_a_burst_is_waited_for_no_longer_than_its_latest_start():
     assert hold.decide(1, earliest_deadline=10.06, now=10.0 + GATHER_LIMIT_S, may_hold=False) == (1, 0.0)
 
 
+def test_a_tick_in_lone_arrivals_is_waited_for_no_longer_than_the_limit_from_the_first_waiting():
+    """8 robots in step; the next tick comes as lone arrivals 6 ms apart (each its own burst), with a long
+    deadline: the batch waits for the rest, but no longer than GATHER_LIMIT_S after the earliest waiting
+    observation arrived (the tick restarts at every lone arrival, the limit does not)."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 8, 20, until=10.0)
+    for i in range(3):
+        hold.arrived(f"r{i}", 10.0 + i * 0.006)  # 10.000, 10.006, 10.012
+        now = 10.0 + i * 0.006 + 0.0001
+        take, wait = hold.decide(i + 1, earliest_deadline=10.2, now=now, may_hold=False, waiting_since=10.0)
+        assert take == i + 1 and wait == pytest.approx(max(0.0, 10.0 + GATHER_LIMIT_S - now))
+    assert wait == 0.0  # at 10.012: the limit from r0's arrival has passed
+
+
+def test_a_straggler_after_its_tick_went_does_not_wait():
+    """8 robots in step; 7 came and went as a batch; the eighth comes 8.5 ms after the first, after a gap:
+    its tick is in (its companions came), so it goes at once."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 8, 20, until=10.0)
+    for i in range(7):
+        hold.arrived(f"r{i}", 10.0 + i * 0.0001)
+    hold.arrived("r7", 10.0085)
+    assert hold.decide(1, earliest_deadline=10.0585, now=10.0086, may_hold=False) == (1, 0.0)
+
+
+def test_a_spread_robot_in_a_fleet_otherwise_in_step_waits_for_nobody():
+    """5 robots in step and 3 spread over the period: the fleet ticks together, but a spread robot came
+    alone last time, so its observation waits for nobody; one of the five waits for the other four."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 5, 20, until=10.0)
+    for k in range(20):
+        for i in range(3):
+            hold.arrived(f"s{i}", 9.0 + k * 0.05 + 0.0125 * (i + 1))
+    hold.arrived("s0", 10.0125)
+    assert hold.decide(1, earliest_deadline=10.0625, now=10.0126, may_hold=False) == (1, 0.0)
+    hold.arrived("r0", 10.05)
+    take, wait = hold.decide(1, earliest_deadline=10.11, now=10.05, may_hold=False)
+    assert take == 1 and wait == pytest.approx(GATHER_LIMIT_S)
+
+
+def test_a_robot_that_left_costs_its_companions_one_tick():
+    """8 robots in step; r7 stops: the first tick without it waits for it (up to the limit); the next
+    tick's robots came without it last time, so they go as soon as they are in."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 8, 20, until=10.0)
+    for i in range(7):
+        hold.arrived(f"r{i}", 10.0 + i * 0.0001)
+    take, wait = hold.decide(7, earliest_deadline=10.06, now=10.001, may_hold=False)
+    assert take == 7 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.001)
+    for i in range(7):
+        hold.arrived(f"r{i}", 10.05 + i * 0.0001)
+    assert hold.decide(7, earliest_deadline=10.11, now=10.051, may_hold=False) == (7, 0.0)
+
+
 @pytest.mark.parametrize(
     "arrivals",
     [

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from vla_runtime.runtime import batching
 from vla_runtime.runtime.batching import GATHER_S
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import ExecutorClosed, PipelinedExecutor
@@ -331,6 +332,28 @@ def test_under_load_a_batch_takes_no_more_than_keeps_up(served_by_four, rng):
             future.result(timeout=120)
         assert server.batches == [["a", "b"], ["c", "d"]]
         assert server.batch_sizes() == {2: 2}
+
+
+def test_robots_in_step_are_served_as_one_batch_through_a_gap_in_their_arrivals(
+    served_by_four, rng, monkeypatch
+):
+    """Two robots that ticked together for a second: a submits, b comes after a gap longer than GATHER_S
+    (a thread that woke late). a's batch waits for b (the server wakes at b's arrival), and both go as one
+    batch. The gather limit is widened here (to 80 ms, within the 150 ms since their last tick) so that
+    the CI host's own stalls cannot split them."""
+    monkeypatch.setattr(batching, "GATHER_LIMIT_S", 0.08)
+    with PolicyServer(served_by_four) as server:
+        now = time.monotonic()
+        for k in range(18):  # ticks every 50 ms, the last 150 ms ago
+            for robot, offset in (("a", 0.0), ("b", 0.0001)):
+                server.batching.arrived(robot, now - 1.0 + k * 0.05 + offset)
+        a = server.submit("a", random_observation(rng, "pi05_tiny"), deadline_s=30.0)
+        time.sleep(3 * GATHER_S)
+        b = server.submit("b", random_observation(rng, "pi05_tiny"), deadline_s=30.0)
+        a.result(timeout=120)
+        b.result(timeout=120)
+        assert server.batches == [["a", "b"]]
+        assert server.batching.counters["gathered"] >= 1
 
 
 def test_closing_the_server_fails_a_held_observation(served_by_four, rng):
