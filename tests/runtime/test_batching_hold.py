@@ -124,6 +124,12 @@ def robots_in_step(hold: BatchHold, robots: int, hz: float, until: float, apart:
             hold.arrived(f"r{i}", until - 1.0 + k / hz + i * apart)
 
 
+def tick(hold: BatchHold, robots, at: float) -> None:
+    """One tick's arrivals of robots r{i} for i in `robots`, from `at`, 0.1 ms apart."""
+    for i in robots:
+        hold.arrived(f"r{i}", at + i * 0.0001)
+
+
 def test_a_burst_one_batch_serves_within_the_tick_is_not_split_though_late():
     """Eight robots in step, the device busy until 10.02: one batch of 8 ends at 10.059, past the deadline
     (10.05) but within the robots' 50 ms tick. Split into 4 + 4 it would end at 10.066 and the next burst
@@ -164,12 +170,11 @@ def test_a_dense_stream_split_by_a_late_arrival_does_not_wait():
 
 def test_a_burst_is_waited_for_through_a_gap_in_its_arrivals():
     """8 robots in step; 7 of the next tick are in, then nothing for longer than GATHER_S (a robot's thread
-    woke late): the 7 still wait for the eighth, until GATHER_LIMIT_S after the burst's first arrival, and
+    woke late): the 7 still wait for the eighth, until GATHER_LIMIT_S after the tick's first arrival, and
     go as one batch of 8 when it comes. Without it, they go at the limit."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
-    for i in range(7):
-        hold.arrived(f"r{i}", 10.0 + i * 0.0001)
+    tick(hold, range(7), at=10.0)
     take, wait = hold.decide(7, earliest_deadline=10.06, now=10.0065, may_hold=False)
     assert take == 7 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.0065)
     assert hold.decide(7, earliest_deadline=10.06, now=10.0 + GATHER_LIMIT_S, may_hold=False) == (7, 0.0)
@@ -200,13 +205,11 @@ def test_a_burst_still_arriving_waits_for_its_rest_and_goes_as_one_batch():
     for may_hold in (True, False):
         take, wait = hold.decide(1, earliest_deadline=10.06, now=10.0, may_hold=may_hold)
         assert take == 1 and wait == pytest.approx(GATHER_LIMIT_S)
-    for i in range(1, 8):
-        hold.arrived(f"r{i}", 10.0 + i * 0.0001)
+    tick(hold, range(1, 8), at=10.0)
     assert hold.decide(8, earliest_deadline=10.06, now=10.001, may_hold=False) == (8, 0.0)
     assert hold.counters["gathered"] == 2
 
-    for i in range(7):  # the next tick, r7 missing
-        hold.arrived(f"r{i}", 10.05 + i * 0.0001)
+    tick(hold, range(7), at=10.05)  # the next tick, r7 missing
     take, wait = hold.decide(7, earliest_deadline=10.11, now=10.0507, may_hold=False)
     assert take == 7 and wait == pytest.approx(10.05 + GATHER_LIMIT_S - 10.0507)
     assert hold.decide(7, earliest_deadline=10.11, now=10.05 + GATHER_LIMIT_S, may_hold=False) == (7, 0.0)
@@ -247,8 +250,7 @@ def test_a_straggler_after_its_tick_went_does_not_wait():
     its tick is in (its companions came), so it goes at once."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
-    for i in range(7):
-        hold.arrived(f"r{i}", 10.0 + i * 0.0001)
+    tick(hold, range(7), at=10.0)
     hold.arrived("r7", 10.0085)
     assert hold.decide(1, earliest_deadline=10.0585, now=10.0086, may_hold=False) == (1, 0.0)
 
@@ -273,12 +275,10 @@ def test_a_robot_that_left_costs_its_companions_one_tick():
     tick's robots came without it last time, so they go as soon as they are in."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
-    for i in range(7):
-        hold.arrived(f"r{i}", 10.0 + i * 0.0001)
+    tick(hold, range(7), at=10.0)
     take, wait = hold.decide(7, earliest_deadline=10.06, now=10.001, may_hold=False)
     assert take == 7 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.001)
-    for i in range(7):
-        hold.arrived(f"r{i}", 10.05 + i * 0.0001)
+    tick(hold, range(7), at=10.05)
     assert hold.decide(7, earliest_deadline=10.11, now=10.051, may_hold=False) == (7, 0.0)
 
 
