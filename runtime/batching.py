@@ -30,14 +30,14 @@ each within GATHER_S of the one before, over no more than GATHER_LIMIT_S. The ro
 the typical arrival's burst in the last second holds at least two robots and half of those seen. Spread
 robots do not, even where jitter chains two or three of them; nor does a dense stream of many spread
 robots (a chain longer than GATHER_LIMIT_S counts as bursts of one). Where they do, a batch waits for the
-rest of the newest tick (the bursts that began within GATHER_LIMIT_S of the newest one's start): for the
-robots that came with its robots in their previous burst and have not come yet, whatever the executor
-(`_rest_of_the_burst`). It waits through a gap in the arrivals (a robot's thread that woke late splits
-the tick otherwise, and its straggler waits for a whole batch and misses), and goes when they are in;
-never past GATHER_LIMIT_S from the tick's first arrival or from the earliest waiting observation's
-(kept when a robot's newer observation replaces it), nor past the latest start of the earliest deadline.
-A robot that arrives alone, as it did last time (a spread robot in a fleet otherwise in step), waits for
-nobody; a robot that has left costs its companions one tick's wait.
+robots due in its tick (`_rest_of_the_tick`): a robot is due when its next arrival, from its last and its
+median interval, falls within GATHER_LIMIT_S of the tick's first arrival, and it has not come yet. It
+waits through a gap in the arrivals (a robot's thread that woke late, or one that is always a few
+milliseconds late, would split the tick otherwise, and wait for a whole batch), and goes as soon as the
+due robots are in; never past GATHER_LIMIT_S after the first of the waiting observations that arrived in
+the last GATHER_LIMIT_S, nor past the latest start of the earliest deadline. A spread robot in a fleet
+otherwise in step waits for nobody (nobody is due near it), nor does a straggler whose tick went (its
+companions are due a period later); a robot that has left costs one tick's wait.
 An arrival counts from the start of `submit`: the robots' threads take turns preparing their
 observations, which spread a burst by milliseconds. This is the one wait of a server with one frame in
 flight (below).
@@ -63,6 +63,7 @@ Pure Python with no clock of its own: the server feeds it times, the tests a fak
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 from collections import defaultdict, deque
@@ -151,18 +152,18 @@ class BatchHold:
         earliest_deadline: float,
         now: float,
         may_hold: bool = True,
-        waiting_since: float | None = None,
+        arrivals=None,
     ) -> tuple[int, float]:
-        """Of `waiting` observations (the earliest due at `earliest_deadline`, the earliest to arrive at
-        `waiting_since`): how many the next batch takes, and how long to hold them first (0: send now).
-        Not `may_hold`: no holding for the keep-up size; a burst still arriving is gathered all the
-        same."""
+        """Of `waiting` observations (the earliest due at `earliest_deadline`; `arrivals`: when each
+        arrived, from the start of its `submit`): how many the next batch takes, and how long to hold them
+        first (0: send now). Not `may_hold`: no holding for the keep-up size; a tick still arriving is
+        gathered all the same."""
         if not self.enabled:
             return min(waiting, self.max_batch), 0.0
         with self._lock:
             self._forget_before(now - RATE_WINDOW_S)
             bursts = self._bursts()
-            gather = self._rest_of_the_burst(bursts, waiting, earliest_deadline, now, waiting_since)
+            gather = self._rest_of_the_tick(bursts, waiting, earliest_deadline, now, arrivals)
             if gather > 0:
                 self.counters["gathered"] += 1
                 return min(waiting, self.max_batch), gather
@@ -220,45 +221,46 @@ class BatchHold:
                 bursts.append(Burst(at, at, {robot}))
         return bursts
 
-    def _rest_of_the_burst(
-        self,
-        bursts: list[Burst],
-        waiting: int,
-        earliest_deadline: float,
-        now: float,
-        waiting_since: float | None = None,
+    def _rest_of_the_tick(
+        self, bursts: list[Burst], waiting: int, earliest_deadline: float, now: float, arrivals=None
     ) -> float:
-        """How long to wait for the rest of the newest tick (0: none). Robots that tick together arrive in
-        bursts; a batch sent before the tick is in leaves the rest to wait behind it, past their deadline.
-        So, where the robots tick together, while robots that came with the tick's robots last time have
-        not come yet, the batch waits for them; the server wakes it at each arrival. On the H200 a tick's
-        largest gap passed GATHER_S in 1 to 3 ticks of 242 (benchmarks/in_step_probe.py), so the wait
-        goes on through a gap; but never past GATHER_LIMIT_S from the tick's first arrival or from
-        `waiting_since`, nor past the latest start of the earliest deadline."""
-        if not bursts or not self._ticking_together(bursts):
-            return 0.0
-        tick_start, missing = self._newest_tick(bursts)
-        if not missing or waiting >= self.max_batch:
+        """How long to wait for the rest of a tick (0: none). Robots that tick together arrive in bursts;
+        a batch sent before the tick is in leaves the rest to wait behind it, past their deadline. So,
+        where the robots tick together, while a robot is due (`_due`) in the tick of the waiting
+        observations that arrived in the last GATHER_LIMIT_S (`arrivals`: the waiting observations'
+        arrival times; None: the newest burst's), the batch waits for it; the server wakes it at each
+        arrival. A gap in the arrivals does not end the wait (on the H200 a tick's largest gap passed
+        GATHER_S in 1 to 3 ticks of 242, benchmarks/in_step_probe.py). GATHER_LIMIT_S after the first of
+        those observations does (in a tick that comes as lone arrivals an observation can so wait up to
+        about twice that: a robot is due within GATHER_LIMIT_S of the tick), as does the latest start of
+        the earliest deadline."""
+        if not bursts or self._every_robot_waits(waiting) or not self._ticking_together(bursts):
+            return 0.0  # (every robot seen waits, or a full batch: nobody to wait for)
+        recent = [at for at in (arrivals or [bursts[-1].start]) if at >= now - GATHER_LIMIT_S]
+        if not recent or not self._due(min(recent)):
             return 0.0
         typical = self._typical_burst(bursts)
         expected = self._estimate(min(typical, self.max_batch)) or 0.0
         latest_start = earliest_deadline - self.margin_s - expected
-        first = tick_start if waiting_since is None else min(tick_start, waiting_since)
-        return max(0.0, min(first + GATHER_LIMIT_S, latest_start) - now)
+        return max(0.0, min(min(recent) + GATHER_LIMIT_S, latest_start) - now)
 
-    @staticmethod
-    def _newest_tick(bursts: list[Burst]) -> tuple[float, set[str]]:
-        """The newest tick's first arrival (the bursts that began within GATHER_LIMIT_S of the newest
-        one's start), and the robots that came with its robots in their previous burst but not in it."""
-        newest = bursts[-1].start
-        tick = [b for b in bursts if newest - b.start < GATHER_LIMIT_S]
-        arrived = set().union(*(b.robots for b in tick))
-        companions: set[str] = set()
-        for robot in arrived:
-            previous = next((b for b in reversed(bursts[: -len(tick)]) if robot in b.robots), None)
-            if previous is not None:
-                companions |= previous.robots
-        return tick[0].start, companions - arrived
+    def _due(self, tick_start: float) -> set[str]:
+        """The robots due in the tick that began at `tick_start` and not come in it: each robot's next
+        arrival, its last plus its median interval over the last second, falls within GATHER_LIMIT_S of
+        the tick's start, and its last arrival came before it. A robot that came and was served earlier in
+        the tick is due a period later; one that has left is due once more, then overdue (a tick's wait)."""
+        times: dict[str, list[float]] = defaultdict(list)
+        for at, robot in self._arrivals:
+            times[robot].append(at)
+        due = set()
+        for robot, ts in times.items():
+            ts.sort()  # registered when prepared, stamped at the start of `submit`: nearly in order
+            if len(ts) < 2 or ts[-1] >= tick_start:
+                continue
+            interval = statistics.median(b - a for a, b in itertools.pairwise(ts))
+            if abs(ts[-1] + interval - tick_start) <= GATHER_LIMIT_S:
+                due.add(robot)
+        return due
 
     @staticmethod
     def _typical_burst(bursts: list[Burst]) -> int:

@@ -54,9 +54,6 @@ class Pending:
     future: Future  # the robot's: resolved from the member's
     deadline: float  # monotonic
     submitted: float  # monotonic
-    # The arrival of the robot's oldest observation still waiting (this one, or one it replaced): a
-    # tick's rest is waited for no longer than GATHER_LIMIT_S from it.
-    waiting_since: float  # monotonic
     steps: int | None = None  # denoising steps asked for (None: the configured ones)
 
 
@@ -90,9 +87,8 @@ class PolicyServer:
         steps: int | None = None,
     ) -> Future:
         """Queue a robot's observation; its deadline is `deadline_s` (default the server's) from now. A
-        replaced observation's deadline and arrival stay (the robot has waited since then: a robot that
-        submits often must not fall behind in the deadline order, nor restart a wait for company).
-        `steps`: the denoising steps it asks for at most."""
+        replaced observation's deadline stays (the robot has waited since then: a robot that submits often
+        must not fall behind in the deadline order). `steps`: the denoising steps it asks for at most."""
         deadline_s = self.deadline_s if deadline_s is None else deadline_s
         if not deadline_s > 0:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
@@ -103,14 +99,13 @@ class PolicyServer:
         # together) count from now, not from when its preparation ends; robots' threads take turns at that.
         now = time.monotonic()
         member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError, to this robot
-        pending = Pending(robot, member, Future(), now + deadline_s, now, now, steps)
+        pending = Pending(robot, member, Future(), now + deadline_s, now, steps)
         with self._cond:
             if self._closed:
                 raise ExecutorClosed("server is closed")
             replaced = self._pending.get(robot)
             if replaced is not None:
                 pending.deadline = min(pending.deadline, replaced.deadline)
-                pending.waiting_since = replaced.waiting_since
             self._pending[robot] = pending
             self.counters[robot]["submitted"] += 1
             self.counters[robot]["replaced"] += replaced is not None
@@ -190,7 +185,7 @@ class PolicyServer:
                     by_deadline[0].deadline,
                     time.monotonic(),
                     may_hold,
-                    min(p.waiting_since for p in by_deadline),
+                    [p.submitted for p in by_deadline],
                 )
                 if wait <= 0:
                     ready = by_deadline[:take]

@@ -231,18 +231,22 @@ def test_a_burst_is_waited_for_no_longer_than_its_latest_start():
     assert hold.decide(1, earliest_deadline=10.06, now=10.0 + GATHER_LIMIT_S, may_hold=False) == (1, 0.0)
 
 
-def test_a_tick_in_lone_arrivals_is_waited_for_no_longer_than_the_limit_from_the_first_waiting():
+def test_a_tick_in_lone_arrivals_is_waited_for_within_the_limit_of_its_due_robots():
     """8 robots in step; the next tick comes as lone arrivals 6 ms apart (each its own burst), with a long
-    deadline: the batch waits for the rest, but no longer than GATHER_LIMIT_S after the earliest waiting
-    observation arrived (the tick restarts at every lone arrival, the limit does not)."""
+    deadline: the batch waits while robots are due within GATHER_LIMIT_S of the first recent waiting
+    arrival, and goes once the rest are overdue; no observation waits past twice the limit."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
+    arrivals = []
     for i in range(3):
-        hold.arrived(f"r{i}", 10.0 + i * 0.006)  # 10.000, 10.006, 10.012
-        now = 10.0 + i * 0.006 + 0.0001
-        take, wait = hold.decide(i + 1, earliest_deadline=10.2, now=now, may_hold=False, waiting_since=10.0)
-        assert take == i + 1 and wait == pytest.approx(max(0.0, 10.0 + GATHER_LIMIT_S - now))
-    assert wait == 0.0  # at 10.012: the limit from r0's arrival has passed
+        arrivals.append(10.0 + i * 0.006)  # 10.000, 10.006, 10.012
+        hold.arrived(f"r{i}", arrivals[-1])
+        now = arrivals[-1] + 0.0001
+        take, wait = hold.decide(len(arrivals), 10.2, now=now, may_hold=False, arrivals=arrivals)
+        recent = min(at for at in arrivals if at >= now - GATHER_LIMIT_S)
+        assert take == i + 1 and wait == pytest.approx(recent + GATHER_LIMIT_S - now)
+    # at 10.0161 the first recent arrival is 10.012, and r3..r7 (due at about 10.000) are overdue
+    assert hold.decide(3, 10.2, now=10.0161, may_hold=False, arrivals=arrivals) == (3, 0.0)
 
 
 def test_a_straggler_after_its_tick_went_does_not_wait():
@@ -256,18 +260,19 @@ def test_a_straggler_after_its_tick_went_does_not_wait():
 
 
 def test_a_spread_robot_in_a_fleet_otherwise_in_step_waits_for_nobody():
-    """5 robots in step and 3 spread over the period: the fleet ticks together, but a spread robot came
-    alone last time, so its observation waits for nobody; one of the five waits for the other four."""
+    """5 robots in step and 3 spread over the period: the fleet ticks together; one of the five waits for
+    the other four, due with it, but a spread robot's observation waits for nobody (nobody is due within
+    GATHER_LIMIT_S of it)."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 5, 20, until=10.0)
     for k in range(20):
         for i in range(3):
             hold.arrived(f"s{i}", 9.0 + k * 0.05 + 0.0125 * (i + 1))
-    hold.arrived("s0", 10.0125)
-    assert hold.decide(1, earliest_deadline=10.0625, now=10.0126, may_hold=False) == (1, 0.0)
-    hold.arrived("r0", 10.05)
-    take, wait = hold.decide(1, earliest_deadline=10.11, now=10.05, may_hold=False)
+    hold.arrived("r0", 10.0)
+    take, wait = hold.decide(1, earliest_deadline=10.06, now=10.0, may_hold=False, arrivals=[10.0])
     assert take == 1 and wait == pytest.approx(GATHER_LIMIT_S)
+    hold.arrived("s0", 10.0125)
+    assert hold.decide(1, 10.0625, now=10.0126, may_hold=False, arrivals=[10.0125]) == (1, 0.0)
 
 
 def test_a_robot_that_left_costs_its_companions_one_tick():

@@ -339,14 +339,14 @@ def test_robots_in_step_are_served_as_one_batch_through_a_gap_in_their_arrivals(
 ):
     """Two robots that ticked together for a second: a submits, b comes after a gap longer than GATHER_S
     (a thread that woke late). a's batch waits for b (the server wakes at b's arrival), and both go as one
-    batch. The gather limit is widened here (to 80 ms, within the 150 ms since their last tick) so that
-    the CI host's own stalls cannot split them."""
-    monkeypatch.setattr(batching, "GATHER_LIMIT_S", 0.08)
+    batch. The gather limit is widened here (to 40 ms, within their 50 ms period) so that the CI host's
+    own stalls cannot split them."""
+    monkeypatch.setattr(batching, "GATHER_LIMIT_S", 0.04)
     with PolicyServer(served_by_four) as server:
         now = time.monotonic()
-        for k in range(18):  # ticks every 50 ms, the last 150 ms ago
+        for k in range(19):  # ticks every 50 ms, the last 50 ms ago: both are due now
             for robot, offset in (("a", 0.0), ("b", 0.0001)):
-                server.batching.arrived(robot, now - 1.0 + k * 0.05 + offset)
+                server.batching.arrived(robot, now - 0.95 + k * 0.05 + offset)
         a = server.submit("a", random_observation(rng, "pi05_tiny"), deadline_s=30.0)
         time.sleep(3 * GATHER_S)
         b = server.submit("b", random_observation(rng, "pi05_tiny"), deadline_s=30.0)
