@@ -23,7 +23,7 @@ def main(results: list[Path], out: Path) -> None:
     if any("in step" not in d.get("workload", "") or "per_gpu" not in d["rows"][0] for d in docs):
         raise SystemExit("results: not multi-GPU fleet_bench.py --in-step runs")
     labels = [f"{d['commit']}\nGPU {g}" for d in docs for g in range(d["gpus"])]
-    fig, (p99_ax, miss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (p99_ax, miss_ax) = plt.subplots(1, 2, figsize=(max(10, 1.5 * len(labels)), 4))
     width = 0.4
     for k, (mode, (name, color)) in enumerate(MODES.items()):
         per_gpu = [r for d in docs for row in d["rows"] if row["mode"] == mode for r in row["per_gpu"]]
