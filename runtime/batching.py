@@ -35,8 +35,10 @@ median interval, falls within GATHER_LIMIT_S of the tick's first arrival, and it
 waits through a gap in the arrivals (a robot's thread that woke late, or one that is always a few
 milliseconds late, would split the tick otherwise, and wait for a whole batch), and goes as soon as the
 due robots are in; never past GATHER_LIMIT_S after the first of the waiting observations that arrived in
-the last GATHER_LIMIT_S, nor past the latest start of the earliest deadline. A spread robot in a fleet
-otherwise in step waits for nobody (nobody is due near it), nor does a straggler whose tick went (its
+the last GATHER_LIMIT_S (2 * GATHER_LIMIT_S after the oldest), nor past the latest start of the earliest
+deadline for a batch of those waiting and those due (a robot always 7 ms late, with 8 robots of 39 ms
+and a 50 ms deadline, is past that start and goes in a batch of its own). A spread robot more than
+GATHER_LIMIT_S from the fleet's tick waits for nobody, nor does a straggler whose tick went (its
 companions are due a period later); a robot that has left costs one tick's wait.
 An arrival counts from the start of `submit`: the robots' threads take turns preparing their
 observations, which spread a burst by milliseconds. This is the one wait of a server with one frame in
@@ -78,9 +80,9 @@ MARGIN = 0.1  # of the deadline: a held batch is sent this early, for the spread
 # step on a 2-core host): gaps in a tick's arrivals reached 3-8 ms at the 99th percentile; at 2 ms, 7% of
 # the ticks split, their stragglers waited for a whole batch of 8 and missed.
 GATHER_S = 0.005
-# A tick's rest is waited for no longer than this from its first arrival (and from the earliest waiting
-# observation's); bursts that begin within it of each other are one tick. 8 robots in step on the H200
-# arrived within 5-7 ms at the 99th percentile of their ticks, 10 ms at most (benchmarks/in_step_probe.py).
+# A tick's rest is waited for no longer than this from its first arrival, and a robot is due in a tick
+# when its next arrival is expected within this of the tick's start. 8 robots in step on the H200 arrived
+# within 5-7 ms at the 99th percentile of their ticks, 10 ms at most (benchmarks/in_step_probe.py).
 GATHER_LIMIT_S = 2 * GATHER_S
 
 
@@ -152,7 +154,7 @@ class BatchHold:
         earliest_deadline: float,
         now: float,
         may_hold: bool = True,
-        arrivals=None,
+        arrivals: list[float] | None = None,
     ) -> tuple[int, float]:
         """Of `waiting` observations (the earliest due at `earliest_deadline`; `arrivals`: when each
         arrived, from the start of its `submit`): how many the next batch takes, and how long to hold them
@@ -222,27 +224,34 @@ class BatchHold:
         return bursts
 
     def _rest_of_the_tick(
-        self, bursts: list[Burst], waiting: int, earliest_deadline: float, now: float, arrivals=None
+        self,
+        bursts: list[Burst],
+        waiting: int,
+        earliest_deadline: float,
+        now: float,
+        arrivals: list[float] | None = None,
     ) -> float:
         """How long to wait for the rest of a tick (0: none). Robots that tick together arrive in bursts;
         a batch sent before the tick is in leaves the rest to wait behind it, past their deadline. So,
         where the robots tick together, while a robot is due (`_due`) in the tick of the waiting
         observations that arrived in the last GATHER_LIMIT_S (`arrivals`: the waiting observations'
-        arrival times; None: the newest burst's), the batch waits for it; the server wakes it at each
-        arrival. A gap in the arrivals does not end the wait (on the H200 a tick's largest gap passed
-        GATHER_S in 1 to 3 ticks of 242, benchmarks/in_step_probe.py). GATHER_LIMIT_S after the first of
-        those observations does (in a tick that comes as lone arrivals an observation can so wait up to
-        about twice that: a robot is due within GATHER_LIMIT_S of the tick), as does the latest start of
-        the earliest deadline."""
+        arrival times; None or empty: the newest burst's start), the batch waits for it; the server
+        wakes it at each arrival. A gap in the arrivals does not end the wait (on the H200 a tick's
+        largest gap passed GATHER_S in 1 to 3 ticks of 242, benchmarks/in_step_probe.py). It ends
+        GATHER_LIMIT_S after the first of those observations, 2 * GATHER_LIMIT_S after the oldest waiting
+        one (the tick's start moves as its first observations age), and at the latest start of the
+        earliest deadline for a batch of those waiting and those due."""
         if not bursts or self._every_robot_waits(waiting) or not self._ticking_together(bursts):
             return 0.0  # (every robot seen waits, or a full batch: nobody to wait for)
-        recent = [at for at in (arrivals or [bursts[-1].start]) if at >= now - GATHER_LIMIT_S]
-        if not recent or not self._due(min(recent)):
+        arrivals = arrivals or [bursts[-1].start]
+        recent = [at for at in arrivals if at >= now - GATHER_LIMIT_S]
+        due = self._due(min(recent)) if recent else set()
+        if not due:
             return 0.0
-        typical = self._typical_burst(bursts)
-        expected = self._estimate(min(typical, self.max_batch)) or 0.0
+        expected = self._estimate(min(waiting + len(due), self.max_batch)) or 0.0
         latest_start = earliest_deadline - self.margin_s - expected
-        return max(0.0, min(min(recent) + GATHER_LIMIT_S, latest_start) - now)
+        until = min(min(recent) + GATHER_LIMIT_S, min(arrivals) + 2 * GATHER_LIMIT_S, latest_start)
+        return max(0.0, until - now)
 
     def _due(self, tick_start: float) -> set[str]:
         """The robots due in the tick that began at `tick_start` and not come in it: each robot's next
@@ -257,7 +266,8 @@ class BatchHold:
             ts.sort()  # registered when prepared, stamped at the start of `submit`: nearly in order
             if len(ts) < 2 or ts[-1] >= tick_start:
                 continue
-            interval = statistics.median(b - a for a, b in itertools.pairwise(ts))
+            # median_low: a robot that resubmits within a tick (intervals 5, 95, 5, ...) has no 50 ms period
+            interval = statistics.median_low([b - a for a, b in itertools.pairwise(ts)])
             if abs(ts[-1] + interval - tick_start) <= GATHER_LIMIT_S:
                 due.add(robot)
         return due

@@ -234,7 +234,7 @@ def test_a_burst_is_waited_for_no_longer_than_its_latest_start():
 def test_a_tick_in_lone_arrivals_is_waited_for_within_the_limit_of_its_due_robots():
     """8 robots in step; the next tick comes as lone arrivals 6 ms apart (each its own burst), with a long
     deadline: the batch waits while robots are due within GATHER_LIMIT_S of the first recent waiting
-    arrival, and goes once the rest are overdue; no observation waits past twice the limit."""
+    arrival, and goes once the rest are overdue."""
     hold = measured(H200_LIKE)
     robots_in_step(hold, 8, 20, until=10.0)
     arrivals = []
@@ -247,6 +247,37 @@ def test_a_tick_in_lone_arrivals_is_waited_for_within_the_limit_of_its_due_robot
         assert take == i + 1 and wait == pytest.approx(recent + GATHER_LIMIT_S - now)
     # at 10.0161 the first recent arrival is 10.012, and r3..r7 (due at about 10.000) are overdue
     assert hold.decide(3, 10.2, now=10.0161, may_hold=False, arrivals=arrivals) == (3, 0.0)
+
+
+def test_a_wait_ends_twice_the_limit_after_the_oldest_waiting_observation():
+    """8 robots in step at 10 Hz, r7 always 9.9 ms late and absent this tick, the others' arrivals drifting
+    (a long deadline): the tick's start moves as its first observations age, with r7 still due, but the
+    wait ends 2 * GATHER_LIMIT_S after the oldest waiting observation."""
+    hold = measured(H200_LIKE)
+    for k in range(10):
+        tick(hold, range(7), at=9.0 + k * 0.1)
+        hold.arrived("r7", 9.0 + k * 0.1 + 0.0099)
+    arrivals = [10.0, 10.003, 10.009, 10.018]
+    for robot, at in zip(("r0", "r1", "r5", "r6"), arrivals, strict=True):
+        hold.arrived(robot, at)
+    # at 10.0192 the tick starts at 10.018 (the older ones are past GATHER_LIMIT_S) and r7 is due near it
+    take, wait = hold.decide(4, 10.2, now=10.0192, may_hold=False, arrivals=arrivals)
+    assert take == 4 and wait == pytest.approx(10.0 + 2 * GATHER_LIMIT_S - 10.0192)
+
+
+def test_two_groups_8_ms_apart_are_not_merged_past_the_latest_start_of_the_merged_batch():
+    """Two groups of 4 at 20 Hz, 8 ms apart, a 50 ms deadline: the second group is due in the first's
+    tick, but a batch of 8 (39 ms) must start by 10.006, so the first group waits only until then (the
+    wait is bounded by the batch it would build, not the typical one)."""
+    hold = measured(H200_LIKE)
+    for k in range(20):
+        tick(hold, range(4), at=9.0 + k * 0.05)
+        tick(hold, range(4, 8), at=9.008 + k * 0.05 - 0.0004)
+    tick(hold, range(4), at=10.0)
+    take, wait = hold.decide(
+        4, 10.05, now=10.0004, may_hold=False, arrivals=[10.0 + i * 0.0001 for i in range(4)]
+    )
+    assert take == 4 and wait == pytest.approx(10.05 - MARGIN_S - 0.039 - 10.0004)
 
 
 def test_a_straggler_after_its_tick_went_does_not_wait():
