@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from results_doc import run_header  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
-from vla_runtime.graphs import fp8, fp8_geglu, fp8_skinny
+from vla_runtime.graphs import fp8_geglu
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
@@ -59,11 +59,6 @@ VARIANTS = {
 
 def apply_settings(model, settings: dict) -> None:
     model.expert.set_quantized(settings["fp8_expert"])
-    # The split-K kernel for the expert's few-row FP8 GEMMs (graphs/fp8_skinny.py), unless the variant
-    # says not.
-    split_k = settings.get("split_k", True) and fp8_skinny.available("cuda")[0]
-    for module in fp8.fp8_modules(model.expert).values():
-        module.split_k = split_k
     # The fused FP8 gate/up + GeGLU kernel wherever the model would use it, unless the variant says not.
     fused = settings.get("fused_geglu", True) and fp8_geglu.available("cuda")[0]
     for stack in (model.prefix_lm, model.expert):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import fp8_geglu, fp8_skinny
+from . import fp8_geglu
 from .gemma import GemmaStack
 
 E4M3_MAX = 448.0
@@ -51,12 +51,6 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_fp8", (w / scale).to(torch.float8_e4m3fn).t(), persistent=False)
         self.register_buffer("weight_scale", scale.reshape(()), persistent=False)
         self.register_buffer("input_scale", torch.ones((), device=weight.device), persistent=False)
-        # Few rows (the action expert's): the split-K kernel of graphs/fp8_skinny.py instead of cuBLAS, where
-        # it runs; set by quantize_stack. With `cast_in_kernel` that kernel also casts the bf16 input to FP8
-        # (for the output projection, whose input comes from the attention's GEMM: a cast of its own would
-        # be a kernel of its own; after a norm, Inductor fuses the cast into the norm's kernel).
-        self.split_k = False
-        self.cast_in_kernel = False
         self.calibrating = False  # observe the inputs' largest magnitude
         self.counting_clamped = False  # count the inputs the fixed scale would clamp
         self.observed_amax = torch.zeros((), device=weight.device)
@@ -80,12 +74,7 @@ class FP8Linear(nn.Module):
                 self.counted += magnitude.numel()
             y = flat.float() @ (self.weight_fp8.float() * self.weight_scale)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # the stack's compute dtype
-        if self.cast_in_kernel and self.takes_split_k(flat):
-            return self.matmul(flat, x.shape[:-1])
         return self.matmul(self.quantize(flat), x.shape[:-1])
-
-    def takes_split_k(self, flat: torch.Tensor) -> bool:
-        return self.split_k and fp8_skinny.supports(flat.shape[0], self.out_features, self.in_features)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [rows, K] float8 e4m3 with this GEMM's calibrated input scale."""
@@ -93,12 +82,7 @@ class FP8Linear(nn.Module):
         return (flat.float() / self.input_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
     def matmul(self, x_fp8: torch.Tensor, leading_shape) -> torch.Tensor:
-        """An already quantised input [rows, K] -> [*leading_shape, N] in bf16. With few rows and the
-        split-K kernel the input may also be bf16, still to be quantised."""
-        if self.takes_split_k(x_fp8):
-            partials = fp8_skinny.fp8_split_k(x_fp8, self.weight_fp8.t(), self.input_scale, self.weight_scale)
-            y = fp8_skinny.sum_of_slices(partials).to(torch.bfloat16)
-            return y.reshape(*leading_shape, self.out_features)
+        """An already quantised input [rows, K] -> [*leading_shape, N] in bf16."""
         y = torch._scaled_mm(
             x_fp8,
             self.weight_fp8,
@@ -118,10 +102,6 @@ def quantize_stack(stack: GemmaStack, last_layer_kv_only: bool = False) -> int:
     """Attach FP8 copies of a Gemma stack's GEMM weights (the bf16 weights stay, for the reference path).
     Returns the number of quantised GEMMs."""
     count = stack.quantize(FP8Linear, last_layer_kv_only)
-    split_k = fp8_skinny.available(stack.layers[0].self_attn.qkv_weight.device)[0]
-    for name, module in fp8_modules(stack).items():
-        module.split_k = split_k
-        module.cast_in_kernel = name.endswith(".o")
     for layer in stack.layers:
         # One Triton kernel for gate/up + GeGLU + the cast, where it can run (graphs/fp8_geglu.py).
         if layer.mlp.gate_up_quant is not None:
