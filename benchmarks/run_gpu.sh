@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: install, run the gpu tier and the bench tier, leave JSON + trace in $OUT.
-# The CUDA machine has torch but no package index: the project installs with --no-deps, and the mcap
-# wheels (+ zstandard, lz4, for cp312) travel in .whl/. The recorded-episode test reads VLA_RECORDING
+# The CUDA machine has torch but no package index: the project installs with --no-deps, and the wheels of
+# mcap and mcap-ros2-support (+ zstandard, lz4, for cp312) travel in .whl/. The recorded-episode test reads VLA_RECORDING
 # (default .gpu/libero_spatial_task0.mcap, written by `eval-libero --record`).
 set -uo pipefail
 OUT=${OUT:-out}

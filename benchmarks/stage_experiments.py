@@ -144,8 +144,7 @@ def kernels_of_replays(run, stream, repeats=5, top=30) -> dict:
     return kernel_table(prof.key_averages(), repeats, top)
 
 
-def run_variant(parts, name, stage, mode, settings, steps, engines=None):
-    """`engines`: stages served by code of the experiment's own (StageRunner's seam)."""
+def run_variant(parts, name, stage, mode, settings, steps):
     apply_settings(parts.model, settings)
     cfg = parts.config.model
     buffers = StaticBuffers(
@@ -153,7 +152,7 @@ def run_variant(parts, name, stage, mode, settings, steps, engines=None):
     )
     for slot in buffers.device_slots:
         fill_random_inputs(slot, prompt_tokens=200)
-    engines = dict(engines or {})
+    engines = {}
     if settings.get("rope_inside"):
         engines["prefix"] = prefix_rope_inside(parts.model)
     if settings.get("concatenated_keys"):
