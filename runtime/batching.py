@@ -37,9 +37,7 @@ milliseconds late, would split the tick otherwise, and wait for a whole batch), 
 due robots are in; never past GATHER_LIMIT_S after the first of the waiting observations that arrived in
 the last GATHER_LIMIT_S (2 * GATHER_LIMIT_S after the oldest), nor past the latest start of the earliest
 deadline for a batch of those waiting and those due (a robot always 7 ms late, with 8 robots of 39 ms
-and a 50 ms deadline, is past that start and goes in a batch of its own). That latest start keeps a
-margin of its own: the measured spread of the batch's device times and the chunk's delivery
-(DELIVERY_S), rather than the hold's fixed share of the deadline. A spread robot more than
+and a 50 ms deadline, is past that start and goes in a batch of its own). A spread robot more than
 GATHER_LIMIT_S from the fleet's tick waits for nobody, nor does a straggler whose tick went (its
 companions are due a period later); a robot that has left costs one tick's wait.
 An arrival counts from the start of `submit`: the robots' threads take turns preparing their
@@ -86,13 +84,6 @@ GATHER_S = 0.005
 # when its next arrival is expected within this of the tick's start. 8 robots in step on the H200 arrived
 # within 5-7 ms at the 99th percentile of their ticks, 10 ms at most (benchmarks/in_step_probe.py).
 GATHER_LIMIT_S = 2 * GATHER_S
-# A tick's gather ends at the latest start of its batch, less a margin: the measured spread of that
-# batch's device times above their median (once SPREAD_SAMPLES were measured; the hold's margin before)
-# plus DELIVERY_S for the chunk's way from the frame's completion to the robot, never more than the
-# hold's margin. On the H200 a batch of 8 varied by about 0.5 ms, so the gather's margin is about 2.5 ms,
-# not 5: a straggler 9-10 ms behind its tick's first robot still makes its batch.
-SPREAD_SAMPLES = 8
-DELIVERY_S = 0.002
 
 
 @dataclass
@@ -257,9 +248,8 @@ class BatchHold:
         due = self._due(min(recent)) if recent else set()
         if not due:
             return 0.0
-        size = min(waiting + len(due), self.max_batch)
-        expected = self._estimate(size) or 0.0
-        latest_start = earliest_deadline - self._gather_margin(size) - expected
+        expected = self._estimate(min(waiting + len(due), self.max_batch)) or 0.0
+        latest_start = earliest_deadline - self.margin_s - expected
         until = min(min(recent) + GATHER_LIMIT_S, min(arrivals) + 2 * GATHER_LIMIT_S, latest_start)
         return max(0.0, until - now)
 
@@ -329,26 +319,14 @@ class BatchHold:
         return min(self.max_batch, robots)  # overloaded: the fullest batch the robots can make
 
     def _estimate(self, n: int) -> float | None:
-        source = self._measured_profile(n)
-        if source is None:
-            return None
-        return self._median_s[source] * max(1.0, self.profile_of(n) / source)
-
-    def _measured_profile(self, n: int) -> int | None:
-        """The measured profile a batch of n is estimated from: the smallest seen that holds it, else the
-        largest seen (scaled linearly by `_estimate`); None before any."""
         if not self._median_s:
             return None
-        larger = [p for p in self._median_s if p >= self.profile_of(n)]
-        return min(larger) if larger else max(self._median_s)
-
-    def _gather_margin(self, n: int) -> float:
-        """The margin a tick's gather keeps before the latest start of a batch of n (see DELIVERY_S)."""
-        source = self._measured_profile(n)
-        times = self._device_s[source] if source is not None else ()
-        if len(times) < SPREAD_SAMPLES:
-            return self.margin_s
-        return min(self.margin_s, max(times) - self._median_s[source] + DELIVERY_S)
+        profile = self.profile_of(n)
+        larger = [p for p in self._median_s if p >= profile]
+        if larger:
+            return self._median_s[min(larger)]
+        largest = max(self._median_s)
+        return self._median_s[largest] * profile / largest
 
     def _forget_before(self, t: float) -> None:
         while self._arrivals and self._arrivals[0][0] < t:

@@ -7,10 +7,8 @@ a batch capped at the keep-up size's profile; device times per profile from issu
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
-from vla_runtime.runtime.batching import DELIVERY_S, GATHER_LIMIT_S, SPREAD_SAMPLES, BatchHold
+from vla_runtime.runtime.batching import GATHER_LIMIT_S, BatchHold
 from vla_runtime.runtime.buffers import batch_profile
 
 MARGIN_S = 0.005
@@ -265,57 +263,6 @@ def test_a_wait_ends_twice_the_limit_after_the_oldest_waiting_observation():
     # at 10.0192 the tick starts at 10.018 (the older ones are past GATHER_LIMIT_S) and r7 is due near it
     take, wait = hold.decide(4, 10.2, now=10.0192, may_hold=False, arrivals=arrivals)
     assert take == 4 and wait == pytest.approx(10.0 + 2 * GATHER_LIMIT_S - 10.0192)
-
-
-def served_batches(device_s: list[float], size: int = 8) -> BatchHold:
-    """A hold that has served batches of `size` taking `device_s` each, one after another from t=0."""
-    hold = BatchHold(batch_profile, 8, MARGIN_S)
-    t = 0.0
-    for seconds in device_s:
-        hold.issued(size, t)
-        hold.served(size, t, t + seconds)
-        t += seconds
-    return hold
-
-
-@pytest.mark.parametrize(
-    "device_s, margin_s",
-    [
-        # steady batches of 8 (36.0-36.4 ms): the spread above the median (0.2 ms) and the delivery
-        ([0.0360, 0.0364, 0.0362] * 4, 0.0364 - 0.0362 + DELIVERY_S),
-        # spread widely (30-45 ms): never more than the hold's margin
-        ([0.030, 0.045, 0.036, 0.040] * 3, MARGIN_S),
-        # too few measured to know the spread: the hold's margin
-        ([0.0360, 0.0362] * 3, MARGIN_S),
-    ],
-)
-def test_a_ticks_gather_keeps_the_measured_spread_of_its_batch_as_its_margin(device_s, margin_s):
-    """8 robots in step: the first of a tick waits for the rest until the latest start of a batch of 8,
-    the deadline less the batch's median device time and the gather's margin, which is the spread of the
-    measured device times of that batch plus the delivery of its chunks, once SPREAD_SAMPLES were
-    measured (else, and at most, the hold's margin)."""
-    hold = served_batches(device_s)
-    robots_in_step(hold, 8, 20, until=10.0)
-    hold.arrived("r0", 10.0)
-    median = statistics.median(device_s)
-    take, wait = hold.decide(1, earliest_deadline=10.045, now=10.0, may_hold=False, arrivals=[10.0])
-    assert take == 1 and wait == pytest.approx(10.045 - margin_s - median - 10.0)
-
-
-def test_a_straggler_a_steady_batch_can_wait_for_is_gathered():
-    """8 robots in step, batches of 8 steady at 36.2 ms: the tick's 8th robot is 9.5 ms behind its first.
-    With the hold's 5 ms margin the batch's latest start (8.8 ms) would pass before it came; with the
-    measured margin (2.2 ms) the batch waits until 10 ms after the first arrival (the gather limit) and
-    takes it."""
-    hold = served_batches([0.0362] * SPREAD_SAMPLES)
-    robots_in_step(hold, 8, 20, until=10.0)
-    tick(hold, range(7), at=10.0)
-    arrivals = [10.0 + i * 0.0001 for i in range(7)]
-    take, wait = hold.decide(7, earliest_deadline=10.05, now=10.0087, may_hold=False, arrivals=arrivals)
-    assert take == 7 and wait == pytest.approx(10.0 + GATHER_LIMIT_S - 10.0087)
-    hold.arrived("r7", 10.0095)
-    arrivals.append(10.0095)
-    assert hold.decide(8, earliest_deadline=10.05, now=10.0096, may_hold=False, arrivals=arrivals) == (8, 0.0)
 
 
 def test_two_groups_8_ms_apart_are_not_merged_past_the_latest_start_of_the_merged_batch():
