@@ -56,6 +56,7 @@ def node_params(config, record: str | None = None) -> dict:
 
 
 STARTUP_TIMEOUT_S = 600.0  # loading, compiling and capturing pi05 on a GPU takes about a minute
+SHUTDOWN_TIMEOUT_S = 10.0  # for the bridge's callbacks in progress when the evaluation ends
 
 
 class RosPolicy:
@@ -108,7 +109,10 @@ class RosPolicy:
     def __exit__(self, *exc):
         import rclpy  # noqa: PLC0415
 
-        self.executor.shutdown()
-        self.link.close()
-        rclpy.shutdown(context=self.context)
-        self.node_proc.stop()
+        try:
+            # Bounded: a callback that never returns must not hold the evaluation (and its node) for ever.
+            self.executor.shutdown(timeout_sec=SHUTDOWN_TIMEOUT_S)
+            self.link.close()
+            rclpy.shutdown(context=self.context)
+        finally:
+            self.node_proc.stop()  # whatever ROS's teardown did: no policy node left behind

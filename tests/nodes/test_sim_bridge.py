@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from vla_runtime.runtime.config import RuntimeConfig
@@ -62,7 +64,8 @@ def test_ros_lockstep_on_sim_time_executes_actions_0_to_k(tmp_path, namespace):
 
     sim = FakeSim()
     params = {"preset": "pi05_tiny", "steps": 2, "state_dim": 8}
-    with RosPolicy(params, lockstep=True, log_path=tmp_path / "node.log") as link:
+    policy = RosPolicy(params, lockstep=True, log_path=tmp_path / "node.log")
+    with policy as link:
         # before the first observation the node has subscribed to every camera of the sim, the state, the
         # instruction and the clock: nothing is lost to discovery (lost, it came back a second later)
         assert set(link.image_pubs) == set(CAMERA_MAP) and link.unmatched_topics() == []
@@ -76,3 +79,23 @@ def test_ros_lockstep_on_sim_time_executes_actions_0_to_k(tmp_path, namespace):
     assert result.path == "ros lockstep" and result.policy_diagnostics.get("model_id", "").startswith(
         "pi05_tiny"
     )
+    assert policy.node_proc.proc.returncode is not None  # stopped and reaped on the way out
+
+
+def test_the_policy_node_is_stopped_when_the_ros_teardown_fails(tmp_path):
+    """Leaving the evaluation, the bridge's executor gets a bounded time for its callbacks, and the
+    policy node process is stopped even when ROS's teardown raises."""
+    from vla_runtime.nodes.ros_eval import SHUTDOWN_TIMEOUT_S, RosPolicy
+
+    policy = RosPolicy({"preset": "pi05_tiny"}, lockstep=False, log_path=tmp_path / "node.log")
+    calls = []
+
+    def failing_shutdown(timeout_sec=None):
+        calls.append(("shutdown", timeout_sec))
+        raise RuntimeError("teardown failed")
+
+    policy.executor = SimpleNamespace(shutdown=failing_shutdown)
+    policy.node_proc = SimpleNamespace(stop=lambda: calls.append(("stop", None)))
+    with pytest.raises(RuntimeError, match="teardown failed"):
+        policy.__exit__(None, None, None)
+    assert calls == [("shutdown", SHUTDOWN_TIMEOUT_S), ("stop", None)]
