@@ -100,6 +100,33 @@ def where_the_time_went(spans: list[tuple[float, dict]]) -> dict:
     }
 
 
+STRAGGLER_S = 0.005  # a robot this far behind its tick's first observation came late in the tick
+
+
+def tick_arrivals(sends: dict[tuple[int, int], float], late: list[tuple[int, int]]) -> dict:
+    """Robots in step: how a tick's observations spread (last less first going to `submit`, ms), and of the
+    late chunks, how far each robot's observation was behind its tick's first: a straggler (more than
+    STRAGGLER_S) or one that came with its tick and was late all the same (held behind a straggler's
+    batch, or in a batch that went late)."""
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    for (_, k), sent in sends.items():
+        first[k] = min(first.get(k, sent), sent)
+        last[k] = max(last.get(k, sent), sent)
+    spreads = [(last[k] - first[k]) * 1e3 for k in first]
+    offsets = sorted((sends[key] - first[key[1]]) * 1e3 for key in late if key in sends)
+    return {
+        "ticks": len(first),
+        "spread_ms": {
+            q: float(np.percentile(spreads, p)) for q, p in (("p50", 50), ("p99", 99), ("max", 100))
+        },
+        "ticks_spread_over_straggler_s": sum(x > STRAGGLER_S * 1e3 for x in spreads),
+        "late_stragglers": sum(x > STRAGGLER_S * 1e3 for x in offsets),
+        "late_with_their_tick": sum(x <= STRAGGLER_S * 1e3 for x in offsets),
+        "late_offsets_ms": [round(x, 2) for x in offsets[:100]],
+    }
+
+
 def drive(
     submit_for, robots: int, seconds: float, observations, controllers=None, in_step: bool = False
 ) -> dict:
@@ -111,6 +138,8 @@ def drive(
     misses = [0] * robots
     steps_used: list[int] = []
     spans: list[tuple[float, dict]] = []  # per chunk: its latency (ms) and its frame's timings
+    sends: dict[tuple[int, int], float] = {}  # (robot, tick) -> when its observation went to submit
+    late_ticks: list[tuple[int, int]] = []  # (robot, tick) of each late chunk
     adaptive = controllers is not None
     controllers = controllers or [None] * robots
     changes_before = {k: sum(c.counters[k] for c in controllers if c) for k in ("steps_down", "steps_up")}
@@ -135,7 +164,7 @@ def drive(
                     controller.overdue(sent - oldest[0], oldest[1])
                 steps = controller.steps
 
-            def done(future, sent=sent):
+            def done(future, sent=sent, k=k):
                 with lock:
                     in_flight.pop(id(future), None)
                 try:
@@ -149,10 +178,14 @@ def drive(
                     latencies[i].append(latency * 1e3)
                     spans.append((latency * 1e3, chunk.timings_ms))
                     misses[i] += latency > DEADLINE_S
+                    if latency > DEADLINE_S:
+                        late_ticks.append((i, k))
                     steps_used.append(chunk.steps)
                 if controller is not None:
                     controller.observe(latency, chunk.steps, chunk.timings_ms.get("denoise"))
 
+            with lock:
+                sends[(i, k)] = sent
             future = submit(observations[(i + k) % len(observations)], steps)
             with lock:
                 in_flight[id(future)] = (sent, steps or TOP_STEPS)
@@ -179,6 +212,8 @@ def drive(
             "chunks_by_steps": {str(n): steps_used.count(n) for n in sorted(set(steps_used))},
             "time_ms": where_the_time_went(spans),  # medians of each part, late chunks and on time
         }
+        if in_step:
+            row["ticks"] = tick_arrivals(sends, late_ticks)
     if adaptive:
         for k, before in changes_before.items():  # in this run, not the warm-up
             row[k] = sum(c.counters[k] for c in controllers) - before
