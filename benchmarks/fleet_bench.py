@@ -100,6 +100,7 @@ def where_the_time_went(spans: list[tuple[float, dict]]) -> dict:
     }
 
 
+WARMUP_S = 2.0  # of every point: the server measures its batches' device times, the robots' periods
 STRAGGLER_S = 0.005  # a robot this far behind its tick's first observation came late in the tick
 
 
@@ -128,12 +129,22 @@ def tick_arrivals(sends: dict[tuple[int, int], float], late: list[tuple[int, int
 
 
 def drive(
-    submit_for, robots: int, seconds: float, observations, controllers=None, in_step: bool = False
+    submit_for,
+    robots: int,
+    seconds: float,
+    observations,
+    controllers=None,
+    in_step: bool = False,
+    warmup_s: float = WARMUP_S,
+    at_measure_start=None,
 ) -> dict:
-    """`submit_for(i)(obs, steps) -> Future` per robot; every robot at 20 Hz for `seconds`. `controllers`
-    (adaptive steps, one StepsController per robot, kept from the warm-up on as a robot keeps its node's):
-    each robot asks for its steps from its own, fed as the node feeds it (each chunk's age, and its
-    oldest frame in flight at every new observation)."""
+    """`submit_for(i)(obs, steps) -> Future` per robot; every robot at 20 Hz for `warmup_s` and then
+    `seconds`, with no pause between them (a fleet does not pause; after a pause of more than the server's
+    one-second memory of arrivals, the first tick of robots in step finds nobody due and goes split),
+    and only the ticks after the warm-up are counted. `at_measure_start()` is called as the warm-up ends.
+    `controllers` (adaptive steps, one StepsController per robot, as a robot keeps its node's): each robot
+    asks for its steps from its own, fed as the node feeds it (each chunk's age, and its oldest frame in
+    flight at every new observation)."""
     latencies: list[list[float]] = [[] for _ in range(robots)]
     misses = [0] * robots
     steps_used: list[int] = []
@@ -142,8 +153,15 @@ def drive(
     late_ticks: list[tuple[int, int]] = []  # (robot, tick) of each late chunk
     adaptive = controllers is not None
     controllers = controllers or [None] * robots
-    changes_before = {k: sum(c.counters[k] for c in controllers if c) for k in ("steps_down", "steps_up")}
+    changes_before: dict[str, int] = {}
     lock = threading.Lock()
+
+    def begin_measuring() -> None:
+        changes_before.update(
+            {k: sum(c.counters[k] for c in controllers if c) for k in ("steps_down", "steps_up")}
+        )
+        if at_measure_start is not None:
+            at_measure_start()
 
     def robot(i: int) -> None:
         submit, controller = submit_for(i), controllers[i]
@@ -152,8 +170,9 @@ def drive(
         k = 0
         while True:
             tick = start + k * PERIOD_S
-            if tick > start + seconds:
+            if tick > start + warmup_s + seconds:
                 return
+            measured = k * PERIOD_S >= warmup_s - 1e-9  # by the schedule, not by when the thread woke
             time.sleep(max(0.0, tick - time.monotonic()))
             sent = time.monotonic()
             steps = None
@@ -164,16 +183,20 @@ def drive(
                     controller.overdue(sent - oldest[0], oldest[1])
                 steps = controller.steps
 
-            def done(future, sent=sent, k=k):
+            def done(future, sent=sent, k=k, measured=measured):
                 with lock:
                     in_flight.pop(id(future), None)
                 try:
                     chunk = future.result()
                 except FrameDropped:
                     with lock:
-                        misses[i] += 1
+                        misses[i] += measured
                     return
                 latency = time.monotonic() - sent
+                if controller is not None:
+                    controller.observe(latency, chunk.steps, chunk.timings_ms.get("denoise"))
+                if not measured:
+                    return
                 with lock:
                     latencies[i].append(latency * 1e3)
                     spans.append((latency * 1e3, chunk.timings_ms))
@@ -181,11 +204,10 @@ def drive(
                     if latency > DEADLINE_S:
                         late_ticks.append((i, k))
                     steps_used.append(chunk.steps)
-                if controller is not None:
-                    controller.observe(latency, chunk.steps, chunk.timings_ms.get("denoise"))
 
-            with lock:
-                sends[(i, k)] = sent
+            if measured:
+                with lock:
+                    sends[(i, k)] = sent
             future = submit(observations[(i + k) % len(observations)], steps)
             with lock:
                 in_flight[id(future)] = (sent, steps or TOP_STEPS)
@@ -194,6 +216,8 @@ def drive(
 
     t0 = time.monotonic() + 0.01  # every thread started by then
     threads = [threading.Thread(target=robot, args=(i,)) for i in range(robots)]
+    # just before the first counted tick
+    threads.append(threading.Timer(max(0.0, t0 + warmup_s - time.monotonic() - 0.002), begin_measuring))
     for t in threads:
         t.start()
     for t in threads:
@@ -260,13 +284,24 @@ class Fleet:
         with PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold) as server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
             controllers = self.controllers(robots)
-            drive(submit_for, robots, 2.0, observations, controllers, self.in_step)  # warm-up
-            sizes_before, held_before = server.batch_sizes(), server.batching.counters["held"]
-            row = drive(submit_for, robots, seconds, observations, controllers, self.in_step)
-            sizes = server.batch_sizes() - sizes_before
+            before = {}
+
+            def snapshot():
+                before.update(sizes=server.batch_sizes(), held=server.batching.counters["held"])
+
+            row = drive(
+                submit_for,
+                robots,
+                seconds,
+                observations,
+                controllers,
+                self.in_step,
+                at_measure_start=snapshot,
+            )
+            sizes = server.batch_sizes() - before["sizes"]
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
             row["batch_device_ms"] = server.batching.device_ms()  # per batch profile, median
-            row["batches_held"] = server.batching.counters["held"] - held_before
+            row["batches_held"] = server.batching.counters["held"] - before["held"]
         return row
 
     def run_eager(self, robots: int, seconds: float, observations) -> dict:
@@ -279,9 +314,7 @@ class Fleet:
                 executor.submit(observations[0], steps=steps).result(timeout=600)  # its shapes, captured
             self.independent.append(executor)
         submit_for = lambda i: lambda obs, steps: self.independent[i].submit(obs, steps=steps)  # noqa: E731
-        controllers = self.controllers(robots)
-        drive(submit_for, robots, 2.0, observations, controllers, self.in_step)
-        return drive(submit_for, robots, seconds, observations, controllers, self.in_step)
+        return drive(submit_for, robots, seconds, observations, self.controllers(robots), self.in_step)
 
     def controllers(self, robots: int) -> list[StepsController] | None:
         """With adaptive steps, a controller per robot for a warm-up and its run (None: fixed steps)."""

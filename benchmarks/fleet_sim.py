@@ -136,10 +136,16 @@ def run_point(model: str, robots: int, seconds: float, hold: bool, in_step: bool
     try:
         with PolicyServer(device, deadline_s=DEADLINE_S, hold=hold) as server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
-            drive(submit_for, robots, 2.0, [None], in_step=in_step)  # warm-up: the server measures the device
-            sizes_before = server.batch_sizes()
-            row = drive(submit_for, robots, seconds, [None], in_step=in_step)
-            sizes = server.batch_sizes() - sizes_before
+            before = {}
+            row = drive(
+                submit_for,
+                robots,
+                seconds,
+                [None],
+                in_step=in_step,
+                at_measure_start=lambda: before.update(sizes=server.batch_sizes()),
+            )
+            sizes = server.batch_sizes() - before["sizes"]
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
     finally:
         device.close()
