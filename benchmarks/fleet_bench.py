@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -141,7 +142,9 @@ def drive(
     """`submit_for(i)(obs, steps) -> Future` per robot; every robot at 20 Hz for `warmup_s` and then
     `seconds`, with no pause between them (a fleet does not pause; after a pause of more than the server's
     one-second memory of arrivals, the first tick of robots in step finds nobody due and goes split),
-    and only the ticks after the warm-up are counted. `at_measure_start()` is called as the warm-up ends.
+    and only the ticks after the warm-up are counted. `at_measure_start()` is called 2 ms before the first
+    counted tick (callers snapshot the server's counters; a batch issued about then may fall on either
+    side).
     `controllers` (adaptive steps, one StepsController per robot, as a robot keeps its node's): each robot
     asks for its steps from its own, fed as the node feeds it (each chunk's age, and its oldest frame in
     flight at every new observation)."""
@@ -153,15 +156,17 @@ def drive(
     late_ticks: list[tuple[int, int]] = []  # (robot, tick) of each late chunk
     adaptive = controllers is not None
     controllers = controllers or [None] * robots
-    changes_before: dict[str, int] = {}
+    step_changes = {"steps_down": 0, "steps_up": 0}  # of the counted ticks' sends and chunks
     lock = threading.Lock()
 
-    def begin_measuring() -> None:
-        changes_before.update(
-            {k: sum(c.counters[k] for c in controllers if c) for k in ("steps_down", "steps_up")}
-        )
-        if at_measure_start is not None:
-            at_measure_start()
+    def counting_changes(controller, measured: bool, update, *args) -> None:
+        """`update(*args)`, a method of a robot's controller; its step changes counted if the tick is."""
+        before = {k: controller.counters[k] for k in step_changes}
+        update(*args)
+        if measured:
+            with lock:
+                for k in step_changes:
+                    step_changes[k] += controller.counters[k] - before[k]
 
     def robot(i: int) -> None:
         submit, controller = submit_for(i), controllers[i]
@@ -180,7 +185,7 @@ def drive(
                 with lock:
                     oldest = min(in_flight.values(), default=None)
                 if oldest is not None:
-                    controller.overdue(sent - oldest[0], oldest[1])
+                    counting_changes(controller, measured, controller.overdue, sent - oldest[0], oldest[1])
                 steps = controller.steps
 
             def done(future, sent=sent, k=k, measured=measured):
@@ -194,7 +199,10 @@ def drive(
                     return
                 latency = time.monotonic() - sent
                 if controller is not None:
-                    controller.observe(latency, chunk.steps, chunk.timings_ms.get("denoise"))
+                    denoise_ms = chunk.timings_ms.get("denoise")
+                    counting_changes(
+                        controller, measured, controller.observe, latency, chunk.steps, denoise_ms
+                    )
                 if not measured:
                     return
                 with lock:
@@ -216,10 +224,14 @@ def drive(
 
     t0 = time.monotonic() + 0.01  # every thread started by then
     threads = [threading.Thread(target=robot, args=(i,)) for i in range(robots)]
-    # just before the first counted tick
-    threads.append(threading.Timer(max(0.0, t0 + warmup_s - time.monotonic() - 0.002), begin_measuring))
     for t in threads:
         t.start()
+    if at_measure_start is not None:
+        # Just before the first counted tick (the first whole period after the warm-up). A batch issued
+        # around that moment may land on either side of the snapshot: at most one batch in its counts.
+        first_counted = t0 + math.ceil(warmup_s / PERIOD_S - 1e-9) * PERIOD_S
+        time.sleep(max(0.0, first_counted - 0.002 - time.monotonic()))
+        at_measure_start()
     for t in threads:
         t.join()
     time.sleep(1.0)  # the last chunks
@@ -239,8 +251,7 @@ def drive(
         if in_step:
             row["ticks"] = tick_arrivals(sends, late_ticks)
     if adaptive:
-        for k, before in changes_before.items():  # in this run, not the warm-up
-            row[k] = sum(c.counters[k] for c in controllers) - before
+        row.update(step_changes)  # in the counted ticks, not the warm-up
     return row
 
 
@@ -386,7 +397,7 @@ def single_gpu(args, doc: dict) -> None:
             if n == 0 and args.confirm_s > 0:  # also when this one confirms nothing: nobody waits for it
                 together = await_siblings(args.barrier)
             if best_robots and n == 0 and args.confirm_s > 0:
-                started = time.time()  # the run's 2 s warm-up included, as in every process
+                started = time.time()  # the run's warm-up included, as in every process
                 confirm = runs[best_mode](best_robots, args.confirm_s, observations)
                 doc["confirm"] = {
                     "precision": precision,
@@ -480,7 +491,7 @@ def multi_gpu(args, doc: dict) -> None:
         # a fleet's confirmation only if every GPU's ran at the same time, nearly all of it, in one mode
         arrived = all(c["siblings_arrived"] for c in confirms)
         one_mode = len(set(doc["confirm"]["modes"])) == 1
-        doc["confirm"]["concurrent"] = arrived and one_mode and overlap >= 0.9 * (args.confirm_s + 2.0)
+        doc["confirm"]["concurrent"] = arrived and one_mode and overlap >= 0.9 * (args.confirm_s + WARMUP_S)
         print("confirm", json.dumps({k: v for k, v in doc["confirm"].items() if k != "per_gpu"}), flush=True)
     save(doc, args.out)
 
