@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: install, run the gpu tier and the bench tier, leave JSON + trace in $OUT.
 # The CUDA machine has torch but no package index: the project installs with --no-deps, and the wheels of
-# mcap and mcap-ros2-support (+ zstandard, lz4, for cp312) travel in .whl/. The recorded-episode test reads VLA_RECORDING
-# (default .gpu/libero_spatial_task0.mcap, written by `eval-libero --record`).
+# mcap and mcap-ros2-support (+ zstandard, lz4, for cp312) travel in .whl/. The recorded-episode test reads
+# VLA_RECORDING (default .gpu/libero_spatial_task0.mcap, written by `eval-libero --record --max-steps 75`
+# for about 15 observations). Both folders are ignored by git: carry them to the device (.whl, .gpu).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
