@@ -357,6 +357,11 @@ class PipelinedExecutor(Policy):
         if "denoise" in self._engines and steps != self.config.denoising_steps:
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
 
+    @staticmethod
+    def batch_profile(n: int) -> int:
+        """The batch profile a batch of n observations runs in (runtime/buffers.py)."""
+        return batch_profile(n)
+
     def batching_in_flight(self) -> int:
         """How many frames a caller that batches lets on the device before it submits the next: one fewer
         than the pipelining mode allows now, at least one (1: it submits only to an idle device)."""

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batching import MARGIN, BatchHold
-from .buffers import batch_profile
 from .config import NOISE_STREAM
 from .executor import ExecutorClosed, Member, PipelinedExecutor
 from .handover import PreviousChunk
@@ -65,7 +64,8 @@ class PolicyServer:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
         self.executor, self.deadline_s = executor, deadline_s
         self.max_batch = executor.config.max_batch
-        self.batching = BatchHold(batch_profile, self.max_batch, MARGIN * deadline_s, enabled=hold)
+        # the executor says which profile a batch runs in (its device time is that profile's)
+        self.batching = BatchHold(executor.batch_profile, self.max_batch, MARGIN * deadline_s, enabled=hold)
         self._pending: dict[str, Pending] = {}
         self._cond = threading.Condition()
         self._closed = False
