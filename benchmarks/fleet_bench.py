@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from results_doc import run_header, save  # noqa: E402
 from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS  # noqa: E402
 from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: E402
+from vla_runtime.runtime.buffers import BATCH_PROFILE_SETS, batch_sizes  # noqa: E402
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.hazards import STEP_NAMES  # noqa: E402
@@ -285,7 +286,7 @@ class Fleet:
         ahead = [] if config.shape_profiles else None
         self.batched = PipelinedExecutor(parts=with_batch(self.parts, 8), profiles=ahead)
         ladder = steps_ladder(TOP_STEPS) if self.adaptive else (None,)
-        for n in (1, 2, 4, 8):
+        for n in batch_sizes(8, config.batch_profiles):
             for steps in ladder:  # every rung's denoise graphs too
                 for future in self.batched.submit_batch(observations[:n], steps=steps):
                     future.result(timeout=600)
@@ -370,6 +371,7 @@ def single_gpu(args, doc: dict) -> None:
     for n, precision in enumerate(precisions):
         settings = {**PRECISIONS.get(precision, {}), **workload, "adaptive_steps": args.adaptive}
         settings["pipelining"] = args.pipelining
+        settings["batch_profiles"] = args.batch_profiles
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
         fleet = Fleet(config, observations, args.in_step)
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
@@ -467,7 +469,7 @@ def multi_gpu(args, doc: dict) -> None:
         ]
         command += ["--adaptive"] if args.adaptive else []
         command += ["--in-step"] if args.in_step else []
-        command += ["--pipelining", args.pipelining]
+        command += ["--pipelining", args.pipelining, "--batch-profiles", args.batch_profiles]
         command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
         command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
@@ -518,6 +520,12 @@ def main() -> None:
         help="frames on the device: throughput (the server issues a batch while one runs), latency",
     )
     parser.add_argument(
+        "--batch-profiles",
+        choices=BATCH_PROFILE_SETS,
+        default=RuntimeConfig.batch_profiles,
+        help="the batched executor's profiles: powers_of_two (1, 2, 4, 8) or every_size (1 to 8)",
+    )
+    parser.add_argument(
         "--modes",
         default="batched,eager,independent",
         help="batched: the server as it runs (holding for company under load); eager: the server never "
@@ -533,6 +541,7 @@ def main() -> None:
         + (", ticks in step" if args.in_step else ", ticks spread over the period"),
         "precisions": {p: PRECISIONS.get(p, "float32") for p in args.precisions.split(",")},
         "pipelining": args.pipelining,
+        "batch_profiles": args.batch_profiles,
         "rows": [],
     }
     if args.gpus > 1:

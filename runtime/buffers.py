@@ -18,6 +18,8 @@ from ..graphs.config import ModelConfig
 
 PIPELINE_SLOTS = 2
 BATCH_SIZES = (1, 2, 4, 8)  # batch profiles: a batch of n runs in the smallest that holds it
+# The sets of batch profiles an executor can capture (RuntimeConfig.batch_profiles), up to its max_batch.
+BATCH_PROFILE_SETS = {"powers_of_two": BATCH_SIZES, "every_size": tuple(range(1, BATCH_SIZES[-1] + 1))}
 PROMPT_BUCKETS = (32, 64, 128)  # with shape profiles: a prompt runs in the smallest that holds it
 # Host staging is only reused after its frame has finished, and at most MAX_IN_FLIGHT frames are on the
 # device at once, so a ring one longer than that can never overwrite what a copy still reads.
@@ -37,8 +39,8 @@ class ShapeProfile:
     def __post_init__(self):
         if not 1 <= self.steps <= 10:
             raise ValueError(f"steps: must be in 1..10, got {self.steps}")
-        if self.batch not in BATCH_SIZES:
-            raise ValueError(f"batch: must be one of {BATCH_SIZES}, got {self.batch}")
+        if not 1 <= self.batch <= BATCH_SIZES[-1]:
+            raise ValueError(f"batch: must be in 1..{BATCH_SIZES[-1]}, got {self.batch}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -46,9 +48,10 @@ class ShapeProfile:
         return (self.views, self.prompt_len, self.batch)
 
 
-def batch_sizes(max_batch: int) -> tuple[int, ...]:
+def batch_sizes(max_batch: int, kind: str = "powers_of_two") -> tuple[int, ...]:
     """The batch profiles an executor serving up to `max_batch` observations at once captures."""
-    return tuple(b for b in BATCH_SIZES if b < max_batch) + (batch_profile(max_batch),)
+    sizes = BATCH_PROFILE_SETS[kind]
+    return tuple(b for b in sizes if b < max_batch) + (batch_profile(max_batch, sizes),)
 
 
 def prompt_bucket(tokens: int, max_len: int) -> int:
@@ -56,12 +59,12 @@ def prompt_bucket(tokens: int, max_len: int) -> int:
     return next((b for b in PROMPT_BUCKETS if tokens <= b < max_len), max_len)
 
 
-def batch_profile(n: int) -> int:
-    """The smallest batch profile that holds n observations."""
-    for b in BATCH_SIZES:
+def batch_profile(n: int, sizes: tuple[int, ...] = BATCH_SIZES) -> int:
+    """The smallest batch profile among `sizes` that holds n observations."""
+    for b in sizes:
         if n <= b:
             return b
-    raise ValueError(f"batch: at most {BATCH_SIZES[-1]} observations at once, got {n}")
+    raise ValueError(f"batch: at most {sizes[-1]} observations at once, got {n}")
 
 
 def _input_shapes(cfg: ModelConfig, p: ShapeProfile) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

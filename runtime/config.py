@@ -13,7 +13,7 @@ import yaml
 
 from ..graphs.checkpoint import CheckpointInfo, architecture_differences, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
-from .buffers import prompt_bucket
+from .buffers import BATCH_PROFILE_SETS, prompt_bucket
 from .handover import Handover
 from .pipelining import PIPELINING_MODES
 
@@ -116,8 +116,11 @@ class RuntimeConfig:
     # captured ahead of time.
     adaptive_steps: bool = False
     # Observations of several robots computed together (PipelinedExecutor.submit_batch): up to this many,
-    # in batch profiles of 1, 2, 4, 8 captured ahead of time; one copy of the weights.
+    # in batch profiles captured ahead of time; one copy of the weights.
     max_batch: int = 1
+    # Which batch profiles (runtime/buffers.py, BATCH_PROFILE_SETS): "powers_of_two" (1, 2, 4, 8: a batch
+    # of 5 costs a batch of 8) or "every_size" (1 to max_batch: more captures at start, more buffers).
+    batch_profiles: str = "powers_of_two"
     # Each frame runs the smallest shape that holds it: only the cameras present are computed, the prompt
     # padded to the next of 32 / 64 / 128 / max tokens (the padding is masked: the same actions). A new
     # shape is captured when first met (the device idle meanwhile).
@@ -182,8 +185,15 @@ class RuntimeConfig:
         model = self.model
         if self.steps is not None and not 1 <= self.steps <= 10:
             raise ValueError(f"steps: must be in 1..10, got {self.steps}")
-        if self.max_batch not in (1, 2, 4, 8):
-            raise ValueError(f"max_batch: must be 1, 2, 4 or 8, got {self.max_batch}")
+        if self.batch_profiles not in BATCH_PROFILE_SETS:
+            raise ValueError(
+                f"batch_profiles: must be one of {', '.join(BATCH_PROFILE_SETS)}, got {self.batch_profiles!r}"
+            )
+        if self.max_batch not in BATCH_PROFILE_SETS[self.batch_profiles]:
+            sizes = BATCH_PROFILE_SETS[self.batch_profiles]
+            raise ValueError(
+                f"max_batch: must be one of {sizes} with {self.batch_profiles} profiles, got {self.max_batch}"
+            )
         if self.device_timeout_s is not None and not self.device_timeout_s > 0:
             raise ValueError(f"device_timeout_s: must be > 0, got {self.device_timeout_s}")
         if not 1 <= self.state_dim <= model.action_dim:

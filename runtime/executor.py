@@ -34,6 +34,7 @@ import torch
 
 from .adaptive import steps_ladder
 from .buffers import (
+    BATCH_PROFILE_SETS,
     HOST_RING,
     MAX_IN_FLIGHT,
     PIPELINE_SLOTS,
@@ -230,7 +231,7 @@ class PipelinedExecutor(Policy):
         self._captures_running, self._capture_ended = 0, float("-inf")  # infer waits out a capture
         if profiles is None:
             ladder = steps_ladder(self.config.denoising_steps) if self.config.adaptive_steps else ()
-            batches = batch_sizes(self.config.max_batch)
+            batches = batch_sizes(self.config.max_batch, self.config.batch_profiles)
             sizes = [(self.config.model.num_views, self.config.model.max_token_len)]
             sizes += [size for size in self.config.ahead_shape_sizes if size not in sizes]
             steps = (self.config.denoising_steps, *ladder[1:])
@@ -316,7 +317,7 @@ class PipelinedExecutor(Policy):
         capture_new_shapes, the smallest captured one that holds them (the full shape, captured at start,
         always does), preferring those with the frame's step count captured. And whether that shape is
         larger than the members' own."""
-        full = self.default_profile(steps, batch=batch_profile(len(members)))
+        full = self.default_profile(steps, batch=self.batch_profile(len(members)))
         if not self.config.shape_profiles:
             return full, False
         views = max(1, max(m.cameras_present for m in members))
@@ -357,10 +358,10 @@ class PipelinedExecutor(Policy):
         if "denoise" in self._engines and steps != self.config.denoising_steps:
             raise ValueError(f"steps: the denoise engine runs its own loop; {steps} steps cannot be asked")
 
-    @staticmethod
-    def batch_profile(n: int) -> int:
-        """The batch profile a batch of n observations runs in (runtime/buffers.py)."""
-        return batch_profile(n)
+    def batch_profile(self, n: int) -> int:
+        """The batch profile a batch of n observations runs in (runtime/buffers.py; the configuration's
+        set of profiles)."""
+        return batch_profile(n, BATCH_PROFILE_SETS[self.config.batch_profiles])
 
     def batching_in_flight(self) -> int:
         """How many frames a caller that batches lets on the device before it submits the next: one fewer

@@ -282,6 +282,7 @@ DERIVED_OR_INTERNAL = {
     "fp8_calibration_frames": "calibration frames at start-up (FP8 on recordings: vla-runtime calibrate)",
     "max_image_side": "a guard against absurd images",
     "max_batch": "several robots in one batch (submit_batch); a node serves one robot",
+    "batch_profiles": "with max_batch: which batch profiles are captured (a node serves one robot)",
 }
 
 

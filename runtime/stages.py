@@ -23,7 +23,14 @@ from typing import Protocol
 import torch
 
 from ..graphs.pi0 import EAGER_LAYERS, PI0Model, time_schedule
-from .buffers import BATCH_SIZES, PIPELINE_SLOTS, PROMPT_BUCKETS, DeviceSlot, ShapeProfile, StaticBuffers
+from .buffers import (
+    BATCH_PROFILE_SETS,
+    PIPELINE_SLOTS,
+    PROMPT_BUCKETS,
+    DeviceSlot,
+    ShapeProfile,
+    StaticBuffers,
+)
 from .handover import Handover, RtcGuidance
 from .inputs import pixels_to_model_input
 from .precompiled import PrecompiledFunction, aot_compile_available
@@ -34,9 +41,10 @@ STAGES = ("vision", "prefix", "denoise")
 
 
 def stage_shapes(cameras: int) -> int:
-    """How many input shapes one compiled stage function can meet: every batch profile, camera count and
-    prompt length (the buckets and the full length)."""
-    return len(BATCH_SIZES) * cameras * (len(PROMPT_BUCKETS) + 1)
+    """How many input shapes one compiled stage function can meet: every batch profile (of the largest
+    set, every size), camera count and prompt length (the buckets and the full length)."""
+    most_profiles = max(len(sizes) for sizes in BATCH_PROFILE_SETS.values())
+    return most_profiles * cameras * (len(PROMPT_BUCKETS) + 1)
 
 
 def compile_limits(cameras: int) -> dict:

@@ -21,10 +21,37 @@ def test_batch_profiles():
     assert batch_sizes(1) == (1,) and batch_sizes(4) == (1, 2, 4) and batch_sizes(8) == BATCH_SIZES
     with pytest.raises(ValueError, match="batch: at most 8"):
         batch_profile(9)
-    with pytest.raises(ValueError, match="batch: must be one of"):
-        ShapeProfile(3, 16, 10, batch=3)
-    with pytest.raises(ValueError, match="max_batch"):
+    with pytest.raises(ValueError, match="batch: must be in 1..8"):
+        ShapeProfile(3, 16, 10, batch=9)
+    with pytest.raises(ValueError, match="max_batch: must be one of .* with powers_of_two"):
         RuntimeConfig(max_batch=3)
+    # every size: a batch of n runs in a profile of n
+    assert batch_sizes(3, "every_size") == (1, 2, 3) and batch_sizes(8, "every_size") == tuple(range(1, 9))
+    assert RuntimeConfig(max_batch=3, batch_profiles="every_size").max_batch == 3
+    with pytest.raises(ValueError, match="batch_profiles: must be one of powers_of_two, every_size"):
+        RuntimeConfig(batch_profiles="fibonacci")
+
+
+def test_with_a_profile_for_every_size_a_batch_of_three_runs_in_its_own_and_equals_each_alone(rng):
+    """`batch_profiles: every_size`: profiles 1, 2 and 3 captured ahead; a batch of 3 runs in the profile
+    of 3 (not 4), and each member's chunk equals the eager reference's for it alone."""
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=3, batch_profiles="every_size"))
+    reference = EagerPolicy(parts=parts)
+    with PipelinedExecutor(parts=parts) as executor:
+        assert {p["batch"] for p in executor.report()["profiles"]} == {1, 2, 3}
+        assert [executor.batch_profile(n) for n in (1, 2, 3)] == [1, 2, 3]
+        cfg = executor.config.model
+        observations = [random_observation(rng, "pi05_tiny") for _ in range(3)]
+        noises = [
+            rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32) for _ in range(3)
+        ]
+        captured = executor.counters["captures"]
+        futures = executor.submit_batch(observations, noises)
+        for obs, noise, future in zip(observations, noises, futures, strict=True):
+            np.testing.assert_allclose(
+                future.result(timeout=120).actions, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5
+            )
+        assert executor.counters["captures"] == captured  # profile 3 was captured ahead, not now
 
 
 @pytest.fixture(scope="module", params=["switch", "rtc"])
