@@ -265,7 +265,7 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
             clients.append(SimClient(sims[-1].endpoint))
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
-        config = config.replace(max_batch=batch_profile(args.workers))
+        config = config.replace(max_batch=batch_profile(args.workers, config.batch_profiles))
         say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
             f"{config.max_batch}) and capturing ...")  # fmt: skip
         with PipelinedExecutor(config) as executor, PolicyServer(executor) as server:
@@ -306,7 +306,7 @@ def cmd_eval_libero_ray(args, config, out) -> int:
         distributed.connect(args.ray, args.workers)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ValueError(f"--ray: cannot connect to {args.ray!r}: {err}") from None
-    config = config.replace(max_batch=batch_profile(per_server))
+    config = config.replace(max_batch=batch_profile(per_server, config.batch_profiles))
     say(
         f"{args.workers} simulators and {args.servers} policy servers ({config.model_name}) as Ray actors ..."
     )

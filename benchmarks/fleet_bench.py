@@ -7,7 +7,8 @@ point: the worst robot's p99 latency, misses (late chunks plus observations repl
 computed), chunks per second, GPU memory, and where the time went (`time_ms`: for the late chunks and
 those on time, the medians of the wait before the frame, the executor's queue, the device and the host
 around it). Per precision the weights are built once: the batched
-server's executor (batch profiles 1, 2, 4, 8, captured ahead) serves every robot count, and the
+server's executor (batch profiles 1, 2, 4, 8, or with --batch-profiles every_size 1 to 8, captured
+ahead) serves every robot count, and the
 independent executors (one per robot, batch 1) share those weights: the same compute as separate copies,
 less memory. Modes (--modes): batched (the server as it runs: under load it holds a batch for company,
 runtime/batching.py), eager (the same server never holding: the baseline for the hold) and independent.

@@ -38,7 +38,7 @@ from vla_runtime.runtime.types import ActionChunk
 # device time.
 DEVICE_MODELS = {
     "h200": {1: 14.0, 2: 17.5, 4: 24.2, 8: 39.3},
-    # A hypothetical executor with a batch profile for every size (the runtime has powers of two), its
+    # An executor with a batch profile for every size (RuntimeConfig.batch_profiles: every_size), its
     # device time the line through the H200's: 10.5 ms a batch plus 3.5 ms a robot.
     "h200_every_size": {n: 10.5 + 3.5 * n for n in range(1, 9)},
     "loop_4ms": {1: 11.0, 2: 14.5, 4: 21.2, 8: 36.3},

@@ -48,7 +48,7 @@ class SharedServer:
         return lambda config: self.session(robot, config, deadline_s)
 
     def session(self, robot: str, config: RuntimeConfig, deadline_s=None) -> ServedPolicy:
-        config = config.replace(max_batch=batch_profile(self.robots))
+        config = config.replace(max_batch=batch_profile(self.robots, config.batch_profiles))
         with self._lock:  # the nodes load on threads of their own: the first builds, the others wait
             if self._closed:
                 raise ValueError("fleet: shutting down")

@@ -50,8 +50,7 @@ class ShapeProfile:
 
 def batch_sizes(max_batch: int, kind: str = "powers_of_two") -> tuple[int, ...]:
     """The batch profiles an executor serving up to `max_batch` observations at once captures."""
-    sizes = BATCH_PROFILE_SETS[kind]
-    return tuple(b for b in sizes if b < max_batch) + (batch_profile(max_batch, sizes),)
+    return tuple(b for b in BATCH_PROFILE_SETS[kind] if b < max_batch) + (batch_profile(max_batch, kind),)
 
 
 def prompt_bucket(tokens: int, max_len: int) -> int:
@@ -59,8 +58,9 @@ def prompt_bucket(tokens: int, max_len: int) -> int:
     return next((b for b in PROMPT_BUCKETS if tokens <= b < max_len), max_len)
 
 
-def batch_profile(n: int, sizes: tuple[int, ...] = BATCH_SIZES) -> int:
-    """The smallest batch profile among `sizes` that holds n observations."""
+def batch_profile(n: int, kind: str = "powers_of_two") -> int:
+    """The smallest batch profile of the set `kind` (BATCH_PROFILE_SETS) that holds n observations."""
+    sizes = BATCH_PROFILE_SETS[kind]
     for b in sizes:
         if n <= b:
             return b

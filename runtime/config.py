@@ -119,7 +119,9 @@ class RuntimeConfig:
     # in batch profiles captured ahead of time; one copy of the weights.
     max_batch: int = 1
     # Which batch profiles (runtime/buffers.py, BATCH_PROFILE_SETS): "powers_of_two" (1, 2, 4, 8: a batch
-    # of 5 costs a batch of 8) or "every_size" (1 to max_batch: more captures at start, more buffers).
+    # of 5 costs a batch of 8) or "every_size" (1 to max_batch: more captures at start, about 2.4x the
+    # buffers at 8; simulated, it served spread robots best with the server sending at once, not capped:
+    # docs/many_robots.md).
     batch_profiles: str = "powers_of_two"
     # Each frame runs the smallest shape that holds it: only the cameras present are computed, the prompt
     # padded to the next of 32 / 64 / 128 / max tokens (the padding is masked: the same actions). A new

@@ -34,7 +34,6 @@ import torch
 
 from .adaptive import steps_ladder
 from .buffers import (
-    BATCH_PROFILE_SETS,
     HOST_RING,
     MAX_IN_FLIGHT,
     PIPELINE_SLOTS,
@@ -361,7 +360,7 @@ class PipelinedExecutor(Policy):
     def batch_profile(self, n: int) -> int:
         """The batch profile a batch of n observations runs in (runtime/buffers.py; the configuration's
         set of profiles)."""
-        return batch_profile(n, BATCH_PROFILE_SETS[self.config.batch_profiles])
+        return batch_profile(n, self.config.batch_profiles)
 
     def batching_in_flight(self) -> int:
         """How many frames a caller that batches lets on the device before it submits the next: one fewer

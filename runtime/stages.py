@@ -41,10 +41,11 @@ STAGES = ("vision", "prefix", "denoise")
 
 
 def stage_shapes(cameras: int) -> int:
-    """How many input shapes one compiled stage function can meet: every batch profile (of the largest
-    set, every size), camera count and prompt length (the buckets and the full length)."""
-    most_profiles = max(len(sizes) for sizes in BATCH_PROFILE_SETS.values())
-    return most_profiles * cameras * (len(PROMPT_BUCKETS) + 1)
+    """How many input shapes one compiled stage function can meet: every batch profile (of any set: the
+    compiled functions are shared by the executors of a process), camera count and prompt length (the
+    buckets and the full length)."""
+    profiles = set().union(*BATCH_PROFILE_SETS.values())
+    return len(profiles) * cameras * (len(PROMPT_BUCKETS) + 1)
 
 
 def compile_limits(cameras: int) -> dict:

@@ -12,6 +12,7 @@ from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.handover import PreviousChunk
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
+from vla_runtime.runtime.server import PolicyServer
 
 from ..conftest import random_observation
 
@@ -28,6 +29,9 @@ def test_batch_profiles():
     # every size: a batch of n runs in a profile of n
     assert batch_sizes(3, "every_size") == (1, 2, 3) and batch_sizes(8, "every_size") == tuple(range(1, 9))
     assert RuntimeConfig(max_batch=3, batch_profiles="every_size").max_batch == 3
+    assert batch_profile(5, "every_size") == 5 and batch_profile(5) == 8
+    with pytest.raises(ValueError, match="max_batch: must be one of"):
+        RuntimeConfig(max_batch=9, batch_profiles="every_size")
     with pytest.raises(ValueError, match="batch_profiles: must be one of powers_of_two, every_size"):
         RuntimeConfig(batch_profiles="fibonacci")
 
@@ -45,13 +49,16 @@ def test_with_a_profile_for_every_size_a_batch_of_three_runs_in_its_own_and_equa
         noises = [
             rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32) for _ in range(3)
         ]
-        captured = executor.counters["captures"]
         futures = executor.submit_batch(observations, noises)
         for obs, noise, future in zip(observations, noises, futures, strict=True):
             np.testing.assert_allclose(
                 future.result(timeout=120).actions, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5
             )
-        assert executor.counters["captures"] == captured  # profile 3 was captured ahead, not now
+        # the batch ran in the profile of 3, captured ahead (a profile of 4 would have been built for it)
+        assert {p["batch"] for p in executor.report()["profiles"]} == {1, 2, 3}
+        # and the server batches by the executor's profiles: its device times are per profile of 3
+        with PolicyServer(executor) as server:
+            assert server.batching.profile_of(3) == 3
 
 
 @pytest.fixture(scope="module", params=["switch", "rtc"])
