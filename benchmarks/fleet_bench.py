@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: its tests package
+from decision_trace import DecisionTrace  # noqa: E402
 from results_doc import run_header, save  # noqa: E402
 from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS  # noqa: E402
 from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: E402
@@ -140,6 +141,7 @@ def drive(
     in_step: bool = False,
     warmup_s: float = WARMUP_S,
     at_measure_start=None,
+    explain_late=None,
 ) -> dict:
     """`submit_for(i)(obs, steps) -> Future` per robot; every robot at 20 Hz for `warmup_s` and then
     `seconds`, with no pause between them (a fleet does not pause; after a pause of more than the server's
@@ -149,7 +151,9 @@ def drive(
     side).
     `controllers` (adaptive steps, one StepsController per robot, as a robot keeps its node's): each robot
     asks for its steps from its own, fed as the node feeds it (each chunk's age, and its oldest frame in
-    flight at every new observation)."""
+    flight at every new observation).
+    `explain_late([(robot, sent), ...])`, the counted late chunks in the order sent: what it returns goes
+    in the row as `late_traces` (a DecisionTrace's `around`)."""
     latencies: list[list[float]] = [[] for _ in range(robots)]
     misses = [0] * robots
     steps_used: list[int] = []
@@ -252,9 +256,19 @@ def drive(
         }
         if in_step:
             row["ticks"] = tick_arrivals(sends, late_ticks)
+        if explain_late is not None:
+            row["late_traces"] = explain_late(
+                sorted(((i, sends[(i, k)]) for i, k in late_ticks), key=lambda x: x[1])
+            )
     if adaptive:
         row.update(step_changes)  # in the counted ticks, not the warm-up
     return row
+
+
+def traced(server: PolicyServer):
+    """`drive`'s explain_late for a server: its decisions around each late chunk (robot i is "r{i}")."""
+    trace = DecisionTrace(server.batching)
+    return lambda late: trace.around([(f"r{i}", sent) for i, sent in late])
 
 
 def memory_gib() -> float:
@@ -278,8 +292,8 @@ def with_batch(parts: PolicyParts, max_batch: int) -> PolicyParts:
 class Fleet:
     """One precision's weights, its batched executor and (grown on demand) independent executors."""
 
-    def __init__(self, config: RuntimeConfig, observations, in_step: bool = False):
-        self.adaptive, self.in_step = config.adaptive_steps, in_step
+    def __init__(self, config: RuntimeConfig, observations, in_step: bool = False, trace: bool = False):
+        self.adaptive, self.in_step, self.trace = config.adaptive_steps, in_step, trace
         self.parts = build_parts(config)
         self.weights_gib = allocated_gib()  # what stays after the build (weights and FP8 copies)
         # With shape profiles only the workload's shapes are captured (none of the full shape ahead of time):
@@ -310,6 +324,7 @@ class Fleet:
                 controllers,
                 self.in_step,
                 at_measure_start=snapshot,
+                explain_late=traced(server) if self.trace else None,
             )
             sizes = server.batch_sizes() - before["sizes"]
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
@@ -374,7 +389,7 @@ def single_gpu(args, doc: dict) -> None:
         settings["pipelining"] = args.pipelining
         settings["batch_profiles"] = args.batch_profiles
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
-        fleet = Fleet(config, observations, args.in_step)
+        fleet = Fleet(config, observations, args.in_step, args.trace)
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
         best_robots, best_mode = 0, "batched"  # the largest robot count a server mode held, and that mode
         runs = {"batched": fleet.run_batched, "eager": fleet.run_eager, "independent": fleet.run_independent}
@@ -470,6 +485,7 @@ def multi_gpu(args, doc: dict) -> None:
         ]
         command += ["--adaptive"] if args.adaptive else []
         command += ["--in-step"] if args.in_step else []
+        command += ["--trace"] if args.trace else []
         command += ["--pipelining", args.pipelining, "--batch-profiles", args.batch_profiles]
         command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
         command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
@@ -531,6 +547,9 @@ def main() -> None:
         default="batched,eager,independent",
         help="batched: the server as it runs (holding for company under load); eager: the server never "
         "holding; independent: one executor per robot",
+    )
+    parser.add_argument(
+        "--trace", action="store_true", help="the server's decisions around each late chunk (late_traces)"
     )
     parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)  # set by --gpus for its children
     args = parser.parse_args()

@@ -11,7 +11,7 @@ What it answers, without a GPU: whether the measured device times alone put 8 ro
 what a cheaper batch would buy. What it leaves out: the GPU's own jitter, the host work of a real frame
 (images, copies, graph launches), and two frames overlapping on the device.
 
-python benchmarks/fleet_sim.py OUT.json [--robots 6,8,10] [--seconds 10]
+python benchmarks/fleet_sim.py OUT.json [--robots 6,8,10] [--seconds 10] [--models h200] [--trace]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fleet_bench import DEADLINE_S, drive
+from fleet_bench import DEADLINE_S, drive, traced
 from results_doc import run_header, save
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import ExecutorClosed
@@ -137,7 +137,9 @@ class SimulatedDevice:
             self._cond.notify_all()
 
 
-def run_point(model: str, robots: int, seconds: float, hold: bool, in_step: bool) -> dict:
+def run_point(
+    model: str, robots: int, seconds: float, hold: bool, in_step: bool, trace: bool = False
+) -> dict:
     device = SimulatedDevice(DEVICE_MODELS[model])
     try:
         with PolicyServer(device, deadline_s=DEADLINE_S, hold=hold) as server:
@@ -150,6 +152,7 @@ def run_point(model: str, robots: int, seconds: float, hold: bool, in_step: bool
                 [None],
                 in_step=in_step,
                 at_measure_start=lambda: before.update(sizes=server.batch_sizes()),
+                explain_late=traced(server) if trace else None,
             )
             sizes = server.batch_sizes() - before["sizes"]
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
@@ -164,6 +167,7 @@ def main() -> None:
     parser.add_argument("--robots", default="6,8,10")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--models", default=",".join(DEVICE_MODELS))
+    parser.add_argument("--trace", action="store_true", help="the server's decisions around late chunks")
     args = parser.parse_args()
     doc = {
         **run_header(),
@@ -178,7 +182,7 @@ def main() -> None:
                 row = {
                     "precision": model,
                     "mode": mode,
-                    **run_point(model, robots, args.seconds, hold, in_step),
+                    **run_point(model, robots, args.seconds, hold, in_step, args.trace),
                 }
                 print(
                     {k: row[k] for k in ("precision", "mode", "robots", "worst_p99_ms", "p50_ms", "misses")}

@@ -1,0 +1,74 @@
+"""What the policy server did around each late chunk: its arrivals, batching decisions, issues and ends.
+
+`DecisionTrace(server.batching)` wraps the server's BatchHold (the one object every decision goes
+through) and records, on the server's monotonic clock:
+- `arrived`: a robot's observation registered (`at`: its submit's start; the event's own time is when its
+  preparation ended and it joined the queue),
+- `decide`: the observations waiting, the earliest deadline's distance, and the answer (take, wait),
+- `issued` and `served`: a batch of n went to the executor, and its frame ended.
+`around(late)` then cuts, for each of the first few late chunks (robot, when it was sent), the events
+from a period before its send to two after, in ms from the send: a straggler that came after its
+tick's batch went, a batch that waited on a busy device, a decision that split a tick, each shows there.
+
+Used by benchmarks/fleet_bench.py and benchmarks/fleet_sim.py (`--trace`); the server itself keeps no log.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+BEFORE_S, AFTER_S = 0.05, 0.10  # of a late chunk's send: the window cut around it
+LATE_TRACED = 6  # late chunks traced per run (the first ones)
+
+
+class DecisionTrace:
+    def __init__(self, batching, clock=time.monotonic):
+        self._events: list[tuple[float, str, dict]] = []
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._wrap(batching, "arrived", lambda args, _: {"robot": args[0], "submitted": args[1]})
+        self._wrap(
+            batching,
+            "decide",
+            lambda args, out: {
+                "waiting": args[0],
+                "earliest_deadline_in_ms": round((args[1] - args[2]) * 1e3, 2),
+                "take": out[0],
+                "wait_ms": round(out[1] * 1e3, 2),
+            },
+        )
+        self._wrap(batching, "issued", lambda args, _: {"size": args[0]})
+        self._wrap(batching, "served", lambda args, _: {"size": args[0], "issued": args[1]})
+
+    def _wrap(self, batching, name: str, describe) -> None:
+        method = getattr(batching, name)
+
+        def traced(*args, **kwargs):
+            out = method(*args, **kwargs)
+            detail = describe(args, out)
+            with self._lock:
+                self._events.append((self._clock(), name, detail))
+            return out
+
+        setattr(batching, name, traced)
+
+    def around(self, late: list[tuple[str, float]]) -> list[dict]:
+        """For the first LATE_TRACED late chunks, (robot, its send on the same clock): the events from
+        BEFORE_S before the send to AFTER_S after, times in ms from the send."""
+        with self._lock:
+            events = list(self._events)
+        traces = []
+        for robot, sent in late[:LATE_TRACED]:
+            window = []
+            for t, kind, detail in events:
+                if sent - BEFORE_S <= t <= sent + AFTER_S:
+                    shown = {k: _relative(k, v, sent) for k, v in detail.items()}
+                    window.append({"ms": round((t - sent) * 1e3, 2), "event": kind, **shown})
+            traces.append({"robot": robot, "events": window})
+        return traces
+
+
+def _relative(key: str, value, sent: float):
+    """Times (the submit's start, a batch's issue) in ms from the late chunk's send; the rest as is."""
+    return round((value - sent) * 1e3, 2) if key in ("submitted", "issued") else value

@@ -1,0 +1,55 @@
+"""The fleet benchmarks' trace of the server's decisions (benchmarks/decision_trace.py): it records what
+the real BatchHold was asked and answered, unchanged, and cuts the window around each late chunk, on a
+fake clock."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vla_runtime.runtime.batching import BatchHold
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from decision_trace import AFTER_S, BEFORE_S, LATE_TRACED, DecisionTrace  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_trace_records_the_decisions_unchanged_and_cuts_the_window_around_a_late_chunk():
+    clock = FakeClock()
+    hold = BatchHold(lambda n: n, max_batch=8, margin_s=0.005)
+    trace = DecisionTrace(hold, clock)
+    untraced = BatchHold(lambda n: n, max_batch=8, margin_s=0.005)
+    for robot, at in (("r0", 100.0), ("r1", 100.002)):
+        clock.now = at + 0.001  # registered a millisecond after its submit began
+        hold.arrived(robot, at)
+        untraced.arrived(robot, at)
+    clock.now = 100.004
+    assert hold.decide(2, 100.05, 100.004) == untraced.decide(2, 100.05, 100.004)
+    hold.issued(2, 100.004)
+    clock.now = 100.03
+    hold.served(2, 100.004, 100.03)
+    clock.now = 100.5  # long after: outside every window below
+    hold.arrived("r0", 100.5)
+
+    (window,) = trace.around([("r1", 100.002)])
+    assert window["robot"] == "r1"
+    events = window["events"]
+    assert [e["event"] for e in events] == ["arrived", "arrived", "decide", "issued", "served"]
+    assert events[0] == {"ms": -1.0, "event": "arrived", "robot": "r0", "submitted": -2.0}
+    assert events[2]["waiting"] == 2 and events[2]["earliest_deadline_in_ms"] == 46.0
+    assert (events[2]["take"], events[2]["wait_ms"]) == (2, 0.0)
+    assert events[4] == {"ms": 28.0, "event": "served", "size": 2, "issued": 2.0}
+    assert all(-BEFORE_S * 1e3 <= e["ms"] <= AFTER_S * 1e3 for e in events)
+
+
+def test_only_the_first_late_chunks_are_traced():
+    trace = DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005), FakeClock())
+    late = [(f"r{i}", 100.0 + i) for i in range(LATE_TRACED + 3)]
+    assert [w["robot"] for w in trace.around(late)] == [r for r, _ in late[:LATE_TRACED]]
