@@ -5,7 +5,9 @@ through) and records, on the server's monotonic clock:
 - `arrived`: a robot's observation registered (`at`: its submit's start; the event's own time is when its
   preparation ended and it joined the queue),
 - `decide`: the observations waiting, the earliest deadline's distance, and the answer (take, wait),
-- `issued` and `served`: a batch of n went to the executor, and its frame ended.
+- `issued` and `served`: a batch of n went to the executor, and its frame ended;
+- `gc`: a collection of Python's cyclic garbage collector, its generation and its pause (every thread
+  of the process waits it out).
 `around(late)` then cuts, for each of the first few late chunks (robot, when it was sent), the events
 from a period before its send to two after, in ms from the send: a straggler that came after its
 tick's batch went, a batch that waited on a busy device, a decision that split a tick, each shows there.
@@ -15,8 +17,10 @@ Used by benchmarks/fleet_bench.py and benchmarks/fleet_sim.py (`--trace`); the s
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+from collections import defaultdict
 
 BEFORE_S, AFTER_S = 0.05, 0.10  # of a late chunk's send: the window cut around it
 LATE_TRACED = 6  # late chunks traced per run (the first ones)
@@ -40,6 +44,36 @@ class DecisionTrace:
         )
         self._wrap(batching, "issued", lambda args, _: {"size": args[0]})
         self._wrap(batching, "served", lambda args, _: {"size": args[0], "issued": args[1]})
+        self._gc_started = 0.0
+        gc.callbacks.append(self._collected)
+
+    def _collected(self, phase: str, info: dict) -> None:
+        """gc.callbacks: a collection's start and stop, on the thread that collects."""
+        if phase == "start":
+            self._gc_started = self._clock()
+            return
+        pause_ms = round((self._clock() - self._gc_started) * 1e3, 2)
+        with self._lock:
+            self._events.append(
+                (self._gc_started, "gc", {"generation": info["generation"], "pause_ms": pause_ms})
+            )
+
+    def close(self) -> None:
+        """No more collections recorded (the callback is process-wide)."""
+        if self._collected in gc.callbacks:
+            gc.callbacks.remove(self._collected)
+
+    def gc_pauses(self) -> dict[str, dict]:
+        """Per generation: the collections recorded, their longest and their total pause (ms)."""
+        with self._lock:
+            pauses = [(d["generation"], d["pause_ms"]) for _, kind, d in self._events if kind == "gc"]
+        by_generation: dict[int, list[float]] = defaultdict(list)
+        for generation, ms in pauses:
+            by_generation[generation].append(ms)
+        return {
+            str(g): {"count": len(v), "max_ms": max(v), "total_ms": round(sum(v), 2)}
+            for g, v in sorted(by_generation.items())
+        }
 
     def _wrap(self, batching, name: str, describe) -> None:
         method = getattr(batching, name)

@@ -62,6 +62,7 @@ from results_doc import run_header, save  # noqa: E402
 from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS  # noqa: E402
 from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: E402
 from vla_runtime.runtime.buffers import BATCH_PROFILE_SETS, batch_sizes  # noqa: E402
+from vla_runtime.runtime.collector import thaw  # noqa: E402
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.hazards import STEP_NAMES  # noqa: E402
@@ -152,8 +153,8 @@ def drive(
     `controllers` (adaptive steps, one StepsController per robot, as a robot keeps its node's): each robot
     asks for its steps from its own, fed as the node feeds it (each chunk's age, and its oldest frame in
     flight at every new observation).
-    `explain_late([(robot, sent), ...])`, the counted late chunks in the order sent: what it returns goes
-    in the row as `late_traces` (a DecisionTrace's `around`)."""
+    `explain_late([(robot, sent), ...])`, the counted late chunks in the order sent: the dict it returns
+    goes into the row (`traced`: `late_traces` and `gc_pauses`)."""
     latencies: list[list[float]] = [[] for _ in range(robots)]
     misses = [0] * robots
     steps_used: list[int] = []
@@ -257,18 +258,25 @@ def drive(
         if in_step:
             row["ticks"] = tick_arrivals(sends, late_ticks)
         if explain_late is not None:
-            row["late_traces"] = explain_late(
-                sorted(((i, sends[(i, k)]) for i, k in late_ticks), key=lambda x: x[1])
-            )
+            row |= explain_late(sorted(((i, sends[(i, k)]) for i, k in late_ticks), key=lambda x: x[1]))
     if adaptive:
         row.update(step_changes)  # in the counted ticks, not the warm-up
     return row
 
 
 def traced(server: PolicyServer):
-    """`drive`'s explain_late for a server: its decisions around each late chunk (robot i is "r{i}")."""
+    """`drive`'s explain_late for a server: its decisions around each late chunk (robot i is "r{i}"), and
+    the garbage collector's pauses over the warm-up and the run."""
     trace = DecisionTrace(server.batching)
-    return lambda late: trace.around([(f"r{i}", sent) for i, sent in late])
+
+    def explain(late: list[tuple[int, float]]) -> dict:
+        trace.close()
+        return {
+            "late_traces": trace.around([(f"r{i}", sent) for i, sent in late]),
+            "gc_pauses": trace.gc_pauses(),
+        }
+
+    return explain
 
 
 def memory_gib() -> float:
@@ -390,6 +398,8 @@ def single_gpu(args, doc: dict) -> None:
         settings["batch_profiles"] = args.batch_profiles
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
         fleet = Fleet(config, observations, args.in_step, args.trace)
+        if args.unfrozen:
+            thaw()  # start-up's objects scanned by every full collection again, as before the freeze
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
         best_robots, best_mode = 0, "batched"  # the largest robot count a server mode held, and that mode
         runs = {"batched": fleet.run_batched, "eager": fleet.run_eager, "independent": fleet.run_independent}
@@ -486,6 +496,7 @@ def multi_gpu(args, doc: dict) -> None:
         command += ["--adaptive"] if args.adaptive else []
         command += ["--in-step"] if args.in_step else []
         command += ["--trace"] if args.trace else []
+        command += ["--unfrozen"] if args.unfrozen else []
         command += ["--pipelining", args.pipelining, "--batch-profiles", args.batch_profiles]
         command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
         command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
@@ -551,6 +562,11 @@ def main() -> None:
     parser.add_argument(
         "--trace", action="store_true", help="the server's decisions around each late chunk (late_traces)"
     )
+    parser.add_argument(
+        "--unfrozen",
+        action="store_true",
+        help="thaw the objects start-up froze out of the garbage collector's scans (runtime/collector.py)",
+    )
     parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)  # set by --gpus for its children
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -562,6 +578,7 @@ def main() -> None:
         "precisions": {p: PRECISIONS.get(p, "float32") for p in args.precisions.split(",")},
         "pipelining": args.pipelining,
         "batch_profiles": args.batch_profiles,
+        "start_up_objects_frozen": not args.unfrozen,
         "rows": [],
     }
     if args.gpus > 1:

@@ -43,6 +43,7 @@ from .buffers import (
     batch_sizes,
     prompt_bucket,
 )
+from .collector import freeze_long_lived, thaw
 from .compile_cache import use_compile_cache
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
@@ -471,6 +472,7 @@ class PipelinedExecutor(Policy):
                 "close: the device did not finish within %.0f s; its threads are left behind",
                 self._idle_timeout(),
             )
+        thaw()  # this executor's cycles collectable again (another live one refreezes at its next capture)
 
     def health(self) -> dict:
         """`ready`, `state` (serving / hung / closed), `error` (why not ready), and the report."""
@@ -538,6 +540,7 @@ class PipelinedExecutor(Policy):
             with self._cond:
                 self._captures_running -= 1
                 self._capture_ended = time.monotonic()
+            freeze_long_lived()  # what a capture made lives as long as the executor: never scanned again
 
     def _capture(self, profile: ShapeProfile) -> StageRunner:
         runner = self._runners.get(profile.input_shape)

@@ -4,6 +4,7 @@ fake clock."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -53,3 +54,14 @@ def test_only_the_first_late_chunks_are_traced():
     trace = DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005), FakeClock())
     late = [(f"r{i}", 100.0 + i) for i in range(LATE_TRACED + 3)]
     assert [w["robot"] for w in trace.around(late)] == [r for r, _ in late[:LATE_TRACED]]
+
+
+def test_the_collectors_pauses_are_recorded_until_closed():
+    trace = DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005))
+    gc.collect(2)
+    gc.collect(0)
+    trace.close()
+    gc.collect(2)  # not recorded
+    pauses = trace.gc_pauses()
+    assert pauses["2"]["count"] == 1 and pauses["0"]["count"] >= 1
+    assert 0 <= pauses["2"]["max_ms"] <= pauses["2"]["total_ms"]

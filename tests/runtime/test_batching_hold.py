@@ -423,3 +423,17 @@ def test_a_robot_leaving_is_not_waited_for_and_joining_again_it_is():
             hold.arrived(robot, 9.0 + k * 0.05 + i * 0.016)
     assert hold.keep_up_size(12.0) == 3
     assert hold.decide(2, 12.1, now=12.0)[1] > 0
+
+
+def test_a_tick_whose_last_robot_began_a_burst_of_its_own_is_not_split():
+    """8 robots in step; in the newest tick 7 arrive together and the eighth 6.6 ms later (more than
+    GATHER_S: a burst of its own, as a robot's thread that woke late made it on the H200). All eight wait;
+    one batch of 8 (39 ms) from 10.0067 ends 0.3 ms past the deadline less the margin but within the tick,
+    where two of the keep-up size (4 + 4: 23 + 23 ms) would end past the deadline itself: it takes all
+    eight, as it does when they came together."""
+    hold = measured(H200_LIKE)
+    robots_in_step(hold, 8, 20, until=10.0)
+    tick(hold, range(7), at=10.0)
+    hold.arrived("r7", 10.0066)
+    assert hold.keep_up_size(10.0067) == 4
+    assert hold.decide(8, earliest_deadline=10.05, now=10.0067, may_hold=False) == (8, 0.0)

@@ -5,6 +5,7 @@ dispatcher thread) and by waiting for the executor's own state, never by sleepin
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -234,6 +235,22 @@ def test_reset_and_close_resolve_every_future(rng):
     assert executor.counters["dropped"] == 7 and executor.counters["completed"] == 2
     with pytest.raises(RuntimeError, match="closed"):
         executor.submit(random_observation(rng))
+
+
+def test_what_start_up_made_is_out_of_the_collectors_scans_until_close(rng):
+    """runtime/collector.py: after its captures the executor froze every object tracked so far (a full
+    collection no longer scans them), and a profile captured later (another step count) froze what it
+    made too; close thaws them, so the executor's own cycles can be collected."""
+    gc.unfreeze()  # whatever an earlier test's executor left frozen
+    executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny"))
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # modules, the model, the captured profile
+        executor.submit(random_observation(rng), steps=2).result(timeout=120)  # a new profile captured
+        assert gc.get_freeze_count() > frozen
+    finally:
+        executor.close()
+    assert gc.get_freeze_count() == 0
 
 
 def zero_image_tokens(slot) -> None:
