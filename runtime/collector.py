@@ -10,7 +10,8 @@ fleet of robots in step saw one of its threads' ticks come 330 ms late in a 60 s
 `gc.freeze()` moves every object tracked so far into a generation the collector never scans. What a
 start-up makes (modules, compiled graphs, captured profiles' buffers) lives as long as the executor
 anyway; objects made while serving are collected as before, in collections of their own size. The
-executor freezes after each capture (ahead of serving, and a profile captured lazily), and thaws on
+executor freezes after each capture (ahead of serving, and a profile captured lazily) and after each
+profile's first frame (what a first run builds lazily: library handles, caches), and thaws on
 close, so that a closed executor's cycles are collected (a process that builds several executors, one
 after another, would otherwise keep each one's memory, GPU memory included, to its end). Thawing is
 process-wide: another live executor's objects are scanned again until its next capture.

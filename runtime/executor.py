@@ -229,6 +229,7 @@ class PipelinedExecutor(Policy):
         self._noise, self._noise_lock = self.config.noise_generator(), threading.Lock()
         self._completions: queue.Queue = queue.Queue()
         self._captures_running, self._capture_ended = 0, float("-inf")  # infer waits out a capture
+        self._profiles_served: set[ShapeProfile] = set()  # a frame of each completed (the completer's)
         if profiles is None:
             ladder = steps_ladder(self.config.denoising_steps) if self.config.adaptive_steps else ()
             batches = batch_sizes(self.config.max_batch, self.config.batch_profiles)
@@ -737,6 +738,9 @@ class PipelinedExecutor(Policy):
                 self._leave_device(frame, "completed")
                 for member, chunk in zip(frame.members, chunks, strict=True):
                     _resolve(member.future, result=chunk)
+                if frame.profile not in self._profiles_served:  # (this thread's alone)
+                    self._profiles_served.add(frame.profile)
+                    freeze_long_lived()  # a profile's first frame builds what the later ones reuse
 
     # ------------------------------------------------------------------ watchdog thread
     def _watch_loop(self) -> None:

@@ -239,15 +239,23 @@ def test_reset_and_close_resolve_every_future(rng):
 
 def test_what_start_up_made_is_out_of_the_collectors_scans_until_close(rng):
     """runtime/collector.py: after its captures the executor froze every object tracked so far (a full
-    collection no longer scans them), and a profile captured later (another step count) froze what it
-    made too; close thaws them, so the executor's own cycles can be collected."""
+    collection no longer scans them); a profile's first frame froze what it made, as did a profile
+    captured later (another step count); close thaws them, so the executor's own cycles can be
+    collected."""
     gc.unfreeze()  # whatever an earlier test's executor left frozen
     executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny"))
     try:
         frozen = gc.get_freeze_count()
         assert frozen > 10_000  # modules, the model, the captured profile
+        executor.submit(random_observation(rng)).result(timeout=120)
+        executor.wait_idle()
+        after_first_frame = gc.get_freeze_count()
+        assert after_first_frame > frozen
+        executor.submit(random_observation(rng)).result(timeout=120)
+        executor.wait_idle()
+        assert gc.get_freeze_count() <= after_first_frame  # later frames freeze nothing (some frozen die)
         executor.submit(random_observation(rng), steps=2).result(timeout=120)  # a new profile captured
-        assert gc.get_freeze_count() > frozen
+        assert gc.get_freeze_count() > after_first_frame
     finally:
         executor.close()
     assert gc.get_freeze_count() == 0
