@@ -68,10 +68,9 @@ def drive(executor, observations, seconds: float, controller: StepsController | 
     def done(future):
         with lock:
             in_flight.pop(id(future), None)
-        try:
-            chunk = future.result()
-        except FrameDropped:
+        if isinstance(future.exception(), FrameDropped):  # asked, not raised (no traceback cycle)
             return
+        chunk = future.result()
         scheduled = scheduler.offer(chunk, time.time())
         with lock:
             steps_used.append(chunk.steps)

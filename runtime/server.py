@@ -49,7 +49,11 @@ ROBOT_COUNTERS = ("submitted", "replaced", "completed", "failed", "misses")
 @dataclass
 class Pending:
     robot: str
-    member: Member
+    # Released once the executor has it: the member's future calls back into this Pending, and a Pending
+    # that kept its member would close a reference cycle (member -> future -> callback -> Pending ->
+    # member) that only the cyclic collector frees, images and all: on the H200 such garbage piled up
+    # between full collections and each of those stopped every thread for 11-35 ms.
+    member: Member | None
     future: Future  # the robot's: resolved from the member's
     deadline: float  # monotonic
     submitted: float  # monotonic
@@ -159,6 +163,7 @@ class PolicyServer:
                 self._batch_sizes[len(ready)] += 1
             futures[0].add_done_callback(self._batch_served(len(ready), issued))  # a frame resolves at once
             for p, f in zip(ready, futures, strict=True):
+                p.member = None  # the executor has it (see Pending.member)
                 f.add_done_callback(lambda f, p=p: self._finish(p, future=f))
 
     def _batch_served(self, size: int, issued: float):
