@@ -62,7 +62,7 @@ from results_doc import run_header, save  # noqa: E402
 from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS  # noqa: E402
 from vla_runtime.runtime.adaptive import StepsController, steps_ladder  # noqa: E402
 from vla_runtime.runtime.buffers import BATCH_PROFILE_SETS, batch_sizes  # noqa: E402
-from vla_runtime.runtime.collector import thaw  # noqa: E402
+from vla_runtime.runtime.collector import GARBAGE_COLLECTION, thaw  # noqa: E402
 from vla_runtime.runtime.config import GPU_PRECISION_OPTIONS, RuntimeConfig  # noqa: E402
 from vla_runtime.runtime.executor import PipelinedExecutor  # noqa: E402
 from vla_runtime.runtime.hazards import STEP_NAMES  # noqa: E402
@@ -385,6 +385,11 @@ def libero(preset: str) -> tuple[list[Observation], dict]:
 WORKLOADS = {"three_views": three_views, "libero": libero}
 
 
+def shown(row: dict) -> dict:
+    """A row as printed: without its traces (they are in the JSON)."""
+    return {k: v for k, v in row.items() if k != "late_traces"}
+
+
 def held(row: dict) -> bool:
     return row["worst_p99_ms"] <= DEADLINE_S * 1e3 and row["misses"] == 0
 
@@ -397,6 +402,7 @@ def single_gpu(args, doc: dict) -> None:
         settings = {**PRECISIONS.get(precision, {}), **workload, "adaptive_steps": args.adaptive}
         settings["pipelining"] = args.pipelining
         settings["batch_profiles"] = args.batch_profiles
+        settings["garbage_collection"] = args.garbage_collection
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
         fleet = Fleet(config, observations, args.in_step, args.trace)
         if args.unfrozen:
@@ -416,7 +422,7 @@ def single_gpu(args, doc: dict) -> None:
                     reset_peak()
                     row = {"precision": precision, "mode": mode, **run(robots, args.seconds, observations)}
                     row["peak_gib"] = memory_gib()  # this point's peak: weights, buffers, activations
-                    print(json.dumps(row), flush=True)
+                    print(json.dumps(shown(row)), flush=True)
                     doc["rows"].append(row)
                     save(doc, args.out)
                     more = robots > best_robots or (robots == best_robots and mode == "batched")
@@ -435,7 +441,7 @@ def single_gpu(args, doc: dict) -> None:
                     **confirm,
                 }
                 doc["confirm"].update(started=started, ended=time.time(), siblings_arrived=together)
-                print("confirm", json.dumps(doc["confirm"]), flush=True)
+                print("confirm", json.dumps(shown(doc["confirm"])), flush=True)
         finally:
             fleet.close()
             del fleet
@@ -498,6 +504,7 @@ def multi_gpu(args, doc: dict) -> None:
         command += ["--in-step"] if args.in_step else []
         command += ["--trace"] if args.trace else []
         command += ["--unfrozen"] if args.unfrozen else []
+        command += ["--garbage-collection", args.garbage_collection]
         command += ["--pipelining", args.pipelining, "--batch-profiles", args.batch_profiles]
         command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
         command += ["--barrier", ",".join(map(str, [barriers[gpu], *barriers[:gpu], *barriers[gpu + 1 :]]))]
@@ -568,6 +575,12 @@ def main() -> None:
         action="store_true",
         help="thaw the objects start-up froze out of the garbage collector's scans (runtime/collector.py)",
     )
+    parser.add_argument(
+        "--garbage-collection",
+        choices=GARBAGE_COLLECTION,
+        default=RuntimeConfig.garbage_collection,
+        help="Python's full collections: CPython's (automatic) or the executor's, after a frame's issue",
+    )
     parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)  # set by --gpus for its children
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -580,6 +593,7 @@ def main() -> None:
         "pipelining": args.pipelining,
         "batch_profiles": args.batch_profiles,
         "start_up_objects_frozen": not args.unfrozen,
+        "garbage_collection": args.garbage_collection,
         "rows": [],
     }
     if args.gpus > 1:

@@ -4,8 +4,8 @@ A process that has built, compiled and captured a policy holds hundreds of thous
 cyclic collector tracks (pi05_tiny on the CPU: about 180,000; a full collection of them took 70 ms on
 the CI host). CPython runs a full collection whenever the long-lived objects have grown by a quarter
 since the last one: at a moment of its choosing while robots are served, every Python thread stopped
-for the length of the scan (the robots' submits, the batcher, the completion of frames). On the H200 a
-fleet of robots in step saw one of its threads' ticks come 330 ms late in a 60 s run (docs/many_robots.md).
+for the length of the scan (the robots' submits, the batcher, the completion of frames). On the H200 one
+took 2.2 s in a 60 s fleet run (docs/many_robots.md).
 
 `gc.freeze()` moves every object tracked so far into a generation the collector never scans. What a
 start-up makes (modules, compiled graphs, captured profiles' buffers) lives as long as the executor
@@ -15,11 +15,28 @@ profile's first frame (what a first run builds lazily: library handles, caches),
 close, so that a closed executor's cycles are collected (a process that builds several executors, one
 after another, would otherwise keep each one's memory, GPU memory included, to its end). Thawing is
 process-wide: another live executor's objects are scanned again until its next capture.
+
+Frozen, a full collection still came about once a minute on the H200 and took 11-16 ms, long enough to
+split a tick of robots in step. `WhileDeviceBusy` (RuntimeConfig.garbage_collection "while_device_busy",
+an experiment until measured on a GPU) takes the full collections over: CPython's own are turned off
+(the oldest generation's threshold; the young generations' collections, under 2 ms, stay automatic),
+and the executor's dispatcher runs one right after it has put a frame on the device, when that
+profile's frames keep the device busy for at least twice the last one's pause: the host has nothing to
+do for the device meanwhile. At most one every PERIOD_S; past OVERDUE_S without one, at the next frame
+whatever its length (a cyclic garbage that only grows would be worse than one stop).
 """
 
 from __future__ import annotations
 
 import gc
+import threading
+import time
+
+PERIOD_S = 5.0  # full collections at most this often (CPython's own came about once a minute, frozen)
+OVERDUE_S = 60.0  # without one for this long, the next frame gets one, fitting or not
+FIRST_PAUSE_S = 0.010  # assumed for the first collection (measured on the H200: 11-16 ms, frozen)
+NEVER = 2**31 - 1  # a threshold for the oldest generation that is never reached
+GARBAGE_COLLECTION = ("automatic", "while_device_busy")  # RuntimeConfig.garbage_collection
 
 
 def freeze_long_lived() -> None:
@@ -30,3 +47,51 @@ def freeze_long_lived() -> None:
 def thaw() -> None:
     """Frozen objects back into the oldest generation, to be collected when garbage (gc.unfreeze)."""
     gc.unfreeze()
+
+
+class WhileDeviceBusy:
+    """Full collections at moments the executor chooses (see the module's docstring). Several executors
+    in a process share the takeover: CPython's thresholds come back when the last one lets go."""
+
+    _holders = 0
+    _saved: tuple[int, int, int] | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, clock=time.monotonic, collect=gc.collect):
+        self._clock, self._collect = clock, collect
+        self._last = clock()  # as if one had just run: the first waits a period
+        self._pause_s = FIRST_PAUSE_S
+        self.collections = 0
+        self._held = False
+        with WhileDeviceBusy._lock:
+            if WhileDeviceBusy._holders == 0:
+                WhileDeviceBusy._saved = gc.get_threshold()
+                young, middle, _ = WhileDeviceBusy._saved
+                gc.set_threshold(young, middle, NEVER)
+            WhileDeviceBusy._holders += 1
+            self._held = True
+
+    def after_issue(self, busy_s: float | None) -> bool:
+        """A frame went to the device, which frames of its profile keep busy for `busy_s` (None: not
+        measured yet). Collects now if one is due and fits; says whether it did."""
+        now = self._clock()
+        if now - self._last < PERIOD_S:
+            return False
+        fits = busy_s is not None and self._pause_s <= busy_s / 2
+        if not fits and now - self._last < OVERDUE_S:
+            return False
+        self._collect(2)
+        self._last = self._clock()
+        self._pause_s = self._last - now
+        self.collections += 1
+        return True
+
+    def close(self) -> None:
+        """Let go of the takeover (CPython's thresholds back when no other executor holds it)."""
+        with WhileDeviceBusy._lock:
+            if not self._held:
+                return
+            self._held = False
+            WhileDeviceBusy._holders -= 1
+            if WhileDeviceBusy._holders == 0 and WhileDeviceBusy._saved is not None:
+                gc.set_threshold(*WhileDeviceBusy._saved)

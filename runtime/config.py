@@ -14,6 +14,7 @@ import yaml
 from ..graphs.checkpoint import CheckpointInfo, architecture_differences, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
 from .buffers import BATCH_PROFILE_SETS, prompt_bucket
+from .collector import GARBAGE_COLLECTION
 from .handover import Handover
 from .pipelining import PIPELINING_MODES
 
@@ -123,6 +124,10 @@ class RuntimeConfig:
     # buffers at 8; simulated, it served spread robots best with the server sending at once, not capped:
     # docs/many_robots.md).
     batch_profiles: str = "powers_of_two"
+    # Python's full garbage collections (runtime/collector.py): "automatic" (CPython's, start-up frozen
+    # out of them) or "while_device_busy" (the executor runs them right after putting a frame on the
+    # device; an experiment until measured on a GPU).
+    garbage_collection: str = "automatic"
     # Each frame runs the smallest shape that holds it: only the cameras present are computed, the prompt
     # padded to the next of 32 / 64 / 128 / max tokens (the padding is masked: the same actions). A new
     # shape is captured when first met (the device idle meanwhile).
@@ -195,6 +200,11 @@ class RuntimeConfig:
             sizes = BATCH_PROFILE_SETS[self.batch_profiles]
             raise ValueError(
                 f"max_batch: must be one of {sizes} with {self.batch_profiles} profiles, got {self.max_batch}"
+            )
+        if self.garbage_collection not in GARBAGE_COLLECTION:
+            raise ValueError(
+                f"garbage_collection: must be one of {', '.join(GARBAGE_COLLECTION)}, "
+                f"got {self.garbage_collection!r}"
             )
         if self.device_timeout_s is not None and not self.device_timeout_s > 0:
             raise ValueError(f"device_timeout_s: must be > 0, got {self.device_timeout_s}")

@@ -43,7 +43,7 @@ from .buffers import (
     batch_sizes,
     prompt_bucket,
 )
-from .collector import freeze_long_lived, thaw
+from .collector import WhileDeviceBusy, freeze_long_lived, thaw
 from .compile_cache import use_compile_cache
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
@@ -230,6 +230,9 @@ class PipelinedExecutor(Policy):
         self._completions: queue.Queue = queue.Queue()
         self._captures_running, self._capture_ended = 0, float("-inf")  # infer waits out a capture
         self._profiles_served: set[ShapeProfile] = set()  # a frame of each completed (the completer's)
+        # per profile: how long its last frame kept the executor busy after dispatch (written by the
+        # completer, read by the dispatcher for the garbage collector's timing)
+        self._busy_s: dict[ShapeProfile, float] = {}
         if profiles is None:
             ladder = steps_ladder(self.config.denoising_steps) if self.config.adaptive_steps else ()
             batches = batch_sizes(self.config.max_batch, self.config.batch_profiles)
@@ -242,6 +245,10 @@ class PipelinedExecutor(Policy):
             self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
         built_here = {} if parts is not None else self.parts.startup_s  # parts given: built before this start
         self.startup_s = {**built_here, "compile_and_capture": time.perf_counter() - started}
+        # after the captures: a failed start-up leaves CPython's collector as it was
+        self.garbage_collector = (
+            WhileDeviceBusy() if self.config.garbage_collection == "while_device_busy" else None
+        )
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
         self._completer = threading.Thread(target=self._complete_loop, name="vla-complete", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_loop, name="vla-watchdog", daemon=True)
@@ -474,6 +481,8 @@ class PipelinedExecutor(Policy):
                 self._idle_timeout(),
             )
         thaw()  # this executor's cycles collectable again (another live one refreezes at its next capture)
+        if self.garbage_collector is not None:
+            self.garbage_collector.close()
 
     def health(self) -> dict:
         """`ready`, `state` (serving / hung / closed), `error` (why not ready), and the report."""
@@ -621,6 +630,8 @@ class PipelinedExecutor(Policy):
                 _resolve_all(frame, error=err)
                 continue
             self._completions.put(frame)
+            if self.garbage_collector is not None:  # the device has the frame: the host may pause
+                self.garbage_collector.after_issue(self._busy_s.get(frame.profile))
 
     def _leave_device(self, frame: Frame, outcome: str) -> None:
         """Every frame that was taken leaves here, once: counted, and the hang cleared when the device
@@ -801,6 +812,7 @@ class PipelinedExecutor(Policy):
         finished = [self.parts.finish_chunk(actions[i], m.previous) for i, m in enumerate(frame.members)]
         done = time.perf_counter()
         self._pipelining.served(done - frame.dispatched)
+        self._busy_s[frame.profile] = done - frame.dispatched
         # From the earliest member's `prepare` on: the host's preparation and, where a server holds
         # prepared observations to batch them, that wait are part of what the robot waits for.
         first = min(frame.members, key=lambda m: m.received)

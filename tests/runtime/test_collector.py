@@ -1,0 +1,91 @@
+"""runtime/collector.py: full garbage collections taken over by the executor (garbage_collection
+"while_device_busy"), on a fake clock and a recording collect: CPython's own full collections off while
+any executor holds the takeover and back after the last lets go; one collection at most a period, only
+where the device stays busy for twice the last pause, and past the overdue limit whatever the frame."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from vla_runtime.runtime import collector
+from vla_runtime.runtime.collector import FIRST_PAUSE_S, NEVER, OVERDUE_S, PERIOD_S, WhileDeviceBusy
+from vla_runtime.runtime.config import RuntimeConfig
+from vla_runtime.runtime.executor import PipelinedExecutor
+
+from ..conftest import random_observation
+
+
+class FakeTime:
+    """A clock, and a collect that takes `pause` seconds of it."""
+
+    def __init__(self):
+        self.now, self.pause, self.collected = 1000.0, 0.012, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def collect(self, generation: int) -> int:
+        self.collected.append((self.now, generation))
+        self.now += self.pause
+        return 0
+
+
+def test_cpythons_full_collections_are_off_while_any_executor_holds_the_takeover():
+    before = gc.get_threshold()
+    first, second = WhileDeviceBusy(), WhileDeviceBusy()
+    try:
+        assert gc.get_threshold() == (before[0], before[1], NEVER)
+        first.close()
+        first.close()  # twice: nothing more
+        assert gc.get_threshold()[2] == NEVER  # the second still holds it
+    finally:
+        first.close()
+        second.close()
+    assert gc.get_threshold() == before
+
+
+def test_a_collection_runs_after_a_frame_only_when_due_and_fitting():
+    t = FakeTime()
+    busy = WhileDeviceBusy(t.clock, t.collect)
+    try:
+        assert not busy.after_issue(0.035)  # a period has not passed since the takeover
+        t.now += PERIOD_S
+        assert not busy.after_issue(None)  # the profile's device time not measured yet
+        assert not busy.after_issue(2 * FIRST_PAUSE_S - 0.001)  # the assumed pause does not fit
+        assert busy.after_issue(2 * FIRST_PAUSE_S)
+        assert t.collected == [(1000.0 + PERIOD_S, 2)] and busy.collections == 1
+        t.now += PERIOD_S - 0.001
+        assert not busy.after_issue(1.0)  # at most one a period
+        t.now += 0.001
+        assert not busy.after_issue(0.020)  # the measured pause (12 ms) needs 24 ms of device
+        assert busy.after_issue(0.024)
+        t.now += OVERDUE_S
+        assert busy.after_issue(0.001)  # overdue: whatever the frame
+        assert busy.collections == 3
+    finally:
+        busy.close()
+
+
+def test_the_executor_collects_after_putting_frames_on_the_device(rng, monkeypatch):
+    """pi05_tiny on the CPU with the takeover and no waiting period: once a profile's time is measured,
+    a full collection follows a frame's issue; CPython's are off while the executor serves, back after."""
+    monkeypatch.setattr(collector, "PERIOD_S", 0.0)
+    monkeypatch.setattr(collector, "FIRST_PAUSE_S", 0.0)
+    before = gc.get_threshold()
+    executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", garbage_collection="while_device_busy"))
+    try:
+        assert gc.get_threshold()[2] == NEVER
+        for _ in range(3):
+            chunk = executor.submit(random_observation(rng)).result(timeout=120)
+            assert np.isfinite(chunk.actions).all()
+        assert executor.garbage_collector.collections >= 1
+    finally:
+        executor.close()
+    assert gc.get_threshold() == before
+
+
+def test_an_unknown_mode_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="garbage_collection"):
+        RuntimeConfig(preset="pi05_tiny", garbage_collection="sometimes")
