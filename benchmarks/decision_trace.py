@@ -18,7 +18,6 @@ Used by benchmarks/fleet_bench.py and benchmarks/fleet_sim.py (`--trace`); the s
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from collections import defaultdict
 
@@ -27,9 +26,12 @@ LATE_TRACED = 6  # late chunks traced per run (the first ones)
 
 
 class DecisionTrace:
+    """A context manager: on exit the garbage collector's callback is removed, however the run ended."""
+
     def __init__(self, batching, clock=time.monotonic):
+        # No lock: a collection can start inside any allocation, and its callback runs on that thread,
+        # which may be inside a traced method already; list.append alone is atomic in CPython.
         self._events: list[tuple[float, str, dict]] = []
-        self._lock = threading.Lock()
         self._clock = clock
         self._wrap(batching, "arrived", lambda args, _: {"robot": args[0], "submitted": args[1]})
         self._wrap(
@@ -53,20 +55,24 @@ class DecisionTrace:
             self._gc_started = self._clock()
             return
         pause_ms = round((self._clock() - self._gc_started) * 1e3, 2)
-        with self._lock:
-            self._events.append(
-                (self._gc_started, "gc", {"generation": info["generation"], "pause_ms": pause_ms})
-            )
+        self._events.append(
+            (self._gc_started, "gc", {"generation": info["generation"], "pause_ms": pause_ms})
+        )
 
     def close(self) -> None:
         """No more collections recorded (the callback is process-wide)."""
         if self._collected in gc.callbacks:
             gc.callbacks.remove(self._collected)
 
+    def __enter__(self) -> DecisionTrace:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def gc_pauses(self) -> dict[str, dict]:
         """Per generation: the collections recorded, their longest and their total pause (ms)."""
-        with self._lock:
-            pauses = [(d["generation"], d["pause_ms"]) for _, kind, d in self._events if kind == "gc"]
+        pauses = [(d["generation"], d["pause_ms"]) for _, kind, d in list(self._events) if kind == "gc"]
         by_generation: dict[int, list[float]] = defaultdict(list)
         for generation, ms in pauses:
             by_generation[generation].append(ms)
@@ -80,9 +86,7 @@ class DecisionTrace:
 
         def traced(*args, **kwargs):
             out = method(*args, **kwargs)
-            detail = describe(args, out)
-            with self._lock:
-                self._events.append((self._clock(), name, detail))
+            self._events.append((self._clock(), name, describe(args, out)))
             return out
 
         setattr(batching, name, traced)
@@ -90,8 +94,7 @@ class DecisionTrace:
     def around(self, late: list[tuple[str, float]]) -> list[dict]:
         """For the first LATE_TRACED late chunks, (robot, its send on the same clock): the events from
         BEFORE_S before the send to AFTER_S after, times in ms from the send."""
-        with self._lock:
-            events = list(self._events)
+        events = sorted(list(self._events), key=lambda e: e[0])  # threads append in their own order
         traces = []
         for robot, sent in late[:LATE_TRACED]:
             window = []

@@ -44,6 +44,7 @@ python benchmarks/fleet_bench.py OUT.json [--preset pi05] [--robots 1,2,4,6,8,10
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -265,19 +267,21 @@ def drive(
     return row
 
 
+@contextmanager
 def traced(server: PolicyServer):
-    """`drive`'s explain_late for a server: its decisions around each late chunk (robot i is "r{i}"), and
-    the garbage collector's pauses over the warm-up and the run."""
-    trace = DecisionTrace(server.batching)
+    """`drive`'s explain_late for a server, while in the block: its decisions around each late chunk (robot i
+    is "r{i}") and the garbage collector's pauses over the warm-up, the run and the last chunks'
+    second; the collector's callback removed however the block ends."""
+    with DecisionTrace(server.batching) as trace:
 
-    def explain(late: list[tuple[int, float]]) -> dict:
-        trace.close()
-        return {
-            "late_traces": trace.around([(f"r{i}", sent) for i, sent in late]),
-            "gc_pauses": trace.gc_pauses(),
-        }
+        def explain(late: list[tuple[int, float]]) -> dict:
+            trace.close()
+            return {
+                "late_traces": trace.around([(f"r{i}", sent) for i, sent in late]),
+                "gc_pauses": trace.gc_pauses(),
+            }
 
-    return explain
+        yield explain
 
 
 def memory_gib() -> float:
@@ -325,16 +329,18 @@ class Fleet:
             def snapshot():
                 before.update(sizes=server.batch_sizes(), held=server.batching.counters["held"])
 
-            row = drive(
-                submit_for,
-                robots,
-                seconds,
-                observations,
-                controllers,
-                self.in_step,
-                at_measure_start=snapshot,
-                explain_late=traced(server) if self.trace else None,
-            )
+            with traced(server) if self.trace else nullcontext() as explain:
+                row = drive(
+                    submit_for,
+                    robots,
+                    seconds,
+                    observations,
+                    controllers,
+                    self.in_step,
+                    at_measure_start=snapshot,
+                    explain_late=explain,
+                )
+            row["frozen_objects"] = gc.get_freeze_count()  # what the collector's full scans skip
             sizes = server.batch_sizes() - before["sizes"]
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
             row["batch_device_ms"] = server.batching.device_ms()  # per batch profile, median

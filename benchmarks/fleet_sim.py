@@ -20,6 +20,7 @@ import argparse
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,15 +146,16 @@ def run_point(
         with PolicyServer(device, deadline_s=DEADLINE_S, hold=hold) as server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
             before = {}
-            row = drive(
-                submit_for,
-                robots,
-                seconds,
-                [None],
-                in_step=in_step,
-                at_measure_start=lambda: before.update(sizes=server.batch_sizes()),
-                explain_late=traced(server) if trace else None,
-            )
+            with traced(server) if trace else nullcontext() as explain:
+                row = drive(
+                    submit_for,
+                    robots,
+                    seconds,
+                    [None],
+                    in_step=in_step,
+                    at_measure_start=lambda: before.update(sizes=server.batch_sizes()),
+                    explain_late=explain,
+                )
             sizes = server.batch_sizes() - before["sizes"]
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
     finally:

@@ -11,10 +11,12 @@ took 2.2 s in a 60 s fleet run (docs/many_robots.md).
 start-up makes (modules, compiled graphs, captured profiles' buffers) lives as long as the executor
 anyway; objects made while serving are collected as before, in collections of their own size. The
 executor freezes after each capture (ahead of serving, and a profile captured lazily) and after each
-profile's first frame (what a first run builds lazily: library handles, caches), and thaws on
-close, so that a closed executor's cycles are collected (a process that builds several executors, one
-after another, would otherwise keep each one's memory, GPU memory included, to its end). Thawing is
-process-wide: another live executor's objects are scanned again until its next capture.
+profile's first frame (what a first run builds lazily: library handles, caches), each time after a
+collection, so that no garbage of the moment is kept for good. When an executor closes, or fails to
+start, everything is thawed so that its objects can be freed; where other executors are still alive,
+what they keep is collected and frozen again at once (a process that builds several executors, one
+after another, would otherwise keep each one's memory, GPU memory included, to its end). The freezing is
+process-wide: an application's own gc.freeze() is thawed with it.
 
 Frozen, a full collection still came about once a minute on the H200 and took 11-16 ms, long enough to
 split a tick of robots in step. `WhileDeviceBusy` (RuntimeConfig.garbage_collection "while_device_busy",
@@ -39,14 +41,37 @@ NEVER = 2**31 - 1  # a threshold for the oldest generation that is never reached
 GARBAGE_COLLECTION = ("automatic", "while_device_busy")  # RuntimeConfig.garbage_collection
 
 
+_live_executors = 0  # started and not yet closed, in this process
+_live_lock = threading.RLock()  # a collection may run finalizers that close an executor
+
+
 def freeze_long_lived() -> None:
-    """Every object tracked so far out of the collector's scans (gc.freeze)."""
-    gc.freeze()
+    """After a collection, every object still tracked out of the collector's scans (gc.freeze)."""
+    with _live_lock:
+        gc.collect()
+        gc.freeze()
 
 
 def thaw() -> None:
     """Frozen objects back into the oldest generation, to be collected when garbage (gc.unfreeze)."""
     gc.unfreeze()
+
+
+def executor_started() -> None:
+    global _live_executors
+    with _live_lock:
+        _live_executors += 1
+
+
+def executor_closed() -> None:
+    """An executor closed, or failed to start: its objects can be freed. The others' are frozen again."""
+    global _live_executors
+    with _live_lock:
+        _live_executors -= 1
+        thaw()
+        if _live_executors > 0:
+            gc.collect()
+            gc.freeze()
 
 
 class WhileDeviceBusy:

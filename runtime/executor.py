@@ -43,7 +43,7 @@ from .buffers import (
     batch_sizes,
     prompt_bucket,
 )
-from .collector import WhileDeviceBusy, freeze_long_lived, thaw
+from .collector import WhileDeviceBusy, executor_closed, executor_started, freeze_long_lived
 from .compile_cache import use_compile_cache
 from .config import RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
@@ -241,8 +241,13 @@ class PipelinedExecutor(Policy):
             steps = (self.config.denoising_steps, *ladder[1:])
             profiles = [ShapeProfile(v, t, s, b) for s in steps for (v, t) in sizes for b in batches]
         started = time.perf_counter()
-        for profile in profiles:
-            self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
+        executor_started()
+        try:
+            for profile in profiles:
+                self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
+        except BaseException:
+            executor_closed()  # what the captures froze can be freed
+            raise
         built_here = {} if parts is not None else self.parts.startup_s  # parts given: built before this start
         self.startup_s = {**built_here, "compile_and_capture": time.perf_counter() - started}
         # after the captures: a failed start-up leaves CPython's collector as it was
@@ -480,7 +485,7 @@ class PipelinedExecutor(Policy):
                 "close: the device did not finish within %.0f s; its threads are left behind",
                 self._idle_timeout(),
             )
-        thaw()  # this executor's cycles collectable again (another live one refreezes at its next capture)
+        executor_closed()  # this executor's objects can be freed (the others' are frozen again)
         if self.garbage_collector is not None:
             self.garbage_collector.close()
 

@@ -25,7 +25,11 @@ class FakeClock:
 def test_the_trace_records_the_decisions_unchanged_and_cuts_the_window_around_a_late_chunk():
     clock = FakeClock()
     hold = BatchHold(lambda n: n, max_batch=8, margin_s=0.005)
-    trace = DecisionTrace(hold, clock)
+    with DecisionTrace(hold, clock) as trace:
+        check_the_window(hold, trace, clock)
+
+
+def check_the_window(hold: BatchHold, trace: DecisionTrace, clock: FakeClock) -> None:
     untraced = BatchHold(lambda n: n, max_batch=8, margin_s=0.005)
     for robot, at in (("r0", 100.0), ("r1", 100.002)):
         clock.now = at + 0.001  # registered a millisecond after its submit began
@@ -51,17 +55,19 @@ def test_the_trace_records_the_decisions_unchanged_and_cuts_the_window_around_a_
 
 
 def test_only_the_first_late_chunks_are_traced():
-    trace = DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005), FakeClock())
-    late = [(f"r{i}", 100.0 + i) for i in range(LATE_TRACED + 3)]
-    assert [w["robot"] for w in trace.around(late)] == [r for r, _ in late[:LATE_TRACED]]
+    with DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005), FakeClock()) as trace:
+        late = [(f"r{i}", 100.0 + i) for i in range(LATE_TRACED + 3)]
+        assert [w["robot"] for w in trace.around(late)] == [r for r, _ in late[:LATE_TRACED]]
 
 
 def test_the_collectors_pauses_are_recorded_until_closed():
-    trace = DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005))
-    gc.collect(2)
-    gc.collect(0)
-    trace.close()
+    with DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005)) as trace:
+        gc.collect(2)
+        gc.collect(0)
+    assert trace._collected not in gc.callbacks
+    recorded = trace.gc_pauses()
     gc.collect(2)  # not recorded
     pauses = trace.gc_pauses()
-    assert pauses["2"]["count"] == 1 and pauses["0"]["count"] >= 1
+    assert pauses == recorded
+    assert pauses["2"]["count"] >= 1 and pauses["0"]["count"] >= 1
     assert 0 <= pauses["2"]["max_ms"] <= pauses["2"]["total_ms"]

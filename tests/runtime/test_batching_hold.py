@@ -426,9 +426,10 @@ def test_a_robot_leaving_is_not_waited_for_and_joining_again_it_is():
 
 
 def test_a_tick_whose_last_robot_began_a_burst_of_its_own_is_not_split():
-    """8 robots in step; in the newest tick 7 arrive together and the eighth 6.6 ms later (more than
-    GATHER_S: a burst of its own, as a robot's thread that woke late made it on the H200). All eight wait;
-    one batch of 8 (39 ms) from 10.0067 ends 0.3 ms past the deadline less the margin but within the tick,
+    """8 robots in step; in the newest tick 7 arrive together and the eighth 6.0 ms after the seventh
+    (6.6 ms after the first; more than GATHER_S: a burst of its own, as a robot's thread that woke late made
+    it on the H200). All eight wait; one batch of 8 (39 ms) from 10.0067 ends 0.7 ms past the deadline less
+    the margin but within the tick,
     where two of the keep-up size (4 + 4: 23 + 23 ms) would end past the deadline itself: it takes all
     eight, as it does when they came together."""
     hold = measured(H200_LIKE)

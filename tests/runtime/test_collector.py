@@ -1,11 +1,14 @@
-"""runtime/collector.py: full garbage collections taken over by the executor (garbage_collection
-"while_device_busy"), on a fake clock and a recording collect: CPython's own full collections off while
-any executor holds the takeover and back after the last lets go; one collection at most a period, only
-where the device stays busy for twice the last pause, and past the overdue limit whatever the frame."""
+"""runtime/collector.py. Freezing: garbage frozen with an executor is freed when it closes, and what the
+executors still alive keep is frozen again. Full garbage collections taken over by the executor
+(garbage_collection "while_device_busy"), on a fake clock and a recording collect: CPython's own full
+collections off while any executor holds the takeover and back after the last lets go; one collection
+at most a period, only where the device stays busy for twice the last pause, and past the overdue
+limit whatever the frame."""
 
 from __future__ import annotations
 
 import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -89,3 +92,25 @@ def test_the_executor_collects_after_putting_frames_on_the_device(rng, monkeypat
 def test_an_unknown_mode_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="garbage_collection"):
         RuntimeConfig(preset="pi05_tiny", garbage_collection="sometimes")
+
+
+class Node:
+    """An object the cyclic collector tracks."""
+
+
+def test_garbage_frozen_with_an_executor_is_freed_when_it_closes_and_the_others_stay_frozen():
+    collector.executor_started()  # one executor
+    collector.executor_started()  # and another, still alive after the first closes
+    try:
+        node = Node()
+        node.itself = node  # a cycle: freed by the cyclic collector only
+        gone = weakref.ref(node)
+        collector.freeze_long_lived()
+        del node
+        gc.collect()
+        assert gone() is not None  # frozen: never scanned
+        collector.executor_closed()
+        assert gone() is None  # thawed and collected
+        assert gc.get_freeze_count() > 0  # the live one's objects frozen again
+    finally:
+        collector.executor_closed()

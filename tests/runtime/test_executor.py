@@ -8,9 +8,11 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
+from vla_runtime.runtime import collector
 from vla_runtime.runtime.buffers import MAX_IN_FLIGHT
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import DeviceHung, FrameDropped, PipelinedExecutor
@@ -237,20 +239,28 @@ def test_reset_and_close_resolve_every_future(rng):
         executor.submit(random_observation(rng))
 
 
+def until(predicate, timeout_s: float = 30.0) -> bool:
+    """Polls `predicate` (another thread's effect with nothing to wait on) until true or `timeout_s`."""
+    give_up = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_what_start_up_made_is_out_of_the_collectors_scans_until_close(rng):
     """runtime/collector.py: after its captures the executor froze every object tracked so far (a full
-    collection no longer scans them); a profile's first frame froze what it made, as did a profile
-    captured later (another step count); close thaws them, so the executor's own cycles can be
-    collected."""
-    gc.unfreeze()  # whatever an earlier test's executor left frozen
+    collection no longer scans them); a profile's first frame froze what it made (on the completion
+    thread, after the chunk is handed over: polled), as did a profile captured later (another step
+    count); closed, the executor is freed, though frozen objects are never collected."""
     executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny"))
     try:
         frozen = gc.get_freeze_count()
         assert frozen > 10_000  # modules, the model, the captured profile
         executor.submit(random_observation(rng)).result(timeout=120)
-        executor.wait_idle()
+        assert until(lambda: gc.get_freeze_count() > frozen)
         after_first_frame = gc.get_freeze_count()
-        assert after_first_frame > frozen
         executor.submit(random_observation(rng)).result(timeout=120)
         executor.wait_idle()
         assert gc.get_freeze_count() <= after_first_frame  # later frames freeze nothing (some frozen die)
@@ -258,7 +268,22 @@ def test_what_start_up_made_is_out_of_the_collectors_scans_until_close(rng):
         assert gc.get_freeze_count() > after_first_frame
     finally:
         executor.close()
-    assert gc.get_freeze_count() == 0
+    gone = weakref.ref(executor)
+    del executor
+    gc.collect()
+    assert gone() is None
+
+
+def test_an_executor_that_fails_to_start_lets_go_of_what_it_froze(monkeypatch):
+    live = collector._live_executors
+
+    def failing(self, profile):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(PipelinedExecutor, "_capture", failing)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        PipelinedExecutor(RuntimeConfig(preset="pi05_tiny"))
+    assert collector._live_executors == live
 
 
 def zero_image_tokens(slot) -> None:
