@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from plot import figure_from_results, save_figure  # noqa: E402
 
 GPU_IN_NAME = re.compile(r"gpu(\d+)")  # a run's name in a four-GPU document: "in-step-frozen-gpu0"
@@ -34,7 +35,8 @@ def confirmations(doc: dict) -> list[tuple[str, dict]]:
             continue
         kind = "in step" if "in step" in d["workload"] else "spread"
         profiles = "" if d.get("batch_profiles", "powers_of_two") == "powers_of_two" else "\nevery size"
-        frozen = "" if d.get("start_up_objects_frozen", True) else "\nunfrozen"
+        # the key came with the freeze: a run without it had none; False: thawed for the comparison
+        frozen = {None: "\nno freeze", False: "\nthawed", True: ""}[d.get("start_up_objects_frozen")]
         label = f"{d['commit']}\n{kind}{profiles}{frozen}\n{where}"
         found.append((label, d["confirm"]))
     return found
@@ -48,7 +50,17 @@ def main(results: list[Path], out: Path) -> None:
     fig, (miss_ax, p99_ax) = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(rows)), 7), sharex=True)
     xs = range(len(rows))
     misses = [c["misses"] for _, c in rows]
-    miss_ax.bar(xs, [max(m, 0.8) for m in misses], color="tab:blue")
+    # four processes on one host at once: another colour, not to be compared with the two-GPU runs
+    colors = ["tab:gray" if label.endswith("*") else "tab:blue" for label in labels]
+    miss_ax.bar(xs, [max(m, 0.8) for m in misses], color=colors)
+    miss_ax.legend(
+        handles=[
+            Patch(color="tab:blue", label="two GPUs, a server each"),
+            Patch(color="tab:gray", label="* four processes on one host"),
+        ],
+        fontsize=8,
+        loc="upper right",
+    )
     miss_ax.set_yscale("log")
     for x, (_, c) in zip(xs, rows, strict=True):
         pause = c.get("gc_pauses", {}).get("2", {}).get("max_ms")
@@ -57,7 +69,7 @@ def main(results: list[Path], out: Path) -> None:
     chunks = rows[0][1]["chunks_per_s"] * rows[0][1]["seconds"]
     miss_ax.set_ylabel(f"late or dropped, of about {chunks:.0f} chunks")
     miss_ax.set_ylim(0.5, max(misses) * 8)
-    p99_ax.bar(xs, [c["worst_p99_ms"] for _, c in rows], color="tab:green")
+    p99_ax.bar(xs, [c["worst_p99_ms"] for _, c in rows], color=colors)
     p99_ax.axhline(50, color="red", lw=1, ls="--", label="deadline, 50 ms")
     p99_ax.set_ylabel("worst robot's p99, ms")
     p99_ax.legend(fontsize=8, loc="lower right")
