@@ -91,18 +91,19 @@ class DecisionTrace:
 
         setattr(batching, name, traced)
 
-    def around(self, late: list[tuple[str, float]]) -> list[dict]:
-        """For the first LATE_TRACED late chunks, (robot, its send on the same clock): the events from
-        BEFORE_S before the send to AFTER_S after, times in ms from the send."""
+    def around(self, late: list[tuple[str, float, float]]) -> list[dict]:
+        """For the first LATE_TRACED late chunks, (robot, its send on the same clock, how late the send came
+        after its tick's schedule): the events from BEFORE_S before the send to AFTER_S after, times in ms
+        from the send."""
         events = sorted(list(self._events), key=lambda e: e[0])  # threads append in their own order
         traces = []
-        for robot, sent in late[:LATE_TRACED]:
+        for robot, sent, woke_late in late[:LATE_TRACED]:
             window = []
             for t, kind, detail in events:
                 if sent - BEFORE_S <= t <= sent + AFTER_S:
                     shown = {k: _relative(k, v, sent) for k, v in detail.items()}
                     window.append({"ms": round((t - sent) * 1e3, 2), "event": kind, **shown})
-            traces.append({"robot": robot, "events": window})
+            traces.append({"robot": robot, "woke_late_ms": round(woke_late * 1e3, 2), "events": window})
         return traces
 
 

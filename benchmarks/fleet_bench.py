@@ -155,13 +155,15 @@ def drive(
     `controllers` (adaptive steps, one StepsController per robot, as a robot keeps its node's): each robot
     asks for its steps from its own, fed as the node feeds it (each chunk's age, and its oldest frame in
     flight at every new observation).
-    `explain_late([(robot, sent), ...])`, the counted late chunks in the order sent: the dict it returns
+    `explain_late([(robot, sent, woke_late), ...])`, the counted late chunks in the order sent (`woke_late`:
+    the send less its tick's schedule): the dict it returns
     goes into the row (`traced`: `late_traces` and `gc_pauses`)."""
     latencies: list[list[float]] = [[] for _ in range(robots)]
     misses = [0] * robots
     steps_used: list[int] = []
     spans: list[tuple[float, dict]] = []  # per chunk: its latency (ms) and its frame's timings
     sends: dict[tuple[int, int], float] = {}  # (robot, tick) -> when its observation went to submit
+    woke_late: dict[tuple[int, int], float] = {}  # (robot, tick) -> its send less its tick's schedule
     late_ticks: list[tuple[int, int]] = []  # (robot, tick) of each late chunk
     adaptive = controllers is not None
     controllers = controllers or [None] * robots
@@ -226,6 +228,7 @@ def drive(
             if measured:
                 with lock:
                     sends[(i, k)] = sent
+                    woke_late[(i, k)] = sent - tick
             future = submit(observations[(i + k) % len(observations)], steps)
             with lock:
                 in_flight[id(future)] = (sent, steps or TOP_STEPS)
@@ -260,8 +263,14 @@ def drive(
         }
         if in_step:
             row["ticks"] = tick_arrivals(sends, late_ticks)
+        # how late the robots' threads sent after their tick's schedule (a stopped process shows here)
+        late_ms = [x * 1e3 for x in woke_late.values()] or [0.0]
+        row["woke_late_ms"] = {
+            q: float(np.percentile(late_ms, p)) for q, p in (("p50", 50), ("p99", 99), ("max", 100))
+        }
         if explain_late is not None:
-            row |= explain_late(sorted(((i, sends[(i, k)]) for i, k in late_ticks), key=lambda x: x[1]))
+            late = sorted(((i, sends[(i, k)], woke_late[(i, k)]) for i, k in late_ticks), key=lambda x: x[1])
+            row |= explain_late(late)
     if adaptive:
         row.update(step_changes)  # in the counted ticks, not the warm-up
     return row
@@ -274,10 +283,10 @@ def traced(server: PolicyServer):
     second; the collector's callback removed however the block ends."""
     with DecisionTrace(server.batching) as trace:
 
-        def explain(late: list[tuple[int, float]]) -> dict:
+        def explain(late: list[tuple[int, float, float]]) -> dict:
             trace.close()
             return {
-                "late_traces": trace.around([(f"r{i}", sent) for i, sent in late]),
+                "late_traces": trace.around([(f"r{i}", sent, woke) for i, sent, woke in late]),
                 "gc_pauses": trace.gc_pauses(),
             }
 

@@ -43,8 +43,8 @@ def check_the_window(hold: BatchHold, trace: DecisionTrace, clock: FakeClock) ->
     clock.now = 100.5  # long after: outside every window below
     hold.arrived("r0", 100.5)
 
-    (window,) = trace.around([("r1", 100.002)])
-    assert window["robot"] == "r1"
+    (window,) = trace.around([("r1", 100.002, 0.0015)])
+    assert window["robot"] == "r1" and window["woke_late_ms"] == 1.5
     events = window["events"]
     assert [e["event"] for e in events] == ["arrived", "arrived", "decide", "issued", "served"]
     assert events[0] == {"ms": -1.0, "event": "arrived", "robot": "r0", "submitted": -2.0}
@@ -56,8 +56,8 @@ def check_the_window(hold: BatchHold, trace: DecisionTrace, clock: FakeClock) ->
 
 def test_only_the_first_late_chunks_are_traced():
     with DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005), FakeClock()) as trace:
-        late = [(f"r{i}", 100.0 + i) for i in range(LATE_TRACED + 3)]
-        assert [w["robot"] for w in trace.around(late)] == [r for r, _ in late[:LATE_TRACED]]
+        late = [(f"r{i}", 100.0 + i, 0.0) for i in range(LATE_TRACED + 3)]
+        assert [w["robot"] for w in trace.around(late)] == [r for r, _, _ in late[:LATE_TRACED]]
 
 
 def test_the_collectors_pauses_are_recorded_until_closed():
