@@ -549,6 +549,12 @@ def multi_gpu(args, doc: dict) -> None:
     save(doc, args.out)
 
 
+def config_option(parser: argparse.ArgumentParser, field: str, choices, help: str) -> None:
+    """--field-with-dashes for a RuntimeConfig field given in words, its default the config's."""
+    flag = "--" + field.replace("_", "-")
+    parser.add_argument(flag, choices=choices, default=getattr(RuntimeConfig, field), help=help)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -564,17 +570,17 @@ def main() -> None:
     parser.add_argument(
         "--in-step", action="store_true", help="every robot's tick at the same moment (a shared clock)"
     )
-    parser.add_argument(
-        "--pipelining",
-        choices=PIPELINING_MODES,
-        default=RuntimeConfig.pipelining,
-        help="frames on the device: throughput (the server issues a batch while one runs), latency",
+    config_option(
+        parser,
+        "pipelining",
+        PIPELINING_MODES,
+        "frames on the device: throughput (the server issues a batch while one runs), latency",
     )
-    parser.add_argument(
-        "--batch-profiles",
-        choices=BATCH_PROFILE_SETS,
-        default=RuntimeConfig.batch_profiles,
-        help="the batched executor's profiles: powers_of_two (1, 2, 4, 8) or every_size (1 to 8)",
+    config_option(
+        parser,
+        "batch_profiles",
+        BATCH_PROFILE_SETS,
+        "the batched executor's profiles: powers_of_two (1, 2, 4, 8) or every_size (1 to 8)",
     )
     parser.add_argument(
         "--modes",
@@ -590,11 +596,11 @@ def main() -> None:
         action="store_true",
         help="thaw the objects start-up froze out of the garbage collector's scans (runtime/collector.py)",
     )
-    parser.add_argument(
-        "--garbage-collection",
-        choices=GARBAGE_COLLECTION,
-        default=RuntimeConfig.garbage_collection,
-        help="Python's full collections: CPython's (automatic) or the executor's, after a frame's issue",
+    config_option(
+        parser,
+        "garbage_collection",
+        GARBAGE_COLLECTION,
+        "Python's full collections: CPython's (automatic) or the executor's, after a frame's issue",
     )
     parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)  # set by --gpus for its children
     args = parser.parse_args()
