@@ -6,8 +6,8 @@ through) and records, on the server's monotonic clock:
   preparation ended and it joined the queue),
 - `decide`: the observations waiting, the earliest deadline's distance, and the answer (take, wait),
 - `issued` and `served`: a batch of n went to the executor, and its frame ended;
-- `gc`: a collection of Python's cyclic garbage collector, its generation and its pause (every thread
-  of the process waits it out).
+- `gc`: a collection of Python's cyclic garbage collector, its generation, its pause (every thread
+  of the process waits it out) and the thread that ran it.
 `around(late)` then cuts, for each of the first few late chunks (robot, when it was sent), the events
 from a period before its send to two after, in ms from the send: a straggler that came after its
 tick's batch went, a batch that waited on a busy device, a decision that split a tick, each shows there.
@@ -18,6 +18,7 @@ Used by benchmarks/fleet_bench.py and benchmarks/fleet_sim.py (`--trace`); the s
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections import defaultdict
 
@@ -33,6 +34,7 @@ class DecisionTrace:
         # which may be inside a traced method already; list.append alone is atomic in CPython.
         self._events: list[tuple[float, str, dict]] = []
         self._clock = clock
+        self._wrapped: list[tuple[object, str]] = []  # (object, method name), unwrapped on close
         self._wrap(batching, "arrived", lambda args, _: {"robot": args[0], "submitted": args[1]})
         self._wrap(
             batching,
@@ -55,14 +57,18 @@ class DecisionTrace:
             self._gc_started = self._clock()
             return
         pause_ms = round((self._clock() - self._gc_started) * 1e3, 2)
-        self._events.append(
-            (self._gc_started, "gc", {"generation": info["generation"], "pause_ms": pause_ms})
-        )
+        thread = threading.current_thread().name  # the executor's dispatcher (while_device_busy) or any
+        detail = {"generation": info["generation"], "pause_ms": pause_ms, "thread": thread}
+        self._events.append((self._gc_started, "gc", detail))
 
     def close(self) -> None:
-        """No more collections recorded (the callback is process-wide)."""
+        """Nothing more recorded: the collector's callback removed (it is process-wide), the methods
+        unwrapped."""
         if self._collected in gc.callbacks:
             gc.callbacks.remove(self._collected)
+        for batching, name in self._wrapped:
+            vars(batching).pop(name, None)  # the instance's wrapper: the class's method again
+        self._wrapped.clear()
 
     def __enter__(self) -> DecisionTrace:
         return self
@@ -83,6 +89,7 @@ class DecisionTrace:
 
     def _wrap(self, batching, name: str, describe) -> None:
         method = getattr(batching, name)
+        self._wrapped.append((batching, name))
 
         def traced(*args, **kwargs):
             out = method(*args, **kwargs)

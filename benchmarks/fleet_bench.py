@@ -350,6 +350,8 @@ class Fleet:
                     explain_late=explain,
                 )
             row["frozen_objects"] = gc.get_freeze_count()  # what the collector's full scans skip
+            if self.batched.garbage_collector is not None:  # full collections run by the executor, so far
+                row["executor_collections"] = self.batched.garbage_collector.collections
             sizes = server.batch_sizes() - before["sizes"]
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
             row["batch_device_ms"] = server.batching.device_ms()  # per batch profile, median
@@ -604,6 +606,8 @@ def main() -> None:
     )
     parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)  # set by --gpus for its children
     args = parser.parse_args()
+    if args.unfrozen and "independent" in args.modes.split(","):
+        parser.error("--unfrozen: not with the independent mode (its executors' captures freeze again)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         **run_header(),

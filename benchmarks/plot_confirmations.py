@@ -37,7 +37,8 @@ def confirmations(doc: dict) -> list[tuple[str, dict]]:
         profiles = "" if d.get("batch_profiles", "powers_of_two") == "powers_of_two" else "\nevery size"
         # the key came with the freeze: a run without it had none; False: thawed for the comparison
         frozen = {None: "\nno freeze", False: "\nthawed", True: ""}[d.get("start_up_objects_frozen")]
-        label = f"{d['commit']}\n{kind}{profiles}{frozen}\n{where}"
+        collector = "\ngc by executor" if d.get("garbage_collection") == "while_device_busy" else ""
+        label = f"{d['commit']}\n{kind}{profiles}{frozen}{collector}\n{where}"
         found.append((label, d["confirm"]))
     return found
 

@@ -5,32 +5,40 @@ cyclic collector tracks (pi05_tiny on the CPU: about 180,000; a full collection 
 the CI host). CPython runs a full collection whenever the long-lived objects have grown by a quarter
 since the last one: at a moment of its choosing while robots are served, every Python thread stopped
 for the length of the scan (the robots' submits, the batcher, the completion of frames). On the H200 one
-took 2.2 s in a 60 s fleet run (docs/many_robots.md).
+took 2.2 s in a 60 s fleet run, start-up unfrozen, four processes sharing the host (docs/many_robots.md).
 
 `gc.freeze()` moves every object tracked so far into a generation the collector never scans. What a
 start-up makes (modules, compiled graphs, captured profiles' buffers) lives as long as the executor
 anyway; objects made while serving are collected as before, in collections of their own size. The
-executor freezes after each capture (ahead of serving, and a profile captured lazily) and after each
-profile's first frame (what a first run builds lazily: library handles, caches), each time after a
-collection, so that no garbage of the moment is kept for good. When an executor closes, or fails to
-start, everything is thawed so that its objects can be freed; where other executors are still alive,
-what they keep is collected and frozen again at once (a process that builds several executors, one
-after another, would otherwise keep each one's memory, GPU memory included, to its end). The freezing is
-process-wide: an application's own gc.freeze() is thawed with it.
+executor freezes after each capture (ahead of serving, and a profile captured lazily), after a
+collection so that no garbage of the moment is kept for good, and after each profile's first frame
+(what a first run builds lazily: library handles, caches), there without a collection (it may come
+while serving). When an executor closes, or fails to start, everything is thawed so that its objects can
+be freed; where other executors are still alive, what they keep is collected and frozen again at once:
+a full collection of everything, a stop for them, and the closing executor itself, still referenced by
+its caller, frozen again with them (its memory is freed when the last executor closes; build and close
+executors one at a time to free each one's). The freezing is process-wide: an application's own
+gc.freeze() is thawed with it.
 
-Frozen, a full collection still came about once a minute on the H200 and took 11-16 ms, long enough to
-split a tick of robots in step. `WhileDeviceBusy` (RuntimeConfig.garbage_collection "while_device_busy",
-an experiment until measured on a GPU) takes the full collections over: CPython's own are turned off
-(the oldest generation's threshold; the young generations' collections, under 2 ms, stay automatic),
-and the executor's dispatcher runs one right after it has put a frame on the device, when that
-profile's frames keep the device busy for at least twice the last one's pause: the host has nothing to
-do for the device meanwhile. At most one every PERIOD_S; past OVERDUE_S without one, at the next frame
-whatever its length (a cyclic garbage that only grows would be worse than one stop).
+Frozen, full collections still came on the H200: 3 a minute of 19-35 ms before the server's reference
+cycle per observation was removed, one of 11-16 ms a minute after it (robots in step). `WhileDeviceBusy`
+(RuntimeConfig.garbage_collection "while_device_busy", an experiment until measured on a GPU) takes them
+over for the executor's life: CPython's automatic full collections are turned off (the oldest
+generation's threshold; the young generations' collections stay automatic), and the executor's
+dispatcher runs one right after it has put a frame on the device, when that frame is alone there and its
+profile's frames keep the device busy for at least twice the last pause: the host has nothing to do for
+the device meanwhile. At most one every PERIOD_S for the whole process (executors share the schedule);
+past OVERDUE_S without one, at the next such frame whatever its length. An idle executor collects
+nothing (the young collections go on). GPU only (on the CPU a frame is computed while it is issued),
+and CPython 3.11 to 3.13 with the GIL: 3.14's incremental collector and free-threaded builds ignore that
+threshold, and the mode is refused there.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
+import sysconfig
 import threading
 import time
 
@@ -41,14 +49,23 @@ NEVER = 2**31 - 1  # a threshold for the oldest generation that is never reached
 GARBAGE_COLLECTION = ("automatic", "while_device_busy")  # RuntimeConfig.garbage_collection
 
 
+def generational_thresholds() -> bool:
+    """CPython's collector here is the generational one whose third threshold starts full collections
+    (3.11 to 3.13, with the GIL): what WhileDeviceBusy turns off."""
+    free_threaded = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+    return sys.implementation.name == "cpython" and sys.version_info < (3, 14) and not free_threaded
+
+
 _live_executors = 0  # started and not yet closed, in this process
 _live_lock = threading.RLock()  # a collection may run finalizers that close an executor
 
 
-def freeze_long_lived() -> None:
-    """After a collection, every object still tracked out of the collector's scans (gc.freeze)."""
+def freeze_long_lived(collect: bool = True) -> None:
+    """Every object tracked so far out of the collector's scans (gc.freeze), after a collection unless
+    `collect` is False (while serving: a full collection there is the stop this module avoids)."""
     with _live_lock:
-        gc.collect()
+        if collect:
+            gc.collect()
         gc.freeze()
 
 
@@ -76,47 +93,52 @@ def executor_closed() -> None:
 
 class WhileDeviceBusy:
     """Full collections at moments the executor chooses (see the module's docstring). Several executors
-    in a process share the takeover: CPython's thresholds come back when the last one lets go."""
+    in a process share the takeover and its schedule: CPython's threshold comes back when the last one
+    lets go."""
 
     _holders = 0
-    _saved: tuple[int, int, int] | None = None
+    _saved_third: int | None = None
+    _last = 0.0  # when the last collection ended (the shared schedule)
+    _pause_s = FIRST_PAUSE_S  # how long it took
     _lock = threading.Lock()
 
     def __init__(self, clock=time.monotonic, collect=gc.collect):
         self._clock, self._collect = clock, collect
-        self._last = clock()  # as if one had just run: the first waits a period
-        self._pause_s = FIRST_PAUSE_S
-        self.collections = 0
-        self._held = False
+        self.collections = 0  # run by this executor
         with WhileDeviceBusy._lock:
             if WhileDeviceBusy._holders == 0:
-                WhileDeviceBusy._saved = gc.get_threshold()
-                young, middle, _ = WhileDeviceBusy._saved
+                young, middle, WhileDeviceBusy._saved_third = gc.get_threshold()
                 gc.set_threshold(young, middle, NEVER)
+                WhileDeviceBusy._last = clock()  # as if one had just run: the first waits a period
+                WhileDeviceBusy._pause_s = FIRST_PAUSE_S
             WhileDeviceBusy._holders += 1
             self._held = True
 
     def after_issue(self, busy_s: float | None) -> bool:
-        """A frame went to the device, which frames of its profile keep busy for `busy_s` (None: not
-        measured yet). Collects now if one is due and fits; says whether it did."""
-        now = self._clock()
-        if now - self._last < PERIOD_S:
-            return False
-        fits = busy_s is not None and self._pause_s <= busy_s / 2
-        if not fits and now - self._last < OVERDUE_S:
-            return False
-        self._collect(2)
-        self._last = self._clock()
-        self._pause_s = self._last - now
-        self.collections += 1
-        return True
+        """A frame went to the device, alone there, which frames of its profile keep busy for `busy_s`
+        (None: not measured yet). Collects now if one is due and fits; says whether it did."""
+        with WhileDeviceBusy._lock:
+            now = self._clock()
+            since = now - WhileDeviceBusy._last
+            if since < PERIOD_S:
+                return False
+            fits = busy_s is not None and WhileDeviceBusy._pause_s <= busy_s / 2
+            if not fits and since < OVERDUE_S:
+                return False
+            self._collect(2)
+            WhileDeviceBusy._last = self._clock()
+            WhileDeviceBusy._pause_s = WhileDeviceBusy._last - now
+            self.collections += 1
+            return True
 
     def close(self) -> None:
-        """Let go of the takeover (CPython's thresholds back when no other executor holds it)."""
+        """Let go of the takeover: CPython's threshold back when no other executor holds it (unless the
+        application set another meanwhile)."""
         with WhileDeviceBusy._lock:
             if not self._held:
                 return
             self._held = False
             WhileDeviceBusy._holders -= 1
-            if WhileDeviceBusy._holders == 0 and WhileDeviceBusy._saved is not None:
-                gc.set_threshold(*WhileDeviceBusy._saved)
+            young, middle, third = gc.get_threshold()
+            if WhileDeviceBusy._holders == 0 and third == NEVER and WhileDeviceBusy._saved_third is not None:
+                gc.set_threshold(young, middle, WhileDeviceBusy._saved_third)

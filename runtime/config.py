@@ -14,7 +14,7 @@ import yaml
 from ..graphs.checkpoint import CheckpointInfo, architecture_differences, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
 from .buffers import BATCH_PROFILE_SETS, prompt_bucket
-from .collector import GARBAGE_COLLECTION
+from .collector import GARBAGE_COLLECTION, generational_thresholds
 from .handover import Handover
 from .pipelining import PIPELINING_MODES
 
@@ -125,8 +125,8 @@ class RuntimeConfig:
     # docs/many_robots.md).
     batch_profiles: str = "powers_of_two"
     # Python's full garbage collections (runtime/collector.py): "automatic" (CPython's, start-up frozen
-    # out of them) or "while_device_busy" (the executor runs them right after putting a frame on the
-    # device; an experiment until measured on a GPU).
+    # out of them) or "while_device_busy" (on the GPU, the executor runs them right after putting a frame
+    # alone on the device; CPython 3.11-3.13; an experiment until measured on a GPU).
     garbage_collection: str = "automatic"
     # Each frame runs the smallest shape that holds it: only the cameras present are computed, the prompt
     # padded to the next of 32 / 64 / 128 / max tokens (the padding is masked: the same actions). A new
@@ -205,6 +205,11 @@ class RuntimeConfig:
             raise ValueError(
                 f"garbage_collection: must be one of {', '.join(GARBAGE_COLLECTION)}, "
                 f"got {self.garbage_collection!r}"
+            )
+        if self.garbage_collection == "while_device_busy" and not generational_thresholds():
+            raise ValueError(
+                "garbage_collection: while_device_busy needs CPython 3.11 to 3.13 with the GIL (its "
+                "collector's third threshold); use automatic"
             )
         if self.device_timeout_s is not None and not self.device_timeout_s > 0:
             raise ValueError(f"device_timeout_s: must be > 0, got {self.device_timeout_s}")

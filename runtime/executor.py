@@ -241,25 +241,30 @@ class PipelinedExecutor(Policy):
             steps = (self.config.denoising_steps, *ladder[1:])
             profiles = [ShapeProfile(v, t, s, b) for s in steps for (v, t) in sizes for b in batches]
         started = time.perf_counter()
+        self.garbage_collector: WhileDeviceBusy | None = None
         executor_started()
         try:
             for profile in profiles:
                 self._runner(profile)  # capture ahead of time (a step count: its denoise graphs only)
+            built_here = {} if parts is not None else self.parts.startup_s  # parts given: built before
+            self.startup_s = {**built_here, "compile_and_capture": time.perf_counter() - started}
+            # On the GPU only: on the CPU a frame is computed while it is issued, so a collection after
+            # the issue would only add to the next frame's wait.
+            if self.config.garbage_collection == "while_device_busy" and self.cuda:
+                self.garbage_collector = WhileDeviceBusy()
+            self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
+            self._completer = threading.Thread(target=self._complete_loop, name="vla-complete", daemon=True)
+            self._watchdog = threading.Thread(target=self._watch_loop, name="vla-watchdog", daemon=True)
+            self._dispatcher.start()
+            self._completer.start()
+            self._watchdog.start()
         except BaseException:
-            executor_closed()  # what the captures froze can be freed
+            # a failed start leaves the collector as it was and what the captures froze freeable (a thread
+            # already started ends on its own: it serves nothing and is a daemon)
+            if self.garbage_collector is not None:
+                self.garbage_collector.close()
+            executor_closed()
             raise
-        built_here = {} if parts is not None else self.parts.startup_s  # parts given: built before this start
-        self.startup_s = {**built_here, "compile_and_capture": time.perf_counter() - started}
-        # after the captures: a failed start-up leaves CPython's collector as it was
-        self.garbage_collector = (
-            WhileDeviceBusy() if self.config.garbage_collection == "while_device_busy" else None
-        )
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vla-dispatch", daemon=True)
-        self._completer = threading.Thread(target=self._complete_loop, name="vla-complete", daemon=True)
-        self._watchdog = threading.Thread(target=self._watch_loop, name="vla-watchdog", daemon=True)
-        self._dispatcher.start()
-        self._completer.start()
-        self._watchdog.start()
 
     # ------------------------------------------------------------------ public interface
     def default_profile(self, steps: int | None = None, batch: int = 1) -> ShapeProfile:
@@ -636,7 +641,10 @@ class PipelinedExecutor(Policy):
                 continue
             self._completions.put(frame)
             if self.garbage_collector is not None:  # the device has the frame: the host may pause
-                self.garbage_collector.after_issue(self._busy_s.get(frame.profile))
+                with self._cond:
+                    alone = self._in_flight == 1  # no other frame's completion would wait for the pause
+                if alone:
+                    self.garbage_collector.after_issue(self._busy_s.get(frame.profile))
 
     def _leave_device(self, frame: Frame, outcome: str) -> None:
         """Every frame that was taken leaves here, once: counted, and the hang cleared when the device
@@ -755,8 +763,10 @@ class PipelinedExecutor(Policy):
                 for member, chunk in zip(frame.members, chunks, strict=True):
                     _resolve(member.future, result=chunk)
                 if frame.profile not in self._profiles_served:  # (this thread's alone)
+                    # what a profile's first frame built, the later ones reuse; no collection first, here
+                    # while serving (a few objects of the moment may stay frozen), then marked served
+                    freeze_long_lived(collect=False)
                     self._profiles_served.add(frame.profile)
-                    freeze_long_lived()  # a profile's first frame builds what the later ones reuse
 
     # ------------------------------------------------------------------ watchdog thread
     def _watch_loop(self) -> None:

@@ -61,10 +61,13 @@ def test_only_the_first_late_chunks_are_traced():
 
 
 def test_the_collectors_pauses_are_recorded_until_closed():
-    with DecisionTrace(BatchHold(lambda n: n, max_batch=8, margin_s=0.005)) as trace:
+    trace_target = BatchHold(lambda n: n, max_batch=8, margin_s=0.005)
+    with DecisionTrace(trace_target) as trace:
+        assert "decide" in vars(trace_target)
         gc.collect(2)
         gc.collect(0)
     assert trace._collected not in gc.callbacks
+    assert "decide" not in vars(trace_target)  # unwrapped: the class's method again
     recorded = trace.gc_pauses()
     gc.collect(2)  # not recorded
     pauses = trace.gc_pauses()

@@ -13,6 +13,7 @@ import weakref
 import numpy as np
 import pytest
 from vla_runtime.runtime import collector
+from vla_runtime.runtime import config as config_module
 from vla_runtime.runtime.collector import FIRST_PAUSE_S, NEVER, OVERDUE_S, PERIOD_S, WhileDeviceBusy
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
@@ -71,27 +72,32 @@ def test_a_collection_runs_after_a_frame_only_when_due_and_fitting():
         busy.close()
 
 
-def test_the_executor_collects_after_putting_frames_on_the_device(rng, monkeypatch):
-    """pi05_tiny on the CPU with the takeover and no waiting period: once a profile's time is measured,
-    a full collection follows a frame's issue; CPython's are off while the executor serves, back after."""
+def test_the_dispatcher_collects_after_putting_a_frame_alone_on_the_device(rng, monkeypatch):
+    """The hook: pi05_tiny on the CPU (where the executor does not take over by itself: a frame is
+    computed while it is issued) given a takeover with a recording collect and no waiting period: once
+    its profile's time is measured, a full collection follows a frame's issue."""
     monkeypatch.setattr(collector, "PERIOD_S", 0.0)
     monkeypatch.setattr(collector, "FIRST_PAUSE_S", 0.0)
-    before = gc.get_threshold()
     executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", garbage_collection="while_device_busy"))
+    collected = []
     try:
-        assert gc.get_threshold()[2] == NEVER
+        assert executor.garbage_collector is None  # the CPU: no takeover of its own
+        executor.garbage_collector = WhileDeviceBusy(collect=collected.append)
         for _ in range(3):
             chunk = executor.submit(random_observation(rng)).result(timeout=120)
             assert np.isfinite(chunk.actions).all()
-        assert executor.garbage_collector.collections >= 1
+            executor.wait_idle()
+        assert collected and set(collected) == {2}
     finally:
-        executor.close()
-    assert gc.get_threshold() == before
+        executor.close()  # lets go of the takeover too
 
 
-def test_an_unknown_mode_is_refused_naming_the_field():
+def test_an_unknown_mode_or_a_python_without_the_threshold_is_refused_naming_the_field(monkeypatch):
     with pytest.raises(ValueError, match="garbage_collection"):
         RuntimeConfig(preset="pi05_tiny", garbage_collection="sometimes")
+    monkeypatch.setattr(config_module, "generational_thresholds", lambda: False)  # 3.14, free-threaded
+    with pytest.raises(ValueError, match="garbage_collection: while_device_busy needs CPython"):
+        RuntimeConfig(preset="pi05_tiny", garbage_collection="while_device_busy")
 
 
 class Node:
@@ -99,18 +105,32 @@ class Node:
 
 
 def test_garbage_frozen_with_an_executor_is_freed_when_it_closes_and_the_others_stay_frozen():
-    collector.executor_started()  # one executor
-    collector.executor_started()  # and another, still alive after the first closes
+    started = 0
     try:
+        for _ in range(2):  # one executor, and another still alive after the first closes
+            collector.executor_started()
+            started += 1
         node = Node()
         node.itself = node  # a cycle: freed by the cyclic collector only
         gone = weakref.ref(node)
-        collector.freeze_long_lived()
+        collector.freeze_long_lived(collect=False)
         del node
         gc.collect()
         assert gone() is not None  # frozen: never scanned
         collector.executor_closed()
+        started -= 1
         assert gone() is None  # thawed and collected
         assert gc.get_freeze_count() > 0  # the live one's objects frozen again
     finally:
-        collector.executor_closed()
+        for _ in range(started):
+            collector.executor_closed()
+
+
+def test_freezing_collects_first():
+    """Garbage of the moment is not kept for good by a start-up's freeze."""
+    node = Node()
+    node.itself = node
+    gone = weakref.ref(node)
+    del node
+    collector.freeze_long_lived()
+    assert gone() is None
