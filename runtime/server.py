@@ -51,8 +51,8 @@ class Pending:
     robot: str
     # Released once the executor has it: the member's future calls back into this Pending, and a Pending
     # that kept its member would close a reference cycle (member -> future -> callback -> Pending ->
-    # member) that only the cyclic collector frees, images and all: on the H200 such garbage piled up
-    # between full collections and each of those stopped every thread for 11-35 ms.
+    # member) that only the cyclic collector frees, images and all: on the H200 every observation's went
+    # to it, and its collections came 4 times as often (docs/many_robots.md).
     member: Member | None
     future: Future  # the robot's: resolved from the member's
     deadline: float  # monotonic

@@ -399,8 +399,8 @@ def test_a_robot_leaving_and_joining_again(served, rng):
 def test_serving_leaves_no_cycles_that_hold_observations(served, rng):
     """Every observation served, or replaced by a newer one, is freed by reference counting alone: nothing
     of it (its pending entry, its member, its prepared images, its futures) waits for the cyclic
-    collector, whose full collections stopped every thread for 11-35 ms on the H200 while such garbage
-    piled up (server.Pending.member). The robots read their answers as the node does (exception() first)."""
+    collector, whose collections stop every thread (server.Pending.member). The robots read their
+    answers as the node does (exception() first)."""
     executor, _ = served
     for n in (1, 2):  # every profile's first frame served: its freeze (runtime/collector.py) is behind us
         for f in executor.submit_batch([random_observation(rng, "pi05_tiny") for _ in range(n)]):
