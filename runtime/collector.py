@@ -11,7 +11,8 @@ took 2.2 s in a 60 s fleet run, start-up unfrozen, four processes sharing the ho
 start-up makes (modules, compiled graphs, captured profiles' buffers) lives as long as the executor
 anyway; objects made while serving are collected as before, in collections of their own size. The
 executor freezes after each capture (ahead of serving, and a profile captured lazily), after a
-collection so that no garbage of the moment is kept for good, and after each profile's first frame
+collection of the young generations so that the garbage of the moment is not kept for good, and after
+each profile's first frame
 (what a first run builds lazily: library handles, caches), there without a collection (it may come
 while serving). When an executor closes, or fails to start, everything is thawed so that its objects can
 be freed; where other executors are still alive, what they keep is collected and frozen again at once:
@@ -61,11 +62,13 @@ _live_lock = threading.RLock()  # a collection may run finalizers that close an 
 
 
 def freeze_long_lived(collect: bool = True) -> None:
-    """Every object tracked so far out of the collector's scans (gc.freeze), after a collection unless
-    `collect` is False (while serving: a full collection there is the stop this module avoids)."""
+    """Every object tracked so far out of the collector's scans (gc.freeze), after a collection of the
+    young generations unless `collect` is False (while serving, where any pause counts). Not a full
+    collection: at start-up that is a scan of everything, seconds of a node's start with pi05 compiled;
+    garbage old enough to sit in the oldest generation stays frozen (little, at start-up)."""
     with _live_lock:
         if collect:
-            gc.collect()
+            gc.collect(1)
         gc.freeze()
 
 
