@@ -64,8 +64,9 @@ _live_lock = threading.RLock()  # a collection may run finalizers that close an 
 def freeze_long_lived(collect: bool = True) -> None:
     """Every object tracked so far out of the collector's scans (gc.freeze), after a collection of the
     young generations unless `collect` is False (while serving, where any pause counts). Not a full
-    collection: at start-up that is a scan of everything, seconds of a node's start with pi05 compiled;
-    garbage old enough to sit in the oldest generation stays frozen (little, at start-up)."""
+    collection: at start-up that scans everything (one took 2.2 s on the H200 in a process serving pi05,
+    unfrozen), time a node's start-up would pay; garbage old enough to sit in the oldest generation
+    stays frozen (little, at start-up)."""
     with _live_lock:
         if collect:
             gc.collect(1)
