@@ -8,15 +8,18 @@ server measured them (LIBERO-shaped, every FP8 option, 10 steps, docs/many_robot
 cheaper denoising loop, and none at all (what this host's threads add by themselves).
 
 What it answers, without a GPU: whether the measured device times alone put 8 robots past 50 ms, and
-what a cheaper batch would buy. What it leaves out: the GPU's own jitter, the host work of a real frame
+what a cheaper batch would buy. `--stops MS,EVERY_S` adds stops of the whole process, as the H200's
+traces showed them (ProcessStops). What it leaves out: the GPU's own jitter, the host work of a real frame
 (images, copies, graph launches), and two frames overlapping on the device.
 
 python benchmarks/fleet_sim.py OUT.json [--robots 6,8,10] [--seconds 10] [--models h200] [--trace]
+    [--modes batched_in_step] [--stops 15,20]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -138,12 +141,50 @@ class SimulatedDevice:
             self._cond.notify_all()
 
 
+class ProcessStops:
+    """Stops of the whole process, as the H200's traces showed them (full garbage collections of 11-35 ms,
+    a stop of 9 ms that no collection explained): while in the block, a thread holds Python's lock for
+    `stop_ms` at a time, every `every_s` on average (exponential gaps, seeded), and every other thread
+    waits it out. The lock is held by a loop in C (sum over a range), sized once against the clock."""
+
+    def __init__(self, stop_ms: float, every_s: float, seed: int = 0):
+        self.stop_ms, self.every_s, self.count = stop_ms, every_s, 0
+        self._rng = random.Random(seed)
+        started = time.perf_counter()
+        sum(range(1_000_000))
+        per_million_ms = (time.perf_counter() - started) * 1e3
+        self._n = int(1_000_000 * stop_ms / max(per_million_ms, 1e-6))
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="process-stops", daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.wait(self._rng.expovariate(1.0 / self.every_s)):
+            sum(range(self._n))  # no bytecode runs: the lock is not handed over until it ends
+            self.count += 1
+
+    def __enter__(self) -> ProcessStops:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_point(
-    model: str, robots: int, seconds: float, hold: bool, in_step: bool, trace: bool = False
+    model: str,
+    robots: int,
+    seconds: float,
+    hold: bool,
+    in_step: bool,
+    trace: bool = False,
+    stops: tuple[float, float] | None = None,
 ) -> dict:
+    """One point; `stops`: (ms, every s) of ProcessStops while the robots run."""
     device = SimulatedDevice(DEVICE_MODELS[model])
+    stopping = ProcessStops(*stops) if stops else nullcontext()
     try:
-        with PolicyServer(device, deadline_s=DEADLINE_S, hold=hold) as server:
+        with PolicyServer(device, deadline_s=DEADLINE_S, hold=hold) as server, stopping:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
             before = {}
             with traced(server) if trace else nullcontext() as explain:
@@ -158,6 +199,8 @@ def run_point(
                 )
             sizes = server.batch_sizes() - before["sizes"]
             row["batch_sizes"] = {str(n): sizes[n] for n in sorted(sizes)}
+            if stops:
+                row["process_stops"] = {"ms": stops[0], "every_s": stops[1], "count": stopping.count}
     finally:
         device.close()
     return row
@@ -170,7 +213,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--models", default=",".join(DEVICE_MODELS))
     parser.add_argument("--trace", action="store_true", help="the server's decisions around late chunks")
+    parser.add_argument(
+        "--stops",
+        default="",
+        help="MS,EVERY_S: the whole process stopped for MS every EVERY_S on average (as on the H200)",
+    )
+    parser.add_argument("--modes", default=",".join(m for m, _, _ in MODES))
     args = parser.parse_args()
+    stops = tuple(float(x) for x in args.stops.split(",")) if args.stops else None
+    if stops is not None and (len(stops) != 2 or not all(x > 0 for x in stops)):
+        parser.error(f"--stops: MS,EVERY_S, both positive, got {args.stops!r}")
     doc = {
         **run_header(),
         "workload": "simulated device (benchmarks/fleet_sim.py), one frame at a time, 20 Hz per robot, "
@@ -181,10 +233,12 @@ def main() -> None:
     for model in args.models.split(","):
         for robots in (int(r) for r in args.robots.split(",")):
             for mode, hold, in_step in MODES:
+                if mode not in args.modes.split(","):
+                    continue
                 row = {
                     "precision": model,
                     "mode": mode,
-                    **run_point(model, robots, args.seconds, hold, in_step, args.trace),
+                    **run_point(model, robots, args.seconds, hold, in_step, args.trace, stops),
                 }
                 print(
                     {k: row[k] for k in ("precision", "mode", "robots", "worst_p99_ms", "p50_ms", "misses")}
