@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from fleet_bench import DEADLINE_S, drive, traced
 from results_doc import run_header, save
+from vla_runtime.runtime.collector import freeze_long_lived
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import ExecutorClosed
 from vla_runtime.runtime.server import PolicyServer
@@ -182,6 +183,9 @@ def run_point(
 ) -> dict:
     """One point; `stops`: (ms, every s) of ProcessStops while the robots run."""
     device = SimulatedDevice(DEVICE_MODELS[model])
+    # as a real executor does after its captures (runtime/collector.py): else this process's imports
+    # alone (torch) make full collections of 85 ms on the CI host, and they, not the server, miss
+    freeze_long_lived()
     stopping = ProcessStops(*stops) if stops else nullcontext()
     try:
         with PolicyServer(device, deadline_s=DEADLINE_S, hold=hold) as server, stopping:
