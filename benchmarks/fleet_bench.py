@@ -314,8 +314,16 @@ def with_batch(parts: PolicyParts, max_batch: int) -> PolicyParts:
 class Fleet:
     """One precision's weights, its batched executor and (grown on demand) independent executors."""
 
-    def __init__(self, config: RuntimeConfig, observations, in_step: bool = False, trace: bool = False):
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        observations,
+        in_step: bool = False,
+        trace: bool = False,
+        weigh_misses: bool = False,
+    ):
         self.adaptive, self.in_step, self.trace = config.adaptive_steps, in_step, trace
+        self.weigh_misses = weigh_misses  # the server's (PolicyServer)
         self.parts = build_parts(config)
         self.weights_gib = allocated_gib()  # what stays after the build (weights and FP8 copies)
         # With shape profiles only the workload's shapes are captured (none of the full shape ahead of time):
@@ -330,7 +338,8 @@ class Fleet:
         self.independent: list[PipelinedExecutor] = []
 
     def run_batched(self, robots: int, seconds: float, observations, hold: bool = True) -> dict:
-        with PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold) as server:
+        server = PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold, weigh_misses=self.weigh_misses)
+        with server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
             controllers = self.controllers(robots)
             before = {}
@@ -421,7 +430,7 @@ def single_gpu(args, doc: dict) -> None:
         settings["batch_profiles"] = args.batch_profiles
         settings["garbage_collection"] = args.garbage_collection
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
-        fleet = Fleet(config, observations, args.in_step, args.trace)
+        fleet = Fleet(config, observations, args.in_step, args.trace, args.weigh_misses)
         if args.unfrozen:
             thaw()  # start-up's objects scanned by every full collection again, as before the freeze
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
@@ -521,6 +530,7 @@ def multi_gpu(args, doc: dict) -> None:
         command += ["--in-step"] if args.in_step else []
         command += ["--trace"] if args.trace else []
         command += ["--unfrozen"] if args.unfrozen else []
+        command += ["--weigh-misses"] if args.weigh_misses else []
         command += ["--garbage-collection", args.garbage_collection]
         command += ["--pipelining", args.pipelining, "--batch-profiles", args.batch_profiles]
         command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
@@ -594,6 +604,11 @@ def main() -> None:
         "--trace", action="store_true", help="the server's decisions around each late chunk (late_traces)"
     )
     parser.add_argument(
+        "--weigh-misses",
+        action="store_true",
+        help="the server's gather of a tick may outlast its first robot's latest start if fewer are late",
+    )
+    parser.add_argument(
         "--unfrozen",
         action="store_true",
         help="thaw the objects start-up froze out of the garbage collector's scans (runtime/collector.py)",
@@ -619,6 +634,7 @@ def main() -> None:
         "batch_profiles": args.batch_profiles,
         "start_up_objects_frozen": not args.unfrozen,
         "garbage_collection": args.garbage_collection,
+        "weigh_misses": args.weigh_misses,
         "rows": [],
     }
     if args.gpus > 1:

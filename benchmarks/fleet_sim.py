@@ -180,15 +180,18 @@ def run_point(
     in_step: bool,
     trace: bool = False,
     stops: tuple[float, float] | None = None,
+    weigh_misses: bool = False,
 ) -> dict:
-    """One point; `stops`: (ms, every s) of ProcessStops while the robots run."""
+    """One point; `stops`: (ms, every s) of ProcessStops while the robots run; `weigh_misses`: the
+    server's (PolicyServer)."""
     device = SimulatedDevice(DEVICE_MODELS[model])
     # as a real executor does after its captures (runtime/collector.py): else this process's imports
     # alone (torch) make full collections of 85 ms on the CI host, and they, not the server, miss
     freeze_long_lived()
     stopping = ProcessStops(*stops) if stops else nullcontext()
     try:
-        with PolicyServer(device, deadline_s=DEADLINE_S, hold=hold) as server, stopping:
+        server = PolicyServer(device, deadline_s=DEADLINE_S, hold=hold, weigh_misses=weigh_misses)
+        with server, stopping:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
             before = {}
             with traced(server) if trace else nullcontext() as explain:
@@ -223,6 +226,7 @@ def main() -> None:
         help="MS,EVERY_S: the whole process stopped for MS every EVERY_S on average (as on the H200)",
     )
     parser.add_argument("--modes", default=",".join(m for m, _, _ in MODES))
+    parser.add_argument("--weigh-misses", action="store_true", help="the server's gather weighs misses")
     args = parser.parse_args()
     stops = tuple(float(x) for x in args.stops.split(",")) if args.stops else None
     if stops is not None and (len(stops) != 2 or not all(x > 0 for x in stops)):
@@ -232,6 +236,7 @@ def main() -> None:
         "workload": "simulated device (benchmarks/fleet_sim.py), one frame at a time, 20 Hz per robot, "
         f"deadline {DEADLINE_S * 1e3:.0f} ms",
         "device_models_ms": {m: DEVICE_MODELS[m] for m in args.models.split(",")},
+        "weigh_misses": args.weigh_misses,
         "rows": [],
     }
     for model in args.models.split(","):
@@ -242,7 +247,9 @@ def main() -> None:
                 row = {
                     "precision": model,
                     "mode": mode,
-                    **run_point(model, robots, args.seconds, hold, in_step, args.trace, stops),
+                    **run_point(
+                        model, robots, args.seconds, hold, in_step, args.trace, stops, args.weigh_misses
+                    ),
                 }
                 print(
                     {k: row[k] for k in ("precision", "mode", "robots", "worst_p99_ms", "p50_ms", "misses")}

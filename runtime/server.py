@@ -62,14 +62,27 @@ class Pending:
 
 class PolicyServer:
     def __init__(
-        self, executor: PipelinedExecutor, deadline_s: float = DEFAULT_DEADLINE_S, hold: bool = True
+        self,
+        executor: PipelinedExecutor,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        hold: bool = True,
+        weigh_misses: bool = False,
     ):
+        """`hold`: batches held for company and capped (runtime/batching.py), else sent at once;
+        `weigh_misses`: a tick's gather may outlast its first robot's latest start where that makes fewer
+        chunks late (BatchHold._fewer_late_by_waiting; an experiment until measured on a GPU)."""
         if not deadline_s > 0:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
         self.executor, self.deadline_s = executor, deadline_s
         self.max_batch = executor.config.max_batch
         # the executor says which profile a batch runs in (its device time is that profile's)
-        self.batching = BatchHold(executor.batch_profile, self.max_batch, MARGIN * deadline_s, enabled=hold)
+        self.batching = BatchHold(
+            executor.batch_profile,
+            self.max_batch,
+            MARGIN * deadline_s,
+            enabled=hold,
+            weigh_misses=weigh_misses,
+        )
         self._pending: dict[str, Pending] = {}
         self._cond = threading.Condition()
         self._closed = False

@@ -438,3 +438,28 @@ def test_a_tick_whose_last_robot_began_a_burst_of_its_own_is_not_split():
     hold.arrived("r7", 10.0066)
     assert hold.keep_up_size(10.0067) == 4
     assert hold.decide(8, earliest_deadline=10.05, now=10.0067, may_hold=False) == (8, 0.0)
+
+
+def test_weighing_misses_a_tick_waits_past_an_early_robots_latest_start():
+    """The H200's split (9508b66, GPU 0), on its device times (25.5 ms for 4, 36.2 for 8): in step, one
+    robot's observation came 16 ms before the tick's other three present, four more are due. The early
+    robot's latest start for a batch of 8 has passed: as before, the 4 present go now (and the due four
+    after them end past their deadlines). Weighing the misses (BatchHold(weigh_misses=True)), waiting for
+    the due four until the gather's limit makes only the early robot late, so it waits."""
+    times = {1: 0.0164, 2: 0.018, 4: 0.0255, 8: 0.0362}
+    tick = [("r4", 9.98371), ("r6", 9.99326), ("r3", 9.99627), ("r5", 9.99902)]
+    now = 9.99968
+    answers = []
+    for weigh in (False, True):
+        hold = measured(times)
+        hold.weigh_misses = weigh
+        robots_in_step(hold, 8, 20, until=10.0)
+        for robot, at in tick:
+            hold.arrived(robot, at)
+        arrivals = [at for _, at in tick]
+        answers.append(
+            hold.decide(4, earliest_deadline=9.98371 + 0.05, now=now, may_hold=False, arrivals=arrivals)
+        )
+    assert answers[0] == (4, 0.0)
+    take, wait = answers[1]
+    assert take == 4 and wait == pytest.approx(9.99326 + GATHER_LIMIT_S - now)
