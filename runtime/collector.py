@@ -22,17 +22,19 @@ executors one at a time to free each one's). The freezing is process-wide: an ap
 gc.freeze() is thawed with it.
 
 Frozen, full collections still came on the H200: 3 a minute of 19-35 ms before the server's reference
-cycle per observation was removed, one of 11-16 ms a minute after it (robots in step). `WhileDeviceBusy`
-(RuntimeConfig.garbage_collection "while_device_busy", an experiment until measured on a GPU) takes them
-over for the executor's life: CPython's automatic full collections are turned off (the oldest
-generation's threshold; the young generations' collections stay automatic), and the executor's
-dispatcher runs one right after it has put a frame on the device, when that frame is alone there and its
-profile's frames keep the device busy for at least twice the last pause: the host has nothing to do for
-the device meanwhile. At most one every PERIOD_S for the whole process (executors share the schedule);
+cycle per observation was removed, one of 6-21 ms a minute after it (robots in step), and where it fell
+in a tick's gather the batch split and chunks came late (2 and 13 in two of four 60 s GPU-runs).
+`WhileDeviceBusy` (RuntimeConfig.garbage_collection "while_device_busy", the default where CPython
+allows it) takes them over for the executor's life: CPython's automatic full collections are turned off
+(the oldest generation's threshold; the young generations' collections stay automatic), and the
+executor's dispatcher runs one right after it has put a frame on the device, when that frame is alone
+there and its profile's frames keep the device busy for at least twice the last pause: the host has
+nothing to do for the device meanwhile. With it, four of four such GPU-runs had no late chunk
+(docs/many_robots.md). At most one every PERIOD_S for the whole process (executors share the schedule);
 past OVERDUE_S without one, at the next such frame whatever its length. An idle executor collects
 nothing (the young collections go on). GPU only (on the CPU a frame is computed while it is issued),
 and CPython 3.11 to 3.13 with the GIL: 3.14's incremental collector and free-threaded builds ignore that
-threshold, and the mode is refused there.
+threshold; there the mode is refused and the default is "automatic".
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def generational_thresholds() -> bool:
     (3.11 to 3.13, with the GIL): what WhileDeviceBusy turns off."""
     free_threaded = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
     return sys.implementation.name == "cpython" and sys.version_info < (3, 14) and not free_threaded
+
+
+def default_garbage_collection() -> str:
+    """RuntimeConfig.garbage_collection's default: the executor's collections where the interpreter
+    allows them (measured on the H200: docs/many_robots.md), CPython's own elsewhere."""
+    return "while_device_busy" if generational_thresholds() else "automatic"
+
+
+DEFAULT_GARBAGE_COLLECTION = default_garbage_collection()
 
 
 _live_executors = 0  # started and not yet closed, in this process

@@ -14,7 +14,7 @@ import yaml
 from ..graphs.checkpoint import CheckpointInfo, architecture_differences, inspect_checkpoint
 from ..graphs.config import PRESETS, ModelConfig, get_preset
 from .buffers import BATCH_PROFILE_SETS, prompt_bucket
-from .collector import GARBAGE_COLLECTION, generational_thresholds
+from .collector import DEFAULT_GARBAGE_COLLECTION, GARBAGE_COLLECTION, generational_thresholds
 from .handover import Handover
 from .pipelining import PIPELINING_MODES
 
@@ -126,8 +126,8 @@ class RuntimeConfig:
     batch_profiles: str = "powers_of_two"
     # Python's full garbage collections (runtime/collector.py): "automatic" (CPython's, start-up frozen
     # out of them) or "while_device_busy" (on the GPU, the executor runs them right after putting a frame
-    # alone on the device; CPython 3.11-3.13; an experiment until measured on a GPU).
-    garbage_collection: str = "automatic"
+    # alone on the device; CPython 3.11-3.13 with the GIL, and the default there).
+    garbage_collection: str = DEFAULT_GARBAGE_COLLECTION
     # Each frame runs the smallest shape that holds it: only the cameras present are computed, the prompt
     # padded to the next of 32 / 64 / 128 / max tokens (the padding is masked: the same actions). A new
     # shape is captured when first met (the device idle meanwhile).

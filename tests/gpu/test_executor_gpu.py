@@ -3,9 +3,13 @@ allocation in steady state; the streams overlap across frames."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
+from vla_runtime.runtime import collector
+from vla_runtime.runtime.collector import NEVER, WhileDeviceBusy
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import FrameDropped, PipelinedExecutor
 from vla_runtime.runtime.reference import EagerPolicy
@@ -229,3 +233,20 @@ def test_a_warm_start_loads_its_compiled_layers_and_matches_the_reference(cuda, 
     with PipelinedExecutor(config) as warm:
         assert warm.report()["precompiled"] == {"loaded": compiled["compiled"]}
         assert worst_relative_difference(warm, EagerPolicy(parts=warm.parts), rng) <= BF16_REL_TOL
+
+
+def test_the_executor_takes_over_full_collections_by_default_on_cuda(pi05, rng, monkeypatch):
+    # The default config on CUDA: CPython's full collections off while the executor lives, and run by
+    # the executor after an issue where the frame's measured device time fits one (runtime/collector.py;
+    # here every period and pause short enough to fit); frames still served
+    assert pi05.config.garbage_collection == "while_device_busy"
+    assert pi05.garbage_collector is not None
+    assert gc.get_threshold()[2] == NEVER
+    monkeypatch.setattr(collector, "PERIOD_S", 0.0)
+    monkeypatch.setattr(WhileDeviceBusy, "_pause_s", 0.0)
+    before = pi05.garbage_collector.collections
+    for _ in range(5):
+        obs = random_observation(rng, "pi05", side=224)
+        assert np.isfinite(pi05.submit(obs).result(timeout=120).actions).all()
+        pi05.wait_idle()
+    assert pi05.garbage_collector.collections > before

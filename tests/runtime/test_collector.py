@@ -100,6 +100,13 @@ def test_an_unknown_mode_or_a_python_without_the_threshold_is_refused_naming_the
         RuntimeConfig(preset="pi05_tiny", garbage_collection="while_device_busy")
 
 
+def test_the_default_is_the_executors_collections_where_the_interpreter_allows_them(monkeypatch):
+    # CI's CPython 3.12 has the threshold; 3.14 and free-threaded builds fall back to CPython's own
+    assert RuntimeConfig(preset="pi05_tiny").garbage_collection == "while_device_busy"
+    monkeypatch.setattr(collector.sys, "version_info", (3, 14, 0))
+    assert collector.default_garbage_collection() == "automatic"
+
+
 class Node:
     """An object the cyclic collector tracks."""
 
