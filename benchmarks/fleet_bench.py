@@ -320,10 +320,10 @@ class Fleet:
         observations,
         in_step: bool = False,
         trace: bool = False,
-        weigh_misses: bool = False,
+        server_options: dict | None = None,
     ):
         self.adaptive, self.in_step, self.trace = config.adaptive_steps, in_step, trace
-        self.weigh_misses = weigh_misses  # the server's (PolicyServer)
+        self.server_options = server_options or {}  # PolicyServer's keywords (weigh_misses, hold_spread)
         self.parts = build_parts(config)
         self.weights_gib = allocated_gib()  # what stays after the build (weights and FP8 copies)
         # With shape profiles only the workload's shapes are captured (none of the full shape ahead of time):
@@ -338,7 +338,7 @@ class Fleet:
         self.independent: list[PipelinedExecutor] = []
 
     def run_batched(self, robots: int, seconds: float, observations, hold: bool = True) -> dict:
-        server = PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold, weigh_misses=self.weigh_misses)
+        server = PolicyServer(self.batched, deadline_s=DEADLINE_S, hold=hold, **self.server_options)
         with server:
             submit_for = lambda i: lambda obs, steps: server.submit(f"r{i}", obs, steps=steps)  # noqa: E731
             controllers = self.controllers(robots)
@@ -430,7 +430,8 @@ def single_gpu(args, doc: dict) -> None:
         settings["batch_profiles"] = args.batch_profiles
         settings["garbage_collection"] = args.garbage_collection
         config = RuntimeConfig(preset=args.preset, device="cuda" if cuda else "cpu", **settings)
-        fleet = Fleet(config, observations, args.in_step, args.trace, args.weigh_misses)
+        server_options = {"weigh_misses": args.weigh_misses, "hold_spread": args.hold_spread}
+        fleet = Fleet(config, observations, args.in_step, args.trace, server_options)
         if args.unfrozen:
             thaw()  # start-up's objects scanned by every full collection again, as before the freeze
         doc.setdefault("weights_gib", {})[precision] = fleet.weights_gib
@@ -531,6 +532,7 @@ def multi_gpu(args, doc: dict) -> None:
         command += ["--trace"] if args.trace else []
         command += ["--unfrozen"] if args.unfrozen else []
         command += ["--weigh-misses"] if args.weigh_misses else []
+        command += [] if args.hold_spread else ["--no-hold-spread"]
         command += ["--garbage-collection", args.garbage_collection]
         command += ["--pipelining", args.pipelining, "--batch-profiles", args.batch_profiles]
         command += ["--modes", ",".join(m for m in args.modes.split(",") if m != "independent")]
@@ -609,6 +611,12 @@ def main() -> None:
         help="the server's gather of a tick may outlast its first robot's latest start if fewer are late",
     )
     parser.add_argument(
+        "--no-hold-spread",
+        dest="hold_spread",
+        action="store_false",
+        help="one frame at a time, the server holds spread robots' batches for company no more (as before)",
+    )
+    parser.add_argument(
         "--unfrozen",
         action="store_true",
         help="thaw the objects start-up froze out of the garbage collector's scans (runtime/collector.py)",
@@ -635,6 +643,7 @@ def main() -> None:
         "start_up_objects_frozen": not args.unfrozen,
         "garbage_collection": args.garbage_collection,
         "weigh_misses": args.weigh_misses,
+        "hold_spread": args.hold_spread,
         "rows": [],
     }
     if args.gpus > 1:

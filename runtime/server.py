@@ -67,10 +67,13 @@ class PolicyServer:
         deadline_s: float = DEFAULT_DEADLINE_S,
         hold: bool = True,
         weigh_misses: bool = False,
+        hold_spread: bool = True,
     ):
         """`hold`: batches held for company and capped (runtime/batching.py), else sent at once;
         `weigh_misses`: a tick's gather may outlast its first robot's latest start where that makes fewer
-        chunks late (BatchHold._fewer_late_by_waiting; an experiment until measured on a GPU)."""
+        chunks late (BatchHold._fewer_late_by_waiting; an experiment until measured on a GPU);
+        `hold_spread`: with one frame on the device at a time, spread robots' batches are held for
+        company too (BatchHold; false for the comparison in fleet_bench and fleet_sim)."""
         if not deadline_s > 0:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
         self.executor, self.deadline_s = executor, deadline_s
@@ -82,6 +85,7 @@ class PolicyServer:
             MARGIN * deadline_s,
             enabled=hold,
             weigh_misses=weigh_misses,
+            hold_spread=hold_spread,
         )
         self._pending: dict[str, Pending] = {}
         self._cond = threading.Condition()
@@ -195,8 +199,8 @@ class PolicyServer:
         with self._cond:
             while not self._closed and self._pending:
                 by_deadline = sorted(self._pending.values(), key=lambda p: p.deadline)
-                # holding for the keep-up size only where a batch goes while another runs (else the company
-                # came meanwhile); a burst's rest is gathered either way
+                # holding for the keep-up size where a batch goes while another runs, or the robots' phases
+                # are spread (BatchHold.decide); a burst's rest is gathered either way
                 may_hold = self.executor.batching_in_flight() > 1
                 take, wait = self.batching.decide(
                     len(by_deadline),

@@ -1,9 +1,10 @@
 """When the server holds a batch for company, and how many a batch takes, on a fake clock: never held at
 light load or before anything is measured; under load held until the keep-up size, never past the latest
 start of the earliest deadline, not when the device is busy past it, not for robots that do not exist,
-not with one frame on the device at a time; a burst of robots ticking together gathered into one batch,
-and not split where one batch serves it within the robots' tick;
-a batch capped at the keep-up size's profile; device times per profile from issue and completion times."""
+with one frame on the device at a time only where the robots' phases are spread; a burst of robots
+ticking together gathered into one batch, and not split where one batch serves it within the robots'
+tick; a batch capped at the keep-up size's profile; device times per profile from issue and completion
+times."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ MARGIN_S = 0.005
 H200_LIKE = {1: 0.011, 2: 0.015, 4: 0.023, 8: 0.039}  # device seconds per batch profile
 
 
-def measured(device_s: dict[int, float], max_batch: int = 8) -> BatchHold:
+def measured(device_s: dict[int, float], max_batch: int = 8, hold_spread: bool = True) -> BatchHold:
     """A hold that has served one batch of each profile in `device_s`, back to back from t=0."""
-    hold = BatchHold(batch_profile, max_batch, MARGIN_S)
+    hold = BatchHold(batch_profile, max_batch, MARGIN_S, hold_spread=hold_spread)
     t = 0.0
     for size, seconds in device_s.items():
         hold.issued(size, t)
@@ -93,14 +94,29 @@ def test_under_load_a_batch_waits_until_it_keeps_up_and_never_past_its_latest_st
     assert hold.decide(8, deadline, now=10.02) == (4, 0.0)
 
 
-def test_one_frame_at_a_time_it_caps_but_never_holds():
-    """The same load with an executor that takes one frame at a time: what waits goes at once, no more
-    than the keep-up size's profile."""
+def test_one_frame_at_a_time_spread_robots_are_held_for_the_keep_up_size_and_capped():
+    """The same load with an executor that takes one frame at a time: 8 spread robots (6.25 ms apart, a
+    batch of 4 in 23 ms: the keep-up size 4). Three waiting wait for a fourth, no later than their latest
+    start (the earliest deadline less the margin and a batch of 4); seven go as the profile of 4 holds.
+    Without hold_spread (the server before): what waits goes at once."""
+    for hold_spread in (True, False):
+        hold = measured(H200_LIKE, hold_spread=hold_spread)
+        robots_at(hold, 8, 20, until=10.0)
+        latest_start = 10.05 - MARGIN_S - H200_LIKE[4]
+        take, wait = hold.decide(3, 10.05, now=10.0, may_hold=False)
+        assert (take, wait) == ((3, pytest.approx(latest_start - 10.0)) if hold_spread else (3, 0.0))
+        assert hold.decide(3, 10.05, now=latest_start + 0.0001, may_hold=False) == (3, 0.0)
+        assert hold.decide(7, 10.05, now=10.02, may_hold=False) == (4, 0.0)
+
+
+def test_one_frame_at_a_time_robots_in_step_are_not_held_for_company():
+    """8 robots ticking together, one frame at a time: a straggler whose tick went is not held for
+    company (it would hold the device when the next tick comes)."""
     hold = measured(H200_LIKE)
-    robots_at(hold, 8, 20, until=10.0)
-    assert hold.decide(1, 10.05, now=10.0, may_hold=False) == (1, 0.0)
-    assert hold.decide(3, 10.05, now=10.0, may_hold=False) == (3, 0.0)
-    assert hold.decide(7, 10.05, now=10.02, may_hold=False) == (4, 0.0)
+    robots_in_step(hold, 8, 20, until=10.0)
+    assert hold.keep_up_size(10.0) > 1
+    hold.arrived("r3", 10.02)  # a straggler, its tick long gone
+    assert hold.decide(1, earliest_deadline=10.07, now=10.02, may_hold=False) == (1, 0.0)
 
 
 def test_a_burst_that_one_batch_serves_on_time_is_not_split():
@@ -161,8 +177,8 @@ def test_spread_robots_two_of_which_came_close_are_capped():
 def test_a_dense_stream_split_by_a_late_arrival_does_not_wait():
     """12 spread robots, 4.2 ms apart: their arrivals chain into one long stream (within GATHER_S of each
     other), which is not a burst of robots ticking together; after a late arrival starts a new chain,
-    nothing waits for it to grow."""
-    hold = measured(H200_LIKE)
+    nothing waits for it to grow (for company it may: not here, hold_spread off)."""
+    hold = measured(H200_LIKE, hold_spread=False)
     robots_at(hold, 12, 20, until=10.0)
     hold.arrived("r0", 10.006)  # after a gap longer than GATHER_S
     assert hold.decide(1, earliest_deadline=10.056, now=10.006, may_hold=False) == (1, 0.0)
@@ -330,12 +346,16 @@ def test_a_robot_that_left_costs_its_companions_one_tick():
     ids=["8 spread", "26 spread", "one robot at 1 kHz and one at 20 Hz", "8 spread, twice two close"],
 )
 def test_robots_not_ticking_together_never_wait_for_a_burst(arrivals):
-    hold = measured(H200_LIKE)
-    for robot, at in arrivals:
-        hold.arrived(robot, at)
-    hold.arrived(arrivals[0][0], 10.0)  # just now
-    assert hold.decide(1, earliest_deadline=10.05, now=10.0, may_hold=False) == (1, 0.0)
-    assert hold.counters["gathered"] == 0
+    """Nothing gathered for them; with hold_spread (the default) they may wait for company, never past
+    the latest start of a batch of two (the deadline less the margin and 15 ms)."""
+    for hold_spread in (False, True):
+        hold = measured(H200_LIKE, hold_spread=hold_spread)
+        for robot, at in arrivals:
+            hold.arrived(robot, at)
+        hold.arrived(arrivals[0][0], 10.0)  # just now
+        take, wait = hold.decide(1, earliest_deadline=10.05, now=10.0, may_hold=False)
+        assert take == 1 and (wait <= 0.05 - MARGIN_S - H200_LIKE[2] + 1e-9 if hold_spread else wait == 0.0)
+        assert hold.counters["gathered"] == 0
 
 
 def test_a_keep_up_size_of_three_takes_its_profile_of_four():

@@ -283,11 +283,13 @@ def test_under_load_a_robot_is_held_for_company_and_alone_it_goes_at_once(served
             assert server.batching.counters["held"] == int(hold)
 
 
-def test_one_frame_at_a_time_the_server_never_holds(rng):
+def test_one_frame_at_a_time_without_hold_spread_the_server_does_not_hold(rng):
     """The load that holds arm_a for company above, on an executor that takes one frame at a time
-    (pipelining latency): arm_a goes at once, alone, and equals its eager result."""
+    (pipelining latency) and a server that holds spread robots there no more (hold_spread off, as before
+    2026-12-01; with it the same hold applies, tests/runtime/test_batching_hold.py): arm_a goes at once,
+    alone, and equals its eager result."""
     parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=2, pipelining="latency"))
-    with PipelinedExecutor(parts=parts) as executor, PolicyServer(executor) as server:
+    with PipelinedExecutor(parts=parts) as executor, PolicyServer(executor, hold_spread=False) as server:
         slow_device(server)
         obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
         chunk = server.submit("arm_a", obs, noise=noise, deadline_s=30.0).result(timeout=120)
