@@ -2,8 +2,8 @@
 dropped in 60 s, the worst robot's p99, and the longest pause of Python's full garbage collection (where
 the run was traced).
 
-Reads every confirmation in the results given: a document's own, its `per_gpu_docs` (two GPUs, one
-server each), and its `runs` (four GPUs, a process each).
+Reads every confirmation in the results given: a document's own (one GPU alone), its `per_gpu_docs`
+(two GPUs, one server each), and its `runs` (four GPUs, a process each).
 
 python benchmarks/plot_confirmations.py RESULTS.json [...] [--out docs/img/fleet_confirmations.png]
 """
@@ -30,7 +30,7 @@ def confirmations(doc: dict) -> list[tuple[str, dict]]:
     processes = [(f"GPU {g}", d) for g, d in enumerate(doc.get("per_gpu_docs", []))]
     # four processes on one host at once (their compilations overlapped the others' measurements)
     processes += [("GPU " + GPU_IN_NAME.search(name)[1] + "*", d) for name, d in doc.get("runs", {}).items()]
-    for where, d in processes or [("", doc)]:
+    for where, d in processes or [("one GPU", doc)]:
         if "confirm" not in d:
             continue
         kind = "in step" if "in step" in d["workload"] else "spread"
@@ -38,7 +38,9 @@ def confirmations(doc: dict) -> list[tuple[str, dict]]:
         # the key came with the freeze: a run without it had none; False: thawed for the comparison
         frozen = {None: "\nno freeze", False: "\nthawed", True: ""}[d.get("start_up_objects_frozen")]
         collector = "\ngc by executor" if d.get("garbage_collection") == "while_device_busy" else ""
-        label = f"{d['commit']}\n{kind}{profiles}{frozen}{collector}\n{where}"
+        # the key came with hold_spread (40e5a2d): a run without it did not hold spread robots
+        held = "\nspread held" if kind == "spread" and d.get("hold_spread") else ""
+        label = f"{d['commit']}\n{kind}{profiles}{frozen}{collector}{held}\n{where}"
         found.append((label, d["confirm"]))
     return found
 
@@ -52,11 +54,15 @@ def main(results: list[Path], out: Path) -> None:
     xs = range(len(rows))
     misses = [c["misses"] for _, c in rows]
     # four processes on one host at once: another colour, not to be compared with the two-GPU runs
-    colors = ["tab:gray" if label.endswith("*") else "tab:blue" for label in labels]
+    colors = [
+        "tab:gray" if label.endswith("*") else "tab:green" if label.endswith("one GPU") else "tab:blue"
+        for label in labels
+    ]
     miss_ax.bar(xs, [max(m, 0.8) for m in misses], color=colors)
     miss_ax.legend(
         handles=[
             Patch(color="tab:blue", label="two GPUs, a server each"),
+            Patch(color="tab:green", label="one GPU alone"),
             Patch(color="tab:gray", label="* four processes on one host"),
         ],
         fontsize=8,
