@@ -186,7 +186,8 @@ def drive(
         k = 0
         while True:
             tick = start + k * PERIOD_S
-            if tick > start + warmup_s + seconds:
+            # by the schedule's offsets: start + 0.2 > start + 0.1 + 0.1 for some clock values
+            if k * PERIOD_S > warmup_s + seconds + 1e-9:
                 return
             measured = k * PERIOD_S >= warmup_s - 1e-9  # by the schedule, not by when the thread woke
             time.sleep(max(0.0, tick - time.monotonic()))

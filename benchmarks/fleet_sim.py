@@ -98,7 +98,7 @@ class SimulatedDevice:
         return SimulatedMember(time.perf_counter())
 
     def batching_in_flight(self) -> int:
-        return 1  # one frame at a time: the server never holds, only caps
+        return 1  # one frame at a time: the server caps, and holds spread robots only (hold_spread)
 
     def wait_for_room(self, timeout: float | None = None) -> bool:
         with self._cond:

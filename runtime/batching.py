@@ -52,8 +52,10 @@ one short of the keep-up size's profile: the batch goes with a slot empty, the n
 after it and waits for that whole batch and then its own. On the H200 (8 LIBERO-shaped spread robots, a
 batch of 4 in 23 ms) that made the worst p99 48.6 ms and 2 chunks late in 9608. So where the robots'
 phases are spread (they do not tick together) the server holds for the keep-up size there too, never
-past the earliest deadline's latest start (`hold_spread`; simulated with the H200's device times, the
-worst p99 fell from 47.1-47.3 to 43.4 ms, batches of 3 from about 500 a minute to 1). Robots in step are
+past the earliest deadline's latest start and only while another robot is expected by then
+(`hold_spread`; simulated with the H200's device times, the
+worst p99 fell from 47.5 to 43.8 ms, late chunks from 10 to 0 and batches of 3 from 490 a minute to none;
+on the H200 from 47.7 to 43.0-43.7 ms, docs/many_robots.md). Robots in step are
 gathered by their tick and not held for company: a straggler held for company would still hold the
 device when the next tick comes.
 
@@ -74,7 +76,7 @@ import itertools
 import statistics
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 RATE_WINDOW_S = 1.0  # the arrival rate: observations in the last second
@@ -164,12 +166,14 @@ class BatchHold:
         now: float,
         may_hold: bool = True,
         arrivals: list[float] | None = None,
+        robots: Collection[str] = (),
     ) -> tuple[int, float]:
         """Of `waiting` observations (the earliest due at `earliest_deadline`; `arrivals`: when each
         arrived, from the start of its `submit`): how many the next batch takes, and how long to hold them
         first (0: send now). Not `may_hold` (one frame on the device at a time): no holding for the
-        keep-up size unless the robots' phases are spread (`hold_spread`); a tick still arriving is
-        gathered all the same."""
+        keep-up size unless the robots' phases are spread (`hold_spread`), and then only while a robot
+        not among the waiting `robots` is expected before the latest start (`_coming`); a tick still
+        arriving is gathered all the same."""
         if not self.enabled:
             return min(waiting, self.max_batch), 0.0
         with self._lock:
@@ -198,12 +202,18 @@ class BatchHold:
             spread = self.hold_spread and bool(bursts) and not self._ticking_together(bursts)
             if take >= keep_up or not (may_hold or spread):
                 return take, 0.0
-            expected = self._estimate(take + 1)
+            # One frame at a time, the batch the hold may end with is the largest it may take: spread
+            # company comes one by one, but two that come together would make a batch end past the
+            # latest start of one more. (Where a batch goes while another runs, the hold as measured:
+            # one more; the next frame takes who else came.)
+            expected = self._estimate(take + 1 if may_hold else limit)
             if expected is None:
                 return take, 0.0
             latest_start = earliest_deadline - self.margin_s - expected
             if self._busy_until > latest_start:
                 return take, 0.0
+            if not may_hold and not self._coming(now, latest_start, set(robots)):
+                return take, 0.0  # one frame at a time: held only for company that is on its way
             return take, max(0.0, latest_start - now)
 
     def count_held(self) -> None:
@@ -311,6 +321,23 @@ class BatchHold:
             if abs(ts[-1] + interval - tick_start) <= GATHER_LIMIT_S:
                 due.add(robot)
         return due
+
+    def _coming(self, now: float, until: float, waiting: set[str]) -> bool:
+        """A robot not among the `waiting` is expected by `until`: its next arrival, its last plus its
+        median interval over the last second, falls between GATHER_LIMIT_S ago (a robot that left, or
+        pauses for an episode's reset, is overdue and expected no more) and `until`."""
+        times: dict[str, list[float]] = defaultdict(list)
+        for at, robot in self._arrivals:
+            if robot not in waiting:
+                times[robot].append(at)
+        for ts in times.values():
+            if len(ts) < 2:
+                continue
+            ts.sort()
+            next_arrival = ts[-1] + statistics.median_low([b - a for a, b in itertools.pairwise(ts)])
+            if now - GATHER_LIMIT_S <= next_arrival <= until:
+                return True
+        return False
 
     @staticmethod
     def _typical_burst(bursts: list[Burst]) -> int:

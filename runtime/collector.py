@@ -22,7 +22,7 @@ executors one at a time to free each one's). The freezing is process-wide: an ap
 gc.freeze() is thawed with it.
 
 Frozen, full collections still came on the H200: 3 a minute of 19-35 ms before the server's reference
-cycle per observation was removed, one of 6-21 ms a minute after it (robots in step), and where it fell
+cycle per observation was removed, one of 5.6-21 ms a minute after it (robots in step), and where it fell
 in a tick's gather the batch split and chunks came late (2 and 13 in two of four 60 s GPU-runs).
 `WhileDeviceBusy` (RuntimeConfig.garbage_collection "while_device_busy", the default where CPython
 allows it) takes them over for the executor's life: CPython's automatic full collections are turned off

@@ -8,9 +8,10 @@ batches (one copy of the weights).
 Batching: a batcher thread waits until the executor can take a frame (its last one is on the device),
 then takes the pending observations of up to `max_batch` robots, earliest deadline first, and submits
 them as one frame. At light load it sends them at once; under load it takes no more than keeps up with
-the robots' rate, and, where the executor takes a frame while another runs, it may hold them for company
-until there are enough to keep up (never past the latest start of the earliest deadline;
-runtime/batching.py; `hold=False`: always at once, up to `max_batch`). With more robots pending than a
+the robots' rate, and, where the executor takes a frame while another runs or (one frame at a time) the
+robots' phases are spread and another robot is on its way, it may hold them for company until there are
+enough to keep up (never past the latest start of the earliest deadline; runtime/batching.py;
+`hold=False`: always at once, up to `max_batch`). With more robots pending than a
 batch takes, the later deadlines wait for the next frame; as every robot's deadline comes due in turn,
 none is starved.
 
@@ -208,6 +209,7 @@ class PolicyServer:
                     time.monotonic(),
                     may_hold,
                     [p.submitted for p in by_deadline],
+                    [p.robot for p in by_deadline],
                 )
                 if wait <= 0:
                     ready = by_deadline[:take]

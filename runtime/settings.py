@@ -283,7 +283,7 @@ DERIVED_OR_INTERNAL = {
     "max_image_side": "a guard against absurd images",
     "max_batch": "several robots in one batch (submit_batch); a node serves one robot",
     "batch_profiles": "with max_batch: which batch profiles are captured (a node serves one robot)",
-    "garbage_collection": "the interpreter decides it (runtime/collector.py)",
+    "garbage_collection": "its default chosen by the interpreter (runtime/collector.py); YAML may set it",
 }
 
 

@@ -239,14 +239,15 @@ def test_the_executor_takes_over_full_collections_by_default_on_cuda(pi05, rng, 
     # The default config on CUDA: CPython's full collections off while the executor lives, and run by
     # the executor after an issue where the frame's measured device time fits one (runtime/collector.py;
     # here every period and pause short enough to fit); frames still served
-    assert pi05.config.garbage_collection == "while_device_busy"
-    assert pi05.garbage_collector is not None
+    executor, _ = pi05
+    assert executor.config.garbage_collection == collector.default_garbage_collection() == "while_device_busy"
+    assert executor.garbage_collector is not None
     assert gc.get_threshold()[2] == NEVER
     monkeypatch.setattr(collector, "PERIOD_S", 0.0)
     monkeypatch.setattr(WhileDeviceBusy, "_pause_s", 0.0)
-    before = pi05.garbage_collector.collections
+    before = executor.garbage_collector.collections
     for _ in range(5):
         obs = random_observation(rng, "pi05", side=224)
-        assert np.isfinite(pi05.submit(obs).result(timeout=120).actions).all()
-        pi05.wait_idle()
-    assert pi05.garbage_collector.collections > before
+        assert np.isfinite(executor.submit(obs).result(timeout=120).actions).all()
+        executor.wait_idle()
+    assert executor.garbage_collector.collections > before

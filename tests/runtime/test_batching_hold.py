@@ -109,6 +109,28 @@ def test_one_frame_at_a_time_spread_robots_are_held_for_the_keep_up_size_and_cap
         assert hold.decide(7, 10.05, now=10.02, may_hold=False) == (4, 0.0)
 
 
+def test_one_frame_at_a_time_spread_robots_that_left_are_not_waited_for():
+    """8 spread robots for a second, then 5 of them gone (their arrivals still in the rate's window):
+    the 3 left, all waiting, are not held for company that is not coming; a robot still coming is
+    waited for; and one robot that replaces its own observation fast is no company for itself."""
+    hold = measured(H200_LIKE)
+    robots_at(hold, 8, 20, until=10.0)
+    for k in range(4):  # r0 to r2 go on for another 200 ms; r3 to r7 have left
+        for i in range(3):
+            hold.arrived(f"r{i}", 10.0 + k * 0.05 + i * 0.05 / 8)
+    assert hold.keep_up_size(10.2) > 3  # the rate still counts those that left
+    waiting = ["r0", "r1", "r2"]
+    assert hold.decide(3, 10.25, now=10.2, may_hold=False, robots=waiting) == (3, 0.0)
+    take, wait = hold.decide(2, 10.25, now=10.2, may_hold=False, robots=["r0", "r1"])
+    assert take == 2 and wait > 0  # r2 is due at 10.2125
+    fast = measured(H200_LIKE)
+    for k in range(1000):
+        fast.arrived("fast", 9.0 + k * 0.001)
+    for k in range(20):
+        fast.arrived("slow", 9.0 + k * 0.05 + 0.035)  # due at 10.035, after the latest start (10.03)
+    assert fast.decide(1, 10.05, now=10.0, may_hold=False, robots=["fast"]) == (1, 0.0)
+
+
 def test_one_frame_at_a_time_robots_in_step_are_not_held_for_company():
     """8 robots ticking together, one frame at a time: a straggler whose tick went is not held for
     company (it would hold the device when the next tick comes)."""

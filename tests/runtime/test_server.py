@@ -283,6 +283,27 @@ def test_under_load_a_robot_is_held_for_company_and_alone_it_goes_at_once(served
             assert server.batching.counters["held"] == int(hold)
 
 
+def test_one_frame_at_a_time_a_spread_robot_is_held_for_one_on_its_way(rng):
+    """The same load one frame at a time with the server's default (hold_spread): arm_b's arrivals say
+    its next observation is due, so arm_a waits for it, and both go as one batch, each equal to its eager
+    result."""
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny", max_batch=2, pipelining="latency"))
+    with PipelinedExecutor(parts=parts) as executor, PolicyServer(executor) as server:
+        slow_device(server)
+        server.batching.arrived("arm_b", time.monotonic() + 4.0)  # with 5.5 after it: due again at 7.0
+        reference = EagerPolicy(parts=parts)
+        asks = []
+        for robot in ("arm_a", "arm_b"):
+            obs, noise = random_observation(rng, "pi05_tiny"), noise_for(executor, rng)
+            asks.append((obs, noise, server.submit(robot, obs, noise=noise, deadline_s=30.0)))
+        for obs, noise, future in asks:
+            np.testing.assert_allclose(
+                future.result(timeout=120).actions, reference.infer(obs, noise).actions, rtol=1e-4, atol=1e-5
+            )
+        assert server.batches == [["arm_a", "arm_b"]]
+        assert server.batching.counters["held"] == 1
+
+
 def test_one_frame_at_a_time_without_hold_spread_the_server_does_not_hold(rng):
     """The load that holds arm_a for company above, on an executor that takes one frame at a time
     (pipelining latency) and a server that holds spread robots there no more (hold_spread off, as before
