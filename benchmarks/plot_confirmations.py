@@ -38,8 +38,13 @@ def confirmations(doc: dict) -> list[tuple[str, dict]]:
         # the key came with the freeze: a run without it had none; False: thawed for the comparison
         frozen = {None: "\nno freeze", False: "\nthawed", True: ""}[d.get("start_up_objects_frozen")]
         collector = "\ngc by executor" if d.get("garbage_collection") == "while_device_busy" else ""
-        # the key came with hold_spread (40e5a2d): a run without it did not hold spread robots
-        held = "\nspread held" if kind == "spread" and d.get("hold_spread") else ""
+        # the key came with hold_spread (40e5a2d): a run without it did not hold spread robots one frame
+        # at a time (with two frames in flight the server held them anyway)
+        held = (
+            "\nspread held"
+            if kind == "spread" and d.get("hold_spread") and d["pipelining"] == "latency"
+            else ""
+        )
         label = f"{d['commit']}\n{kind}{profiles}{frozen}{collector}{held}\n{where}"
         found.append((label, d["confirm"]))
     return found
