@@ -33,8 +33,8 @@ def paced(rate_hz: float, seconds: float):
     """Yields at `rate_hz` for `seconds` (sleeping between ticks)."""
     period, start = 1.0 / rate_hz, time.perf_counter()
     k = 0
-    while (tick := start + k * period) < start + seconds:
-        time.sleep(max(0.0, tick - time.perf_counter()))
+    while k * period < seconds - 1e-9:  # by the offsets: start + k * period rounds with the clock's value
+        time.sleep(max(0.0, start + k * period - time.perf_counter()))
         yield k
         k += 1
 
