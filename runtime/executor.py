@@ -325,6 +325,8 @@ class PipelinedExecutor(Policy):
             self._next_index += 1
             self.counters["submitted"] += 1
             dropped, self._pending = self._pending, frame
+            if self.garbage_collector is not None:
+                self.garbage_collector.active()
             self._cond.notify_all()
         if dropped is not None:
             self._drop(dropped, f"frame {dropped.index} replaced by newer frame {frame.index}")
@@ -653,6 +655,8 @@ class PipelinedExecutor(Policy):
             self.counters[outcome] += 1
             self._in_flight -= 1
             self._on_device.pop(frame.index, None)
+            if self.garbage_collector is not None:
+                self.garbage_collector.active()
             if not self._on_device:
                 self._hung = None  # the device came back: serve again
             self._cond.notify_all()
@@ -771,7 +775,8 @@ class PipelinedExecutor(Policy):
     # ------------------------------------------------------------------ watchdog thread
     def _watch_loop(self) -> None:
         """Fail the futures of frames on the device past `device_timeout_s` (the completion thread is
-        blocked in the device's synchronize), and refuse new frames until the device answers again."""
+        blocked in the device's synchronize), and refuse new frames until the device answers again. With
+        the executor's collections, run the one due while idle (WhileDeviceBusy.when_idle)."""
         timeout = self.config.device_timeout
         while True:
             with self._cond:
@@ -781,17 +786,24 @@ class PipelinedExecutor(Policy):
                 now = time.monotonic()
                 late = [f for f in self._on_device.values() if now - f.on_device_since > timeout]
                 if not late or self._hung is not None:
-                    continue
-                oldest = min(late, key=lambda f: f.index)
-                hung = self._hung = DeviceHung(
-                    f"frame {oldest.index} has been on the device for {now - oldest.on_device_since:.1f} s "
-                    f"(device_timeout_s {timeout:g})"
-                )
-                stuck, pending = list(self._on_device.values()), self._pending
-                self._pending = None
-                self.counters["hung"] += 1
-                self.counters["dropped"] += pending is not None  # never reached the device
-                self._cond.notify_all()
+                    idle = not self._on_device and self._pending is None
+                    idle_collector = self.garbage_collector if idle else None
+                    hung = None
+                else:
+                    oldest = min(late, key=lambda f: f.index)
+                    hung = self._hung = DeviceHung(
+                        f"frame {oldest.index} has been on the device for "
+                        f"{now - oldest.on_device_since:.1f} s (device_timeout_s {timeout:g})"
+                    )
+                    stuck, pending = list(self._on_device.values()), self._pending
+                    self._pending = None
+                    self.counters["hung"] += 1
+                    self.counters["dropped"] += pending is not None  # never reached the device
+                    self._cond.notify_all()
+            if hung is None:
+                if idle_collector is not None:  # outside the lock: a submit meanwhile waits for the pause
+                    idle_collector.when_idle()
+                continue
             log.error("device hung: %s", hung)
             for frame in stuck + ([pending] if pending is not None else []):
                 _resolve_all(frame, error=hung)

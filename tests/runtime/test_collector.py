@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 import types
 import weakref
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from vla_runtime.runtime import collector
 from vla_runtime.runtime import config as config_module
-from vla_runtime.runtime.collector import FIRST_PAUSE_S, NEVER, OVERDUE_S, PERIOD_S, WhileDeviceBusy
+from vla_runtime.runtime.collector import FIRST_PAUSE_S, IDLE_S, NEVER, OVERDUE_S, PERIOD_S, WhileDeviceBusy
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 
@@ -72,6 +73,52 @@ def test_a_collection_runs_after_a_frame_only_when_due_and_fitting():
         assert busy.collections == 3
     finally:
         busy.close()
+
+
+def test_a_collection_runs_while_every_executor_is_idle_when_due():
+    t = FakeTime()
+    busy = WhileDeviceBusy(t.clock, t.collect)
+    try:
+        t.now += PERIOD_S
+        busy.active()  # a frame just now
+        assert not busy.when_idle()
+        t.now += IDLE_S - 0.001
+        assert not busy.when_idle()  # not idle long enough
+        t.now += 0.001
+        assert busy.when_idle() and busy.collections == 1
+        t.now += PERIOD_S - 0.001
+        assert not busy.when_idle()  # at most one a period
+        t.now += 0.001
+        assert busy.when_idle()
+        other = WhileDeviceBusy(t.clock, t.collect)  # another executor's frame: nobody is idle
+        t.now += PERIOD_S
+        other.active()
+        assert not busy.when_idle()
+        other.close()
+    finally:
+        busy.close()
+    t.now += PERIOD_S + IDLE_S
+    assert not busy.when_idle()  # closed: no more
+
+
+def test_the_watchdog_collects_once_the_executor_is_idle(rng):
+    """pi05_tiny on the CPU given a takeover on a fake clock (its watchdog looking every 50 ms): a frame
+    served, then the clock moved past the idle time and a period: the watchdog runs one collection."""
+    executor = PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", device_timeout_s=0.2))
+    t = FakeTime()
+    try:
+        executor.garbage_collector = WhileDeviceBusy(t.clock, t.collect)
+        assert np.isfinite(executor.submit(random_observation(rng)).result(timeout=120).actions).all()
+        executor.wait_idle()
+        assert t.collected == []
+        t.now += PERIOD_S + IDLE_S
+        for _ in range(600):  # up to a minute of the watchdog's looks, on a starved CI machine
+            if t.collected:
+                break
+            time.sleep(0.1)
+        assert t.collected == [(1000.0 + PERIOD_S + IDLE_S, 2)]
+    finally:
+        executor.close()
 
 
 def test_the_dispatcher_collects_after_putting_a_frame_alone_on_the_device(rng, monkeypatch):
