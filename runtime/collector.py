@@ -31,12 +31,13 @@ executor's dispatcher runs one right after it has put a frame on the device, whe
 there and its profile's frames keep the device busy for at least twice the last pause: the host has
 nothing to do for the device meanwhile. With it, four of four such GPU-runs had no late chunk
 (docs/many_robots.md). At most one every PERIOD_S for the whole process (executors share the schedule);
-past OVERDUE_S without one, at the next such frame whatever its length. And while every executor is
-idle (nothing submitted, on the device or waiting for IDLE_S), the executor's watchdog runs the due one:
-a paused robot's node still frees its cyclic garbage, and does not meet a collection long overdue when
-it serves again. GPU only (on the CPU a frame is computed while it is issued),
-and CPython 3.11 to 3.13 with the GIL: 3.14's incremental collector and free-threaded builds ignore that
-threshold; there the mode is refused and the default is "automatic".
+past OVERDUE_S without one, at the next such frame whatever its length. And once no executor has had
+a frame submitted or ended for IDLE_S, an idle executor's watchdog runs one (once per idle spell, then
+one per OVERDUE_S): a paused robot's node still frees its cyclic garbage, and does not meet a collection
+long overdue when it serves again; a frame submitted during it waits for the pause. GPU only (on the
+CPU a frame is computed while it is issued), and CPython 3.11 to 3.13 with the GIL: 3.14's incremental
+collector and free-threaded builds ignore that threshold; there the mode is refused and the default is
+"automatic".
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import time
 PERIOD_S = 5.0  # full collections at most this often (CPython's own came about once a minute, frozen)
 OVERDUE_S = 60.0  # without one for this long, the next frame gets one, fitting or not
 FIRST_PAUSE_S = 0.010  # assumed for the first collection (measured on the H200: 11-16 ms, frozen)
-IDLE_S = 1.0  # no executor has had a frame for this long: a collection delays nobody's frame
+IDLE_S = 1.0  # no frame submitted or ended for this long: idle (a frame submitted then waits for the pause)
 NEVER = 2**31 - 1  # a threshold for the oldest generation that is never reached
 GARBAGE_COLLECTION = ("automatic", "while_device_busy")  # RuntimeConfig.garbage_collection
 
@@ -129,6 +130,7 @@ class WhileDeviceBusy:
                 young, middle, WhileDeviceBusy._saved_third = gc.get_threshold()
                 gc.set_threshold(young, middle, NEVER)
                 WhileDeviceBusy._last = clock()  # as if one had just run: the first waits a period
+                WhileDeviceBusy._active = WhileDeviceBusy._last  # and as if a frame had just left
                 WhileDeviceBusy._pause_s = FIRST_PAUSE_S
             WhileDeviceBusy._holders += 1
             self._held = True
@@ -144,28 +146,36 @@ class WhileDeviceBusy:
             fits = busy_s is not None and WhileDeviceBusy._pause_s <= busy_s / 2
             if not fits and since < OVERDUE_S:
                 return False
-            return self._collect_now(now)
+            WhileDeviceBusy._last = now  # taken: nobody else collects meanwhile
+        return self._collect_now(now)
 
     def active(self) -> None:
         """An executor had a frame submitted, or one left the device: not idle."""
         WhileDeviceBusy._active = self._clock()
 
     def when_idle(self) -> bool:
-        """The caller's executor has nothing submitted or on the device: collects if every executor has
-        been idle for IDLE_S and a period has passed since the last collection; says whether it did."""
+        """The caller's executor has nothing submitted, taken or on the device: collects if no executor
+        has had a frame submitted or leave its device for IDLE_S, and the last collection came before
+        that (one per idle spell; then one per OVERDUE_S) and at least a period ago; says whether it did.
+        A frame submitted meanwhile waits for the pause."""
         with WhileDeviceBusy._lock:
             now = self._clock()
             idle_s, since = now - WhileDeviceBusy._active, now - WhileDeviceBusy._last
-            if not self._held or idle_s < IDLE_S or since < PERIOD_S:
+            first_of_spell = WhileDeviceBusy._last < WhileDeviceBusy._active
+            due = since >= PERIOD_S and (first_of_spell or since >= OVERDUE_S)
+            if not self._held or idle_s < IDLE_S or not due:
                 return False
-            return self._collect_now(now)
+            WhileDeviceBusy._last = now  # taken: nobody else collects meanwhile
+        return self._collect_now(now)
 
-    def _collect_now(self, now: float) -> bool:
-        """A full collection, timed (under the lock)."""
+    def _collect_now(self, started: float) -> bool:
+        """A full collection, outside the lock (a finalizer it runs may close an executor, which takes
+        the lock), then timed."""
         self._collect(2)
-        WhileDeviceBusy._last = self._clock()
-        WhileDeviceBusy._pause_s = WhileDeviceBusy._last - now
-        self.collections += 1
+        with WhileDeviceBusy._lock:
+            WhileDeviceBusy._last = self._clock()
+            WhileDeviceBusy._pause_s = WhileDeviceBusy._last - started
+            self.collections += 1
         return True
 
     def close(self) -> None:

@@ -786,7 +786,7 @@ class PipelinedExecutor(Policy):
                 now = time.monotonic()
                 late = [f for f in self._on_device.values() if now - f.on_device_since > timeout]
                 if not late or self._hung is not None:
-                    idle = not self._on_device and self._pending is None
+                    idle = self._in_flight == 0 and self._pending is None  # nothing taken either
                     idle_collector = self.garbage_collector if idle else None
                     hung = None
                 else:
