@@ -32,7 +32,9 @@ SYNTHETIC_SCALES_FIELDS = (
     "vision_precision", "fp8_expert", "denoising_steps", "fp8_calibration_frames", "fp8_calibration_margin",
     "seed",
 )  # fmt: skip
-PRECISION_FIELDS = ("precision", "vision_precision", "fp8_expert", "quantised_stages", "handover")
+PRECISION_FIELDS = (
+    "precision", "vision_precision", "fp8_expert", "expert_step", "quantised_stages", "handover"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
