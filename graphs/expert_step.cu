@@ -614,12 +614,14 @@ __global__ void __launch_bounds__(THREADS, 1) expert_step_kernel(Args a) {
 }
 
 template <int MT>
-cudaError_t launch(const Args& a, size_t smem, cudaStream_t stream, int cooperative) {
+cudaError_t launch(const Args& a, int device, size_t smem, cudaStream_t stream, int cooperative) {
   auto kernel = expert_step_kernel<MT>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  // This library has its own copy of the CUDA runtime: name the caller's device to it.
+  cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return err;
-  int device, sms;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem))) != cudaSuccess)
+    return err;
+  int sms;
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(sms);
@@ -653,7 +655,7 @@ int vla_expert_step_check(int B, int S, int D, int F, int H) {
 int vla_expert_step(const int64_t* table, int layer_begin, int layer_end, const void* hidden_in, void* hidden_out,
                     const void* mods, const void* kv, const void* cos, const void* sin, const void* bias, int B,
                     int S, int P, int bias_len, int D, int F, int H, float eps, void* scratch, void* barrier,
-                    void* stream, int cooperative) {
+                    int device, void* stream, int cooperative) {
   if (vla_expert_step_check(B, S, D, F, H)) return int(cudaErrorInvalidValue);
   Args a{table, layer_begin, layer_end,
          static_cast<const __nv_bfloat16*>(hidden_in), static_cast<__nv_bfloat16*>(hidden_out),
@@ -665,10 +667,10 @@ int vla_expert_step(const int64_t* table, int layer_begin, int layer_end, const 
   const size_t gemm_smem = size_t(MAX_ROWS) * (widest_k + A_PAD) + TILES_PER_UNIT * MAX_ROWS * 8 * sizeof(float);
   const size_t smem = gemm_smem > sizeof(AttentionShared) ? gemm_smem : sizeof(AttentionShared);
   auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t err = M <= 16   ? launch<1>(a, smem, s, cooperative)
-                    : M <= 32 ? launch<2>(a, smem, s, cooperative)
-                    : M <= 48 ? launch<3>(a, smem, s, cooperative)
-                              : launch<4>(a, smem, s, cooperative);
+  cudaError_t err = M <= 16   ? launch<1>(a, device, smem, s, cooperative)
+                    : M <= 32 ? launch<2>(a, device, smem, s, cooperative)
+                    : M <= 48 ? launch<3>(a, device, smem, s, cooperative)
+                              : launch<4>(a, device, smem, s, cooperative);
   return int(err);
 }
 

@@ -105,7 +105,9 @@ def load(device: torch.device | str) -> ctypes.CDLL:
         lib.vla_expert_step_error.restype = ctypes.c_char_p
         lib.vla_expert_step_error.argtypes = [ctypes.c_int]
         p, i = ctypes.c_void_p, ctypes.c_int
-        lib.vla_expert_step.argtypes = [p, i, i, p, p, p, p, p, p, p] + [i] * 7 + [ctypes.c_float, p, p, p, i]
+        lib.vla_expert_step.argtypes = (
+            [p, i, i, p, p, p, p, p, p, p] + [i] * 7 + [ctypes.c_float, p, p, i, p, i]
+        )
         _library = lib
         return lib
 
@@ -161,10 +163,11 @@ def fp8_expert_step(
     )
     barrier = torch.zeros(1, dtype=torch.int32, device=hidden.device)
     stream = torch.cuda.current_stream(hidden.device).cuda_stream
+    device_index = hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()
     code = lib.vla_expert_step(
         table.data_ptr(), 0, depth, hidden.data_ptr(), out.data_ptr(), mods.data_ptr(), kv_cache.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), bias.data_ptr(), b, s, p, bias.shape[-1], d, mlp_dim, num_heads,
-        float(eps), scratch.data_ptr(), barrier.data_ptr(), stream, 0,
+        float(eps), scratch.data_ptr(), barrier.data_ptr(), device_index, stream, 0,
     )  # fmt: skip
     if code:
         raise RuntimeError(f"fused expert step: {lib.vla_expert_step_error(code).decode()}")
