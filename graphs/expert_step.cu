@@ -36,7 +36,6 @@ constexpr int A_PAD = 64;         // bytes after each FP8 row in shared memory: 
 constexpr int Q_TILE = 64;        // query rows per attention unit
 constexpr int KEY_TILE = 64;      // keys per attention unit
 constexpr int ATT_STRIDE = HEAD_DIM + 8;  // bf16 per Q/K row in shared memory
-constexpr int VT_STRIDE = KEY_TILE + 8;   // bf16 per transposed V row
 constexpr int S_STRIDE = KEY_TILE + 4;    // float per score row
 constexpr int P_STRIDE = KEY_TILE + 8;    // bf16 per probability row
 constexpr int SPLIT_K = 8;        // K slices of the o and down GEMMs
@@ -61,6 +60,7 @@ struct Args {
   float eps;
   uint8_t* scratch;
   unsigned* barrier;                         // zero at launch
+  unsigned long long* stamps;                // null, or a benchmark's: a time after each barrier
 };
 
 struct Scratch {
@@ -137,8 +137,28 @@ __device__ inline void mma_bf16(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
 
 __device__ inline uint32_t smem_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// 16 bytes global -> shared without a register round trip; many in flight per thread (L2 only: .cg).
+__device__ inline void copy_async16(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+}
+__device__ inline void copy_async_wait() { asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory"); }
+
+// Two 8x8 bf16 matrices of a row-major tile, transposed into an MMA's B fragment: lanes 0-15 name rows.
+__device__ inline void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const __nv_bfloat16* row) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(address));
+}
+
+__device__ inline unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // Every block arrives, then waits for all: the writes before it are visible to the reads after it.
-__device__ inline void grid_barrier(unsigned* counter, unsigned& target) {
+// With `stamps` (a benchmark's), block 0 records when it left each barrier.
+__device__ inline void grid_barrier(unsigned* counter, unsigned& target, unsigned long long* stamps, int& stamp) {
   __syncthreads();
   target += gridDim.x;
   if (threadIdx.x == 0) {
@@ -149,7 +169,9 @@ __device__ inline void grid_barrier(unsigned* counter, unsigned& target) {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
     } while (seen < target);
     __threadfence();
+    if (stamps && blockIdx.x == 0) stamps[stamp] = global_ns();
   }
+  ++stamp;
   __syncthreads();
 }
 
@@ -207,10 +229,13 @@ __device__ void gemm_unit(const uint8_t* A, int lda, int M, int k0, int klen, co
   // Stage A (rows past M are zeros) and clear the accumulators.
   for (int i = threadIdx.x; i < MT * 16 * (klen / 16); i += THREADS) {
     int r = i / (klen / 16), c = (i % (klen / 16)) * 16;
-    uint4 v = r < M ? load_l2(A + size_t(r) * lda + k0 + c) : make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(smem_a + r * stride + c) = v;
+    if (r < M)
+      copy_async16(smem_a + r * stride + c, A + size_t(r) * lda + k0 + c);
+    else
+      *reinterpret_cast<uint4*>(smem_a + r * stride + c) = make_uint4(0, 0, 0, 0);
   }
   for (int i = threadIdx.x; i < tiles * MAX_ROWS * 8; i += THREADS) acc[i] = 0.f;
+  copy_async_wait();
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
@@ -259,26 +284,31 @@ __device__ void gemm_unit(const uint8_t* A, int lda, int M, int k0, int klen, co
 struct AttentionShared {
   __nv_bfloat16 q[Q_TILE * ATT_STRIDE];
   __nv_bfloat16 k[KEY_TILE * ATT_STRIDE];
-  __nv_bfloat16 vt[HEAD_DIM * VT_STRIDE];
+  __nv_bfloat16 v[KEY_TILE * ATT_STRIDE];
   float s[Q_TILE * S_STRIDE];
   __nv_bfloat16 p[Q_TILE * P_STRIDE];
 };
 
-// 8 contiguous bf16 of a head vector, rotated (RoPE) with its partner half: x_lo = dims [d, d+8),
-// x_hi = dims [d+128, d+136), cos/sin rows of the token. Writes the rotated lo and hi halves.
-__device__ inline void rope8(const uint4& lo_raw, const uint4& hi_raw, const __nv_bfloat16* cs,
-                             const __nv_bfloat16* sn, int d, __nv_bfloat16* out_lo, __nv_bfloat16* out_hi) {
+// 8 contiguous bf16 of a head vector rotated (RoPE) with its partner half: x_lo = dims [d, d+8), x_hi =
+// dims [d+128, d+136), with the token's cos/sin at the same dims. Writes the rotated lo and hi halves.
+__device__ inline void rope8(const uint4& lo_raw, const uint4& hi_raw, const uint4& cos_lo, const uint4& cos_hi,
+                             const uint4& sin_lo, const uint4& sin_hi, __nv_bfloat16* out_lo, __nv_bfloat16* out_hi) {
   const __nv_bfloat16* lo = reinterpret_cast<const __nv_bfloat16*>(&lo_raw);
   const __nv_bfloat16* hi = reinterpret_cast<const __nv_bfloat16*>(&hi_raw);
+  const __nv_bfloat16* cl = reinterpret_cast<const __nv_bfloat16*>(&cos_lo);
+  const __nv_bfloat16* ch = reinterpret_cast<const __nv_bfloat16*>(&cos_hi);
+  const __nv_bfloat16* sl = reinterpret_cast<const __nv_bfloat16*>(&sin_lo);
+  const __nv_bfloat16* sh = reinterpret_cast<const __nv_bfloat16*>(&sin_hi);
+  __align__(16) __nv_bfloat16 out_l[8], out_h[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    float xl = __bfloat162float(lo[i]), xh = __bfloat162float(hi[i]);
-    out_lo[i] = __float2bfloat16(xl * __bfloat162float(cs[d + i]) - xh * __bfloat162float(sn[d + i]));
-    out_hi[i] = __float2bfloat16(xh * __bfloat162float(cs[d + HALF_DIM + i]) +
-                                 xl * __bfloat162float(sn[d + HALF_DIM + i]));
+    const float xl = __bfloat162float(lo[i]), xh = __bfloat162float(hi[i]);
+    out_l[i] = __float2bfloat16(xl * __bfloat162float(cl[i]) - xh * __bfloat162float(sl[i]));
+    out_h[i] = __float2bfloat16(xh * __bfloat162float(ch[i]) + xl * __bfloat162float(sh[i]));
   }
+  *reinterpret_cast<uint4*>(out_lo) = *reinterpret_cast<const uint4*>(out_l);
+  *reinterpret_cast<uint4*>(out_hi) = *reinterpret_cast<const uint4*>(out_h);
 }
-
 
 // A value row of the suffix (t) or of the cache (j < P); zeros past the keys.
 __device__ inline const __nv_bfloat16* key_source(const Args& a, const Scratch& s, const __nv_bfloat16* cache,
@@ -305,48 +335,71 @@ __device__ void attention_unit(const Args& a, const Scratch& s, int layer, int u
   const uint4 zero = make_uint4(0, 0, 0, 0);
   constexpr int SEGMENTS = HALF_DIM / 8;  // 8-dim segments of a half head
 
-  // Queries and keys, RoPE applied to the queries and the suffix's keys (the cache's already have it).
-  for (int i = threadIdx.x; i < (Q_TILE + KEY_TILE) * SEGMENTS; i += THREADS) {
-    const bool is_key = i >= Q_TILE * SEGMENTS;
-    const int row = (is_key ? i - Q_TILE * SEGMENTS : i) / SEGMENTS, d = (i % SEGMENTS) * 8;
-    __nv_bfloat16* dst = (is_key ? sh.k : sh.q) + row * ATT_STRIDE;
-    const __nv_bfloat16* src = nullptr;
-    bool rotate = false;
-    int t = 0;
-    if (is_key) {
-      src = key_source(a, s, cache_k, b, kt * KEY_TILE + row, a.H * HEAD_DIM, &rotate, &t);
-    } else if (qt * Q_TILE + row < R) {
-      const int r = qt * Q_TILE + row;
-      t = r / a.H;
-      src = s.qkv + size_t(b * a.S + t) * qkv_cols + (r % a.H) * HEAD_DIM;
-      rotate = true;
-    }
-    if (src == nullptr) {
-      *reinterpret_cast<uint4*>(dst + d) = zero;
-      *reinterpret_cast<uint4*>(dst + d + HALF_DIM) = zero;
-    } else if (!rotate) {  // the cache, written by an earlier kernel: read-only here
-      *reinterpret_cast<uint4*>(dst + d) = __ldg(reinterpret_cast<const uint4*>(src + d));
-      *reinterpret_cast<uint4*>(dst + d + HALF_DIM) = __ldg(reinterpret_cast<const uint4*>(src + d + HALF_DIM));
-    } else {
-      const size_t table_row = size_t(b * a.S + t) * HEAD_DIM;
-      rope8(load_l2(src + d), load_l2(src + d + HALF_DIM), a.cos + table_row, a.sin + table_row, d, dst + d,
-            dst + d + HALF_DIM);
-    }
-  }
-  // Values, transposed (dims x keys) so that P.V's B fragments are contiguous pairs.
+  // Values and the cache's keys (already rotated) go straight to shared memory; rows past the keys are
+  // zeros (masked, but they must not be NaN).
   for (int i = threadIdx.x; i < KEY_TILE * (HEAD_DIM / 8); i += THREADS) {
-    const int key = i / (HEAD_DIM / 8), d = (i % (HEAD_DIM / 8)) * 8;
+    const int key = i / (HEAD_DIM / 8), d = (i % (HEAD_DIM / 8)) * 8, j = kt * KEY_TILE + key;
     bool suffix;
     int t;
-    const __nv_bfloat16* src =
-        key_source(a, s, cache_v, b, kt * KEY_TILE + key, (a.H + 1) * HEAD_DIM, &suffix, &t);
-    uint4 raw = src == nullptr ? zero
-                : suffix       ? load_l2(src + d)
-                               : __ldg(reinterpret_cast<const uint4*>(src + d));
-    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sh.vt[(d + e) * VT_STRIDE + key] = v[e];
+    const __nv_bfloat16* v = key_source(a, s, cache_v, b, j, (a.H + 1) * HEAD_DIM, &suffix, &t);
+    if (v != nullptr)
+      copy_async16(sh.v + key * ATT_STRIDE + d, v + d);
+    else
+      *reinterpret_cast<uint4*>(sh.v + key * ATT_STRIDE + d) = zero;
+    if (j < a.P)
+      copy_async16(sh.k + key * ATT_STRIDE + d, cache_k + size_t(j) * HEAD_DIM + d);
+    else if (j >= a.P + a.S)
+      *reinterpret_cast<uint4*>(sh.k + key * ATT_STRIDE + d) = zero;
   }
+  // The queries and the suffix's keys, rotated (RoPE) as they load: items of 8 dims and their partners
+  // 128 dims on, loads of a round issued before any is used.
+  constexpr int ITEMS = (Q_TILE + KEY_TILE) * SEGMENTS / THREADS, ROUND = 2;
+  static_assert(ITEMS % ROUND == 0, "whole rounds");
+#pragma unroll
+  for (int first = 0; first < ITEMS; first += ROUND) {
+    uint4 lo[ROUND], hi[ROUND], cos_lo[ROUND], cos_hi[ROUND], sin_lo[ROUND], sin_hi[ROUND];
+    __nv_bfloat16* dst[ROUND];
+    int d[ROUND];
+    bool rotate[ROUND];
+#pragma unroll
+    for (int u = 0; u < ROUND; ++u) {
+      const int i = threadIdx.x + (first + u) * THREADS;
+      const bool is_key = i >= Q_TILE * SEGMENTS;
+      const int row = (is_key ? i - Q_TILE * SEGMENTS : i) / SEGMENTS;
+      d[u] = (i % SEGMENTS) * 8;
+      dst[u] = (is_key ? sh.k : sh.q) + row * ATT_STRIDE;
+      const __nv_bfloat16* src = nullptr;
+      int t = 0;
+      if (is_key) {
+        const int j = kt * KEY_TILE + row;
+        if (j >= a.P && j < a.P + a.S) {
+          t = j - a.P;
+          src = s.qkv + size_t(b * a.S + t) * qkv_cols + a.H * HEAD_DIM;
+        }
+      } else if (qt * Q_TILE + row < R) {
+        const int r = qt * Q_TILE + row;
+        t = r / a.H;
+        src = s.qkv + size_t(b * a.S + t) * qkv_cols + (r % a.H) * HEAD_DIM;
+      }
+      rotate[u] = src != nullptr;
+      if (rotate[u]) {
+        const size_t table_row = size_t(b * a.S + t) * HEAD_DIM + d[u];
+        lo[u] = load_l2(src + d[u]);
+        hi[u] = load_l2(src + d[u] + HALF_DIM);
+        cos_lo[u] = __ldg(reinterpret_cast<const uint4*>(a.cos + table_row));
+        cos_hi[u] = __ldg(reinterpret_cast<const uint4*>(a.cos + table_row + HALF_DIM));
+        sin_lo[u] = __ldg(reinterpret_cast<const uint4*>(a.sin + table_row));
+        sin_hi[u] = __ldg(reinterpret_cast<const uint4*>(a.sin + table_row + HALF_DIM));
+      } else if (!is_key) {  // query rows past the last: zeros
+        *reinterpret_cast<uint4*>(dst[u] + d[u]) = zero;
+        *reinterpret_cast<uint4*>(dst[u] + d[u] + HALF_DIM) = zero;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < ROUND; ++u)
+      if (rotate[u]) rope8(lo[u], hi[u], cos_lo[u], cos_hi[u], sin_lo[u], sin_hi[u], dst[u] + d[u], dst[u] + d[u] + HALF_DIM);
+  }
+  copy_async_wait();
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
@@ -409,8 +462,9 @@ __device__ void attention_unit(const Args& a, const Scratch& s, int layer, int u
                a3 = smem_u32(pa + 8 * P_STRIDE + 8);
 #pragma unroll
       for (int n = 0; n < 16; ++n) {
-        const __nv_bfloat16* vb = sh.vt + ((half * 16 + n) * 8 + g) * VT_STRIDE + kk * 16 + 2 * q;
-        mma_bf16(c[n], a0, a1, a2, a3, smem_u32(vb), smem_u32(vb + 8));
+        uint32_t b0, b1;  // keys [16 kk, +16) x dims [8 (16 half + n), +8), lanes 0-15 naming the keys
+        ldmatrix_x2_trans(b0, b1, sh.v + (kk * 16 + lane % 16) * ATT_STRIDE + (half * 16 + n) * 8);
+        mma_bf16(c[n], a0, a1, a2, a3, b0, b1);
       }
     }
     float* out = s.att_out + size_t(unit) * Q_TILE * HEAD_DIM;
@@ -433,17 +487,36 @@ __device__ void merge_attention(const Args& a, const Scratch& s, float in_o) {
   for (int i = blockIdx.x * THREADS + threadIdx.x; i < total; i += gridDim.x * THREADS) {
     const int b = i / (R * (HEAD_DIM / 4)), r = (i / (HEAD_DIM / 4)) % R, d = (i % (HEAD_DIM / 4)) * 4;
     const int first = (b * query_tiles + r / Q_TILE) * key_tiles, row = r % Q_TILE;
+    constexpr int BATCH = 8;  // key tiles whose partial results are loaded before any is used
     float m = -INFINITY;
-    for (int kt = 0; kt < key_tiles; ++kt) m = fmaxf(m, __ldcg(&s.att_stats[size_t(first + kt) * Q_TILE + row]).x);
+    for (int k0 = 0; k0 < key_tiles; k0 += BATCH) {
+      float2 st[BATCH];
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u)
+        st[u] = k0 + u < key_tiles ? __ldcg(&s.att_stats[size_t(first + k0 + u) * Q_TILE + row])
+                                   : make_float2(-INFINITY, 0.f);
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) m = fmaxf(m, st[u].x);
+    }
     float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
     float den = 0.f;
-    for (int kt = 0; kt < key_tiles; ++kt) {
-      const float2 st = __ldcg(&s.att_stats[size_t(first + kt) * Q_TILE + row]);
-      if (st.x == -INFINITY) continue;
-      const float w = expf(st.x - m);
-      const float4 o = load_l2f(s.att_out + (size_t(first + kt) * Q_TILE + row) * HEAD_DIM + d);
-      num.x += w * o.x, num.y += w * o.y, num.z += w * o.z, num.w += w * o.w;
-      den += w * st.y;
+    for (int k0 = 0; k0 < key_tiles; k0 += BATCH) {
+      float2 st[BATCH];
+      float4 o[BATCH];
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) {
+        const bool in = k0 + u < key_tiles;
+        const size_t tile = size_t(first + k0 + u) * Q_TILE + row;
+        st[u] = in ? __ldcg(&s.att_stats[tile]) : make_float2(-INFINITY, 0.f);
+        o[u] = in ? load_l2f(s.att_out + tile * HEAD_DIM + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) {
+        if (st[u].x == -INFINITY) continue;  // no key of this tile may be attended to
+        const float w = expf(st[u].x - m);
+        num.x += w * o[u].x, num.y += w * o[u].y, num.z += w * o[u].z, num.w += w * o[u].w;
+        den += w * st[u].y;
+      }
     }
     const int t = r / a.H, head = r % a.H;
     uint8_t* dst = s.att_fp8 + size_t(b * a.S + t) * a.H * HEAD_DIM + head * HEAD_DIM + d;
@@ -473,6 +546,8 @@ __global__ void __launch_bounds__(THREADS, 1) expert_step_kernel(Args a) {
   Scratch s;
   carve(a.scratch, a.B, a.S, a.P, a.D, a.F, a.H, &s);
   unsigned target = 0;
+  int stamp = 1;
+  if (a.stamps && blockIdx.x == 0 && threadIdx.x == 0) a.stamps[0] = global_ns();
   const int M = a.B * a.S, D = a.D, F = a.F, HD = a.H * HEAD_DIM, qkv_cols = (a.H + 2) * HEAD_DIM;
   uint8_t* smem_a = smem;
   float* acc = nullptr;  // after the A tile: set per GEMM
@@ -489,7 +564,7 @@ __global__ void __launch_bounds__(THREADS, 1) expert_step_kernel(Args a) {
         norm_row_to_fp8<PER_THREAD>(x, D, a.eps, modulation(a, 2 * layer, r / a.S), scalar(w, IN_QKV),
                                     s.normed + size_t(r) * D, reduce_shared);
       }
-      grid_barrier(a.barrier, target);
+      grid_barrier(a.barrier, target, a.stamps, stamp);
     }
 
     {  // q/k/v: units of consecutive n8 tiles over the whole K
@@ -509,16 +584,16 @@ __global__ void __launch_bounds__(THREADS, 1) expert_step_kernel(Args a) {
         __syncthreads();
       }
     }
-    grid_barrier(a.barrier, target);
+    grid_barrier(a.barrier, target, a.stamps, stamp);
 
     {
       AttentionShared& sh = *reinterpret_cast<AttentionShared*>(smem);
       const int units = attention_units(a.B, a.S, a.P, a.H);
       for (int u = blockIdx.x; u < units; u += gridDim.x) attention_unit(a, s, layer, u, sh);
     }
-    grid_barrier(a.barrier, target);
+    grid_barrier(a.barrier, target, a.stamps, stamp);
     merge_attention(a, s, scalar(w, IN_O));
-    grid_barrier(a.barrier, target);
+    grid_barrier(a.barrier, target, a.stamps, stamp);
 
     // o and down: 64-column groups x SPLIT_K slices of K, float32 partial sums.
     auto split_gemm = [&](const uint8_t* A, int K, const uint8_t* W) {
@@ -537,7 +612,7 @@ __global__ void __launch_bounds__(THREADS, 1) expert_step_kernel(Args a) {
       }
     };
     split_gemm(s.att_fp8, HD, ptr<uint8_t>(w, W_O));
-    grid_barrier(a.barrier, target);
+    grid_barrier(a.barrier, target, a.stamps, stamp);
 
     {  // the attention's gated residual and the post-attention norm
       const float o_scale = scalar(w, IN_O) * scalar(w, SCALE_O);
@@ -559,7 +634,7 @@ __global__ void __launch_bounds__(THREADS, 1) expert_step_kernel(Args a) {
                                     s.normed2 + size_t(r) * D, reduce_shared);
       }
     }
-    grid_barrier(a.barrier, target);
+    grid_barrier(a.barrier, target, a.stamps, stamp);
 
     {  // gate/up with GeGLU: a unit is up to 4 column pairs (8 tiles: gate, up, gate, up, ...)
       const int pairs = F / 8;
@@ -581,9 +656,9 @@ __global__ void __launch_bounds__(THREADS, 1) expert_step_kernel(Args a) {
         __syncthreads();
       }
     }
-    grid_barrier(a.barrier, target);
+    grid_barrier(a.barrier, target, a.stamps, stamp);
     split_gemm(s.geglu, F, ptr<uint8_t>(w, W_DOWN));
-    grid_barrier(a.barrier, target);
+    grid_barrier(a.barrier, target, a.stamps, stamp);
 
     {  // the MLP's gated residual: the layer's output, and the next layer's input norm
       const float down_scale = scalar(w, IN_DOWN) * scalar(w, SCALE_DOWN);
@@ -608,8 +683,11 @@ __global__ void __launch_bounds__(THREADS, 1) expert_step_kernel(Args a) {
                                       s.normed + size_t(r) * D, reduce_shared);
         }
       }
-      if (!last) grid_barrier(a.barrier, target);
+      if (!last) grid_barrier(a.barrier, target, a.stamps, stamp);
     }
+  }
+  if (a.stamps) {  // the end: when every block is done (block 0's view after one more barrier)
+    grid_barrier(a.barrier, target, a.stamps, stamp);
   }
 }
 
@@ -655,14 +733,15 @@ int vla_expert_step_check(int B, int S, int D, int F, int H) {
 int vla_expert_step(const int64_t* table, int layer_begin, int layer_end, const void* hidden_in, void* hidden_out,
                     const void* mods, const void* kv, const void* cos, const void* sin, const void* bias, int B,
                     int S, int P, int bias_len, int D, int F, int H, float eps, void* scratch, void* barrier,
-                    int device, void* stream, int cooperative) {
+                    int device, void* stream, int cooperative, void* stamps) {
   if (vla_expert_step_check(B, S, D, F, H)) return int(cudaErrorInvalidValue);
   Args a{table, layer_begin, layer_end,
          static_cast<const __nv_bfloat16*>(hidden_in), static_cast<__nv_bfloat16*>(hidden_out),
          static_cast<const __nv_bfloat16*>(mods), static_cast<const __nv_bfloat16*>(kv),
          static_cast<const __nv_bfloat16*>(cos), static_cast<const __nv_bfloat16*>(sin),
          static_cast<const __nv_bfloat16*>(bias), B, S, P, bias_len, D, F, H, eps,
-         static_cast<uint8_t*>(scratch), static_cast<unsigned*>(barrier)};
+         static_cast<uint8_t*>(scratch), static_cast<unsigned*>(barrier),
+         static_cast<unsigned long long*>(stamps)};
   const int M = B * S, widest_k = D > F / SPLIT_K ? D : F / SPLIT_K;
   const size_t gemm_smem = size_t(MAX_ROWS) * (widest_k + A_PAD) + TILES_PER_UNIT * MAX_ROWS * 8 * sizeof(float);
   const size_t smem = gemm_smem > sizeof(AttentionShared) ? gemm_smem : sizeof(AttentionShared);

@@ -106,7 +106,7 @@ def load(device: torch.device | str) -> ctypes.CDLL:
         lib.vla_expert_step_error.argtypes = [ctypes.c_int]
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.vla_expert_step.argtypes = (
-            [p, i, i, p, p, p, p, p, p, p] + [i] * 7 + [ctypes.c_float, p, p, i, p, i]
+            [p, i, i, p, p, p, p, p, p, p] + [i] * 7 + [ctypes.c_float, p, p, i, p, i, p]
         )
         _library = lib
         return lib
@@ -150,6 +150,10 @@ def fp8_expert_step(
     mlp_dim: int,
     num_heads: int,
 ) -> torch.Tensor:
+    return _launch(hidden, mods, kv_cache, bias, cos, sin, table, eps, mlp_dim, num_heads)
+
+
+def _launch(hidden, mods, kv_cache, bias, cos, sin, table, eps, mlp_dim, num_heads, stamps=None):
     lib = load(hidden.device)
     b, s, d = hidden.shape
     depth, p = table.shape[0], kv_cache.shape[-2]
@@ -168,10 +172,16 @@ def fp8_expert_step(
         table.data_ptr(), 0, depth, hidden.data_ptr(), out.data_ptr(), mods.data_ptr(), kv_cache.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), bias.data_ptr(), b, s, p, bias.shape[-1], d, mlp_dim, num_heads,
         float(eps), scratch.data_ptr(), barrier.data_ptr(), device_index, stream, 0,
+        None if stamps is None else stamps.data_ptr(),
     )  # fmt: skip
     if code:
         raise RuntimeError(f"fused expert step: {lib.vla_expert_step_error(code).decode()}")
     return out
+
+
+# The kernel's phases in the order of its barriers (expert_step.cu): the first layer's input norm, then
+# per layer these, the last layer's "out" ending the kernel.
+LAYER_PHASES = ("qkv", "attend", "merge", "o", "residual+norm", "gate/up+geglu", "down", "out+norm")
 
 
 @fp8_expert_step.register_fake
@@ -213,3 +223,19 @@ class ExpertStep:
             hidden, mods, kv_cache, bias, cos, sin, self.table, self.cfg.rms_norm_eps, self.cfg.mlp_dim,
             self.cfg.num_heads,
         )  # fmt: skip
+
+    def phase_times_us(self, hidden, mods, kv_cache, bias, cos, sin) -> dict[str, list[float]]:
+        """One eager call with block 0 timing each phase (%globaltimer, after each grid barrier): per phase
+        name, its time in each layer, in microseconds. For benchmarks: it adds a barrier at the end."""
+        depth = self.table.shape[0]
+        stamps = torch.zeros(2 + len(LAYER_PHASES) * depth, dtype=torch.int64, device=hidden.device)
+        _launch(
+            hidden, mods, kv_cache, bias, cos, sin, self.table, self.cfg.rms_norm_eps, self.cfg.mlp_dim,
+            self.cfg.num_heads, stamps,
+        )  # fmt: skip
+        t = stamps.cpu().tolist()
+        spans = [(t[i + 1] - t[i]) / 1e3 for i in range(len(t) - 1)]
+        times = {"norm": [spans[0]]}
+        for i, name in enumerate(LAYER_PHASES * depth):
+            times.setdefault(name, []).append(spans[1 + i])
+        return times

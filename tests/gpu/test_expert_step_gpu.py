@@ -106,23 +106,26 @@ def test_the_executor_serves_through_the_fused_step(cuda):
     model = executor.parts.model
     assert model.uses_expert_step(1)
     rng = np.random.default_rng()
-    worst = 0.0
+    frames = [
+        (random_observation(rng, "pi05", side=224), rng.standard_normal((50, 32), dtype=np.float32))
+        for _ in range(5)
+    ]
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            executor.infer(random_observation(rng, "pi05", side=224))
+            executor.infer(*frames[0])
             torch.cuda.synchronize()
         names = [e.key for e in prof.key_averages()]
         assert any("expert_step_kernel" in n for n in names), names[:20]
-        # The reference: the same FP8 weights and scales, unfused, eager. The executor's captured graphs
-        # keep the fused kernel; the reference's Python calls must not reach it.
-        model.expert_step = None
-        reference = EagerPolicy(parts=executor.parts)
-        for _ in range(5):
-            obs = random_observation(rng, "pi05", side=224)
-            noise = rng.standard_normal((50, 32), dtype=np.float32)
-            a, b = executor.infer(obs, noise).actions, reference.infer(obs, noise).actions
-            worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
+        served = [executor.infer(obs, noise).actions for obs, noise in frames]
     finally:
         executor.close()
+    # The reference: the same FP8 weights and scales, unfused, eager (after the executor is closed, so
+    # that nothing it might still capture sees the model without the fused step).
+    model.expert_step = None
+    reference = EagerPolicy(parts=executor.parts)
+    worst = 0.0
+    for (obs, noise), a in zip(frames, served, strict=True):
+        b = reference.infer(obs, noise).actions
+        worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
     print(f"fused-step executor vs unfused fp8 eager: worst relative difference {worst:.2e}")
     assert worst <= 5e-2
