@@ -1,9 +1,10 @@
 """Where the fused expert step's time goes (graphs/expert_step.py), on a CUDA GPU.
 
-For pi05 (horizon 50, batch 1) and the LIBERO shape (horizon 10, batches 1 and 4), every FP8 option,
-random weights, a random frame: the step alone, 100 calls captured in a CUDA graph (CUDA events, median
-of 20 replays after warm-up), and each phase's time from block 0's clock after each grid barrier (median
-over 20 eager calls, summed over the layers).
+The kernel's grid barrier alone (1000 in a launch, with and without the full fences of the first
+version). Then for pi05 (horizon 50, batch 1) and the LIBERO shape (horizon 10, batches 1 and 4), every
+FP8 option, random weights, a random frame: the step alone, 100 calls captured in a CUDA graph (CUDA
+events, median of 20 replays after warm-up), and each phase's time from block 0's clock after each grid
+barrier (median over 20 eager calls, summed over the layers).
 
     python3 benchmarks/expert_step_phases.py OUT.json
 """
@@ -16,7 +17,7 @@ import sys
 
 import torch
 from results_doc import run_header
-from vla_runtime.graphs.expert_step import ExpertStep
+from vla_runtime.graphs.expert_step import ExpertStep, barrier_us
 from vla_runtime.graphs.pi0 import time_schedule
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
@@ -63,6 +64,11 @@ def graph_time_ms(fn, calls: int = 100, replays: int = 20) -> float:
 @torch.inference_mode()
 def main(out: str) -> None:
     result = {**run_header(), "cuda": torch.version.cuda, "cases": []}
+    result["barrier_us"] = {
+        "release_acquire": barrier_us("cuda"),  # as the kernel has it
+        "with_full_fences": barrier_us("cuda", fences=True),  # the first version's
+    }
+    print(json.dumps(result["barrier_us"]), flush=True)
     for horizon, batches in CASES:
         overrides = {"action_horizon": horizon} if horizon else {}
         config = RuntimeConfig(

@@ -156,23 +156,36 @@ __device__ inline unsigned long long global_ns() {
   return t;
 }
 
-// Every block arrives, then waits for all: the writes before it are visible to the reads after it.
-// With `stamps` (a benchmark's), block 0 records when it left each barrier.
+// Every block arrives, then waits for all: the writes before it are visible to the reads after it (the
+// block's barrier orders its threads' writes before thread 0's release; its acquire before their reads:
+// the pattern of cooperative groups' grid sync). `fences` adds the full fences an older pattern had
+// (the barrier benchmark compares). With `stamps` (a benchmark's), block 0 records when it left.
+template <bool fences = false>
 __device__ inline void grid_barrier(unsigned* counter, unsigned& target, unsigned long long* stamps, int& stamp) {
   __syncthreads();
   target += gridDim.x;
   if (threadIdx.x == 0) {
-    __threadfence();
+    if (fences) __threadfence();
     asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
     unsigned seen;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
     } while (seen < target);
-    __threadfence();
+    if (fences) __threadfence();
     if (stamps && blockIdx.x == 0) stamps[stamp] = global_ns();
   }
   ++stamp;
   __syncthreads();
+}
+
+// Barriers alone, for the benchmark: their cost apart from the phases'.
+template <bool fences>
+__global__ void __launch_bounds__(THREADS, 1) barrier_kernel(unsigned* counter, int n, unsigned long long* stamps) {
+  unsigned target = 0;
+  int stamp = 0;
+  for (int i = 0; i < n; ++i) grid_barrier<fences>(counter, target, nullptr, stamp);
+  stamp = 0;
+  grid_barrier<fences>(counter, target, stamps, stamp);
 }
 
 __device__ inline float block_sum(float v, float* shared) {
@@ -751,6 +764,23 @@ int vla_expert_step(const int64_t* table, int layer_begin, int layer_end, const 
                     : M <= 48 ? launch<3>(a, device, smem, s, cooperative)
                               : launch<4>(a, device, smem, s, cooperative);
   return int(err);
+}
+
+// n grid barriers of a grid of one block per multiprocessor (with the launch's dynamic shared memory, so
+// that the grid is placed as the step's is); the time is read with CUDA events by the caller.
+int vla_expert_barrier_bench(int n, int fences, void* counter, void* stamps, int device, void* stream) {
+  cudaError_t err = cudaSetDevice(device);
+  int sms;
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return int(err);
+  auto s = static_cast<cudaStream_t>(stream);
+  auto c = static_cast<unsigned*>(counter);
+  auto t = static_cast<unsigned long long*>(stamps);
+  if (fences)
+    barrier_kernel<true><<<sms, THREADS, 0, s>>>(c, n, t);
+  else
+    barrier_kernel<false><<<sms, THREADS, 0, s>>>(c, n, t);
+  return int(cudaGetLastError());
 }
 
 const char* vla_expert_step_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

@@ -108,6 +108,7 @@ def load(device: torch.device | str) -> ctypes.CDLL:
         lib.vla_expert_step.argtypes = (
             [p, i, i, p, p, p, p, p, p, p] + [i] * 7 + [ctypes.c_float, p, p, i, p, i, p]
         )
+        lib.vla_expert_barrier_bench.argtypes = [i, i, p, p, i, p]
         _library = lib
         return lib
 
@@ -239,3 +240,26 @@ class ExpertStep:
         for i, name in enumerate(LAYER_PHASES * depth):
             times.setdefault(name, []).append(spans[1 + i])
         return times
+
+
+def barrier_us(device, n: int = 1000, fences: bool = False, repeats: int = 7) -> float:
+    """The kernel's grid barrier alone: microseconds per barrier, a grid of one block per multiprocessor
+    (median of `repeats` launches of `n` barriers, CUDA events). For benchmarks."""
+    lib = load(device)
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    times = []
+    for _ in range(repeats):
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream = torch.cuda.current_stream(device)
+        start.record(stream)
+        code = lib.vla_expert_barrier_bench(
+            n, int(fences), counter.data_ptr(), None, index, stream.cuda_stream
+        )
+        end.record(stream)
+        end.synchronize()
+        if code:
+            raise RuntimeError(f"barrier benchmark: {lib.vla_expert_step_error(code).decode()}")
+        times.append(start.elapsed_time(end) * 1e3 / (n + 1))
+    return sorted(times)[len(times) // 2]
