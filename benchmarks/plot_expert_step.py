@@ -15,7 +15,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-BARRIERS_PER_LAYER = 8  # the phases of a layer each end at a grid barrier (expert_step.cu)
+BARRIERS_PER_LAYER = (
+    8  # the phases of a layer each end at a grid barrier (graphs/expert_step.cu at commit 7b003a0)
+)
 
 
 def main(phases_path: Path, stage_path: Path, out: Path) -> None:

@@ -23,7 +23,6 @@ import torch
 from results_doc import run_header  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
 from vla_runtime.graphs import fp8_geglu
-from vla_runtime.graphs.expert_step import ExpertStep
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
@@ -42,7 +41,6 @@ VARIANTS = {
     "denoise": ("denoise", None, BF16_EXPERT),
     "denoise-max-autotune": ("denoise", "max-autotune-no-cudagraphs", BF16_EXPERT),
     "denoise-fp8-expert": ("denoise", None, {"fp8_expert": True}),
-    "denoise-fp8-expert-fused-step": ("denoise", None, {"fp8_expert": True, "expert_step": True}),
     "denoise-fp8-expert-two-kernel-geglu": ("denoise", None, {"fp8_expert": True, "fused_geglu": False}),
     "denoise-fp8-expert-inductor-pdl": ("denoise", {"triton.enable_pdl": True}, {"fp8_expert": True}),
     "denoise-fp8-expert-concatenated-keys": (
@@ -61,8 +59,6 @@ VARIANTS = {
 
 def apply_settings(model, settings: dict) -> None:
     model.expert.set_quantized(settings["fp8_expert"])
-    # A step's expert layers in one persistent kernel (graphs/expert_step.py), where the variant says.
-    model.expert_step = ExpertStep(model) if settings.get("expert_step") else None
     # The fused FP8 gate/up + GeGLU kernel wherever the model would use it, unless the variant says not.
     fused = settings.get("fused_geglu", True) and fp8_geglu.available("cuda")[0]
     for stack in (model.prefix_lm, model.expert):

@@ -122,8 +122,6 @@ class PI0Model(nn.Module):
             self.action_time_mlp_out = nn.Linear(ew, ew)
         self.vision_dtype = torch.float32
         self.compute_dtype = torch.float32
-        # The FP8 expert's layers of a step in one CUDA kernel (graphs/expert_step.py), where attached.
-        self.expert_step = None
 
     # ---------------------------------------------------------------- precision
     def set_precision(self, compute_dtype: torch.dtype, vision_dtype: torch.dtype | None = None) -> PI0Model:
@@ -275,21 +273,13 @@ class PI0Model(nn.Module):
     ) -> torch.Tensor:
         """One flow-matching velocity v(x_t, t) over the cached prefix. x_t [B, H, A] -> [B, H, A] f32.
         `workspace` comes from `attention_workspace`; this step's suffix keys and values are written into
-        it after the `prefix_len` cached ones. Where `denoise` chose the fused expert step
-        (`uses_expert_step`) it is the KV cache itself, which that kernel reads as it is."""
+        it after the `prefix_len` cached ones."""
         hidden = self.suffix_embeddings(state, x_t, time_cond)
         mods = time_cond if self.cfg.pi05 else None
-        if isinstance(workspace, torch.Tensor):
-            hidden = self.expert_step(hidden, mods, workspace, bias, cos, sin)
-            return self._velocity_head(hidden, mods, x_t.shape[1], layers)
         for i, layer in enumerate(self.expert.layers):
             mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
             hidden = layers.expert(layer, hidden, cos, sin, mod_in, mod_post, workspace[i], prefix_len, bias)
         return self._velocity_head(hidden, mods, x_t.shape[1], layers)
-
-    def uses_expert_step(self, batch: int) -> bool:
-        """Whether the fused expert step (graphs/expert_step.py) serves this batch size's steps."""
-        return self.expert_step is not None and self.expert_step.supports(batch, self.cfg.suffix_len)
 
     def _velocity_head(self, suffix_hidden, mods, horizon, layers: LayerFns = EAGER_LAYERS):
         mod = mods[-1] if mods is not None else None
@@ -315,8 +305,7 @@ class PI0Model(nn.Module):
         velocity_fn = velocity_fn or self.velocity
         step_conds = step_conds if step_conds is not None else self.step_conditioning(times, noise.shape[0])
         bias, cos, sin = self.suffix_attention(prefix_mask)
-        prefix_len = kv_cache.shape[-2]
-        workspace = kv_cache if self.uses_expert_step(noise.shape[0]) else self.attention_workspace(kv_cache)
+        workspace, prefix_len = self.attention_workspace(kv_cache), kv_cache.shape[-2]
         # A copy, so every step's x_t is the same kind of tensor (an inference tensor under inference mode,
         # where the noise buffer, allocated outside it, is not): a compiled velocity_fn guards on that
         # kind and would otherwise be traced twice per shape, at every start.

@@ -32,9 +32,7 @@ SYNTHETIC_SCALES_FIELDS = (
     "vision_precision", "fp8_expert", "denoising_steps", "fp8_calibration_frames", "fp8_calibration_margin",
     "seed",
 )  # fmt: skip
-PRECISION_FIELDS = (
-    "precision", "vision_precision", "fp8_expert", "expert_step", "quantised_stages", "handover"
-)  # fmt: skip
+PRECISION_FIELDS = ("precision", "vision_precision", "fp8_expert", "quantised_stages", "handover")
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,6 @@ class RuntimeConfig:
     fp8_calibration_frames: int = 8  # synthetic frames when no scales file is given; w4a8: also recorded ones
     fp8_calibration_margin: float = 1.25  # headroom over the largest activation seen
     fp8_expert: bool = False  # with precision fp8: the action expert's GEMMs in FP8 too
-    expert_step: bool = (
-        False  # with fp8_expert: a step's expert layers in one CUDA kernel (graphs/expert_step.py)
-    )
     force_precision: bool = False  # int8 / w4a8: serve even when the start-up accuracy gate fails
     integer_stages: str | None = None  # int8 / w4a8: both, prefix or expert; None = DEFAULT_INTEGER_STAGES
     keep_float_weights: bool = False  # int8 / w4a8: keep the float weights after the start-up gate
@@ -186,8 +183,6 @@ class RuntimeConfig:
             )
         if self.fp8_expert and self.precision != "fp8":
             raise ValueError("fp8_expert: needs precision fp8")
-        if self.expert_step and not self.fp8_expert:
-            raise ValueError("expert_step: needs fp8_expert (the fused kernel runs the expert's FP8 GEMMs)")
         if self.vision_precision is not None and self.vision_precision not in PRECISIONS:
             raise ValueError(
                 f"vision_precision: must be one of {sorted(PRECISIONS)}, got {self.vision_precision!r}"

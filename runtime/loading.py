@@ -163,10 +163,6 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
     started = time.perf_counter()
     if config.precision == "fp8":
         prepare_fp8(parts)
-        if config.expert_step:
-            from ..graphs.expert_step import ExpertStep
-
-            model.expert_step = ExpertStep(model)
     elif config.precision in INTEGER_PRECISIONS:
         from .integer_precision import prepare_integer
 

@@ -134,12 +134,6 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("fp8_expert", "with precision fp8: the action expert's GEMMs in FP8 too", bool),
     Setting(
-        "expert_step",
-        "with fp8_expert: each denoising step's expert layers in one persistent CUDA kernel (pi05-shaped "
-        "experts, compute capability 8.9+, built with nvcc on first use)",
-        bool,
-    ),
-    Setting(
         "integer_stages",
         "int8 / w4a8: the Gemma stacks quantised: both, the prefix or the action expert; none = both with "
         "int8, the expert with w4a8",

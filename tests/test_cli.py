@@ -48,7 +48,6 @@ def test_infer_human_output_says_random_weights():
         (["--preset", "pi9"], "preset"),
         (["--checkpoint", "/nonexistent"], "checkpoint"),
         (["--fp8-expert"], "fp8_expert: needs precision fp8"),
-        (["--expert-step"], "expert_step: needs fp8_expert"),
         (["--action-horizon", "0"], "argument --action-horizon: must be in [1, 1000], got 0"),
         (["--state-in-prompt", "maybe"], "state-in-prompt"),
     ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vla_runtime.graphs import expert_step, fp8, fp8_geglu
+from vla_runtime.graphs import fp8, fp8_geglu
 from vla_runtime.graphs.config import get_preset
 from vla_runtime.graphs.pi0 import time_schedule
 from vla_runtime.graphs.weights import build_model
@@ -100,12 +100,3 @@ def test_fused_geglu_kernel_needs_cuda_and_the_mlp_keeps_its_two_kernel_path_els
     model = build_model(get_preset("pi05_tiny"), seed=5).set_precision(torch.bfloat16)
     fp8.quantize_stack(model.expert)
     assert not any(layer.mlp.fused_geglu for layer in model.expert.layers)
-
-
-def test_the_fused_expert_step_says_why_it_cannot_run_on_the_cpu():
-    ok, why = expert_step.available("cpu")
-    assert not ok and "CUDA GPU" in why
-    model = build_model(get_preset("pi05_tiny"), seed=0)
-    with pytest.raises(ValueError, match="CUDA GPU"):
-        expert_step.ExpertStep(model)
-    assert model.expert_step is None and not model.uses_expert_step(1)  # the unfused layers serve
