@@ -29,6 +29,7 @@ from ..runtime.handover import PreviousChunk
 from ..runtime.types import ActionChunk, Observation
 from . import protocol
 from .episode import InProcessLink, run_episode
+from .evaluate import deal_episodes
 from .launcher import ENV_VAR, ActorFailed, libero_python
 from .report import EpisodeResult
 
@@ -238,13 +239,13 @@ def evaluate_ray(
         # every server up before the clock starts
         identities = ray.get([p.identity.remote() for p in policies], timeout=ACTOR_START_TIMEOUT_S)
         identity = identities[0]
-        jobs = [(task, trial) for task in tasks for trial in range(trials)]
+        dealt = deal_episodes(tasks, trials, workers)
         start = time.monotonic()
         refs = [
-            sim.run.remote(policies[w % servers], f"worker_{w}", suite, jobs[w::workers], run)
+            sim.run.remote(policies[w % servers], f"worker_{w}", suite, dealt[w], run)
             for w, sim in enumerate(sims)
         ]
-        shares = ray.get(refs)
+        episodes = ray.get(refs)
         seconds = time.monotonic() - start
     except ray.exceptions.RayTaskError as err:
         raise err.cause if err.cause is not None else err from None
@@ -257,7 +258,7 @@ def evaluate_ray(
     finally:
         stop(sims, policies)
     results = {}
-    for w, share in enumerate(shares):
-        for job, fields in zip(jobs[w::workers], share, strict=True):
+    for share, fields_of_share in zip(dealt, episodes, strict=True):
+        for job, fields in zip(share, fields_of_share, strict=True):
             results[job] = EpisodeResult(**fields)
-    return [results[job] for job in jobs], seconds, identity
+    return [results[job] for share in dealt for job in share], seconds, identity

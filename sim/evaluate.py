@@ -67,6 +67,18 @@ def evaluate(
     return episodes
 
 
+def deal_episodes(tasks: list[int], trials: int, workers: int) -> list[list[tuple[int, int]]]:
+    """The episodes (task, trial), task by task, cut into `workers` consecutive shares whose sizes differ
+    by at most one. A simulator rebuilds its LIBERO environment whenever the task changes (seconds of
+    model compilation), so consecutive trials of one task stay on one worker: each worker builds at most
+    the tasks its share spans, against one per episode when the episodes were dealt round-robin. Static,
+    so a worker (a robot, with its own noise) runs the same episodes every time."""
+    jobs = [(task, trial) for task in tasks for trial in range(trials)]
+    share, extra = divmod(len(jobs), workers)
+    bounds = [w * share + min(w, extra) for w in range(workers + 1)]
+    return [jobs[bounds[w] : bounds[w + 1]] for w in range(workers)]
+
+
 def evaluate_parallel(
     clients: list,
     server,
@@ -75,21 +87,21 @@ def evaluate_parallel(
     trials: int,
     **run,
 ) -> tuple[list[EpisodeResult], float]:
-    """The episodes of `tasks` x `trials`, dealt round-robin to one worker per simulator client, each
+    """The episodes of `tasks` x `trials`, dealt to one worker per simulator client (`deal_episodes`), each
     worker a robot of `server` (runtime.server.PolicyServer, in lockstep on its own simulation clock).
     Returns the episodes in task/trial order and the wall-clock seconds they took. The first failure (or
     Ctrl-C) stops every worker at its next episode; the workers are joined before anything is closed."""
-    jobs = [(task, trial) for task in tasks for trial in range(trials)]
+    shares = deal_episodes(tasks, trials, len(clients))
     results: dict[tuple[int, int], EpisodeResult] = {}
     errors: list[BaseException] = []
     stop = threading.Event()
-    bar = tqdm(total=len(jobs), desc=f"{suite} ({len(clients)} workers)", unit="episode")
+    bar = tqdm(total=sum(map(len, shares)), desc=f"{suite} ({len(clients)} workers)", unit="episode")
     lock = threading.Lock()
 
     def worker(w: int) -> None:
         link = InProcessLink(server.session(f"worker_{w}"), lockstep=True)
         try:
-            for task, trial in jobs[w :: len(clients)]:
+            for task, trial in shares[w]:
                 if stop.is_set():
                     return
                 result = run_episode(clients[w], link, suite, task, trial, **run)
@@ -116,4 +128,4 @@ def evaluate_parallel(
         bar.close()
     if errors:
         raise errors[0]
-    return [results[job] for job in jobs], time.monotonic() - start
+    return [results[job] for share in shares for job in share], time.monotonic() - start
