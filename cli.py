@@ -248,15 +248,15 @@ def cmd_eval_libero(args) -> int:
 
 def cmd_eval_libero_parallel(args, config, out) -> int:
     """`--workers N`: N sim servers, one batched policy server; each worker a robot of it."""
-    from .runtime.buffers import BATCH_SIZES, batch_profile
     from .runtime.executor import PipelinedExecutor
     from .runtime.server import PolicyServer
     from .sim.client import SimClient
     from .sim.evaluate import evaluate_parallel
     from .sim.launcher import SimServerProcess
 
-    if args.workers > BATCH_SIZES[-1]:
-        raise ValueError(f"--workers: at most {BATCH_SIZES[-1]} (one batched server), got {args.workers}")
+    cpus = os.cpu_count() or 1
+    if args.workers > cpus:  # each worker is a simulator process: more than the CPUs only slow each other
+        raise ValueError(f"--workers: at most this machine's {cpus} CPUs, got {args.workers}")
     say(f"starting {args.workers} LIBERO simulation servers ...")
     sims, clients = [], []
     try:
@@ -265,7 +265,7 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
             clients.append(SimClient(sims[-1].endpoint))
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
-        config = config.replace(max_batch=batch_profile(args.workers, config.batch_profiles))
+        config = config.replace(max_batch=server_batch(args.workers, config))
         say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
             f"{config.max_batch}) and capturing ...")  # fmt: skip
         with PipelinedExecutor(config) as executor, PolicyServer(executor) as server:
@@ -287,16 +287,18 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
     return report_libero(args, config, out, episodes, identity, seconds)
 
 
+def server_batch(robots: int, config) -> int:
+    """A policy server's largest batch for `robots` workers: the smallest profile that holds them all, or the
+    largest profile when none does (then the robots beyond it wait for the next batch, as in a fleet)."""
+    from .runtime.buffers import BATCH_PROFILE_SETS, batch_profile
+
+    return batch_profile(min(robots, BATCH_PROFILE_SETS[config.batch_profiles][-1]), config.batch_profiles)
+
+
 def cmd_eval_libero_ray(args, config, out) -> int:
     """`--workers N --ray ADDRESS`: the simulators and `--servers` policy servers as Ray actors, on one
     machine or a cluster (sim/distributed.py); the same episodes and report as `--workers` alone."""
-    from .runtime.buffers import BATCH_SIZES, batch_profile
-
     per_server = -(-args.workers // args.servers)
-    if per_server > BATCH_SIZES[-1]:
-        raise ValueError(
-            f"--workers: at most {BATCH_SIZES[-1]} per policy server, got {args.workers} for {args.servers}"
-        )
     try:
         from .sim import distributed
     except ImportError as err:
@@ -306,7 +308,7 @@ def cmd_eval_libero_ray(args, config, out) -> int:
         distributed.connect(args.ray, args.workers)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ValueError(f"--ray: cannot connect to {args.ray!r}: {err}") from None
-    config = config.replace(max_batch=batch_profile(per_server, config.batch_profiles))
+    config = config.replace(max_batch=server_batch(per_server, config))
     say(
         f"{args.workers} simulators and {args.servers} policy servers ({config.model_name}) as Ray actors ..."
     )
@@ -846,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int_at_least(1),
         default=1,
         help="simulators run in parallel, each a robot of one batched policy server (in-process lockstep; "
-        "up to 8; default: 1)",
+        "up to the CPU count; default: 1)",
     )
     ev.add_argument(
         "--ray",

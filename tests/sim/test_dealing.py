@@ -4,6 +4,8 @@ one of each other, and each worker's trials of a task consecutive (one LIBERO en
 import random
 
 import pytest
+from vla_runtime.cli import server_batch
+from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.sim.evaluate import deal_episodes
 
 
@@ -35,3 +37,14 @@ def test_fifty_trials_of_ten_tasks_on_eight_workers():
     """LIBERO's protocol: 500 episodes. Round-robin dealing built an environment for every one of them."""
     shares = deal_episodes(list(range(10)), 50, 8)
     assert sum(map(environment_builds, shares)) == 17  # 10 tasks, 7 of them cut between two workers
+
+
+@pytest.mark.parametrize(
+    "profiles, batches",
+    [("powers_of_two", [1, 2, 4, 4, 8, 8, 8, 8, 8]), ("every_size", [1, 2, 3, 4, 5, 6, 8, 8, 8])],
+)
+def test_a_server_batches_up_to_its_largest_profile_for_more_workers(profiles, batches):
+    """More workers than the largest batch profile: the largest, the robots beyond it wait a batch."""
+    config = RuntimeConfig(preset="pi05_tiny", batch_profiles=profiles)
+    workers = [1, 2, 3, 4, 5, 6, 8, 12, 16]
+    assert [server_batch(n, config) for n in workers] == batches
