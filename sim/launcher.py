@@ -11,6 +11,10 @@ from pathlib import Path
 from .client import SimClient
 
 ENV_VAR = "VLA_LIBERO_PYTHON"
+# A simulator is one process, one per CPU with --workers: the thread pools of numpy's BLAS and OpenMP,
+# sized to every CPU by default, only contend with the other simulators for robosuite's small matrices.
+# One thread each unless the environment sets them.
+SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def libero_python() -> Path:
@@ -40,7 +44,8 @@ class SimServerProcess:
         self.endpoint = endpoint or free_endpoint()
         self.log_path = log_path
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
-        env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
+        env = {**SINGLE_THREADED, **os.environ, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("MUJOCO_GL", "egl")
         self.proc = subprocess.Popen(
             [str(libero_python()), "-m", "vla_runtime.sim.server", "--endpoint", self.endpoint]
             + ["--parent-pid", str(os.getpid())],

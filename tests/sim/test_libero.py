@@ -39,6 +39,21 @@ def client(server):
     c.close()
 
 
+def process_environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in entries if b"=" in e)
+
+
+def test_simulators_are_single_threaded_unless_the_environment_says(server, monkeypatch, tmp_path):
+    """One simulator per CPU: no BLAS / OpenMP pool per simulator, unless the user sets one."""
+    env = process_environment(server.proc.pid)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        assert env[name] == os.environ.get(name, "1"), name
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    with SimServerProcess(log_path=tmp_path / "server.log") as other:
+        assert process_environment(other.proc.pid)["OPENBLAS_NUM_THREADS"] == "3"
+
+
 def test_lists_and_reset_observation(client):
     assert SUITE in client.suites()
     tasks = client.tasks(SUITE)

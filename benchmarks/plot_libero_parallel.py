@@ -1,0 +1,56 @@
+"""Parallel LIBERO's figure for docs/many_robots.md: episodes per hour against workers, each run with its
+own one-worker baseline and the linear speed-up from it; and the chunks' age (p50, p99) per worker count.
+
+python benchmarks/plot_libero_parallel.py RUN.json [RUN.json ...] [--out docs/img/libero_parallel.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(paths: list[Path], out: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for k, path in enumerate(paths):
+        doc = json.loads(path.read_text())
+        workers = sorted(int(w) for w in doc["runs"])
+        runs = [doc["runs"][str(w)] for w in workers]
+        color = f"C{k}"
+        label = f"commit {doc['commit']}"
+        left.plot(workers, [r["episodes_per_hour"] for r in runs], "o-", color=color, label=label)
+        one = doc["runs"]["1"]["episodes_per_hour"]
+        left.plot(workers, [one * w for w in workers], ":", color=color, label=f"{label}: linear from 1")
+        for w, r in zip(workers, runs, strict=True):
+            left.annotate(f"{r['episodes_per_hour'] / one:.2f}x", (w, r["episodes_per_hour"]), fontsize=8)
+        right.plot(workers, [r["chunk_age_ms"]["p50"] for r in runs], "o-", color=color, label=f"{label} p50")
+        right.plot(
+            workers, [r["chunk_age_ms"]["p99"] for r in runs], "s--", color=color, label=f"{label} p99"
+        )
+    left.set_xlabel("workers (LIBERO simulators, one batched policy server)")
+    left.set_ylabel("episodes per hour")
+    left.legend(fontsize=8)
+    left.set_title(f"{doc['episodes']}; {doc['cpus']} CPUs")
+    right.set_xlabel("workers")
+    right.set_ylabel("chunk age, ms (observation to chunk, lockstep)")
+    right.legend(fontsize=8)
+    right.set_title("the policy's answer, per worker count")
+    fig.suptitle(f"{doc['device']}, {doc['date']}: {doc['libero_versions']}", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("docs/img/libero_parallel.png"))
+    args = parser.parse_args()
+    main(args.runs, args.out)
