@@ -1,5 +1,6 @@
-"""Parallel LIBERO's figure for docs/many_robots.md: episodes per hour against workers, each run with its
-own one-worker baseline and the linear speed-up from it; and the chunks' age (p50, p99) per worker count.
+"""Parallel LIBERO's figure for docs/many_robots.md: the speed-up in episodes per hour against workers, each
+run against its own one-worker baseline (runs on different machines are not compared), beside the linear
+speed-up; and the chunks' age (p50, p99) per worker count.
 
 python benchmarks/plot_libero_parallel.py RUN.json [RUN.json ...] [--out docs/img/libero_parallel.png]
 """
@@ -22,26 +23,32 @@ def main(paths: list[Path], out: Path) -> None:
         doc = json.loads(path.read_text())
         workers = sorted(int(w) for w in doc["runs"])
         runs = [doc["runs"][str(w)] for w in workers]
-        color = f"C{k}"
-        label = f"commit {doc['commit']}"
-        left.plot(workers, [r["episodes_per_hour"] for r in runs], "o-", color=color, label=label)
         one = doc["runs"]["1"]["episodes_per_hour"]
-        left.plot(workers, [one * w for w in workers], ":", color=color, label=f"{label}: linear from 1")
-        for w, r in zip(workers, runs, strict=True):
-            left.annotate(f"{r['episodes_per_hour'] / one:.2f}x", (w, r["episodes_per_hour"]), fontsize=8)
+        color = f"C{k}"
+        setting = doc["libero_versions"].split("; ")[1:]  # what the run set beside the versions, if anything
+        label = ", ".join([f"commit {doc['commit']}", *setting])
+        speedups = [r["episodes_per_hour"] / one for r in runs]
+        left.plot(workers, speedups, "o-", color=color, label=f"{label} (1 worker: {one:.0f} episodes/h)")
+        for w, x in zip(workers, speedups, strict=True):
+            left.annotate(f"{x:.2f}x", (w, x), fontsize=8, xytext=(4, -10), textcoords="offset points")
         right.plot(workers, [r["chunk_age_ms"]["p50"] for r in runs], "o-", color=color, label=f"{label} p50")
         right.plot(
             workers, [r["chunk_age_ms"]["p99"] for r in runs], "s--", color=color, label=f"{label} p99"
         )
+    top = max(int(w) for w in doc["runs"])
+    left.plot([1, top], [1, top], ":", color="gray", label="linear")
     left.set_xlabel("workers (LIBERO simulators, one batched policy server)")
-    left.set_ylabel("episodes per hour")
+    left.set_ylabel("speed-up: episodes per hour / one worker's, same run")
     left.legend(fontsize=8)
     left.set_title(f"{doc['episodes']}; {doc['cpus']} CPUs")
     right.set_xlabel("workers")
     right.set_ylabel("chunk age, ms (observation to chunk, lockstep)")
     right.legend(fontsize=8)
     right.set_title("the policy's answer, per worker count")
-    fig.suptitle(f"{doc['device']}, {doc['date']}: {doc['libero_versions']}", fontsize=9)
+    versions = doc["libero_versions"].split("; ")[0]
+    fig.suptitle(
+        f"{doc['device']}, {doc['date']}, pi05 (LIBERO-shaped) on the GPU; LIBERO: {versions}", fontsize=9
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
