@@ -52,6 +52,8 @@ def task_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of task indices") from None
     if any(t < 0 for t in tasks):
         raise argparse.ArgumentTypeError(f"task indices start at 0, got {text}")
+    if len(set(tasks)) != len(tasks):  # an episode is named by (task, trial): more trials, not repeats
+        raise argparse.ArgumentTypeError(f"a task index twice in {text}; use --trials for more episodes")
     return tasks
 
 
@@ -248,15 +250,14 @@ def cmd_eval_libero(args) -> int:
 
 def cmd_eval_libero_parallel(args, config, out) -> int:
     """`--workers N`: N sim servers, one batched policy server; each worker a robot of it."""
+    from .runtime.buffers import largest_batch
     from .runtime.executor import PipelinedExecutor
     from .runtime.server import PolicyServer
     from .sim.client import SimClient
     from .sim.evaluate import evaluate_parallel
     from .sim.launcher import SimServerProcess
 
-    cpus = os.cpu_count() or 1
-    if args.workers > cpus:  # each worker is a simulator process: more than the CPUs only slow each other
-        raise ValueError(f"--workers: at most this machine's {cpus} CPUs, got {args.workers}")
+    check_workers_fit_here(args.workers)
     say(f"starting {args.workers} LIBERO simulation servers ...")
     sims, clients = [], []
     try:
@@ -265,7 +266,7 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
             clients.append(SimClient(sims[-1].endpoint))
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
-        config = config.replace(max_batch=server_batch(args.workers, config))
+        config = config.replace(max_batch=largest_batch(args.workers, config.batch_profiles))
         say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
             f"{config.max_batch}) and capturing ...")  # fmt: skip
         with PipelinedExecutor(config) as executor, PolicyServer(executor) as server:
@@ -287,18 +288,23 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
     return report_libero(args, config, out, episodes, identity, seconds)
 
 
-def server_batch(robots: int, config) -> int:
-    """A policy server's largest batch for `robots` workers: the smallest profile that holds them all, or the
-    largest profile when none does (then the robots beyond it wait for the next batch, as in a fleet)."""
-    from .runtime.buffers import BATCH_PROFILE_SETS, batch_profile
+def check_workers_fit_here(workers: int) -> None:
+    """Each worker on this machine is a simulator process: more than the CPUs this process may use only
+    slow each other."""
+    from .sim.launcher import usable_cpus
 
-    return batch_profile(min(robots, BATCH_PROFILE_SETS[config.batch_profiles][-1]), config.batch_profiles)
+    if workers > usable_cpus():
+        raise ValueError(f"--workers: at most the {usable_cpus()} CPUs this process may use, got {workers}")
 
 
 def cmd_eval_libero_ray(args, config, out) -> int:
     """`--workers N --ray ADDRESS`: the simulators and `--servers` policy servers as Ray actors, on one
     machine or a cluster (sim/distributed.py); the same episodes and report as `--workers` alone."""
+    from .runtime.buffers import largest_batch
+
     per_server = -(-args.workers // args.servers)
+    if args.ray == "local":  # a cluster spreads them over its nodes; a local instance has this machine
+        check_workers_fit_here(args.workers)
     try:
         from .sim import distributed
     except ImportError as err:
@@ -308,7 +314,7 @@ def cmd_eval_libero_ray(args, config, out) -> int:
         distributed.connect(args.ray, args.workers)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ValueError(f"--ray: cannot connect to {args.ray!r}: {err}") from None
-    config = config.replace(max_batch=server_batch(per_server, config))
+    config = config.replace(max_batch=largest_batch(per_server, config.batch_profiles))
     say(
         f"{args.workers} simulators and {args.servers} policy servers ({config.model_name}) as Ray actors ..."
     )

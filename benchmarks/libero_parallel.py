@@ -1,9 +1,10 @@
 """Parallel LIBERO evaluation: the same episodes with 1 worker and with more (`eval-libero --workers`), in
 one run; episodes per hour and the speed-up against the one worker.
 
-Each count is one `vla-runtime eval-libero` process (its start-up, compile included, is recorded apart as
-`start_s`; episodes per hour count the episodes' wall time alone). Counts run in the order given, so the
-largest first fills the compile cache (`--model-args "... --compile-cache DIR --precompile"`) for the rest.
+Each count is one `vla-runtime eval-libero` process; episodes per hour count the episodes' wall time alone,
+and `start_s` is the rest of the process's time (start-up with its compile, shut-down, the report).
+Counts run in the order given; a compile cache (`--model-args "... --compile-cache DIR"`) shared by them
+spares the later ones the shapes the earlier ones compiled.
 
 python benchmarks/libero_parallel.py OUT.json [--workers 1,2] [--tasks 0,1] [--trials 2] [--max-steps 40]
     [--device cpu] [--model-args "--preset pi05 ..."] [--libero-versions "mujoco 3.2.7, ..."]
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from results_doc import run_header  # noqa: E402
+from vla_runtime.sim.launcher import usable_cpus
 
 CLI = str(Path(sys.executable).parent / "vla-runtime")
 KEPT = ("episodes", "wall_s", "episodes_per_hour", "chunks", "chunk_age_ms", "success_rate")
@@ -61,11 +62,12 @@ def main() -> None:
     counts += [] if 1 in counts or args.no_baseline else [1]
     doc = {
         **run_header(),
-        "cpus": os.cpu_count(),
+        "cpus": usable_cpus(),
         "policy_device": args.device,
         "model_args": args.model_args,
         "libero_versions": args.libero_versions,
-        "episodes": f"libero_spatial tasks {args.tasks} x {args.trials} trials, {args.max_steps} steps",
+        "episodes": f"libero_spatial tasks {args.tasks} x {args.trials} trials, {args.max_steps} steps "
+        "(after eval-libero's default 10 settle steps)",
         "runs": {},
     }
     for workers in counts:

@@ -18,37 +18,46 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(paths: list[Path], out: Path) -> None:
+    docs = [json.loads(path.read_text()) for path in paths]
+    first = docs[0]
+    for doc in docs[1:]:  # one figure, one workload and one kind of machine
+        for key in ("episodes", "cpus", "device"):
+            if doc[key] != first[key]:
+                raise SystemExit(f"{key}: {doc[key]!r} in one file, {first[key]!r} in another")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for k, path in enumerate(paths):
-        doc = json.loads(path.read_text())
+    top = 1
+    for k, doc in enumerate(docs):
         workers = sorted(int(w) for w in doc["runs"])
         runs = [doc["runs"][str(w)] for w in workers]
-        one = doc["runs"]["1"]["episodes_per_hour"]
         color = f"C{k}"
         setting = doc["libero_versions"].split("; ")[1:]  # what the run set beside the versions, if anything
         label = ", ".join([f"commit {doc['commit']}", *setting])
-        speedups = [r["episodes_per_hour"] / one for r in runs]
-        left.plot(workers, speedups, "o-", color=color, label=f"{label} (1 worker: {one:.0f} episodes/h)")
-        for w, x in zip(workers, speedups, strict=True):
-            left.annotate(f"{x:.2f}x", (w, x), fontsize=8, xytext=(4, -10), textcoords="offset points")
         right.plot(workers, [r["chunk_age_ms"]["p50"] for r in runs], "o-", color=color, label=f"{label} p50")
         right.plot(
             workers, [r["chunk_age_ms"]["p99"] for r in runs], "s--", color=color, label=f"{label} p99"
         )
-    top = max(int(w) for w in doc["runs"])
+        if "1" not in doc["runs"]:  # no baseline in that run: no speed-up to draw
+            continue
+        one = doc["runs"]["1"]["episodes_per_hour"]
+        speedups = [r["episodes_per_hour"] / one for r in runs]
+        top = max(top, *workers)
+        left.plot(workers, speedups, "o-", color=color, label=f"{label} (1 worker: {one:.0f} episodes/h)")
+        for w, x in zip(workers, speedups, strict=True):
+            offset = (4, -12 + 10 * k)  # the runs' labels at one count apart
+            left.annotate(
+                f"{x:.2f}x", (w, x), fontsize=8, color=color, xytext=offset, textcoords="offset points"
+            )
     left.plot([1, top], [1, top], ":", color="gray", label="linear")
     left.set_xlabel("workers (LIBERO simulators, one batched policy server)")
     left.set_ylabel("speed-up: episodes per hour / one worker's, same run")
     left.legend(fontsize=8)
-    left.set_title(f"{doc['episodes']}; {doc['cpus']} CPUs")
+    left.set_title(f"{first['episodes']}; {first['cpus']} CPUs", fontsize=9)
     right.set_xlabel("workers")
     right.set_ylabel("chunk age, ms (observation to chunk, lockstep)")
     right.legend(fontsize=8)
     right.set_title("the policy's answer, per worker count")
-    versions = doc["libero_versions"].split("; ")[0]
-    fig.suptitle(
-        f"{doc['device']}, {doc['date']}, pi05 (LIBERO-shaped) on the GPU; LIBERO: {versions}", fontsize=9
-    )
+    versions = first["libero_versions"].split("; ")[0]
+    fig.suptitle(f"{first['device']}, pi05 (LIBERO-shaped) on the GPU; LIBERO: {versions}", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -67,6 +67,12 @@ def batch_profile(n: int, kind: str = "powers_of_two") -> int:
     raise ValueError(f"batch: at most {sizes[-1]} observations at once, got {n}")
 
 
+def largest_batch(robots: int, kind: str = "powers_of_two") -> int:
+    """A server's largest batch for `robots` robots: the smallest profile that holds them all, or the
+    largest profile of the set when none does (the robots beyond it wait for the next batch)."""
+    return batch_profile(min(robots, BATCH_PROFILE_SETS[kind][-1]), kind)
+
+
 def _input_shapes(cfg: ModelConfig, p: ShapeProfile) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     s = cfg.vision.image_size
     return {

@@ -11,9 +11,10 @@ from pathlib import Path
 from .client import SimClient
 
 ENV_VAR = "VLA_LIBERO_PYTHON"
-# A simulator is one process, one per CPU with --workers: the thread pools of numpy's BLAS and OpenMP,
-# sized to every CPU by default, only contend with the other simulators for robosuite's small matrices.
-# One thread each unless the environment sets them.
+# By design a simulator is one single-threaded process, one per CPU when several run: numpy's BLAS and
+# OpenMP pools, sized to every CPU by default, would otherwise contend with the other simulators for
+# robosuite's small matrices (an A/B on 16 CPUs did not show a clear gain: docs/many_robots.md). One
+# thread each unless the environment sets them.
 SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -31,6 +32,11 @@ def libero_python() -> Path:
 class ActorFailed(RuntimeError):
     """A simulator or policy server started as a Ray actor (sim/distributed.py) failed or never started;
     the message carries its own error."""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or taskset's limit), not the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def free_endpoint() -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from vla_runtime.runtime.buffers import BATCH_SIZES, ShapeProfile, batch_profile, batch_sizes
+from vla_runtime.runtime.buffers import BATCH_SIZES, ShapeProfile, batch_profile, batch_sizes, largest_batch
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.handover import PreviousChunk
@@ -28,6 +28,10 @@ def test_batch_profiles():
         RuntimeConfig(max_batch=3)
     # every size: a batch of n runs in a profile of n
     assert batch_sizes(3, "every_size") == (1, 2, 3) and batch_sizes(8, "every_size") == tuple(range(1, 9))
+    # more robots than the largest profile: the largest, the robots beyond it wait a batch
+    robots = [1, 2, 3, 5, 8, 12, 16]
+    assert [largest_batch(n) for n in robots] == [1, 2, 4, 8, 8, 8, 8]
+    assert [largest_batch(n, "every_size") for n in robots] == [1, 2, 3, 5, 8, 8, 8]
     assert RuntimeConfig(max_batch=3, batch_profiles="every_size").max_batch == 3
     assert batch_profile(5, "every_size") == 5 and batch_profile(5) == 8
     with pytest.raises(ValueError, match="max_batch: must be one of"):

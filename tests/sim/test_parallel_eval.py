@@ -1,0 +1,70 @@
+"""`eval-libero --workers` without LIBERO: how the episodes are dealt (every episode once, in task/trial
+order, shares within one of each other, each worker's trials of a task consecutive: one LIBERO environment
+build each) and the limits named on the command line."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vla_runtime.sim.evaluate import deal_episodes
+from vla_runtime.sim.launcher import usable_cpus
+
+CLI = str(Path(sys.executable).parent / "vla-runtime")
+
+
+def environment_builds(share: list[tuple[int, int]]) -> int:
+    """How often a simulator running `share` in order rebuilds its environment: at each change of task."""
+    return sum(1 for k, (task, _) in enumerate(share) if k == 0 or share[k - 1][0] != task)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_episode_once_in_order_with_few_environment_builds(seed):
+    rng = random.Random(seed)
+    tasks = sorted(rng.sample(range(10), rng.randint(1, 10)))
+    trials, workers = rng.randint(1, 50), rng.randint(1, 8)
+    shares = deal_episodes(tasks, trials, workers)
+    assert len(shares) == workers
+    assert [job for share in shares for job in share] == [(t, i) for t in tasks for i in range(trials)]
+    sizes = [len(share) for share in shares]
+    assert max(sizes) - min(sizes) <= 1
+    # a cut between two shares splits at most one task: at most tasks + workers - 1 builds in all
+    assert sum(map(environment_builds, shares)) <= len(tasks) + workers - 1
+
+
+def test_more_workers_than_episodes_leaves_some_idle():
+    shares = deal_episodes([3], 2, 4)
+    assert shares == [[(3, 0)], [(3, 1)], [], []]
+
+
+def test_fifty_trials_of_ten_tasks_on_eight_workers():
+    """LIBERO's protocol, 500 episodes: 17 builds (10 tasks, 7 of them cut between two workers), against 80
+    when the episodes were dealt round-robin (and one per episode when a task had no more trials than
+    there were workers)."""
+    shares = deal_episodes(list(range(10)), 50, 8)
+    assert sum(map(environment_builds, shares)) == 17
+    jobs = [(t, i) for t in range(10) for i in range(50)]
+    assert sum(environment_builds(jobs[w::8]) for w in range(8)) == 80
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", str(usable_cpus() + 1)], f"--workers: at most the {usable_cpus()} CPUs this process"),
+        (["--workers", str(usable_cpus() + 1), "--ray", "local"], "--workers: at most the"),
+        (["--tasks", "0,1,0"], "a task index twice in 0,1,0; use --trials"),
+    ],
+)
+def test_mistakes_are_named_before_anything_starts(tmp_path, args, message):
+    env = {**os.environ, "VLA_LIBERO_PYTHON": "/nonexistent"}  # refused before any simulator is needed
+    run = subprocess.run(
+        [CLI, "eval-libero", "--preset", "pi05_tiny", *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
