@@ -25,7 +25,7 @@ from results_doc import run_header  # noqa: E402
 from vla_runtime.sim.launcher import usable_cpus
 
 CLI = str(Path(sys.executable).parent / "vla-runtime")
-KEPT = ("episodes", "wall_s", "episodes_per_hour", "chunks", "chunk_age_ms", "success_rate")
+KEPT = ("episodes", "wall_s", "episodes_per_hour", "chunks", "chunk_age_ms", "success_rate", "time")
 
 
 def run_workers(args, workers: int) -> dict:

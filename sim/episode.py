@@ -231,9 +231,11 @@ def run_episode(
         raise ValueError(f"replan_steps: must be at least 1, got {replan_steps}")
     if delay_steps < 0 or (delay_steps and not link.lockstep):
         raise ValueError(f"delay_steps: a non-negative delay, injected in lockstep only; got {delay_steps}")
+    started = time.monotonic()
     sim_obs = client.reset(suite, task, init_state, seed, settle_steps)
     mode = "lockstep" if link.lockstep else "wall-clock"
     result = EpisodeResult(suite, task, init_state, sim_obs["instruction"], f"{link.path} {mode}")
+    result.reset_ms = (time.monotonic() - started) * 1e3
     limit = max_steps or MAX_STEPS.get(suite, 300)
     deadlines = ChunkScheduler(CONTROL_PERIOD_S, deadline_s)  # the one definition of a miss
     frames = [sim_obs["agentview"]]
@@ -247,7 +249,10 @@ def run_episode(
             distance = float(np.linalg.norm(action - last_action[0]))
             (result.splice_jumps if handed_over else result.step_sizes).append(distance)
         last_action[:] = [np.asarray(action, dtype=np.float32)]
+        sent = time.monotonic()
         reply = client.step(to_libero_action(action))
+        result.step_ms.append((time.monotonic() - sent) * 1e3)
+        result.sim_ms.append(float(reply.get("sim_ms", float("nan"))))  # nan: a server that does not say
         sim_obs = reply["observation"]
         result.steps += 1
         result.success_per_step.append(bool(reply["success"]))
@@ -279,7 +284,9 @@ def run_episode(
                 delayed += 1
             if done:
                 break
+            waiting = time.monotonic()
             chunk = wait_for_chunk(link, obs, chunk_timeout_s, result)
+            result.chunk_wait_ms.append((time.monotonic() - waiting) * 1e3)
             account(chunk)  # age on the wall clock: the simulation clock stands still meanwhile
             first = max(delayed, chunk.first_index)
             result.late_actions += max(
@@ -301,9 +308,11 @@ def run_episode(
     else:
         obs = to_observation(sim_obs, link.now())
         link.offer(obs)
+        waiting = time.monotonic()
         current = wait_for_chunk(
             link, obs, chunk_timeout_s, result, restamp=lambda: to_observation(sim_obs, link.now())
         )
+        result.chunk_wait_ms.append((time.monotonic() - waiting) * 1e3)  # the first chunk; later ones overlap
         account(current)
         next_tick = time.monotonic()
         while not done:
@@ -329,6 +338,7 @@ def run_episode(
             else:
                 result.sim_overruns += 1  # the simulator cannot keep the real-time rate
                 next_tick = time.monotonic()
+    result.wall_s = time.monotonic() - started
     figures = deadlines.figures()
     result.deadline_misses = figures["misses"]
     result.exhausted = figures["exhausted"]

@@ -6,13 +6,16 @@ so both sides (the runtime's environment and LIBERO's) import it.
 
     list_suites                         -> suites: [str]
     list_tasks  suite                   -> tasks: [{index, name, instruction, init_states}]
-    reset       suite, task, init_state, seed, settle_steps -> observation
-    step        action (float [7])      -> observation, reward, done, success
+    reset       suite, task, init_state, seed, settle_steps -> observation, sim_ms
+    step        action (float [7])      -> observation, reward, done, success, sim_ms
     close                               -> {}
 
 observation = {agentview [224, 224, 3] uint8, wrist [224, 224, 3] uint8 (both upright), eef_pos [3],
                eef_axis_angle [3], gripper_qpos [2], state [8] (the three concatenated, as openpi's
                LIBERO example feeds pi0), instruction: str, step: int}
+
+sim_ms: the simulator's own time for the request (in the server, from the request read to the reply
+built), so a client can tell the simulator's time from the round trip's.
 """
 
 from __future__ import annotations

@@ -45,6 +45,13 @@ class EpisodeResult:
     splice_jumps: list[float] = field(default_factory=list)
     step_sizes: list[float] = field(default_factory=list)
     engine_ms: dict[str, list[float]] = field(default_factory=dict)  # stage -> one per chunk (in-process)
+    # Where the episode's wall time went: the reset (an environment build when the task changed), each
+    # step's round trip to the sim server and the simulator's own part of it, the waits for chunks.
+    wall_s: float = 0.0
+    reset_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+    sim_ms: list[float] = field(default_factory=list)
+    chunk_wait_ms: list[float] = field(default_factory=list)
     video: str | None = None
     policy_diagnostics: dict | None = None  # ROS path: the policy node's diagnostics at the end
 
@@ -61,7 +68,29 @@ class EpisodeResult:
         del d["executed_indices"]
         d["splice_jumps"] = percentiles(self.splice_jumps, (50, 99))
         d["step_sizes"] = percentiles(self.step_sizes, (50, 99))
+        for name in ("step_ms", "sim_ms", "chunk_wait_ms"):
+            d[name] = percentiles(getattr(self, name), (50, 99))
         return d
+
+
+def time_spent(episodes: list[EpisodeResult]) -> dict:
+    """Where the episodes' wall time went, in seconds summed over episodes (with several workers the sum
+    exceeds the run's wall time): resets, steps (of which the simulator's own time), waits for chunks, and
+    the rest (the loop itself; sleeps in wall-clock mode)."""
+    total = sum(e.wall_s for e in episodes)
+    resets = sum(e.reset_ms for e in episodes) / 1e3
+    steps = sum(sum(e.step_ms) for e in episodes) / 1e3
+    waits = sum(sum(e.chunk_wait_ms) for e in episodes) / 1e3
+    return {
+        "episodes_s": round(total, 2),
+        "resets_s": round(resets, 2),
+        "steps_s": round(steps, 2),
+        "simulator_s": round(sum(sum(e.sim_ms) for e in episodes) / 1e3, 2),
+        "chunk_waits_s": round(waits, 2),
+        "other_s": round(total - resets - steps - waits, 2),
+        "step_ms": percentiles([v for e in episodes for v in e.step_ms], (50, 99)),
+        "simulator_step_ms": percentiles([v for e in episodes for v in e.sim_ms], (50, 99)),
+    }
 
 
 def engine_total_ms(episodes: list[EpisodeResult]) -> dict:
@@ -115,6 +144,7 @@ def summarize(episodes: list[EpisodeResult]) -> dict:
         "splice_jumps": percentiles([v for e in episodes for v in e.splice_jumps], (50, 99)),
         "step_sizes": percentiles([v for e in episodes for v in e.step_sizes], (50, 99)),
         "engine_total_ms": engine_total_ms(episodes),
+        "time": time_spent(episodes),
         "definitions": {"latency": LATENCY_MEANING, "miss": MISS_MEANING},
         "tasks": tasks,
     }
@@ -134,6 +164,12 @@ def headline(summary: dict, path: str) -> list[str]:
             f"hand-over: action jump at a chunk change p50 {jump['p50']:.3f} (p99 {jump['p99']:.3f}); "
             f"between actions of one chunk p50 {size['p50']:.3f}"
         )
+    t = summary["time"]
+    lines.append(
+        f"time over the episodes: {t['episodes_s']:.1f} s, of which resets {t['resets_s']:.1f}, steps "
+        f"{t['steps_s']:.1f} (the simulator's own {t['simulator_s']:.1f}; a step p50 "
+        f"{t['step_ms']['p50']:.1f} ms), waits for chunks {t['chunk_waits_s']:.1f}, other {t['other_s']:.1f}"
+    )
     if "lockstep" in path:
         lines.append(LOCKSTEP_NOTE)
     return lines

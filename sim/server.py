@@ -12,12 +12,17 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 import zmq
 
 from . import protocol
 
 log = logging.getLogger("vla_runtime.sim.server")
+
+
+def elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1e3
 
 
 def handle(sim, payload: bytes) -> bytes:
@@ -27,19 +32,21 @@ def handle(sim, payload: bytes) -> bytes:
             return protocol.reply_ok(suites=sim.suites())
         if op == "list_tasks":
             return protocol.reply_ok(tasks=sim.tasks(fields["suite"]))
+        started = time.perf_counter()
         if op == "reset":
-            return protocol.reply_ok(
-                observation=sim.reset(
-                    fields["suite"],
-                    fields["task"],
-                    fields.get("init_state", 0),
-                    fields.get("seed", 7),
-                    fields.get("settle_steps", 10),
-                )
+            observation = sim.reset(
+                fields["suite"],
+                fields["task"],
+                fields.get("init_state", 0),
+                fields.get("seed", 7),
+                fields.get("settle_steps", 10),
             )
+            return protocol.reply_ok(observation=observation, sim_ms=elapsed_ms(started))
         if op == "step":
             observation, reward, done, success = sim.step(fields["action"])
-            return protocol.reply_ok(observation=observation, reward=reward, done=done, success=success)
+            return protocol.reply_ok(
+                observation=observation, reward=reward, done=done, success=success, sim_ms=elapsed_ms(started)
+            )
         sim.close()
         return protocol.reply_ok()
     except ValueError as err:  # ProtocolError included: the request's fault, named

@@ -244,6 +244,12 @@ def test_parallel_workers_share_one_batched_server(tmp_path):
         lo, hi = task["success_ci95"]
         assert 0.0 <= lo <= task["success_rate"] <= hi <= 1.0
     assert summary["chunks"] == 4  # 10 steps, a chunk every 5, per episode
+    # where the episodes' time went: the simulator's own time inside each step's round trip, the parts
+    # inside the episodes' time
+    t = summary["time"]
+    assert 0 < t["simulator_s"] <= t["steps_s"] and t["resets_s"] > 0 and t["chunk_waits_s"] > 0
+    assert t["resets_s"] + t["steps_s"] + t["chunk_waits_s"] <= t["episodes_s"] + 0.02  # rounding
+    assert t["simulator_step_ms"]["p50"] <= t["step_ms"]["p50"]
     refused = subprocess.run(
         [CLI, "eval-libero", "--workers", "2", "--path", "ros", "--out", str(tmp_path)],
         capture_output=True,
