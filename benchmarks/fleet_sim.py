@@ -49,6 +49,10 @@ DEVICE_MODELS = {
     # An executor with a batch profile for every size (RuntimeConfig.batch_profiles: every_size), its
     # device time the line through the H200's: 10.5 ms a batch plus 3.5 ms a robot.
     "h200_every_size": {n: 10.5 + 3.5 * n for n in range(1, 9)},
+    # The same through the every-size times the H200 servers measured at 5dcd33e for 1 to 4 robots
+    # (13.3-13.9, 16.3-16.6, 20.0-20.2, 22.4-22.7 ms; docs/many_robots.md): 10.55 ms plus 3.05 a robot.
+    # Batches of 5 to 8 in their own profiles were never measured: this extends the line to them.
+    "h200_every_size_5dcd33e": {n: 10.55 + 3.05 * n for n in range(1, 9)},
     "loop_4ms": {1: 11.0, 2: 14.5, 4: 21.2, 8: 36.3},
     "h200_2_steps": {1: 11.5, 2: 12.7, 4: 18.6, 8: 34.5},
     "none": {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0},
