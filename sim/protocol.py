@@ -6,7 +6,7 @@ so both sides (the runtime's environment and LIBERO's) import it.
 
     list_suites                         -> suites: [str]
     list_tasks  suite                   -> tasks: [{index, name, instruction, init_states}]
-    reset       suite, task, init_state, seed, settle_steps -> observation, sim_ms
+    reset       suite, task, init_state, seed, settle_steps -> observation
     step        action (float [7])      -> observation, reward, done, success, sim_ms
     close                               -> {}
 
@@ -14,8 +14,8 @@ observation = {agentview [224, 224, 3] uint8, wrist [224, 224, 3] uint8 (both up
                eef_axis_angle [3], gripper_qpos [2], state [8] (the three concatenated, as openpi's
                LIBERO example feeds pi0), instruction: str, step: int}
 
-sim_ms: the simulator's own time for the request (in the server, from the request read to the reply
-built), so a client can tell the simulator's time from the round trip's.
+sim_ms: the simulator's own time for the step (in the server, around LIBERO's step, its success check and
+the observation's arrays; not the decoding and encoding), so a client can tell it from the round trip.
 """
 
 from __future__ import annotations

@@ -45,8 +45,9 @@ class EpisodeResult:
     splice_jumps: list[float] = field(default_factory=list)
     step_sizes: list[float] = field(default_factory=list)
     engine_ms: dict[str, list[float]] = field(default_factory=dict)  # stage -> one per chunk (in-process)
-    # Where the episode's wall time went: the reset (an environment build when the task changed), each
-    # step's round trip to the sim server and the simulator's own part of it, the waits for chunks.
+    # Where the episode's wall time went: the reset (the settle steps, and an environment build when the
+    # task changed), each step's round trip to the sim server and the simulator's own part of it (when the
+    # server says), the waits for chunks (wall clock: the first chunk's only; later ones overlap steps).
     wall_s: float = 0.0
     reset_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)
@@ -81,11 +82,13 @@ def time_spent(episodes: list[EpisodeResult]) -> dict:
     resets = sum(e.reset_ms for e in episodes) / 1e3
     steps = sum(sum(e.step_ms) for e in episodes) / 1e3
     waits = sum(sum(e.chunk_wait_ms) for e in episodes) / 1e3
+    said = any(e.sim_ms for e in episodes)
     return {
         "episodes_s": round(total, 2),
         "resets_s": round(resets, 2),
         "steps_s": round(steps, 2),
-        "simulator_s": round(sum(sum(e.sim_ms) for e in episodes) / 1e3, 2),
+        # None when the sim server did not say (an earlier version's)
+        "simulator_s": round(sum(sum(e.sim_ms) for e in episodes) / 1e3, 2) if said else None,
         "chunk_waits_s": round(waits, 2),
         "other_s": round(total - resets - steps - waits, 2),
         "step_ms": percentiles([v for e in episodes for v in e.step_ms], (50, 99)),
@@ -165,10 +168,11 @@ def headline(summary: dict, path: str) -> list[str]:
             f"between actions of one chunk p50 {size['p50']:.3f}"
         )
     t = summary["time"]
+    own = f"the simulator's own {t['simulator_s']:.1f}; " if t["simulator_s"] is not None else ""
     lines.append(
         f"time over the episodes: {t['episodes_s']:.1f} s, of which resets {t['resets_s']:.1f}, steps "
-        f"{t['steps_s']:.1f} (the simulator's own {t['simulator_s']:.1f}; a step p50 "
-        f"{t['step_ms']['p50']:.1f} ms), waits for chunks {t['chunk_waits_s']:.1f}, other {t['other_s']:.1f}"
+        f"{t['steps_s']:.1f} ({own}a step p50 {t['step_ms']['p50']:.1f} ms), waits for chunks "
+        f"{t['chunk_waits_s']:.1f}, other {t['other_s']:.1f}"
     )
     if "lockstep" in path:
         lines.append(LOCKSTEP_NOTE)

@@ -32,7 +32,6 @@ def handle(sim, payload: bytes) -> bytes:
             return protocol.reply_ok(suites=sim.suites())
         if op == "list_tasks":
             return protocol.reply_ok(tasks=sim.tasks(fields["suite"]))
-        started = time.perf_counter()
         if op == "reset":
             observation = sim.reset(
                 fields["suite"],
@@ -41,8 +40,9 @@ def handle(sim, payload: bytes) -> bytes:
                 fields.get("seed", 7),
                 fields.get("settle_steps", 10),
             )
-            return protocol.reply_ok(observation=observation, sim_ms=elapsed_ms(started))
+            return protocol.reply_ok(observation=observation)
         if op == "step":
+            started = time.perf_counter()
             observation, reward, done, success = sim.step(fields["action"])
             return protocol.reply_ok(
                 observation=observation, reward=reward, done=done, success=success, sim_ms=elapsed_ms(started)
