@@ -10,7 +10,12 @@ pyzmq, PyOpenGL). On the target, with NumPy 2, SciPy, numba, OpenCV, PyYAML, msg
 (`pip install --no-deps .`, for the sim server) already there:
 
     pip install --no-index --no-deps --target SITE OUT/whl/*.whl
-    tar xJf OUT/site.tar.xz -C LIBSITE     # then PYTHONPATH=LIBSITE/site:SITE MUJOCO_GL=egl
+    tar xJf OUT/site.tar.xz -C LIBSITE
+    printf '#!/bin/sh\nPYTHONPATH=LIBSITE/site:SITE MUJOCO_GL=egl exec python3 "$@"\n' > libero-python
+    chmod +x libero-python; export VLA_LIBERO_PYTHON=$PWD/libero-python PYTHONPATH=SITE MUJOCO_GL=egl
+    vla-runtime eval-libero --workers 8 ...   # the sim servers start with libero-python
+
+(EGL needs the GPU driver's EGL library and the glvnd loader, libegl1, where the machine lacks it.)
 
 MuJoCo 3 and NumPy 2 are not the reference stack (mujoco 2.3.7, NumPy 1.26 in .venv-libero): trajectories
 and images may differ from it, so use such a tree to measure speed, not to compare success rates.
