@@ -53,8 +53,10 @@ class SimClient:
             "reset", suite=suite, task=task, init_state=init_state, seed=seed, settle_steps=settle_steps
         )["observation"]
 
-    def step(self, action) -> dict:
-        return self.call("step", action=action)
+    def step(self, action, render: bool = True) -> dict:
+        """One control step; render=False: the observation without the cameras (sent only then, so a
+        server of an earlier version still answers the default)."""
+        return self.call("step", action=action, **({} if render else {"render": False}))
 
     def close(self) -> None:
         if self._socket is not None:

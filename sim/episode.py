@@ -238,26 +238,30 @@ def run_episode(
     result.reset_ms = (time.monotonic() - started) * 1e3
     limit = max_steps or MAX_STEPS.get(suite, 300)
     deadlines = ChunkScheduler(CONTROL_PERIOD_S, deadline_s)  # the one definition of a miss
-    frames = [sim_obs["agentview"]]
+    frames = [sim_obs["agentview"]] if video_dir is not None else []
     link.start_episode()
 
     last_action: list[np.ndarray] = []  # the action executed last, and whether a hand-over preceded it
 
-    def step(action: np.ndarray, handed_over: bool = False) -> bool:
+    def step(action: np.ndarray, handed_over: bool = False, observed: bool = True) -> bool:
+        """One action; `observed`: its observation is offered to the policy, so the cameras render (a
+        video renders every step)."""
         nonlocal sim_obs
         if last_action:
             distance = float(np.linalg.norm(action - last_action[0]))
             (result.splice_jumps if handed_over else result.step_sizes).append(distance)
         last_action[:] = [np.asarray(action, dtype=np.float32)]
         sent = time.monotonic()
-        reply = client.step(to_libero_action(action))
+        last = result.steps + 1 >= limit  # no observation after the episode's last step
+        reply = client.step(to_libero_action(action), render=(observed and not last) or video_dir is not None)
         result.step_ms.append((time.monotonic() - sent) * 1e3)
         if "sim_ms" in reply:  # a server of an earlier version does not say
             result.sim_ms.append(float(reply["sim_ms"]))
         sim_obs = reply["observation"]
         result.steps += 1
         result.success_per_step.append(bool(reply["success"]))
-        frames.append(sim_obs["agentview"])
+        if video_dir is not None:
+            frames.append(sim_obs["agentview"])
         if progress is not None:
             progress(result)
         return bool(reply["success"] or reply["done"]) or result.steps >= limit
@@ -281,7 +285,7 @@ def run_episode(
             delayed = 0
             while remaining is not None and delayed < min(delay_steps, len(remaining)) and not done:
                 link.advance(CONTROL_PERIOD_S)
-                done = step(remaining[delayed])
+                done = step(remaining[delayed], observed=False)  # the chunk's own steps follow
                 delayed += 1
             if done:
                 break
@@ -304,7 +308,10 @@ def run_episode(
                 result.executed_indices.append(index)
                 link.advance(CONTROL_PERIOD_S)
                 next_index = index + 1
-                if done := step(chunk.action_at(index), handed_over=n == 0):
+                # only the cycle's last step is observed: the next offer sends its observation
+                if done := step(
+                    chunk.action_at(index), handed_over=n == 0, observed=n == len(executable) - 1
+                ):
                     break
     else:
         obs = to_observation(sim_obs, link.now())

@@ -9,6 +9,8 @@ import pathlib
 import numpy as np
 
 IMAGE_SIZE = 224
+CAMERAS = {"agentview": "agentview_image", "wrist": "robot0_eye_in_hand_image"}  # ours -> robosuite's
+BLANK = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)  # what a camera "renders" while off
 DUMMY_ACTION = [0.0] * 6 + [-1.0]  # hold still, gripper open: lets objects settle after a reset
 
 
@@ -21,6 +23,16 @@ def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
     return np.asarray(quat[:3]) * 2.0 * math.acos(w) / den
 
 
+def blank_sensor(camera):
+    """A stand-in for a robosuite camera sensor that renders nothing (robosuite reads `__modality__`)."""
+
+    def blank(_cache: dict) -> np.ndarray:
+        return BLANK
+
+    blank.__modality__ = camera.__modality__
+    return blank
+
+
 class LiberoSim:
     def __init__(self):
         from libero.libero import benchmark  # noqa: PLC0415 - only available in LIBERO's environment
@@ -29,8 +41,11 @@ class LiberoSim:
         self._suites: dict = {}
         self._env = None
         self._env_key = None
+        self._cameras_on, self._camera_sensors = True, {}  # a new environment comes with its own sensors
         self.instruction = ""
         self.steps = 0
+        self._cameras_on = True
+        self._camera_sensors: dict = {}  # robosuite's, while blank ones stand in
 
     def suites(self) -> list[str]:
         return sorted(self._benchmarks)
@@ -78,32 +93,53 @@ class LiberoSim:
             )
             self._env.seed(seed)  # openpi: the seed affects object placement even with a fixed init state
             self._env_key = key
+        self._render_cameras(True)  # the real sensors back before robosuite resets its observables
         self._env.reset()
+        # only the observation returned renders: the last settle step's, or the initial state's
+        self._render_cameras(settle_steps == 0)
         obs = self._env.set_init_state(init_states[init_state])
-        for _ in range(settle_steps):
+        for k in range(settle_steps):
+            self._render_cameras(k == settle_steps - 1)
             obs, _, _, _ = self._env.step(DUMMY_ACTION)
         self.instruction = spec.language
         self.steps = 0
         return self.observation(obs)
 
-    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool]:
+    def _render_cameras(self, on: bool) -> None:
+        """Cameras on or off for the next steps. Off, each camera's sensor (robosuite renders through it
+        once per control step) is swapped for one that returns a blank image: the observables keep their
+        own timing, so a camera back on renders at the same moment of its step as if never off. (Disabling
+        the observable instead resets its timer, and it then skipped the step it came back in.)"""
+        if on == self._cameras_on:
+            return
+        for name in CAMERAS.values():
+            observable = self._env.env._observables[name]  # robosuite 1.4's Observable; _sensor is its own
+            if on:
+                observable._sensor = self._camera_sensors.pop(name)
+            else:
+                self._camera_sensors[name] = observable._sensor
+                observable._sensor = blank_sensor(observable._sensor)
+        self._cameras_on = on
+
+    def step(self, action: np.ndarray, render: bool = True) -> tuple[dict, float, bool, bool]:
         if self._env is None:
             raise ValueError("step: no episode; send reset first")
+        self._render_cameras(render)
         obs, reward, done, _ = self._env.step(np.asarray(action, dtype=np.float64).tolist())
         self.steps += 1
         success = bool(self._env.check_success())  # LIBERO's own success predicate for the task
         return self.observation(obs), float(reward), bool(done), success
 
     def observation(self, obs: dict) -> dict:
-        # LIBERO renders upside down: turn both cameras by 180 degrees, as openpi's example does.
-        agentview = np.ascontiguousarray(obs["agentview_image"][::-1, ::-1])
-        wrist = np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1])
+        # LIBERO renders upside down: turn both cameras by 180 degrees, as openpi's example does. A
+        # camera not rendered in this step is left out.
+        cameras = CAMERAS.items() if self._cameras_on else ()
+        images = {ours: np.ascontiguousarray(obs[theirs][::-1, ::-1]) for ours, theirs in cameras}
         eef_pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float32)
         axis_angle = quat_to_axis_angle(obs["robot0_eef_quat"]).astype(np.float32)
         gripper = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float32)
         return {
-            "agentview": agentview,
-            "wrist": wrist,
+            **images,
             "eef_pos": eef_pos,
             "eef_axis_angle": axis_angle,
             "gripper_qpos": gripper,
@@ -117,3 +153,4 @@ class LiberoSim:
             self._env.close()
         self._env = None
         self._env_key = None
+        self._cameras_on, self._camera_sensors = True, {}  # a new environment comes with its own sensors

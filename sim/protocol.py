@@ -7,12 +7,13 @@ so both sides (the runtime's environment and LIBERO's) import it.
     list_suites                         -> suites: [str]
     list_tasks  suite                   -> tasks: [{index, name, instruction, init_states}]
     reset       suite, task, init_state, seed, settle_steps -> observation
-    step        action (float [7])      -> observation, reward, done, success, sim_ms
+    step        action (float [7]), render (bool, default true) -> observation, reward, done, success, sim_ms
     close                               -> {}
 
 observation = {agentview [224, 224, 3] uint8, wrist [224, 224, 3] uint8 (both upright), eef_pos [3],
                eef_axis_angle [3], gripper_qpos [2], state [8] (the three concatenated, as openpi's
-               LIBERO example feeds pi0), instruction: str, step: int}
+               LIBERO example feeds pi0), instruction: str, step: int}; a step with render false leaves
+               the cameras out (not rendered: a client that will not look at them saves their cost)
 
 sim_ms: the simulator's own time for the step (in the server, around LIBERO's step, its success check and
 the observation's arrays; not the decoding and encoding), so a client can tell it from the round trip.
@@ -40,7 +41,7 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[type | tuple, bool]]] = {
         "seed": (int, False),
         "settle_steps": (int, False),
     },
-    "step": {"action": (np.ndarray, True)},
+    "step": {"action": (np.ndarray, True), "render": (bool, False)},
     "close": {},
 }
 

@@ -43,7 +43,7 @@ def handle(sim, payload: bytes) -> bytes:
             return protocol.reply_ok(observation=observation)
         if op == "step":
             started = time.perf_counter()
-            observation, reward, done, success = sim.step(fields["action"])
+            observation, reward, done, success = sim.step(fields["action"], fields.get("render", True))
             return protocol.reply_ok(
                 observation=observation, reward=reward, done=done, success=success, sim_ms=elapsed_ms(started)
             )

@@ -114,6 +114,63 @@ def test_one_episode_in_process_with_per_step_success(client):
     assert result.success is False and not any(result.success_per_step)  # random weights
 
 
+class Seen:
+    """A policy that records what it is offered, and a sim client that counts the steps it rendered."""
+
+    def __init__(self, inner):
+        self.inner, self.offered, self.rendered = inner, [], 0
+
+    def submit(self, obs, previous=None):
+        self.offered.append(obs)
+        return self.inner.submit(obs, previous=previous)
+
+    def reset(self, *args):
+        return self.inner.reset(*args)
+
+    def step(self, action, render=True):
+        reply = self.inner.step(action, render=render)
+        self.rendered += "agentview" in reply["observation"]
+        return reply
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_only_observed_steps_render(client, tmp_path):
+    """Lockstep: only a cycle's last step renders its cameras (the next offer sends them), none after the
+    episode's last step; with a video every step renders."""
+    for video_dir, expected in ((tmp_path / "video", 15), (None, 2)):  # 2: after steps 5 and 10
+        with PipelinedExecutor(RuntimeConfig(preset="pi05_tiny")) as executor:
+            policy, sim = Seen(executor), Seen(client)
+            link = InProcessLink(policy, lockstep=True)
+            result = run_episode(
+                sim, link, SUITE, 0, 0, max_steps=15, replan_steps=5, settle_steps=2, video_dir=video_dir
+            )
+        assert result.steps == 15 and sim.rendered == expected and len(policy.offered) == 3
+        for obs in policy.offered:  # real renderings, not the blank stand-in
+            assert all(image.dtype == np.uint8 and image.any() for image in obs.images.values())
+
+
+def test_skipping_the_cameras_leaves_the_physics_alone(client):
+    """The same actions from the same initial state, every step rendered or only the last: the same
+    robot state at every step; images only where rendered. (Images of two episodes are not compared:
+    robosuite samples a camera at a point of its step that drifts from one episode to the next.)"""
+    rng = np.random.default_rng(0)
+    actions = [np.r_[rng.uniform(-1, 1, 6), -1.0].astype(np.float32) for _ in range(8)]
+    states = {}
+    for every in (True, False):
+        client.reset(SUITE, 0, settle_steps=2)
+        states[every] = []
+        for k, action in enumerate(actions):
+            rendered = every or k == len(actions) - 1
+            obs = client.step(action, render=rendered)["observation"]
+            assert ("agentview" in obs and "wrist" in obs) == rendered
+            if rendered:
+                assert obs["agentview"].shape == (224, 224, 3) and obs["agentview"].any()
+            states[every].append(obs["state"])
+    np.testing.assert_array_equal(np.stack(states[True]), np.stack(states[False]))
+
+
 def test_an_injected_delay_runs_the_old_chunk_then_the_new_one_from_its_frozen_actions(client):
     """rtc with a delay of 2: after each observation two more actions of the old chunk run, then the new
     chunk from its action 2 on (its frozen actions are the old chunk's); every hand-over is measured."""
