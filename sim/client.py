@@ -17,6 +17,7 @@ class SimClient:
         self.timeout_ms = int(timeout_s * 1000)
         self._context = zmq.Context.instance()
         self._socket = None
+        self._renders_on_request = True  # False once the server says it does not know `render`
         self._connect()
 
     def _connect(self) -> None:
@@ -54,9 +55,16 @@ class SimClient:
         )["observation"]
 
     def step(self, action, render: bool = True) -> dict:
-        """One control step; render=False: the observation without the cameras (sent only then, so a
-        server of an earlier version still answers the default)."""
-        return self.call("step", action=action, **({} if render else {"render": False}))
+        """One control step; render=False: the observation without the cameras. A server of an earlier
+        version refuses the field (before stepping): then every step is sent without it, rendered."""
+        if not render and self._renders_on_request:
+            try:
+                return self.call("step", action=action, render=False)
+            except SimError as err:
+                if not str(err).startswith("render: unknown field"):
+                    raise
+                self._renders_on_request = False
+        return self.call("step", action=action)
 
     def close(self) -> None:
         if self._socket is not None:

@@ -41,7 +41,6 @@ class LiberoSim:
         self._suites: dict = {}
         self._env = None
         self._env_key = None
-        self._cameras_on, self._camera_sensors = True, {}  # a new environment comes with its own sensors
         self.instruction = ""
         self.steps = 0
         self._cameras_on = True
@@ -93,19 +92,19 @@ class LiberoSim:
             )
             self._env.seed(seed)  # openpi: the seed affects object placement even with a fixed init state
             self._env_key = key
-        self._render_cameras(True)  # the real sensors back before robosuite resets its observables
+        self._set_cameras(True)  # the real sensors back before robosuite resets its observables
         self._env.reset()
         # only the observation returned renders: the last settle step's, or the initial state's
-        self._render_cameras(settle_steps == 0)
+        self._set_cameras(settle_steps == 0)
         obs = self._env.set_init_state(init_states[init_state])
         for k in range(settle_steps):
-            self._render_cameras(k == settle_steps - 1)
+            self._set_cameras(k == settle_steps - 1)
             obs, _, _, _ = self._env.step(DUMMY_ACTION)
         self.instruction = spec.language
         self.steps = 0
         return self.observation(obs)
 
-    def _render_cameras(self, on: bool) -> None:
+    def _set_cameras(self, on: bool) -> None:
         """Cameras on or off for the next steps. Off, each camera's sensor (robosuite renders through it
         once per control step) is swapped for one that returns a blank image: the observables keep their
         own timing, so a camera back on renders at the same moment of its step as if never off. (Disabling
@@ -124,7 +123,7 @@ class LiberoSim:
     def step(self, action: np.ndarray, render: bool = True) -> tuple[dict, float, bool, bool]:
         if self._env is None:
             raise ValueError("step: no episode; send reset first")
-        self._render_cameras(render)
+        self._set_cameras(render)
         obs, reward, done, _ = self._env.step(np.asarray(action, dtype=np.float64).tolist())
         self.steps += 1
         success = bool(self._env.check_success())  # LIBERO's own success predicate for the task

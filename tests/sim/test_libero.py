@@ -153,8 +153,8 @@ def test_only_observed_steps_render(client, tmp_path):
 
 def test_skipping_the_cameras_leaves_the_physics_alone(client):
     """The same actions from the same initial state, every step rendered or only the last: the same
-    robot state at every step; images only where rendered. (Images of two episodes are not compared:
-    robosuite samples a camera at a point of its step that drifts from one episode to the next.)"""
+    robot state at every step; images only where rendered. (Images of two episodes are not compared: in
+    a trial they differed where the robot's state did not; why was not established.)"""
     rng = np.random.default_rng(0)
     actions = [np.r_[rng.uniform(-1, 1, 6), -1.0].astype(np.float32) for _ in range(8)]
     states = {}

@@ -102,3 +102,39 @@ def test_non_finite_action_and_no_pickle():
         check_request(decode(protocol.request("step", action=bad)))
     with pytest.raises(TypeError):
         encode({"x": object()})  # arbitrary objects are never serialised
+
+
+class StepOnly:
+    """A simulator stub for the server: records each step's render flag."""
+
+    def __init__(self, rng):
+        self.rng, self.renders = rng, []
+
+    def step(self, action, render=True):
+        self.renders.append(render)
+        obs = observation(self.rng)
+        if not render:
+            del obs["agentview"], obs["wrist"]
+        return obs, 0.0, False, False
+
+
+def test_a_step_without_cameras_and_a_server_that_does_not_know_render(rng, monkeypatch):
+    """render false leaves the cameras out; a server of an earlier version refuses the field before
+    stepping, and the client then sends every step without it (rendered), stepping once each time."""
+    import threading
+
+    from vla_runtime.sim.client import SimClient
+    from vla_runtime.sim.launcher import free_endpoint
+    from vla_runtime.sim.server import serve
+
+    sim, endpoint = StepOnly(rng), free_endpoint()
+    threading.Thread(target=serve, args=(endpoint, sim), daemon=True).start()
+    client = SimClient(endpoint, timeout_s=10)
+    action = np.zeros(7, np.float32)
+    assert "agentview" not in client.step(action, render=False)["observation"]
+    assert "agentview" in client.step(action)["observation"] and sim.renders == [False, True]
+    monkeypatch.setitem(protocol.REQUEST_FIELDS, "step", {"action": (np.ndarray, True)})  # the old server
+    assert "agentview" in client.step(action, render=False)["observation"]
+    assert "agentview" in client.step(action, render=False)["observation"]
+    assert sim.renders == [False, True, True, True]  # one step per call, the refused one not stepped
+    client.close()
