@@ -239,9 +239,9 @@ def cmd_eval_libero(args) -> int:
         say("starting the LIBERO simulation server ...")
     server = None if args.endpoint else SimServerProcess(log_path=out / "sim_server.log")
     try:
-        start = time.monotonic()
-        episodes, identity = run_libero(args, config, args.endpoint or server.endpoint, args.tasks, out)
-        seconds = time.monotonic() - start
+        episodes, identity, seconds = run_libero(
+            args, config, args.endpoint or server.endpoint, args.tasks, out
+        )
     finally:
         if server is not None:
             server.stop()
@@ -387,8 +387,9 @@ def report_libero(args, config, out, episodes, identity, seconds: float) -> int:
     return 0
 
 
-def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
-    """The episodes over the chosen path, and the served model's identity (model_id, random_weights)."""
+def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, float]:
+    """The episodes over the chosen path, the served model's identity (model_id, random_weights) and the
+    episodes' wall-clock seconds (the policy's start-up not included)."""
     from .sim.client import SimClient
     from .sim.evaluate import evaluate
 
@@ -407,13 +408,13 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
 
             say(f"starting the policy node ({config.device}) ...")
             with RosPolicy(node_params(config, args.record), lockstep, out / "policy_node.log") as link:
-                episodes = evaluate(client, link, args.suite, tasks or [0], args.trials, **run)
+                episodes, seconds = evaluate(client, link, args.suite, tasks or [0], args.trials, **run)
                 served = link.diagnostics()
             identity = {
                 "model_id": served.get("model_id", "?"),
                 "random_weights": served.get("random_weights", str(args.checkpoint is None)) == "True",
             }
-            return episodes, identity
+            return episodes, identity, seconds
         from .runtime.executor import PipelinedExecutor
         from .sim.episode import InProcessLink
 
@@ -429,12 +430,13 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict]:
                 took = f"ready in {time.monotonic() - start:.0f} s ({policy.describe_startup()})"
                 say(f"{took}: {policy.metadata.model_id}")
                 link = InProcessLink(policy, lockstep, recorder)
-                episodes = evaluate(client, link, args.suite, tasks, args.trials, **run)
+                episodes, seconds = evaluate(client, link, args.suite, tasks, args.trials, **run)
                 metadata = policy.metadata
         finally:
             if recorder is not None:
                 recorder.close()
-        return episodes, {"model_id": metadata.model_id, "random_weights": metadata.random_weights}
+        identity = {"model_id": metadata.model_id, "random_weights": metadata.random_weights}
+        return episodes, identity, seconds
     finally:
         client.close()
 

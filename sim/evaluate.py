@@ -28,10 +28,13 @@ def evaluate(
     delay_steps: int = 0,
     settle_steps: int,
     video_dir: Path | None,
-) -> list[EpisodeResult]:
+) -> tuple[list[EpisodeResult], float]:
+    """The episodes one after another, and the wall-clock seconds they took (from the first reset: the
+    policy's start-up before it is not theirs, as in `evaluate_parallel`)."""
     if tasks is None:
         tasks = [t["index"] for t in client.tasks(suite)]
     episodes = []
+    start = time.monotonic()
     with tqdm(total=len(tasks) * trials, desc=f"{suite} ({link.path})", unit="episode") as bar:
         for task in tasks:
             for trial in range(trials):
@@ -64,7 +67,7 @@ def evaluate(
                     )
                 bar.set_postfix(success=sum(e.success for e in episodes))
                 bar.update()
-    return episodes
+    return episodes, time.monotonic() - start
 
 
 def deal_episodes(tasks: list[int], trials: int, workers: int) -> list[list[tuple[int, int]]]:

@@ -171,6 +171,74 @@ def test_skipping_the_cameras_leaves_the_physics_alone(client):
     np.testing.assert_array_equal(np.stack(states[True]), np.stack(states[False]))
 
 
+SOFT_AGAINST_HARD = """
+import json, pathlib, sys
+import numpy as np
+from libero.libero import get_libero_path
+from libero.libero.envs import OffScreenRenderEnv
+from vla_runtime.sim.libero_env import CAMERAS, DUMMY_ACTION, IMAGE_SIZE, LiberoSim
+
+suite, task, settle, seed = sys.argv[1], 0, 2, 7
+rng = np.random.default_rng(int(sys.argv[2]))
+episodes = [(k, rng.uniform(-1, 1, (12, 7))) for k in (0, 1, 2)]  # init state, actions (gripper included)
+
+def trace(env, obs, reward, success):  # the whole MuJoCo state, the images, reward and success
+    images = np.concatenate([obs[name].ravel() for name in CAMERAS.values()])
+    return env.sim.get_state().flatten(), images, reward, success
+
+ours = LiberoSim()
+ours_traces = []
+for k, actions in episodes:
+    ours.reset(suite, task, k, seed, settle)
+    for action in actions:
+        ours._set_cameras(True)
+        obs, reward, _, _ = ours._env.step(action.tolist())
+        ours_traces.append(trace(ours._env.env, obs, reward, ours._env.check_success()))
+
+spec = ours.suite(suite).get_task(task)
+bddl = pathlib.Path(get_libero_path("bddl_files")) / spec.problem_folder / spec.bddl_file
+hard = OffScreenRenderEnv(bddl_file_name=str(bddl), camera_heights=IMAGE_SIZE, camera_widths=IMAGE_SIZE)
+hard.seed(seed)
+init_states = ours.suite(suite).get_task_init_states(task)
+hard_traces = []
+for k, actions in episodes:
+    hard.reset()  # LIBERO's default: the model rebuilt
+    hard.set_init_state(init_states[k])
+    for _ in range(settle):
+        hard.step(DUMMY_ACTION)
+    for action in actions:
+        obs, reward, _, _ = hard.step(action.tolist())
+        hard_traces.append(trace(hard.env, obs, reward, hard.check_success()))
+
+same = [
+    bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:])
+    for a, b in zip(ours_traces, hard_traces)
+]
+moved = float(np.abs(ours_traces[-1][0] - ours_traces[0][0]).max())
+print(json.dumps({"steps": len(same), "same": sum(same), "moved": moved}))
+"""
+
+
+def test_a_soft_reset_gives_the_episodes_a_hard_reset_gives():
+    """Three consecutive episodes of one task (fresh random actions, the gripper's too): LiberoSim's soft
+    reset against LIBERO's default hard reset (the model rebuilt each time), step by step: the whole MuJoCo
+    state, both cameras' images, reward and success equal to the bit."""
+    from vla_runtime.sim.launcher import libero_python
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    done = subprocess.run(
+        [str(libero_python()), "-c", SOFT_AGAINST_HARD, SUITE, str(seed)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 36 and result["moved"] > 1e-3  # the robot moved: the comparison has teeth
+    assert result["same"] == 36, f"seed {seed}: {result}"
+
+
 def test_an_injected_delay_runs_the_old_chunk_then_the_new_one_from_its_frozen_actions(client):
     """rtc with a delay of 2: after each observation two more actions of the old chunk run, then the new
     chunk from its action 2 on (its frozen actions are the old chunk's); every hand-over is measured."""

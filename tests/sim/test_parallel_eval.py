@@ -68,3 +68,25 @@ def test_mistakes_are_named_before_anything_starts(tmp_path, args, message):
     )
     assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+def test_one_worker_counts_the_episodes_time_alone(monkeypatch):
+    """The speed-up of --workers N is against one worker's episodes per hour: both clocks start at the
+    first episode (a policy's start-up before it, here 100 s on a fake clock, is not the episodes'; it
+    once was for one worker, which overstated the speed-up)."""
+    from types import SimpleNamespace
+
+    from vla_runtime.sim import evaluate as evaluation
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(evaluation, "time", SimpleNamespace(monotonic=lambda: clock.now))
+
+    def episode(client, link, suite, task, trial, **run):
+        clock.now += 10.0 + task  # 10 s, plus the task index to tell episodes apart
+        return SimpleNamespace(success=False, task=task, trial=trial)
+
+    monkeypatch.setattr(evaluation, "run_episode", episode)
+    run = dict(max_steps=1, replan_steps=1, seed=0, settle_steps=0, video_dir=None)
+    episodes, seconds = evaluation.evaluate(None, SimpleNamespace(path="fake"), "suite", [0, 2], 3, **run)
+    assert [(e.task, e.trial) for e in episodes] == [(t, i) for t in (0, 2) for i in range(3)]
+    assert seconds == 3 * 10.0 + 3 * 12.0
