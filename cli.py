@@ -254,7 +254,7 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
     from .runtime.executor import PipelinedExecutor
     from .runtime.server import PolicyServer
     from .sim.client import SimClient
-    from .sim.evaluate import evaluate_parallel
+    from .sim.evaluate import EnvironmentBuilds, deal_episodes, evaluate_parallel
     from .sim.launcher import SimServerProcess
 
     check_workers_fit_here(args.workers)
@@ -267,9 +267,15 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
         config = config.replace(max_batch=largest_batch(args.workers, config.batch_profiles))
+        first_tasks = [share[0][0] for share in deal_episodes(tasks, args.trials, args.workers) if share]
         say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
-            f"{config.max_batch}) and capturing ...")  # fmt: skip
-        with PipelinedExecutor(config) as executor, PolicyServer(executor) as server:
+            f"{config.max_batch}) and capturing; the simulators build their first tasks ...")  # fmt: skip
+        with (
+            EnvironmentBuilds(clients, args.suite, first_tasks, args.seed) as builds,
+            PipelinedExecutor(config) as executor,
+            PolicyServer(executor) as server,
+        ):
+            builds.wait()
             episodes, seconds = evaluate_parallel(
                 clients,
                 server,
@@ -391,7 +397,7 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, flo
     """The episodes over the chosen path, the served model's identity (model_id, random_weights) and the
     episodes' wall-clock seconds (the policy's start-up not included)."""
     from .sim.client import SimClient
-    from .sim.evaluate import evaluate
+    from .sim.evaluate import EnvironmentBuilds, evaluate
 
     if args.delay_steps and (args.path == "ros" or args.mode != "lockstep"):
         raise ValueError(
@@ -426,9 +432,14 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, flo
         try:
             start = time.monotonic()
             say(f"loading {config.model_name} on {config.device} ({config.precision}) and capturing ...")
-            with PipelinedExecutor(config) as policy:
+            tasks = tasks or [t["index"] for t in client.tasks(args.suite)]
+            with (
+                EnvironmentBuilds([client], args.suite, tasks[:1], args.seed) as builds,
+                PipelinedExecutor(config) as policy,
+            ):
                 took = f"ready in {time.monotonic() - start:.0f} s ({policy.describe_startup()})"
                 say(f"{took}: {policy.metadata.model_id}")
+                builds.wait()
                 link = InProcessLink(policy, lockstep, recorder)
                 episodes, seconds = evaluate(client, link, args.suite, tasks, args.trials, **run)
                 metadata = policy.metadata

@@ -41,6 +41,7 @@ class LiberoSim:
         self._suites: dict = {}
         self._env = None
         self._env_key = None
+        self._resets = 0  # resets since the environment was seeded: which scene the next one draws
         self.instruction = ""
         self.steps = 0
         self._cameras_on = True
@@ -93,10 +94,9 @@ class LiberoSim:
                 camera_widths=IMAGE_SIZE,
                 hard_reset=False,  # see `_soft_reset`
             )
-            self._env.seed(seed)  # openpi: the seed affects object placement even with a fixed init state
             self._env_key = key
-        self._set_cameras(True)  # the real sensors back before robosuite resets its observables
-        self._soft_reset()
+            self._seed(seed)
+        self._draw_scene(init_state, seed)
         # only the observation returned renders: the last settle step's, or the initial state's
         self._set_cameras(settle_steps == 0)
         obs = self._env.set_init_state(init_states[init_state])
@@ -106,6 +106,27 @@ class LiberoSim:
         self.instruction = spec.language
         self.steps = 0
         return self.observation(obs)
+
+    def _seed(self, seed: int) -> None:
+        self._env.seed(seed)  # openpi: the seed affects object placement even with a fixed init state
+        self._resets = 0
+
+    def _draw_scene(self, init_state: int, seed: int) -> None:
+        """Reset for the episode of `init_state` as openpi's LIBERO loop would: its environment, seeded
+        once per task, resets before each trial k = 0, 1, ... in order, so trial k is the (k+1)-th reset.
+        That matters beyond the init state: each reset draws the fixtures' places (the wooden cabinet,
+        the flat stove: millimetres apart, in the model, not in the init state) from NumPy's global random
+        state. Here the episode of init state k is drawn as that (k+1)-th reset whatever this simulator
+        ran before (another share of the trials, the same trial again): the scene comes back to the start
+        by seeding again, and moves forward by resets without rendering, so an episode is the same with
+        one worker or many (tests/sim/test_libero.py)."""
+        if self._resets > init_state:
+            self._seed(seed)
+        self._set_cameras(False)
+        while self._resets < init_state:
+            self._soft_reset()
+        self._set_cameras(True)  # the real sensors back for the episode's reset
+        self._soft_reset()
 
     def _soft_reset(self) -> None:
         """A new episode in the environment built for the task. LIBERO's default, a hard reset, rebuilds the
@@ -118,6 +139,7 @@ class LiberoSim:
         self._env.reset()
         for robot in self._env.env.robots:
             robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        self._resets += 1
 
     def _set_cameras(self, on: bool) -> None:
         """Cameras on or off for the next steps. Off, each camera's sensor (robosuite renders through it

@@ -90,3 +90,34 @@ def test_one_worker_counts_the_episodes_time_alone(monkeypatch):
     episodes, seconds = evaluation.evaluate(None, SimpleNamespace(path="fake"), "suite", [0, 2], 3, **run)
     assert [(e.task, e.trial) for e in episodes] == [(t, i) for t in (0, 2) for i in range(3)]
     assert seconds == 3 * 10.0 + 3 * 12.0
+
+
+def test_simulators_build_their_first_tasks_in_the_background():
+    """Each simulator gets one reset of its first task (init state 0, no settle steps), all at once;
+    `wait` returns when all are done and raises a simulator's error as the first episode would have."""
+    import threading
+
+    from vla_runtime.sim.client import SimError
+    from vla_runtime.sim.evaluate import EnvironmentBuilds
+
+    started = threading.Barrier(3, timeout=30)  # all three build at once, or this times out
+
+    class Sim:
+        def __init__(self, fail=False):
+            self.resets, self.fail = [], fail
+
+        def reset(self, *args):
+            started.wait()
+            self.resets.append(args)
+            if self.fail:
+                raise SimError("task: 9 out of range")
+
+    sims = [Sim(), Sim(), Sim()]
+    with EnvironmentBuilds(sims, "libero_spatial", [0, 3, 5], seed=7) as builds:
+        builds.wait()
+    assert [s.resets for s in sims] == [[("libero_spatial", t, 0, 7, 0)] for t in (0, 3, 5)]
+    started.reset()
+    sims = [Sim(), Sim(fail=True), Sim()]
+    with pytest.raises(SimError, match="task: 9"), EnvironmentBuilds(sims, "s", [0, 9, 1], seed=7) as builds:
+        builds.wait()
+    assert all(len(s.resets) == 1 for s in sims)
