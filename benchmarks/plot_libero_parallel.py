@@ -3,12 +3,14 @@ run against its own one-worker baseline (runs on different machines are not comp
 speed-up; and the chunks' age (p50, p99) per worker count.
 
 python benchmarks/plot_libero_parallel.py RUN.json [RUN.json ...] [--out docs/img/libero_parallel.png]
+    [--what COMMIT=TEXT ...]   (what a run's code changed, for its label)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(paths: list[Path], out: Path) -> None:
+def main(paths: list[Path], out: Path, what: dict[str, str]) -> None:
     docs = [json.loads(path.read_text()) for path in paths]
     first = docs[0]
     for doc in docs[1:]:  # one figure, one workload and one kind of machine
@@ -31,7 +33,7 @@ def main(paths: list[Path], out: Path) -> None:
         runs = [doc["runs"][str(w)] for w in workers]
         color = f"C{k}"
         setting = doc["libero_versions"].split("; ")[1:]  # what the run set beside the versions, if anything
-        label = ", ".join([f"commit {doc['commit']}", *setting])
+        label = ", ".join([f"commit {doc['commit']}", *setting, *filter(None, [what.get(doc["commit"])])])
         right.plot(workers, [r["chunk_age_ms"]["p50"] for r in runs], "o-", color=color, label=f"{label} p50")
         right.plot(
             workers, [r["chunk_age_ms"]["p99"] for r in runs], "s--", color=color, label=f"{label} p99"
@@ -51,7 +53,7 @@ def main(paths: list[Path], out: Path) -> None:
     left.set_xlabel("workers (LIBERO simulators, one batched policy server)")
     left.set_ylabel("speed-up: episodes per hour / one worker's, same run")
     left.legend(fontsize=8)
-    left.set_title(f"{first['episodes']}; {first['cpus']} CPUs", fontsize=9)
+    left.set_title(textwrap.fill(f"{first['episodes']}; {first['cpus']} CPUs", 80), fontsize=9)
     right.set_xlabel("workers")
     right.set_ylabel("chunk age, ms (observation to chunk, lockstep)")
     right.legend(fontsize=8)
@@ -68,5 +70,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=Path("docs/img/libero_parallel.png"))
+    parser.add_argument("--what", action="append", default=[], metavar="COMMIT=TEXT")
     args = parser.parse_args()
-    main(args.runs, args.out)
+    main(args.runs, args.out, dict(item.split("=", 1) for item in args.what))
