@@ -267,11 +267,11 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
         config = config.replace(max_batch=largest_batch(args.workers, config.batch_profiles))
-        first_tasks = [share[0][0] for share in deal_episodes(tasks, args.trials, args.workers) if share]
+        first_episodes = [share[0] for share in deal_episodes(tasks, args.trials, args.workers) if share]
         say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
             f"{config.max_batch}) and capturing; the simulators build their first tasks ...")  # fmt: skip
         with (
-            EnvironmentBuilds(clients, args.suite, first_tasks, args.seed) as builds,
+            EnvironmentBuilds(clients, args.suite, first_episodes, args.seed) as builds,
             PipelinedExecutor(config) as executor,
             PolicyServer(executor) as server,
         ):
@@ -434,7 +434,7 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, flo
             say(f"loading {config.model_name} on {config.device} ({config.precision}) and capturing ...")
             tasks = tasks or [t["index"] for t in client.tasks(args.suite)]
             with (
-                EnvironmentBuilds([client], args.suite, tasks[:1], args.seed) as builds,
+                EnvironmentBuilds([client], args.suite, [(tasks[0], 0)], args.seed) as builds,
                 PipelinedExecutor(config) as policy,
             ):
                 took = f"ready in {time.monotonic() - start:.0f} s ({policy.describe_startup()})"

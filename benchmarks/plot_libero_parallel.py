@@ -45,7 +45,7 @@ def main(paths: list[Path], out: Path, what: dict[str, str]) -> None:
         top = max(top, *workers)
         left.plot(workers, speedups, "o-", color=color, label=f"{label} (1 worker: {one:.0f} episodes/h)")
         for w, x in zip(workers, speedups, strict=True):
-            offset = (4, -12 + 10 * k)  # the runs' labels at one count apart
+            offset = (-10, -16 + 24 * k)  # the runs' labels at one count apart
             left.annotate(
                 f"{x:.2f}x", (w, x), fontsize=8, color=color, xytext=offset, textcoords="offset points"
             )
@@ -72,4 +72,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("docs/img/libero_parallel.png"))
     parser.add_argument("--what", action="append", default=[], metavar="COMMIT=TEXT")
     args = parser.parse_args()
+    if any("=" not in item for item in args.what):
+        parser.error("--what: COMMIT=TEXT")
     main(args.runs, args.out, dict(item.split("=", 1) for item in args.what))

@@ -133,6 +133,10 @@ class SimWorker:
     def task_indices(self, suite: str) -> list[int]:
         return [t["index"] for t in self.client.tasks(suite)]
 
+    def build(self, suite: str, task: int, trial: int, seed: int) -> None:
+        """The first episode's environment, built while the policy servers load (as EnvironmentBuilds)."""
+        self.client.reset(suite, task, max(trial - 1, 0), seed, 0)
+
     def run(self, policy, robot: str, suite: str, jobs: list[tuple[int, int]], run: dict) -> list[dict]:
         link = InProcessLink(RemotePolicy(policy, robot), lockstep=True)
         return [dataclasses.asdict(run_episode(self.client, link, suite, t, i, **run)) for t, i in jobs]
@@ -236,10 +240,16 @@ def evaluate_ray(
         if bad:
             raise ValueError(f"--tasks: {bad} out of range 0..{len(known) - 1} for {suite}")
         tasks = known if tasks is None else tasks
-        # every server up before the clock starts
+        dealt = deal_episodes(tasks, trials, workers)
+        builds = [
+            sim.build.remote(suite, *share[0], run["seed"])
+            for sim, share in zip(sims, dealt, strict=True)
+            if share
+        ]
+        # every server up and every first environment built before the clock starts
         identities = ray.get([p.identity.remote() for p in policies], timeout=ACTOR_START_TIMEOUT_S)
         identity = identities[0]
-        dealt = deal_episodes(tasks, trials, workers)
+        ray.get(builds, timeout=ACTOR_START_TIMEOUT_S)
         start = time.monotonic()
         refs = [
             sim.run.remote(policies[w % servers], f"worker_{w}", suite, dealt[w], run)

@@ -88,21 +88,25 @@ class EnvironmentBuilds:
     """Each simulator builds the environment of its first episode's task in the background, while the
     policy loads and captures. A LIBERO build takes about a second alone on the H200 machine, but builds
     started together wait for each other (by inference from the resets' times, about 7.5 s each with 16
-    at once), and every worker starts with one. `wait()` before the episodes; errors are raised there, as
-    the first reset would have raised them. Leaving the block waits too, so no client is closed in use."""
+    at once), and every worker starts with one. The build's reset draws the scene just before the first
+    episode's (its trial less one), so that episode's reset need not move the scene forward
+    (LiberoSim._draw_scene). `wait()` before the episodes; errors are raised there, as the first reset
+    would have raised them. Leaving the block waits too, so no client is closed in use."""
 
-    def __init__(self, clients: list, suite: str, tasks: list[int], seed: int):
+    def __init__(self, clients: list, suite: str, first_episodes: list[tuple[int, int]], seed: int):
         self._errors: list[BaseException] = []
 
-        def build(client, task: int) -> None:
+        def build(client, task: int, trial: int) -> None:
             try:
-                client.reset(suite, task, 0, seed, 0)  # no settle steps: the episode's own reset settles
+                # no settle steps: the episode's own reset settles
+                client.reset(suite, task, max(trial - 1, 0), seed, 0)
             except BaseException as err:  # noqa: BLE001 - raised by wait()
                 self._errors.append(err)
 
         self._threads = [
-            threading.Thread(target=build, args=(client, task), name=f"build-{w}", daemon=True)
-            for w, (client, task) in enumerate(zip(clients, tasks, strict=False))  # idle workers: none
+            threading.Thread(target=build, args=(client, *first), name=f"build-{w}", daemon=True)
+            # idle workers (more workers than episodes) have no first episode
+            for w, (client, first) in enumerate(zip(clients, first_episodes, strict=False))
         ]
         for t in self._threads:
             t.start()

@@ -122,11 +122,10 @@ class LiberoSim:
         one worker or many (tests/sim/test_libero.py)."""
         if self._resets > init_state:
             self._seed(seed)
+        # No reset renders: the init state set next replaces what the cameras would see.
         self._set_cameras(False)
-        while self._resets < init_state:
+        while self._resets <= init_state:
             self._soft_reset()
-        self._set_cameras(True)  # the real sensors back for the episode's reset
-        self._soft_reset()
 
     def _soft_reset(self) -> None:
         """A new episode in the environment built for the task. LIBERO's default, a hard reset, rebuilds the

@@ -93,8 +93,9 @@ def test_one_worker_counts_the_episodes_time_alone(monkeypatch):
 
 
 def test_simulators_build_their_first_tasks_in_the_background():
-    """Each simulator gets one reset of its first task (init state 0, no settle steps), all at once;
-    `wait` returns when all are done and raises a simulator's error as the first episode would have."""
+    """Each simulator gets one reset of its first episode's task (the scene before its trial's, no settle
+    steps), all at once; `wait` returns when all are done and raises a simulator's error as the first
+    episode would have."""
     import threading
 
     from vla_runtime.sim.client import SimError
@@ -113,11 +114,16 @@ def test_simulators_build_their_first_tasks_in_the_background():
                 raise SimError("task: 9 out of range")
 
     sims = [Sim(), Sim(), Sim()]
-    with EnvironmentBuilds(sims, "libero_spatial", [0, 3, 5], seed=7) as builds:
+    with EnvironmentBuilds(sims, "libero_spatial", [(0, 0), (3, 1), (5, 30)], seed=7) as builds:
         builds.wait()
-    assert [s.resets for s in sims] == [[("libero_spatial", t, 0, 7, 0)] for t in (0, 3, 5)]
+    assert [s.resets for s in sims] == [
+        [("libero_spatial", t, k, 7, 0)] for t, k in ((0, 0), (3, 0), (5, 29))
+    ]
     started.reset()
     sims = [Sim(), Sim(fail=True), Sim()]
-    with pytest.raises(SimError, match="task: 9"), EnvironmentBuilds(sims, "s", [0, 9, 1], seed=7) as builds:
+    with (
+        pytest.raises(SimError, match="task: 9"),
+        EnvironmentBuilds(sims, "s", [(0, 0), (9, 0), (1, 0)], seed=7) as builds,
+    ):
         builds.wait()
     assert all(len(s.resets) == 1 for s in sims)
