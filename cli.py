@@ -255,15 +255,14 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
     from .runtime.server import PolicyServer
     from .sim.client import SimClient
     from .sim.evaluate import EnvironmentBuilds, deal_episodes, evaluate_parallel
-    from .sim.launcher import SimServerProcess
+    from .sim.launcher import start_sim_servers
 
     check_workers_fit_here(args.workers)
     say(f"starting {args.workers} LIBERO simulation servers ...")
-    sims, clients = [], []
+    sims = start_sim_servers([out / f"sim_server_{w}.log" for w in range(args.workers)])
+    clients = []
     try:
-        for w in range(args.workers):  # inside the try: those started are stopped if one fails
-            sims.append(SimServerProcess(log_path=out / f"sim_server_{w}.log"))
-            clients.append(SimClient(sims[-1].endpoint))
+        clients = [SimClient(sim.endpoint) for sim in sims]
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
         config = config.replace(max_batch=largest_batch(args.workers, config.batch_profiles))

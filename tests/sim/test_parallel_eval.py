@@ -127,3 +127,36 @@ def test_simulators_build_their_first_tasks_in_the_background():
     ):
         builds.wait()
     assert all(len(s.resets) == 1 for s in sims)
+
+
+def test_sim_servers_start_together_and_stop_together_on_a_failure(monkeypatch):
+    """Every process is spawned before any is waited for; when one never answers, all are stopped."""
+    from vla_runtime.sim import launcher
+
+    events = []
+
+    class Server:
+        def __init__(self, log_path, wait):
+            assert wait is False
+            self.name = log_path
+            events.append(("spawn", log_path))
+
+        def wait_ready(self):
+            events.append(("ready", self.name))
+            if self.name == failing:
+                raise TimeoutError("sim server: no answer")
+
+        def stop(self):
+            events.append(("stop", self.name))
+
+    monkeypatch.setattr(launcher, "SimServerProcess", Server)
+    failing = None
+    servers = launcher.start_sim_servers(["a", "b", "c"])
+    assert [s.name for s in servers] == ["a", "b", "c"]
+    assert events == [("spawn", n) for n in "abc"] + [("ready", n) for n in "abc"]
+    events.clear()
+    failing = "b"
+    with pytest.raises(TimeoutError):
+        launcher.start_sim_servers(["a", "b", "c"])
+    assert events[:5] == [("spawn", n) for n in "abc"] + [("ready", "a"), ("ready", "b")]
+    assert sorted(events[5:]) == [("stop", n) for n in "abc"]
