@@ -45,7 +45,9 @@ def main(paths: list[Path], out: Path, what: dict[str, str]) -> None:
         top = max(top, *workers)
         left.plot(workers, speedups, "o-", color=color, label=f"{label} (1 worker: {one:.0f} episodes/h)")
         for w, x in zip(workers, speedups, strict=True):
-            offset = (-10, -16 + 24 * k)  # the runs' labels at one count apart
+            if w == 1:
+                continue  # 1.00x by definition
+            offset = [(4, -14), (-44, 4), (-20, 8)][k % 3]  # the runs' labels at one count apart
             left.annotate(
                 f"{x:.2f}x", (w, x), fontsize=8, color=color, xytext=offset, textcoords="offset points"
             )
