@@ -269,11 +269,8 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
         first_episodes = [share[0] for share in deal_episodes(tasks, args.trials, args.workers) if share]
         say(f"loading {config.model_name} on {config.device} ({config.precision}, batches up to "
             f"{config.max_batch}) and capturing; the simulators build their first tasks ...")  # fmt: skip
-        with (
-            EnvironmentBuilds(clients, args.suite, first_episodes, args.seed) as builds,
-            PipelinedExecutor(config) as executor,
-            PolicyServer(executor) as server,
-        ):
+        builds = EnvironmentBuilds([sim.endpoint for sim in sims], args.suite, first_episodes, args.seed)
+        with PipelinedExecutor(config) as executor, PolicyServer(executor) as server:
             builds.wait()
             episodes, seconds = evaluate_parallel(
                 clients,
@@ -432,10 +429,8 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, flo
             start = time.monotonic()
             say(f"loading {config.model_name} on {config.device} ({config.precision}) and capturing ...")
             tasks = tasks or [t["index"] for t in client.tasks(args.suite)]
-            with (
-                EnvironmentBuilds([client], args.suite, [(tasks[0], 0)], args.seed) as builds,
-                PipelinedExecutor(config) as policy,
-            ):
+            builds = EnvironmentBuilds([endpoint], args.suite, [(tasks[0], 0)], args.seed)
+            with PipelinedExecutor(config) as policy:
                 took = f"ready in {time.monotonic() - start:.0f} s ({policy.describe_startup()})"
                 say(f"{took}: {policy.metadata.model_id}")
                 builds.wait()

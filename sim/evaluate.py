@@ -90,23 +90,32 @@ class EnvironmentBuilds:
     started together wait for each other (by inference from the resets' times, about 7.5 s each with 16
     at once), and every worker starts with one. The build's reset draws the scene just before the first
     episode's (its trial less one), so that episode's reset need not move the scene forward
-    (LiberoSim._draw_scene). `wait()` before the episodes; errors are raised there, as the first reset
-    would have raised them. Leaving the block waits too, so no client is closed in use."""
+    (LiberoSim._draw_scene). Each build talks over a connection of its own (`connect(endpoint)`, closed
+    in its thread), so no ZeroMQ socket is ever shared between threads. `wait()` before the episodes;
+    errors are raised there, as the first reset would have raised them."""
 
-    def __init__(self, clients: list, suite: str, first_episodes: list[tuple[int, int]], seed: int):
+    def __init__(
+        self, endpoints: list[str], suite: str, first_episodes: list[tuple[int, int]], seed: int, connect=None
+    ):
+        from .client import SimClient  # noqa: PLC0415 - pyzmq only where simulators are used
+
+        connect = connect or SimClient
         self._errors: list[BaseException] = []
 
-        def build(client, task: int, trial: int) -> None:
+        def build(endpoint: str, task: int, trial: int) -> None:
+            client = connect(endpoint)
             try:
                 # no settle steps: the episode's own reset settles
                 client.reset(suite, task, max(trial - 1, 0), seed, 0)
             except BaseException as err:  # noqa: BLE001 - raised by wait()
                 self._errors.append(err)
+            finally:
+                client.close()
 
         self._threads = [
-            threading.Thread(target=build, args=(client, *first), name=f"build-{w}", daemon=True)
+            threading.Thread(target=build, args=(endpoint, *first), name=f"build-{w}", daemon=True)
             # idle workers (more workers than episodes) have no first episode
-            for w, (client, first) in enumerate(zip(clients, first_episodes, strict=False))
+            for w, (endpoint, first) in enumerate(zip(endpoints, first_episodes, strict=False))
         ]
         for t in self._threads:
             t.start()
@@ -116,13 +125,6 @@ class EnvironmentBuilds:
             t.join()
         if self._errors:
             raise self._errors[0]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for t in self._threads:
-            t.join()
 
 
 def evaluate_parallel(

@@ -94,39 +94,44 @@ def test_one_worker_counts_the_episodes_time_alone(monkeypatch):
 
 def test_simulators_build_their_first_tasks_in_the_background():
     """Each simulator gets one reset of its first episode's task (the scene before its trial's, no settle
-    steps), all at once; `wait` returns when all are done and raises a simulator's error as the first
-    episode would have."""
+    steps), all at once, each over a connection of its own that is closed after; `wait` returns when all
+    are done and raises a simulator's error as the first episode would have."""
     import threading
 
     from vla_runtime.sim.client import SimError
     from vla_runtime.sim.evaluate import EnvironmentBuilds
 
     started = threading.Barrier(3, timeout=30)  # all three build at once, or this times out
+    connections = []
 
-    class Sim:
-        def __init__(self, fail=False):
-            self.resets, self.fail = [], fail
+    class Connection:
+        def __init__(self, endpoint):
+            self.endpoint, self.resets, self.closed = endpoint, [], False
+            connections.append(self)
 
         def reset(self, *args):
             started.wait()
             self.resets.append(args)
-            if self.fail:
+            if self.endpoint == "tcp://failing":
                 raise SimError("task: 9 out of range")
 
-    sims = [Sim(), Sim(), Sim()]
-    with EnvironmentBuilds(sims, "libero_spatial", [(0, 0), (3, 1), (5, 30)], seed=7) as builds:
-        builds.wait()
-    assert [s.resets for s in sims] == [
-        [("libero_spatial", t, k, 7, 0)] for t, k in ((0, 0), (3, 0), (5, 29))
+        def close(self):
+            self.closed = True
+
+    endpoints = ["tcp://a", "tcp://b", "tcp://c"]
+    builds = EnvironmentBuilds(endpoints, "libero_spatial", [(0, 0), (3, 1), (5, 30)], 7, connect=Connection)
+    builds.wait()
+    assert [(c.endpoint, c.resets, c.closed) for c in connections] == [
+        (e, [("libero_spatial", t, k, 7, 0)], True)
+        for e, (t, k) in zip(endpoints, ((0, 0), (3, 0), (5, 29)), strict=True)
     ]
     started.reset()
-    sims = [Sim(), Sim(fail=True), Sim()]
-    with (
-        pytest.raises(SimError, match="task: 9"),
-        EnvironmentBuilds(sims, "s", [(0, 0), (9, 0), (1, 0)], seed=7) as builds,
-    ):
+    connections.clear()
+    endpoints = ["tcp://a", "tcp://failing", "tcp://c"]
+    builds = EnvironmentBuilds(endpoints, "s", [(0, 0), (9, 0), (1, 0)], 7, connect=Connection)
+    with pytest.raises(SimError, match="task: 9"):
         builds.wait()
-    assert all(len(s.resets) == 1 for s in sims)
+    assert all(len(c.resets) == 1 and c.closed for c in connections)
 
 
 def test_sim_servers_start_together_and_stop_together_on_a_failure(monkeypatch):
