@@ -262,7 +262,8 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
     sims = start_sim_servers([out / f"sim_server_{w}.log" for w in range(args.workers)])
     clients = []
     try:
-        clients = [SimClient(sim.endpoint) for sim in sims]
+        for sim in sims:  # one by one: those made are closed below if one fails
+            clients.append(SimClient(sim.endpoint))
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
         config = config.replace(max_batch=largest_batch(args.workers, config.batch_profiles))
@@ -429,11 +430,18 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, flo
             start = time.monotonic()
             say(f"loading {config.model_name} on {config.device} ({config.precision}) and capturing ...")
             tasks = tasks or [t["index"] for t in client.tasks(args.suite)]
-            builds = EnvironmentBuilds([endpoint], args.suite, [(tasks[0], 0)], args.seed)
+            # A sim server of our own builds while the model loads; one at --endpoint may be of an earlier
+            # version, whose scenes an extra reset would move (docs/libero.md): left alone.
+            builds = (
+                None
+                if args.endpoint
+                else EnvironmentBuilds([endpoint], args.suite, [(tasks[0], 0)], args.seed)
+            )
             with PipelinedExecutor(config) as policy:
                 took = f"ready in {time.monotonic() - start:.0f} s ({policy.describe_startup()})"
                 say(f"{took}: {policy.metadata.model_id}")
-                builds.wait()
+                if builds is not None:
+                    builds.wait()
                 link = InProcessLink(policy, lockstep, recorder)
                 episodes, seconds = evaluate(client, link, args.suite, tasks, args.trials, **run)
                 metadata = policy.metadata

@@ -28,22 +28,41 @@ def main(paths: list[Path], out: Path, what: dict[str, str]) -> None:
                 raise SystemExit(f"{key}: {doc[key]!r} in one file, {first[key]!r} in another")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     top = 1
+    every_count = {int(w) for doc in docs for w in doc["runs"]}
     for k, doc in enumerate(docs):
         workers = sorted(int(w) for w in doc["runs"])
+        # a run that skipped counts others ran: dotted, so its line between two counts reads as no data
+        gap = ":" if set(workers) != every_count else None
         runs = [doc["runs"][str(w)] for w in workers]
         color = f"C{k}"
         setting = doc["libero_versions"].split("; ")[1:]  # what the run set beside the versions, if anything
         label = ", ".join([f"commit {doc['commit']}", *setting, *filter(None, [what.get(doc["commit"])])])
-        right.plot(workers, [r["chunk_age_ms"]["p50"] for r in runs], "o-", color=color, label=f"{label} p50")
         right.plot(
-            workers, [r["chunk_age_ms"]["p99"] for r in runs], "s--", color=color, label=f"{label} p99"
+            workers,
+            [r["chunk_age_ms"]["p50"] for r in runs],
+            "o" + (gap or "-"),
+            color=color,
+            label=f"{label} p50",
+        )
+        right.plot(
+            workers,
+            [r["chunk_age_ms"]["p99"] for r in runs],
+            "s" + (gap or "--"),
+            color=color,
+            label=f"{label} p99",
         )
         if "1" not in doc["runs"]:  # no baseline in that run: no speed-up to draw
             continue
         one = doc["runs"]["1"]["episodes_per_hour"]
         speedups = [r["episodes_per_hour"] / one for r in runs]
         top = max(top, *workers)
-        left.plot(workers, speedups, "o-", color=color, label=f"{label} (1 worker: {one:.0f} episodes/h)")
+        left.plot(
+            workers,
+            speedups,
+            "o" + (gap or "-"),
+            color=color,
+            label=f"{label} (1 worker: {one:.0f} episodes/h)",
+        )
         for w, x in zip(workers, speedups, strict=True):
             if w == 1:
                 continue  # 1.00x by definition

@@ -103,14 +103,16 @@ class EnvironmentBuilds:
         self._errors: list[BaseException] = []
 
         def build(endpoint: str, task: int, trial: int) -> None:
-            client = connect(endpoint)
+            client = None
             try:
+                client = connect(endpoint)
                 # no settle steps: the episode's own reset settles
                 client.reset(suite, task, max(trial - 1, 0), seed, 0)
             except BaseException as err:  # noqa: BLE001 - raised by wait()
                 self._errors.append(err)
             finally:
-                client.close()
+                if client is not None:
+                    client.close()
 
         self._threads = [
             threading.Thread(target=build, args=(endpoint, *first), name=f"build-{w}", daemon=True)

@@ -62,13 +62,17 @@ class SimServerProcess:
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
         env = {**SINGLE_THREADED, **os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("MUJOCO_GL", "egl")
-        self.proc = subprocess.Popen(
-            [str(libero_python()), "-m", "vla_runtime.sim.server", "--endpoint", self.endpoint]
-            + ["--parent-pid", str(os.getpid())],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [str(libero_python()), "-m", "vla_runtime.sim.server", "--endpoint", self.endpoint]
+                + ["--parent-pid", str(os.getpid())],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        finally:
+            if log_path:
+                log.close()  # the child has its own copy
         if wait:
             self.wait_ready()
 
@@ -106,9 +110,9 @@ class SimServerProcess:
 
 
 def start_sim_servers(log_paths: list[Path]) -> list[SimServerProcess]:
-    """One sim server per log path, started together: each imports LIBERO for seconds first (one after
-    another, 16 of them made a start-up about 40 s longer than 8 did on the H200 machine, by inference
-    from `start_s`). Returns when all answer; if one fails, all are stopped."""
+    """One sim server per log path, started together, as each imports LIBERO for seconds first (their
+    effect on the start-up was not shown: measured once, on another machine than the run before).
+    Returns when all answer; if one fails, all are stopped."""
     servers: list[SimServerProcess] = []
     try:
         for path in log_paths:

@@ -107,31 +107,41 @@ def test_simulators_build_their_first_tasks_in_the_background():
     class Connection:
         def __init__(self, endpoint):
             self.endpoint, self.resets, self.closed = endpoint, [], False
+            self.threads = {threading.get_ident()}  # where it is made, used and closed
             connections.append(self)
 
         def reset(self, *args):
+            self.threads.add(threading.get_ident())
             started.wait()
             self.resets.append(args)
             if self.endpoint == "tcp://failing":
                 raise SimError("task: 9 out of range")
 
         def close(self):
+            self.threads.add(threading.get_ident())
             self.closed = True
 
+    def by_endpoint():
+        return sorted(connections, key=lambda c: c.endpoint)
+
+    main = threading.get_ident()
     endpoints = ["tcp://a", "tcp://b", "tcp://c"]
     builds = EnvironmentBuilds(endpoints, "libero_spatial", [(0, 0), (3, 1), (5, 30)], 7, connect=Connection)
     builds.wait()
-    assert [(c.endpoint, c.resets, c.closed) for c in connections] == [
+    assert [(c.endpoint, c.resets, c.closed) for c in by_endpoint()] == [
         (e, [("libero_spatial", t, k, 7, 0)], True)
         for e, (t, k) in zip(endpoints, ((0, 0), (3, 0), (5, 29)), strict=True)
     ]
+    # each connection lives in one thread of its own, not the caller's: no socket shared between threads
+    assert all(len(c.threads) == 1 and main not in c.threads for c in connections)
+    assert len(set().union(*(c.threads for c in connections))) == 3
     started.reset()
     connections.clear()
     endpoints = ["tcp://a", "tcp://failing", "tcp://c"]
     builds = EnvironmentBuilds(endpoints, "s", [(0, 0), (9, 0), (1, 0)], 7, connect=Connection)
     with pytest.raises(SimError, match="task: 9"):
         builds.wait()
-    assert all(len(c.resets) == 1 and c.closed for c in connections)
+    assert len(connections) == 3 and all(len(c.resets) == 1 and c.closed for c in connections)
 
 
 def test_sim_servers_start_together_and_stop_together_on_a_failure(monkeypatch):
