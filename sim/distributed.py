@@ -142,7 +142,8 @@ class SimWorker:
         return [dataclasses.asdict(run_episode(self.client, link, suite, t, i, **run)) for t, i in jobs]
 
     def close(self) -> None:
-        self.client.close()
+        """The sim server stopped. The client's socket is left to the actor's end (stop() kills it): `run`
+        may still be using it on the other thread, and a ZeroMQ socket must not be closed from another."""
         self.sim.stop()
 
 
