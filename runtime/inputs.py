@@ -49,7 +49,7 @@ class PreparedInputs:
 
 def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: bilinear resize keeping the aspect ratio, black padding
-    centred (openpi's resize_with_pad)."""
+    centred (openpi's resize_with_pad, which resizes with Pillow's bilinear filter)."""
     if image.shape[:2] == (size, size):
         return image
     out = torch.zeros((size, size, 3), dtype=torch.uint8)
@@ -64,7 +64,10 @@ def resize_into(image: torch.Tensor, out: torch.Tensor) -> None:
     ratio = max(w / size, h / size)
     rh, rw = int(h / ratio), int(w / ratio)
     chw = image.permute(2, 0, 1)[None].float()
-    resized = F.interpolate(chw, size=(rh, rw), mode="bilinear", align_corners=False)
+    # antialias: Pillow's bilinear filter, which openpi resizes with (so the checkpoints were trained on
+    # it), widens with the downscale; plain bilinear samples 4 pixels and aliases
+    # (tests/runtime/test_resize_on_device.py)
+    resized = F.interpolate(chw, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (size - rh) // 2, (size - rw) // 2
     out.zero_()
     out[top : top + rh, left : left + rw] = resized.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)

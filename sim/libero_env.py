@@ -8,7 +8,9 @@ import pathlib
 
 import numpy as np
 
-IMAGE_SIZE = 224
+# openpi's LIBERO loop renders at 256 (the resolution its training data were rendered at) and resizes
+# to the model's 224 with padding; the runtime does that resize (runtime/inputs.py, as openpi's).
+IMAGE_SIZE = 256
 CAMERAS = {"agentview": "agentview_image", "wrist": "robot0_eye_in_hand_image"}  # ours -> robosuite's
 BLANK = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)  # what a camera "renders" while off
 DUMMY_ACTION = [0.0] * 6 + [-1.0]  # hold still, gripper open: lets objects settle after a reset

@@ -10,7 +10,7 @@ so both sides (the runtime's environment and LIBERO's) import it.
     step        action (float [7]), render (bool, default true) -> observation, reward, done, success, sim_ms
     close                               -> {}
 
-observation = {agentview [224, 224, 3] uint8, wrist [224, 224, 3] uint8 (both upright), eef_pos [3],
+observation = {agentview [256, 256, 3] uint8, wrist [256, 256, 3] uint8 (both upright), eef_pos [3],
                eef_axis_angle [3], gripper_qpos [2], state [8] (the three concatenated, as openpi's
                LIBERO example feeds pi0), instruction: str, step: int}; a step with render false leaves
                the cameras out (not rendered: a client that will not look at them saves their cost)

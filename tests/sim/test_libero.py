@@ -59,8 +59,9 @@ def test_lists_and_reset_observation(client):
     tasks = client.tasks(SUITE)
     assert len(tasks) == 10 and tasks[0]["init_states"] == 50 and "bowl" in tasks[0]["instruction"]
     obs = client.reset(SUITE, 0, init_state=0, settle_steps=1)
-    assert obs["agentview"].shape == (224, 224, 3) and obs["agentview"].dtype == np.uint8
-    assert obs["wrist"].shape == (224, 224, 3) and obs["state"].shape == (8,)
+    # rendered at openpi's 256 (the runtime resizes to the model's size)
+    assert obs["agentview"].shape == (256, 256, 3) and obs["agentview"].dtype == np.uint8
+    assert obs["wrist"].shape == (256, 256, 3) and obs["state"].shape == (8,)
     np.testing.assert_allclose(
         obs["state"], np.concatenate([obs["eef_pos"], obs["eef_axis_angle"], obs["gripper_qpos"]]), rtol=1e-6
     )
@@ -166,7 +167,7 @@ def test_skipping_the_cameras_leaves_the_physics_alone(client):
             obs = client.step(action, render=rendered)["observation"]
             assert ("agentview" in obs and "wrist" in obs) == rendered
             if rendered:
-                assert obs["agentview"].shape == (224, 224, 3) and obs["agentview"].any()
+                assert obs["agentview"].shape == (256, 256, 3) and obs["agentview"].any()
             states[every].append(obs["state"])
     np.testing.assert_array_equal(np.stack(states[True]), np.stack(states[False]))
 
@@ -306,7 +307,7 @@ def test_demo_runs_an_episode_through_ros_and_in_process_and_reports_both(tmp_pa
     # the policy node recorded what it served: LIBERO's two cameras, the state and the instruction
     served = read_observations(tmp_path / "node.mcap", get_preset("pi05_tiny").camera_names, 8)
     assert len(served) >= 4 and set(served[0].images) == {"base_0_rgb", "left_wrist_0_rgb"}
-    assert served[0].images["base_0_rgb"].shape == (224, 224, 3)
+    assert served[0].images["base_0_rgb"].shape == (256, 256, 3)  # as rendered; the node resizes
 
 
 def test_eval_libero_cli_in_process_json(tmp_path, server):
