@@ -37,20 +37,9 @@ def main(paths: list[Path], out: Path, what: dict[str, str]) -> None:
         color = f"C{k}"
         setting = doc["libero_versions"].split("; ")[1:]  # what the run set beside the versions, if anything
         label = ", ".join([f"commit {doc['commit']}", *setting, *filter(None, [what.get(doc["commit"])])])
-        right.plot(
-            workers,
-            [r["chunk_age_ms"]["p50"] for r in runs],
-            "o" + (gap or "-"),
-            color=color,
-            label=f"{label} p50",
-        )
-        right.plot(
-            workers,
-            [r["chunk_age_ms"]["p99"] for r in runs],
-            "s" + (gap or "--"),
-            color=color,
-            label=f"{label} p99",
-        )
+        for quantile, style in (("p50", "o" + (gap or "-")), ("p99", "s" + (gap or "--"))):
+            ages = [r["chunk_age_ms"][quantile] for r in runs]
+            right.plot(workers, ages, style, color=color, label=f"{label} {quantile}")
         if "1" not in doc["runs"]:  # no baseline in that run: no speed-up to draw
             continue
         one = doc["runs"]["1"]["episodes_per_hour"]
