@@ -403,6 +403,8 @@ def libero(preset: str) -> tuple[list[Observation], dict]:
     optional = RuntimeConfig(preset=preset).optional_camera_names
     observations = []
     for _ in range(8):
+        # frames at the model's 224, as resized (LIBERO renders 256 since 889620c: each observed frame then
+        # also costs a host resize, not modelled here, so the measured runs stay comparable)
         obs = random_observation(rng, preset, side=224, skip=optional[:1])
         text = "put the black bowl on the plate"
         observations.append(Observation(obs.images, obs.state, text, obs.timestamp))

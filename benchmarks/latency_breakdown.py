@@ -72,7 +72,12 @@ def main():
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--fp8-expert", action="store_true")
     ap.add_argument("--frames", type=int, default=200)
-    ap.add_argument("--image-side", type=int, default=224, help="camera frames of this side (224: no resize)")
+    ap.add_argument(
+        "--image-side",
+        type=int,
+        default=224,
+        help="camera frames of this side (224: no resize; LIBERO renders 256)",
+    )
     ap.add_argument("--resize-on-device", action="store_true")
     ap.add_argument("--shape-profiles", action="store_true", help="LIBERO-shaped and full-shaped, in turns")
     ap.add_argument(

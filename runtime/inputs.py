@@ -49,7 +49,8 @@ class PreparedInputs:
 
 def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: bilinear resize keeping the aspect ratio, black padding
-    centred (openpi's resize_with_pad, which resizes with Pillow's bilinear filter)."""
+    centred (openpi_client.image_tools.resize_with_pad, which openpi's training transforms and its LIBERO
+    client use: Pillow's bilinear filter)."""
     if image.shape[:2] == (size, size):
         return image
     out = torch.zeros((size, size, 3), dtype=torch.uint8)
@@ -63,10 +64,12 @@ def resize_into(image: torch.Tensor, out: torch.Tensor) -> None:
     size = out.shape[0]
     ratio = max(w / size, h / size)
     rh, rw = int(h / ratio), int(w / ratio)
-    chw = image.permute(2, 0, 1)[None].float()
     # antialias: Pillow's bilinear filter, which openpi resizes with (so the checkpoints were trained on
     # it), widens with the downscale; plain bilinear samples 4 pixels and aliases
-    # (tests/runtime/test_resize_on_device.py)
+    # (tests/runtime/test_resize_on_device.py). In float32 on both the CPU and a GPU (which has no uint8
+    # kernel for it), so the host's and the device's resize are the same arithmetic; torch's uint8 kernel
+    # on the CPU would be 3-6x faster but rounds differently (one level on a tenth of the pixels).
+    chw = image.permute(2, 0, 1)[None].float()
     resized = F.interpolate(chw, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (size - rh) // 2, (size - rw) // 2
     out.zero_()

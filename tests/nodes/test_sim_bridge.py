@@ -26,8 +26,8 @@ class FakeSim:
 
     def _obs(self) -> dict:
         return {
-            "agentview": self.rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-            "wrist": self.rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+            "agentview": self.rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+            "wrist": self.rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
             "state": self.rng.uniform(-1, 1, 8).astype(np.float32),
             "instruction": "put the black bowl on the plate",
         }

@@ -25,8 +25,8 @@ def test_quaternion_to_axis_angle():
 
 def test_observation_and_action_mapping(rng):
     sim_obs = {
-        "agentview": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-        "wrist": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "agentview": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+        "wrist": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
         "state": rng.normal(size=8).astype(np.float32),
         "instruction": "open the drawer",
     }

@@ -11,8 +11,8 @@ from vla_runtime.sim.protocol import ProtocolError, check_request, decode, encod
 
 def observation(rng):
     return {
-        "agentview": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-        "wrist": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "agentview": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+        "wrist": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
         "eef_pos": rng.normal(size=3).astype(np.float32),
         "eef_axis_angle": rng.normal(size=3).astype(np.float32),
         "gripper_qpos": rng.normal(size=2).astype(np.float32),
