@@ -158,6 +158,11 @@ class InputPreparer:
                 raise ValueError(
                     f"{field}: size {image.shape[1]}x{image.shape[0]} outside 1..{self.max_image_side}"
                 )
+            if min(image.shape[:2]) * size < max(image.shape[:2]):  # its short side would resize to 0
+                raise ValueError(
+                    f"{field}: size {image.shape[1]}x{image.shape[0]} is narrower than 1:{size}, the most "
+                    f"a {size}x{size} model input can hold"
+                )
             if self.resize_on_device and image.shape[:2] != (size, size):
                 raw[i] = np.array(image)  # a copy: the caller's array may change after submit
             else:

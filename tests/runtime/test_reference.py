@@ -72,6 +72,11 @@ def bad_observations(rng):
         ("images['base_0_rgb']: shape", with_images(base_0_rgb=cams["base_0_rgb"][..., :2])),
         ("images['base_0_rgb']: shape", with_images(base_0_rgb=cams["base_0_rgb"][..., 0])),
         ("images['left_wrist_0_rgb']: size", with_images(left_wrist_0_rgb=np.zeros((0, 10, 3), np.uint8))),
+        # a 1-pixel strip: its short side would resize to nothing
+        (
+            "images['left_wrist_0_rgb']: size 900x1 is narrower",
+            with_images(left_wrist_0_rgb=np.zeros((1, 900, 3), np.uint8)),
+        ),
         ("images: unknown camera", with_images(top_cam=cams["base_0_rgb"])),
         ("images: missing camera", with_images(base_0_rgb=None)),
         ("state: non-finite", Observation(cams, np.array([np.nan] + [0.0] * 7, np.float32), "go")),
