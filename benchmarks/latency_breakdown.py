@@ -9,11 +9,16 @@ LIBERO's own shape is the LIBERO-shaped frames of a run with --libero-model.
 
     python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert] [--shape-profiles]
         [--libero-model] [--image-side 480 --resize-on-device] --out $OUT/breakdown.json
+
+--compare-resize: two executors in one process, the host's resize and the device's (`resize_on_device`),
+served the same frames in turns of 20, so the two are measured in one run (use with --image-side 256,
+LIBERO's render, or a camera's 480).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -79,6 +84,9 @@ def main():
         help="camera frames of this side (224: no resize; LIBERO renders 256)",
     )
     ap.add_argument("--resize-on-device", action="store_true")
+    ap.add_argument(
+        "--compare-resize", action="store_true", help="host resize against device resize, in turns"
+    )
     ap.add_argument("--shape-profiles", action="store_true", help="LIBERO-shaped and full-shaped, in turns")
     ap.add_argument(
         "--libero-model",
@@ -92,28 +100,32 @@ def main():
         device="cuda",
         precision=args.precision,
         fp8_expert=args.fp8_expert,
-        resize_on_device=args.resize_on_device,
+        resize_on_device=args.resize_on_device
+        and not args.compare_resize,  # the first executor resizes on the host
         shape_profiles=args.shape_profiles,
         **(KNOWN_OPENPI_CONFIGS["pi05_libero"] if args.libero_model else {}),
     )
     rng = np.random.default_rng(0)
-    with PipelinedExecutor(config) as executor:
-        workloads = {"default": [synthetic_observation(config, rng, args.image_side) for _ in range(8)]}
+    with contextlib.ExitStack() as stack:
+        executor = stack.enter_context(PipelinedExecutor(config))
+        observations = [synthetic_observation(config, rng, args.image_side) for _ in range(8)]
+        workloads = {"default": (executor, observations)}  # name -> (executor, frames)
         if args.shape_profiles:
             longest = longest_instruction(executor, full_shaped(executor, rng, args.image_side, "go"))
-            workloads = {
-                "libero": workloads["default"],
-                "full": [full_shaped(executor, rng, args.image_side, longest) for _ in range(8)],
-            }
+            full = [full_shaped(executor, rng, args.image_side, longest) for _ in range(8)]
+            workloads = {"libero": (executor, observations), "full": (executor, full)}
+        if args.compare_resize:
+            on_device = stack.enter_context(PipelinedExecutor(config.replace(resize_on_device=True)))
+            workloads = {"host_resize": (executor, observations), "device_resize": (on_device, observations)}
         rows = {name: [] for name in workloads}
-        for observations in workloads.values():  # each workload's shapes captured before the clock
-            for obs in observations[:3]:
-                executor.infer(obs)
+        for served, frames in workloads.values():  # each workload's shapes captured before the clock
+            for obs in frames[:3]:
+                served.infer(obs)
         for i in range(args.frames * len(workloads)):
             name = list(workloads)[(i // min(TURN, args.frames)) % len(workloads)]
-            obs = workloads[name][i % 8]
+            served, frames = workloads[name]
             start = time.perf_counter()
-            chunk = executor.infer(obs)
+            chunk = served.infer(frames[i % 8])
             wall = (time.perf_counter() - start) * 1e3
             rows[name].append({**chunk.timings_ms, "caller_wall": wall})
         captures = executor.health()["counters"].get("captures")
@@ -130,7 +142,7 @@ def main():
         "captures": captures,
         "profiles": profiles,
     }
-    if not args.shape_profiles:
+    if list(rows) == ["default"]:
         result["median_ms"] = result["median_ms"]["default"]
     Path(args.out).write_text(json.dumps(result, indent=2))
     for name, r in rows.items():
