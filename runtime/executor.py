@@ -742,9 +742,14 @@ class PipelinedExecutor(Policy):
             for name in step.writes:
                 device_slot.input(name).copy_(host.inputs[name], non_blocking=self.cuda)
             if "pixels" in step.writes:  # resize_on_device: the raw images, on this (the copy's) stream
-                pixels = device_slot.input("pixels")
-                for row, member in enumerate(frame.members):
-                    place_raw_images(pixels[row], member.raw_views(frame.profile))
+                pixels = device_slot.input("pixels")  # [B, V, S, S, 3]
+                views = pixels.shape[1]
+                raw = {  # every robot's at once: one resize for each run of images of one size
+                    row * views + slot: image
+                    for row, member in enumerate(frame.members)
+                    for slot, image in member.raw_views(frame.profile).items()
+                }
+                place_raw_images(pixels.view(-1, *pixels.shape[2:]), raw)  # a view: written in place
         elif step.stream == "d2h":
             host.actions.copy_(device_slot.actions, non_blocking=self.cuda)
         else:

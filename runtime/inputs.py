@@ -53,15 +53,16 @@ def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
     client use: Pillow's bilinear filter)."""
     if image.shape[:2] == (size, size):
         return image
-    out = torch.zeros((size, size, 3), dtype=torch.uint8)
-    resize_into(torch.from_numpy(np.ascontiguousarray(image)), out)
-    return out.numpy()
+    out = torch.empty((1, size, size, 3), dtype=torch.uint8)
+    resize_into(torch.from_numpy(np.ascontiguousarray(image))[None], out)
+    return out[0].numpy()
 
 
-def resize_into(image: torch.Tensor, out: torch.Tensor) -> None:
-    """uint8 [H, W, 3] resized with padding into `out` uint8 [S, S, 3] (black around it), on their device."""
-    h, w = image.shape[:2]
-    size = out.shape[0]
+def resize_into(images: torch.Tensor, out: torch.Tensor) -> None:
+    """uint8 [N, H, W, 3] resized with padding into `out` uint8 [N, S, S, 3] (black around each), on their
+    device; each image on its own, in one call."""
+    h, w = images.shape[1:3]
+    size = out.shape[1]
     ratio = max(w / size, h / size)
     rh, rw = int(h / ratio), int(w / ratio)
     # antialias: Pillow's bilinear filter, which openpi resizes with (so the checkpoints were trained on
@@ -69,20 +70,40 @@ def resize_into(image: torch.Tensor, out: torch.Tensor) -> None:
     # (tests/runtime/test_resize_on_device.py). In float32 on both the CPU and a GPU (which has no uint8
     # kernel for it), so the host's and the device's resize are the same arithmetic; torch's uint8 kernel
     # on the CPU would be 3-6x faster but rounds differently (one level on a tenth of the pixels).
-    chw = image.permute(2, 0, 1)[None].float()
-    resized = F.interpolate(chw, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
+    nchw = images.permute(0, 3, 1, 2).float()
+    resized = F.interpolate(nchw, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (size - rh) // 2, (size - rw) // 2
     out.zero_()
-    out[top : top + rh, left : left + rw] = resized.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+    out[:, top : top + rh, left : left + rw] = (
+        resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    )
 
 
 def place_raw_images(pixels: torch.Tensor, raw_images: dict[int, np.ndarray]) -> None:
-    """pixels uint8 [V, S, S, 3] on a device: each raw image copied up as uint8 and resized into its view."""
-    for view, image in raw_images.items():
-        raw = torch.from_numpy(image)
-        if pixels.is_cuda:  # pinned, so the copy queues on the current stream instead of waiting for it
-            raw = raw.pin_memory().to(pixels.device, non_blocking=True)
-        resize_into(raw, pixels[view])
+    """pixels uint8 [N, S, S, 3] on a device; raw_images: index into it -> uint8 [H, W, 3]. Each image
+    copied up as it is and resized into its place. Images of one size at consecutive places go up in one
+    copy and are resized in one call (a call is a handful of kernels, and launching each costs more than
+    its work on a LIBERO frame)."""
+    for first, images in _consecutive_runs_of_one_size(raw_images):
+        raw = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=pixels.is_cuda)
+        np.stack(images, out=raw.numpy())
+        # pinned, so the copy queues on the current stream instead of waiting for it
+        resize_into(raw.to(pixels.device, non_blocking=True), pixels[first : first + len(images)])
+
+
+def _consecutive_runs_of_one_size(raw_images: dict[int, np.ndarray]):
+    """(first index, [images]) for each run of consecutive indices whose images have one shape."""
+    run_first, run = None, []
+    for index in sorted(raw_images):
+        image = raw_images[index]
+        if run and (index != run_first + len(run) or image.shape != run[0].shape):
+            yield run_first, run
+            run = []
+        if not run:
+            run_first = index
+        run.append(image)
+    if run:
+        yield run_first, run
 
 
 def pixels_to_model_input(pixels: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,12 @@ cameras present move to the first view slots, and in a batch of robots)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from vla_runtime.runtime import inputs as inputs_module
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
-from vla_runtime.runtime.inputs import resize_with_pad
+from vla_runtime.runtime.inputs import place_raw_images, resize_with_pad
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.reference import EagerPolicy
 
@@ -52,10 +54,37 @@ def test_every_path_gives_the_same_actions_as_the_host_resize(rng):
             np.testing.assert_allclose(eager.infer(obs, noise).actions, want, rtol=1e-5, atol=1e-5)
 
 
-def test_each_robot_of_a_batch_gets_its_own_raw_images(rng):
+def test_images_of_one_size_are_resized_together_each_into_its_own_place(rng, monkeypatch):
+    """place_raw_images: consecutive places whose images have one size share an upload and a resize;
+    each image still lands in its own place, equal to its resize alone, and a place with no raw image
+    (a camera already at the model's size) is left as it was."""
+    size, calls = 32, []
+    real_resize = inputs_module.resize_into
+    monkeypatch.setattr(
+        inputs_module,
+        "resize_into",
+        lambda images, out: (calls.append(len(images)), real_resize(images, out)),
+    )
+    shapes = {0: (64, 64), 1: (64, 64), 3: (64, 64), 4: (48, 80), 5: (64, 64), 6: (64, 64), 7: (20, 33)}
+    raw = {i: rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for i, hw in shapes.items()}
+    kept = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8))
+    pixels[2] = torch.from_numpy(kept)
+    place_raw_images(pixels, raw)
+    assert calls == [2, 1, 1, 2, 1]  # runs: 0-1, 3, 4 (another size), 5-6, 7
+    for i, image in raw.items():
+        np.testing.assert_array_equal(pixels[i].numpy(), resize_with_pad(image, size))
+    np.testing.assert_array_equal(pixels[2].numpy(), kept)
+
+
+@pytest.mark.parametrize("sizes", ["random", "one size"])
+def test_each_robot_of_a_batch_gets_its_own_raw_images(rng, sizes):
+    """Random sizes, or every camera of both robots at one size (LIBERO's 256 renders: one resize for
+    the whole batch)."""
     host = RuntimeConfig(preset="pi05_tiny", max_batch=2)
     cfg = host.model
-    frames = [random_observation(rng, "pi05_tiny") for _ in range(2)]
+    side = 256 if sizes == "one size" else None
+    frames = [random_observation(rng, "pi05_tiny", side=side) for _ in range(2)]
     noises = [rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32) for _ in frames]
     with PipelinedExecutor(host) as alone, PipelinedExecutor(host.replace(resize_on_device=True)) as batched:
         futures = batched.submit_batch(frames, noises)
