@@ -8,7 +8,7 @@ openpi's pi05_libero settings (a horizon of 10 actions, not pi05's 50; the state
 LIBERO's own shape is the LIBERO-shaped frames of a run with --libero-model.
 
     python3 benchmarks/latency_breakdown.py [--precision fp8 --fp8-expert] [--shape-profiles]
-        [--libero-model] [--image-side 480 --resize-on-device] --out $OUT/breakdown.json
+        [--libero-model] [--image-side 480 --resize-on-device yes] --out $OUT/breakdown.json
 
 --compare-resize: two executors in one process, the host's resize and the device's (`resize_on_device`),
 served the same frames in turns of 20, so the two are measured in one run (use with --image-side 256,
@@ -28,6 +28,7 @@ from results_doc import run_header
 from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
+from vla_runtime.runtime.settings import RESIZE_ON_DEVICE
 from vla_runtime.runtime.synthetic import synthetic_observation
 from vla_runtime.runtime.types import Observation
 
@@ -83,7 +84,9 @@ def main():
         default=224,
         help="camera frames of this side (224: no resize; LIBERO renders 256)",
     )
-    ap.add_argument("--resize-on-device", action="store_true")
+    ap.add_argument(
+        "--resize-on-device", choices=list(RESIZE_ON_DEVICE), default="auto", help="the runtime's setting"
+    )
     ap.add_argument(
         "--compare-resize", action="store_true", help="host resize against device resize, in turns"
     )
@@ -100,8 +103,8 @@ def main():
         device="cuda",
         precision=args.precision,
         fp8_expert=args.fp8_expert,
-        resize_on_device=args.resize_on_device
-        and not args.compare_resize,  # the first executor resizes on the host
+        # --compare-resize: the first executor resizes on the host
+        resize_on_device=False if args.compare_resize else RESIZE_ON_DEVICE[args.resize_on_device],
         shape_profiles=args.shape_profiles,
         **(KNOWN_OPENPI_CONFIGS["pi05_libero"] if args.libero_model else {}),
     )

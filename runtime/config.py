@@ -99,8 +99,9 @@ class RuntimeConfig:
     compile_cache: str = "~/.cache/vla_runtime/compile"  # runtime/compile_cache.py; "none": Inductor's own
     precompile: bool = True  # runtime/precompiled.py: compiled functions kept whole in compile_cache
     max_image_side: int = 4096
-    # Images not of the model's size resized on the device (uint8 up as they came) instead of on the host
-    resize_on_device: bool = False
+    # Images not of the model's size resized on the device (uint8 up as they came) instead of on the host;
+    # None = on a GPU (measured faster there: docs/performance.md), on the host with the CPU
+    resize_on_device: bool | None = None
     # A frame on the device longer than this is declared hung (the watchdog fails its future and health
     # says so); also the bound on reset/close waiting for the device. None = DEVICE_TIMEOUT_S.
     device_timeout_s: float | None = None
@@ -317,6 +318,12 @@ class RuntimeConfig:
         if self.precision not in INTEGER_PRECISIONS:
             return None
         return self.integer_stages or DEFAULT_INTEGER_STAGES[self.precision]
+
+    @property
+    def resizes_on_device(self) -> bool:
+        if self.resize_on_device is None:
+            return self.device.startswith("cuda")
+        return self.resize_on_device
 
     @property
     def denoising_steps(self) -> int:

@@ -149,7 +149,7 @@ def build_parts(config: RuntimeConfig) -> PolicyParts:
         config.state_dim,
         config.optional_camera_names,
         config.max_image_side,
-        config.resize_on_device,
+        config.resizes_on_device,
     )
     random_weights = config.checkpoint is None
     # Names the weights: the seed, or a fingerprint of the checkpoint's file (calibrations are keyed by it).

@@ -21,6 +21,7 @@ from .pipelining import PIPELINING_MODES
 
 # state_in_prompt in words (a ROS parameter of true/false would be a bool and could not say "auto").
 STATE_IN_PROMPT = {"auto": None, "with_state": True, "without_state": False}
+RESIZE_ON_DEVICE = {"auto": None, "yes": True, "no": False}
 
 
 @dataclass(frozen=True)
@@ -199,9 +200,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "resize_on_device",
-        "resize camera images that are not the model's size on the device (uint8 up as they came) instead "
-        "of on the host",
-        bool,
+        "where camera images that are not the model's size are resized: yes = on the device (uint8 up as "
+        "they came), no = on the host; auto = on a GPU, on the host with the CPU",
+        str,
+        words=RESIZE_ON_DEVICE,
     ),
     Setting(
         "pipelining",

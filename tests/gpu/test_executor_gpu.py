@@ -188,25 +188,28 @@ def test_a_failure_while_issuing_recovers_on_cuda(pi05):
 
 
 def test_images_resized_on_the_device_give_the_host_resizes_actions(pi05, rng):
-    """resize_on_device with 480x640 frames: the device's bilinear resize may round a pixel differently
-    from the host's (one level of 255), so the actions agree to the bf16 tolerance, not bit for bit."""
-    executor, _ = pi05
-    on_device = PipelinedExecutor(executor.config.replace(resize_on_device=True))
+    """resize_on_device (a GPU's default) with 480x640 frames against the host's resize: the device's
+    antialiased resize may round a pixel differently from the host's (one level of 255), so the actions
+    agree to the bf16 tolerance, not bit for bit."""
+    on_device, _ = pi05
+    assert on_device.config.resizes_on_device  # the default on a GPU
+    on_host = PipelinedExecutor(on_device.config.replace(resize_on_device=False))
     try:
-        cfg = executor.config.model
+        cfg = on_device.config.model
         for _ in range(3):
             obs = random_observation(rng, "pi05")
             for name in obs.images:
                 obs.images[name] = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
             noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
-            want = executor.infer(obs, noise).actions
+            want = on_host.infer(obs, noise).actions
             got = on_device.infer(obs, noise).actions
             assert np.abs(got - want).max() / np.abs(want).max() <= BF16_REL_TOL
             inputs = on_device.parts.preparer(obs)
-            host = torch.from_numpy(executor.parts.preparer(obs).pixels).cuda().int()
+            assert inputs.raw_images and not on_host.parts.preparer(obs).raw_images
+            host = torch.from_numpy(on_host.parts.preparer(obs).pixels).cuda().int()
             assert (inputs.pixels_on(torch.device("cuda")).int() - host).abs().max() <= 1
     finally:
-        on_device.close()
+        on_host.close()
 
 
 def test_layer_scope_compiles_one_kind_of_layer_once_and_matches_the_reference(pi05, rng):

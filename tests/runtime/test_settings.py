@@ -73,6 +73,7 @@ def random_settings(rng) -> dict:
         "seed": int(rng.integers(0, 2**31 - 1)),
         "state_dim": int(rng.integers(1, 9)),  # the tiny presets act in 8 dims
         "device_timeout_s": float(rng.uniform(0.1, 100.0)),
+        "resize_on_device": rng.choice([None, True, False]),
     }
 
 
@@ -103,3 +104,13 @@ def test_a_config_survives_the_command_line_and_the_node(trial):
         assert getattr(from_cli, s.name) == getattr(config, s.name), ("cli", s.name)
         assert getattr(from_node, s.name) == getattr(config, s.name), ("node", s.name)
     assert config_values(carried.__getitem__) == {s.name: getattr(config, s.name) for s in SETTINGS}
+
+
+def test_images_are_resized_on_a_gpu_and_on_the_host_with_the_cpu_unless_told():
+    """resize_on_device's auto (None): the device's resize measured faster on the H200
+    (docs/performance.md); with the CPU the host's (the executor's thread would do the caller's work)."""
+    assert RuntimeConfig(device="cuda").resizes_on_device
+    assert RuntimeConfig(device="cuda:1").resizes_on_device
+    assert not RuntimeConfig(device="cpu").resizes_on_device
+    assert not RuntimeConfig(device="cuda", resize_on_device=False).resizes_on_device
+    assert RuntimeConfig(device="cpu", resize_on_device=True).resizes_on_device
