@@ -68,10 +68,14 @@ def test_pipelined_equals_reference_over_100_frames_with_drops(pi05):
     assert worst <= BF16_REL_TOL
 
 
-def test_steady_state_never_recaptures_or_allocates(pi05):
+@pytest.mark.parametrize("side", [224, 256])
+def test_steady_state_never_recaptures_or_allocates(pi05, side):
+    """224: the model's size, nothing allocated at all. 256 (LIBERO's renders), resized on the device:
+    its temporaries come from the caching allocator each frame, but no memory is reserved past the
+    warm-up."""
     executor, _ = pi05
     rng = np.random.default_rng()
-    observations = [random_observation(rng, "pi05", side=224) for _ in range(8)]
+    observations = [random_observation(rng, "pi05", side=side) for _ in range(8)]
     for obs in observations:  # warm
         executor.infer(obs)
     captures = executor.counters["captures"]
@@ -83,7 +87,8 @@ def test_steady_state_never_recaptures_or_allocates(pi05):
     executor.wait_idle(300)
     torch.cuda.synchronize()
     assert executor.counters["captures"] == captures
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
+    if side == executor.config.model.vision.image_size:
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
     assert torch.cuda.memory_reserved() == reserved
 
 
