@@ -55,18 +55,18 @@ def main(paths: list[Path], out: Path, what: dict[str, str]) -> None:
         for w, x in zip(workers, speedups, strict=True):
             if w == 1:
                 continue  # 1.00x by definition
-            offset = [(4, -14), (-44, 4), (-20, 8)][k % 3]  # the runs' labels at one count apart
+            offset = [(4, -14), (-44, 4), (-20, 8), (6, 0)][k % 4]  # the runs' labels at one count apart
             left.annotate(
                 f"{x:.2f}x", (w, x), fontsize=8, color=color, xytext=offset, textcoords="offset points"
             )
     left.plot([1, top], [1, top], ":", color="gray", label="linear")
     left.set_xlabel("workers (LIBERO simulators, one batched policy server)")
     left.set_ylabel("speed-up: episodes per hour / one worker's, same run")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, loc="lower right")
     left.set_title(textwrap.fill(f"{first['episodes']}; {first['cpus']} CPUs", 80), fontsize=9)
     right.set_xlabel("workers")
     right.set_ylabel("chunk age, ms (observation to chunk, lockstep)")
-    right.legend(fontsize=8)
+    right.legend(fontsize=7, loc="upper left")
     right.set_title("the policy's answer, per worker count")
     versions = first["libero_versions"].split("; ")[0]
     fig.suptitle(f"{first['device']}, pi05 (LIBERO-shaped) on the GPU; LIBERO: {versions}", fontsize=9)
