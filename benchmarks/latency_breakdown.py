@@ -131,8 +131,14 @@ def main():
             chunk = served.infer(frames[i % 8])
             wall = (time.perf_counter() - start) * 1e3
             rows[name].append({**chunk.timings_ms, "caller_wall": wall})
-        captures = executor.health()["counters"].get("captures")
-        profiles = executor.report()["profiles"]  # the shapes the workloads ran in
+        served_by = {  # each workload's executor as it was (with --compare-resize, two)
+            name: {
+                "resizes_on_device": served.config.resizes_on_device,
+                "captures": served.health()["counters"].get("captures"),
+                "profiles": served.report()["profiles"],  # the shapes the workloads ran in
+            }
+            for name, (served, _) in workloads.items()
+        }
     result = {
         **run_header(),
         "config": vars(args),
@@ -142,8 +148,7 @@ def main():
             "state_in_prompt": config.model.state_in_prompt,
         },
         "frames_per_workload": args.frames,
-        "captures": captures,
-        "profiles": profiles,
+        "executors": served_by,
     }
     if list(rows) == ["default"]:
         result["median_ms"] = result["median_ms"]["default"]

@@ -47,15 +47,20 @@ def simulate(k: int, steps: int, render_every: int, start, results) -> None:
 
 def run_count(count: int, steps: int, render_every: int) -> dict:
     context = mp.get_context("spawn")
-    start, results = context.Barrier(count), context.Queue()
+    # a simulator that fails breaks the barrier (the others raise) and the queue's timeout ends the wait
+    start, results = context.Barrier(count, timeout=300), context.Queue()
     workers = [
         context.Process(target=simulate, args=(k, steps, render_every, start, results)) for k in range(count)
     ]
     for worker in workers:
         worker.start()
-    reports = [results.get(timeout=600) for _ in workers]
-    for worker in workers:
-        worker.join()
+    try:
+        reports = [results.get(timeout=600) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
     rendered = [t for r in reports for t in r["rendered_ms"]]
     still = [t for r in reports for t in r["still_ms"]]
     return {

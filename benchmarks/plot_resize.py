@@ -30,7 +30,7 @@ def ways_panel(ax, doc: dict) -> None:
         for x, v in zip(xs, values, strict=True):
             ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(workloads)), [w.replace("_", " ") for w in workloads])
-    ax.set_ylabel("ms to the pixels on the device, median of 200")
+    ax.set_ylabel(f"ms to the pixels on the device, median of {doc['repeats']}")
     ax.set_title(f"resize to 224: {doc['device']} ({doc['date']}, {doc['commit']})", fontsize=9)
     ax.legend(fontsize=8)
 
@@ -53,8 +53,11 @@ def end_to_end_panel(ax, docs: list[dict]) -> None:
         ax.text(i, bottom[i], f"{b['total']:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(bars)), labels, fontsize=7)
     ax.set_ylim(top=max(bottom) * 1.3)
-    ax.set_ylabel("ms, median of 200 frames (number: submit -> chunk)")
-    ax.set_title("host resize against device resize, one process per pair (3x200: 3 views, 200 tokens)", fontsize=9)
+    frames = ", ".join(sorted({str(d["frames_per_workload"]) for d in docs}))
+    ax.set_ylabel(f"ms, median of {frames} frames (number: submit -> chunk)")
+    ax.set_title(
+        "host resize against device resize, one process per pair (3x200: 3 views, 200 tokens)", fontsize=9
+    )
     ax.legend(fontsize=7, ncol=5, loc="upper center")
 
 

@@ -4,7 +4,9 @@ image per call (how `place_raw_images` worked before it grouped images), and on 
 images of one size together (`place_raw_images` now: one pinned upload, one resize call).
 
 Each way's time is the caller's wall time to the resized pixels on the device (a synchronize at the
-end), median of --repeats after --warmup; the device ways also time their kernels alone with CUDA events.
+end), median of --repeats after --warmup; beside it the span between CUDA events recorded before and
+after the call on the current stream (which includes the host's issuing, not the kernels alone). Each
+way starts from zeroed pixels and its result is compared with the host's.
 Workloads: LIBERO (two 256 renders) for one robot and a batch of 8, and three 480x640 cameras.
 
     python3 benchmarks/resize_bench.py $OUT/resize.json
@@ -81,6 +83,7 @@ def main():
         reference = None
         results[name] = {}
         for way_name, way in WAYS.items():  # each way's pixels checked against the host's
+            pixels.zero_()
             results[name][way_name] = measure(way, images, pixels, args.warmup, args.repeats)
             got = pixels.cpu().int()
             reference = got if reference is None else reference
@@ -88,7 +91,7 @@ def main():
             print(name, way_name, results[name][way_name], flush=True)
     out = {
         **run_header(),
-        "what": "resize to 224 with padding, caller's wall to pixels on the device (p50) and the stream's span",
+        "what": "resize to 224 with padding: caller's wall to pixels on the device (p50), stream span",
         "workloads": {k: {"images": c, "height": h, "width": w} for k, (c, h, w) in WORKLOADS.items()},
         "warmup": args.warmup,
         "repeats": args.repeats,

@@ -91,12 +91,19 @@ def place_raw_images(pixels: torch.Tensor, raw_images: dict[int, np.ndarray]) ->
         resize_into(raw.to(pixels.device, non_blocking=True), pixels[first : first + len(images)])
 
 
+# A run's float32 copy on the device grows with its images: cut at about 100 MB (8 robots' 256 renders
+# are 1 million pixels; 3 cameras of 720x1280 are 2.8 million)
+MAX_RUN_PIXELS = 1 << 23
+
+
 def _consecutive_runs_of_one_size(raw_images: dict[int, np.ndarray]):
-    """(first index, [images]) for each run of consecutive indices whose images have one shape."""
+    """(first index, [images]) for each run of consecutive indices whose images have one shape, of at
+    most MAX_RUN_PIXELS pixels (one image more where a single image is larger)."""
     run_first, run = None, []
     for index in sorted(raw_images):
         image = raw_images[index]
-        if run and (index != run_first + len(run) or image.shape != run[0].shape):
+        full = (len(run) + 1) * image.shape[0] * image.shape[1] > MAX_RUN_PIXELS
+        if run and (index != run_first + len(run) or image.shape != run[0].shape or full):
             yield run_first, run
             run = []
         if not run:

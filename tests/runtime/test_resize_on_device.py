@@ -76,6 +76,14 @@ def test_images_of_one_size_are_resized_together_each_into_its_own_place(rng, mo
         np.testing.assert_array_equal(pixels[i].numpy(), resize_with_pad(image, size))
     np.testing.assert_array_equal(pixels[2].numpy(), kept)
 
+    calls.clear()  # a run is cut where its pixels would pass the cap: 3 images of 64x64 fit in 2 runs
+    monkeypatch.setattr(inputs_module, "MAX_RUN_PIXELS", 2 * 64 * 64)
+    raw = {i: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(3)}
+    place_raw_images(pixels, raw)
+    assert calls == [2, 1]
+    for i, image in raw.items():
+        np.testing.assert_array_equal(pixels[i].numpy(), resize_with_pad(image, size))
+
 
 @pytest.mark.parametrize("sizes", ["random", "one size"])
 def test_each_robot_of_a_batch_gets_its_own_raw_images(rng, sizes):
