@@ -119,9 +119,11 @@ def pillow_resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
 
 def test_the_resize_is_openpis(rng):
     """Camera frames larger and smaller than the model's 224, square and not (LIBERO's 256 renders, 480p,
-    720p, a small odd one): within one level of Pillow's bilinear resize, as openpi prepares images for
-    training and inference. (Plain bilinear, before, differed by up to 128 levels on such noise.)"""
-    for shape in [(256, 256), (480, 640), (720, 1280), (151, 97), (100, 100)]:
+    720p, a small odd one, strips resized to one or two pixels across): within one level of Pillow's
+    bilinear resize, as openpi prepares images for training and inference. (Plain bilinear, before,
+    differed by up to 128 levels on such noise.)"""
+    shapes = [(256, 256), (480, 640), (720, 1280), (151, 97), (100, 100), (1000, 5), (2, 440), (300, 2)]
+    for shape in shapes:
         image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
         ours = resize_with_pad(image, 224).astype(int)
         openpi = pillow_resize_with_pad(image, 224).astype(int)
