@@ -84,7 +84,7 @@ def main():
     for count in (int(c) for c in args.counts.split(",")):
         runs.append(run_count(count, args.steps, args.render_every))
         print(runs[-1], flush=True)
-    out = {
+    out = {  # not results_doc.run_header: the LIBERO Python has no torch
         "date": time.strftime("%Y-%m-%d"),
         "commit": os.environ.get("VLA_COMMIT", "unknown"),
         "cpus": os.cpu_count(),
