@@ -392,23 +392,32 @@ class PipelinedExecutor(Policy):
         """Until a frame submitted now goes to the device at once: none is pending and fewer than
         `in_flight` are on the device (default `batching_in_flight()`; a caller that batches keeps its
         observations until then, where it can still choose among them). False when `timeout` passes
-        first; ExecutorClosed once closed."""
+        first; ExecutorClosed once closed. True at once while the device is hung or broken, whatever is on
+        it: a frame submitted then fails at once (DeviceHung, DeviceFailed), so a caller holding
+        observations hands them on to fail instead of keeping them until the device answers."""
 
         def allowed() -> int:  # read as the wait goes on: the mode may change meanwhile
             if in_flight is None:
                 return self.batching_in_flight()
             return min(in_flight, self._pipelining.in_flight_limit())
 
+        def room_or_no_device() -> bool:
+            if self._closed or self._hung is not None or self._broken is not None:
+                return True
+            return self._pending is None and self._in_flight < allowed()
+
         with self._cond:
-            room = self._cond.wait_for(
-                lambda: self._closed or (self._pending is None and self._in_flight < allowed()), timeout
-            )
+            room = self._cond.wait_for(room_or_no_device, timeout)
             if self._closed:
                 raise ExecutorClosed("executor is closed")
             return room
 
-    def prepare(self, obs: Observation, noise=None, previous: PreviousChunk | None = None) -> Member:
-        """One observation checked (ValueError naming the field) and prepared for a frame."""
+    def prepare(
+        self, obs: Observation, noise=None, previous: PreviousChunk | None = None, draw_noise=None
+    ) -> Member:
+        """One observation checked (ValueError naming the field) and prepared for a frame. Without `noise`,
+        `draw_noise()` (default: the executor's own generator) gives it once the observation has passed its
+        checks, so a refused one takes no draw from the sequence."""
         received = time.perf_counter()
         # the input rate: each observation as it comes (a server prepares as robots submit, batches later)
         self._pipelining.arrived(received)
@@ -416,6 +425,8 @@ class PipelinedExecutor(Policy):
         previous, handover = self.parts.prepare_handover(previous)
         if noise is not None:
             noise = self.parts.check_noise(noise)
+        elif draw_noise is not None:
+            noise = draw_noise()
         else:
             with self._noise_lock:  # a Generator is not thread-safe; submit order fixes the sequence
                 noise = self._noise.standard_normal(
@@ -770,7 +781,7 @@ class PipelinedExecutor(Policy):
             else:
                 self._leave_device(frame, "completed")
                 for member, chunk in zip(frame.members, chunks, strict=True):
-                    _resolve(member.future, result=chunk)
+                    resolve(member.future, result=chunk)
                 if frame.profile not in self._profiles_served:  # (this thread's alone)
                     # what a profile's first frame built, the later ones reuse; no collection first, here
                     # while serving (a few objects of the moment may stay frozen), then marked served
@@ -868,11 +879,12 @@ class PipelinedExecutor(Policy):
 
 def _resolve_all(frame: Frame, error: BaseException) -> None:
     for member in frame.members:
-        _resolve(member.future, error=error)
+        resolve(member.future, error=error)
 
 
-def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:
-    """Set a future's outcome unless the watchdog has already failed it (a hung frame that came back)."""
+def resolve(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless it already has one: the watchdog failed it (a hung frame that came
+    back), or its caller cancelled it."""
     try:
         if error is not None:
             future.set_exception(error)

@@ -37,7 +37,7 @@ import numpy as np
 
 from .batching import MARGIN, BatchHold
 from .config import NOISE_STREAM
-from .executor import ExecutorClosed, Member, PipelinedExecutor
+from .executor import ExecutorClosed, Member, PipelinedExecutor, resolve
 from .handover import PreviousChunk
 from .policy import FrameDropped
 from .scheduler import DEFAULT_DEADLINE_S
@@ -115,12 +115,11 @@ class PolicyServer:
         if not deadline_s > 0:
             raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
         self.executor.check_steps(steps)
-        if noise is None:
-            noise = self._noise_for(robot)
         # The robot's wait starts here: its deadline and its arrival (for the bursts of robots ticking
         # together) count from now, not from when its preparation ends; robots' threads take turns at that.
         now = time.monotonic()
-        member = self.executor.prepare(obs, noise, previous)  # bad input: ValueError, to this robot
+        # bad input: ValueError, to this robot (and no draw from its noise: its sequence stays the same)
+        member = self.executor.prepare(obs, noise, previous, draw_noise=lambda: self._noise_for(robot))
         pending = Pending(robot, member, Future(), now + deadline_s, now, steps)
         with self._cond:
             if self._closed:
@@ -133,8 +132,8 @@ class PolicyServer:
             self.counters[robot]["replaced"] += replaced is not None
             self.batching.arrived(robot, now)
             self._cond.notify_all()
-        if replaced is not None:
-            replaced.future.set_exception(FrameDropped(f"{robot}: replaced by a newer observation"))
+        if replaced is not None:  # (a robot may have cancelled its wait for it)
+            resolve(replaced.future, error=FrameDropped(f"{robot}: replaced by a newer observation"))
         return pending.future
 
     def _noise_for(self, robot: str) -> np.ndarray:
@@ -233,10 +232,10 @@ class PolicyServer:
                 counters["completed"] += 1
                 counters["misses"] += done > p.deadline
         if error is not None:
-            p.future.set_exception(error)
+            resolve(p.future, error=error)
             return
         self.latency.add(p.robot, (done - p.submitted) * 1e3)
-        p.future.set_result(future.result())
+        resolve(p.future, result=future.result())
 
     def batch_sizes(self) -> Counter[int]:
         """Batches sent to the executor per size, since the start (a copy)."""
@@ -268,7 +267,7 @@ class PolicyServer:
             pending, self._pending = list(self._pending.values()), {}
             self._cond.notify_all()
         for p in pending:
-            p.future.set_exception(error)
+            resolve(p.future, error=error)
 
     def close(self) -> None:
         """Stop batching; pending observations fail (the executor is the caller's to close)."""
@@ -294,4 +293,5 @@ class RobotSession:
         return self.server.submit(self.robot, obs, previous=previous, noise=noise, steps=steps)
 
     def reset(self) -> None:
-        """Nothing of a robot's stays in the server between episodes but its counters."""
+        """Nothing to reset between episodes: a robot's pending observation is answered or replaced, and its
+        counters, latency samples and noise generator carry on (a run of episodes repeats as a whole)."""

@@ -13,7 +13,7 @@ import pytest
 from vla_runtime.runtime import batching
 from vla_runtime.runtime.batching import GATHER_S
 from vla_runtime.runtime.config import RuntimeConfig
-from vla_runtime.runtime.executor import ExecutorClosed, PipelinedExecutor
+from vla_runtime.runtime.executor import DeviceHung, ExecutorClosed, PipelinedExecutor
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.policy import FrameDropped
 from vla_runtime.runtime.reference import EagerPolicy
@@ -454,3 +454,91 @@ def test_serving_leaves_no_cycles_that_hold_observations(served, rng):
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+def test_a_robot_that_cancels_its_wait_leaves_the_others_served(served, rng):
+    """A robot may cancel its future (a wait with a timeout, then cancel): a newer observation of it, the
+    other robots' chunks and closing the server still go through (the server's resolutions of a cancelled
+    future are no-ops, not errors on the batcher's thread or the robot's next submit)."""
+    executor, _ = served
+    held = HeldStages(executor)
+    try:
+        server = PolicyServer(executor, hold=False)
+        fill_the_executor(server, executor, rng)
+        first_a = server.submit("a", random_observation(rng, "pi05_tiny"))
+        waiting_b = server.submit("b", random_observation(rng, "pi05_tiny"))
+        assert first_a.cancel()
+        second_a = server.submit("a", random_observation(rng, "pi05_tiny"))  # replaces the cancelled one
+        assert server.counters["a"]["replaced"] == 1
+        waiting_c = server.submit("c", random_observation(rng, "pi05_tiny"))
+        assert waiting_c.cancel()
+        server.close()  # fails what waits, the cancelled one among them
+        for future in (second_a, waiting_b):
+            with pytest.raises(ExecutorClosed):
+                future.result(timeout=30)
+        assert not server._batcher.is_alive()
+    finally:
+        held.restore()
+        executor.wait_idle(60)
+
+
+def test_a_cancelled_observation_on_the_device_still_lets_the_batch_finish(served, rng):
+    executor, _ = served
+    held = HeldStages(executor)
+    try:
+        with PolicyServer(executor, hold=False) as server:
+            fill_the_executor(server, executor, rng)
+            a = server.submit("a", random_observation(rng, "pi05_tiny"))
+            b = server.submit("b", random_observation(rng, "pi05_tiny"))
+            held.release()
+            wait_until(executor, lambda: not server._pending)  # both went to the device
+            a.cancel()  # too late for the frame: it is computed, its chunk goes nowhere
+            assert b.result(timeout=120).actions.shape[0] > 0
+            later = server.submit("a", random_observation(rng, "pi05_tiny"))
+            assert later.result(timeout=120).actions.shape[0] > 0
+            assert server._batcher.is_alive()
+    finally:
+        held.restore()
+
+
+@pytest.mark.parametrize("pipelining", ["latency", "throughput"])
+def test_robots_waiting_in_the_server_hear_at_once_of_a_hung_device(rng, pipelining):
+    """With the device hung (a frame on it past device_timeout_s), a robot's observation fails with
+    DeviceHung as a direct submit does, whether the executor keeps one frame on the device or more: it
+    is not held in the server until the device answers."""
+    parts = build_parts(
+        RuntimeConfig(preset="pi05_tiny", max_batch=2, device_timeout_s=0.5, pipelining=pipelining)
+    )
+    executor = PipelinedExecutor(parts=parts)
+    held = HeldStages(executor)
+    server = PolicyServer(executor)
+    try:
+        stuck = server.submit("a", random_observation(rng, "pi05_tiny"))
+        with pytest.raises(DeviceHung):
+            stuck.result(timeout=30)
+        assert executor.health()["state"] == "hung"
+        later = server.submit("b", random_observation(rng, "pi05_tiny"))
+        with pytest.raises(DeviceHung):
+            later.result(timeout=10)  # the device is still held: no chunk could come before the release
+        assert server.counters["b"]["failed"] == 1
+    finally:
+        held.restore()
+        server.close()
+        executor.close()
+
+
+def test_a_refused_observation_takes_nothing_from_its_robots_noise(served, rng):
+    """Each robot's noise comes from a generator of its own: a bad observation, refused, must not move it
+    on, or the robot's later actions would depend on its mistakes."""
+    executor, _ = served
+    good = random_observation(rng, "pi05_tiny")
+    bad = random_observation(rng, "pi05_tiny")
+    bad.state = np.full_like(bad.state, np.nan)
+    runs = []
+    for refused_first in (False, True):
+        with PolicyServer(executor) as server:
+            if refused_first:
+                with pytest.raises(ValueError, match="state"):
+                    server.submit("arm", bad)
+            runs.append(server.submit("arm", good).result(timeout=120).actions)
+    np.testing.assert_array_equal(runs[0], runs[1])
