@@ -78,8 +78,15 @@ def serve(endpoint: str, sim=None, parent_pid: int | None = None) -> None:
                 log.info("the parent process %d is gone; stopping", parent_pid)
                 return
             continue
-        payload = socket.recv()
-        socket.send(handle(sim, payload))
+        frames = socket.recv_multipart()
+        if len(frames) != 1:  # a request is one msgpack frame; REP must still answer this one
+            reply = protocol.reply_error(f"request: expected one message frame, got {len(frames)}")
+        else:
+            reply = handle(sim, frames[0])
+        try:
+            socket.send(reply)
+        except zmq.ZMQError as err:  # the client went away meanwhile: serve the next one
+            log.warning("reply not sent: %s", err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,3 +138,28 @@ def test_a_step_without_cameras_and_a_server_that_does_not_know_render(rng, monk
     assert "agentview" in client.step(action, render=False)["observation"]
     assert sim.renders == [False, True, True, True]  # one step per call, the refused one not stepped
     client.close()
+
+
+def test_a_request_of_several_frames_is_refused_and_the_server_keeps_serving(rng):
+    """A request is one msgpack frame; one sent in two (another ZeroMQ client's mistake) gets an error
+    reply naming it, and the server answers the next request (it used to die replying)."""
+    import threading
+
+    import zmq
+    from vla_runtime.sim.client import SimClient
+    from vla_runtime.sim.launcher import free_endpoint
+    from vla_runtime.sim.server import serve
+
+    sim, endpoint = StepOnly(rng), free_endpoint()
+    threading.Thread(target=serve, args=(endpoint, sim), daemon=True).start()
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    socket.send_multipart([protocol.request("step", action=np.zeros(7, np.float32)), b"more"])
+    assert socket.poll(10_000), "the server did not answer"
+    reply = protocol.decode(socket.recv())
+    assert not reply["ok"] and "one message frame, got 2" in reply["error"]
+    socket.close()
+    client = SimClient(endpoint, timeout_s=10)
+    assert "agentview" in client.step(np.zeros(7, np.float32))["observation"]
+    client.close()
