@@ -264,7 +264,7 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
     try:
         for sim in sims:  # one by one: those made are closed below if one fails
             clients.append(SimClient(sim.endpoint))
-        check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks)
+        check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks, args.trials)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
         config = config.replace(max_batch=largest_batch(args.workers, config.batch_profiles))
         first_episodes = [share[0] for share in deal_episodes(tasks, args.trials, args.workers) if share]
@@ -403,7 +403,7 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, flo
         )
     lockstep = args.mode == "lockstep"
     client = SimClient(endpoint)
-    check_sim_request(client, endpoint, args.suite, tasks)  # before the model is built
+    check_sim_request(client, endpoint, args.suite, tasks, args.trials)  # before the model is built
     run = episode_settings(args, out)
     try:
         if args.path == "ros":
@@ -454,9 +454,11 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, flo
         client.close()
 
 
-def check_sim_request(client, endpoint: str, suite: str, tasks: list[int] | None) -> None:
-    """The server answers, knows the suite and has the tasks: a mistake is named before minutes of
-    loading, not after."""
+def check_sim_request(
+    client, endpoint: str, suite: str, tasks: list[int] | None, trials: int | None = None
+) -> None:
+    """The server answers, knows the suite and has the tasks, each with an init state per trial: a
+    mistake is named before minutes of loading and episodes, not after."""
     from .sim.client import SimError
 
     try:
@@ -468,12 +470,17 @@ def check_sim_request(client, endpoint: str, suite: str, tasks: list[int] | None
     if suite not in known:
         raise ValueError(f"--suite: unknown suite {suite!r}; the server has {', '.join(known)}")
     try:
-        count = len(client.tasks(suite))
+        known_tasks = client.tasks(suite)
     except SimError as err:
         raise ValueError(f"--suite: {err}") from None
+    count = len(known_tasks)
     bad = [t for t in tasks or () if t >= count]
     if bad:
         raise ValueError(f"--tasks: {bad} out of range 0..{count - 1} for {suite}")
+    chosen = [known_tasks[t] for t in tasks] if tasks else known_tasks
+    fewest = min((t["init_states"] for t in chosen if "init_states" in t), default=None)
+    if trials is not None and fewest is not None and trials > fewest:
+        raise ValueError(f"--trials: {trials}, but {suite} has {fewest} init states for some chosen task")
 
 
 def cmd_demo(args) -> int:

@@ -450,12 +450,14 @@ def test_wall_clock_mode_counts_misses_and_overruns(tmp_path, server):
     "args, message",
     [
         (["--tasks", "99"], "--tasks: [99] out of range 0..9 for libero_spatial"),
+        (["--tasks", "0", "--trials", "51"], "--trials: 51, but libero_spatial has 50 init states"),
         (["--endpoint", "tcp://127.0.0.1:1"], "--endpoint: no sim server answered at tcp://127.0.0.1:1"),
     ],
 )
 def test_sim_mistakes_are_named_before_the_model_loads(server, tmp_path, args, message):
-    """A task the suite lacks, or an endpoint where no server listens: exit 2 naming the option, found on
-    first contact with the server (the model is not built)."""
+    """A task the suite lacks, more trials than a task has init states, or an endpoint where no server
+    listens: exit 2 naming the option, found on first contact with the server (the model is not built,
+    no episode runs)."""
     endpoint = [] if "--endpoint" in args else ["--endpoint", server.endpoint]
     run = subprocess.run(
         [CLI, "eval-libero", *endpoint, *args, "--max-steps", "1", "--out", str(tmp_path)],
