@@ -1023,9 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TimeoutError, RuntimeError) as err:
         from .runtime.executor import DeviceHung
         from .sim.client import SimError
-        from .sim.launcher import ActorFailed
+        from .sim.launcher import ActorFailed, SimServerFailed
 
-        if not isinstance(err, (TimeoutError, SimError, DeviceHung, ActorFailed)):
+        if not isinstance(err, (TimeoutError, SimError, DeviceHung, ActorFailed, SimServerFailed)):
             raise  # a bug: its traceback is what a report needs
         print(f"vla-runtime: failed: {err}", file=sys.stderr)  # the simulator or the device, not the input
         return 1

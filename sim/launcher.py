@@ -34,6 +34,21 @@ class ActorFailed(RuntimeError):
     the message carries its own error."""
 
 
+class SimServerFailed(RuntimeError):
+    """A sim server process exited before it answered; the message carries its log's last line."""
+
+
+def last_line(log_path) -> str:
+    """A log's last non-empty line (what a process said as it died), or why there is none."""
+    if log_path is None:
+        return "no log kept"
+    try:
+        lines = [line for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as err:
+        return f"log unreadable ({err})"
+    return lines[-1].strip() if lines else "its log is empty"
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity: a container's or taskset's limit), not the host's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -83,7 +98,11 @@ class SimServerProcess:
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"sim server exited with {self.proc.returncode}; log: {self.log_path}")
+                    raise SimServerFailed(
+                        f"sim server exited with {self.proc.returncode} before answering: "
+                        f"{last_line(self.log_path)} (log: {self.log_path}; its Python: {libero_python()}, "
+                        f"{ENV_VAR} chooses another)"
+                    )
                 try:
                     client.suites()
                     return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -151,3 +152,19 @@ def test_inspect_reads_a_checkpoint_without_loading_it(tmp_path):
     bad = run("inspect", str(directory))
     assert bad.returncode == 2 and "config.json type says pi0, its tensors are pi05's" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_sim_server_that_cannot_start_is_reported_without_a_traceback(tmp_path):
+    """VLA_LIBERO_PYTHON pointing at a Python without LIBERO (this one): the sim server dies importing it,
+    and eval-libero says so in one line with the log's last line and the variable to set."""
+    env = {**os.environ, "VLA_LIBERO_PYTHON": sys.executable}
+    run = subprocess.run(
+        [EXE, "eval-libero", "--max-steps", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "sim server exited with" in run.stderr and "No module named" in run.stderr, run.stderr
+    assert "VLA_LIBERO_PYTHON" in run.stderr
