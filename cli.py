@@ -240,7 +240,7 @@ def cmd_eval_libero(args) -> int:
     server = None if args.endpoint else SimServerProcess(log_path=out / "sim_server.log")
     try:
         episodes, identity, seconds = run_libero(
-            args, config, args.endpoint or server.endpoint, args.tasks, out
+            args, config, args.endpoint or server.endpoint, args.tasks, out, server
         )
     finally:
         if server is not None:
@@ -263,7 +263,7 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
     clients = []
     try:
         for sim in sims:  # one by one: those made are closed below if one fails
-            clients.append(SimClient(sim.endpoint))
+            clients.append(SimClient(sim.endpoint, server_gone=sim.exit_reason))
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks, args.trials)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
         config = config.replace(max_batch=largest_batch(args.workers, config.batch_profiles))
@@ -390,9 +390,10 @@ def report_libero(args, config, out, episodes, identity, seconds: float) -> int:
     return 0
 
 
-def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, float]:
+def run_libero(args, config, endpoint: str, tasks, out, server=None) -> tuple[list, dict, float]:
     """The episodes over the chosen path, the served model's identity (model_id, random_weights) and the
-    episodes' wall-clock seconds (the policy's start-up not included)."""
+    episodes' wall-clock seconds (the policy's start-up not included). `server`: the sim server's process
+    where it is ours (a request to it fails as soon as it is gone)."""
     from .sim.client import SimClient
     from .sim.evaluate import EnvironmentBuilds, evaluate
 
@@ -402,7 +403,7 @@ def run_libero(args, config, endpoint: str, tasks, out) -> tuple[list, dict, flo
             "and the wall clock measure their own delay)"
         )
     lockstep = args.mode == "lockstep"
-    client = SimClient(endpoint)
+    client = SimClient(endpoint, server_gone=server.exit_reason if server is not None else None)
     check_sim_request(client, endpoint, args.suite, tasks, args.trials)  # before the model is built
     run = episode_settings(args, out)
     try:
@@ -1022,8 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (TimeoutError, RuntimeError) as err:
         from .runtime.executor import DeviceHung
-        from .sim.client import SimError
-        from .sim.launcher import ActorFailed, SimServerFailed
+        from .sim.client import SimError, SimServerFailed
+        from .sim.launcher import ActorFailed
 
         if not isinstance(err, (TimeoutError, SimError, DeviceHung, ActorFailed, SimServerFailed)):
             raise  # a bug: its traceback is what a report needs

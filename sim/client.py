@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import zmq
 
 from . import protocol
+
+CHECK_MS = 1000  # how often a wait for a reply asks whether the server's process is still there
 
 
 class SimError(RuntimeError):
     """The server answered with an error (the message names the field)."""
 
 
+class SimServerFailed(RuntimeError):
+    """The sim server's process exited (before it answered, or while a request waited); the message
+    carries its log's last line."""
+
+
 class SimClient:
-    def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout_s: float = 120.0):
+    def __init__(
+        self,
+        endpoint: str = protocol.DEFAULT_ENDPOINT,
+        timeout_s: float = 120.0,
+        server_gone: Callable[[], str | None] | None = None,
+    ):
+        """`server_gone`: where the server is a process of ours, why it is gone (None while it runs),
+        asked each second of a wait, so a request to a dead server fails at once, not at the timeout."""
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_s * 1000)
+        self.server_gone = server_gone
         self._context = zmq.Context.instance()
         self._socket = None
         self._renders_on_request = True  # False once the server says it does not know `render`
@@ -30,9 +47,17 @@ class SimClient:
     def call_raw(self, payload: bytes, timeout_s: float | None = None) -> dict:
         timeout_ms = self.timeout_ms if timeout_s is None else int(timeout_s * 1000)
         self._socket.send(payload)
-        if not self._socket.poll(timeout_ms):
-            self._connect()  # a REQ socket that missed its reply cannot send again: start over
-            raise TimeoutError(f"sim server at {self.endpoint} did not answer in {timeout_ms / 1000:.0f} s")
+        waited_ms = 0
+        while not self._socket.poll(min(CHECK_MS, timeout_ms - waited_ms)):
+            waited_ms += CHECK_MS
+            gone = self.server_gone() if self.server_gone is not None else None
+            if gone is not None or waited_ms >= timeout_ms:
+                self._connect()  # a REQ socket that missed its reply cannot send again: start over
+                if gone is not None:
+                    raise SimServerFailed(gone)
+                raise TimeoutError(
+                    f"sim server at {self.endpoint} did not answer in {timeout_ms / 1000:.0f} s"
+                )
         return protocol.decode(self._socket.recv())
 
     def call(self, op: str, timeout_s: float | None = None, **fields) -> dict:

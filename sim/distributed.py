@@ -128,7 +128,7 @@ class SimWorker:
         os.makedirs(log_dir, exist_ok=True)  # on this actor's node
         log = Path(log_dir) / f"sim_server_{socket.gethostname()}_{os.getpid()}.log"
         self.sim = SimServerProcess(log_path=log)
-        self.client = SimClient(self.sim.endpoint)
+        self.client = SimClient(self.sim.endpoint, server_gone=self.sim.exit_reason)
 
     def task_indices(self, suite: str) -> list[int]:
         return [t["index"] for t in self.client.tasks(suite)]

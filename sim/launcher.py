@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .client import SimClient
+from .client import SimClient, SimServerFailed
 
 ENV_VAR = "VLA_LIBERO_PYTHON"
 # By design a simulator is one single-threaded process, one per CPU when several run: numpy's BLAS and
@@ -32,10 +32,6 @@ def libero_python() -> Path:
 class ActorFailed(RuntimeError):
     """A simulator or policy server started as a Ray actor (sim/distributed.py) failed or never started;
     the message carries its own error."""
-
-
-class SimServerFailed(RuntimeError):
-    """A sim server process exited before it answered; the message carries its log's last line."""
 
 
 def last_line(log_path) -> str:
@@ -97,11 +93,10 @@ class SimServerProcess:
         deadline = time.monotonic() + self.timeout_s
         try:
             while True:
-                if self.proc.poll() is not None:
+                gone = self.exit_reason()
+                if gone is not None:
                     raise SimServerFailed(
-                        f"sim server exited with {self.proc.returncode} before answering: "
-                        f"{last_line(self.log_path)} (log: {self.log_path}; its Python: {libero_python()}, "
-                        f"{ENV_VAR} chooses another)"
+                        f"{gone} before answering (its Python: {libero_python()}, {ENV_VAR} chooses another)"
                     )
                 try:
                     client.suites()
@@ -112,6 +107,13 @@ class SimServerProcess:
                         raise
         finally:
             client.close()
+
+    def exit_reason(self) -> str | None:
+        """Why the server's process is gone (its exit code, its log's last line), or None while it runs."""
+        if self.proc.poll() is None:
+            return None
+        said = last_line(self.log_path)
+        return f"sim server exited with {self.proc.returncode}: {said} (log: {self.log_path})"
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -163,3 +163,22 @@ def test_a_request_of_several_frames_is_refused_and_the_server_keeps_serving(rng
     client = SimClient(endpoint, timeout_s=10)
     assert "agentview" in client.step(np.zeros(7, np.float32))["observation"]
     client.close()
+
+
+def test_a_request_to_a_server_whose_process_is_gone_fails_with_why():
+    """SimClient's `server_gone` (the launcher's exit_reason) is asked while a request waits: a server
+    process that died mid-run fails the request with its reason, not a timeout minutes later."""
+    from vla_runtime.sim.client import SimClient, SimServerFailed
+    from vla_runtime.sim.launcher import free_endpoint
+
+    asked = []
+
+    def server_gone():  # alive for the first check, then gone
+        asked.append(1)
+        return None if len(asked) < 2 else "sim server exited with -9: (log: sim_server.log)"
+
+    client = SimClient(free_endpoint(), timeout_s=60, server_gone=server_gone)  # nothing listens there
+    with pytest.raises(SimServerFailed, match="exited with -9"):
+        client.suites()
+    assert len(asked) == 2
+    client.close()
