@@ -134,6 +134,8 @@ def check_request(message: dict) -> tuple[str, dict]:
             )
         if not np.all(np.isfinite(action)):
             raise ProtocolError("action: contains NaN or inf")
+    if op == "reset" and not 0 <= fields.get("seed", 0) < 2**32:  # NumPy's seeds; before any rebuild
+        raise ProtocolError(f"seed: must be in 0..{2**32 - 1}, got {fields['seed']}")
     return op, fields
 
 

@@ -59,17 +59,17 @@ def handle(sim, payload: bytes) -> bytes:
 def serve(endpoint: str, sim=None, parent_pid: int | None = None) -> None:
     """Answer requests until interrupted, or (with `parent_pid`) until that process is gone: a sim
     server started by a process that was killed (a Ray actor ended by force) does not outlive it."""
-    if sim is None:
-        from .libero_env import LiberoSim  # noqa: PLC0415
-
-        sim = LiberoSim()
     context = zmq.Context.instance()
     socket = context.socket(zmq.REP)
     # Messages up to 8x the protocol limit are read and answered with an error naming the size; beyond
     # that ZeroMQ drops the sender's connection, so no client can make the server hold unbounded memory.
     socket.setsockopt(zmq.MAXMSGSIZE, 8 * protocol.MAX_MESSAGE_BYTES)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.bind(endpoint)
+    socket.bind(endpoint)  # first: an endpoint in use or malformed is said before LIBERO loads (seconds)
+    if sim is None:
+        from .libero_env import LiberoSim  # noqa: PLC0415
+
+        sim = LiberoSim()
     log.info("LIBERO sim server on %s", endpoint)
     print(f"sim server ready on {endpoint}", flush=True)
     while True:
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.endpoint, parent_pid=args.parent_pid)
     except KeyboardInterrupt:
         pass
+    except zmq.ZMQError as err:  # the endpoint: in use, or not one ZeroMQ can bind
+        print(f"sim server: error: --endpoint {args.endpoint}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

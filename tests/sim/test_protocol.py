@@ -76,6 +76,8 @@ MALFORMED = [
     (raw({"v": 1, "op": "reset", "task": 0}), "suite: missing"),
     (raw({"v": 1, "op": "reset", "suite": "s", "task": "0"}), "task: must be an integer"),
     (raw({"v": 1, "op": "reset", "suite": "s", "task": True}), "task: must be an integer"),
+    (raw({"v": 1, "op": "reset", "suite": "s", "task": 0, "seed": -1}), "seed: must be in 0..4294967295"),
+    (raw({"v": 1, "op": "reset", "suite": "s", "task": 0, "seed": 2**63}), "seed: must be in 0..4294967295"),
     (raw({"v": 1, "op": "list_tasks", "suite": "s", "extra": 1}), "extra: unknown field"),
     (raw({"v": 1, "op": "step"}), "action: missing"),
     (raw({"v": 1, "op": "step", "action": [0.0] * 7}), "action: must be ndarray"),
@@ -182,3 +184,24 @@ def test_a_request_to_a_server_whose_process_is_gone_fails_with_why():
         client.suites()
     assert len(asked) == 2
     client.close()
+
+
+@pytest.mark.parametrize("endpoint", ["notanendpoint", "in use"])
+def test_a_sim_server_given_an_endpoint_it_cannot_bind_says_so_and_exits_2(endpoint, capsys):
+    """Before LIBERO loads (this Python has none): a malformed endpoint, or one another socket holds."""
+    import zmq
+    from vla_runtime.sim.launcher import free_endpoint
+    from vla_runtime.sim.server import main
+
+    holder = None
+    if endpoint == "in use":
+        endpoint = free_endpoint()
+        holder = zmq.Context.instance().socket(zmq.REP)
+        holder.setsockopt(zmq.LINGER, 0)
+        holder.bind(endpoint)
+    try:
+        assert main(["--endpoint", endpoint]) == 2
+    finally:
+        if holder is not None:
+            holder.close()
+    assert f"sim server: error: --endpoint {endpoint}" in capsys.readouterr().err
