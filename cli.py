@@ -265,6 +265,7 @@ def cmd_eval_libero_parallel(args, config, out) -> int:
         for sim in sims:  # one by one: those made are closed below if one fails
             clients.append(SimClient(sim.endpoint, server_gone=sim.exit_reason))
         check_sim_request(clients[0], sims[0].endpoint, args.suite, args.tasks, args.trials)
+        clear_earlier_report(out)
         tasks = args.tasks or [t["index"] for t in clients[0].tasks(args.suite)]
         config = config.replace(max_batch=largest_batch(args.workers, config.batch_profiles))
         first_episodes = [share[0] for share in deal_episodes(tasks, args.trials, args.workers) if share]
@@ -321,6 +322,7 @@ def cmd_eval_libero_ray(args, config, out) -> int:
     say(
         f"{args.workers} simulators and {args.servers} policy servers ({config.model_name}) as Ray actors ..."
     )
+    clear_earlier_report(out)  # (the Ray path checks its request inside, with its actors)
     try:
         episodes, seconds, identity = distributed.evaluate_ray(
             config,
@@ -405,6 +407,7 @@ def run_libero(args, config, endpoint: str, tasks, out, server=None) -> tuple[li
     lockstep = args.mode == "lockstep"
     client = SimClient(endpoint, server_gone=server.exit_reason if server is not None else None)
     check_sim_request(client, endpoint, args.suite, tasks, args.trials)  # before the model is built
+    clear_earlier_report(out)
     run = episode_settings(args, out)
     try:
         if args.path == "ros":
@@ -453,6 +456,15 @@ def run_libero(args, config, endpoint: str, tasks, out, server=None) -> tuple[li
         return episodes, identity, seconds
     finally:
         client.close()
+
+
+def clear_earlier_report(out: Path) -> None:
+    """An earlier run's report in `out` removed once this run's request has passed its checks: a run that
+    then fails leaves none to be taken for its own (a refused command leaves it alone)."""
+    from .sim.report import REPORT_FILES
+
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def check_sim_request(

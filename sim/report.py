@@ -20,6 +20,9 @@ LATENCY_MEANING = (
 )
 MISS_MEANING = f"miss = no chunk for an observation (or a newer one) within {DEADLINE_MS:.0f} ms of it"
 LOCKSTEP_NOTE = "lockstep: the simulator waited for every chunk, so misses did not disturb the episode"
+# What write_report writes into a run's folder
+RESULTS_FILE, REPORT_FILE, HISTOGRAM_FILE = "results.json", "report.md", "latency_histogram.png"
+REPORT_FILES = (RESULTS_FILE, REPORT_FILE, HISTOGRAM_FILE)
 
 
 @dataclass
@@ -227,8 +230,8 @@ def write_report(out_dir: Path, episodes: list[EpisodeResult], meta: dict) -> di
         "summary": summary,
         "episodes": [e.summary() for e in episodes],
     }
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=2))
-    histogram = latency_histogram(episodes, out_dir / "latency_histogram.png")
+    (out_dir / RESULTS_FILE).write_text(json.dumps(doc, indent=2))
+    histogram = latency_histogram(episodes, out_dir / HISTOGRAM_FILE)
     lines = [
         f"# LIBERO closed-loop evaluation ({doc['date']})",
         "",
@@ -277,5 +280,5 @@ def write_report(out_dir: Path, episodes: list[EpisodeResult], meta: dict) -> di
     for e in episodes:
         if e.video:
             lines.append(f"![{e.suite} task {e.task} init {e.init_state}]({Path(e.video).name})")
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n")
     return summary

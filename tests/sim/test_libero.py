@@ -459,6 +459,7 @@ def test_sim_mistakes_are_named_before_the_model_loads(server, tmp_path, args, m
     listens: exit 2 naming the option, found on first contact with the server (the model is not built,
     no episode runs)."""
     endpoint = [] if "--endpoint" in args else ["--endpoint", server.endpoint]
+    (tmp_path / "report.md").write_text("an earlier run's")  # a refused command leaves it alone
     run = subprocess.run(
         [CLI, "eval-libero", *endpoint, *args, "--max-steps", "1", "--out", str(tmp_path)],
         capture_output=True,
@@ -467,6 +468,7 @@ def test_sim_mistakes_are_named_before_the_model_loads(server, tmp_path, args, m
     )
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert "loading" not in run.stderr  # refused before the model was built
+    assert (tmp_path / "report.md").read_text() == "an earlier run's"
 
 
 def test_a_sim_server_stops_when_its_parent_is_gone():
