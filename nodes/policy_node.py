@@ -24,6 +24,7 @@ Topics are relative, so a namespace places them:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -77,11 +78,42 @@ class StartupError(Exception):
     """Start-up parameters that cannot be served; the message names each one."""
 
 
+# The assembly's timing settings, ROS parameters of the same names, applied while serving
+ASSEMBLY_TIMING = {f.name for f in dataclasses.fields(AssemblySettings)} - {
+    "required_cameras",
+    "optional_cameras",
+}
+
+
+def refuse_unavailable_transitions(node: LifecycleNode) -> None:
+    """A ChangeState request naming by id a transition the current state does not have (cleanup while
+    active, activate before configure) is answered success=False with a warning, as one naming it by
+    label is. rclpy before ros2/rclpy#1319 (Jazzy's 7.1.5 here) raised instead, in the executor's spin:
+    the node died with a traceback and the request went unanswered."""
+    service = node._service_change_state  # rclpy's own service; its callback is the state machine's
+    change_state = service.callback
+
+    def checked(request, response):
+        if not request.transition.label:
+            available = {t[0] for t in node._state_machine.available_transitions}
+            if request.transition.id not in available:
+                state = node._state_machine.current_state[1]
+                node.get_logger().warning(
+                    f"change_state: transition {request.transition.id} is not available in state {state}"
+                )
+                response.success = False
+                return response
+        return change_state(request, response)
+
+    service.callback = checked
+
+
 class PolicyNode(LifecycleNode):
     def __init__(self, node_name: str = "policy_node", policy_factory=PipelinedExecutor, **kwargs):
         """`policy_factory(RuntimeConfig) -> Policy`: what serves (the executor; tests and benchmarks give
         a policy of their own through it)."""
         super().__init__(node_name, **kwargs)
+        refuse_unavailable_transitions(self)
         self._policy_factory = policy_factory
         self._declare_parameters()
         self.add_on_set_parameters_callback(self._check_parameters)
@@ -172,6 +204,13 @@ class PolicyNode(LifecycleNode):
         if "diagnostics_rate_hz" in names:
             self.destroy_timer(self._diag_timer)
             self._start_diagnostics_timer()
+        timing = names & ASSEMBLY_TIMING
+        if timing:
+            with self._lock:
+                if self.assembler is not None:  # applied at once, as the help of each says
+                    self.assembler.settings = dataclasses.replace(
+                        self.assembler.settings, **{name: self.param(name) for name in timing}
+                    )
         if self.scheduler is not None and names & {"control_period_s", "deadline_s"}:
             self.scheduler.period_s = self.param("control_period_s")
             self.scheduler.deadline_s = self.param("deadline_s")
@@ -412,7 +451,8 @@ class PolicyNode(LifecycleNode):
             jumped = self._last_now is not None and now < self._last_now - CLOCK_JUMP_S
             self._last_now = now
         if jumped:
-            self.counters["clock_jumps"] += 1
+            with self._lock:
+                self.counters["clock_jumps"] += 1
             self.get_logger().warning(f"the clock jumped back to {now:.3f}; buffered inputs and chunk reset")
             self._reset_serving_state()
         return now
@@ -492,12 +532,18 @@ class PolicyNode(LifecycleNode):
         self._store(
             "joint_states",
             None,
-            lambda: (state_vector(msg.data, self.param("state_dim"), "data"), self.now()),
+            lambda: (state_vector(msg.data, self._state_dim, "data"), self.now()),  # as configured
         )
 
     def _on_instruction(self, msg: String) -> None:
         if not msg.data.strip():
             return self._refuse("bad_inputs", "instruction", ValueError("data: empty instruction"))
+        preparer = getattr(getattr(self.policy, "parts", None), "preparer", None)
+        if preparer is not None:
+            try:  # too long for the prompt whatever the state: refused here, the last instruction kept
+                preparer.check_instruction(msg.data)
+            except ValueError as err:
+                return self._refuse("bad_inputs", "instruction", err)
         with self._lock:
             if self.assembler is not None:
                 self.assembler.set_instruction(msg.data)

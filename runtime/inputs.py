@@ -155,6 +155,17 @@ class InputPreparer:
         padded[: self.state_dim] = normalized
         return PreparedInputs(pixels, masks, tokens, token_masks, padded, raw, prompt_room=room)
 
+    def check_instruction(self, instruction) -> None:
+        """ValueError naming the instruction when its prompt is too long whatever the state (every state
+        value at its shortest, in pi0.5's prompt): a node checks an instruction as it arrives."""
+        shortest = -np.ones(self.state_dim, dtype=np.float32) if self.model.prompt_has_state else None
+        ids = self.tokenizer.token_ids(instruction, shortest)
+        if len(ids) > self.tokenizer.max_len:
+            raise ValueError(
+                f"instruction: the prompt is at least {len(ids)} tokens, over the model's max_token_len "
+                f"of {self.tokenizer.max_len}"
+            )
+
     def _images(self, images) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
         if not isinstance(images, dict):
             raise ValueError(f"images: expected a dict of camera name -> image, got {type(images).__name__}")

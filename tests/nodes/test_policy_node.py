@@ -110,6 +110,11 @@ BAD_INPUTS = [
         lambda s: JointState(header=_h(s), position=[math.nan] * 8),
     ),
     ("instruction", "instruction: data: empty", lambda s: String(data="   ")),
+    (
+        "instruction",
+        "instruction: the prompt is at least",  # refused on arrival; the previous instruction stays
+        lambda s: String(data="pick up the bowl " * 300),
+    ),
 ]
 
 
@@ -481,3 +486,27 @@ def test_launch_file_structure():
     parameters = kwargs["parameters"].elts
     assert ast.unparse(parameters[0]) == "LaunchConfiguration('params_file')"
     assert ast.unparse(parameters[1]) == "launch_overrides(given)"
+
+
+def test_a_transition_by_id_that_the_state_lacks_is_refused_and_the_node_serves_on(node, robot):
+    """ChangeState by id (as `ros2 service call` and lifecycle managers send it) for a transition the
+    current state does not have: answered success=False, the node still serving (rclpy's own handling
+    raised in the spin and ended the process)."""
+    assert not _transition(robot, "/policy_node", Transition.TRANSITION_CLEANUP)  # active: no cleanup
+    assert not _transition(robot, "/policy_node", Transition.TRANSITION_CONFIGURE)
+    assert node.proc.poll() is None and _state(robot, "/policy_node") == "active"
+    assert node.wait_for_log("transition 2 is not available in state active", 10)
+    assert robot.chunk_for(robot.publish_once()) is not None
+
+
+def test_timing_parameters_apply_while_serving(node, robot):
+    """max_future_s set live: an observation stamped 1 s ahead, refused under the default 0.1 s, is
+    served once it is 5 s (the parameter's help says it applies; it used to wait for a configure)."""
+    ahead = robot.now() + 1.0
+    robot.publish_once(ahead)
+    assert node.wait_for_log("more than max_future_s 0.1", 10)
+    assert _set_parameter(robot, "max_future_s", 5.0).successful
+    try:
+        assert robot.chunk_for(robot.publish_once(robot.now() + 1.0)) is not None
+    finally:
+        assert _set_parameter(robot, "max_future_s", 0.1).successful
