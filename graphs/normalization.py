@@ -32,6 +32,7 @@ LEROBOT_MODES = {
 LEROBOT_PREPROCESSOR = "policy_preprocessor.json"
 LEROBOT_POSTPROCESSOR = "policy_postprocessor.json"
 LEROBOT_STATE_KEY, LEROBOT_ACTION_KEY = "observation.state", "action"
+NEEDED = {"mean_std": ("mean", "std"), "quantiles": ("q01", "q99"), "min_max": ("min", "max")}  # per mode
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,32 @@ class FieldStats:
     eps: float = LEROBOT_EPS  # lerobot's normaliser step's own eps (openpi's is fixed)
 
     def __post_init__(self):
-        needed = {"mean_std": ("mean", "std"), "quantiles": ("q01", "q99"), "min_max": ("min", "max")}
-        missing = [k for k in needed.get(self.mode, ()) if self.stats.get(k) is None]
+        """Each statistic the mode reads: one finite value per dimension, all of one length (a scalar, a
+        NaN or stats of unequal lengths would otherwise surface as wrong actions, or an error at the
+        first inference)."""
+        missing = [k for k in NEEDED.get(self.mode, ()) if self.stats.get(k) is None]
         if missing:
             raise ValueError(f"{self.mode} normalisation needs {', '.join(missing)}")
+        lengths = set()
+        for key in NEEDED.get(self.mode, ()):
+            value = self.stats[key]
+            if value.ndim != 1 or value.size == 0:
+                raise ValueError(
+                    f"{key}: must be a list of numbers, one per dimension, got shape {value.shape}"
+                )
+            if not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"{key}: non-finite values at {np.flatnonzero(~np.isfinite(value)).tolist()}"
+                )
+            lengths.add(value.size)
+        if len(lengths) > 1:
+            sizes = ", ".join(f"{k} {self.stats[k].size}" for k in NEEDED[self.mode])
+            raise ValueError(f"statistics of unequal lengths ({sizes})")
+
+    @property
+    def dims(self) -> int | None:
+        """How many dimensions the statistics cover (None: identity, which covers every one)."""
+        return self.stats[NEEDED[self.mode][0]].size if self.mode in NEEDED else None
 
     def _center_width(self, n: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(offset, width, centred on [-1, 1]) for the first n values."""
@@ -60,8 +83,7 @@ class FieldStats:
     def apply(self, x: np.ndarray, inverse: bool) -> np.ndarray:
         if self.mode == "identity":
             return x
-        key = "mean" if self.mode == "mean_std" else ("q01" if self.mode == "quantiles" else "min")
-        n = min(self.stats[key].shape[-1], x.shape[-1])
+        n = min(self.dims, x.shape[-1])
         head, rest = x[..., :n], x[..., n:]
         offset, width, centred = self._center_width(n)
         if self.convention == "openpi":

@@ -124,8 +124,29 @@ def resolve_norm_stats(config: RuntimeConfig) -> NormStats | None:
             )
         log.warning("no normalisation statistics in %s: state and actions pass through", config.checkpoint)
     else:
+        check_norm_stats_cover_the_robot(stats, config)
         log.info("normalisation statistics from %s", stats.source)
     return stats
+
+
+def check_norm_stats_cover_the_robot(stats: NormStats, config: RuntimeConfig) -> None:
+    """Statistics for the actions (unless `allow_unnormalized`), covering every dimension the robot
+    executes, and for the state covering every one it sends: dimensions past the statistics pass through
+    unchanged, so a short file would send some actions to the robot in normalised units."""
+    if stats.actions is None and not config.allow_unnormalized:
+        raise ValueError(
+            f"norm_stats: {stats.source} has no statistics for the actions; they would reach the robot in "
+            "normalised units (--allow-unnormalized to serve it anyway)"
+        )
+    for name, covered, needed, setting in (
+        ("actions", stats.actions, config.robot_action_dim, "robot_action_dim"),
+        ("state", stats.state, config.state_dim, "state_dim"),
+    ):
+        if covered is not None and covered.dims is not None and covered.dims < needed:
+            raise ValueError(
+                f"norm_stats: {stats.source}: {name} statistics cover {covered.dims} dimensions, the robot's "
+                f"{setting} is {needed}"
+            )
 
 
 def build_parts(config: RuntimeConfig) -> PolicyParts:

@@ -139,3 +139,60 @@ def test_openpi_asset_id_with_a_slash(tmp_path, rng):
     write_stats(tmp_path / "assets" / "physical-intelligence" / "libero" / "norm_stats.json", rng)
     assert find_norm_stats(tmp_path, None).parent.name == "libero"
     assert find_norm_stats(tmp_path, "physical-intelligence/libero").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s["actions"]["q99"].__setitem__(2, float("nan")), r"norm_stats.actions .*q99: non-finite"),
+        (lambda s: s["state"].__setitem__("q01", 0.0), r"norm_stats.state .*q01: must be a list of numbers"),
+        (lambda s: s["actions"].__setitem__("q01", [0.0] * 5), r"unequal lengths \(q01 5, q99 8\)"),
+    ],
+    ids=["nan", "scalar", "unequal"],
+)
+def test_malformed_statistics_are_refused_naming_the_field(tmp_path, rng, change, message):
+    stats = write_stats(tmp_path / "norm_stats.json", rng)
+    change(stats)
+    (tmp_path / "norm_stats.json").write_text(json.dumps({"norm_stats": stats}))
+    with pytest.raises(ValueError, match=message):
+        NormStats.load_openpi(tmp_path / "norm_stats.json", use_quantiles=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from vla_runtime.graphs.config import get_preset
+    from vla_runtime.graphs.weights import build_model, save_checkpoint
+
+    model = build_model(get_preset("pi05_tiny"), seed=1)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "pi05_tiny", "openpi", "lm_head")
+
+
+@pytest.mark.parametrize(
+    "dims, drop, message",
+    [
+        ({"actions": 3}, None, r"actions statistics cover 3 dimensions, the robot's robot_action_dim is 7"),
+        ({"state": 5}, None, r"state statistics cover 5 dimensions, the robot's state_dim is 8"),
+        ({}, "actions", r"has no statistics for the actions"),
+    ],
+    ids=["short actions", "short state", "no actions"],
+)
+def test_statistics_must_cover_what_the_robot_sends_and_executes(tiny_checkpoint, rng, dims, drop, message):
+    """Dimensions past the statistics pass through, so a file shorter than the robot's actions would send
+    some of them in normalised units; one without action statistics would send all of them so."""
+    from vla_runtime.runtime.config import RuntimeConfig
+    from vla_runtime.runtime.loading import resolve_norm_stats
+
+    path = tiny_checkpoint / "assets" / "robot" / "norm_stats.json"
+    stats = write_stats(path, rng)
+    for field, n in dims.items():
+        stats[field] = {k: v[:n] for k, v in stats[field].items()}
+    if drop:
+        del stats[drop]
+    path.write_text(json.dumps({"norm_stats": stats}))
+    config = RuntimeConfig(checkpoint=str(tiny_checkpoint))
+    with pytest.raises(ValueError, match=message):
+        resolve_norm_stats(config)
+    if drop:  # served anyway when asked to
+        assert resolve_norm_stats(config.replace(allow_unnormalized=True)).actions is None
+    write_stats(path, rng)
+    assert resolve_norm_stats(config).actions.dims == 8
