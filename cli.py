@@ -1035,10 +1035,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (TimeoutError, RuntimeError) as err:
         from .runtime.executor import DeviceHung
+        from .runtime.policy import NonFiniteActions
         from .sim.client import SimError, SimServerFailed
         from .sim.launcher import ActorFailed
 
-        if not isinstance(err, (TimeoutError, SimError, DeviceHung, ActorFailed, SimServerFailed)):
+        expected = (TimeoutError, SimError, DeviceHung, ActorFailed, SimServerFailed, NonFiniteActions)
+        if not isinstance(err, expected):
             raise  # a bug: its traceback is what a report needs
         print(f"vla-runtime: failed: {err}", file=sys.stderr)  # the simulator or the device, not the input
         return 1

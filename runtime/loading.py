@@ -20,6 +20,7 @@ from ..graphs.weights import build_model
 from .config import INTEGER_PRECISIONS, RuntimeConfig
 from .handover import HandoverArrays, PreviousChunk
 from .inputs import InputPreparer
+from .policy import NonFiniteActions
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,15 @@ class PolicyParts:
         """[horizon, action_dim] model space -> [n_action_steps, robot_action_dim] robot units."""
         actions = model_actions[: self.config.model.chunk_length]
         actions = self.norm_stats.unnormalize_actions(actions) if self.norm_stats else actions
-        return np.ascontiguousarray(actions[:, : self.config.robot_action_dim], dtype=np.float32)
+        actions = np.ascontiguousarray(actions[:, : self.config.robot_action_dim], dtype=np.float32)
+        if not np.all(np.isfinite(actions)):
+            steps, dims = np.nonzero(~np.isfinite(actions))
+            raise NonFiniteActions(
+                f"actions: the model produced NaN or inf (steps {sorted(set(steps.tolist()))[:5]}, dims "
+                f"{sorted(set(dims.tolist()))}); nothing sent to the robot. Check the checkpoint's weights "
+                f"({self.model_id}) and the precision ({self.config.precision})"
+            )
+        return actions
 
     def to_model_actions(self, robot_actions: np.ndarray) -> np.ndarray:
         """[n, robot_action_dim] robot units -> [n, action_dim] model space, the dims the robot does not

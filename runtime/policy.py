@@ -27,6 +27,11 @@ class FrameDropped(RuntimeError):
     """The observation was replaced by a newer one before it was computed (newest wins)."""
 
 
+class NonFiniteActions(RuntimeError):
+    """The model produced NaN or inf actions (broken weights, an overflow in a low precision): the chunk
+    fails instead of reaching the robot."""
+
+
 @dataclass(frozen=True)
 class PolicyMetadata:
     model_id: str  # the model's name and weights (checkpoint fingerprint or random seed)

@@ -128,3 +128,25 @@ def test_the_reported_total_counts_from_submit_with_the_host_preparation_as_its_
                 policy.close()
         t = chunk.timings_ms
         assert t["prepare"] >= 50 and t["total"] >= t["prepare"] + t["vision"] + t["denoise"], t
+
+
+def test_nan_actions_never_reach_the_robot(rng):
+    """A checkpoint with a NaN weight: each chunk fails with NonFiniteActions naming the model, in the
+    eager reference and the executor, instead of NaN actions; the executor serves the next frame."""
+    import torch
+    from vla_runtime.runtime.executor import PipelinedExecutor
+    from vla_runtime.runtime.loading import build_parts
+    from vla_runtime.runtime.policy import NonFiniteActions
+
+    parts = build_parts(RuntimeConfig(preset="pi05_tiny"))
+    weight = parts.model.action_out_proj.weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    with PipelinedExecutor(parts=parts) as executor:
+        for policy in (EagerPolicy(parts=parts), executor):
+            with pytest.raises(NonFiniteActions, match=r"actions: the model produced NaN or inf .*pi05_tiny"):
+                policy.infer(random_observation(rng, "pi05_tiny"))
+        with torch.no_grad():
+            weight.copy_(kept)
+        assert np.all(np.isfinite(executor.infer(random_observation(rng, "pi05_tiny")).actions))
