@@ -193,10 +193,20 @@ def _gemma_from_dict(field: str, d: dict, vocab_size: int) -> GemmaConfig:
         raise CheckpointError(f"checkpoint: model_shape.{field}: {err}") from None
 
 
+def _config_bool(cfg: dict, key: str, directory) -> bool:
+    """A true/false of config.json: JSON's own, not a string ("false" would read as true)."""
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise CheckpointError(
+            f"checkpoint {directory}: config.json {key} must be true or false, got {value!r}"
+        )
+    return value
+
+
 def _stack_config(field: str, variant: str | None, explicit: dict | None, vocab_size: int) -> GemmaConfig:
     if explicit is not None:
         return _gemma_from_dict(field, explicit, vocab_size)
-    if variant not in LM_VARIANTS:
+    if not isinstance(variant, str) or variant not in LM_VARIANTS:
         raise CheckpointError(
             f"checkpoint: {field} variant {variant!r} is not one of {', '.join(sorted(LM_VARIANTS))}; "
             f"give its shape under model_shape.{field} in config.json"
@@ -239,7 +249,7 @@ def derive_model(
     if lerobot:
         pi05, sources["pi05"] = cfg["type"] == "pi05", "config.json type"
     elif "pi05" in cfg:
-        pi05, sources["pi05"] = bool(cfg["pi05"]), "config.json pi05"
+        pi05, sources["pi05"] = _config_bool(cfg, "pi05", directory), "config.json pi05"
     elif from_tensors is not None:
         pi05, sources["pi05"] = from_tensors, "tensors (time_mlp_in / state_proj)"
     else:
@@ -309,7 +319,7 @@ def derive_model(
     if pi05:
         if "discrete_state_input" in cfg:
             state_in_prompt, sources["state_in_prompt"] = (
-                bool(cfg["discrete_state_input"]),
+                _config_bool(cfg, "discrete_state_input", directory),
                 "config.json discrete_state_input",
             )
         elif lerobot:  # lerobot's pi05 always writes the discretised state into the prompt

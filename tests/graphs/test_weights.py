@@ -187,6 +187,14 @@ def test_wrong_combinations_are_refused_naming_both_values(checkpoints, tmp_path
         inspect_checkpoint(odd)
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         inspect_checkpoint(tmp_path)
+    listed = _copy(src, tmp_path / "listed", edit_config=lambda c: c.update(paligemma_variant=["x"]))
+    with pytest.raises(CheckpointError, match=r"prefix_lm variant \['x'\] is not one of"):
+        inspect_checkpoint(listed)
+    worded = _copy(
+        checkpoints["pi05_libero"][0], tmp_path / "worded", edit_config=lambda c: c.update(pi05="false")
+    )
+    with pytest.raises(CheckpointError, match="config.json pi05 must be true or false, got 'false'"):
+        inspect_checkpoint(worded)
 
 
 def test_explicit_shapes_for_a_variant_not_in_the_table(tmp_path, spm_path, rng):
