@@ -99,6 +99,7 @@ class CheckpointInfo:
     embedding_from_lm_head: bool  # the tied embedding is stored only as lm_head
     unused: tuple[str, ...]  # stored, read by nothing (reported once, ignored)
     stated: dict[str, object]  # model facts the checkpoint states, by RuntimeConfig setting name
+    tensor_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)  # by openpi name: F32, BF16, ...
 
     @property
     def weights_path(self) -> Path:
@@ -159,13 +160,16 @@ def read_config_json(directory: Path) -> dict:
     return data
 
 
-def read_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    """Stored name -> shape, from the safetensors header alone (no tensor data is read)."""
+def read_tensor_header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Stored name -> shape, and -> dtype (safetensors' names: F32, BF16, I64, ...), from the header
+    alone (no tensor data is read)."""
     if not weights.exists():
         raise CheckpointError(f"checkpoint: no {WEIGHTS_FILE} in {weights.parent}")
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            shapes = {name: tuple(tensor.get_shape()) for name, tensor in slices.items()}
+            return shapes, {name: tensor.get_dtype() for name, tensor in slices.items()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"checkpoint: {weights} is not a readable safetensors file: {err}") from None
 
@@ -373,9 +377,10 @@ def inspect_checkpoint(directory: str | Path) -> CheckpointInfo:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint: {directory} is not a directory")
-    stored = read_tensor_shapes(directory / WEIGHTS_FILE)
+    stored, stored_dtypes = read_tensor_header(directory / WEIGHTS_FILE)
     layout = "lerobot" if stored and all(n.startswith(LEROBOT_PREFIX) for n in stored) else "openpi"
     shapes = {n[len(LEROBOT_PREFIX) :] if layout == "lerobot" else n: s for n, s in stored.items()}
+    dtypes = {n[len(LEROBOT_PREFIX) :] if layout == "lerobot" else n: d for n, d in stored_dtypes.items()}
     model, sources, stated, dialect = derive_model(directory, read_config_json(directory), shapes)
     from_lm_head = EMBED_KEY not in shapes and LM_HEAD_KEY in shapes
     unused = sorted(k for k in shapes if k in UNUSED_KEYS or (k == LM_HEAD_KEY and not from_lm_head))
@@ -390,6 +395,7 @@ def inspect_checkpoint(directory: str | Path) -> CheckpointInfo:
         from_lm_head,
         tuple(prefix + k for k in unused),
         stated,
+        dtypes,
     )
 
 
@@ -421,8 +427,18 @@ def check_tensors(info: CheckpointInfo) -> list[str]:
         for s, k in provided.items()
         if s in info.tensor_shapes and info.tensor_shapes[s] != expected[k]
     ]
+    not_float = [  # an integer or bool tensor would be cast to the model's float silently
+        f"{info.stored_name(s)}: {info.tensor_dtypes[s]}"
+        for s in provided
+        if s in info.tensor_dtypes and not info.tensor_dtypes[s].startswith(("F", "BF"))
+    ]
     problems = []
-    for title, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for title, names in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+        ("not floating-point", not_float),
+    ):
         if names:
             problems.append(
                 f"{title} tensors ({len(names)}):\n" + "\n".join("  " + g for g in group_names(names))

@@ -129,6 +129,7 @@ def test_broken_checkpoint_names_every_bad_tensor_grouped(checkpoints, tmp_path)
         del t[q.format(0)], t[q.format(1)], t["action_out_proj.bias"]
         t["some_extra.weight"] = torch.zeros(3)
         t[fc1] = torch.zeros(5, 5)
+        t["action_out_proj.weight"] = t["action_out_proj.weight"].to(torch.int64)  # would be cast silently
 
     broken = _copy(src, tmp_path / "broken", edit)
     with pytest.raises(CheckpointError) as err:
@@ -142,6 +143,8 @@ def test_broken_checkpoint_names_every_bad_tensor_grouped(checkpoints, tmp_path)
         "missing tensors (3):",
         "unexpected tensors (1):",
         "mis-shaped tensors (1):",
+        "not floating-point tensors (1):",
+        "action_out_proj.weight: I64",
     ):
         assert expected in message, message
     assert message.count("\n") < 12  # grouped and readable, not one line per key
