@@ -196,13 +196,21 @@ def _lerobot_step(pipeline_json: Path, registry: str):
             continue
         from safetensors.numpy import load_file
 
+        where = f"norm_stats: {pipeline_json.name}: {registry}"
+        if not isinstance(step["state_file"], str):
+            raise ValueError(f"{where}: state_file must be a file name, got {step['state_file']!r}")
+        config = step.get("config") or {}
+        if not isinstance(config, dict) or not isinstance(config.get("norm_map", {}), dict):
+            raise ValueError(f"{where}: config and its norm_map must be objects")
+        eps = config.get("eps", LEROBOT_EPS)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"{where}: eps must be a small positive number, got {eps!r}")
         path = pipeline_json.parent / step["state_file"]
         try:
             tensors = {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
         except Exception as err:  # noqa: BLE001 - a missing or corrupt file, named
             raise ValueError(f"norm_stats: cannot read {path}: {err}") from None
-        config = step.get("config") or {}
-        return config.get("norm_map", {}), float(config.get("eps", LEROBOT_EPS)), tensors, path
+        return config.get("norm_map", {}), float(eps), tensors, path
     return None
 
 

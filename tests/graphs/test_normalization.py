@@ -196,3 +196,29 @@ def test_statistics_must_cover_what_the_robot_sends_and_executes(tiny_checkpoint
         assert resolve_norm_stats(config.replace(allow_unnormalized=True)).actions is None
     write_stats(path, rng)
     assert resolve_norm_stats(config).actions.dims == 8
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda step: step["config"].__setitem__("norm_map", ["QUANTILES"]),
+            "config and its norm_map must be objects",
+        ),
+        (lambda step: step.__setitem__("config", [1]), "config and its norm_map must be objects"),
+        (lambda step: step["config"].__setitem__("eps", [1]), "eps must be a small positive number"),
+        (lambda step: step["config"].__setitem__("eps", "abc"), "eps must be a small positive number"),
+        (lambda step: step.__setitem__("state_file", 5), "state_file must be a file name, got 5"),
+    ],
+    ids=["norm_map list", "config list", "eps list", "eps text", "state_file number"],
+)
+def test_a_malformed_lerobot_normaliser_step_is_named(tmp_path, rng, edit, message):
+    write_lerobot_stats(tmp_path, rng, {"STATE": "QUANTILES", "ACTION": "QUANTILES"}, postprocessor=False)
+    path = tmp_path / "policy_preprocessor.json"
+    doc = json.loads(path.read_text())
+    edit(doc["steps"][-1])
+    path.write_text(json.dumps(doc))
+    with pytest.raises(
+        ValueError, match=f"norm_stats: policy_preprocessor.json: normalizer_processor: {message}"
+    ):
+        load_checkpoint_norm_stats(tmp_path, None, pi05=True)
