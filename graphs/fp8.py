@@ -189,5 +189,13 @@ def load_calibration(stack_or_modules, path: str | Path) -> None:
             f"fp8 calibration {path}: missing scales {', '.join(missing[:5])}"
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         )
+    for name in modules:  # each one finite positive number: a zero or NaN scale would break every GEMM
+        scale = tensors[f"{name}.input_scale"]
+        if scale.numel() != 1 or not scale.is_floating_point() or not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"fp8 calibration {path}: {name}.input_scale must be one finite number")
+        if float(scale) <= 0:
+            raise ValueError(
+                f"fp8 calibration {path}: {name}.input_scale must be positive, got {float(scale)}"
+            )
     for name, m in modules.items():
         m.input_scale.copy_(tensors[f"{name}.input_scale"].reshape(()))

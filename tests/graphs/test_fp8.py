@@ -53,6 +53,16 @@ def test_quantized_prefix_within_gate_and_calibration_round_trip(tmp_path):
     first.input_scale.fill_(123.0)
     fp8.load_calibration(model.prefix_lm, path)
     assert float(first.input_scale) == saved
+    from safetensors.torch import load_file, save_file
+
+    name = next(iter(fp8.fp8_modules(model.prefix_lm)))
+    for bad, message in ((float("nan"), "must be one finite number"), (0.0, "must be positive, got 0.0")):
+        tensors = load_file(str(path))
+        tensors[f"{name}.input_scale"] = torch.tensor([bad])
+        save_file(tensors, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ValueError, match=f"{name}.input_scale {message}"):
+            fp8.load_calibration(model.prefix_lm, tmp_path / "bad.safetensors")
+        assert float(first.input_scale) == saved  # nothing loaded from a refused file
     fresh = build_model(cfg, seed=3).set_precision(torch.bfloat16)
     with pytest.raises(ValueError, match="quantize the stack first"):
         fresh.prefix_lm.set_quantized(True)
