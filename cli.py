@@ -554,6 +554,7 @@ def cmd_inspect(args) -> int:
     """What a checkpoint holds, from config.json and the tensor header (no weights are loaded)."""
     from .graphs.checkpoint import check_tensors, inspect_checkpoint
     from .graphs.normalization import load_checkpoint_norm_stats
+    from .graphs.tokenizer import PromptTokenizer
     from .runtime.loading import TOKENIZER_NAMES
 
     info = inspect_checkpoint(args.checkpoint)
@@ -572,6 +573,7 @@ def cmd_inspect(args) -> int:
         )
     except ValueError as err:
         report["norm_stats"] = {"error": str(err)}
+        report["problems"].append(str(err))  # `infer` would refuse it as well
     report["norm_stats_robots"] = (
         sorted(
             str(p.parent.relative_to(info.directory / "assets"))
@@ -584,6 +586,11 @@ def cmd_inspect(args) -> int:
         (str(info.directory / n) for n in TOKENIZER_NAMES if (info.directory / n).is_file()), None
     )
     report["tokenizer"] = tokenizer
+    if tokenizer is not None:
+        try:  # a file of that name that is not SentencePiece: `infer` would refuse it
+            PromptTokenizer(tokenizer, info.model.max_token_len)
+        except ValueError as err:
+            report["problems"].append(str(err))
     report["loadable"] = not report["problems"]
     if args.json:
         print(json.dumps(report, indent=2))

@@ -148,6 +148,13 @@ def test_inspect_reads_a_checkpoint_without_loading_it(tmp_path):
     assert report["norm_stats"] is None and report["loadable"] is True and report["problems"] == []
     human = run("inspect", str(directory))
     assert human.returncode == 0 and "pi05_no_state" in human.stdout and "NONE: refused" in human.stdout
+    (directory / "tokenizer.model").write_bytes(b"not sentencepiece")  # a name infer would try
+    (directory / "assets" / "robot").mkdir(parents=True)
+    (directory / "assets" / "robot" / "norm_stats.json").write_text("{not json")
+    broken = run("inspect", str(directory), "--json")
+    assert broken.returncode == 2 and not json.loads(broken.stdout)["loadable"]
+    problems = "\n".join(json.loads(broken.stdout)["problems"])
+    assert "is not a SentencePiece model" in problems and "norm_stats: cannot read" in problems, problems
     (directory / "config.json").write_text('{"type": "pi0"}')  # lerobot dialect, wrong family
     bad = run("inspect", str(directory))
     assert bad.returncode == 2 and "config.json type says pi0, its tensors are pi05's" in bad.stderr
