@@ -80,8 +80,8 @@ class ChunkScheduler:
             scheduled = self._due(chunk, now, fresh=True)
             if scheduled is None:
                 self.counters["exhausted"] += 1  # every action's time passed while it was computed
-            else:
-                self._ages_ms.append(scheduled.age_s * 1e3)
+            else:  # a stamp ahead of this clock (skew within max_future_s, a stopped sim clock): age 0
+                self._ages_ms.append(max(0.0, scheduled.age_s) * 1e3)
             return scheduled
 
     def check(self, now: float) -> ScheduledActions | None:
@@ -121,7 +121,7 @@ class ChunkScheduler:
         if not recent:
             return 0
         age_s = float(np.percentile(recent, DELAY_PERCENTILE)) / 1e3
-        return int(np.floor(age_s / self.period_s + 1e-9))
+        return max(0, int(np.floor(age_s / self.period_s + 1e-9)))
 
     def previous_chunk(self, stamp: float) -> PreviousChunk | None:
         """What the robot will execute from the current chunk, aligned to an observation taken at `stamp`

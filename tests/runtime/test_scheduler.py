@@ -106,3 +106,17 @@ def test_the_previous_chunk_is_aligned_to_the_new_observation():
     assert s.previous_chunk(1.5) is None  # the chunk has ended by then
     figures = s.figures()
     assert figures["handover"] == "switch" and figures["frozen_steps"] == 0 and figures["steps"] == 0
+
+
+def test_chunks_stamped_ahead_of_this_clock_expect_no_delay():
+    """Observations stamped a little ahead of the node's clock (skew within max_future_s, or a stopped sim
+    clock): their chunks' ages are negative; the expected delay is 0 actions, never -1, so the hand-over
+    modes' previous chunk passes its checks (with -1 every later observation was refused)."""
+    s = ChunkScheduler(0.05)
+    for k in range(5):
+        stamp = 100.0 + k
+        s.observed(stamp)
+        assert s.offer(chunk(stamp), now=stamp - 0.05) is not None  # 50 ms "in the future"
+    assert s.expected_delay_steps() == 0
+    previous = s.previous_chunk(104.0)
+    assert previous is not None and previous.checked(1).delay_steps == 0  # chunk() has one action dim
