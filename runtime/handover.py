@@ -213,6 +213,11 @@ def splice_metrics(old_actions: np.ndarray, executed: int, new_actions: np.ndarr
           the same time (the discontinuity itself, without the motion of one step);
     disagreement: the mean distance between the two chunks over the actions both cover after the splice.
     """
+    if not 1 <= executed + delay <= len(old_actions) or not 0 <= delay < len(new_actions):
+        raise ValueError(  # (a negative index would read the old chunk's last action, silently)
+            f"splice: executed + delay must be in 1..{len(old_actions)} and delay in "
+            f"0..{len(new_actions) - 1}, got executed {executed}, delay {delay}"
+        )
     last_old = old_actions[executed + delay - 1]
     first_new = new_actions[delay]
     overlap = min(len(old_actions) - executed, len(new_actions))

@@ -205,6 +205,10 @@ def test_splice_metrics_measure_the_jump_at_the_hand_over():
     assert m["jump"] == pytest.approx(np.linalg.norm([4.0, 4.0])) and m["disagreement"] == pytest.approx(
         np.linalg.norm([3.0, 3.0])
     )
+    with pytest.raises(ValueError, match="splice: executed \\+ delay must be in 1..10"):
+        splice_metrics(old, executed=0, new_actions=smooth, delay=0)  # nothing of the old chunk ran
+    with pytest.raises(ValueError, match="delay in 0..4, got executed 5, delay 5"):
+        splice_metrics(old, executed=5, new_actions=smooth, delay=5)  # past the new chunk's end
 
 
 def test_a_denoise_engine_refuses_what_changes_the_loop(parts):
