@@ -135,6 +135,11 @@ def runtime_config_from_args(args):
         values["preset"] = "pi05" if values["device"].startswith("cuda") else "pi05_tiny"
     if values["precision"] is None:
         values["precision"] = "bf16" if values["device"] != "cpu" else "float32"
+    if values["device"].startswith("cuda"):  # here, before a command starts servers or a node process
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {values['device']} requested but CUDA is not available")
     return RuntimeConfig(**values)
 
 
@@ -650,7 +655,7 @@ def cmd_calibrate(args) -> int:
     """FP8 activation scales from recorded observations, saved with what they were made for."""
     import torch
 
-    from .runtime.calibration import attach_fp8, calibrate_scales, save_scales
+    from .runtime.calibration import attach_fp8, calibrate_scales, check_writable_file, save_scales
     from .runtime.loading import build_parts
     from .runtime.recording import read_observations
 
@@ -664,6 +669,7 @@ def cmd_calibrate(args) -> int:
         fp8_calibration=None,
         fp8_calibration_margin=args.fp8_calibration_margin,
     )
+    check_writable_file(Path(args.out), "--out")  # before the observations are read and the model calibrated
     observations = read_observations(
         args.observations, config.model.camera_names, config.state_dim, args.max_frames
     )
@@ -723,7 +729,7 @@ def cmd_profile(args) -> int:
     out = output_dir(args.out, "--out")
     report = run(runtime_config_from_args(args), stages, top=args.top, out_dir=out)
     print(json.dumps(report) if args.json else format_report(report))
-    print(f"traces and JSON in {args.out}")
+    say(f"traces and JSON in {args.out}")  # stderr: --json's stdout is the one object
     return 0
 
 
@@ -1028,6 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a bad argument (already printed): its code, also to callers
         return done.code
+    except KeyboardInterrupt:  # while the parser imports torch (its first second or two)
+        print("vla-runtime: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -164,11 +165,24 @@ def load_scales(
 
 def save_scales(modules: dict[str, FP8Linear], path: str | Path, metadata: dict[str, str]) -> Path:
     path = Path(path)
+    check_writable_file(path, "fp8_calibration")
+    try:
+        return save_calibration(modules, path, metadata)
+    except Exception as err:  # noqa: BLE001 - safetensors' own error is no OSError
+        raise ValueError(f"fp8_calibration: cannot write {path}: {err}") from None
+
+
+def check_writable_file(path: Path, field: str) -> None:
+    """A file that can be written (its folder made if need be): not a folder or a device, which
+    safetensors would replace; ValueError naming `field`, before minutes of calibration."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{field}: {path} is not a regular file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return save_calibration(modules, path, metadata)
     except OSError as err:
-        raise ValueError(f"fp8_calibration: cannot write {path}: {err.strerror}") from None
+        raise ValueError(f"{field}: cannot write {path}: {err.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"{field}: cannot write {path}: its folder is not writable")
 
 
 def synthetic_observations(parts: PolicyParts, frames: int, seed: int) -> list[Observation]:

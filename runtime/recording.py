@@ -153,7 +153,10 @@ def read_observations(
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign file, named
-        raise ValueError(f"observations: cannot read {path} as an MCAP recording: {err}") from None
+        why = str(err) or type(err).__name__
+        if Path(path).stat().st_size == 0:
+            why = "the file is empty"
+        raise ValueError(f"observations: cannot read {path} as an MCAP recording: {why}") from None
 
 
 def _assemble(reader, camera_of: dict[str, str], state_dim: int, max_frames: int | None) -> list[Observation]:
@@ -169,7 +172,7 @@ def _assemble(reader, camera_of: dict[str, str], state_dim: int, max_frames: int
             fresh.add(camera_of[topic])
         elif topic.endswith("/" + STATE_TOPIC):
             values = msg.position if hasattr(msg, "position") else msg.data
-            state = state_vector(list(values)[:state_dim], state_dim, f"{topic} position")
+            state = state_vector(list(values), state_dim, f"{topic} position")  # as the node: no cutting
         elif topic.endswith("/" + INSTRUCTION_TOPIC):
             instruction = msg.data
         if fresh == recorded and state is not None and instruction:

@@ -88,6 +88,8 @@ REFUSED = [
         "--fp8-calibration-margin: must be in [1.0, 4.0], got 0",
     ),
     (["node", "--rate-hz", "0"], "argument --rate-hz: must be > 0"),
+    (["demo", "--device", "cuda"], "device: cuda requested but CUDA is not available"),  # before any server
+    (["calibrate", "--observations", "x.mcap", "--out", "{folder}"], "--out: {folder} is not a regular file"),
 ]
 
 
@@ -96,7 +98,8 @@ def test_bad_input_exits_2_naming_the_option(tmp_path, args, message):
     garbage, empty = tmp_path / "garbage.model", tmp_path / "empty.model"
     garbage.write_bytes(np.random.default_rng().bytes(1000))
     empty.write_bytes(b"")
-    out = run(*[a.format(garbage=garbage, empty=empty) for a in args])
+    out = run(*[a.format(garbage=garbage, empty=empty, folder=tmp_path) for a in args])
+    message = message.format(folder=tmp_path)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 

@@ -57,3 +57,9 @@ def test_bad_recordings_are_named(tmp_path, rng):
         read_observations(path, ("top_cam",), 8)
     with pytest.raises(ValueError, match="position: 8 values, the policy expects 9"):
         read_observations(path, CAMERAS, 9)
+    with pytest.raises(ValueError, match="position: 8 values, the policy expects 7"):
+        read_observations(path, CAMERAS, 7)  # longer than state_dim: refused as the node does, not cut
+    empty = tmp_path / "empty.mcap"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot read .*empty.mcap as an MCAP recording: the file is empty"):
+        read_observations(empty, CAMERAS, 8)
