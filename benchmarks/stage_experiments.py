@@ -45,6 +45,11 @@ VARIANTS = {
     "denoise-fp8-expert-inductor-pdl": ("denoise", {"triton.enable_pdl": True}, {"fp8_expert": True}),
     # Inductor's horizontal fusion of independent kernels (the queries' and keys' RoPE of a layer are two)
     "denoise-fp8-expert-combo-kernels": ("denoise", {"combo_kernels": True}, {"fp8_expert": True}),
+    "denoise-fp8-expert-combo-kernels-and-pdl": (
+        "denoise",
+        {"combo_kernels": True, "triton.enable_pdl": True},
+        {"fp8_expert": True},
+    ),
     # Inductor tunes its pointwise and reduction kernels' block sizes (the norms, casts, RoPE, softmax)
     "denoise-fp8-expert-coordinate-descent": (
         "denoise",
