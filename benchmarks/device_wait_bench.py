@@ -11,7 +11,7 @@ turns of the two ways: latency from `submit` (the chunk's `total`) and the proce
 
 The events are swapped between turns while nothing is in flight (the executor reads them by ring slot
 when it issues and finishes a frame); this is an experiment on the executor's private events, the way
-its setting would be built if blocking wins.
+`device_wait` builds them (RuntimeConfig).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ NOISE_STREAM = 1  # the noise generator's stream beside `seed` (the weights use 
 
 
 COMPILE_SCOPES = ("stage", "layer")  # RuntimeConfig.compile_scope
+DEVICE_WAITS = ("spin", "block")  # RuntimeConfig.device_wait
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,12 @@ class RuntimeConfig:
     # seconds on a GPU); false: it runs in the smallest captured shape that holds it, which on a robot
     # turns a camera that drops out into a larger shape instead of a stall.
     capture_new_shapes: bool = True
+    # How the executor's completion thread waits for a frame's last event: "spin" (CUDA's default: a CPU
+    # core busy for the frame's whole device time) or "block" (the thread sleeps until the device signals
+    # it). Measured on an H200 (pi05, FP8, 20 Hz): block used 3.3 ms of CPU a frame instead of 17.1 and
+    # answered 0.24 ms later (benchmarks/device_wait_bench.py). Spin for the lowest latency; block where
+    # the CPU is shared (simulators beside the policy, a robot's few cores).
+    device_wait: str = "spin"
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -151,6 +158,10 @@ class RuntimeConfig:
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(
                 f"compile_scope: must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile_scope!r}"
+            )
+        if self.device_wait not in DEVICE_WAITS:
+            raise ValueError(
+                f"device_wait: must be one of {', '.join(DEVICE_WAITS)}, got {self.device_wait!r}"
             )
         if self.pipelining not in PIPELINING_MODES:
             raise ValueError(

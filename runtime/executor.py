@@ -206,8 +206,10 @@ class PipelinedExecutor(Policy):
                 for name in ("h2d", *STAGES, "d2h")
             }
             self._pools = {stage: torch.cuda.graph_pool_handle() for stage in STAGES}
+            blocking = self.config.device_wait == "block"  # only the host's waits differ (RuntimeConfig)
             self._events = [
-                {n: torch.cuda.Event(enable_timing=True) for n in EVENT_NAMES} for _ in range(HOST_RING)
+                {n: torch.cuda.Event(enable_timing=True, blocking=blocking) for n in EVENT_NAMES}
+                for _ in range(HOST_RING)
             ]
             self._origin = torch.cuda.Event(enable_timing=True)
             self._origin.record()

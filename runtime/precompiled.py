@@ -141,10 +141,11 @@ def aot_compile_available() -> bool:
     )
 
 
-def compile_ahead_of_time(fn: Callable, args: tuple, kwargs: dict):
-    """`fn` traced and compiled for these arguments now, as a function that can be saved."""
+def compile_ahead_of_time(fn: Callable, args: tuple, kwargs: dict, options: dict | None = None):
+    """`fn` traced and compiled (with Inductor's `options`) for these arguments now, as a function that can
+    be saved."""
     with torch._dynamo.config.patch(enable_aot_compile=True):  # 2.11 adds `aot_compile` only with it on
-        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
     return compiled.aot_compile((args, kwargs))
 
 
@@ -154,13 +155,16 @@ class PrecompiledFunction:
     cannot be compiled ahead of time or what an artifact's guards refuse. Thread-safe: the profiles of
     one executor share it, across its threads."""
 
-    def __init__(self, fn: Callable, name: str, directory: Path, fallback: Callable):
+    def __init__(
+        self, fn: Callable, name: str, directory: Path, fallback: Callable, options: dict | None = None
+    ):
         # A bound method is compiled as its function; its instance becomes the first argument.
         self._bound_to = fn.__self__ if inspect.ismethod(fn) else None
         self._fn = fn.__func__ if inspect.ismethod(fn) else fn
         self.name = name
         self.directory = directory
         self._fallback = fallback
+        self._options = options  # Inductor's, as the fallback has them
         self._entries: dict[str, Callable] = {}
         self._module_signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -228,7 +232,7 @@ class PrecompiledFunction:
                     "%s: %s does not accept these inputs (its guards); compiling it again", self.name, path
                 )
         try:
-            compiled = compile_ahead_of_time(self._fn, args, kwargs)
+            compiled = compile_ahead_of_time(self._fn, args, kwargs, self._options)
             compiled.disable_guard_check()
         except torch.OutOfMemoryError:  # the device's state, not the function's: no marker, no fallback
             raise

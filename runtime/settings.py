@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..graphs.config import PRESETS
-from .config import COMPILE_SCOPES, INTEGER_STAGES, PRECISION_MODES, PRECISIONS, RuntimeConfig
+from .config import COMPILE_SCOPES, DEVICE_WAITS, INTEGER_STAGES, PRECISION_MODES, PRECISIONS, RuntimeConfig
 from .handover import HANDOVER_MODES, SCHEDULES
 from .pipelining import PIPELINING_MODES
 
@@ -212,6 +212,13 @@ SETTINGS: tuple[Setting, ...] = (
         "a frame takes)",
         str,
         choices=PIPELINING_MODES,
+    ),
+    Setting(
+        "device_wait",
+        "how the host waits for a frame's chunk: spin (a CPU core busy while the device works: the lowest "
+        "latency) or block (the thread sleeps: about 0.2 ms later, a core free for simulators or nodes)",
+        str,
+        choices=DEVICE_WAITS,
     ),
     Setting(
         "handover",

@@ -76,6 +76,14 @@ def within_compile_limits(compiled, cameras: int):
     return call
 
 
+# Inductor's options by stage, each kept because it won measured in place (benchmarks/stage_experiments.py,
+# one run: pi05, FP8 expert, H200, 2026-12-01, 48540c0). Combo kernels fuse the denoise loop's independent
+# small kernels side by side (a layer's query and key RoPE): 2107 kernels a loop instead of 2287, a 7.68 ms
+# graph instead of 7.93. Hopper's programmatic dependent launch (`triton.enable_pdl`) lost in that run
+# (8.35 ms, the same kernel time): not used.
+INDUCTOR_OPTIONS = {"denoise": {"combo_kernels": True}}
+
+
 class CompiledFunctions:
     """The compiled functions that an executor's profiles share, by name. With `directory` (the compile
     cache's), each is a `PrecompiledFunction` whose artifacts are kept there between starts; without,
@@ -90,13 +98,16 @@ class CompiledFunctions:
         self.directory = directory
         self.functions: dict[str, Callable] = {}
 
-    def get(self, name: str, fn: Callable, cameras: int) -> Callable:
-        """`fn` compiled, made once per name; `cameras` sizes torch.compile's recompile limits (the
-        traced path: the precompiled one has no recompiles)."""
+    def get(self, name: str, fn: Callable, cameras: int, stage: str | None = None) -> Callable:
+        """`fn` compiled with `stage`'s Inductor options, made once per name; `cameras` sizes torch.compile's
+        recompile limits (the traced path: the precompiled one has no recompiles)."""
         if name not in self.functions:
-            traced = within_compile_limits(torch.compile(fn, dynamic=False), cameras)
+            options = INDUCTOR_OPTIONS.get(stage)
+            traced = within_compile_limits(torch.compile(fn, dynamic=False, options=options), cameras)
             self.functions[name] = (
-                traced if self.directory is None else PrecompiledFunction(fn, name, self.directory, traced)
+                traced
+                if self.directory is None
+                else PrecompiledFunction(fn, name, self.directory, traced, options)
             )
         return self.functions[name]
 
@@ -189,7 +200,7 @@ class StageRunner:
         cameras = len(model.cfg.camera_names)
         for name, fn in list(fns.items()):
             if stage_of[name] in stages:
-                fns[name] = compiled.get(name, fn, cameras)
+                fns[name] = compiled.get(name, fn, cameras, stage_of[name])
         return fns
 
     @staticmethod
@@ -205,7 +216,7 @@ class StageRunner:
         chosen = {}
         for stage in stages:
             for name in layer_fns_of[stage]:
-                chosen[name] = compiled.get(f"layer-{name}", getattr(EAGER_LAYERS, name), cameras)
+                chosen[name] = compiled.get(f"layer-{name}", getattr(EAGER_LAYERS, name), cameras, stage)
         layers = dataclasses.replace(EAGER_LAYERS, **chosen)
         return {
             "encode": functools.partial(model.encode_images, layers=layers),

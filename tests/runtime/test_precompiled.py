@@ -22,7 +22,7 @@ from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.precompiled import PrecompiledFunction, signature
 from vla_runtime.runtime.reference import EagerPolicy
-from vla_runtime.runtime.stages import CompiledFunctions
+from vla_runtime.runtime.stages import INDUCTOR_OPTIONS, CompiledFunctions
 
 from tests.conftest import random_observation
 
@@ -266,3 +266,29 @@ def test_precompile_off_leaves_tracing_to_torch_compile(tmp_path, monkeypatch):
         assert executor.report()["precompiled"] == {}
         assert "functions:" not in executor.describe_startup()
     assert not list(tmp_path.rglob("*.aot"))
+
+
+@pytest.mark.parametrize("directory", [None, "precompiled"])
+def test_a_stages_inductor_options_reach_its_compiles(tmp_path, monkeypatch, directory):
+    """The denoise stage's Inductor options (stages.INDUCTOR_OPTIONS) are given to torch.compile on both
+    paths, traced and ahead of time; a stage without options gets none. The results stay the function's."""
+    seen = []
+    compile_ = torch.compile
+
+    def recording(fn, **kwargs):
+        seen.append(kwargs.get("options"))
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    functions = CompiledFunctions(tmp_path / directory if directory else None)
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(
+        functions.get("a", scaled_sum, 1, stage="denoise")(x, y, 2.0), scaled_sum(x, y, 2.0)
+    )
+    torch.testing.assert_close(
+        functions.get("b", scaled_sum, 1, stage="vision")(x, y, 2.0), scaled_sum(x, y, 2.0)
+    )
+    ahead = (
+        2 if directory else 1
+    )  # the traced fallback is made either way; ahead of time too with a directory
+    assert seen == [INDUCTOR_OPTIONS["denoise"]] * ahead + [None] * ahead
