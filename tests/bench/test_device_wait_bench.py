@@ -11,6 +11,7 @@ from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 
 from ..conftest import random_observation
+from ..gpu.test_executor_gpu import BF16_REL_TOL
 from .conftest import record
 
 TURNS, TURN_FRAMES = 4, 20
@@ -33,7 +34,10 @@ def test_blocking_waits_free_the_cpu_and_answer_alike(benchmark, executors):
     model = executors["spin"].config.model
     noise = rng.standard_normal((model.action_horizon, model.action_dim)).astype(np.float32)
     actions = {way: executor.infer(obs, noise).actions for way, executor in executors.items()}
-    np.testing.assert_array_equal(actions["spin"], actions["block"])  # same graphs, only the wait differs
+    # Two executors of one configuration agree to bf16's rounding, not bit for bit (measured 2026-12-01:
+    # 7e-3 at most, both spinning too); a wrong slot or step differs by order 1.
+    worst = np.abs(actions["spin"] - actions["block"]).max() / np.abs(actions["spin"]).max()
+    assert worst < BF16_REL_TOL
     latency = {way: [] for way in executors}
     cpu = {way: [] for way in executors}
     for turn in range(2 * TURNS):
