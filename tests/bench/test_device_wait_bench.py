@@ -35,7 +35,7 @@ def test_blocking_waits_free_the_cpu_and_answer_alike(benchmark, executors):
     noise = rng.standard_normal((model.action_horizon, model.action_dim)).astype(np.float32)
     actions = {way: executor.infer(obs, noise).actions for way, executor in executors.items()}
     # Two executors of one configuration agree to bf16's rounding, not bit for bit (measured 2026-12-01:
-    # 7e-3 at most, both spinning too); a wrong slot or step differs by order 1.
+    # 7e-3 at most between these two); a wrong slot or step differs by order 1.
     worst = np.abs(actions["spin"] - actions["block"]).max() / np.abs(actions["spin"]).max()
     assert worst < BF16_REL_TOL
     latency = {way: [] for way in executors}
