@@ -75,7 +75,8 @@ PARAMS = tuple(_from_setting(s) for s in SETTINGS) + (
     Param(
         "record_observations",
         "",
-        "Record every observation served to this MCAP file (for vla-runtime calibrate); empty = off.",
+        "Record every observation served to this MCAP file (for vla-runtime calibrate); an existing file "
+        "is refused, never overwritten; empty = off.",
         needs_reconfigure=True,
     ),
     Param(

@@ -68,7 +68,10 @@ class ObservationRecorder:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+            # "x": a recording is never overwritten (as `ros2 bag record` refuses an existing output)
+            self._file = open(self.path, "xb")  # noqa: SIM115 - closed by close()
+        except FileExistsError:
+            raise ValueError(f"record: {self.path} exists; give a path that does not") from None
         except OSError as err:
             raise ValueError(f"record: cannot write {self.path}: {err.strerror}") from None
         self._writer = Writer(self._file)

@@ -63,3 +63,13 @@ def test_bad_recordings_are_named(tmp_path, rng):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="cannot read .*empty.mcap as an MCAP recording: the file is empty"):
         read_observations(empty, CAMERAS, 8)
+
+
+def test_an_existing_recording_is_never_overwritten(tmp_path, rng):
+    path = tmp_path / "kept.mcap"
+    with ObservationRecorder(path) as rec:
+        rec.write(random_observation(rng))
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"record: .*kept.mcap exists; give a path that does not"):
+        ObservationRecorder(path)
+    assert path.read_bytes() == before and len(read_observations(path, CAMERAS, 8)) == 1
