@@ -27,7 +27,7 @@ from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
 from vla_runtime.runtime.profiler import fill_random_inputs, kernel_table
-from vla_runtime.runtime.stages import StageRunner
+from vla_runtime.runtime.stages import CompiledFunctions, StageRunner
 
 # name -> (stage, compile mode: a name, Inductor options or None for Inductor's default; model settings).
 # The model is built once with the FP8 prefix and an FP8 copy of the expert; settings choose whether the
@@ -44,6 +44,8 @@ VARIANTS = {
     "denoise-fp8-expert-two-kernel-geglu": ("denoise", None, {"fp8_expert": True, "fused_geglu": False}),
     "denoise-fp8-expert-inductor-pdl": ("denoise", {"triton.enable_pdl": True}, {"fp8_expert": True}),
     # Inductor's horizontal fusion of independent kernels (the queries' and keys' RoPE of a layer are two)
+    # (the product's denoise stage since dce56f7: runtime/stages.py INDUCTOR_OPTIONS; here each variant
+    # compiles with its own options only)
     "denoise-fp8-expert-combo-kernels": ("denoise", {"combo_kernels": True}, {"fp8_expert": True}),
     "denoise-fp8-expert-combo-kernels-and-pdl": (
         "denoise",
@@ -181,6 +183,9 @@ def run_variant(parts, name, stage, mode, settings, steps):
         buffers,
         parts.device,
         compile_stages=(stage,) if settings.get("compiled", True) else (),
+        # Inductor's options are the variant's alone (its `mode`, below), not the product's by stage: the
+        # plain variants are the loop without them, as the earlier runs measured it
+        compiled=CompiledFunctions(options={}),
         engines=engines,
     )
     stream = torch.cuda.Stream()

@@ -84,7 +84,7 @@ class GraphPolicy(Policy):
                 self.runner.run(stage, 0)
                 ev[2 + i].record()
             host.actions.copy_(slot.actions, non_blocking=True)
-        self.stream.synchronize()
+        self.stream.synchronize()  # a spinning wait whatever `device_wait` says: the executor's setting
         timings = {
             "copy_in": ev[0].elapsed_time(ev[1]),
             "vision": ev[1].elapsed_time(ev[2]),

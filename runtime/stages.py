@@ -87,9 +87,11 @@ INDUCTOR_OPTIONS = {"denoise": {"combo_kernels": True}}
 class CompiledFunctions:
     """The compiled functions that an executor's profiles share, by name. With `directory` (the compile
     cache's), each is a `PrecompiledFunction` whose artifacts are kept there between starts; without,
-    torch.compile traces each at every start."""
+    torch.compile traces each at every start. `options`: Inductor's options by stage (an experiment may
+    give {} to compile every stage with Inductor's configuration as it stands)."""
 
-    def __init__(self, directory: Path | None = None):
+    def __init__(self, directory: Path | None = None, options: dict[str, dict] | None = None):
+        self.options = INDUCTOR_OPTIONS if options is None else options
         if directory is not None and not aot_compile_available():
             log.warning(
                 "precompile: this torch (%s) has no aot_compile; tracing at every start", torch.__version__
@@ -102,7 +104,7 @@ class CompiledFunctions:
         """`fn` compiled with `stage`'s Inductor options, made once per name; `cameras` sizes torch.compile's
         recompile limits (the traced path: the precompiled one has no recompiles)."""
         if name not in self.functions:
-            options = INDUCTOR_OPTIONS.get(stage)
+            options = self.options.get(stage)
             traced = within_compile_limits(torch.compile(fn, dynamic=False, options=options), cameras)
             self.functions[name] = (
                 traced

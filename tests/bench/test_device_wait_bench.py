@@ -28,8 +28,7 @@ def executors(cuda):
         executor.close()
 
 
-def test_blocking_waits_free_the_cpu_and_answer_alike(benchmark, executors):
-    rng = np.random.default_rng()
+def test_blocking_waits_free_the_cpu_and_answer_alike(benchmark, executors, rng):
     obs = random_observation(rng, "pi05", side=224)
     model = executors["spin"].config.model
     noise = rng.standard_normal((model.action_horizon, model.action_dim)).astype(np.float32)

@@ -292,3 +292,30 @@ def test_a_stages_inductor_options_reach_its_compiles(tmp_path, monkeypatch, dir
         2 if directory else 1
     )  # the traced fallback is made either way; ahead of time too with a directory
     assert seen == [INDUCTOR_OPTIONS["denoise"]] * ahead + [None] * ahead
+
+
+@pytest.mark.parametrize(
+    "scope, denoise_functions",
+    [("stage", {"velocity"}), ("layer", {"expert_layer", "velocity_head"})],
+)
+def test_the_executor_compiles_the_denoise_stage_with_its_options_and_no_other(
+    monkeypatch, scope, denoise_functions
+):
+    """As the executor compiles its stages (traced here, dynamo's eager backend for speed): the denoise
+    stage's functions get stages.INDUCTOR_OPTIONS["denoise"], vision's and the prefix's none."""
+    seen = {}
+    compile_ = torch.compile
+
+    def recording(fn, **kwargs):
+        seen[getattr(fn, "__name__", repr(fn))] = kwargs.get("options")
+        return compile_(fn, **{**kwargs, "backend": "eager", "options": None})
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", recording)
+    config = RuntimeConfig(preset="pi05_tiny", compile_stages=True, compile_scope=scope, compile_cache="none")
+    with PipelinedExecutor(config) as executor:
+        executor.infer(random_observation(np.random.default_rng(), "pi05_tiny"))
+    torch._dynamo.reset()
+    assert denoise_functions <= set(seen) and len(seen) > len(denoise_functions), seen
+    for name, options in seen.items():
+        assert options == (INDUCTOR_OPTIONS["denoise"] if name in denoise_functions else None), name
