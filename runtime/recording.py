@@ -130,9 +130,11 @@ def read_observations(
 ) -> list[Observation]:
     """The observations in a recording, in time order, assembled as the node assembles them: the newest
     image of every camera the file holds, state and instruction; one observation each time every
-    recorded camera has published again. Topics match by suffix, so any namespace works."""
+    recorded camera has published again. Topics match by suffix, so any namespace works. A recording
+    whose writer never finished (its process was killed) is read up to where it was cut, with a warning
+    that says so."""
     try:
-        from mcap.reader import make_reader
+        from mcap.reader import NonSeekingReader, make_reader
         from mcap_ros2.decoder import DecoderFactory
     except ImportError:
         raise ValueError(
@@ -141,34 +143,80 @@ def read_observations(
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"observations: no file at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"observations: cannot read {path} as an MCAP recording: the file is empty")
+    decoders = [DecoderFactory()]
     try:
         with open(path, "rb") as f:
-            reader = make_reader(f, decoder_factories=[DecoderFactory()])
-            summary = reader.get_summary()
-            topics = [c.topic for c in summary.channels.values()] if summary else []
-            camera_of = {t: c for t in topics for c in cameras if t.endswith("/" + IMAGE_TOPIC.format(c))}
-            if not camera_of:
-                raise ValueError(
-                    f"observations: {path} has no camera topic of this model "
-                    f"({', '.join(IMAGE_TOPIC.format(c) for c in cameras)})"
-                )
-            return _assemble(reader, camera_of, state_dim, max_frames)
+            try:
+                summary = make_reader(f, decoder_factories=decoders).get_summary()
+            except Exception:  # noqa: BLE001 - no readable summary: read the records as they come, below
+                summary = None
+            if summary is not None:
+                topics = {c.topic for c in summary.channels.values()}
+                reader = make_reader(f, decoder_factories=decoders)
+                return _assemble(reader.iter_decoded_messages(), path, topics, cameras, state_dim, max_frames)
+        # The summary is written last: a recorder that did not finish left none, and the file may end in
+        # half a record. Read from the start to the cut: once for the topics, once for the observations.
+        damage: list[Exception] = []
+        with open(path, "rb") as f:
+            records = NonSeekingReader(f).iter_messages(log_time_order=False)  # as written, to the cut
+            topics = {channel.topic for _, channel, _ in _until_damaged(records, damage)}
+        if damage and not topics:
+            why = _why(damage[0])
+            raise ValueError(
+                f"observations: cannot read {path} as an MCAP recording: {why}, before any message"
+            )
+        with open(path, "rb") as f:
+            reader = NonSeekingReader(f, decoder_factories=decoders)
+            messages = _until_damaged(reader.iter_decoded_messages(log_time_order=False), [])
+            try:
+                observations = _assemble(messages, path, topics, cameras, state_dim, max_frames)
+            except ValueError as err:
+                cut = f"; the rest cannot be read ({_why(damage[0])})" if damage else ""
+                raise ValueError(f"{err}{cut}") from None
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign file, named
-        why = str(err) or type(err).__name__
-        if Path(path).stat().st_size == 0:
-            why = "the file is empty"
-        raise ValueError(f"observations: cannot read {path} as an MCAP recording: {why}") from None
+        raise ValueError(f"observations: cannot read {path} as an MCAP recording: {_why(err)}") from None
+    cut = f"ends in a damaged record: {_why(damage[0])}" if damage else "has no summary"
+    log.warning(
+        "observations: %s was not finished by its writer (it %s: a recorder that was stopped by force?); "
+        "read the %d observations before the cut",
+        path,
+        cut,
+        len(observations),
+    )
+    return observations
 
 
-def _assemble(reader, camera_of: dict[str, str], state_dim: int, max_frames: int | None) -> list[Observation]:
+def _why(err: Exception) -> str:
+    return str(err) or type(err).__name__
+
+
+def _until_damaged(records, damage: list):
+    """`records` up to the first that cannot be read; that error is appended to `damage`."""
+    try:
+        yield from records
+    except Exception as err:  # noqa: BLE001 - the damaged end of a recording, reported by the caller
+        damage.append(err)
+
+
+def _assemble(
+    messages, path: Path, topics: set[str], cameras: tuple[str, ...], state_dim: int, max_frames: int | None
+) -> list[Observation]:
+    camera_of = {t: c for t in topics for c in cameras if t.endswith("/" + IMAGE_TOPIC.format(c))}
+    if not camera_of:
+        raise ValueError(
+            f"observations: {path} has no camera topic of this model "
+            f"({', '.join(IMAGE_TOPIC.format(c) for c in cameras)})"
+        )
     recorded = set(camera_of.values())
     images: dict[str, np.ndarray] = {}
     fresh: set[str] = set()
     state = instruction = None
     out: list[Observation] = []
-    for _, channel, _, msg in reader.iter_decoded_messages():
+    for _, channel, _, msg in messages:
         topic = channel.topic
         if topic in camera_of:
             images[camera_of[topic]] = image_to_rgb(msg)

@@ -73,3 +73,32 @@ def test_an_existing_recording_is_never_overwritten(tmp_path, rng):
     with pytest.raises(ValueError, match=r"record: .*kept.mcap exists; give a path that does not"):
         ObservationRecorder(path)
     assert path.read_bytes() == before and len(read_observations(path, CAMERAS, 8)) == 1
+
+
+def test_a_recording_its_writer_never_finished_is_read_to_the_cut(tmp_path, rng, caplog):
+    """A node killed while recording leaves no summary and half a chunk at the end: the observations of
+    the complete chunks are read back, equal to those written, with a warning that says the file was cut;
+    a file cut before any complete chunk is named as unreadable."""
+    path = tmp_path / "killed.mcap"
+    written = [random_observation(rng, side=96) for _ in range(60)]  # ~5 MB: chunks of 1 MB get written
+    recorder = ObservationRecorder(path)
+    for obs in written:
+        recorder.write(obs)
+    recorder._file.flush()  # the process dies here: the writer's last chunk and summary never written
+    with caplog.at_level("WARNING"):
+        read = read_observations(path, CAMERAS, 8)
+    assert 0 < len(read) < len(written)
+    for a, b in zip(read, written, strict=False):
+        assert a.images.keys() == b.images.keys()
+        for name in a.images:
+            np.testing.assert_array_equal(a.images[name], b.images[name])
+        np.testing.assert_allclose(a.state, b.state, rtol=1e-6)
+    assert f"read the {len(read)} observations before the cut" in caplog.text
+    assert "was not finished by its writer" in caplog.text
+    recorder._file.close()
+    cut = tmp_path / "cut.mcap"
+    cut.write_bytes(path.read_bytes()[:2000])  # inside the first chunk
+    with pytest.raises(
+        ValueError, match=r"cannot read .*cut.mcap as an MCAP recording: .*before any message"
+    ):
+        read_observations(cut, CAMERAS, 8)
