@@ -187,7 +187,11 @@ SETTINGS: tuple[Setting, ...] = (
         "steps", "denoising steps per chunk, 1..10; none = the model's", int, 0, range=(1, 10), live=True
     ),
     Setting(
-        "seed", "random weights and denoising noise: the same seed repeats a run", int, range=(0, 2**31 - 1)
+        "seed",
+        "random weights and denoising noise: the same seed draws them again (on a GPU, actions then agree "
+        "to bf16 rounding: docs/performance.md)",
+        int,
+        range=(0, 2**31 - 1),
     ),
     Setting("state_dim", "length of the robot's state vector", int, range=(1, 32)),
     Setting(
