@@ -15,7 +15,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from vla_runtime.nodes.fleet import plan_fleet
-from vla_runtime.nodes.params import PARAMS, launch_overrides
+from vla_runtime.nodes.params import PARAMS, command_line_overrides
 
 from launch import LaunchDescription
 
@@ -23,7 +23,7 @@ from launch import LaunchDescription
 def fleet_processes(context):
     # the device is the plan's, one GPU per process: not a launch argument here
     given = {p.name: LaunchConfiguration(p.name).perform(context) for p in PARAMS if p.name != "device"}
-    overrides = [f"{name}:={value}" for name, value in launch_overrides(given).items()]
+    overrides = command_line_overrides(given)
     plan = plan_fleet(
         LaunchConfiguration("robots").perform(context), LaunchConfiguration("gpus").perform(context)
     )

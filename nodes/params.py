@@ -76,7 +76,8 @@ PARAMS = tuple(_from_setting(s) for s in SETTINGS) + (
         "record_observations",
         "",
         "Record every observation served to this MCAP file (for vla-runtime calibrate); an existing file "
-        "is refused, never overwritten; empty = off.",
+        "is refused, never overwritten; in a fleet each robot's file has its namespace before the suffix "
+        "(robot.arm_1.mcap); empty = off.",
         needs_reconfigure=True,
     ),
     Param(
@@ -194,8 +195,13 @@ def launch_overrides(given: dict[str, str]) -> dict[str, Any]:
             continue
         param = BY_NAME[name]
         value = yaml.safe_load(text) if not isinstance(param.default, str) else text
-        if isinstance(param.default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        if isinstance(param.default, float) and not isinstance(value, bool):
+            try:  # as rcl reads `-p x:=5e-2` (YAML 1.1 reads it as text) and `-p x:=1` (an int)
+                value = float(text)
+            except ValueError:
+                pass
+        if value == [] and isinstance(param.default, list):
+            raise ValueError(f"{name}:=[]: ROS 2 cannot type an empty list; give [''] for none")
         expected = type(param.default)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ValueError(f"{name}:={text}: expected {expected.__name__}")
@@ -204,6 +210,12 @@ def launch_overrides(given: dict[str, str]) -> dict[str, Any]:
             raise ValueError(f"{name}:={text}: {reason}")
         overrides[name] = value
     return overrides
+
+
+def command_line_overrides(given: dict[str, str]) -> list[str]:
+    """`launch_overrides` as `-p` arguments (`name:=value`), each value in JSON, which rcl reads as YAML:
+    a string stays a string ("yes", "2024"), numbers and lists keep their types."""
+    return [f"{name}:={json.dumps(value)}" for name, value in launch_overrides(given).items()]
 
 
 def runtime_config_from_params(get) -> RuntimeConfig:

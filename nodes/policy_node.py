@@ -30,6 +30,7 @@ import re
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import rclpy
@@ -108,11 +109,24 @@ def refuse_unavailable_transitions(node: LifecycleNode) -> None:
     service.callback = checked
 
 
+def tagged_path(path: str, tag: str) -> str:
+    """`path` with `tag` (a namespace: "/arm_1") before its suffix: robot.mcap -> robot.arm_1.mcap."""
+    tag = tag.strip("/").replace("/", "_")
+    if not tag:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{tag}{p.suffix}"))
+
+
 class PolicyNode(LifecycleNode):
-    def __init__(self, node_name: str = "policy_node", policy_factory=PipelinedExecutor, **kwargs):
+    def __init__(
+        self, node_name: str = "policy_node", policy_factory=PipelinedExecutor, record_tag: str = "", **kwargs
+    ):
         """`policy_factory(RuntimeConfig) -> Policy`: what serves (the executor; tests and benchmarks give
-        a policy of their own through it)."""
+        a policy of their own through it). `record_tag`: where several nodes share a process and its
+        parameters (a fleet), each records to its own file, this tag (its namespace) before the suffix."""
         super().__init__(node_name, **kwargs)
+        self._record_tag = record_tag
         refuse_unavailable_transitions(self)
         self._policy_factory = policy_factory
         self._declare_parameters()
@@ -304,7 +318,8 @@ class PolicyNode(LifecycleNode):
         if self.param("record_observations"):
             from ..runtime.recording import ObservationRecorder
 
-            self.recorder = ObservationRecorder(self.param("record_observations"), self.get_namespace())
+            path = tagged_path(self.param("record_observations"), self._record_tag)
+            self.recorder = ObservationRecorder(path, self.get_namespace())
         for name in cameras:
             topic = f"camera/{name}/image_raw"
             self._subscribe(

@@ -90,7 +90,7 @@ def test_fleet_launch_file_structure():
         ("launch.actions", "ExecuteProcess"),
         ("launch.actions", "OpaqueFunction"),
         ("vla_runtime.nodes.fleet", "plan_fleet"),
-        ("vla_runtime.nodes.params", "launch_overrides"),
+        ("vla_runtime.nodes.params", "command_line_overrides"),
     } <= imports
     declared = {
         c.args[0].value
@@ -127,3 +127,124 @@ def test_a_fleets_robots_ask_for_their_steps_and_after_close_nothing_is_served()
     with pytest.raises(ValueError, match="fleet: shutting down"):
         unused.session("/a", config)
     assert unused.executor is None  # nothing was built
+
+
+class FakeExecutor:
+    """Stands for the executor where only its building and closing matter."""
+
+    def __init__(self, config, started=None, release=None):
+        if started is not None:
+            started.set()
+            release.wait(30)
+        self.config, self.closed, self.metadata = config, False, {}
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def quiet_server(monkeypatch):
+    """PolicyServer replaced by a stand-in: these tests are about who builds and who is refused."""
+    from vla_runtime.nodes import fleet
+
+    class Server:
+        def __init__(self, executor):
+            self.executor = executor
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(fleet, "PolicyServer", Server)
+    return fleet
+
+
+def test_robots_may_differ_in_live_settings_but_not_in_model_settings(quiet_server):
+    from vla_runtime.runtime.config import RuntimeConfig
+
+    shared = quiet_server.SharedServer(robots=2, executor_factory=FakeExecutor)
+    config = RuntimeConfig(preset="pi05_tiny", steps=2)
+    shared.session("/a", config)
+    shared.session("/b", config.replace(steps=3))  # a node's live setting: its own, per observation
+    with pytest.raises(ValueError, match="seed: the robots of one server share its model settings"):
+        shared.session("/c", config.replace(seed=1))
+
+
+def test_closing_a_fleet_does_not_wait_for_a_load_and_the_late_executor_is_closed(quiet_server):
+    """Ctrl-C while the first node builds the executor: close() returns at once (it waited for the whole
+    load before), the builder closes what it built and its node gets no session."""
+    import threading
+
+    from vla_runtime.runtime.config import RuntimeConfig
+
+    started, release = threading.Event(), threading.Event()
+    built = []
+
+    def factory(config):
+        built.append(FakeExecutor(config, started, release))
+        return built[-1]
+
+    shared = quiet_server.SharedServer(robots=2, executor_factory=factory)
+    outcome = []
+
+    def load():
+        try:
+            outcome.append(shared.session("/a", RuntimeConfig(preset="pi05_tiny")))
+        except ValueError as err:
+            outcome.append(err)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    assert started.wait(30)
+    shared.close()  # while the load is in progress
+    assert loader.is_alive() and not outcome  # close() did not wait for it
+    release.set()
+    loader.join(30)
+    assert isinstance(outcome[0], ValueError) and "shutting down" in str(outcome[0])
+    assert built[0].closed and shared.executor is None
+
+
+def test_namespaces_are_written_as_ros_writes_them_and_checked():
+    from vla_runtime.nodes.fleet import main, plan_fleet, robot_namespaces
+
+    assert robot_namespaces(["arm_1/", " /arm_2", "/a/b"], "--namespaces") == ["/arm_1", "/arm_2", "/a/b"]
+    with pytest.raises(ValueError, match="--namespaces: distinct robot namespaces needed"):
+        robot_namespaces(["/a", "a"], "--namespaces")
+    with pytest.raises(ValueError, match="--namespaces: '/arm-1' is not a ROS 2 namespace"):
+        robot_namespaces(["/arm-1"], "--namespaces")
+    with pytest.raises(ValueError, match="robots: distinct"):
+        plan_fleet("/a,a", "0")
+    assert plan_fleet("a,b", "0") == [("cuda:0", ["/a", "/b"])]
+    # refused before ROS starts: exit 2
+    assert main(["/a", "/arm-1"], []) == 2
+    assert main(["/a", "/b"], ["-r", "__ns:=/x"]) == 2
+
+
+def test_a_fleets_observation_has_what_is_left_of_its_deadline():
+    """The server orders the robots by deadline: an observation that arrives 40 ms after it was taken,
+    with a 50 ms deadline, has 10 ms left, as the node counts its miss."""
+    from types import SimpleNamespace
+
+    from vla_runtime.nodes.fleet import LEAST_BUDGET_S, deadline_budget
+
+    node = SimpleNamespace(param=lambda name: {"deadline_s": 0.05}[name], now=lambda: 100.0)
+    assert deadline_budget(node, SimpleNamespace(timestamp=99.96)) == pytest.approx(0.01)
+    assert deadline_budget(node, SimpleNamespace(timestamp=99.9)) == LEAST_BUDGET_S  # already late
+    assert deadline_budget(node, SimpleNamespace(timestamp=100.02)) == pytest.approx(0.05)  # clock skew
+
+
+def test_fleet_parameters_reach_rcl_with_their_types():
+    """fleet.launch.py passes the given parameters as -p name:=JSON, which rcl reads as YAML."""
+    import yaml
+    from vla_runtime.nodes.params import command_line_overrides, launch_overrides
+    from vla_runtime.nodes.policy_node import tagged_path
+
+    given = {"resize_on_device": "yes", "robot": "2024", "deadline_s": "5e-2", "steps": "3"}
+    args = dict(arg.split(":=", 1) for arg in command_line_overrides(given))
+    typed = {name: yaml.safe_load(text) for name, text in args.items()}
+    assert typed == {"resize_on_device": "yes", "robot": "2024", "deadline_s": 0.05, "steps": 3}
+    with pytest.raises(ValueError, match=r"optional_cameras:=\[\]: ROS 2 cannot type an empty list"):
+        launch_overrides({"optional_cameras": "[]"})
+    assert launch_overrides({"optional_cameras": "['']"}) == {"optional_cameras": [""]}
+    assert tagged_path("/data/robot.mcap", "/arm_1") == "/data/robot.arm_1.mcap"
+    assert tagged_path("/data/robot.mcap", "/a/b") == "/data/robot.a_b.mcap"
+    assert tagged_path("/data/robot.mcap", "") == "/data/robot.mcap"
