@@ -45,6 +45,8 @@ class PolicyMetadata:
     device: str
     precision: str
     handover: str  # switch | blend | inpaint | rtc
+    # The denoising noise a `submit` takes ([model horizon, model action dims]); () where not known
+    noise_shape: tuple[int, ...] = ()
 
 
 class Policy(abc.ABC):
@@ -93,6 +95,7 @@ class Policy(abc.ABC):
             device=config.device,
             precision=config.precision,
             handover=config.handover,
+            noise_shape=(config.model.action_horizon, config.model.action_dim),
         )
 
     def health(self) -> dict:

@@ -37,7 +37,9 @@ FORWARDED_ENV = ("MUJOCO_GL",)  # what the simulator actors need from the driver
 ACTOR_START_TIMEOUT_S = 600.0  # a policy server loads and captures its model within this
 
 
-def encode_request(obs: Observation, previous: PreviousChunk | None) -> bytes:
+def encode_request(
+    obs: Observation, previous: PreviousChunk | None, noise: np.ndarray | None = None
+) -> bytes:
     message = {
         "images": obs.images,
         "state": np.asarray(obs.state, dtype=np.float32),
@@ -46,14 +48,16 @@ def encode_request(obs: Observation, previous: PreviousChunk | None) -> bytes:
     }
     if previous is not None:
         message["previous"] = {"actions": previous.actions, "delay_steps": int(previous.delay_steps)}
+    if noise is not None:
+        message["noise"] = np.asarray(noise, dtype=np.float32)
     return protocol.encode(message)
 
 
-def decode_request(payload: bytes) -> tuple[Observation, PreviousChunk | None]:
+def decode_request(payload: bytes) -> tuple[Observation, PreviousChunk | None, np.ndarray | None]:
     m = protocol.decode(payload)
     obs = Observation(m["images"], m["state"], m["instruction"], m["timestamp"])
     p = m.get("previous")
-    return obs, (PreviousChunk(p["actions"], p["delay_steps"]) if p else None)
+    return obs, (PreviousChunk(p["actions"], p["delay_steps"]) if p else None), m.get("noise")
 
 
 def encode_chunk(chunk: ActionChunk) -> bytes:
@@ -83,11 +87,15 @@ class PolicyActor:
 
     def identity(self) -> dict:
         meta = self.executor.metadata
-        return {"model_id": meta.model_id, "random_weights": meta.random_weights}
+        return {
+            "model_id": meta.model_id,
+            "random_weights": meta.random_weights,
+            "noise_shape": list(meta.noise_shape),
+        }
 
     def infer(self, robot: str, request: bytes) -> bytes:
-        obs, previous = decode_request(request)
-        return encode_chunk(self.server.submit(robot, obs, previous=previous).result())
+        obs, previous, noise = decode_request(request)
+        return encode_chunk(self.server.submit(robot, obs, previous=previous, noise=noise).result())
 
     def close(self) -> None:
         self.server.close()
@@ -100,9 +108,9 @@ class RemotePolicy:
     def __init__(self, actor, robot: str):
         self.actor, self.robot = actor, robot
 
-    def submit(self, obs: Observation, previous: PreviousChunk | None = None) -> Future:
+    def submit(self, obs: Observation, noise=None, previous: PreviousChunk | None = None) -> Future:
         answer: Future = Future()
-        reply = self.actor.infer.remote(self.robot, encode_request(obs, previous)).future()
+        reply = self.actor.infer.remote(self.robot, encode_request(obs, previous, noise)).future()
 
         def done(f: Future) -> None:
             try:
@@ -138,7 +146,8 @@ class SimWorker:
         self.client.reset(suite, task, max(trial - 1, 0), seed, 0)
 
     def run(self, policy, robot: str, suite: str, jobs: list[tuple[int, int]], run: dict) -> list[dict]:
-        link = InProcessLink(RemotePolicy(policy, robot), lockstep=True)
+        noise_shape = ray.get(policy.identity.remote())["noise_shape"]
+        link = InProcessLink(RemotePolicy(policy, robot), lockstep=True, noise_shape=noise_shape)
         return [dataclasses.asdict(run_episode(self.client, link, suite, t, i, **run)) for t, i in jobs]
 
     def close(self) -> None:

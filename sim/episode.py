@@ -32,11 +32,13 @@ from __future__ import annotations
 import abc
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..runtime.config import NOISE_STREAM
 from ..runtime.handover import PreviousChunk
 from ..runtime.policy import FrameDropped, Policy
 from ..runtime.scheduler import DEFAULT_DEADLINE_S, ChunkScheduler
@@ -152,7 +154,9 @@ class PolicyLink(abc.ABC):
             new, self._chunks = self._chunks, []
             return new
 
-    def start_episode(self) -> None:
+    def start_episode(self, key: tuple[int, ...] = ()) -> None:
+        """A new episode; `key` names it (run's seed, suite, task, init state) for links that draw its
+        noise."""
         with self._cond:
             self._chunks.clear()
             self._offered.clear()
@@ -166,9 +170,14 @@ class PolicyLink(abc.ABC):
 class InProcessLink(PolicyLink):
     path = "in-process"
 
-    def __init__(self, policy: Policy, lockstep: bool = True, recorder=None):
+    def __init__(self, policy: Policy, lockstep: bool = True, recorder=None, noise_shape=None):
+        """`noise_shape`: the policy's denoising noise (default: its metadata's). Each episode's noise is
+        drawn here from a generator seeded by the episode's key, so an episode gets the same noise
+        whichever worker, server or path runs it, and whatever ran before it."""
         super().__init__(lockstep)
         self.policy, self.recorder = policy, recorder
+        self.noise_shape = tuple(noise_shape if noise_shape is not None else policy.metadata.noise_shape)
+        self._noise: np.random.Generator | None = None
         self._outstanding = 0  # submitted in this episode, not answered
         self._episode = 0  # a request of an earlier episode, answered late, counts for nothing
 
@@ -180,9 +189,11 @@ class InProcessLink(PolicyLink):
                 return
             self._outstanding += 1
             episode = self._episode
+            noise = None if self._noise is None else self._noise.standard_normal(self.noise_shape, np.float32)
         if self.recorder is not None:
             self.recorder.write(obs)  # runtime.recording.ObservationRecorder: for `vla-runtime calibrate`
-        self.policy.submit(obs, previous=previous).add_done_callback(lambda f: self._done(f, episode))
+        future = self.policy.submit(obs, noise=noise, previous=previous)
+        future.add_done_callback(lambda f: self._done(f, episode))
 
     def _done(self, future, episode: int) -> None:
         with self._cond:
@@ -201,9 +212,10 @@ class InProcessLink(PolicyLink):
         engine = {k: v for k, v in chunk.timings_ms.items() if k in ("vision", "prefix", "denoise", "total")}
         self._received(chunk.timestamp, 0, chunk.actions, engine)
 
-    def start_episode(self) -> None:
+    def start_episode(self, key: tuple[int, ...] = ()) -> None:
         self.policy.reset()
-        super().start_episode()
+        self._noise = np.random.default_rng(key) if key and self.noise_shape else None
+        super().start_episode(key)
         with self._cond:
             self._outstanding = 0
             self._episode += 1
@@ -239,7 +251,8 @@ def run_episode(
     limit = max_steps or MAX_STEPS.get(suite, 300)
     deadlines = ChunkScheduler(CONTROL_PERIOD_S, deadline_s)  # the one definition of a miss
     frames = [sim_obs["agentview"]] if video_dir is not None else []
-    link.start_episode()
+    # the episode's noise follows from the run's seed and the episode alone (InProcessLink)
+    link.start_episode((seed, NOISE_STREAM, zlib.crc32(suite.encode()), task, init_state))
 
     last_action: list[np.ndarray] = []  # the action executed last, and whether a hand-over preceded it
 

@@ -18,7 +18,8 @@ from vla_runtime.runtime.server import PolicyServer
 from vla_runtime.runtime.types import ActionChunk
 from vla_runtime.sim.client import SimClient
 from vla_runtime.sim.distributed import decode_chunk, decode_request, encode_chunk, encode_request
-from vla_runtime.sim.evaluate import evaluate_parallel
+from vla_runtime.sim.episode import InProcessLink
+from vla_runtime.sim.evaluate import evaluate, evaluate_parallel
 from vla_runtime.sim.launcher import SimServerProcess
 
 from ..conftest import random_observation
@@ -31,8 +32,13 @@ EPISODES = dict(max_steps=10, settle_steps=1, replan_steps=5, seed=7)
 def test_requests_and_chunks_round_trip(rng):
     obs = random_observation(rng, "pi05_tiny")
     previous = PreviousChunk(rng.standard_normal((10, 7)).astype(np.float32), 3)
-    for prev in (None, previous):
-        got, got_previous = decode_request(encode_request(obs, prev))
+    noise = rng.standard_normal((10, 32)).astype(np.float32)
+    for prev, sent_noise in ((None, None), (previous, noise)):
+        got, got_previous, got_noise = decode_request(encode_request(obs, prev, sent_noise))
+        if sent_noise is None:
+            assert got_noise is None
+        else:
+            np.testing.assert_array_equal(got_noise, sent_noise)
         assert got.instruction == obs.instruction and got.timestamp == obs.timestamp
         np.testing.assert_array_equal(got.state, obs.state)
         assert set(got.images) == set(obs.images)
@@ -63,6 +69,37 @@ def threaded_reference(tasks: list[int], workers: int) -> list[dict]:
         for sim in sims:
             sim.stop()
     return [e.summary() for e in episodes]
+
+
+def sequential_reference(tasks: list[int]) -> list[dict]:
+    """The same episodes one after another, the executor alone (batch 1), as eval-libero without
+    --workers runs them."""
+    sim = SimServerProcess()
+    client = SimClient(sim.endpoint)
+    try:
+        with PipelinedExecutor(RuntimeConfig(preset="pi05_tiny", seed=7)) as executor:
+            link = InProcessLink(executor, lockstep=True)
+            episodes, _ = evaluate(client, link, SUITE, tasks, 1, video_dir=None, **EPISODES)
+    finally:
+        client.close()
+        sim.stop()
+    return [e.summary() for e in episodes]
+
+
+def test_an_episodes_actions_do_not_depend_on_the_workers_or_the_path():
+    """Each episode's noise follows from the run's seed and the episode alone (before, from a robot's
+    stream that went on across its episodes): two workers, one worker and the sequential loop execute the
+    same actions, episode for episode."""
+    runs = {
+        "two workers": threaded_reference([0, 1], workers=2),
+        "one worker": threaded_reference([0, 1], workers=1),
+        "sequential": sequential_reference([0, 1]),
+    }
+    want = runs.pop("two workers")
+    for name, got in runs.items():
+        for a, b in zip(got, want, strict=True):
+            assert (a["task"], a["init_state"], a["chunks"]) == (b["task"], b["init_state"], b["chunks"])
+            assert a["step_sizes"] == pytest.approx(b["step_sizes"], rel=1e-5), name
 
 
 def test_ray_actors_run_the_same_episodes_as_threads(tmp_path):

@@ -54,7 +54,7 @@ def test_a_late_answer_from_an_earlier_episode_does_not_block_the_next():
         def __init__(self):
             self.futures = []
 
-        def submit(self, obs, previous=None):
+        def submit(self, obs, noise=None, previous=None):
             self.futures.append(Future())
             return self.futures[-1]
 
@@ -62,7 +62,7 @@ def test_a_late_answer_from_an_earlier_episode_does_not_block_the_next():
             pass
 
     policy = Policy()
-    link = InProcessLink(policy, lockstep=True)
+    link = InProcessLink(policy, lockstep=True, noise_shape=())
     obs = Observation({}, np.zeros(8, np.float32), "x", 1.0)
     previous = PreviousChunk(np.zeros((3, 7), np.float32), 0)
     link.offer(obs)
