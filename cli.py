@@ -318,17 +318,15 @@ def cmd_eval_libero_ray(args, config, out) -> int:
         from .sim import distributed
     except ImportError as err:
         raise ValueError(f"--ray: Ray is not installed ({err}); pip install ray (requirements.txt)") from None
-    say(f"connecting to Ray ({args.ray}) ...")
-    try:
-        distributed.connect(args.ray, args.workers)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ValueError(f"--ray: cannot connect to {args.ray!r}: {err}") from None
     config = config.replace(max_batch=largest_batch(per_server, config.batch_profiles))
-    say(
-        f"{args.workers} simulators and {args.servers} policy servers ({config.model_name}) as Ray actors ..."
-    )
-    clear_earlier_report(out)  # (the Ray path checks its request inside, with its actors)
-    try:
+    say(f"connecting to Ray ({args.ray}) ...")
+    try:  # connecting inside: Ctrl-C while Ray starts still shuts down what it started
+        try:
+            distributed.connect(args.ray, args.workers, args.servers)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ValueError(f"--ray: cannot connect to {args.ray!r}: {err}") from None
+        actors = f"{args.workers} simulators and {args.servers} policy servers ({config.model_name})"
+        say(f"{actors} as Ray actors ...")
         episodes, seconds, identity = distributed.evaluate_ray(
             config,
             args.workers,
@@ -337,6 +335,7 @@ def cmd_eval_libero_ray(args, config, out) -> int:
             args.tasks,
             args.trials,
             str(out),
+            before_start=lambda: clear_earlier_report(out),  # once the request passed its checks
             **episode_settings(args, out),
         )
     finally:
@@ -478,6 +477,7 @@ def check_sim_request(
     """The server answers, knows the suite and has the tasks, each with an init state per trial: a
     mistake is named before minutes of loading and episodes, not after."""
     from .sim.client import SimError
+    from .sim.evaluate import check_tasks_and_trials
 
     try:
         known = client.suites(timeout_s=SIM_CONTACT_TIMEOUT_S)
@@ -491,14 +491,7 @@ def check_sim_request(
         known_tasks = client.tasks(suite)
     except SimError as err:
         raise ValueError(f"--suite: {err}") from None
-    count = len(known_tasks)
-    bad = [t for t in tasks or () if t >= count]
-    if bad:
-        raise ValueError(f"--tasks: {bad} out of range 0..{count - 1} for {suite}")
-    chosen = [known_tasks[t] for t in tasks] if tasks else known_tasks
-    fewest = min((t["init_states"] for t in chosen if "init_states" in t), default=None)
-    if trials is not None and fewest is not None and trials > fewest:
-        raise ValueError(f"--trials: {trials}, but {suite} has {fewest} init states for some chosen task")
+    check_tasks_and_trials(known_tasks, suite, tasks, trials)
 
 
 def cmd_demo(args) -> int:

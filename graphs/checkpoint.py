@@ -155,6 +155,8 @@ def read_config_json(directory: Path) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint: {path} is not valid JSON: {err}") from None
+    except OSError as err:  # a folder of that name, unreadable
+        raise CheckpointError(f"checkpoint: cannot read {path}: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint: {path} must hold a JSON object")
     return data

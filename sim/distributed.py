@@ -29,7 +29,7 @@ from ..runtime.handover import PreviousChunk
 from ..runtime.types import ActionChunk, Observation
 from . import protocol
 from .episode import InProcessLink, run_episode
-from .evaluate import deal_episodes
+from .evaluate import check_tasks_and_trials, deal_episodes
 from .launcher import ENV_VAR, ActorFailed, libero_python
 from .report import EpisodeResult
 
@@ -82,10 +82,19 @@ class PolicyActor:
         config = RuntimeConfig(**settings)
         if config.device.startswith("cuda"):
             config = config.replace(device="cuda")  # Ray gives the actor its GPU as the only visible one
-        self.executor = PipelinedExecutor(config)
+        self.executor = self.server = None
+        try:
+            self.executor = PipelinedExecutor(config)
+        except ValueError as err:  # the user's mistake (a checkpoint, a setting): named by the driver
+            self.mistake = str(err)
+            return
+        self.mistake = None
         self.server = PolicyServer(self.executor)
 
     def identity(self) -> dict:
+        """The served model; {"mistake": why} where the configuration was refused."""
+        if self.mistake is not None:
+            return {"mistake": self.mistake}
         meta = self.executor.metadata
         return {
             "model_id": meta.model_id,
@@ -98,8 +107,9 @@ class PolicyActor:
         return encode_chunk(self.server.submit(robot, obs, previous=previous, noise=noise).result())
 
     def close(self) -> None:
-        self.server.close()
-        self.executor.close()
+        if self.server is not None:
+            self.server.close()
+            self.executor.close()
 
 
 class RemotePolicy:
@@ -138,8 +148,8 @@ class SimWorker:
         self.sim = SimServerProcess(log_path=log)
         self.client = SimClient(self.sim.endpoint, server_gone=self.sim.exit_reason)
 
-    def task_indices(self, suite: str) -> list[int]:
-        return [t["index"] for t in self.client.tasks(suite)]
+    def tasks(self, suite: str) -> list[dict]:
+        return self.client.tasks(suite)
 
     def build(self, suite: str, task: int, trial: int, seed: int) -> None:
         """The first episode's environment, built while the policy servers load (as EnvironmentBuilds)."""
@@ -156,11 +166,11 @@ class SimWorker:
         self.sim.stop()
 
 
-def connect(address: str, workers: int) -> None:
-    """`local`: a Ray instance on this machine (enough CPUs for the workers); otherwise a cluster's
-    address (`auto`, `ray://host:10001`, `host:6379`). The dashboard stays off. The LIBERO interpreter is
-    resolved here, on the driver, and handed to the actors as an absolute path (an actor's working
-    directory is wherever its node's Ray was started)."""
+def connect(address: str, workers: int, servers: int = 1) -> None:
+    """`local`: a Ray instance on this machine (a CPU for each simulator and policy server); otherwise a
+    cluster's address (`auto`, `ray://host:10001`, `host:6379`). The dashboard stays off. The LIBERO
+    interpreter is resolved here, on the driver, and handed to the actors as an absolute path (an actor's
+    working directory is wherever its node's Ray was started)."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     # absolute, links kept (a virtual environment's python is a link to the base interpreter)
     env[ENV_VAR] = os.path.abspath(libero_python())  # ValueError naming it when there is none here
@@ -169,7 +179,7 @@ def connect(address: str, workers: int) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local instance reports nothing home
         ray.init(
             address="local",  # a new instance, even where RAY_ADDRESS names a cluster
-            num_cpus=workers + 1,
+            num_cpus=workers + servers,
             include_dashboard=False,
             runtime_env=runtime_env,
             log_to_driver=False,
@@ -202,9 +212,10 @@ def check_resources(workers: int, servers: int, gpus_each: int) -> None:
             f"--servers: {servers} policy servers on CUDA need {servers * gpus_each} GPUs; the Ray cluster "
             f"has {have.get('GPU', 0):.0f} (or run them with --device cpu)"
         )
-    if workers > have.get("CPU", 0):
+    if workers + servers > have.get("CPU", 0):
         raise ValueError(
-            f"--workers: {workers} simulators need a CPU each; the Ray cluster has {have['CPU']:.0f}"
+            f"--workers: {workers} simulators and {servers} policy servers need a CPU each; the Ray "
+            f"cluster has {have.get('CPU', 0):.0f}"
         )
 
 
@@ -230,26 +241,26 @@ def evaluate_ray(
     tasks: list[int] | None,
     trials: int,
     log_dir: str,
+    before_start=None,
     **run,
 ) -> tuple[list[EpisodeResult], float, dict]:
     """`tasks` x `trials` episodes over `workers` simulators and `servers` policy servers (worker w is
     robot `worker_w` of server w mod `servers`), on the connected Ray cluster. Returns the episodes in
-    task/trial order, the wall-clock seconds they took, and the served model's identity."""
+    task/trial order, the wall-clock seconds they took, and the served model's identity. `before_start()`
+    runs once the request has passed its checks (eval-libero clears an earlier report there)."""
     gpu = 1 if config.device.startswith("cuda") else 0
     check_resources(workers, servers, gpu)
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(RuntimeConfig)}
     concurrency = max(1, -(-workers // servers)) + 1  # every robot of a server blocks in `infer` at once
     policies = [
-        PolicyActor.options(num_gpus=gpu, max_concurrency=concurrency).remote(settings)
+        PolicyActor.options(num_cpus=1, num_gpus=gpu, max_concurrency=concurrency).remote(settings)
         for _ in range(servers)
     ]
     sims = [SimWorker.remote(log_dir) for _ in range(workers)]
     try:
-        known = ray.get(sims[0].task_indices.remote(suite), timeout=ACTOR_START_TIMEOUT_S)
-        bad = [t for t in tasks or () if t not in known]
-        if bad:
-            raise ValueError(f"--tasks: {bad} out of range 0..{len(known) - 1} for {suite}")
-        tasks = known if tasks is None else tasks
+        known = ray.get(sims[0].tasks.remote(suite), timeout=ACTOR_START_TIMEOUT_S)
+        check_tasks_and_trials(known, suite, tasks, trials)  # as without Ray, before any episode
+        tasks = [t["index"] for t in known] if tasks is None else tasks
         dealt = deal_episodes(tasks, trials, workers)
         builds = [
             sim.build.remote(suite, *share[0], run["seed"])
@@ -259,6 +270,10 @@ def evaluate_ray(
         # every server up and every first environment built before the clock starts
         identities = ray.get([p.identity.remote() for p in policies], timeout=ACTOR_START_TIMEOUT_S)
         identity = identities[0]
+        if "mistake" in identity:
+            raise ValueError(identity["mistake"])
+        if before_start is not None:
+            before_start()  # the request and the model passed their checks
         ray.get(builds, timeout=ACTOR_START_TIMEOUT_S)
         start = time.monotonic()
         refs = [

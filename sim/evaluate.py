@@ -70,6 +70,19 @@ def evaluate(
     return episodes, time.monotonic() - start
 
 
+def check_tasks_and_trials(known_tasks: list[dict], suite: str, tasks: list[int] | None, trials: int | None):
+    """The tasks exist in the suite (`known_tasks`: the sim server's list) and each has an init state per
+    trial; ValueError names --tasks or --trials."""
+    count = len(known_tasks)
+    bad = [t for t in tasks or () if t >= count]
+    if bad:
+        raise ValueError(f"--tasks: {bad} out of range 0..{count - 1} for {suite}")
+    chosen = [known_tasks[t] for t in tasks] if tasks else known_tasks
+    fewest = min((t["init_states"] for t in chosen if "init_states" in t), default=None)
+    if trials is not None and fewest is not None and trials > fewest:
+        raise ValueError(f"--trials: {trials}, but {suite} has {fewest} init states for some chosen task")
+
+
 def deal_episodes(tasks: list[int], trials: int, workers: int) -> list[list[tuple[int, int]]]:
     """The episodes (task, trial), task by task, cut into `workers` consecutive shares whose sizes differ
     by at most one. A simulator rebuilds its LIBERO environment whenever the task changes (seconds of

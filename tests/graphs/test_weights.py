@@ -273,3 +273,11 @@ def test_key_mapping_round_trips(preset):
     assert all(k.startswith(("paligemma_with_expert.", "action_", "state_proj", "time_mlp")) for k in openpi)
     assert len(set(openpi)) == len(names)
     assert [openpi_key_to_module(k) for k in openpi] == names
+
+
+def test_a_config_json_that_is_a_folder_is_named(tmp_path):
+    from vla_runtime.graphs.checkpoint import read_config_json
+
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"checkpoint: cannot read .*config.json"):
+        read_config_json(tmp_path)

@@ -103,9 +103,12 @@ def test_an_episodes_actions_do_not_depend_on_the_workers_or_the_path():
 
 
 def test_ray_actors_run_the_same_episodes_as_threads(tmp_path):
+    """Two simulators and two policy servers as actors of a local Ray instance (each server holds a CPU:
+    the instance has one for each actor; it had one too few, and a simulator never started); the
+    episodes are the threads' over one server, action for action (the noise is each episode's)."""
     run = subprocess.run(
         [CLI, "eval-libero", "--preset", "pi05_tiny", "--suite", SUITE, "--tasks", "0,1", "--trials", "1"]
-        + ["--max-steps", "10", "--settle-steps", "1", "--workers", "2", "--ray", "local"]
+        + ["--max-steps", "10", "--settle-steps", "1", "--workers", "2", "--servers", "2", "--ray", "local"]
         + ["--out", str(tmp_path), "--json"],
         capture_output=True,
         text=True,
@@ -131,14 +134,30 @@ def test_ray_actors_run_the_same_episodes_as_threads(tmp_path):
         (["--servers", "2"], "--servers: several policy servers run as Ray actors; add --ray"),
         (["--ray", "local", "--path", "ros"], "--ray: parallel episodes run in-process and in lockstep"),
         (["--ray", "127.0.0.1:1"], "--ray: cannot connect to '127.0.0.1:1'"),
+        # named by the actors before any episode, as without Ray, and the earlier report kept
+        (["--ray", "local", "--workers", "2", "--trials", "60"], "--trials: 60, but libero_spatial has 50"),
+        (["--ray", "local", "--workers", "2", "--tasks", "99"], "--tasks: [99] out of range"),
+        (["--ray", "local", "--workers", "2", "--checkpoint", "CHECKPOINT"], "norm"),
     ],
 )
 def test_ray_mistakes_are_named(tmp_path, args, message):
+    if "CHECKPOINT" in args:  # a checkpoint without its normalisation statistics: refused by the actor
+        from vla_runtime.graphs.config import get_preset
+        from vla_runtime.graphs.weights import build_model, save_checkpoint
+
+        checkpoint = save_checkpoint(
+            build_model(get_preset("pi05_tiny"), seed=1), tmp_path / "ckpt", "openpi", "lm_head"
+        )
+        args = [str(checkpoint) if a == "CHECKPOINT" else a for a in args]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier run's")
     run = subprocess.run(
-        [CLI, "eval-libero", "--preset", "pi05_tiny", *args, "--out", str(tmp_path)],
+        [CLI, "eval-libero", "--preset", "pi05_tiny", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+    assert (out / "report.md").read_text() == "an earlier run's"
