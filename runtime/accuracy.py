@@ -206,7 +206,8 @@ def accuracy_table(
     return {
         "model": config.model_name,
         "precision": config.precision,
-        "vision_precision": config.vision_precision or config.precision,
+        # the tower is never quantised: its dtype (with fp8 / int8 / w4a8, the compute dtype's)
+        "vision_precision": str(config.vision_dtype).removeprefix("torch."),
         "frames": len(observed),
         "observations": "recorded" if observations else "random",
         "rows": rows,

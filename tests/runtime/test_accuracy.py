@@ -41,6 +41,13 @@ def test_accuracy_table_checks_vision_gates_per_layer():
     gated = [r for r in result["rows"] if r["gate"]]
     assert {r["name"] for r in gated} == {"vision.layer00", "vision.layer01", "vision.image_tokens"}
     assert result["passed"] is True and all(r["ok"] for r in gated)  # fp16 vision is close to float32
+    assert result["vision_precision"] == "float16"
+
+
+def test_the_table_names_the_vision_towers_dtype_not_the_quantised_stacks():
+    """int8 quantises the Gemma stacks only: the tower computes in float32 on the CPU, and says so."""
+    result = accuracy_table(RuntimeConfig(preset="pi05_tiny", precision="int8"), frames=1)
+    assert result["precision"] == "int8" and result["vision_precision"] == "float32"
 
 
 def test_accuracy_gates_fail_for_a_different_model():
