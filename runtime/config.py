@@ -193,6 +193,11 @@ class RuntimeConfig:
             raise ValueError(
                 f"integer_stages: must be one of {', '.join(INTEGER_STAGES)}, got {self.integer_stages!r}"
             )
+        if self.integer_stages is not None and self.precision not in INTEGER_PRECISIONS:
+            raise ValueError(
+                f"integer_stages: chooses the stacks int8 / w4a8 quantise, not used with precision "
+                f"{self.precision}"
+            )
         if self.fp8_expert and self.precision != "fp8":
             raise ValueError("fp8_expert: needs precision fp8")
         if self.vision_precision is not None and self.vision_precision not in PRECISIONS:

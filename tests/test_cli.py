@@ -68,6 +68,7 @@ REFUSED = [
     (["accuracy", "--frames", "0"], "argument --frames: must be at least 1"),
     (["accuracy", "--skip-frames", "-1"], "argument --skip-frames: must be at least 0"),
     (["accuracy", "--skip-frames", "3"], "--skip-frames: skips recorded observations; give them with"),
+    (["infer", "--integer-stages", "prefix"], "integer_stages: chooses the stacks int8 / w4a8 quantise"),
     (
         ["infer", "--precision", "int8", "--integer-calibration", "x.mcap"],
         "integer_calibration: fits the w4a8",

@@ -120,7 +120,9 @@ def test_by_default_int8_quantises_both_stacks_and_w4a8_the_expert_alone():
     assert RuntimeConfig(precision="int8").quantised_stages == "both"
     assert RuntimeConfig(precision="w4a8").quantised_stages == "expert"
     assert RuntimeConfig(precision="w4a8", integer_stages="both").quantised_stages == "both"
-    assert RuntimeConfig(precision="float32", integer_stages="both").quantised_stages is None
+    assert RuntimeConfig(precision="float32").quantised_stages is None
+    with pytest.raises(ValueError, match="integer_stages: chooses the stacks int8 / w4a8 quantise, not used"):
+        RuntimeConfig(precision="float32", integer_stages="both")  # accepted without a word before
     model = build_parts(RuntimeConfig(preset="pi05_tiny", precision="w4a8")).model
     assert model.prefix_lm.layers[0].self_attn.qkv_quant is None
     assert isinstance(model.expert.layers[0].self_attn.qkv_quant, W4A8Linear)
