@@ -737,7 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
-    infer = sub.add_parser("infer", help="run the policy on synthetic frames and print the action chunk")
+    infer = sub.add_parser(
+        "infer",
+        help="run the policy on synthetic frames and print the action chunk",
+        description="Runs the eager reference (runtime/reference.py), the model as written: the executor's "
+        "settings (pipelining, shape profiles, compile cache, device_wait, batching) do not apply here; "
+        "`profile` and `eval-libero` run the executor.",
+    )
     add_model_args(infer)
     infer.add_argument(
         "--frames",
