@@ -127,6 +127,7 @@ class PolicyNode(LifecycleNode):
         parameters (a fleet), each records to its own file, this tag (its namespace) before the suffix."""
         super().__init__(node_name, **kwargs)
         self._record_tag = record_tag
+        self._exit_if_load_fails = False  # autostart's load only: a later configure's failure keeps the node
         refuse_unavailable_transitions(self)
         self._policy_factory = policy_factory
         self._declare_parameters()
@@ -260,9 +261,11 @@ class PolicyNode(LifecycleNode):
         except Exception as err:  # noqa: BLE001 - reported; the node stays up (or exits under autostart)
             self.phase = f"failed: {err}"
             self.get_logger().error(f"loading failed: {err}")
-            if self.param("autostart") and not self.finished.done():
+            if self._exit_if_load_fails and not self.finished.done():
                 self.finished.set_result(EXIT_CONFIGURE_FAILED)
             return
+        finally:
+            self._exit_if_load_fails = False
         if policy.metadata.random_weights:
             self.get_logger().warning("no checkpoint: RANDOM WEIGHTS, the actions are meaningless")
         with self._lock:
@@ -449,6 +452,7 @@ class PolicyNode(LifecycleNode):
 
         def start():
             timer.cancel()
+            self._exit_if_load_fails = True
             if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 self.get_logger().fatal(f"autostart: {self.phase}; exiting")
                 self.finished.set_result(EXIT_CONFIGURE_FAILED)

@@ -510,3 +510,29 @@ def test_timing_parameters_apply_while_serving(node, robot):
         assert robot.chunk_for(robot.publish_once(robot.now() + 1.0)) is not None
     finally:
         assert _set_parameter(robot, "max_future_s", 0.1).successful
+
+
+def test_a_failed_load_ends_the_process_only_for_autostarts_own_load():
+    """Under autostart the node exits when its start-up load fails; a load after a later, manual
+    configure (a new checkpoint that does not load, say) fails that configure and leaves the node up (in
+    a fleet it ended every robot's serving)."""
+    import rclpy
+    from vla_runtime.nodes.policy_node import EXIT_CONFIGURE_FAILED, PolicyNode
+    from vla_runtime.runtime.config import RuntimeConfig
+
+    def refused(config):
+        raise ValueError("checkpoint: no model.safetensors")
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = PolicyNode(policy_factory=refused, context=context)
+        config = RuntimeConfig(preset="pi05_tiny")
+        node._load(config)  # a manual configure's load
+        assert not node.finished.done() and node.phase.startswith("failed: checkpoint")
+        node._exit_if_load_fails = True  # as autostart sets it before its configure
+        node._load(config)
+        assert node.finished.result() == EXIT_CONFIGURE_FAILED
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
