@@ -121,9 +121,9 @@ class Seen:
     def __init__(self, inner):
         self.inner, self.offered, self.rendered = inner, [], 0
 
-    def submit(self, obs, previous=None):
+    def submit(self, obs, noise=None, previous=None):
         self.offered.append(obs)
-        return self.inner.submit(obs, previous=previous)
+        return self.inner.submit(obs, noise=noise, previous=previous)
 
     def reset(self, *args):
         return self.inner.reset(*args)
