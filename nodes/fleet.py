@@ -65,11 +65,14 @@ class SharedServer:
         if build:
             try:  # outside the lock: close() (Ctrl-C) must not wait for a load of tens of seconds
                 executor = self._executor_factory(config)
-            finally:
+            except BaseException:
                 with self._cond:
                     self._building = False
                     self._cond.notify_all()
-            with self._cond:
+                raise
+            with self._cond:  # stored and announced at once: a waiting node must see it, not build again
+                self._building = False
+                self._cond.notify_all()
                 if not self._closed:
                     self.executor, self.server, self.config = executor, PolicyServer(executor), config
             if self.executor is not executor:  # closed while it loaded

@@ -111,7 +111,7 @@ def refuse_unavailable_transitions(node: LifecycleNode) -> None:
 
 def tagged_path(path: str, tag: str) -> str:
     """`path` with `tag` (a namespace: "/arm_1") before its suffix: robot.mcap -> robot.arm_1.mcap."""
-    tag = tag.strip("/").replace("/", "_")
+    tag = tag.strip("/").replace("/", ".")  # a dot is in no namespace: /a/b and /a_b stay apart
     if not tag:
         return path
     p = Path(path)

@@ -169,17 +169,18 @@ def read_observations(
             )
         with open(path, "rb") as f:
             reader = NonSeekingReader(f, decoder_factories=decoders)
-            messages = _until_damaged(reader.iter_decoded_messages(log_time_order=False), [])
+            # (a message that cannot be decoded ends the reading too, and is reported as the cut)
+            messages = _until_damaged(reader.iter_decoded_messages(log_time_order=False), damage)
             try:
                 observations = _assemble(messages, path, topics, cameras, state_dim, max_frames)
             except ValueError as err:
-                cut = f"; the rest cannot be read ({_why(damage[0])})" if damage else ""
+                cut = f"; the rest cannot be read ({_why(damage[-1])})" if damage else ""
                 raise ValueError(f"{err}{cut}") from None
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign file, named
         raise ValueError(f"observations: cannot read {path} as an MCAP recording: {_why(err)}") from None
-    cut = f"ends in a damaged record: {_why(damage[0])}" if damage else "has no summary"
+    cut = f"ends in a damaged record: {_why(damage[-1])}" if damage else "has no summary"
     log.warning(
         "observations: %s was not finished by its writer (it %s: a recorder that was stopped by force?); "
         "read the %d observations before the cut",

@@ -246,5 +246,45 @@ def test_fleet_parameters_reach_rcl_with_their_types():
         launch_overrides({"optional_cameras": "[]"})
     assert launch_overrides({"optional_cameras": "['']"}) == {"optional_cameras": [""]}
     assert tagged_path("/data/robot.mcap", "/arm_1") == "/data/robot.arm_1.mcap"
-    assert tagged_path("/data/robot.mcap", "/a/b") == "/data/robot.a_b.mcap"
+    assert tagged_path("/data/robot.mcap", "/a/b") == "/data/robot.a.b.mcap"
+    assert tagged_path("/data/robot.mcap", "/a_b") == "/data/robot.a_b.mcap"
     assert tagged_path("/data/robot.mcap", "") == "/data/robot.mcap"
+
+
+def test_a_node_that_waited_for_the_build_gets_the_built_executor_not_a_second(quiet_server):
+    """The builder clears its flag and stores the executor in one step: a node woken in between built a
+    second executor (two models on the GPU, the first never closed), unchecked against the first's
+    settings. The window is opened here by a pause after each of the builder's releases of the lock."""
+    import threading
+    import time
+
+    from vla_runtime.runtime.config import RuntimeConfig
+
+    started, release = threading.Event(), threading.Event()
+    built = []
+
+    def factory(config):
+        built.append(FakeExecutor(config, None if built else started, release))
+        return built[-1]
+
+    shared = quiet_server.SharedServer(robots=2, executor_factory=factory)
+    config = RuntimeConfig(preset="pi05_tiny")
+    sessions = []
+    first = threading.Thread(target=lambda: sessions.append(shared.session("/a", config)))
+
+    class PausedRelease(type(shared._cond)):
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            if threading.current_thread() is first and release.is_set():
+                time.sleep(0.3)  # the builder between two holds of the lock
+
+    shared._cond = PausedRelease()
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: sessions.append(shared.session("/b", config)))
+    second.start()  # waits for the build
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert len(built) == 1 and len(sessions) == 2
+    assert sessions[0].server is sessions[1].server
