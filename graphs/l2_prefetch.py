@@ -79,17 +79,25 @@ if triton is not None:
         lanes = tl.program_id(0) * LANES + tl.arange(0, LANES)
         address = tl.load(addresses_ptr + lanes)
         size = tl.load(sizes_ptr + lanes)
-        if EVICT_LAST:
-            # the chunks marked to stay in L2 past lines read once (the current layer's activations)
-            asm = (
+        if EVICT_LAST:  # marked to stay in L2 past lines read once (the current layer's activations)
+            issued = tl.inline_asm_elementwise(
                 "{ .reg .b64 policy; createpolicy.fractional.L2::evict_last.b64 policy, 1.0; "
-                "cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, policy; mov.u32 $0, 0; }"
+                "cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, policy; mov.u32 $0, 0; }",
+                "=r,l,r",
+                [address, size],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
             )
         else:
-            asm = "{ cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
-        issued = tl.inline_asm_elementwise(
-            asm, "=r,l,r", [address, size], dtype=tl.int32, is_pure=False, pack=1
-        )
+            issued = tl.inline_asm_elementwise(
+                "{ cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+                "=r,l,r",
+                [address, size],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
         tl.store(sink_ptr, tl.sum(issued))
 
 
