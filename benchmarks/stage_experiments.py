@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from results_doc import run_header  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
-from vla_runtime.graphs import fp8_geglu, l2_prefetch
+from vla_runtime.graphs import fp8_geglu
 from vla_runtime.runtime.buffers import ShapeProfile, StaticBuffers
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.loading import build_parts
@@ -63,20 +63,6 @@ VARIANTS = {
         {"combo_kernels": True, "coordinate_descent_tuning": True},
         {"fp8_expert": True},
     ),
-    # the next expert layer's FP8 weights prefetched into L2 while a layer computes (graphs/l2_prefetch.py)
-    **{
-        f"denoise-fp8-expert-combo-kernels-l2-prefetch{label}": (
-            "denoise",
-            {"combo_kernels": True},
-            {"fp8_expert": True, "l2_prefetch": prefetch},
-        )
-        for label, prefetch in (
-            ("", {}),
-            ("-64k", {"chunk": 65536}),
-            ("-evict-last", {"evict_last": True}),
-            ("-two-ahead", {"ahead": 2}),
-        )
-    },
     "denoise-fp8-expert-concatenated-keys": (
         "denoise",
         None,
@@ -93,13 +79,6 @@ VARIANTS = {
 
 def apply_settings(model, settings: dict) -> None:
     model.expert.set_quantized(settings["fp8_expert"])
-    prefetch = settings.get("l2_prefetch")
-    model.expert_prefetch = None
-    model.expert_prefetch_ahead = 1
-    if prefetch is not None:
-        tables = {k: v for k, v in prefetch.items() if k != "ahead"}
-        model.expert_prefetch = l2_prefetch.expert_weight_tables(model.expert, **tables)
-        model.expert_prefetch_ahead = prefetch.get("ahead", 1)
     # The fused FP8 gate/up + GeGLU kernel wherever the model would use it, unless the variant says not.
     fused = settings.get("fused_geglu", True) and fp8_geglu.available("cuda")[0]
     for stack in (model.prefix_lm, model.expert):

@@ -122,10 +122,6 @@ class PI0Model(nn.Module):
             self.action_time_mlp_out = nn.Linear(ew, ew)
         self.vision_dtype = torch.float32
         self.compute_dtype = torch.float32
-        # Per expert layer, a prefetch of its weights into L2 (graphs/l2_prefetch.py), issued when the layer
-        # `expert_prefetch_ahead` before it starts; None: no prefetch
-        self.expert_prefetch: list | None = None
-        self.expert_prefetch_ahead = 1
 
     # ---------------------------------------------------------------- precision
     def set_precision(self, compute_dtype: torch.dtype, vision_dtype: torch.dtype | None = None) -> PI0Model:
@@ -280,10 +276,7 @@ class PI0Model(nn.Module):
         it after the `prefix_len` cached ones."""
         hidden = self.suffix_embeddings(state, x_t, time_cond)
         mods = time_cond if self.cfg.pi05 else None
-        prefetch, depth = self.expert_prefetch, len(self.expert.layers)
         for i, layer in enumerate(self.expert.layers):
-            if prefetch is not None:
-                prefetch[(i + self.expert_prefetch_ahead) % depth](hidden)
             mod_in, mod_post = (mods[2 * i], mods[2 * i + 1]) if mods is not None else (None, None)
             hidden = layers.expert(layer, hidden, cos, sin, mod_in, mod_post, workspace[i], prefix_len, bias)
         return self._velocity_head(hidden, mods, x_t.shape[1], layers)
