@@ -95,19 +95,51 @@ def shape_row(n: int, k: int, sets: int) -> dict:
     return row
 
 
+def padding_row(n: int, k: int, sets: int, row_counts: list[int]) -> dict:
+    """One GEMM shape at each row count as served and padded to a multiple of 64 rows, us per GEMM."""
+    device = torch.device("cuda")
+    one = torch.ones((), device=device)
+    weights = [torch.randn(n, k, device=device).to(torch.float8_e4m3fn) for _ in range(sets)]
+
+    def served(inputs):
+        for w in weights:
+            torch._scaled_mm(inputs, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+    row = {"n": n, "k": k}
+    for rows in row_counts:
+        for label, count in ((f"{rows} rows", rows), (f"{rows} rows padded", rows + -rows % 64)):
+            x = torch.randn(count, k, device=device).to(torch.float8_e4m3fn)
+            row[label] = graph_us(lambda x=x: served(x), sets)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="layouts.json")
     ap.add_argument("--sets", type=int, default=24)
+    ap.add_argument(
+        "--padding-rows",
+        type=lambda v: [int(r) for r in v.split(",")],
+        default=[],
+        help="instead: each shape at these row counts, as served and padded to a multiple of 64",
+    )
     args = ap.parse_args()
     rows = {}
     for name, (n, k) in expert_shapes().items():
-        rows[name] = shape_row(n, k, args.sets)
+        if args.padding_rows:
+            rows[name] = padding_row(n, k, args.sets, args.padding_rows)
+        else:
+            rows[name] = shape_row(n, k, args.sets)
         print(name, json.dumps(rows[name]), flush=True)
+    workload = (
+        f"rows {args.padding_rows} as served and padded to a multiple of 64"
+        if args.padding_rows
+        else f"{ROWS} activation rows ({PADDED} padded)"
+    )
     result = {
         **run_header(),
-        "workload": f"pi05 expert's FP8 GEMMs, {ROWS} activation rows ({PADDED} padded), {args.sets} weights "
-        "per shape in one graph (from DRAM), us per GEMM (median of 50 replays)",
+        "workload": f"pi05 expert's FP8 GEMMs, {workload}, {args.sets} weights per shape in one graph (from "
+        "DRAM), us per GEMM (median of 50 replays)",
         "gemms": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -13,9 +13,11 @@ bound by reading their weights, which FP8 halves.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,6 +26,12 @@ from .gemma import GemmaStack
 
 E4M3_MAX = 448.0
 FP8_GEMMS = ("qkv", "o", "gate_up", "down")
+# The action expert's GEMMs whose activation rows are padded (with zeros, sliced off the output) to a multiple
+# of this: with 64 rows instead of pi05's 50, cuBLAS picks faster kernels for the two whose K is the larger
+# side (the output projection 2048 -> 1024 and the down projection 4096 -> 1024). H200, weights from DRAM
+# (`benchmarks/expert_gemm_layouts.py`, 62782a4): 5.38 -> 4.71 us and 7.47 -> 6.16 us; the q/k/v GEMM does
+# not gain (4.26 -> 4.35 us), the gate/up one is the fused GeGLU kernel.
+EXPERT_ROW_MULTIPLES = {"o": 64, "down": 64}
 
 
 def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
@@ -40,9 +48,12 @@ def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
 class FP8Linear(nn.Module):
     """y = x W^T with x and W in float8 e4m3 and per-tensor scales; output in bf16."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, row_multiple: int = 1):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.row_multiple = (
+            row_multiple  # activation rows padded to a multiple of this (EXPERT_ROW_MULTIPLES)
+        )
         if self.in_features % 16 or self.out_features % 16:
             raise ValueError(f"fp8: GEMM dims must be multiples of 16, got {tuple(weight.shape)}")
         w = weight.detach().float()
@@ -76,13 +87,20 @@ class FP8Linear(nn.Module):
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # the stack's compute dtype
         return self.matmul(self.quantize(flat), x.shape[:-1])
 
+    def padded_rows(self, rows: int) -> int:
+        return rows + -rows % self.row_multiple
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> [rows, K] float8 e4m3 with this GEMM's calibrated input scale."""
+        """x [..., K] -> [padded rows, K] float8 e4m3 with this GEMM's calibrated input scale (the padding
+        rows are zeros)."""
         flat = x.reshape(-1, self.in_features)
+        if self.padded_rows(flat.shape[0]) > flat.shape[0]:
+            flat = F.pad(flat, (0, 0, 0, self.padded_rows(flat.shape[0]) - flat.shape[0]))
         return (flat.float() / self.input_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
     def matmul(self, x_fp8: torch.Tensor, leading_shape) -> torch.Tensor:
-        """An already quantised input [rows, K] -> [*leading_shape, N] in bf16."""
+        """An already quantised input [padded rows, K] -> [*leading_shape, N] in bf16 (the padding rows'
+        outputs dropped)."""
         y = torch._scaled_mm(
             x_fp8,
             self.weight_fp8,
@@ -90,7 +108,7 @@ class FP8Linear(nn.Module):
             scale_b=self.weight_scale,
             out_dtype=torch.bfloat16,
         )
-        return y.reshape(*leading_shape, self.out_features)
+        return y[: math.prod(leading_shape)].reshape(*leading_shape, self.out_features)
 
 
 def quantize_prefix(stack: GemmaStack) -> int:
@@ -98,15 +116,28 @@ def quantize_prefix(stack: GemmaStack) -> int:
     return quantize_stack(stack, last_layer_kv_only=True)
 
 
-def quantize_stack(stack: GemmaStack, last_layer_kv_only: bool = False) -> int:
-    """Attach FP8 copies of a Gemma stack's GEMM weights (the bf16 weights stay, for the reference path).
-    Returns the number of quantised GEMMs."""
+def quantize_stack(
+    stack: GemmaStack, last_layer_kv_only: bool = False, row_multiples: dict[str, int] | None = None
+) -> int:
+    """Attach FP8 copies of a Gemma stack's GEMM weights (the bf16 weights stay, for the reference path),
+    with `row_multiples` by GEMM name (FP8_GEMMS; e.g. EXPERT_ROW_MULTIPLES). Returns the number of
+    quantised GEMMs."""
     count = stack.quantize(FP8Linear, last_layer_kv_only)
+    set_row_multiples(stack, row_multiples or {})
     for layer in stack.layers:
         # One Triton kernel for gate/up + GeGLU + the cast, where it can run (graphs/fp8_geglu.py).
         if layer.mlp.gate_up_quant is not None:
             layer.mlp.fused_geglu = fp8_geglu.available(layer.mlp.gate_up_weight.device)[0]
     return count
+
+
+def set_row_multiples(stack: GemmaStack, row_multiples: dict[str, int]) -> None:
+    """Each FP8 GEMM's row multiple by its name in FP8_GEMMS (1, no padding, for those not named)."""
+    unknown = set(row_multiples) - set(FP8_GEMMS)
+    if unknown:
+        raise ValueError(f"fp8: no GEMM named {', '.join(sorted(unknown))}; known: {', '.join(FP8_GEMMS)}")
+    for name, module in fp8_modules(stack).items():
+        module.row_multiple = row_multiples.get(name.rsplit(".", 1)[1], 1)
 
 
 def fp8_modules(stack: GemmaStack, prefix: str = "") -> dict[str, FP8Linear]:

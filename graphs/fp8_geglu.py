@@ -85,6 +85,7 @@ if triton is not None:
         M,
         N,
         K,
+        OUT_M,  # rows of out: M, or more when the down GEMM reads padded rows (written as zeros)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -92,7 +93,7 @@ if triton is not None:
     ):
         # Programs walk the output in groups of GROUP_M row blocks, so neighbours share weight tiles in L2.
         pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        num_m, num_n = tl.cdiv(OUT_M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n
         first_m = (pid // per_group) * GROUP_M
         group_rows = min(num_m - first_m, GROUP_M)
@@ -120,7 +121,10 @@ if triton is not None:
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         out = gate * tl.sigmoid(2.0 * inner) * up / tl.load(out_scale_ptr)
         out = tl.minimum(tl.maximum(out, -448.0), 448.0)  # e4m3's largest finite value
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], out.to(tl.float8e4nv), mask=rows[:, None] < M)
+        # rows from M to OUT_M loaded no input (zeros), so they store gelu(0) * 0 = 0
+        tl.store(
+            out_ptr + rows[:, None] * N + cols[None, :], out.to(tl.float8e4nv), mask=rows[:, None] < OUT_M
+        )
 
 
 @torch.library.custom_op("vla_runtime::fp8_geglu", mutates_args=())
@@ -130,9 +134,11 @@ def fp8_geglu(
     x_scale: torch.Tensor,
     w_scale: torch.Tensor,
     out_scale: torch.Tensor,
+    out_rows: int = -1,
 ) -> torch.Tensor:
     """FP8(gelu_tanh(x W_gate^T) * (x W_up^T) / out_scale), with x [M, K] and weight [2N, K] in FP8 e4m3
-    (their real values are x * x_scale and weight * w_scale) -> [M, N] FP8 e4m3."""
+    (their real values are x * x_scale and weight * w_scale) -> [M, N] FP8 e4m3, or [out_rows, N] with
+    zero rows after the M computed (-1: M)."""
     ok, why = available(x.device)
     if not ok:
         raise RuntimeError(f"fp8_geglu: {why}")
@@ -143,12 +149,18 @@ def fp8_geglu(
             f"fp8_geglu: needs contiguous x [M, K] and weight [2N, K] with K a multiple of 256, "
             f"got {list(x.shape)} and {list(weight.shape)}"
         )
-    out = torch.empty(m, n, device=x.device, dtype=torch.float8_e4m3fn)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _fp8_geglu_kernel[grid](x, weight, out, x_scale, w_scale, out_scale, m, n, k)
+    out_rows = m if out_rows < 0 else out_rows
+    if out_rows < m:
+        raise ValueError(f"fp8_geglu: out_rows {out_rows} below the {m} rows computed")
+    out = torch.empty(out_rows, n, device=x.device, dtype=torch.float8_e4m3fn)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(out_rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+    )
+    _fp8_geglu_kernel[grid](x, weight, out, x_scale, w_scale, out_scale, m, n, k, out_rows)
     return out
 
 
 @fp8_geglu.register_fake
-def _fp8_geglu_fake(x, weight, x_scale, w_scale, out_scale):
-    return x.new_empty(x.shape[0], weight.shape[0] // 2, dtype=torch.float8_e4m3fn)
+def _fp8_geglu_fake(x, weight, x_scale, w_scale, out_scale, out_rows=-1):
+    rows = x.shape[0] if out_rows < 0 else out_rows
+    return x.new_empty(rows, weight.shape[0] // 2, dtype=torch.float8_e4m3fn)

@@ -91,12 +91,14 @@ class GemmaMLP(nn.Module):
         if self.quant_enabled:
             gate_up, down = self.gate_up_quant, self.down_quant
             if self.fused_geglu and not (gate_up.observing or down.observing):
+                x_fp8 = gate_up.quantize(x)
                 hidden = fp8_geglu(
-                    gate_up.quantize(x),
+                    x_fp8,
                     gate_up.weight_fp8.t(),  # the quantised [2N, K] row-major weight
                     gate_up.input_scale,
                     gate_up.weight_scale,
                     down.input_scale,
+                    down.padded_rows(x_fp8.shape[0]),  # the rows the down GEMM reads, padding zero
                 )
                 return down.matmul(hidden, x.shape[:-1])
             gate, up = gate_up(x).chunk(2, dim=-1)

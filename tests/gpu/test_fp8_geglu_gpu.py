@@ -42,3 +42,22 @@ def test_fused_geglu_matches_the_two_kernel_path(cuda, rows, width, mlp_dim):
     assert 1e-3 < err_fused < 0.08, f"seed {seed}"
     assert err_fused <= err_two * 1.05 + 1e-3, f"seed {seed}"
     assert rel_l2(fused, two_kernels) < 0.05, f"seed {seed}"
+
+
+@torch.inference_mode()
+def test_padded_output_rows_are_zeros_after_the_rows_computed(cuda):
+    """`out_rows` (the down GEMM's padded rows, graphs/fp8.EXPERT_ROW_MULTIPLES): the first M rows as
+    without it, bit for bit, and the rest zeros."""
+    from vla_runtime.graphs.fp8_geglu import fp8_geglu
+
+    torch.manual_seed(int(np.random.default_rng().integers(2**31)))
+    x = torch.randn(50, 1024, device=cuda).to(torch.float8_e4m3fn)
+    w = (0.1 * torch.randn(2 * 4096, 1024, device=cuda)).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=cuda)
+    plain = fp8_geglu(x, w, one, one, one)
+    padded = fp8_geglu(x, w, one, one, one, 64)
+    assert plain.shape == (50, 4096) and padded.shape == (64, 4096)
+    assert torch.equal(padded[:50].view(torch.uint8), plain.view(torch.uint8))
+    assert not padded[50:].float().any()
+    with pytest.raises(ValueError, match="out_rows 40 below the 50 rows"):
+        fp8_geglu(x, w, one, one, one, 40)

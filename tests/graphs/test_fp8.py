@@ -110,3 +110,34 @@ def test_fused_geglu_kernel_needs_cuda_and_the_mlp_keeps_its_two_kernel_path_els
     model = build_model(get_preset("pi05_tiny"), seed=5).set_precision(torch.bfloat16)
     fp8.quantize_stack(model.expert)
     assert not any(layer.mlp.fused_geglu for layer in model.expert.layers)
+
+
+@torch.inference_mode()
+def test_padded_activation_rows_leave_the_denoising_loop_unchanged():
+    """Row multiples pad a GEMM's activation rows with zeros and drop their outputs: the expert's FP8 loop
+    with EXPERT_ROW_MULTIPLES (and with every GEMM padded to an odd multiple) gives the unpadded loop's
+    actions, and the GEMMs really read padded rows."""
+    cfg = get_preset("pi05_tiny")
+    model = build_model(cfg, seed=7).set_precision(torch.bfloat16)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    kv, mask = prefix_run(model, cfg, gen)(), torch.ones(1, cfg.prefix_len, dtype=torch.bool)
+    times, dt = time_schedule(cfg.default_steps)
+    noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=gen)
+    state = torch.randn(1, cfg.action_dim, generator=gen)
+    run = lambda: model.denoise(kv, mask, state, noise, torch.from_numpy(times), dt)  # noqa: E731
+    fp8.quantize_stack(model.expert)
+    model.expert.set_quantized(True)
+    fp8.calibrate(fp8.fp8_modules(model.expert), run)
+    unpadded = run()
+    layer = model.expert.layers[0]
+    rows = cfg.suffix_len
+    for multiples in (fp8.EXPERT_ROW_MULTIPLES, dict.fromkeys(fp8.FP8_GEMMS, 7)):
+        fp8.set_row_multiples(model.expert, multiples)
+        for name, module in (("o", layer.self_attn.o_quant), ("qkv", layer.self_attn.qkv_quant)):
+            multiple = multiples.get(name, 1)
+            padded = module.quantize(torch.randn(1, rows, module.in_features, generator=gen).bfloat16())
+            assert padded.shape[0] == rows + -rows % multiple
+            assert not padded[rows:].float().any()  # the padding rows are zeros
+        torch.testing.assert_close(run(), unpadded, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no GEMM named up"):
+        fp8.set_row_multiples(model.expert, {"up": 64})
