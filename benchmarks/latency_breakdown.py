@@ -22,10 +22,12 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from results_doc import run_header
 from vla_runtime.graphs.checkpoint import KNOWN_OPENPI_CONFIGS
+from vla_runtime.runtime import calibration
 from vla_runtime.runtime.config import RuntimeConfig
 from vla_runtime.runtime.executor import PipelinedExecutor
 from vla_runtime.runtime.settings import RESIZE_ON_DEVICE
@@ -90,6 +92,11 @@ def main():
     ap.add_argument(
         "--compare-resize", action="store_true", help="host resize against device resize, in turns"
     )
+    ap.add_argument(
+        "--compare-row-padding",
+        action="store_true",
+        help="the expert FP8 GEMMs without their row padding (fp8.EXPERT_ROW_PADDING) and with, in turns",
+    )
     ap.add_argument("--shape-profiles", action="store_true", help="LIBERO-shaped and full-shaped, in turns")
     ap.add_argument(
         "--libero-model",
@@ -110,13 +117,20 @@ def main():
     )
     rng = np.random.default_rng(0)
     with contextlib.ExitStack() as stack:
-        executor = stack.enter_context(PipelinedExecutor(config))
+        if args.compare_row_padding:  # the first executor's expert built without the padding
+            with mock.patch.object(calibration, "EXPERT_ROW_PADDING", {}):
+                executor = stack.enter_context(PipelinedExecutor(config))
+        else:
+            executor = stack.enter_context(PipelinedExecutor(config))
         observations = [synthetic_observation(config, rng, args.image_side) for _ in range(8)]
         workloads = {"default": (executor, observations)}  # name -> (executor, frames)
         if args.shape_profiles:
             longest = longest_instruction(executor, full_shaped(executor, rng, args.image_side, "go"))
             full = [full_shaped(executor, rng, args.image_side, longest) for _ in range(8)]
             workloads = {"libero": (executor, observations), "full": (executor, full)}
+        if args.compare_row_padding:
+            padded = stack.enter_context(PipelinedExecutor(config))
+            workloads = {"unpadded_rows": (executor, observations), "padded_rows": (padded, observations)}
         if args.compare_resize:
             on_device = stack.enter_context(PipelinedExecutor(config.replace(resize_on_device=True)))
             workloads = {"host_resize": (executor, observations), "device_resize": (on_device, observations)}

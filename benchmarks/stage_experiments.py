@@ -63,11 +63,11 @@ VARIANTS = {
         {"combo_kernels": True, "coordinate_descent_tuning": True},
         {"fp8_expert": True},
     ),
-    # the output and down projections' activation rows padded to 64 (the product's since this variant won)
+    # the output and down projections' 50 activation rows padded to 64 (the product's since this won, fefeae6)
     "denoise-fp8-expert-combo-kernels-padded-rows": (
         "denoise",
         {"combo_kernels": True},
-        {"fp8_expert": True, "row_multiples": fp8.EXPERT_ROW_MULTIPLES},
+        {"fp8_expert": True, "row_padding": fp8.EXPERT_ROW_PADDING},
     ),
     "denoise-fp8-expert-concatenated-keys": (
         "denoise",
@@ -86,7 +86,7 @@ VARIANTS = {
 def apply_settings(model, settings: dict) -> None:
     model.expert.set_quantized(settings["fp8_expert"])
     # the expert's FP8 GEMMs read their rows unpadded unless the variant says (graphs/fp8.py)
-    fp8.set_row_multiples(model.expert, settings.get("row_multiples", {}))
+    fp8.set_row_padding(model.expert, settings.get("row_padding", {}))
     # The fused FP8 gate/up + GeGLU kernel wherever the model would use it, unless the variant says not.
     fused = settings.get("fused_geglu", True) and fp8_geglu.available("cuda")[0]
     for stack in (model.prefix_lm, model.expert):

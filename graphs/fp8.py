@@ -26,12 +26,14 @@ from .gemma import GemmaStack
 
 E4M3_MAX = 448.0
 FP8_GEMMS = ("qkv", "o", "gate_up", "down")
-# The action expert's GEMMs whose activation rows are padded (with zeros, sliced off the output) to a multiple
-# of this: with 64 rows instead of pi05's 50, cuBLAS picks faster kernels for the two whose K is the larger
-# side (the output projection 2048 -> 1024 and the down projection 4096 -> 1024). H200, weights from DRAM
-# (`benchmarks/expert_gemm_layouts.py`, 62782a4): 5.38 -> 4.71 us and 7.47 -> 6.16 us; the q/k/v GEMM does
-# not gain (4.26 -> 4.35 us), the gate/up one is the fused GeGLU kernel.
-EXPERT_ROW_MULTIPLES = {"o": 64, "down": 64}
+# Activation row counts the action expert's GEMMs read padded (with zero rows, their outputs dropped), by
+# GEMM: rows -> padded rows. At pi05's 50 rows, cuBLAS picks faster kernels for 64 in the two GEMMs whose K
+# is the larger side (output projection 2048 -> 1024, down projection 4096 -> 1024). H200, weights from
+# DRAM (`benchmarks/expert_gemm_layouts.py --padding-rows 10,50,200,400`, fefeae6): output 5.25 -> 4.83 us,
+# down 7.44 -> 6.33; padded to the next multiple of 64 the other row counts measured were slower (10: +0.2
+# us each; 200 and 400: +0.1 to +0.3), and so was q/k/v at 50 (+0.07). In place, the denoise loop 7.60 ->
+# 7.34 ms (docs/performance.md).
+EXPERT_ROW_PADDING = {"o": {50: 64}, "down": {50: 64}}
 
 
 def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
@@ -48,12 +50,11 @@ def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
 class FP8Linear(nn.Module):
     """y = x W^T with x and W in float8 e4m3 and per-tensor scales; output in bf16."""
 
-    def __init__(self, weight: torch.Tensor, row_multiple: int = 1):
+    def __init__(self, weight: torch.Tensor, row_padding: dict[int, int] | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.row_multiple = (
-            row_multiple  # activation rows padded to a multiple of this (EXPERT_ROW_MULTIPLES)
-        )
+        # activation rows -> the rows this GEMM reads, zero rows after them (EXPERT_ROW_PADDING)
+        self.row_padding = row_padding or {}
         if self.in_features % 16 or self.out_features % 16:
             raise ValueError(f"fp8: GEMM dims must be multiples of 16, got {tuple(weight.shape)}")
         w = weight.detach().float()
@@ -88,7 +89,7 @@ class FP8Linear(nn.Module):
         return self.matmul(self.quantize(flat), x.shape[:-1])
 
     def padded_rows(self, rows: int) -> int:
-        return rows + -rows % self.row_multiple
+        return self.row_padding.get(rows, rows)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [padded rows, K] float8 e4m3 with this GEMM's calibrated input scale (the padding
@@ -117,13 +118,13 @@ def quantize_prefix(stack: GemmaStack) -> int:
 
 
 def quantize_stack(
-    stack: GemmaStack, last_layer_kv_only: bool = False, row_multiples: dict[str, int] | None = None
+    stack: GemmaStack, last_layer_kv_only: bool = False, row_padding: dict[str, dict[int, int]] | None = None
 ) -> int:
     """Attach FP8 copies of a Gemma stack's GEMM weights (the bf16 weights stay, for the reference path),
-    with `row_multiples` by GEMM name (FP8_GEMMS; e.g. EXPERT_ROW_MULTIPLES). Returns the number of
-    quantised GEMMs."""
+    with `row_padding` by GEMM name (FP8_GEMMS; e.g. EXPERT_ROW_PADDING). Returns the number of quantised
+    GEMMs."""
     count = stack.quantize(FP8Linear, last_layer_kv_only)
-    set_row_multiples(stack, row_multiples or {})
+    set_row_padding(stack, row_padding or {})
     for layer in stack.layers:
         # One Triton kernel for gate/up + GeGLU + the cast, where it can run (graphs/fp8_geglu.py).
         if layer.mlp.gate_up_quant is not None:
@@ -131,13 +132,16 @@ def quantize_stack(
     return count
 
 
-def set_row_multiples(stack: GemmaStack, row_multiples: dict[str, int]) -> None:
-    """Each FP8 GEMM's row multiple by its name in FP8_GEMMS (1, no padding, for those not named)."""
-    unknown = set(row_multiples) - set(FP8_GEMMS)
+def set_row_padding(stack: GemmaStack, row_padding: dict[str, dict[int, int]]) -> None:
+    """Each FP8 GEMM's row padding by its name in FP8_GEMMS (none for those not named)."""
+    unknown = set(row_padding) - set(FP8_GEMMS)
     if unknown:
         raise ValueError(f"fp8: no GEMM named {', '.join(sorted(unknown))}; known: {', '.join(FP8_GEMMS)}")
+    for name, padding in row_padding.items():
+        if any(padded < rows for rows, padded in padding.items()):
+            raise ValueError(f"fp8: {name}'s row padding {padding} has fewer rows padded than computed")
     for name, module in fp8_modules(stack).items():
-        module.row_multiple = row_multiples.get(name.rsplit(".", 1)[1], 1)
+        module.row_padding = dict(row_padding.get(name.rsplit(".", 1)[1], {}))
 
 
 def fp8_modules(stack: GemmaStack, prefix: str = "") -> dict[str, FP8Linear]:

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from ..graphs.config import ModelConfig
 from ..graphs.fp8 import (
-    EXPERT_ROW_MULTIPLES,
+    EXPERT_ROW_PADDING,
     FP8Linear,
     calibrate,
     clamped_fraction,
@@ -66,7 +66,7 @@ def attach_fp8(parts: PolicyParts, fp8_expert: bool) -> dict[str, FP8Linear]:
     model.prefix_lm.set_quantized(True)
     modules = fp8_modules(model.prefix_lm)
     if fp8_expert:
-        quantize_stack(model.expert, row_multiples=EXPERT_ROW_MULTIPLES)
+        quantize_stack(model.expert, row_padding=EXPERT_ROW_PADDING)
         model.expert.set_quantized(True)
         modules.update(fp8_modules(model.expert, prefix="expert."))
     return modules

@@ -46,7 +46,7 @@ def test_fused_geglu_matches_the_two_kernel_path(cuda, rows, width, mlp_dim):
 
 @torch.inference_mode()
 def test_padded_output_rows_are_zeros_after_the_rows_computed(cuda):
-    """`out_rows` (the down GEMM's padded rows, graphs/fp8.EXPERT_ROW_MULTIPLES): the first M rows as
+    """`out_rows` (the down GEMM's padded rows, graphs/fp8.EXPERT_ROW_PADDING): the first M rows as
     without it, bit for bit, and the rest zeros."""
     from vla_runtime.graphs.fp8_geglu import fp8_geglu
 

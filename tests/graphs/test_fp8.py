@@ -114,9 +114,9 @@ def test_fused_geglu_kernel_needs_cuda_and_the_mlp_keeps_its_two_kernel_path_els
 
 @torch.inference_mode()
 def test_padded_activation_rows_leave_the_denoising_loop_unchanged():
-    """Row multiples pad a GEMM's activation rows with zeros and drop their outputs: the expert's FP8 loop
-    with EXPERT_ROW_MULTIPLES (and with every GEMM padded to an odd multiple) gives the unpadded loop's
-    actions, and the GEMMs really read padded rows."""
+    """Row padding gives a GEMM zero rows after its activations and drops their outputs: the expert's FP8
+    loop with every GEMM padded gives the unpadded loop's actions, and the GEMMs really read padded rows;
+    row counts the padding does not name are read as they are."""
     cfg = get_preset("pi05_tiny")
     model = build_model(cfg, seed=7).set_precision(torch.bfloat16)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -129,15 +129,15 @@ def test_padded_activation_rows_leave_the_denoising_loop_unchanged():
     model.expert.set_quantized(True)
     fp8.calibrate(fp8.fp8_modules(model.expert), run)
     unpadded = run()
-    layer = model.expert.layers[0]
     rows = cfg.suffix_len
-    for multiples in (fp8.EXPERT_ROW_MULTIPLES, dict.fromkeys(fp8.FP8_GEMMS, 7)):
-        fp8.set_row_multiples(model.expert, multiples)
-        for name, module in (("o", layer.self_attn.o_quant), ("qkv", layer.self_attn.qkv_quant)):
-            multiple = multiples.get(name, 1)
-            padded = module.quantize(torch.randn(1, rows, module.in_features, generator=gen).bfloat16())
-            assert padded.shape[0] == rows + -rows % multiple
-            assert not padded[rows:].float().any()  # the padding rows are zeros
-        torch.testing.assert_close(run(), unpadded, rtol=0, atol=0)
+    fp8.set_row_padding(model.expert, dict.fromkeys(fp8.FP8_GEMMS, {rows: rows + 7}))
+    for module in fp8.fp8_modules(model.expert).values():
+        padded = module.quantize(torch.randn(1, rows, module.in_features, generator=gen).bfloat16())
+        assert padded.shape[0] == rows + 7 and not padded[rows:].float().any()  # zero rows after the real
+        other = module.quantize(torch.randn(1, rows + 1, module.in_features, generator=gen).bfloat16())
+        assert other.shape[0] == rows + 1  # a row count not named: not padded
+    torch.testing.assert_close(run(), unpadded, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no GEMM named up"):
-        fp8.set_row_multiples(model.expert, {"up": 64})
+        fp8.set_row_padding(model.expert, {"up": {50: 64}})
+    with pytest.raises(ValueError, match="fewer rows padded than computed"):
+        fp8.set_row_padding(model.expert, {"o": {50: 40}})
