@@ -70,7 +70,7 @@ if triton is not None:
 
     @triton.autotune(
         configs=[_config(*c) for c in _FEW_ROWS_CONFIGS + _MANY_ROWS_CONFIGS],
-        key=["M", "N", "K"],
+        key=["M", "N", "K", "OUT_M"],
         prune_configs_by={"early_config_prune": _for_row_count},
         **_KEEP_TIMINGS,
     )
@@ -149,9 +149,7 @@ def fp8_geglu(
             f"fp8_geglu: needs contiguous x [M, K] and weight [2N, K] with K a multiple of 256, "
             f"got {list(x.shape)} and {list(weight.shape)}"
         )
-    out_rows = m if out_rows < 0 else out_rows
-    if out_rows < m:
-        raise ValueError(f"fp8_geglu: out_rows {out_rows} below the {m} rows computed")
+    out_rows = _out_rows(m, out_rows)
     out = torch.empty(out_rows, n, device=x.device, dtype=torch.float8_e4m3fn)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(out_rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
@@ -162,5 +160,13 @@ def fp8_geglu(
 
 @fp8_geglu.register_fake
 def _fp8_geglu_fake(x, weight, x_scale, w_scale, out_scale, out_rows=-1):
-    rows = x.shape[0] if out_rows < 0 else out_rows
-    return x.new_empty(rows, weight.shape[0] // 2, dtype=torch.float8_e4m3fn)
+    return x.new_empty(_out_rows(x.shape[0], out_rows), weight.shape[0] // 2, dtype=torch.float8_e4m3fn)
+
+
+def _out_rows(rows: int, out_rows: int) -> int:
+    """The rows of fp8_geglu's output: `rows`, or `out_rows` (-1: rows), never fewer."""
+    if out_rows < 0:
+        return rows
+    if out_rows < rows:
+        raise ValueError(f"fp8_geglu: out_rows {out_rows} below the {rows} rows computed")
+    return out_rows

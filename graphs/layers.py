@@ -6,6 +6,8 @@ Numerics follow openpi's PyTorch pi0: norms compute in float32 and cast back; Ro
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,13 +94,15 @@ class GemmaMLP(nn.Module):
             gate_up, down = self.gate_up_quant, self.down_quant
             if self.fused_geglu and not (gate_up.observing or down.observing):
                 x_fp8 = gate_up.quantize(x)
+                # the rows the down GEMM reads (its padding of the real rows), zero past the computed ones
+                down_rows = max(x_fp8.shape[0], down.padded_rows(math.prod(x.shape[:-1])))
                 hidden = fp8_geglu(
                     x_fp8,
                     gate_up.weight_fp8.t(),  # the quantised [2N, K] row-major weight
                     gate_up.input_scale,
                     gate_up.weight_scale,
                     down.input_scale,
-                    down.padded_rows(x_fp8.shape[0]),  # the rows the down GEMM reads, padding zero
+                    down_rows,
                 )
                 return down.matmul(hidden, x.shape[:-1])
             gate, up = gate_up(x).chunk(2, dim=-1)

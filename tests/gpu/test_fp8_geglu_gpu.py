@@ -44,20 +44,25 @@ def test_fused_geglu_matches_the_two_kernel_path(cuda, rows, width, mlp_dim):
     assert rel_l2(fused, two_kernels) < 0.05, f"seed {seed}"
 
 
+@pytest.mark.parametrize("rows, out_rows", [(50, 64), (200, 256), (130, 200)])
 @torch.inference_mode()
-def test_padded_output_rows_are_zeros_after_the_rows_computed(cuda):
+def test_padded_output_rows_are_zeros_after_the_rows_computed(cuda, rows, out_rows):
     """`out_rows` (the down GEMM's padded rows, graphs/fp8.EXPERT_ROW_PADDING): the first M rows as
-    without it, bit for bit, and the rest zeros."""
+    without it, bit for bit, and the rest zeros, for few rows and for many (the autotuned configurations),
+    with out_rows a multiple of the row block or not."""
     from vla_runtime.graphs.fp8_geglu import fp8_geglu
 
-    torch.manual_seed(int(np.random.default_rng().integers(2**31)))
-    x = torch.randn(50, 1024, device=cuda).to(torch.float8_e4m3fn)
+    seed = int(np.random.default_rng().integers(2**31))
+    torch.manual_seed(seed)
+    x = torch.randn(rows, 1024, device=cuda).to(torch.float8_e4m3fn)
     w = (0.1 * torch.randn(2 * 4096, 1024, device=cuda)).to(torch.float8_e4m3fn)
     one = torch.ones((), device=cuda)
     plain = fp8_geglu(x, w, one, one, one)
-    padded = fp8_geglu(x, w, one, one, one, 64)
-    assert plain.shape == (50, 4096) and padded.shape == (64, 4096)
-    assert torch.equal(padded[:50].view(torch.uint8), plain.view(torch.uint8))
-    assert not padded[50:].float().any()
-    with pytest.raises(ValueError, match="out_rows 40 below the 50 rows"):
-        fp8_geglu(x, w, one, one, one, 40)
+    # the output's block freed full of 0xFF first, so zero rows are the kernel's, not a fresh block's
+    torch.full((out_rows, 4096), 0xFF, dtype=torch.uint8, device=cuda)
+    padded = fp8_geglu(x, w, one, one, one, out_rows)
+    assert plain.shape == (rows, 4096) and padded.shape == (out_rows, 4096), seed
+    assert torch.equal(padded[:rows].view(torch.uint8), plain.view(torch.uint8)), seed
+    assert not padded[rows:].view(torch.uint8).any(), seed
+    with pytest.raises(ValueError, match=f"out_rows {rows - 10} below the {rows} rows"):
+        fp8_geglu(x, w, one, one, one, rows - 10)

@@ -141,3 +141,70 @@ def test_padded_activation_rows_leave_the_denoising_loop_unchanged():
         fp8.set_row_padding(model.expert, {"up": {50: 64}})
     with pytest.raises(ValueError, match="fewer rows padded than computed"):
         fp8.set_row_padding(model.expert, {"o": {50: 40}})
+
+
+def geglu_on_the_cpu(calls):
+    """A stand-in for the fused Triton kernel (CUDA only) with its contract: gelu(gate) * up in float32,
+    divided by the down GEMM's input scale, cast to FP8, zero rows up to `out_rows`; records each call's
+    (rows computed, rows out)."""
+
+    def geglu(x, weight, x_scale, w_scale, out_scale, out_rows=-1):
+        gate, up = ((x.float() @ weight.float().t()) * (x_scale * w_scale)).chunk(2, dim=-1)
+        out = (torch.nn.functional.gelu(gate, approximate="tanh") * up / out_scale).clamp(-448, 448)
+        rows = x.shape[0] if out_rows < 0 else out_rows
+        calls.append((x.shape[0], rows))
+        return torch.nn.functional.pad(out, (0, 0, 0, rows - x.shape[0])).to(torch.float8_e4m3fn)
+
+    return geglu
+
+
+@torch.inference_mode()
+def test_the_fused_geglu_path_gives_the_down_gemm_its_padded_rows(monkeypatch):
+    """Through the fused path (its kernel replaced by a CPU stand-in), the down GEMM reads the rows its
+    padding names for the real row count (also when gate/up pads more), and the loop's actions are the
+    unpadded ones."""
+    from vla_runtime.graphs import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "fp8_geglu", geglu_on_the_cpu(calls))
+    cfg = get_preset("pi05_tiny")
+    model = build_model(cfg, seed=11).set_precision(torch.bfloat16)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    kv, mask = prefix_run(model, cfg, gen)(), torch.ones(1, cfg.prefix_len, dtype=torch.bool)
+    times, dt = time_schedule(cfg.default_steps)
+    noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=gen)
+    run = lambda: model.denoise(kv, mask, torch.zeros(1, cfg.action_dim), noise, torch.from_numpy(times), dt)  # noqa: E731
+    fp8.quantize_stack(model.expert)
+    model.expert.set_quantized(True)
+    fp8.calibrate(fp8.fp8_modules(model.expert), run)
+    for layer in model.expert.layers:
+        layer.mlp.fused_geglu = True
+    unpadded = run()
+    rows = cfg.suffix_len
+    assert calls and set(calls) == {(rows, rows)}
+    for padding, expected in (
+        ({"down": {rows: rows + 5}}, (rows, rows + 5)),
+        ({"gate_up": {rows: rows + 3}, "down": {rows: rows + 5}}, (rows + 3, rows + 5)),
+        ({"gate_up": {rows: rows + 9}, "down": {rows: rows + 5}}, (rows + 9, rows + 9)),
+    ):
+        calls.clear()
+        fp8.set_row_padding(model.expert, padding)
+        torch.testing.assert_close(run(), unpadded, rtol=0, atol=0)
+        assert set(calls) == {expected}, padding
+
+
+def test_fp8_attach_pads_the_experts_rows_only():
+    """The product's padding (EXPERT_ROW_PADDING) goes to the action expert's FP8 GEMMs it names, none to
+    the prefix's."""
+    import types
+
+    from vla_runtime.runtime.calibration import attach_fp8
+
+    model = build_model(get_preset("pi05_tiny"), seed=3).set_precision(torch.bfloat16)
+    modules = attach_fp8(types.SimpleNamespace(model=model), fp8_expert=True)
+    expert = {name: m for name, m in modules.items() if name.startswith("expert.")}
+    assert expert and len(expert) < len(modules)
+    for name, module in modules.items():
+        wanted = fp8.EXPERT_ROW_PADDING.get(name.rsplit(".", 1)[1], {}) if name in expert else {}
+        assert module.row_padding == wanted, name
+    assert any(m.row_padding for m in expert.values())
