@@ -112,13 +112,11 @@ def test_fused_geglu_kernel_needs_cuda_and_the_mlp_keeps_its_two_kernel_path_els
     assert not any(layer.mlp.fused_geglu for layer in model.expert.layers)
 
 
-@torch.inference_mode()
-def test_padded_activation_rows_leave_the_denoising_loop_unchanged():
-    """Row padding gives a GEMM zero rows after its activations and drops their outputs: the expert's FP8
-    loop with every GEMM padded gives the unpadded loop's actions, and the GEMMs really read padded rows;
-    row counts the padding does not name are read as they are."""
+def fp8_expert_loop(seed: int):
+    """pi05_tiny's denoising loop over a fixed prefix with every expert GEMM in FP8, calibrated on it:
+    (config, model, run() -> actions, the generator that drew the inputs)."""
     cfg = get_preset("pi05_tiny")
-    model = build_model(cfg, seed=7).set_precision(torch.bfloat16)
+    model = build_model(cfg, seed=seed).set_precision(torch.bfloat16)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     kv, mask = prefix_run(model, cfg, gen)(), torch.ones(1, cfg.prefix_len, dtype=torch.bool)
     times, dt = time_schedule(cfg.default_steps)
@@ -128,6 +126,15 @@ def test_padded_activation_rows_leave_the_denoising_loop_unchanged():
     fp8.quantize_stack(model.expert)
     model.expert.set_quantized(True)
     fp8.calibrate(fp8.fp8_modules(model.expert), run)
+    return cfg, model, run, gen
+
+
+@torch.inference_mode()
+def test_padded_activation_rows_leave_the_denoising_loop_unchanged():
+    """Row padding gives a GEMM zero rows after its activations and drops their outputs: the expert's FP8
+    loop with every GEMM padded gives the unpadded loop's actions, and the GEMMs really read padded rows;
+    row counts the padding does not name are read as they are."""
+    cfg, model, run, gen = fp8_expert_loop(seed=7)
     unpadded = run()
     rows = cfg.suffix_len
     fp8.set_row_padding(model.expert, dict.fromkeys(fp8.FP8_GEMMS, {rows: rows + 7}))
@@ -167,16 +174,7 @@ def test_the_fused_geglu_path_gives_the_down_gemm_its_padded_rows(monkeypatch):
 
     calls = []
     monkeypatch.setattr(layers, "fp8_geglu", geglu_on_the_cpu(calls))
-    cfg = get_preset("pi05_tiny")
-    model = build_model(cfg, seed=11).set_precision(torch.bfloat16)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    kv, mask = prefix_run(model, cfg, gen)(), torch.ones(1, cfg.prefix_len, dtype=torch.bool)
-    times, dt = time_schedule(cfg.default_steps)
-    noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=gen)
-    run = lambda: model.denoise(kv, mask, torch.zeros(1, cfg.action_dim), noise, torch.from_numpy(times), dt)  # noqa: E731
-    fp8.quantize_stack(model.expert)
-    model.expert.set_quantized(True)
-    fp8.calibrate(fp8.fp8_modules(model.expert), run)
+    cfg, model, run, _ = fp8_expert_loop(seed=11)
     for layer in model.expert.layers:
         layer.mlp.fused_geglu = True
     unpadded = run()
