@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from results_doc import run_header
+from stage_experiments import time_graph
 from vla_runtime.graphs.config import PRESETS
 
 ROWS, PADDED = 50, 64
@@ -45,17 +46,7 @@ def graph_us(body, count: int, repeats: int = 50) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         body()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 1e3 * float(np.median(times)) / count
+    return 1e3 * float(np.median(time_graph(graph.replay, stream, repeats=repeats, warmup=5))) / count
 
 
 def shape_row(n: int, k: int, sets: int) -> dict:
