@@ -143,10 +143,25 @@ def runtime_config_from_args(args):
     return RuntimeConfig(**values)
 
 
+def refuse_executor_settings(args) -> None:
+    """infer runs the eager reference: an executor's setting given to it (EXECUTOR_ONLY) would be dropped
+    without a word, so it is refused, named."""
+    from .runtime.settings import EXECUTOR_ONLY, SETTINGS
+
+    defaults = build_parser().parse_args(["infer"])
+    for s in SETTINGS:
+        if s.name in EXECUTOR_ONLY and getattr(args, s.name) != getattr(defaults, s.name):
+            raise ValueError(
+                f"{s.flag}: infer runs the eager reference, which does not read this setting of the "
+                "executor; `profile` and `eval-libero` run the executor"
+            )
+
+
 def cmd_infer(args) -> int:
     from .runtime.reference import EagerPolicy
     from .runtime.synthetic import synthetic_observation
 
+    refuse_executor_settings(args)
     config = runtime_config_from_args(args)
     policy = EagerPolicy(config)
     rng = np.random.default_rng(args.seed)
@@ -181,7 +196,8 @@ def cmd_infer(args) -> int:
         f"range [{a.min():+.4f}, {a.max():+.4f}]"
     )
     print(f"first action: {np.array2string(a[0], precision=4, suppress_small=True)}")
-    print(f"per-stage time (ms, median of {len(timed)} frame(s)):")
+    after_first = " after the first" if len(timed) < len(chunks) else ""
+    print(f"per-stage time (ms, median of {len(timed)} frame(s){after_first}):")
     for stage, value in timings.items():
         print(f"  {stage:9s} {value:9.3f}")
     return 0
@@ -741,8 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
         "infer",
         help="run the policy on synthetic frames and print the action chunk",
         description="Runs the eager reference (runtime/reference.py), the model as written: the executor's "
-        "settings (pipelining, shape profiles, compile cache, device_wait, batching) do not apply here; "
-        "`profile` and `eval-libero` run the executor.",
+        "settings (pipelining, shape profiles, compile scope, device_wait, adaptive steps, ...) are refused "
+        "here; `profile` and `eval-libero` run the executor. Timings are the median of the frames after the "
+        "first (which includes one-time start-up work).",
     )
     add_model_args(infer)
     infer.add_argument(

@@ -286,6 +286,22 @@ SETTINGS: tuple[Setting, ...] = (
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
+# Settings only the executor reads (its streams, graphs, compiled functions, shapes and waits): the eager
+# reference that `vla-runtime infer` runs does not, so infer refuses them instead of dropping them.
+EXECUTOR_ONLY = frozenset(
+    {
+        "precompile",
+        "device_timeout_s",
+        "pipelining",
+        "device_wait",
+        "compile_scope",
+        "shape_profiles",
+        "ahead_shapes",
+        "capture_new_shapes",
+        "adaptive_steps",
+    }
+)
+
 # RuntimeConfig fields that are not settings of their own, and why.
 DERIVED_OR_INTERNAL = {
     "robot_action_dim": "the node: the number of joint_names",

@@ -61,6 +61,9 @@ def test_bad_arguments_exit_2(args, field):
 # Each entry point's refusals (docs/cli.md has the table): exit 2, the option named, no traceback.
 REFUSED = [
     (["infer", "--frames", "0"], "argument --frames: must be at least 1, got 0"),
+    (["infer", "--pipelining", "latency"], "--pipelining: infer runs the eager reference"),
+    (["infer", "--shape-profiles"], "--shape-profiles: infer runs the eager reference"),
+    (["infer", "--device-timeout-s", "5"], "--device-timeout-s: infer runs the eager reference"),
     (["infer", "--frames", "-5"], "argument --frames: must be at least 1"),
     (["infer", "--tokenizer", "{garbage}"], "tokenizer: "),
     (["infer", "--tokenizer", "{empty}"], "tokenizer: "),
