@@ -214,8 +214,10 @@ def node_ros_args(args) -> list[str]:
     argv = ["--ros-args", "--params-file", args.params_file or default_params_file()]
     for name in ("preset", "checkpoint", "device", "precision"):
         value = getattr(args, name)
-        if value is not None:
-            argv += ["-p", f"{name}:={value}"]
+        if (
+            value is not None
+        ):  # in JSON, which rcl reads as YAML: a path "2024", "yes", "[x]" or "a #1" stays one
+            argv += ["-p", f"{name}:={json.dumps(value)}"]
     if args.rate_hz is not None:
         argv += ["-p", f"rate_hz:={float(args.rate_hz)}"]
     return argv
@@ -242,6 +244,11 @@ def cmd_eval_libero(args) -> int:
 
     config = runtime_config_from_args(args)
     out = output_dir(args.out, "--out")
+    check_replanning(args, config)
+    if args.record:  # before a server starts or an earlier report is removed
+        from .runtime.recording import refuse_existing_recording
+
+        refuse_existing_recording(args.record)
     if args.servers > 1 and args.ray is None:
         raise ValueError("--servers: several policy servers run as Ray actors; add --ray")
     if args.workers > 1 or args.ray is not None:
@@ -476,6 +483,23 @@ def run_libero(args, config, endpoint: str, tasks, out, server=None) -> tuple[li
         return episodes, identity, seconds
     finally:
         client.close()
+
+
+def check_replanning(args, config) -> None:
+    """Replanning and an injected delay within what a chunk offers: past it, an episode runs what the chunk
+    has and the report would claim the setting."""
+    offered = config.model.chunk_length
+    if args.replan_steps > offered:
+        raise ValueError(
+            f"--replan-steps: {args.replan_steps}, but a chunk of {config.model_name} offers {offered} "
+            "actions"
+        )
+    left = offered - args.replan_steps
+    if args.delay_steps > left:
+        raise ValueError(
+            f"--delay-steps: {args.delay_steps}, but {left} actions of a chunk are left when the next is "
+            f"asked for (a chunk offers {offered}, replanned every {args.replan_steps})"
+        )
 
 
 def clear_earlier_report(out: Path) -> None:

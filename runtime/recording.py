@@ -55,6 +55,13 @@ def _stamp(seconds: float) -> dict:
     return {"sec": sec, "nanosec": int(round((seconds - sec) * 1e9)) % 1_000_000_000}
 
 
+def refuse_existing_recording(path: str | Path) -> None:
+    """A recording is never overwritten (as `ros2 bag record` refuses an existing output): a command
+    checks this before it starts anything."""
+    if Path(path).exists():
+        raise ValueError(f"record: {path} exists; give a path that does not")
+
+
 class ObservationRecorder:
     """Appends Observations to an MCAP file as the node's input messages. Use as a context manager."""
 
@@ -70,8 +77,9 @@ class ObservationRecorder:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # "x": a recording is never overwritten (as `ros2 bag record` refuses an existing output)
             self._file = open(self.path, "xb")  # noqa: SIM115 - closed by close()
-        except FileExistsError:
-            raise ValueError(f"record: {self.path} exists; give a path that does not") from None
+        except FileExistsError:  # made between the command's check and here
+            refuse_existing_recording(self.path)
+            raise
         except OSError as err:
             raise ValueError(f"record: cannot write {self.path}: {err.strerror}") from None
         self._writer = Writer(self._file)

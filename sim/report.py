@@ -241,8 +241,8 @@ def write_report(out_dir: Path, episodes: list[EpisodeResult], meta: dict) -> di
             if meta.get("random_weights")
             else ""
         ),
-        f"- path: {meta.get('path')}, device: {meta.get('device')}, denoising steps: {meta.get('denoising_steps')}, "
-        f"replan every {meta.get('replan_steps')} actions",
+        f"- path: {meta.get('path')}, device: {meta.get('device')}, "
+        f"denoising steps: {meta.get('denoising_steps')}, replan every {meta.get('replan_steps')} actions",
         f"- success (LIBERO's own check): {summary['successes']}/{summary['episodes']} "
         f"({100 * summary['success_rate']:.0f}%)",
         *[f"- {line}" for line in headline(summary, meta.get("path", ""))],

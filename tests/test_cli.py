@@ -79,6 +79,11 @@ REFUSED = [
     (["eval-libero", "--trials", "0"], "argument --trials: must be at least 1"),
     (["eval-libero", "--max-steps", "0"], "argument --max-steps: must be at least 1"),
     (["eval-libero", "--replan-steps", "0"], "argument --replan-steps: must be at least 1"),
+    (
+        ["eval-libero", "--replan-steps", "11"],
+        "--replan-steps: 11, but a chunk of pi05_tiny offers 10 actions",
+    ),
+    (["eval-libero", "--delay-steps", "6"], "--delay-steps: 6, but 5 actions of a chunk are left when the"),
     (["eval-libero", "--tasks", "abc"], "argument --tasks: 'abc' is not a comma-separated list"),
     (["eval-libero", "--suite", "libero_nope"], "argument --suite: invalid choice: 'libero_nope'"),
     (["eval-libero", "--endpoint", "notaurl"], "argument --endpoint: 'notaurl' is not a ZeroMQ endpoint"),
@@ -106,6 +111,36 @@ def test_bad_input_exits_2_naming_the_option(tmp_path, args, message):
     message = message.format(folder=tmp_path)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_a_recording_that_exists_is_refused_before_anything_and_the_last_report_stays(tmp_path):
+    """eval-libero --record to an existing file: refused before the sim server starts, so the earlier
+    run's report in --out is not removed (it was, by a run refused only once its recorder opened)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.md").write_text("the last run's")
+    existing = tmp_path / "obs.mcap"
+    existing.write_bytes(b"an earlier recording")
+    done = run("eval-libero", "--out", str(out), "--record", str(existing))
+    assert done.returncode == 2 and f"record: {existing} exists" in done.stderr, done.stderr[-2000:]
+    assert (out / "report.md").read_text() == "the last run's" and not (out / "sim_server.log").exists()
+
+
+def test_node_shortcuts_reach_ros_as_the_strings_given():
+    """`vla-runtime node/fleet --checkpoint/--device ...` become `-p name:=value`, which rcl reads as YAML:
+    each value in JSON, so a path like 2024, yes, [x] or 'ck #1' stays that string."""
+    import argparse
+
+    import yaml
+    from vla_runtime.cli import node_ros_args
+
+    for text in ("2024", "yes", "[x]", "ck #1", "/data/pi05"):
+        args = argparse.Namespace(
+            params_file=None, preset=None, checkpoint=text, device="cpu", precision=None, rate_hz=None
+        )
+        argv = node_ros_args(args)
+        values = dict(a.split(":=", 1) for a in argv if ":=" in a)
+        assert yaml.safe_load(values["checkpoint"]) == text and yaml.safe_load(values["device"]) == "cpu"
 
 
 def test_the_same_seed_repeats_the_actions():
