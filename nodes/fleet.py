@@ -28,6 +28,7 @@ from ..runtime.executor import PipelinedExecutor
 from ..runtime.handover import PreviousChunk
 from ..runtime.server import PolicyServer
 from ..runtime.settings import SETTINGS, setting_values
+from .params import command_line_parameters
 from .policy_node import EXIT_BAD_PARAMETERS, PolicyNode, StartupError
 
 
@@ -213,8 +214,9 @@ def main(namespaces: list[str], ros_args: list[str], executor_factory=PipelinedE
         print(f"fleet: --namespaces: at most 8 robots per server, got {len(namespaces)}", file=sys.stderr)
         return EXIT_BAD_PARAMETERS
     try:
+        command_line_parameters(ros_args)
         rclpy.init(args=["vla-runtime-fleet", *ros_args])
-    except Exception as err:  # noqa: BLE001 - rcl's own errors (a missing params file) as one clear line
+    except Exception as err:  # noqa: BLE001 - ours, and rcl's own errors (a missing params file), as one line
         print(f"fleet: {err}", file=sys.stderr)
         return EXIT_BAD_PARAMETERS
     shared = SharedServer(len(namespaces), executor_factory)

@@ -7,6 +7,7 @@ is refused with the reason while the node keeps running.
 
 from __future__ import annotations
 
+import difflib
 import json
 import textwrap
 from dataclasses import dataclass
@@ -195,21 +196,52 @@ def launch_overrides(given: dict[str, str]) -> dict[str, Any]:
             continue
         param = BY_NAME[name]
         value = yaml.safe_load(text) if not isinstance(param.default, str) else text
-        if isinstance(param.default, float) and not isinstance(value, bool):
-            try:  # as rcl reads `-p x:=5e-2` (YAML 1.1 reads it as text) and `-p x:=1` (an int)
-                value = float(text)
-            except ValueError:
-                pass
-        if value == [] and isinstance(param.default, list):
-            raise ValueError(f"{name}:=[]: ROS 2 cannot type an empty list; give [''] for none")
-        expected = type(param.default)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"{name}:={text}: expected {expected.__name__}")
-        reason = param.check(value)
-        if reason:
-            raise ValueError(f"{name}:={text}: {reason}")
-        overrides[name] = value
+        overrides[name] = typed_value(param, text, value)
     return overrides
+
+
+def typed_value(param: Param, text: str, value: Any) -> Any:
+    """`value` (read from `text`) as the parameter's type, checked; ValueError naming the parameter."""
+    if isinstance(param.default, float) and not isinstance(value, bool):
+        try:  # as rcl reads `-p x:=5e-2` (YAML 1.1 reads it as text) and `-p x:=1` (an int)
+            value = float(text)
+        except ValueError:
+            pass
+    if value == [] and isinstance(param.default, list):
+        raise ValueError(f"{param.name}:=[]: ROS 2 cannot type an empty list; give [''] for none")
+    expected = type(param.default)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        hint = " (quote it: a string that YAML reads as another type)" if expected is str else ""
+        raise ValueError(f"{param.name}:={text}: expected {expected.__name__}{hint}")
+    reason = param.check(value)
+    if reason:
+        raise ValueError(f"{param.name}:={text}: {reason}")
+    return value
+
+
+# Parameters that rcl and rclpy declare on every node (or families of them), which a `-p` may set too.
+ROS_OWN_PARAMETERS = ("qos_overrides.", "start_type_description_service")
+
+
+def command_line_parameters(ros_args: list[str]) -> dict[str, Any]:
+    """The `-p [node:]name:=value` sets among ROS arguments, typed and checked as the node checks a set,
+    before rcl reads them: rcl drops, without a word, a set whose type differs from the parameters file's
+    value and a set of a parameter the node does not declare (a misspelt name)."""
+    found = {}
+    for flag, item in zip(ros_args, ros_args[1:], strict=False):
+        name, given, text = item.partition(":=")
+        if flag not in ("-p", "--param") or not given:
+            continue  # not a parameter set, or one rcl refuses itself
+        name = name.rsplit(":", 1)[-1]  # `node_name:parameter` sets one node's
+        if name.startswith(ROS_OWN_PARAMETERS):
+            continue
+        param = BY_NAME.get(name)
+        if param is None:
+            close = difflib.get_close_matches(name, BY_NAME, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{item}: the policy node has no parameter {name!r}{hint}")
+        found[name] = typed_value(param, text, yaml.safe_load(text))
+    return found
 
 
 def command_line_overrides(given: dict[str, str]) -> list[str]:

@@ -64,7 +64,7 @@ from .conversions import (
     state_from_joint_state,
     state_vector,
 )
-from .params import BY_NAME, PARAMS, runtime_config_from_params
+from .params import BY_NAME, PARAMS, command_line_parameters, runtime_config_from_params
 
 LOG_THROTTLE_S = 2.0
 CLOCK_JUMP_S = 0.001  # the clock going back by more than this resets the serving state
@@ -778,8 +778,9 @@ def main(args: list[str] | None = None, policy_factory=PipelinedExecutor) -> int
     """`ros2 run vla_runtime policy_node` / `vla-runtime node`: exit 0 on Ctrl-C or a shutdown transition,
     1 when autostart's configure fails, 2 for bad start-up parameters or arguments."""
     try:
+        command_line_parameters(sys.argv if args is None else args)
         rclpy.init(args=args)
-    except Exception as err:  # noqa: BLE001 - rcl's own errors (a missing params file) as one clear line
+    except Exception as err:  # noqa: BLE001 - ours, and rcl's own errors (a missing params file), as one line
         print(f"policy_node: {err}", file=sys.stderr)
         return EXIT_BAD_PARAMETERS
     node = None

@@ -60,3 +60,35 @@ def test_policy_yaml_is_generated_from_the_declaration():
     assert POLICY_YAML.read_text() == policy_yaml(), (
         "launch/config/policy.yaml is stale: python -m vla_runtime.nodes.params > launch/config/policy.yaml"
     )
+
+
+def test_command_line_parameter_sets_are_typed_and_checked_before_rcl_reads_them():
+    """`--ros-args -p name:=value` as rcl reads it (YAML): a set whose type differs from the file's, or of a
+    parameter the node does not declare, would be dropped by rcl without a word; here it is refused,
+    named, and the node's own checks apply. Sets rcl declares itself pass; a node-prefixed set counts."""
+    from vla_runtime.nodes.params import command_line_parameters
+
+    assert command_line_parameters(
+        [
+            "--ros-args",
+            "-p",
+            "deadline_s:=5e-2",
+            "-p",
+            "policy_node:steps:=3",
+            "--param",
+            'checkpoint:="2024"',
+        ]
+    ) == {"deadline_s": 0.05, "steps": 3, "checkpoint": "2024"}
+    assert command_line_parameters(["--ros-args", "-p", "qos_overrides./x.publisher.depth:=3"]) == {}
+    assert command_line_parameters(["--ros-args", "-r", "a:=b", "--params-file", "x.yaml"]) == {}
+    for item, message in (
+        ("steps:=abc", "steps:=abc: expected int"),
+        ("steps:=3.5", "steps:=3.5: expected int"),
+        ("stepz:=3", "the policy node has no parameter 'stepz' (did you mean steps?)"),
+        ("checkpoint:=2024", "checkpoint:=2024: expected str (quote it"),
+        ("autostart:=0", "autostart:=0: expected bool"),
+        ("handover:=bogus", "handover:=bogus: must be one of"),
+        ("joint_names:=[]", "joint_names:=[]: ROS 2 cannot type an empty list"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            command_line_parameters(["--ros-args", "-p", item])
