@@ -180,16 +180,27 @@ def plan_fleet(robots: str, gpus: str) -> list[tuple[str, list[str]]]:
     indices = [g.strip() for g in gpus.split(",") if g.strip()]
     if not all(g.isdigit() for g in indices):
         raise ValueError(f"gpus: GPU indices separated by commas, got {gpus!r}")
-    devices = [f"cuda:{g}" for g in indices]
+    devices = [f"cuda:{int(g)}" for g in indices]
     if not devices:
         raise ValueError(f"gpus: at least one GPU index, got {gpus!r}")
+    if len(set(devices)) < len(devices):  # two servers on one GPU would each hold the weights, unbatched
+        repeated = sorted({d for d in devices if devices.count(d) > 1})
+        raise ValueError(f"gpus: {', '.join(repeated)} given more than once ({gpus!r})")
     groups = [[ns.strip() for ns in group.split(",") if ns.strip()] for group in robots.split(";")]
     every = robot_namespaces([ns for group in groups for ns in group], "robots")
     groups = [robot_namespaces(group, "robots") if group else [] for group in groups]
     if len(groups) == 1:
+        if len(every) < len(devices):
+            raise ValueError(
+                f"robots: {len(every)} robots for {len(devices)} GPUs: a GPU would serve none "
+                f"({robots!r}, gpus {gpus!r})"
+            )
         groups = [every[i :: len(devices)] for i in range(len(devices))]
     if len(groups) != len(devices) or not all(groups):
-        raise ValueError(f"robots: {len(groups)} groups for {len(devices)} GPUs ({robots!r}, gpus {gpus!r})")
+        raise ValueError(
+            f"robots: {len(groups)} groups for {len(devices)} GPUs, each GPU one non-empty group "
+            f"({robots!r}, gpus {gpus!r})"
+        )
     if max(len(g) for g in groups) > 8:
         raise ValueError("robots: at most 8 robots per GPU's server")
     return list(zip(devices, groups, strict=True))

@@ -195,9 +195,18 @@ def launch_overrides(given: dict[str, str]) -> dict[str, Any]:
         if text == "":
             continue
         param = BY_NAME[name]
-        value = yaml.safe_load(text) if not isinstance(param.default, str) else text
+        value = read_yaml(param, text) if not isinstance(param.default, str) else text
         overrides[name] = typed_value(param, text, value)
     return overrides
+
+
+def read_yaml(param: Param, text: str) -> Any:
+    """A value as rcl reads it (YAML); ValueError naming the parameter when it is not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"{param.name}:={text}: not a YAML value ({problem})") from None
 
 
 def typed_value(param: Param, text: str, value: Any) -> Any:
@@ -240,7 +249,7 @@ def command_line_parameters(ros_args: list[str]) -> dict[str, Any]:
             close = difflib.get_close_matches(name, BY_NAME, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"{item}: the policy node has no parameter {name!r}{hint}")
-        found[name] = typed_value(param, text, yaml.safe_load(text))
+        found[name] = typed_value(param, text, read_yaml(param, text))
     return found
 
 

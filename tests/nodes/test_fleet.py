@@ -71,6 +71,9 @@ def test_robots_are_planned_onto_gpus():
         ("/a", "", "gpus: at least one"),
         ("/a", "zero", "gpus: GPU indices"),
         (",".join(f"/r{i}" for i in range(9)), "0", "at most 8 robots per GPU"),
+        ("/a,/b", "0,0", "gpus: cuda:0 given more than once"),
+        ("/a,/b", "0,00", "gpus: cuda:0 given more than once"),
+        ("/a", "0,1", "robots: 1 robots for 2 GPUs: a GPU would serve none"),
     ):
         with pytest.raises(ValueError, match=message):
             plan_fleet(robots, gpus)

@@ -89,6 +89,12 @@ def test_command_line_parameter_sets_are_typed_and_checked_before_rcl_reads_them
         ("autostart:=0", "autostart:=0: expected bool"),
         ("handover:=bogus", "handover:=bogus: must be one of"),
         ("joint_names:=[]", "joint_names:=[]: ROS 2 cannot type an empty list"),
+        ("joint_names:=[a, b", "joint_names:=[a, b: not a YAML value"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             command_line_parameters(["--ros-args", "-p", item])
+
+
+def test_a_launch_argument_that_is_not_yaml_is_named():
+    with pytest.raises(ValueError, match=re.escape("joint_names:=[a, b: not a YAML value")):
+        launch_overrides({"joint_names": "[a, b"})
