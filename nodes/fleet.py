@@ -207,8 +207,8 @@ def plan_fleet(robots: str, gpus: str) -> list[tuple[str, list[str]]]:
 
 
 def main(namespaces: list[str], ros_args: list[str], executor_factory=PipelinedExecutor) -> int:
-    """Exit 0 on Ctrl-C or when a node's shutdown transition ends it, 1 when a node's autostart fails, 2
-    for bad parameters."""
+    """Exit 0 on Ctrl-C or when a node's shutdown transition ends it, 2 for bad parameters (also when a
+    node's autostart refuses one), 1 when a node's autostart fails otherwise."""
     try:
         namespaces = robot_namespaces(namespaces, "--namespaces")
     except ValueError as err:

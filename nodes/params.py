@@ -236,7 +236,7 @@ def command_line_parameters(ros_args: list[str]) -> dict[str, Any]:
     """The `-p [node:]name:=value` sets among ROS arguments, typed and checked as the node checks a set,
     before rcl reads them: rcl drops, without a word, a set whose type differs from the parameters file's
     value and a set of a parameter the node does not declare (a misspelt name)."""
-    found = {}
+    found, problems = {}, []
     for flag, item in zip(ros_args, ros_args[1:], strict=False):
         name, given, text = item.partition(":=")
         if flag not in ("-p", "--param") or not given:
@@ -248,8 +248,14 @@ def command_line_parameters(ros_args: list[str]) -> dict[str, Any]:
         if param is None:
             close = difflib.get_close_matches(name, BY_NAME, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"{item}: the policy node has no parameter {name!r}{hint}")
-        found[name] = typed_value(param, text, read_yaml(param, text))
+            problems.append(f"{item}: the policy node has no parameter {name!r}{hint}")
+            continue
+        try:
+            found[name] = typed_value(param, text, read_yaml(param, text))
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:  # every bad one named at once
+        raise ValueError("bad parameters: " + "; ".join(problems))
     return found
 
 

@@ -71,6 +71,13 @@ CLOCK_JUMP_S = 0.001  # the clock going back by more than this resets the servin
 EXIT_BAD_PARAMETERS = 2
 EXIT_CONFIGURE_FAILED = 1
 
+
+def exit_code_of(err: BaseException) -> int:
+    """Autostart's exit code for a failed start: 2 for the user's mistake (a ValueError names the parameter,
+    the checkpoint or the camera), 1 for anything else (the device, memory)."""
+    return EXIT_BAD_PARAMETERS if isinstance(err, ValueError) else EXIT_CONFIGURE_FAILED
+
+
 # Input problems, each counted and logged (throttled) under its own name.
 REFUSAL_CAUSES = ("bad_inputs", "future_stamps", "refused")
 
@@ -128,6 +135,7 @@ class PolicyNode(LifecycleNode):
         super().__init__(node_name, **kwargs)
         self._record_tag = record_tag
         self._exit_if_load_fails = False  # autostart's load only: a later configure's failure keeps the node
+        self._configure_error: BaseException | None = None  # the last configure's, for autostart's exit code
         refuse_unavailable_transitions(self)
         self._policy_factory = policy_factory
         self._declare_parameters()
@@ -244,6 +252,7 @@ class PolicyNode(LifecycleNode):
         try:
             config = self._configure()
         except Exception as err:  # noqa: BLE001 - a failed configure is reported and leaves the node unconfigured
+            self._configure_error = err
             self.get_logger().error(f"configure failed: {err}")
             self._release()
             self.phase = f"failed: {err}"
@@ -262,7 +271,7 @@ class PolicyNode(LifecycleNode):
             self.phase = f"failed: {err}"
             self.get_logger().error(f"loading failed: {err}")
             if self._exit_if_load_fails and not self.finished.done():
-                self.finished.set_result(EXIT_CONFIGURE_FAILED)
+                self.finished.set_result(exit_code_of(err))
             return
         finally:
             self._exit_if_load_fails = False
@@ -453,9 +462,10 @@ class PolicyNode(LifecycleNode):
         def start():
             timer.cancel()
             self._exit_if_load_fails = True
+            self._configure_error = None
             if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 self.get_logger().fatal(f"autostart: {self.phase}; exiting")
-                self.finished.set_result(EXIT_CONFIGURE_FAILED)
+                self.finished.set_result(exit_code_of(self._configure_error or RuntimeError()))
                 return
             self.trigger_activate()
 
@@ -776,7 +786,8 @@ class PolicyNode(LifecycleNode):
 
 def main(args: list[str] | None = None, policy_factory=PipelinedExecutor) -> int:
     """`ros2 run vla_runtime policy_node` / `vla-runtime node`: exit 0 on Ctrl-C or a shutdown transition,
-    1 when autostart's configure fails, 2 for bad start-up parameters or arguments."""
+    2 for bad start-up parameters or arguments (also when autostart's configure or load refuses one), 1
+    when autostart's start fails otherwise (the device, memory)."""
     try:
         command_line_parameters(sys.argv if args is None else args)
         rclpy.init(args=args)

@@ -376,7 +376,7 @@ def test_autostart_with_a_failing_configure_exits_with_the_reason(tmp_path):
         "cameras:=['base_0_rgb','left_wrist_0_rgb','top_cam']",
         namespace="/unknown_camera",
     )
-    assert proc.proc.wait(120) == 1
+    assert proc.proc.wait(120) == 2  # a camera refused: the user's mistake
     assert "cameras: ['top_cam'] are not cameras of pi05_tiny" in proc.text()
     proc.stop()
 
@@ -385,7 +385,7 @@ def test_bad_start_up_parameters_exit_2_without_a_traceback():
     for args, expected in (
         (
             ["-p", "steps:=50", "-p", "precision:=fp4"],
-            ["steps: Parameter steps out of range", "precision: 'fp4'"],
+            ["bad parameters: steps:=50: must be in [1, 10]", "precision:=fp4: must be one of"],
         ),
         (["--params-file", "/nonexistent/policy.yaml"], ["Couldn't parse params file"]),
     ):
@@ -517,11 +517,14 @@ def test_a_failed_load_ends_the_process_only_for_autostarts_own_load():
     configure (a new checkpoint that does not load, say) fails that configure and leaves the node up (in
     a fleet it ended every robot's serving)."""
     import rclpy
-    from vla_runtime.nodes.policy_node import EXIT_CONFIGURE_FAILED, PolicyNode
+    from vla_runtime.nodes.policy_node import EXIT_BAD_PARAMETERS, EXIT_CONFIGURE_FAILED, PolicyNode
     from vla_runtime.runtime.config import RuntimeConfig
 
     def refused(config):
         raise ValueError("checkpoint: no model.safetensors")
+
+    def out_of_memory(config):
+        raise RuntimeError("CUDA out of memory")
 
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -532,7 +535,12 @@ def test_a_failed_load_ends_the_process_only_for_autostarts_own_load():
         assert not node.finished.done() and node.phase.startswith("failed: checkpoint")
         node._exit_if_load_fails = True  # as autostart sets it before its configure
         node._load(config)
-        assert node.finished.result() == EXIT_CONFIGURE_FAILED
+        assert node.finished.result() == EXIT_BAD_PARAMETERS  # the user's mistake: exit 2
         node.destroy_node()
+        broken = PolicyNode(policy_factory=out_of_memory, context=context)
+        broken._exit_if_load_fails = True
+        broken._load(config)
+        assert broken.finished.result() == EXIT_CONFIGURE_FAILED  # not a mistake of the user's: exit 1
+        broken.destroy_node()
     finally:
         rclpy.shutdown(context=context)
