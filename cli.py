@@ -333,7 +333,9 @@ def cmd_eval_libero_ray(args, config, out) -> int:
     """`--workers N --ray ADDRESS`: the simulators and `--servers` policy servers as Ray actors, on one
     machine or a cluster (sim/distributed.py); the same episodes and report as `--workers` alone."""
     from .runtime.buffers import largest_batch
+    from .sim.evaluate import check_servers
 
+    check_servers(args.workers, args.servers)  # before Ray starts
     per_server = -(-args.workers // args.servers)
     if args.ray == "local":  # a cluster spreads them over its nodes; a local instance has this machine
         check_workers_fit_here(args.workers)

@@ -29,7 +29,7 @@ from ..runtime.handover import PreviousChunk
 from ..runtime.types import ActionChunk, Observation
 from . import protocol
 from .episode import InProcessLink, run_episode
-from .evaluate import check_tasks_and_trials, deal_episodes
+from .evaluate import check_servers, check_tasks_and_trials, deal_episodes
 from .launcher import ENV_VAR, ActorFailed, libero_python
 from .report import EpisodeResult
 
@@ -204,8 +204,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def check_resources(workers: int, servers: int, gpus_each: int) -> None:
     """What the cluster cannot give is named now: Ray would leave such an actor pending for ever."""
-    if servers > workers:
-        raise ValueError(f"--servers: {servers} policy servers for {workers} workers; at most one per worker")
+    check_servers(workers, servers)
     have = ray.cluster_resources()
     if servers * gpus_each > have.get("GPU", 0):
         raise ValueError(

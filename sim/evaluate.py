@@ -70,6 +70,12 @@ def evaluate(
     return episodes, time.monotonic() - start
 
 
+def check_servers(workers: int, servers: int) -> None:
+    """At most one policy server per simulator worker (a server without a worker would serve nobody)."""
+    if servers > workers:
+        raise ValueError(f"--servers: {servers} policy servers for {workers} workers; at most one per worker")
+
+
 def check_tasks_and_trials(known_tasks: list[dict], suite: str, tasks: list[int] | None, trials: int | None):
     """The tasks exist in the suite (`known_tasks`: the sim server's list) and each has an init state per
     trial; ValueError names --tasks or --trials."""
