@@ -29,7 +29,7 @@ from ..runtime.handover import PreviousChunk
 from ..runtime.server import PolicyServer
 from ..runtime.settings import SETTINGS, setting_values
 from .params import command_line_parameters
-from .policy_node import EXIT_BAD_PARAMETERS, PolicyNode, StartupError
+from .policy_node import EXIT_BAD_PARAMETERS, PolicyNode, StartupError, start_up_error
 
 
 class SharedServer:
@@ -228,7 +228,7 @@ def main(namespaces: list[str], ros_args: list[str], executor_factory=PipelinedE
         command_line_parameters(ros_args)
         rclpy.init(args=["vla-runtime-fleet", *ros_args])
     except Exception as err:  # noqa: BLE001 - ours, and rcl's own errors (a missing params file), as one line
-        print(f"fleet: {err}", file=sys.stderr)
+        print(f"fleet: {start_up_error(err)}", file=sys.stderr)
         return EXIT_BAD_PARAMETERS
     shared = SharedServer(len(namespaces), executor_factory)
     nodes: list[PolicyNode] = []

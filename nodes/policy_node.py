@@ -72,6 +72,13 @@ EXIT_BAD_PARAMETERS = 2
 EXIT_CONFIGURE_FAILED = 1
 
 
+def start_up_error(err: BaseException) -> str:
+    """A start-up refusal as one line; rclpy's unknown-arguments error says only the list."""
+    if type(err).__name__ == "UnknownROSArgsError":
+        return f"unknown ROS arguments after --ros-args: {err}"
+    return str(err)
+
+
 def exit_code_of(err: BaseException) -> int:
     """Autostart's exit code for a failed start: 2 for the user's mistake (a ValueError names the parameter,
     the checkpoint or the camera), 1 for anything else (the device, memory)."""
@@ -792,7 +799,7 @@ def main(args: list[str] | None = None, policy_factory=PipelinedExecutor) -> int
         command_line_parameters(sys.argv if args is None else args)
         rclpy.init(args=args)
     except Exception as err:  # noqa: BLE001 - ours, and rcl's own errors (a missing params file), as one line
-        print(f"policy_node: {err}", file=sys.stderr)
+        print(f"policy_node: {start_up_error(err)}", file=sys.stderr)
         return EXIT_BAD_PARAMETERS
     node = None
     try:

@@ -99,6 +99,10 @@ REFUSED = [
     (["node", "--rate-hz", "0"], "argument --rate-hz: must be > 0"),
     # rcl would drop these sets without a word (a type other than the file's; a name the node lacks)
     (["node", "--ros-args", "-p", "stepz:=3"], "no parameter 'stepz' (did you mean steps?)"),
+    (
+        ["fleet", "--namespaces", "/a", "--ros-args", "--bogus"],
+        "unknown ROS arguments after --ros-args: ['--bogus']",
+    ),
     (["fleet", "--namespaces", "/a,/b", "--ros-args", "-p", "steps:=abc"], "steps:=abc: expected int"),
     (["demo", "--device", "cuda"], "device: cuda requested but CUDA is not available"),  # before any server
     (["calibrate", "--observations", "x.mcap", "--out", "{folder}"], "--out: {folder} is not a regular file"),
