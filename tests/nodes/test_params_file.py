@@ -80,6 +80,9 @@ def test_command_line_parameter_sets_are_typed_and_checked_before_rcl_reads_them
         ]
     ) == {"deadline_s": 0.05, "steps": 3, "checkpoint": "2024"}
     assert command_line_parameters(["--ros-args", "-p", "qos_overrides./x.publisher.depth:=3"]) == {}
+    assert command_line_parameters(["--ros-args", "-p", "optional_cameras:=['']"]) == {
+        "optional_cameras": [""]
+    }
     assert command_line_parameters(["--ros-args", "-r", "a:=b", "--params-file", "x.yaml"]) == {}
     for item, message in (
         ("steps:=abc", "steps:=abc: expected int"),
