@@ -488,19 +488,23 @@ def run_libero(args, config, endpoint: str, tasks, out, server=None) -> tuple[li
 
 
 def check_replanning(args, config) -> None:
-    """Replanning and an injected delay within what a chunk offers: past it, an episode runs what the chunk
-    has and the report would claim the setting."""
+    """In lockstep, replanning and an injected delay within what a chunk offers: past it, an episode runs
+    what the chunk has and the report would claim the setting. (The wall clock replans as chunks come.)"""
+    if args.mode != "lockstep":
+        return
     offered = config.model.chunk_length
     if args.replan_steps > offered:
         raise ValueError(
             f"--replan-steps: {args.replan_steps}, but a chunk of {config.model_name} offers {offered} "
             "actions"
         )
-    left = offered - args.replan_steps
-    if args.delay_steps > left:
+    # a chunk is taken up from action `delay` on (the robot went on with the previous one meanwhile), is
+    # replanned `replan` actions later, and must then hold the next delay's `delay` actions
+    if args.replan_steps + 2 * args.delay_steps > offered:
         raise ValueError(
-            f"--delay-steps: {args.delay_steps}, but {left} actions of a chunk are left when the next is "
-            f"asked for (a chunk offers {offered}, replanned every {args.replan_steps})"
+            f"--delay-steps: {args.delay_steps}, but a chunk of {offered} actions taken up from action "
+            f"{args.delay_steps} and replanned every {args.replan_steps} holds "
+            f"{max(offered - args.delay_steps - args.replan_steps, 0)} for the next delay"
         )
 
 
@@ -536,6 +540,11 @@ def check_sim_request(
     check_tasks_and_trials(known_tasks, suite, tasks, trials)
 
 
+def demo_chunk_length(args) -> int:
+    """The actions a chunk of the demo's model offers (a checkpoint's or --n-action-steps' may be few)."""
+    return runtime_config_from_args(args).model.chunk_length
+
+
 def cmd_demo(args) -> int:
     """One libero_spatial episode through the ROS path (policy node + sim bridge, lockstep on sim time),
     then the same episode in-process; the two reports side by side, by the same definitions."""
@@ -544,7 +553,9 @@ def cmd_demo(args) -> int:
         suite="libero_spatial",
         tasks=[0],
         trials=1,
-        replan_steps=5,
+        replan_steps=min(
+            5, demo_chunk_length(args)
+        ),  # eval-libero's default, or the whole of a shorter chunk
         delay_steps=0,
         workers=1,
         ray=None,
@@ -784,8 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the policy on synthetic frames and print the action chunk",
         description="Runs the eager reference (runtime/reference.py), the model as written: the executor's "
         "settings (pipelining, shape profiles, compile scope, device_wait, adaptive steps, ...) are refused "
-        "here; `profile` and `eval-libero` run the executor. Timings are the median of the frames after the "
-        "first (which includes one-time start-up work).",
+        "here; `profile` and `eval-libero` run the executor. The hand-over settings act only with a previous "
+        "chunk, which infer does not give. Timings are the median of the frames after the first (which "
+        "includes one-time start-up work).",
     )
     add_model_args(infer)
     infer.add_argument(

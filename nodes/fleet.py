@@ -225,7 +225,7 @@ def main(namespaces: list[str], ros_args: list[str], executor_factory=PipelinedE
         print(f"fleet: --namespaces: at most 8 robots per server, got {len(namespaces)}", file=sys.stderr)
         return EXIT_BAD_PARAMETERS
     try:
-        command_line_parameters(ros_args)
+        command_line_parameters(ros_args, warn=lambda w: print(f"fleet: {w}", file=sys.stderr))
         rclpy.init(args=["vla-runtime-fleet", *ros_args])
     except Exception as err:  # noqa: BLE001 - ours, and rcl's own errors (a missing params file), as one line
         print(f"fleet: {start_up_error(err)}", file=sys.stderr)

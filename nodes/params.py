@@ -196,6 +196,11 @@ def launch_overrides(given: dict[str, str]) -> dict[str, Any]:
             continue
         param = BY_NAME[name]
         value = read_yaml(param, text) if not isinstance(param.default, str) else text
+        if isinstance(param.default, float) and not isinstance(value, bool):
+            try:  # passed on in JSON as a float: `5e-2` (YAML 1.1 reads it as text) and `1` (an int)
+                value = float(text)
+            except ValueError:
+                pass
         overrides[name] = typed_value(param, text, value)
     return overrides
 
@@ -211,17 +216,12 @@ def read_yaml(param: Param, text: str) -> Any:
 
 def typed_value(param: Param, text: str, value: Any) -> Any:
     """`value` (read from `text`) as the parameter's type, checked; ValueError naming the parameter."""
-    if isinstance(param.default, float) and not isinstance(value, bool):
-        try:  # as rcl reads `-p x:=5e-2` (YAML 1.1 reads it as text) and `-p x:=1` (an int)
-            value = float(text)
-        except ValueError:
-            pass
     if value == [] and isinstance(param.default, list):
         raise ValueError(f"{param.name}:=[]: ROS 2 cannot type an empty list; give [''] for none")
     expected = type(param.default)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        hint = " (quote it: a string that YAML reads as another type)" if expected is str else ""
-        raise ValueError(f"{param.name}:={text}: expected {expected.__name__}{hint}")
+        hints = {str: " (quote it: a string that reads as another type)", float: " (write it with a point)"}
+        raise ValueError(f"{param.name}:={text}: expected {expected.__name__}{hints.get(expected, '')}")
     reason = param.check(value)
     if reason:
         raise ValueError(f"{param.name}:={text}: {reason}")
@@ -230,12 +230,50 @@ def typed_value(param: Param, text: str, value: Any) -> Any:
 
 # Parameters that rcl and rclpy declare on every node (or families of them), which a `-p` may set too.
 ROS_OWN_PARAMETERS = ("qos_overrides.", "start_type_description_service")
+# rcl's words for a boolean (rcl_yaml_param_parser); any other unquoted scalar is an integer (strtol, base
+# 0), else a double (strtod), else a string: not YAML 1.1's rules (2024-06-01, ~, null, 1_000 are text).
+RCL_TRUE = {"Y", "y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"}
+RCL_FALSE = {"N", "n", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"}
 
 
-def command_line_parameters(ros_args: list[str]) -> dict[str, Any]:
-    """The `-p [node:]name:=value` sets among ROS arguments, typed and checked as the node checks a set,
-    before rcl reads them: rcl drops, without a word, a set whose type differs from the parameters file's
-    value and a set of a parameter the node does not declare (a misspelt name)."""
+def rcl_scalar(text: str) -> Any:
+    if text in RCL_TRUE or text in RCL_FALSE:
+        return text in RCL_TRUE
+    if "_" not in text:  # Python's numbers take underscores, C's do not
+        for parse in (lambda t: int(t, 0), float):
+            try:
+                return parse(text)
+            except ValueError:
+                pass
+    return text
+
+
+def rcl_value(param: Param, text: str) -> Any:
+    """A `-p` value as rcl types it: a quoted scalar is a string, a plain one by `rcl_scalar`, a flow
+    sequence of scalars a list. ValueError naming the parameter where rcl could not read it."""
+    try:
+        node = yaml.compose(text, Loader=yaml.BaseLoader)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"{param.name}:={text}: not a YAML value ({problem})") from None
+
+    def value(n):
+        if isinstance(n, yaml.SequenceNode):
+            return [value(item) for item in n.value]
+        if isinstance(n, yaml.ScalarNode):
+            return n.value if n.style in ("'", '"') else rcl_scalar(n.value)
+        raise ValueError(f"{param.name}:={text}: a mapping is no parameter value")
+
+    if node is None:
+        raise ValueError(f"{param.name}:=: no value (rcl cannot read `name:=`)")
+    return value(node)
+
+
+def command_line_parameters(ros_args: list[str], warn=print) -> dict[str, Any]:
+    """The `-p [node:]name:=value` sets among ROS arguments, typed as rcl types them and checked as the
+    node checks a set, before rcl reads them: rcl would resolve, without a word, a set whose type differs
+    from the parameters file's to the file's value. A name the node does not declare is only warned about
+    (`warn`): rcl ignores it, and launch's SetParameter gives every node of a launch the same sets."""
     found, problems = {}, []
     for flag, item in zip(ros_args, ros_args[1:], strict=False):
         name, given, text = item.partition(":=")
@@ -248,10 +286,10 @@ def command_line_parameters(ros_args: list[str]) -> dict[str, Any]:
         if param is None:
             close = difflib.get_close_matches(name, BY_NAME, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            problems.append(f"{item}: the policy node has no parameter {name!r}{hint}")
+            warn(f"{item}: the policy node has no parameter {name!r}{hint}; ignored")
             continue
         try:
-            found[name] = typed_value(param, text, read_yaml(param, text))
+            found[name] = typed_value(param, text, rcl_value(param, text))
         except ValueError as err:
             problems.append(str(err))
     if problems:  # every bad one named at once

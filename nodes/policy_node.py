@@ -80,8 +80,9 @@ def start_up_error(err: BaseException) -> str:
 
 
 def exit_code_of(err: BaseException) -> int:
-    """Autostart's exit code for a failed start: 2 for the user's mistake (a ValueError names the parameter,
-    the checkpoint or the camera), 1 for anything else (the device, memory)."""
+    """Autostart's exit code for a failed start: 2 for what the configuration asked that cannot be (a
+    ValueError names the parameter, the checkpoint, the camera, or a device this machine lacks), 1 for
+    anything else (the device failing, memory)."""
     return EXIT_BAD_PARAMETERS if isinstance(err, ValueError) else EXIT_CONFIGURE_FAILED
 
 
@@ -796,7 +797,9 @@ def main(args: list[str] | None = None, policy_factory=PipelinedExecutor) -> int
     2 for bad start-up parameters or arguments (also when autostart's configure or load refuses one), 1
     when autostart's start fails otherwise (the device, memory)."""
     try:
-        command_line_parameters(sys.argv if args is None else args)
+        command_line_parameters(
+            sys.argv if args is None else args, warn=lambda w: print(f"policy_node: {w}", file=sys.stderr)
+        )
         rclpy.init(args=args)
     except Exception as err:  # noqa: BLE001 - ours, and rcl's own errors (a missing params file), as one line
         print(f"policy_node: {start_up_error(err)}", file=sys.stderr)

@@ -3,6 +3,7 @@ in LIBERO's environment; all on a ROS domain of their own, discovery on this mac
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -20,8 +21,11 @@ def isolate_ros_domain() -> None:
 class PolicyNodeProcess:
     def __init__(self, log_path: Path, ros_params: dict):
         args = [sys.executable, "-m", "vla_runtime", "node", "--ros-args"]
-        for k, v in ros_params.items():
-            args += ["-p", f"{k}:={str(v).lower() if isinstance(v, bool) else v}"]
+        for (
+            k,
+            v,
+        ) in ros_params.items():  # in JSON, which rcl reads as YAML: a string stays one ("yes", "2024")
+            args += ["-p", f"{k}:={json.dumps(v)}"]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             args, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -74,7 +78,7 @@ class RosPolicy:
             # observation travel on different topics, so the node may see the observation first
             "use_sim_time": lockstep,
             **({"max_future_s": 10.0} if lockstep else {}),
-            "state_joint_names": "[" + ",".join(f"'{n}'" for n in STATE_NAMES[:state_dim]) + "]",
+            "state_joint_names": list(STATE_NAMES[:state_dim]),
         }
         self.lockstep, self.log_path = lockstep, log_path
 

@@ -83,7 +83,10 @@ REFUSED = [
         ["eval-libero", "--replan-steps", "11"],
         "--replan-steps: 11, but a chunk of pi05_tiny offers 10 actions",
     ),
-    (["eval-libero", "--delay-steps", "6"], "--delay-steps: 6, but 5 actions of a chunk are left when the"),
+    (
+        ["eval-libero", "--delay-steps", "3"],
+        "--delay-steps: 3, but a chunk of 10 actions taken up from action 3",
+    ),
     (["eval-libero", "--tasks", "abc"], "argument --tasks: 'abc' is not a comma-separated list"),
     (["eval-libero", "--suite", "libero_nope"], "argument --suite: invalid choice: 'libero_nope'"),
     (["eval-libero", "--endpoint", "notaurl"], "argument --endpoint: 'notaurl' is not a ZeroMQ endpoint"),
@@ -97,8 +100,7 @@ REFUSED = [
         "--fp8-calibration-margin: must be in [1.0, 4.0], got 0",
     ),
     (["node", "--rate-hz", "0"], "argument --rate-hz: must be > 0"),
-    # rcl would drop these sets without a word (a type other than the file's; a name the node lacks)
-    (["node", "--ros-args", "-p", "stepz:=3"], "no parameter 'stepz' (did you mean steps?)"),
+    # rcl would resolve this set to the params file's value without a word (a type other than the file's)
     (
         ["fleet", "--namespaces", "/a", "--ros-args", "--bogus"],
         "unknown ROS arguments after --ros-args: ['--bogus']",

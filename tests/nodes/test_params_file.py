@@ -63,32 +63,37 @@ def test_policy_yaml_is_generated_from_the_declaration():
 
 
 def test_command_line_parameter_sets_are_typed_and_checked_before_rcl_reads_them():
-    """`--ros-args -p name:=value` as rcl reads it (YAML): a set whose type differs from the file's, or of a
-    parameter the node does not declare, would be dropped by rcl without a word; here it is refused,
-    named, and the node's own checks apply. Sets rcl declares itself pass; a node-prefixed set counts."""
+    """`--ros-args -p name:=value` typed as rcl types it (its boolean words, then integer, double, else
+    text; quoted: text): a set whose type differs from the file's would be resolved by rcl to the file's
+    value without a word; here it is refused, named, and the node's own checks apply. Sets rcl declares
+    itself pass; a node-prefixed set counts; a name the node lacks is warned about (launch's SetParameter
+    gives every node the same sets), not refused."""
     from vla_runtime.nodes.params import command_line_parameters
 
-    assert command_line_parameters(
-        [
-            "--ros-args",
-            "-p",
-            "deadline_s:=5e-2",
-            "-p",
-            "policy_node:steps:=3",
-            "--param",
-            'checkpoint:="2024"',
-        ]
-    ) == {"deadline_s": 0.05, "steps": 3, "checkpoint": "2024"}
+    warned = []
+    sets = ["-p", "deadline_s:=5e-2", "-p", "policy_node:steps:=3", "--param", 'checkpoint:="2024"']
+    sets += ["-p", "compile_cache:=2024-06-01", "-p", "autostart:=y", "-p", "stepz:=3", "-p", "seed:=0x10"]
+    assert command_line_parameters(["--ros-args", *sets], warn=warned.append) == {
+        "deadline_s": 0.05,
+        "steps": 3,
+        "checkpoint": "2024",
+        "compile_cache": "2024-06-01",  # YAML 1.1 would read a date; rcl reads text
+        "autostart": True,
+        "seed": 16,
+    }
+    assert warned == ["stepz:=3: the policy node has no parameter 'stepz' (did you mean steps?); ignored"]
     assert command_line_parameters(["--ros-args", "-p", "qos_overrides./x.publisher.depth:=3"]) == {}
+    assert command_line_parameters(["--ros-args", "-r", "a:=b", "--params-file", "x.yaml"]) == {}
     assert command_line_parameters(["--ros-args", "-p", "optional_cameras:=['']"]) == {
         "optional_cameras": [""]
     }
-    assert command_line_parameters(["--ros-args", "-r", "a:=b", "--params-file", "x.yaml"]) == {}
     for item, message in (
         ("steps:=abc", "steps:=abc: expected int"),
         ("steps:=3.5", "steps:=3.5: expected int"),
-        ("stepz:=3", "the policy node has no parameter 'stepz' (did you mean steps?)"),
+        ("seed:=1_000", "seed:=1_000: expected int"),  # rcl reads text (C's strtol takes no underscores)
+        ("rate_hz:=20", "rate_hz:=20: expected float (write it with a point)"),  # rcl: an integer
         ("checkpoint:=2024", "checkpoint:=2024: expected str (quote it"),
+        ("resize_on_device:=yes", "resize_on_device:=yes: expected str"),  # rcl: a boolean
         ("autostart:=0", "autostart:=0: expected bool"),
         ("handover:=bogus", "handover:=bogus: must be one of"),
         ("joint_names:=[]", "joint_names:=[]: ROS 2 cannot type an empty list"),
